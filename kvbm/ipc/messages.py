@@ -1,0 +1,419 @@
+"""Leader protocol: message types as small typed records and their msgpack codec.
+
+Wire format of every frame: ``msgpack([PROTOCOL_VERSION, type_tag, request_id, [fields...]])``.
+Fields travel positionally in declaration order. Hash lists travel as little-endian uint64
+``bytes`` and slot lists as little-endian int32 ``bytes`` (10x cheaper than int lists).
+
+:func:`decode` validates everything before a message is used: frame size, version, tag,
+field count, each field's type and range. Anything wrong raises :class:`ProtocolError`,
+which receivers turn into an :class:`ErrorReply` without changing any state.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 64 << 20
+MAX_LIST_LEN = 1 << 20
+MAX_STR_LEN = 4096
+U64_MAX = (1 << 64) - 1
+I64_MIN = -(1 << 63)
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid message of this protocol version."""
+
+
+def _bounds(lo: int, hi: int) -> dict[str, int]:
+    return {"min": lo, "max": hi}
+
+
+# Field metadata shortcuts for integer ranges.
+RANK = _bounds(0, 1023)
+WORLD = _bounds(1, 1024)
+COUNT = _bounds(0, 1 << 40)
+POSITIVE = _bounds(1, 1 << 48)
+OP_ID = _bounds(0, U64_MAX)
+HASH = _bounds(0, U64_MAX)
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of all protocol messages; subclasses set ``TAG``."""
+
+    TAG: ClassVar[str] = ""
+
+
+_REGISTRY: dict[str, type[Message]] = {}
+_SPECS: dict[type[Message], list[tuple[str, Any, dict[str, int]]]] = {}
+
+
+def _register(cls: type[Message]) -> type[Message]:
+    if not cls.TAG or cls.TAG in _REGISTRY:
+        raise TypeError(f"bad or duplicate message tag on {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    _REGISTRY[cls.TAG] = cls
+    _SPECS[cls] = [(f.name, hints[f.name], dict(f.metadata)) for f in fields(cls)]
+    return cls
+
+
+def _int(meta: dict[str, int], **kw: Any) -> Any:
+    return field(metadata=meta, **kw)
+
+
+# --------------------------------------------------------------------------------------
+# rank (worker) -> leader
+
+
+@_register
+@dataclass(frozen=True)
+class RegisterRank(Message):
+    """A rank's layout, sent at init; the leader answers with a PoolGrant once all ranks came."""
+
+    TAG: ClassVar[str] = "register_rank"
+    rank: int = _int(RANK)
+    world_size: int = _int(WORLD)
+    num_layers: int = _int(POSITIVE)
+    slice_bytes: int = _int(POSITIVE)  # bytes of this rank's slice of one block
+    dtype: str = ""
+    engine_layout: str = ""
+    block_size: int = _int(POSITIVE)  # tokens per block
+    fingerprint: str = ""  # model / cache identity; must agree across ranks
+    pid: int = _int(_bounds(0, 1 << 31))
+
+
+@_register
+@dataclass(frozen=True)
+class PoolAttached(Message):
+    TAG: ClassVar[str] = "pool_attached"
+    rank: int = _int(RANK)
+
+
+@_register
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    """Liveness ping from a rank (``rank`` >= 0) or a client (``rank`` = -1)."""
+
+    TAG: ClassVar[str] = "heartbeat"
+    rank: int = _int(_bounds(-1, 1023))
+
+
+@_register
+@dataclass(frozen=True)
+class TransferDone(Message):
+    """A rank finished its part of a store or load op (``ok`` False: it failed)."""
+
+    TAG: ClassVar[str] = "transfer_done"
+    rank: int = _int(RANK)
+    op_id: int = _int(OP_ID)
+    ok: bool = True
+    error: str = ""
+
+
+# --------------------------------------------------------------------------------------
+# leader -> rank
+
+
+@_register
+@dataclass(frozen=True)
+class PoolGrant(Message):
+    TAG: ClassVar[str] = "pool_grant"
+    segment: str = ""
+    num_blocks: int = _int(POSITIVE)
+    block_bytes: int = _int(POSITIVE)
+    slice_offset: int = _int(COUNT)
+
+
+@_register
+@dataclass(frozen=True)
+class LeaderReady(Message):
+    TAG: ClassVar[str] = "leader_ready"
+    num_host_blocks: int = _int(COUNT)
+    num_disk_blocks: int = _int(COUNT)
+
+
+# --------------------------------------------------------------------------------------
+# scheduler-side client -> leader
+
+
+@_register
+@dataclass(frozen=True)
+class GetStatus(Message):
+    TAG: ClassVar[str] = "get_status"
+
+
+@_register
+@dataclass(frozen=True)
+class Match(Message):
+    """How many of ``hashes`` (from the first) are held in G2, then G3. No side effects."""
+
+    TAG: ClassVar[str] = "match"
+    hashes: bytes = b""
+
+
+@_register
+@dataclass(frozen=True)
+class PrepareLoad(Message):
+    """Pin the G2 blocks of ``hashes`` and stage their G3 continuation into G2."""
+
+    TAG: ClassVar[str] = "prepare_load"
+    hashes: bytes = b""
+
+
+@_register
+@dataclass(frozen=True)
+class PollLoads(Message):
+    TAG: ClassVar[str] = "poll_loads"
+    op_ids: list[int] = field(default_factory=list, metadata=OP_ID)
+
+
+@_register
+@dataclass(frozen=True)
+class AllocateStore(Message):
+    """Allocate host slots for new blocks; ``first_parent`` is the hash before ``hashes[0]`` (0: none)."""
+
+    TAG: ClassVar[str] = "allocate_store"
+    hashes: bytes = b""
+    first_parent: int = _int(HASH)
+    priority: int = _int(_bounds(0, 1 << 31))
+
+
+@_register
+@dataclass(frozen=True)
+class ReleaseOp(Message):
+    """Give up an op that will never reach the ranks (store: aborted, load: unpinned)."""
+
+    TAG: ClassVar[str] = "release_op"
+    op_id: int = _int(OP_ID)
+
+
+@_register
+@dataclass(frozen=True)
+class GetStats(Message):
+    TAG: ClassVar[str] = "get_stats"
+
+
+@_register
+@dataclass(frozen=True)
+class TakeEvents(Message):
+    TAG: ClassVar[str] = "take_events"
+
+
+@_register
+@dataclass(frozen=True)
+class ResetCache(Message):
+    TAG: ClassVar[str] = "reset_cache"
+
+
+@_register
+@dataclass(frozen=True)
+class Shutdown(Message):
+    TAG: ClassVar[str] = "shutdown"
+
+
+# --------------------------------------------------------------------------------------
+# leader -> client replies
+
+
+@_register
+@dataclass(frozen=True)
+class Ack(Message):
+    TAG: ClassVar[str] = "ack"
+
+
+@_register
+@dataclass(frozen=True)
+class ErrorReply(Message):
+    TAG: ClassVar[str] = "error"
+    code: str = ""
+    message: str = ""
+
+
+@_register
+@dataclass(frozen=True)
+class Status(Message):
+    TAG: ClassVar[str] = "status"
+    state: str = ""  # "waiting" | "ready" | "degraded" | "failed"
+    error: str = ""
+    world_size: int = _int(COUNT)
+    num_host_blocks: int = _int(COUNT)
+    num_disk_blocks: int = _int(COUNT)
+    block_bytes: int = _int(COUNT)
+    block_size: int = _int(COUNT)
+    fingerprint: str = ""
+    dead_ranks: list[int] = field(default_factory=list, metadata=RANK)
+
+
+@_register
+@dataclass(frozen=True)
+class MatchReply(Message):
+    TAG: ClassVar[str] = "match_reply"
+    host: int = _int(COUNT)
+    disk: int = _int(COUNT)
+
+
+@_register
+@dataclass(frozen=True)
+class LoadGrant(Message):
+    """Slots holding (or about to hold, when not ``ready``) the first ``len(slots)`` blocks."""
+
+    TAG: ClassVar[str] = "load_grant"
+    op_id: int = _int(OP_ID)
+    slots: bytes = b""
+    ready: bool = False
+
+
+@_register
+@dataclass(frozen=True)
+class LoadPoll(Message):
+    TAG: ClassVar[str] = "load_poll"
+    ready: list[int] = field(default_factory=list, metadata=OP_ID)
+    failed: list[int] = field(default_factory=list, metadata=OP_ID)
+
+
+@_register
+@dataclass(frozen=True)
+class StoreGrant(Message):
+    """Slot per hash (-1: already held, skip); shorter than the request when the pool is full."""
+
+    TAG: ClassVar[str] = "store_grant"
+    op_id: int = _int(OP_ID)
+    slots: bytes = b""
+
+
+@_register
+@dataclass(frozen=True)
+class StatsReply(Message):
+    TAG: ClassVar[str] = "stats_reply"
+    values: dict[str, float] = field(default_factory=dict)
+
+
+@_register
+@dataclass(frozen=True)
+class EventsReply(Message):
+    """KV events as parallel arrays: kind (0 stored, 1 removed, 2 cleared), tier, hash, parent."""
+
+    TAG: ClassVar[str] = "events_reply"
+    kinds: bytes = b""
+    tiers: bytes = b""
+    hashes: bytes = b""
+    parents: bytes = b""
+
+
+# --------------------------------------------------------------------------------------
+# codec
+
+
+def encode(msg: Message, request_id: int = 0) -> bytes:
+    """Serialise ``msg`` with the protocol version and ``request_id``."""
+    spec = _SPECS[type(msg)]
+    body = [getattr(msg, name) for name, _t, _m in spec]
+    return msgpack.packb([PROTOCOL_VERSION, msg.TAG, request_id, body], use_bin_type=True)
+
+
+def decode(frame: bytes) -> tuple[int, Message]:
+    """Parse and validate one frame; returns ``(request_id, message)`` or raises ProtocolError."""
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
+        raise ProtocolError("frame is not bytes")
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {len(frame)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+    try:
+        obj = msgpack.unpackb(
+            frame,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_str_len=MAX_STR_LEN,
+            max_bin_len=MAX_FRAME_BYTES,
+            max_array_len=MAX_LIST_LEN,
+            max_map_len=4096,
+            max_ext_len=0,
+        )
+    except Exception as e:  # msgpack raises several unrelated types on bad input
+        raise ProtocolError(f"not a msgpack frame: {type(e).__name__}: {e}") from None
+    if not isinstance(obj, list) or len(obj) != 4:
+        raise ProtocolError("frame is not [version, type, request_id, fields]")
+    version, tag, request_id, body = obj
+    if version != PROTOCOL_VERSION or type(version) is not int:
+        raise ProtocolError(f"protocol version {version!r} is not supported (expected {PROTOCOL_VERSION})")
+    if not isinstance(tag, str) or tag not in _REGISTRY:
+        raise ProtocolError(f"unknown message type {tag!r}")
+    if type(request_id) is not int or not 0 <= request_id <= U64_MAX:
+        raise ProtocolError("request id is not an unsigned 64-bit integer")
+    cls = _REGISTRY[tag]
+    spec = _SPECS[cls]
+    if not isinstance(body, list) or len(body) != len(spec):
+        raise ProtocolError(f"{tag}: expected {len(spec)} fields")
+    values = {}
+    for (name, typ, meta), value in zip(spec, body):
+        values[name] = _check(tag, name, typ, meta, value)
+    return request_id, cls(**values)
+
+
+def _check(tag: str, name: str, typ: Any, meta: dict[str, int], value: Any) -> Any:
+    where = f"{tag}.{name}"
+    if typ is bool:
+        if type(value) is not bool:
+            raise ProtocolError(f"{where}: expected a boolean")
+        return value
+    if typ is int:
+        return _check_int(where, meta, value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ProtocolError(f"{where}: expected a string")
+        return value
+    if typ is bytes:
+        if not isinstance(value, bytes):
+            raise ProtocolError(f"{where}: expected bytes")
+        return value
+    origin = typing.get_origin(typ)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{where}: expected a list")
+        return [_check_int(where, meta, v) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where}: expected a map")
+        for k, v in value.items():
+            if not isinstance(k, str) or type(v) not in (int, float):
+                raise ProtocolError(f"{where}: expected a map of names to numbers")
+        return value
+    raise TypeError(f"{where}: unsupported field type {typ!r}")  # a bug in this module
+
+
+def _check_int(where: str, meta: dict[str, int], value: Any) -> int:
+    if type(value) is not int:
+        raise ProtocolError(f"{where}: expected an integer")
+    lo, hi = meta.get("min", I64_MIN), meta.get("max", U64_MAX)
+    if not lo <= value <= hi:
+        raise ProtocolError(f"{where}: {value} is out of range [{lo}, {hi}]")
+    return value
+
+
+def pack_hashes(hashes: typing.Sequence[int] | np.ndarray) -> bytes:
+    """Little-endian uint64 wire form of a hash list."""
+    return np.asarray(hashes, dtype="<u8").tobytes()
+
+
+def unpack_hashes(data: bytes, where: str = "hashes") -> np.ndarray:
+    """Inverse of :func:`pack_hashes`; ProtocolError if the size is not a multiple of 8."""
+    if len(data) % 8:
+        raise ProtocolError(f"{where}: {len(data)} bytes is not a whole number of 64-bit hashes")
+    return np.frombuffer(data, dtype="<u8")
+
+
+def pack_slots(slots: typing.Sequence[int] | np.ndarray) -> bytes:
+    """Little-endian int32 wire form of a slot list (-1 marks 'none')."""
+    return np.asarray(slots, dtype="<i4").tobytes()
+
+
+def unpack_slots(data: bytes, where: str = "slots") -> np.ndarray:
+    if len(data) % 4:
+        raise ProtocolError(f"{where}: {len(data)} bytes is not a whole number of 32-bit slots")
+    return np.frombuffer(data, dtype="<i4")

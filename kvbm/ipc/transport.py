@@ -1,0 +1,134 @@
+"""ZeroMQ endpoints and the request/reply client used to talk to the leader.
+
+The leader binds one ROUTER socket. Ranks and scheduler-side clients connect DEALER
+sockets; every request carries an id that its reply echoes, so a late reply from a
+previous (timed-out) request is recognised and dropped.
+
+Endpoints default to ``ipc://`` sockets in a private 0700 directory. A ``tcp://`` endpoint
+on an address other than loopback is refused unless explicitly allowed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import logging
+import os
+import stat
+import time
+from typing import TypeVar
+
+import zmq
+
+from kvbm.ipc.messages import ErrorReply, Message, ProtocolError, decode, encode
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+
+class LeaderUnavailable(RuntimeError):
+    """The leader did not answer in time (dead, not started, or hung)."""
+
+
+class RemoteError(RuntimeError):
+    """The leader answered with an error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def ensure_private_dir(path: str) -> str:
+    """Create ``path`` as a 0700 directory of ours, or verify an existing one is."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise PermissionError(f"{path} is not a directory owned by uid {os.getuid()}; refusing to use it")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def instance_endpoint(run_dir: str, instance: str) -> str:
+    """The default leader address of ``instance``: an ipc socket in the private run dir."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in instance)
+    return f"ipc://{os.path.join(run_dir, safe)}.sock"
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """True for ipc:// and inproc:// endpoints and tcp:// on a loopback address."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind_endpoint(endpoint: str, allow_non_loopback: bool) -> None:
+    """Refuse to bind a non-loopback tcp address unless explicitly allowed; log when allowed."""
+    if is_loopback_endpoint(endpoint):
+        return
+    if not allow_non_loopback:
+        raise PermissionError(
+            f"refusing to bind {endpoint}: not a loopback address; set DYN_KVBM_ALLOW_NON_LOOPBACK=1 to allow it"
+        )
+    log.warning("binding %s on a non-loopback address (DYN_KVBM_ALLOW_NON_LOOPBACK is set)", endpoint)
+
+
+class RpcClient:
+    """A DEALER connection to the leader with per-call timeouts. Not thread-safe."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, endpoint: str, *, context: zmq.Context | None = None) -> None:
+        self.endpoint = endpoint
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        # Do not queue requests for a peer that is gone; a call then times out quickly.
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        self._sock.connect(endpoint)
+
+    def call(self, msg: Message, timeout_s: float, expect: type[M]) -> M:
+        """Send ``msg`` and wait up to ``timeout_s`` for its reply of type ``expect``."""
+        request_id = next(self._ids)
+        try:
+            self._sock.send(encode(msg, request_id), zmq.NOBLOCK)
+        except zmq.Again:
+            raise LeaderUnavailable(f"leader at {self.endpoint} is not connected") from None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1):
+                raise LeaderUnavailable(f"no reply from the leader at {self.endpoint} within {timeout_s:g} s")
+            frame = self._sock.recv()
+            try:
+                rid, reply = decode(frame)
+            except ProtocolError as e:
+                log.warning("dropping a malformed reply from the leader: %s", e)
+                continue
+            if rid != request_id:
+                continue  # a late reply to an earlier call that timed out
+            if isinstance(reply, ErrorReply):
+                raise RemoteError(reply.code, reply.message)
+            if not isinstance(reply, expect):
+                raise RemoteError("protocol", f"expected {expect.TAG}, got {reply.TAG}")
+            return reply
+
+    def send(self, msg: Message) -> None:
+        """Fire-and-forget (heartbeats, acks); dropped if the leader is not connected."""
+        try:
+            self._sock.send(encode(msg, 0), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def close(self) -> None:
+        self._sock.close(0)
