@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): each module exposes ``run(quick=False) -> list[BenchResult]``."""
