@@ -1,0 +1,154 @@
+"""Scheduler-side client of the leader.
+
+Engine-facing code must never crash or hang because the leader is slow, gone or not ready
+yet: every call has a short timeout, and while the leader is unavailable the client answers
+"no external hits" and allocates nothing (logging the cause once), re-probing at most once a
+second. A dead leader is noticed within the call timeout (default 1 s).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from kvbm.ipc import messages as m
+from kvbm.ipc.transport import M, LeaderUnavailable, RemoteError, RpcClient
+
+log = logging.getLogger(__name__)
+
+PROBE_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class LoadGrantInfo:
+    op_id: int  # 0: nothing granted
+    slots: list[int]  # host slot per granted block (a prefix of the requested hashes)
+    ready: bool  # False while blocks are being staged from disk
+
+
+@dataclass(frozen=True)
+class StoreGrantInfo:
+    op_id: int  # 0: nothing to copy
+    slots: list[int]  # per requested hash: host slot, or -1 (already held); may be shorter (pool full)
+
+
+class LeaderClient:
+    """Talks to one leader; degrades to 'no hits' while it is unavailable. Not thread-safe."""
+
+    def __init__(self, endpoint: str, *, timeout_s: float = 1.0) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._rpc = RpcClient(endpoint)
+        self._status: m.Status | None = None
+        self._next_probe = 0.0
+        self._logged: str | None = None
+
+    # -- availability --------------------------------------------------------------------
+    @property
+    def status(self) -> m.Status | None:
+        return self._status
+
+    def is_ready(self) -> bool:
+        """True when the leader answered 'ready' (re-probed at most once per second otherwise)."""
+        if self._status is not None and self._status.state == "ready":
+            return True
+        now = time.monotonic()
+        if now < self._next_probe:
+            return False
+        self._next_probe = now + PROBE_INTERVAL_S
+        self.refresh()
+        return self._status is not None and self._status.state == "ready"
+
+    def refresh(self) -> m.Status | None:
+        try:
+            self._status = self._rpc.call(m.GetStatus(), self.timeout_s, m.Status)
+        except (LeaderUnavailable, RemoteError) as e:
+            self._down(str(e))
+            return None
+        if self._status.state != "ready":
+            self._note(f"leader at {self.endpoint} is {self._status.state}: {self._status.error or 'waiting for ranks'}")
+        elif self._logged is not None:
+            log.info("leader at %s is ready again", self.endpoint)
+            self._logged = None
+        return self._status
+
+    def _down(self, why: str) -> None:
+        self._status = None
+        self._next_probe = time.monotonic() + PROBE_INTERVAL_S
+        self._note(f"kvbm leader unavailable ({why}); serving without external KV hits")
+
+    def _note(self, text: str) -> None:
+        if self._logged != text:
+            log.warning("%s", text)
+            self._logged = text
+
+    def _call(self, msg: m.Message, expect: type[M]) -> M | None:
+        if not self.is_ready():
+            return None
+        try:
+            return self._rpc.call(msg, self.timeout_s, expect)
+        except LeaderUnavailable as e:
+            self._down(str(e))
+        except RemoteError as e:
+            if e.code in ("degraded", "not_ready", "init_failed"):
+                self._status = None
+                self._next_probe = time.monotonic() + PROBE_INTERVAL_S
+                self._note(f"kvbm leader cannot serve ({e.message}); serving without external KV hits")
+            else:
+                log.error("leader rejected %s: %s", msg.TAG, e)
+        return None
+
+    # -- requests ------------------------------------------------------------------------
+    def match(self, hashes: Sequence[int] | np.ndarray) -> tuple[int, int]:
+        """(blocks in G2, following blocks in G3) from the start of ``hashes``; (0, 0) if unavailable."""
+        if len(hashes) == 0:
+            return 0, 0
+        reply = self._call(m.Match(m.pack_hashes(hashes)), m.MatchReply)
+        return (reply.host, reply.disk) if reply else (0, 0)
+
+    def prepare_load(self, hashes: Sequence[int] | np.ndarray) -> LoadGrantInfo:
+        reply = self._call(m.PrepareLoad(m.pack_hashes(hashes)), m.LoadGrant)
+        if reply is None:
+            return LoadGrantInfo(0, [], False)
+        return LoadGrantInfo(reply.op_id, m.unpack_slots(reply.slots).tolist(), reply.ready)
+
+    def poll_loads(self, op_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+        """(ready, failed) among ``op_ids``; all failed if the leader is gone."""
+        if not op_ids:
+            return [], []
+        reply = self._call(m.PollLoads(list(op_ids)), m.LoadPoll)
+        if reply is None:
+            return [], list(op_ids)
+        return reply.ready, reply.failed
+
+    def allocate_store(self, hashes: Sequence[int] | np.ndarray, first_parent: int = 0,
+                       priority: int = 0) -> StoreGrantInfo:
+        if len(hashes) == 0:
+            return StoreGrantInfo(0, [])
+        reply = self._call(m.AllocateStore(m.pack_hashes(hashes), first_parent, priority), m.StoreGrant)
+        if reply is None:
+            return StoreGrantInfo(0, [])
+        return StoreGrantInfo(reply.op_id, m.unpack_slots(reply.slots).tolist())
+
+    def release(self, op_id: int) -> None:
+        if op_id:
+            self._call(m.ReleaseOp(op_id), m.Ack)
+
+    def stats(self) -> dict[str, float]:
+        try:
+            return self._rpc.call(m.GetStats(), self.timeout_s, m.StatsReply).values
+        except (LeaderUnavailable, RemoteError):
+            return {}
+
+    def take_events(self) -> m.EventsReply | None:
+        return self._call(m.TakeEvents(), m.EventsReply)
+
+    def reset_cache(self) -> bool:
+        return self._call(m.ResetCache(), m.Ack) is not None
+
+    def close(self) -> None:
+        self._rpc.close()

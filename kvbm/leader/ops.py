@@ -1,0 +1,50 @@
+"""Store and load operations in flight between the leader and the ranks.
+
+An op is created by a client request (AllocateStore / PrepareLoad) and completes when every
+rank has reported its part (TransferDone) or is dead. Only then are its slots released:
+a store commits (matchable) if every rank succeeded and aborts otherwise; a load unpins.
+Releasing earlier would let another op reuse a slot a rank may still be copying.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class OpKind(enum.Enum):
+    STORE = "store"
+    LOAD = "load"
+
+
+@dataclass
+class Op:
+    op_id: int
+    kind: OpKind
+    slots: list[int]  # host slots: written by a store, pinned by a load
+    hashes: list[int]
+    created: float
+    acked: set[int] = field(default_factory=set)  # ranks that reported
+    failed: bool = False
+    error: str = ""
+    # Loads only: host slots still being staged from disk, and from-disk block count.
+    staging: set[int] = field(default_factory=set)
+    from_disk: int = 0
+    dispatched: bool = False  # a rank reported at least once
+    released: bool = False  # the client gave it up before dispatching it
+
+    @property
+    def ready(self) -> bool:
+        """A load can go to the ranks once nothing is staging; stores are always ready."""
+        return not self.staging
+
+    def ack(self, rank: int, ok: bool, error: str) -> None:
+        self.acked.add(rank)
+        self.dispatched = True
+        if not ok:
+            self.failed = True
+            self.error = self.error or f"rank {rank}: {error}"
+
+    def done(self, live_ranks: set[int]) -> bool:
+        """Every live rank has reported."""
+        return live_ranks <= self.acked

@@ -1,0 +1,96 @@
+"""The leader as a process: start-up (lock, stale sweep, bind), run, clean shutdown.
+
+Exit codes: 0 clean stop, 2 bad configuration or start-up error (the one-line reason is the
+last line on stderr), 3 another leader already serves this instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import signal
+import sys
+from types import FrameType
+
+from kvbm.config import ConfigError, load_config
+from kvbm.ipc.shm import sweep_stale_segments
+from kvbm.ipc.transport import check_bind_endpoint, ensure_private_dir, instance_endpoint
+
+EXIT_ALREADY_RUNNING = 3
+EXIT_START_ERROR = 2
+
+log = logging.getLogger("kvbm.leader")
+
+
+def lock_path(run_dir: str, instance: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in instance)
+    return os.path.join(run_dir, f"{safe}.lock")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvbm leader", description="Run a kvbm leader process.")
+    parser.add_argument("--instance", required=True, help="instance name (unique per engine)")
+    parser.add_argument("--endpoint", default=None, help="ZMQ address to bind (default: ipc socket in the run dir)")
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config()
+    except ConfigError as e:
+        print(f"kvbm leader: error: {e}", file=sys.stderr)
+        return EXIT_START_ERROR
+    logging.basicConfig(level=cfg.log_level, format="%(asctime)s kvbm-leader %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    try:
+        ensure_private_dir(cfg.run_dir)
+        endpoint = args.endpoint or cfg.leader_endpoint or instance_endpoint(cfg.run_dir, args.instance)
+        check_bind_endpoint(endpoint, cfg.allow_non_loopback)
+    except (OSError, PermissionError) as e:
+        print(f"kvbm leader: error: {e}", file=sys.stderr)
+        return EXIT_START_ERROR
+    # One leader per instance: whoever holds the lock serves; a second spawner backs off.
+    lock_fd = os.open(lock_path(cfg.run_dir, args.instance), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"kvbm leader: instance {args.instance!r} already has a running leader", file=sys.stderr)
+        return EXIT_ALREADY_RUNNING
+    sweep_stale_segments()
+    from kvbm.leader.server import LeaderServer
+
+    try:
+        server = LeaderServer(cfg, args.instance, endpoint, parent_pid=args.parent_pid)
+    except Exception as e:  # bind errors and the like: one clear line for the spawner
+        print(f"kvbm leader: error: cannot start on {endpoint}: {e}", file=sys.stderr)
+        return EXIT_START_ERROR
+    sinks = _start_observability(server, cfg)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        server.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("leader %s listening on %s (pid %d)", args.instance, endpoint, os.getpid())
+    try:
+        server.serve_forever()
+    finally:
+        for close in sinks:
+            close()
+        server.close()
+        if endpoint.startswith("ipc://"):
+            try:
+                os.unlink(endpoint[len("ipc://"):])
+            except FileNotFoundError:
+                pass
+        os.close(lock_fd)
+        log.info("leader %s stopped", args.instance)
+    return 0
+
+
+def _start_observability(server: "object", cfg: "object") -> list:  # replaced when metrics/events land
+    return []
+
+
+if __name__ == "__main__":
+    sys.exit(main())

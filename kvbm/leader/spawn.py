@@ -1,0 +1,127 @@
+"""Spawning and stopping a leader process from the engine side."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from kvbm.config import KvbmConfig
+from kvbm.ipc import messages as m
+from kvbm.ipc.transport import LeaderUnavailable, RemoteError, RpcClient, instance_endpoint
+from kvbm.leader.process import EXIT_ALREADY_RUNNING
+
+log = logging.getLogger(__name__)
+
+
+class LeaderStartError(RuntimeError):
+    """The leader process exited at start-up; the message is the leader's own error."""
+
+
+@dataclass
+class LeaderProcess:
+    """A leader this process spawned (``popen`` set) or found already running (``popen`` None)."""
+
+    instance: str
+    endpoint: str
+    popen: subprocess.Popen[bytes] | None
+    log_path: str | None
+
+    @property
+    def spawned(self) -> bool:
+        return self.popen is not None
+
+    def alive(self) -> bool:
+        return self.popen is None or self.popen.poll() is None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask our leader to shut down; terminate, then kill it if it does not. No-op if not ours."""
+        if self.popen is None:
+            return
+        if self.popen.poll() is None:
+            client = RpcClient(self.endpoint)
+            try:
+                client.call(m.Shutdown(), 2.0, m.Ack)
+            except (LeaderUnavailable, RemoteError):
+                self.popen.terminate()
+            finally:
+                client.close()
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("leader %s did not stop in %.0f s; killing it", self.instance, timeout_s)
+                self.popen.kill()
+                self.popen.wait()
+        if self.log_path:
+            try:
+                os.unlink(self.log_path)
+            except FileNotFoundError:
+                pass
+            self.log_path = None
+
+
+def _tail(path: str | None, lines: int = 5) -> str:
+    if not path:
+        return ""
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read().strip().splitlines()
+    except OSError:
+        return ""
+    errors = [line for line in text if "error" in line.lower()]
+    return (errors[-1] if errors else "\n".join(text[-lines:])).strip()
+
+
+def spawn_leader(
+    config: KvbmConfig,
+    instance: str,
+    *,
+    endpoint: str | None = None,
+    wait_s: float = 30.0,
+    parent_pid: int | None = None,
+) -> LeaderProcess:
+    """Start ``python -m kvbm.leader`` for ``instance`` and wait until it answers.
+
+    It waits for the leader to *listen*, not to be ready: readiness needs the ranks.
+    If a leader for the instance is already running (another spawner won the race), returns
+    a handle to that one that does not own it. Raises LeaderStartError with the leader's own
+    message if it exits at start-up.
+    """
+    endpoint = endpoint or config.leader_endpoint or instance_endpoint(config.run_dir, instance)
+    # The leader gets exactly this configuration, not whatever DYN_KVBM_* we inherited.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DYN_KVBM_")}
+    env.update(config.to_env())
+    fd, log_path = tempfile.mkstemp(prefix=f"kvbm-leader-{os.getpid()}-", suffix=".log")
+    cmd = [sys.executable, "-m", "kvbm.leader", "--instance", instance, "--endpoint", endpoint,
+           "--parent-pid", str(parent_pid if parent_pid is not None else os.getpid())]
+    popen = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, close_fds=True)
+    os.close(fd)
+    handle = LeaderProcess(instance, endpoint, popen, log_path)
+    client = RpcClient(endpoint)
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            code = popen.poll()
+            if code is not None:
+                reason = _tail(log_path)
+                os.unlink(log_path)
+                handle.log_path = None
+                if code == EXIT_ALREADY_RUNNING:
+                    log.info("a leader for %s is already running; using it", instance)
+                    return LeaderProcess(instance, endpoint, None, None)
+                raise LeaderStartError(reason or f"leader exited with code {code}")
+            try:
+                client.call(m.GetStatus(), 0.2, m.Status)
+                return handle
+            except LeaderUnavailable:
+                pass
+            if time.monotonic() > deadline:
+                handle.stop()
+                raise LeaderStartError(f"leader for {instance} did not answer within {wait_s:g} s")
+            time.sleep(0.02)
+    finally:
+        client.close()

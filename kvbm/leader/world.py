@@ -1,0 +1,121 @@
+"""The tensor-parallel world as the leader sees it: init sync and rank liveness."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from kvbm.ipc.messages import RegisterRank
+from kvbm.ipc.shm import align_up
+
+
+class InitStep(enum.Enum):
+    """How far a rank got in the init sync."""
+
+    REGISTER = "register its layout"
+    ATTACH = "attach the host pool"
+    DONE = "done"
+
+
+class LayoutMismatch(ValueError):
+    """Ranks of one world reported layouts that cannot share a cache."""
+
+
+@dataclass
+class RankInfo:
+    layout: RegisterRank
+    identity: bytes  # ZMQ routing id of the rank's socket
+    register_request: int
+    attached: bool = False
+    attach_request: int = 0
+    alive: bool = True
+    last_seen: float = 0.0
+
+
+@dataclass
+class World:
+    """Ranks that registered so far; sizes the pool once everyone is there."""
+
+    world_size: int | None = None
+    ranks: dict[int, RankInfo] = field(default_factory=dict)
+
+    def check_compatible(self, msg: RegisterRank) -> None:
+        """Raise LayoutMismatch naming the field if ``msg`` cannot join the ranks already known."""
+        if self.world_size is not None and msg.world_size != self.world_size:
+            raise LayoutMismatch(
+                f"rank {msg.rank} reports world size {msg.world_size}, but ranks already registered report {self.world_size}"
+            )
+        if msg.rank >= msg.world_size:
+            raise LayoutMismatch(f"rank {msg.rank} is outside a world of size {msg.world_size}")
+        for other in self.ranks.values():
+            ref = other.layout
+            if ref.rank == msg.rank:
+                if (ref.slice_bytes, ref.num_layers) != (msg.slice_bytes, msg.num_layers):
+                    raise LayoutMismatch(f"rank {msg.rank} re-registered with a different layout")
+                continue
+            for name in ("num_layers", "dtype", "block_size", "fingerprint", "engine_layout"):
+                if getattr(ref, name) != getattr(msg, name):
+                    raise LayoutMismatch(
+                        f"rank {msg.rank} reports {name}={getattr(msg, name)!r} but rank {ref.rank} "
+                        f"reports {getattr(ref, name)!r}; all ranks must agree"
+                    )
+            break
+
+    def add(self, msg: RegisterRank, identity: bytes, request_id: int, now: float) -> RankInfo:
+        self.check_compatible(msg)
+        self.world_size = msg.world_size
+        info = RankInfo(msg, identity, request_id, last_seen=now)
+        self.ranks[msg.rank] = info
+        return info
+
+    @property
+    def complete(self) -> bool:
+        return self.world_size is not None and len(self.ranks) == self.world_size
+
+    @property
+    def all_attached(self) -> bool:
+        return self.complete and all(r.attached for r in self.ranks.values())
+
+    @property
+    def slice_sizes(self) -> list[int]:
+        return [self.ranks[r].layout.slice_bytes for r in sorted(self.ranks)]
+
+    @property
+    def block_bytes(self) -> int:
+        """Host block size: the ranks' slices side by side, rounded up to 4096 for O_DIRECT."""
+        return align_up(sum(self.slice_sizes))
+
+    def slice_offset(self, rank: int) -> int:
+        return sum(self.ranks[r].layout.slice_bytes for r in sorted(self.ranks) if r < rank)
+
+    def missing(self) -> dict[int, InitStep]:
+        """Ranks that have not finished init, with the step each did not reach."""
+        size = self.world_size or 1
+        out: dict[int, InitStep] = {}
+        for r in range(size):
+            info = self.ranks.get(r)
+            if info is None:
+                out[r] = InitStep.REGISTER
+            elif not info.attached:
+                out[r] = InitStep.ATTACH
+        return out
+
+    def describe_missing(self) -> str:
+        missing = self.missing()
+        if self.world_size is None:
+            return "no rank registered (world size unknown: no worker connected)"
+        parts = []
+        for step in (InitStep.REGISTER, InitStep.ATTACH):
+            ranks = sorted(r for r, s in missing.items() if s is step)
+            if ranks:
+                parts.append(f"rank(s) {ranks} did not {step.value}")
+        return "; ".join(parts) or "none"
+
+    def dead_ranks(self) -> list[int]:
+        return sorted(r for r, info in self.ranks.items() if not info.alive)
+
+    def rank_of(self, identity: bytes) -> int | None:
+        for r, info in self.ranks.items():
+            if info.identity == identity:
+                return r
+        return None

@@ -1,0 +1,165 @@
+"""A simulated TP rank process: an engine KV cache in vLLM's layout plus a real RankAgent.
+
+Driven by the simulated scheduler (kvbm.sim.engine) over a private ZMQ socket with batched
+step commands; the rank fills computed blocks from the oracle, runs loads and stores through
+its agent (real shared memory, real acks to the leader) and checks every loaded byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import msgpack
+import numpy as np
+import zmq
+
+from kvbm.sim.oracle import Oracle
+from kvbm.worker.agent import Finished, RankAgent, RankIdentity
+from kvbm.worker.layout import EngineKV
+
+log = logging.getLogger("kvbm.sim.rank")
+
+
+@dataclass(frozen=True)
+class SimModel:
+    """Shape of the simulated model's KV cache (per rank)."""
+
+    num_layers: int = 4
+    kv_heads: int = 2  # per rank
+    head_dim: int = 64
+    block_size: int = 16
+    num_gpu_blocks: int = 64
+    dtype: str = "float16"
+    layout: str = "kv_first"  # or "block_first"
+
+    def tensor_shape(self) -> tuple[int, ...]:
+        inner = (self.block_size, self.kv_heads, self.head_dim)
+        if self.layout == "kv_first":
+            return (2, self.num_gpu_blocks) + inner
+        return (self.num_gpu_blocks, 2) + inner
+
+    @property
+    def slice_bytes(self) -> int:
+        return self.num_layers * 2 * self.block_size * self.kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
+
+
+def make_kv(model: SimModel) -> tuple[list[np.ndarray], EngineKV]:
+    tensors = [np.zeros(model.tensor_shape(), dtype=model.dtype) for _ in range(model.num_layers)]
+    return tensors, EngineKV.from_layers(tensors, num_blocks=model.num_gpu_blocks)
+
+
+def _wait(agent: RankAgent, op_ids: set[int], timeout_s: float) -> dict[int, Finished]:
+    done: dict[int, Finished] = {}
+    deadline = time.monotonic() + timeout_s
+    while op_ids - done.keys():
+        for f in agent.take_finished():
+            done[f.op_id] = f
+        if op_ids - done.keys():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.0005)
+    return done
+
+
+def serve(control: str, leader: str, rank: int, world: int, model: SimModel, fingerprint: str,
+          init_timeout_s: float, seed: int) -> int:
+    _tensors, kv = make_kv(model)
+    oracle = Oracle(kv, rank, seed)
+    agent = RankAgent(leader, RankIdentity(rank, world, model.block_size, fingerprint), kv,
+                      init_timeout_s=init_timeout_s)
+    agent.start()
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(control)
+    sock.send(msgpack.packb({"cmd": "hello", "rank": rank, "pid": os.getpid()}))
+    try:
+        while True:
+            req = msgpack.unpackb(sock.recv())
+            cmd = req["cmd"]
+            if cmd == "stop":
+                sock.send(msgpack.packb({"ok": True}))
+                return 0
+            if cmd == "wait_ready":
+                ok = agent.wait_ready(req["timeout"])
+                sock.send(msgpack.packb({"ready": ok, "error": agent.error or ""}))
+            elif cmd == "step":
+                sock.send(msgpack.packb(asdict(run_step(agent, oracle, req))))
+            else:
+                sock.send(msgpack.packb({"error": f"unknown command {cmd}"}))
+    finally:
+        agent.close()
+        sock.close()
+
+
+@dataclass
+class StepResult:
+    loaded_blocks: int = 0
+    load_failures: list[int] | None = None  # op ids whose copy failed on this rank
+    mismatches: int = 0  # loaded blocks whose bytes differ from the oracle
+    stored_blocks: int = 0
+    store_failures: list[int] | None = None
+    load_seconds: float = 0.0
+    store_seconds: float = 0.0
+
+
+def run_step(agent: RankAgent, oracle: Oracle, req: dict) -> StepResult:
+    """Loads (then verify), compute, stores, in that order, like one engine step."""
+    res = StepResult(load_failures=[], store_failures=[])
+    loads = req.get("loads", [])  # [op_id, slots, blocks, hashes]
+    for _op, _slots, blocks, _hashes in loads:
+        for b in blocks:
+            oracle.scramble(b)  # a load that silently does nothing must not pass
+    t0 = time.perf_counter()
+    for op_id, slots, blocks, _hashes in loads:
+        agent.submit_load(op_id, slots, blocks)
+    done = _wait(agent, {op[0] for op in loads}, 30.0)
+    res.load_seconds = time.perf_counter() - t0
+    for op_id, _slots, blocks, hashes in loads:
+        f = done.get(op_id)
+        if f is None or not f.ok:
+            res.load_failures.append(op_id)  # type: ignore[union-attr]
+            continue
+        res.loaded_blocks += len(blocks)
+        res.mismatches += sum(not oracle.check(b, h) for b, h in zip(blocks, hashes))
+    for block, seq_hash in req.get("compute", []):
+        oracle.fill(block, seq_hash)
+    stores = req.get("stores", [])  # [op_id, blocks, slots]
+    t0 = time.perf_counter()
+    for op_id, blocks, slots in stores:
+        agent.submit_store(op_id, blocks, slots)
+    done = _wait(agent, {op[0] for op in stores}, 30.0)
+    res.store_seconds = time.perf_counter() - t0
+    for op_id, blocks, _slots in stores:
+        f = done.get(op_id)
+        if f is None or not f.ok:
+            res.store_failures.append(op_id)  # type: ignore[union-attr]
+        else:
+            res.stored_blocks += len(blocks)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kvbm.sim.rank")
+    p.add_argument("--control", required=True)
+    p.add_argument("--leader", required=True)
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--world", type=int, required=True)
+    p.add_argument("--model", required=True, help="msgpack-hex SimModel fields")
+    p.add_argument("--fingerprint", default="sim")
+    p.add_argument("--init-timeout", type=float, default=60.0)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("KVBM_SIM_LOG", "WARNING"), stream=sys.stderr,
+                        format=f"%(asctime)s rank{a.rank} %(levelname)s %(message)s")
+    model = SimModel(**msgpack.unpackb(bytes.fromhex(a.model)))
+    return serve(a.control, a.leader, a.rank, a.world, model, a.fingerprint, a.init_timeout, a.seed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""A rank's agent: init sync with the leader, host-pool mapping, copies and acks.
+
+Everything runs off the caller's thread: :meth:`RankAgent.start` returns at once (vLLM
+registers KV caches before the leader exists); a socket thread registers the layout, maps
+the pool when granted, heartbeats, and sends acks; a copy thread runs the copies. The engine
+side submits ops and collects finished ones with :meth:`take_finished`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import zmq
+
+from kvbm.ipc import messages as m
+from kvbm.ipc.shm import HostPool, PoolGeometry, ShmError
+from kvbm.worker.copy import CopyEngine, NumpyCopyEngine
+from kvbm.worker.layout import EngineKV, host_slice_view
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A completed op on this rank."""
+
+    op_id: int
+    kind: str  # "store" | "load"
+    ok: bool
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class RankIdentity:
+    rank: int
+    world_size: int
+    block_size: int
+    fingerprint: str
+
+
+CopyEngineFactory = Callable[[EngineKV, HostPool, int], CopyEngine]
+
+
+def numpy_engine(kv: EngineKV, pool: HostPool, slice_offset: int) -> CopyEngine:
+    return NumpyCopyEngine(kv, host_slice_view(pool.array, slice_offset, kv.layout))
+
+
+class RankAgent:
+    """One TP rank's connection to the leader and its copy worker."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        ident: RankIdentity,
+        kv: EngineKV,
+        *,
+        init_timeout_s: float,
+        heartbeat_interval_s: float = 0.25,
+        liveness_timeout_s: float = 1.5,
+        engine_factory: CopyEngineFactory = numpy_engine,
+    ) -> None:
+        self.endpoint = endpoint
+        self.ident = ident
+        self.kv = kv
+        self.init_timeout_s = init_timeout_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.liveness_timeout_s = liveness_timeout_s
+        self._engine_factory = engine_factory
+        self.pool: HostPool | None = None
+        self.engine: CopyEngine | None = None
+        self.error: str | None = None
+        self._ready = threading.Event()
+        self._done = threading.Event()  # init finished, successfully or not
+        self._stop = threading.Event()
+        self._outbox: queue.SimpleQueue[m.Message] = queue.SimpleQueue()
+        self._finished: queue.SimpleQueue[Finished] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[str, int, list[int], list[int]] | None] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+        self._last_ack = 0.0
+        self._ids = itertools.count(1)
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Begin the init sync in the background; never blocks."""
+        for target, name in ((self._socket_loop, "sock"), (self._copy_loop, "copy")):
+            t = threading.Thread(target=target, name=f"kvbm-rank{self.ident.rank}-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self.error is None
+
+    def wait_ready(self, timeout_s: float | None = None) -> bool:
+        """Block until init finished (True if ready; False on error or timeout)."""
+        self._done.wait(timeout_s)
+        return self.ready
+
+    @property
+    def leader_alive(self) -> bool:
+        return self.ready and time.monotonic() - self._last_ack < self.liveness_timeout_s
+
+    def close(self) -> None:
+        """Stop the threads (in-flight copies finish first) and unmap the pool."""
+        self._stop.set()
+        self._jobs.put(None)
+        self._wake()
+        for t in self._threads:
+            t.join(timeout=5)
+        self._threads.clear()
+        if self.pool is not None:
+            self.engine = None
+            self.pool.close()
+            self.pool = None
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- engine-facing API ---------------------------------------------------------------
+    def submit_store(self, op_id: int, engine_blocks: Sequence[int], slots: Sequence[int]) -> None:
+        """Copy engine blocks to host slots (after the engine wrote them), then ack the leader."""
+        self._jobs.put(("store", op_id, list(engine_blocks), list(slots)))
+
+    def submit_load(self, op_id: int, slots: Sequence[int], engine_blocks: Sequence[int]) -> None:
+        """Copy host slots into engine blocks, then ack the leader."""
+        self._jobs.put(("load", op_id, list(slots), list(engine_blocks)))
+
+    def take_finished(self) -> list[Finished]:
+        out = []
+        while True:
+            try:
+                out.append(self._finished.get_nowait())
+            except queue.Empty:
+                return out
+
+    # -- copy thread ---------------------------------------------------------------------
+    def _copy_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            kind, op_id, a, b = job
+            ok, error = True, ""
+            try:
+                if self.engine is None:
+                    raise RuntimeError(self.error or "host pool not attached yet")
+                if kind == "store":
+                    self.engine.store(a, b)
+                else:
+                    self.engine.load(a, b)
+            except Exception as e:  # a failed copy is reported, never silently "done"
+                ok, error = False, f"{type(e).__name__}: {e}"
+                log.error("rank %d: %s op %d failed: %s", self.ident.rank, kind, op_id, error)
+            self._finished.put(Finished(op_id, kind, ok, error))
+            self._outbox.put(m.TransferDone(self.ident.rank, op_id, ok, error[:1000]))
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    # -- socket thread -------------------------------------------------------------------
+    def _socket_loop(self) -> None:
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 500)
+        sock.connect(self.endpoint)
+        try:
+            self._init_sync(sock)
+            if self.error is None:
+                self._serve(sock)
+        except Exception as e:  # keep the engine alive; report through .error
+            self.error = f"rank {self.ident.rank}: kvbm agent crashed: {type(e).__name__}: {e}"
+            log.exception("%s", self.error)
+        finally:
+            self._done.set()
+            sock.close()
+
+    def _recv(self, sock: zmq.Socket, deadline: float) -> tuple[int, m.Message] | None:
+        while not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            if sock.poll(int(min(remaining, 0.1) * 1000) + 1):
+                try:
+                    return m.decode(sock.recv())
+                except m.ProtocolError as e:
+                    log.warning("rank %d: dropping a malformed frame from the leader: %s", self.ident.rank, e)
+        return None
+
+    def _init_sync(self, sock: zmq.Socket) -> None:
+        deadline = time.monotonic() + self.init_timeout_s
+        lay = self.kv.layout
+        reg = m.RegisterRank(
+            rank=self.ident.rank, world_size=self.ident.world_size, num_layers=lay.num_layers,
+            slice_bytes=lay.slice_bytes, dtype=lay.dtype, engine_layout=f"{lay.outer}x{lay.region_bytes}",
+            block_size=self.ident.block_size, fingerprint=self.ident.fingerprint, pid=os.getpid(),
+        )
+        step = "receive the host pool from the leader (other ranks or the leader may be missing)"
+        reg_id = next(self._ids)
+        sock.send(m.encode(reg, reg_id))
+        # Re-send the registration while nobody answers: the leader may start after us.
+        next_resend = time.monotonic() + 1.0
+        grant: m.PoolGrant | None = None
+        while grant is None:
+            got = self._recv(sock, min(deadline, next_resend))
+            if got is None:
+                if self._stop.is_set():
+                    return
+                if time.monotonic() >= deadline:
+                    self._fail_init(step)
+                    return
+                if self._last_ack == 0.0:
+                    sock.send(m.encode(reg, reg_id))
+                next_resend = time.monotonic() + 1.0
+                continue
+            _rid, msg = got
+            if isinstance(msg, m.ErrorReply):
+                self._fail_init(f"{step}: the leader said {msg.message}")
+                return
+            self._last_ack = time.monotonic()  # the leader is there; stop re-sending
+            if isinstance(msg, m.PoolGrant):
+                grant = msg
+        try:
+            geometry = PoolGeometry(grant.num_blocks, grant.block_bytes)
+            self.pool = HostPool.attach(grant.segment, geometry)
+            self.engine = self._engine_factory(self.kv, self.pool, grant.slice_offset)
+        except (ShmError, ValueError, RuntimeError) as e:
+            self._fail_init(f"attach the host pool: {e}")
+            return
+        sock.send(m.encode(m.PoolAttached(self.ident.rank), next(self._ids)))
+        while True:
+            got = self._recv(sock, deadline)
+            if got is None:
+                if not self._stop.is_set():
+                    self._fail_init("receive 'ready' from the leader after attaching the pool")
+                return
+            msg = got[1]
+            if isinstance(msg, m.ErrorReply):
+                self._fail_init(f"finish init: the leader said {msg.message}")
+                return
+            if isinstance(msg, m.LeaderReady):
+                break
+        self._last_ack = time.monotonic()
+        self._ready.set()
+        self._done.set()
+        log.info("rank %d ready: host pool %s mapped (%d blocks)", self.ident.rank, grant.segment, grant.num_blocks)
+
+    def _fail_init(self, step: str) -> None:
+        self.error = (
+            f"rank {self.ident.rank}/{self.ident.world_size}: kvbm init sync with the leader at {self.endpoint} "
+            f"did not complete within DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS={self.init_timeout_s:g} s: "
+            f"could not {step}"
+        )
+        log.error("%s", self.error)
+        self._done.set()
+
+    def _serve(self, sock: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_beat = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_beat:
+                sock.send(m.encode(m.Heartbeat(self.ident.rank), next(self._ids)), zmq.NOBLOCK)
+                next_beat = now + self.heartbeat_interval_s
+            ready = dict(poller.poll(int(self.heartbeat_interval_s * 1000)))
+            if self._wake_r in ready:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            while True:
+                try:
+                    out = self._outbox.get_nowait()
+                except queue.Empty:
+                    break
+                try:
+                    sock.send(m.encode(out, 0), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # leader gone; it settles the op when it notices
+            while sock in ready and sock.poll(0):
+                try:
+                    _rid, msg = m.decode(sock.recv())
+                except m.ProtocolError:
+                    continue
+                self._last_ack = time.monotonic()

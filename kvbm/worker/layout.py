@@ -1,0 +1,137 @@
+"""Engine KV layouts, seen as byte regions per (block, layer, K/V).
+
+Supported engine layouts (all detected from the tensor shapes):
+
+* ``kv_first``    vLLM per-layer tensors ``[2, num_blocks, block_size, heads, head_dim]``
+* ``block_first`` vLLM per-layer tensors ``[num_blocks, 2, block_size, heads, head_dim]``
+  (and MLA's ``[num_blocks, block_size, dim]`` with one region per layer)
+* ``contiguous``  one tensor ``[num_blocks, layers, 2, ...]`` (TensorRT-LLM)
+
+In the host pool, a rank's slice of a block is ``[layers, outer, region_bytes]`` contiguous,
+whatever the engine layout, so every rank of every engine layout stores the same shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+KV_FIRST = "kv_first"
+BLOCK_FIRST = "block_first"
+CONTIGUOUS = "contiguous"
+
+
+class LayoutError(ValueError):
+    """KV tensors the adapter cannot interpret; the message names the offending tensor."""
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Geometry of one rank's KV cache."""
+
+    kind: str
+    num_layers: int
+    num_blocks: int
+    outer: int  # 2 for K and V, 1 for MLA
+    region_bytes: int  # bytes of one (block, layer, outer) region
+    dtype: str
+
+    @property
+    def slice_bytes(self) -> int:
+        """Bytes of this rank's slice of one block."""
+        return self.num_layers * self.outer * self.region_bytes
+
+
+def _dtype_name(t: Any) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def as_bytes_view(t: Any) -> np.ndarray:
+    """A zero-copy uint8 NumPy view of a NumPy array or CPU torch tensor (last axis in bytes)."""
+    if isinstance(t, np.ndarray):
+        arr = t
+    else:  # torch tensor: reinterpret as bytes first (numpy has no bfloat16)
+        import torch
+
+        if t.device.type != "cpu":
+            raise LayoutError(f"a {t.device.type} tensor needs the GPU copy engine, not the CPU one")
+        arr = t.view(torch.uint8).numpy() if t.dtype != torch.uint8 else t.numpy()
+    if not arr.flags.c_contiguous:
+        raise LayoutError(f"KV tensor of shape {arr.shape} is not contiguous")
+    return arr.view(np.uint8).reshape(arr.shape[:-1] + (arr.shape[-1] * arr.itemsize,))
+
+
+def _shape(t: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in t.shape)
+
+
+def detect_layer_layout(shape: Sequence[int], num_blocks: int | None = None) -> tuple[str, int, int]:
+    """(kind, num_blocks, outer) of one vLLM per-layer tensor shape."""
+    if len(shape) < 3:
+        raise LayoutError(f"per-layer KV tensor of shape {tuple(shape)} has too few dimensions")
+    if num_blocks is not None:
+        if shape[0] == 2 and shape[1] == num_blocks:
+            return KV_FIRST, num_blocks, 2
+        if shape[0] == num_blocks:
+            return BLOCK_FIRST, num_blocks, (2 if len(shape) >= 5 and shape[1] == 2 else 1)
+        raise LayoutError(f"KV tensor of shape {tuple(shape)} has no axis of {num_blocks} blocks")
+    if len(shape) >= 5 and shape[0] == 2 and shape[1] != 2:
+        return KV_FIRST, shape[1], 2
+    if len(shape) >= 5 and shape[1] == 2:
+        return BLOCK_FIRST, shape[0], 2
+    if len(shape) == 3:  # MLA: [num_blocks, block_size, dim]
+        return BLOCK_FIRST, shape[0], 1
+    raise LayoutError(f"cannot tell the block axis of KV tensor shape {tuple(shape)}; pass num_blocks")
+
+
+@dataclass
+class EngineKV:
+    """One rank's KV cache as byte views ``(num_blocks, outer, region_bytes)`` per layer."""
+
+    layout: KVLayout
+    layers: list[np.ndarray]
+    whole: np.ndarray | None = None  # (num_blocks, layers, outer, region) when contiguous
+
+    @classmethod
+    def from_layers(cls, kv_caches: Mapping[str, Any] | Sequence[Any], num_blocks: int | None = None) -> "EngineKV":
+        """From vLLM's ``register_kv_caches`` dict (ordered by layer) or a list of per-layer tensors."""
+        tensors = list(kv_caches.values()) if isinstance(kv_caches, Mapping) else list(kv_caches)
+        if not tensors:
+            raise LayoutError("no KV tensors registered")
+        shape0 = _shape(tensors[0])
+        kind, nb, outer = detect_layer_layout(shape0, num_blocks)
+        names = list(kv_caches) if isinstance(kv_caches, Mapping) else [str(i) for i in range(len(tensors))]
+        views = []
+        for name, t in zip(names, tensors):
+            if _shape(t) != shape0 or _dtype_name(t) != _dtype_name(tensors[0]):
+                raise LayoutError(f"layer {name} has shape {_shape(t)} / {_dtype_name(t)}, "
+                                  f"expected {shape0} / {_dtype_name(tensors[0])} like the first layer")
+            b = as_bytes_view(t)
+            if kind == KV_FIRST:
+                v = b.reshape(2, nb, -1).swapaxes(0, 1)
+            else:
+                v = b.reshape(nb, outer, -1)
+            views.append(v)
+        layout = KVLayout(kind, len(views), nb, outer, views[0].shape[2], _dtype_name(tensors[0]))
+        return cls(layout, views)
+
+    @classmethod
+    def from_contiguous(cls, tensor: Any, num_layers: int, outer: int = 2) -> "EngineKV":
+        """From one ``[num_blocks, layers, outer, ...]`` tensor (TensorRT-LLM)."""
+        shape = _shape(tensor)
+        if len(shape) < 3 or shape[1] != num_layers or shape[2] != outer:
+            raise LayoutError(f"contiguous KV tensor of shape {shape} is not [blocks, {num_layers}, {outer}, ...]")
+        b = as_bytes_view(tensor)
+        whole = b.reshape(shape[0], num_layers, outer, -1)
+        layout = KVLayout(CONTIGUOUS, num_layers, shape[0], outer, whole.shape[3], _dtype_name(tensor))
+        return cls(layout, [whole[:, i] for i in range(num_layers)], whole)
+
+
+def host_slice_view(pool_array: np.ndarray, slice_offset: int, layout: KVLayout) -> np.ndarray:
+    """This rank's slice of every host block as ``(host_blocks, layers, outer, region_bytes)``."""
+    view = pool_array[:, slice_offset : slice_offset + layout.slice_bytes].view()
+    # Assigning .shape (unlike reshape) raises instead of silently copying.
+    view.shape = (pool_array.shape[0], layout.num_layers, layout.outer, layout.region_bytes)
+    return view
