@@ -63,8 +63,9 @@ def _register(cls: type[Message]) -> type[Message]:
     return cls
 
 
-def _int(meta: dict[str, int], **kw: Any) -> Any:
-    return field(metadata=meta, **kw)
+def _int(meta: dict[str, int]) -> Any:
+    """An integer field with a range checked on decode."""
+    return field(default=0, metadata=meta)
 
 
 # --------------------------------------------------------------------------------------

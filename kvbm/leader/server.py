@@ -18,7 +18,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import zmq
 
@@ -75,6 +75,20 @@ class LeaderCounters:
     rejected_messages: int = 0
 
 
+class LeaderObserver(Protocol):
+    """Hooks for metrics and KV-event publishers; called on the leader's loop thread."""
+
+    def on_match(self, queried: int, host: int, disk: int, block_size: int) -> None:
+        """One lookup: blocks asked about, found in G2, found in G3 after that."""
+
+    def on_transfer(self, direction: str, blocks: int, nbytes: int, seconds: float) -> None:
+        """A finished transfer. direction: "d2h" (G1->G2 store), "h2d" (G2->G1 load),
+        "h2disk" (G2->G3 offload), "disk2h" (G3->G2 staging)."""
+
+    def on_events(self, events: list[BlockEvent]) -> None:
+        """Block registrations and removals (both tiers), in order."""
+
+
 class LeaderServer:
     """Serve one engine instance until :meth:`stop` (or a Shutdown message)."""
 
@@ -101,7 +115,7 @@ class LeaderServer:
         self.disk: DiskTier | None = None
         self.counters = LeaderCounters()
         self.events: deque[BlockEvent] = deque(maxlen=MAX_EVENT_BACKLOG)
-        self.event_sinks: list[Callable[[list[BlockEvent]], None]] = []
+        self.observers: list[LeaderObserver] = []
         self._ops: dict[int, Op] = {}
         self._op_ids = itertools.count(1)
         self._started = clock()
@@ -302,6 +316,7 @@ class LeaderServer:
                 FrequencyFilter(clock=self.clock) if use_filter else None,
                 self._notify,
                 max_pending_writes=max(8, host_blocks // 4),
+                on_transfer=lambda direction, seconds: self._observe_transfer(direction, 1, seconds),
             )
 
     def _on_attached(self, identity: bytes, rid: int, msg: m.Message) -> m.Message | None:
@@ -406,6 +421,9 @@ class LeaderServer:
         hashes = m.unpack_hashes(msg.hashes).tolist()
         res = reg.match(hashes)
         c = self.counters
+        bs = self._block_size()
+        for obs in self.observers:
+            obs.on_match(len(hashes), res.host, res.disk, bs)
         c.match_requests += 1
         c.match_blocks_queried += len(hashes)
         c.match_host_blocks += res.host
@@ -532,6 +550,7 @@ class LeaderServer:
                 log.warning("store op %d aborted: %s", op.op_id, op.error)
                 return
             reg.host.commit(op.slots)
+            self._observe_transfer("d2h", len(op.slots), self.clock() - op.created)
             self.counters.stores_committed += 1
             self.counters.blocks_stored += len(op.slots)
             if self.disk is not None:
@@ -543,6 +562,7 @@ class LeaderServer:
                 self.counters.loads_failed += 1
             else:
                 self.counters.loads_completed += 1
+                self._observe_transfer("h2d", len(op.slots), self.clock() - op.created)
                 self.counters.blocks_loaded += len(op.slots)
                 self.counters.blocks_loaded_from_disk += op.from_disk
 
@@ -597,8 +617,17 @@ class LeaderServer:
                 else:
                     self.counters.disk_evictions += 1
         self.events.extend(evs)
-        for sink in self.event_sinks:
-            sink(evs)
+        for obs in self.observers:
+            obs.on_events(evs)
+
+    def _block_size(self) -> int:
+        first = next(iter(self.world.ranks.values()), None)
+        return first.layout.block_size if first else 0
+
+    def _observe_transfer(self, direction: str, blocks: int, seconds: float) -> None:
+        nbytes = blocks * (self.pool.geometry.block_bytes if self.pool else 0)
+        for obs in self.observers:
+            obs.on_transfer(direction, blocks, nbytes, seconds)
 
     def stats(self) -> dict[str, float]:
         """A flat snapshot of counters and gauges (the StatsReply and metrics source)."""

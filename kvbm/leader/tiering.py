@@ -66,6 +66,7 @@ class DiskTier:
         admission: FrequencyFilter | None,
         notify: Callable[[], None],
         max_pending_writes: int,
+        on_transfer: Callable[[str, float], None] | None = None,
     ) -> None:
         self.store = store
         self.pool = disk_pool
@@ -74,6 +75,7 @@ class DiskTier:
         self.admission = admission
         self._notify = notify
         self._max_pending = max_pending_writes
+        self._on_transfer = on_transfer or (lambda direction, seconds: None)
         self._checksums: dict[int, int] = {}  # disk slot -> checksum of its bytes
         self._completions: queue.SimpleQueue[Callable[[], StageDone | None]] = queue.SimpleQueue()
         self._pending_writes = 0
@@ -118,6 +120,7 @@ class DiskTier:
                     self.counters.offloaded_blocks += 1
                     self.counters.bytes_written += self.store.block_bytes
                     self.counters.write_seconds += res.seconds
+                    self._on_transfer("h2disk", res.seconds)
                 else:
                     self.pool.abort([dslot])
                     self._io_failed(f"write of disk slot {dslot} failed: {res.error}")
@@ -156,6 +159,7 @@ class DiskTier:
                     self.counters.onboarded_blocks += 1
                     self.counters.bytes_read += self.store.block_bytes
                     self.counters.read_seconds += res.seconds
+                    self._on_transfer("disk2h", res.seconds)
                     return StageDone(op_id, hslot, seq_hash, True, "")
                 self.host.abort([hslot])
                 if res.ok and not res.checksum_ok:
