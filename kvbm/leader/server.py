@@ -651,6 +651,7 @@ class LeaderServer:
             out["block_bytes"] = float(self.pool.geometry.block_bytes)
         if self.disk is not None:
             out["disk_enabled"] = float(self.disk.enabled)
+            out["disk_busy"] = float(self.disk.busy)
             for k, v in vars(self.disk.counters).items():
                 out[f"disk_{k}"] = float(v)
         return out

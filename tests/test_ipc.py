@@ -1,0 +1,107 @@
+"""Protocol codec and shared-memory pool."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import msgpack
+import numpy as np
+import pytest
+
+from kvbm.ipc import messages as m
+from kvbm.ipc.shm import HEADER_BYTES, HostPool, PoolGeometry, ShmError, segment_name, sweep_stale_segments
+
+
+def test_round_trip_every_message_type() -> None:
+    samples = [
+        m.RegisterRank(rank=1, world_size=2, num_layers=4, slice_bytes=8192, dtype="float16",
+                       engine_layout="2x1024", block_size=16, fingerprint="x", pid=123),
+        m.Match(m.pack_hashes([1, 2, 2**64 - 1])),
+        m.PollLoads([1, 2, 3]),
+        m.StatsReply({"a": 1.5, "b": 2}),
+        m.TransferDone(rank=0, op_id=7, ok=False, error="boom"),
+    ]
+    for msg in samples:
+        rid, back = m.decode(m.encode(msg, 42))
+        assert rid == 42 and back == msg
+
+
+@pytest.mark.parametrize("frame, needle", [
+    (b"\xc1", "not a msgpack"),
+    (msgpack.packb([2, "match", 1, [b""]]), "protocol version"),
+    (msgpack.packb([1, "nope", 1, []]), "unknown message type"),
+    (msgpack.packb([1, "match", 1, []]), "expected 1 fields"),
+    (msgpack.packb([1, "match", 1, ["text"]]), "expected bytes"),
+    (msgpack.packb([1, "transfer_done", 1, [0, -1, True, ""]]), "out of range"),
+    (msgpack.packb([1, "transfer_done", 1, [0, 1, 1, ""]]), "expected a boolean"),
+    (msgpack.packb([1, "register_rank", 1, [5000, 2, 1, 1, "", "", 1, "", 1]]), "out of range"),
+    (msgpack.packb({"v": 1}), "frame is not"),
+    (msgpack.packb([1, "match", -5, [b""]]), "request id"),
+])
+def test_malformed_frames_are_rejected(frame: bytes, needle: str) -> None:
+    with pytest.raises(m.ProtocolError, match=needle):
+        m.decode(frame)
+
+
+def test_hash_wire_format_is_little_endian_u64() -> None:
+    data = m.pack_hashes([1, 2**64 - 1])
+    assert data == (1).to_bytes(8, "little") + (2**64 - 1).to_bytes(8, "little")
+    assert m.unpack_hashes(data).tolist() == [1, 2**64 - 1]
+    with pytest.raises(m.ProtocolError):
+        m.unpack_hashes(b"123")
+
+
+def test_pool_create_attach_share_and_unlink() -> None:
+    inst = f"sim-{os.getpid()}-shmtest"
+    geom = PoolGeometry(4, 8192)
+    pool = HostPool.create(inst, geom)
+    path = f"/dev/shm/{segment_name(inst)}"
+    try:
+        st = os.stat(path)
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        assert st.st_size == HEADER_BYTES + 4 * 8192
+        other = HostPool.attach(pool.name, geom)
+        pool.array[2, :16] = np.arange(16, dtype=np.uint8)
+        assert other.array[2, :16].tolist() == list(range(16))
+        assert pool.block(1).nbytes == 8192
+        other.close()
+        with pytest.raises(ShmError, match="expected"):
+            HostPool.attach(pool.name, PoolGeometry(5, 8192))  # unexpected size: refused
+        with pytest.raises(ShmError, match="already exists"):
+            HostPool.create(inst, geom)
+    finally:
+        pool.close()
+    assert not os.path.exists(path)
+
+
+def test_pool_refuses_unaligned_blocks_and_oversize() -> None:
+    with pytest.raises(ShmError, match="multiple of 4096"):
+        HostPool.create(f"sim-{os.getpid()}-bad", PoolGeometry(1, 1000))
+    with pytest.raises(ShmError, match="/dev/shm has"):
+        HostPool.create(f"sim-{os.getpid()}-huge", PoolGeometry(1 << 20, 1 << 30))
+    assert not [n for n in os.listdir("/dev/shm") if f"sim-{os.getpid()}-huge" in n or f"sim-{os.getpid()}-bad" in n]
+
+
+def test_sweep_removes_segment_of_dead_owner() -> None:
+    inst = f"sim-{os.getpid()}-stale"
+    pool = HostPool.create(inst, PoolGeometry(1, 4096))
+    name = pool.name
+    # Forge a dead owner: a pid that cannot exist.
+    import mmap
+    fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
+    mm = mmap.mmap(fd, 4096)
+    mm[12:16] = (2**22 + 12345).to_bytes(4, "little")
+    mm.close()
+    os.close(fd)
+    pool.owner = False  # the "dead leader" will not unlink it
+    pool.close()
+    assert name in sweep_stale_segments()
+    assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_sweep_keeps_live_segments() -> None:
+    inst = f"sim-{os.getpid()}-live"
+    with HostPool.create(inst, PoolGeometry(1, 4096)) as pool:
+        assert pool.name not in sweep_stale_segments()
+        assert os.path.exists(f"/dev/shm/{pool.name}")
