@@ -100,11 +100,16 @@ class RpcClient:
     def call(self, msg: Message, timeout_s: float, expect: type[M]) -> M:
         """Send ``msg`` and wait up to ``timeout_s`` for its reply of type ``expect``."""
         request_id = next(self._ids)
-        try:
-            self._sock.send(encode(msg, request_id), zmq.NOBLOCK)
-        except zmq.Again:
-            raise LeaderUnavailable(f"leader at {self.endpoint} is not connected") from None
+        frame = encode(msg, request_id)
         deadline = time.monotonic() + timeout_s
+        while True:  # the connection may still be coming up (or the leader is gone)
+            try:
+                self._sock.send(frame, zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                if time.monotonic() >= deadline:
+                    raise LeaderUnavailable(f"leader at {self.endpoint} is not connected") from None
+                time.sleep(0.005)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1):
