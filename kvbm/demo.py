@@ -1,0 +1,136 @@
+"""``kvbm demo``: a leader, TP ranks and a multi-turn chat workload on the simulated engine.
+
+Everything is real except the model: processes, the shared-memory host pool, ZeroMQ, the disk
+tier (a temporary directory); every loaded byte is checked against the KV oracle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shutil
+import sys
+import tempfile
+import time
+
+from kvbm.config import KvbmConfig, load_config
+from kvbm.sim.engine import SimEngine, SimStats, chat_workload
+from kvbm.sim.rank import SimModel
+
+CHUNK = 8  # prompts handed to the engine at a time (progress granularity)
+
+
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = subparsers.add_parser("demo", help="run a simulated engine with kvbm (no GPU needed)",
+                              description=__doc__)
+    p.add_argument("--ranks", type=int, default=2, help="tensor-parallel ranks (processes), default 2")
+    p.add_argument("--conversations", type=int, default=48, help="concurrent chats, default 48")
+    p.add_argument("--turns", type=int, default=6, help="turns per chat, default 6")
+    p.add_argument("--gpu-blocks", type=int, default=96, help="engine (G1) blocks per rank, default 96")
+    p.add_argument("--cpu-blocks", type=int, default=None,
+                   help="host pool (G2) blocks; default 400 unless DYN_KVBM_CPU_CACHE_* is set")
+    p.add_argument("--disk-blocks", type=int, default=None,
+                   help="disk tier (G3) blocks; default 3000 unless DYN_KVBM_DISK_CACHE_* is set; 0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=run)
+
+
+def _config(args: argparse.Namespace, tmp: str) -> KvbmConfig:
+    cfg = load_config(require_tier=False)
+    env: dict[str, object] = {}
+    if args.cpu_blocks is not None or not cfg.has_cpu_tier:
+        env["cpu_cache_num_blocks"] = args.cpu_blocks if args.cpu_blocks is not None else 400
+        env["cpu_cache_gb"] = None
+    if args.disk_blocks is not None or not cfg.has_disk_tier:
+        disk = args.disk_blocks if args.disk_blocks is not None else 3000
+        env["disk_cache_num_blocks"] = disk or None
+        env["disk_cache_gb"] = None
+        env["disk_cache_dir"] = tmp
+    env["run_dir"] = f"{tmp}/run"
+    return cfg.replace(**env)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _rate(nbytes: float, seconds: float) -> str:
+    return f"{nbytes / seconds / 1e9:.2f} GB/s" if seconds > 0 else "-"
+
+
+def progress_line(st: SimStats, total: int, started: float) -> str:
+    moved = st.bytes_loaded + st.bytes_stored
+    return (f"\r[{st.requests:4d}/{total}] hit rate {st.hit_rate:6.1%}  "
+            f"G2 {st.tokens_from_host:7d} tok  G3 {st.tokens_from_disk:6d} tok  "
+            f"moved {_gb(moved)}  mismatches {st.mismatches}  {time.monotonic() - started:5.1f} s")
+
+
+def summary(st: SimStats, leader: dict[str, float], seconds: float, ranks: int) -> str:
+    bb = leader.get("block_bytes", 0.0)
+    rows = [
+        ("requests", f"{st.requests}"),
+        ("prompt tokens", f"{st.prompt_tokens}"),
+        ("tokens from engine prefix cache (G1)", f"{st.tokens_local}"),
+        ("tokens served from host pool (G2)", f"{st.tokens_from_host}"),
+        ("tokens served from disk (G3)", f"{st.tokens_from_disk}"),
+        ("tokens recomputed", f"{st.tokens_computed}"),
+        ("external hit rate", f"{st.hit_rate:.1%}"),
+        ("blocks offloaded G1->G2", f"{int(leader.get('blocks_stored', 0))}"),
+        ("blocks offloaded G2->G3", f"{int(leader.get('disk_offloaded_blocks', 0))}"),
+        ("blocks onboarded G2->G1", f"{st.blocks_loaded}"),
+        ("blocks staged G3->G2", f"{int(leader.get('disk_onboarded_blocks', 0))}"),
+        ("host evictions / disk evictions",
+         f"{int(leader.get('host_evictions', 0))} / {int(leader.get('disk_evictions', 0))}"),
+        ("G1->G2 store copies", f"{_gb(st.bytes_stored)} at {_rate(st.bytes_stored, st.store_seconds)}"),
+        ("G2->G1 load copies", f"{_gb(st.bytes_loaded)} at {_rate(st.bytes_loaded, st.load_seconds)}"),
+        ("G2->G3 disk writes", f"{_gb(leader.get('disk_bytes_written', 0))} at "
+                               f"{_rate(leader.get('disk_bytes_written', 0), leader.get('disk_write_seconds', 0))} per thread"),
+        ("G3->G2 disk reads", f"{_gb(leader.get('disk_bytes_read', 0))} at "
+                              f"{_rate(leader.get('disk_bytes_read', 0), leader.get('disk_read_seconds', 0))} per thread"),
+        ("checksum failures (dropped, never served)", f"{int(leader.get('disk_checksum_failures', 0))}"),
+        ("bytes verified against the oracle", f"{_gb(st.bytes_loaded)} in {st.blocks_loaded} blocks x {ranks} ranks"),
+        ("oracle mismatches (must be 0)", f"{st.mismatches}"),
+        ("wall time", f"{seconds:.1f} s"),
+    ]
+    if bb:
+        rows.insert(0, ("block size in the host pool", f"{int(bb)} B"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    tmp = tempfile.mkdtemp(prefix="kvbm-demo-")
+    try:
+        cfg = _config(args, tmp)
+        model = SimModel(num_layers=8, kv_heads=4, head_dim=64, block_size=16, num_gpu_blocks=args.gpu_blocks)
+        prompts = chat_workload(args.conversations, args.turns, seed=args.seed)
+        total = args.conversations * args.turns
+        print(f"kvbm demo: leader + {args.ranks} rank processes, engine pool {args.gpu_blocks} blocks/rank, "
+              f"host pool {cfg.cpu_cache_num_blocks or 'by GB'} blocks, "
+              f"disk {cfg.disk_cache_num_blocks or 'off'} blocks in {cfg.disk_cache_dir}")
+        started = time.monotonic()
+        sim = SimEngine(cfg, world_size=args.ranks, model=model, seed=args.seed)
+        try:
+            sim.start()
+            sim.wait_ready()
+            while True:
+                chunk = list(itertools.islice(prompts, CHUNK))
+                if not chunk:
+                    break
+                sim.run(chunk)
+                if sys.stdout.isatty():
+                    print(progress_line(sim.stats, total, started), end="", flush=True)
+                elif sim.stats.requests % (CHUNK * 8) == 0:
+                    print(progress_line(sim.stats, total, started).lstrip("\r"), flush=True)
+            leader = sim.quiesce()
+        finally:
+            sim.stop()
+        print(progress_line(sim.stats, total, started).lstrip("\r") if not sys.stdout.isatty() else "")
+        print("\nSummary")
+        print(summary(sim.stats, leader, time.monotonic() - started, args.ranks))
+        return 0 if sim.stats.mismatches == 0 else 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: leader and ranks stopped, shared memory released", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
