@@ -28,6 +28,7 @@ Handler = Callable[[argparse.Namespace], int]
 COMMANDS: tuple[str, ...] = (
     "kvbm.cli:register_config",
     "kvbm.demo:register",
+    "kvbm.bench.report:register",
 )
 
 

@@ -47,7 +47,7 @@ def test_malformed_frames_are_rejected(frame: bytes, needle: str) -> None:
 def test_hash_wire_format_is_little_endian_u64() -> None:
     data = m.pack_hashes([1, 2**64 - 1])
     assert data == (1).to_bytes(8, "little") + (2**64 - 1).to_bytes(8, "little")
-    assert m.unpack_hashes(data).tolist() == [1, 2**64 - 1]
+    assert m.unpack_hashes(data) == [1, 2**64 - 1]
     with pytest.raises(m.ProtocolError):
         m.unpack_hashes(b"123")
 

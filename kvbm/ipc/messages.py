@@ -11,6 +11,8 @@ which receivers turn into an :class:`ErrorReply` without changing any state.
 
 from __future__ import annotations
 
+import array
+import sys
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -399,14 +401,23 @@ def _check_int(where: str, meta: dict[str, int], value: Any) -> int:
 
 def pack_hashes(hashes: typing.Sequence[int] | np.ndarray) -> bytes:
     """Little-endian uint64 wire form of a hash list."""
-    return np.asarray(hashes, dtype="<u8").tobytes()
+    if isinstance(hashes, np.ndarray):
+        return hashes.astype("<u8", copy=False).tobytes()
+    arr = array.array("Q", hashes)  # C-level conversion: ~5x faster than numpy from a list
+    if sys.byteorder != "little":
+        arr.byteswap()
+    return arr.tobytes()
 
 
-def unpack_hashes(data: bytes, where: str = "hashes") -> np.ndarray:
+def unpack_hashes(data: bytes, where: str = "hashes") -> list[int]:
     """Inverse of :func:`pack_hashes`; ProtocolError if the size is not a multiple of 8."""
     if len(data) % 8:
         raise ProtocolError(f"{where}: {len(data)} bytes is not a whole number of 64-bit hashes")
-    return np.frombuffer(data, dtype="<u8")
+    arr = array.array("Q")
+    arr.frombytes(data)
+    if sys.byteorder != "little":
+        arr.byteswap()
+    return arr.tolist()
 
 
 def pack_slots(slots: typing.Sequence[int] | np.ndarray) -> bytes:

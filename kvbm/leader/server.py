@@ -418,7 +418,7 @@ class LeaderServer:
     def _on_match(self, identity: bytes, rid: int, msg: m.Message) -> m.Message:
         assert isinstance(msg, m.Match)
         reg = self._serving_registry()
-        hashes = m.unpack_hashes(msg.hashes).tolist()
+        hashes = m.unpack_hashes(msg.hashes)
         res = reg.match(hashes)
         c = self.counters
         bs = self._block_size()
@@ -433,7 +433,7 @@ class LeaderServer:
     def _on_prepare_load(self, identity: bytes, rid: int, msg: m.Message) -> m.Message:
         assert isinstance(msg, m.PrepareLoad)
         reg = self._serving_registry()
-        hashes = m.unpack_hashes(msg.hashes).tolist()
+        hashes = m.unpack_hashes(msg.hashes)
         op = Op(next(self._op_ids), OpKind.LOAD, [], [], self.clock())
         for i, h in enumerate(hashes):
             slot = reg.host.lookup(h)
@@ -470,7 +470,7 @@ class LeaderServer:
     def _on_allocate_store(self, identity: bytes, rid: int, msg: m.Message) -> m.Message:
         assert isinstance(msg, m.AllocateStore)
         reg = self._serving_registry()
-        hashes = m.unpack_hashes(msg.hashes).tolist()
+        hashes = m.unpack_hashes(msg.hashes)
         if len(set(hashes)) != len(hashes):
             raise RequestRejected("bad_request", "allocate_store: duplicate hashes in one request")
         parents: list[int | None] = [msg.first_parent or None] + hashes[:-1]
