@@ -95,8 +95,7 @@ def lookup_bench(quick: bool) -> list[BenchResult]:
     out: list[BenchResult] = []
     echo_ep = f"ipc://{tmp}/echo.sock"
     echo = subprocess.Popen([sys.executable, "-c", _ECHO, echo_ep])
-    ctx = zmq.Context.instance()
-    bare = ctx.socket(zmq.DEALER)
+    bare: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
     bare.setsockopt(zmq.LINGER, 0)
     bare.connect(echo_ep)
     try:

@@ -152,7 +152,7 @@ class HostPool:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError as e:
-            raise ShmError(f"cannot open host pool {path}: {os.strerror(e.errno)}") from None
+            raise ShmError(f"cannot open host pool {path}: {os.strerror(e.errno or 0)}") from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -231,7 +231,7 @@ def check_shm_space(size: int) -> None:
     try:
         st = os.statvfs(SHM_DIR)
     except OSError as e:
-        raise ShmError(f"{SHM_DIR} is not usable: {os.strerror(e.errno)}") from None
+        raise ShmError(f"{SHM_DIR} is not usable: {os.strerror(e.errno or 0)}") from None
     free = st.f_bavail * st.f_frsize
     if size > free:
         raise ShmError(

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import msgpack
 import zmq
@@ -141,8 +141,7 @@ class SimEngine:
         self.leader: LeaderProcess | None = None
         self.client: LeaderClient | None = None
         self.ranks: list[subprocess.Popen[bytes]] = []
-        self._ctx = zmq.Context.instance()
-        self._ctl = self._ctx.socket(zmq.ROUTER)
+        self._ctl: zmq.Socket = zmq.Context.instance().socket(zmq.ROUTER)
         self._ctl.setsockopt(zmq.LINGER, 0)
         ensure_private_dir(config.run_dir)
         self._ctl_endpoint = instance_endpoint(config.run_dir, self.instance + "-ctl")
@@ -319,7 +318,10 @@ class SimEngine:
                 break
             if waiting:
                 time.sleep(0.001)
-        loads, compute, stores = [], [], []
+        # Plain lists: they travel to the ranks as msgpack.
+        loads: list[list[Any]] = []
+        compute: list[list[Any]] = []
+        stores: list[list[Any]] = []
         store_plans: list[tuple[_Plan, int, list[int], list[int]]] = []
         for p in plans:
             if p.load_op in failed:

@@ -73,8 +73,7 @@ def serve(control: str, leader: str, rank: int, world: int, model: SimModel, fin
     agent = RankAgent(leader, RankIdentity(rank, world, model.block_size, fingerprint), kv,
                       init_timeout_s=init_timeout_s)
     agent.start()
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
+    sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 1000)
     sock.connect(control)
     sock.send(msgpack.packb({"cmd": "hello", "rank": rank, "pid": os.getpid()}))

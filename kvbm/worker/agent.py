@@ -175,8 +175,7 @@ class RankAgent:
 
     # -- socket thread -------------------------------------------------------------------
     def _socket_loop(self) -> None:
-        ctx = zmq.Context.instance()
-        sock = ctx.socket(zmq.DEALER)
+        sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 500)
         sock.connect(self.endpoint)
         try:
