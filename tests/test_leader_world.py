@@ -181,3 +181,14 @@ def test_dead_leader_is_noticed_and_segment_swept(make_config) -> None:
 
         assert f"kvbm-{sim.instance}-g2" in sweep_stale_segments()  # ... and the next sweep removes it
         assert not os.path.exists(segment)
+        # Restarting works: a new leader for the instance; the ranks register again by themselves.
+        sim.client.close()
+        sim.start_leader()
+        sim.wait_ready(15)
+        sim.reset_engine_cache()
+        prompts = _prompts(2, seed=3)
+        sim.run(prompts)
+        sim.reset_engine_cache()
+        sim.run(prompts)
+        assert sim.stats.tokens_from_host > 0
+        assert sim.stats.mismatches == 0

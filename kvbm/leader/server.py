@@ -345,8 +345,10 @@ class LeaderServer:
         assert isinstance(msg, m.Heartbeat)
         if msg.rank >= 0:
             info = self.world.ranks.get(msg.rank)
-            if info is not None and info.identity == identity:
-                info.last_seen = self.clock()
+            if info is None or info.identity != identity:
+                # E.g. this leader restarted: the rank must register (and attach) again.
+                return m.ErrorReply("not_registered", f"rank {msg.rank} is not registered with this leader")
+            info.last_seen = self.clock()
         return m.Ack()
 
     def _fail(self, error: str) -> None:

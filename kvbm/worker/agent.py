@@ -179,9 +179,11 @@ class RankAgent:
         sock.setsockopt(zmq.LINGER, 500)
         sock.connect(self.endpoint)
         try:
-            self._init_sync(sock)
-            if self.error is None:
-                self._serve(sock)
+            while not self._stop.is_set():
+                self._init_sync(sock)
+                if self.error is not None or not self._serve(sock):
+                    break
+                self._detach()  # a new leader asked us to register again
         except Exception as e:  # keep the engine alive; report through .error
             self.error = f"rank {self.ident.rank}: kvbm agent crashed: {type(e).__name__}: {e}"
             log.exception("%s", self.error)
@@ -227,7 +229,9 @@ class RankAgent:
                     sock.send(m.encode(reg, reg_id))
                 next_resend = time.monotonic() + 1.0
                 continue
-            _rid, msg = got
+            rid, msg = got
+            if rid != reg_id:
+                continue  # a late reply to a heartbeat sent to a previous leader
             if isinstance(msg, m.ErrorReply):
                 self._fail_init(f"{step}: the leader said {msg.message}")
                 return
@@ -241,13 +245,16 @@ class RankAgent:
         except (ShmError, ValueError, RuntimeError) as e:
             self._fail_init(f"attach the host pool: {e}")
             return
-        sock.send(m.encode(m.PoolAttached(self.ident.rank), next(self._ids)))
+        attach_id = next(self._ids)
+        sock.send(m.encode(m.PoolAttached(self.ident.rank), attach_id))
         while True:
             got = self._recv(sock, deadline)
             if got is None:
                 if not self._stop.is_set():
                     self._fail_init("receive 'ready' from the leader after attaching the pool")
                 return
+            if got[0] != attach_id:
+                continue
             msg = got[1]
             if isinstance(msg, m.ErrorReply):
                 self._fail_init(f"finish init: the leader said {msg.message}")
@@ -268,7 +275,18 @@ class RankAgent:
         log.error("%s", self.error)
         self._done.set()
 
-    def _serve(self, sock: zmq.Socket) -> None:
+    def _detach(self) -> None:
+        log.warning("rank %d: the leader restarted; registering again", self.ident.rank)
+        self._ready.clear()
+        self._done.clear()
+        self.engine = None
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        self._last_ack = 0.0
+
+    def _serve(self, sock: zmq.Socket) -> bool:
+        """Heartbeats and acks until stopped (False) or a new leader wants a re-registration (True)."""
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
@@ -298,4 +316,7 @@ class RankAgent:
                     _rid, msg = m.decode(sock.recv())
                 except m.ProtocolError:
                     continue
+                if isinstance(msg, m.ErrorReply) and msg.code == "not_registered":
+                    return True
                 self._last_ack = time.monotonic()
+        return False
