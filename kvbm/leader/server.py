@@ -214,8 +214,13 @@ class LeaderServer:
             self.counters.rejected_messages += 1
             self._reply(identity, 0, m.ErrorReply("bad_request", str(e)))
             return
+        handler = self._handlers.get(type(msg))
+        if handler is None:  # a reply type (or another message the leader never receives)
+            self.counters.rejected_messages += 1
+            self._reply(identity, request_id, m.ErrorReply("bad_request", f"{msg.TAG} is not a request"))
+            return
         try:
-            reply = self._handlers[type(msg)](identity, request_id, msg)
+            reply = handler(identity, request_id, msg)
         except RequestRejected as e:
             self.counters.rejected_messages += 1
             reply = m.ErrorReply(e.code, str(e))
