@@ -258,7 +258,12 @@ class LeaderServer:
             raise RequestRejected("layout_mismatch", str(e)) from None
         log.info("rank %d/%d registered (pid %d, %d B per block)", msg.rank, msg.world_size, msg.pid, msg.slice_bytes)
         if self.pool is not None:
-            # A restarted rank joining a running world: give it the existing pool.
+            # A restarted rank joining a running world: give it the existing pool. Its previous
+            # incarnation is gone (maybe before the liveness check noticed): settle its ops now
+            # and serve nothing new until it has mapped the pool, or ops would complete without it.
+            if self.state is LeaderState.READY:
+                self.state = LeaderState.DEGRADED
+            self._settle_ops()
             return self._grant(msg.rank)
         if self.world.complete:
             try:
@@ -577,6 +582,9 @@ class LeaderServer:
         """After a rank died: dead ranks count as failed reports."""
         live = self._live_ranks()
         for op in list(self._ops.values()):
+            # A dead rank reports nothing more, not even when it comes back (a new incarnation
+            # knows nothing of these ops): count it as reported so the live ranks finish the op.
+            op.acked.update(r for r in self.world.ranks if r not in live)
             if op.kind is OpKind.STORE:
                 # The dead rank's slice may be missing or half-written: never matchable.
                 op.failed, op.error = True, op.error or "a rank died during the store"
