@@ -119,6 +119,11 @@ def _pread_all(fd: int, buf: memoryview, offset: int) -> None:
         done += n
 
 
+def disk_file_path(directory: str, instance: str) -> str:
+    """Where the block file of ``instance`` lives."""
+    return os.path.join(directory, f"kvbm-{instance}-disk.bin")
+
+
 class DiskStore:
     """A fixed array of block slots in one preallocated file; I/O on ``max_concurrent`` threads.
 
@@ -164,7 +169,7 @@ class DiskStore:
         if not instance or "/" in instance or "\0" in instance:
             raise ValueError(f"disk instance must be a non-empty name without '/', got {instance!r}")
         self.directory = directory
-        self.path = os.path.join(directory, f"kvbm-{instance}-disk.bin")
+        self.path = disk_file_path(directory, instance)
         self.num_blocks = num_blocks
         self.block_bytes = block_bytes
         self.o_direct = o_direct

@@ -305,7 +305,13 @@ class LeaderServer:
         self.pool = HostPool.create(self.instance, PoolGeometry(host_blocks, block_bytes))
         self.registry = BlockRegistry(host_blocks, disk_blocks, clock=self.clock)
         if disk_blocks > 0:
-            from kvbm.leader.disk import DiskStore
+            from kvbm.leader.disk import DiskStore, disk_file_path
+
+            # We hold the instance lock, so a block file of this instance is a dead leader's.
+            stale = disk_file_path(cfg.disk_cache_dir, self.instance)
+            if os.path.isfile(stale) and not os.path.islink(stale) and os.stat(stale).st_uid == os.getuid():
+                log.warning("removing %s left by a previous leader of this instance", stale)
+                os.unlink(stale)
 
             store = DiskStore(
                 cfg.disk_cache_dir,
