@@ -82,6 +82,7 @@ class ReadResult:
     checksum_ok: bool
     seconds: float
     os_error: OSError | None = field(default=None, compare=False)
+    mismatch: bool = False  # the read worked but the bytes differ from what was written
 
 
 def _errno_name(e: OSError) -> str:
@@ -407,7 +408,7 @@ class DiskStore:
         if got != expected:
             msg = (f"checksum mismatch reading slot {slot} of {self.path}: "
                    f"expected {expected:#018x}, got {got:#018x}")
-            return ReadResult(slot, False, msg, False, time.perf_counter() - t0)
+            return ReadResult(slot, False, msg, False, time.perf_counter() - t0, mismatch=True)
         return ReadResult(slot, True, None, True, time.perf_counter() - t0)
 
     # ---- teardown -------------------------------------------------------------------------

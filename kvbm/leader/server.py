@@ -331,7 +331,7 @@ class LeaderServer:
                 self.pool,
                 FrequencyFilter(clock=self.clock) if use_filter else None,
                 self._notify,
-                max_pending_writes=max(8, host_blocks // 4),
+                max_pending_writes=max(16, host_blocks // 2),
                 on_transfer=lambda direction, seconds: self._observe_transfer(direction, 1, seconds),
             )
 

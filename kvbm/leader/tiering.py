@@ -162,7 +162,7 @@ class DiskTier:
                     self._on_transfer("disk2h", res.seconds)
                     return StageDone(op_id, hslot, seq_hash, True, "")
                 self.host.abort([hslot])
-                if res.ok and not res.checksum_ok:
+                if res.mismatch:
                     self.counters.checksum_failures += 1
                     if self.counters.checksum_failures == 1:
                         log.error("disk block %016x failed its checksum: dropped, never loaded "

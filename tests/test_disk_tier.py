@@ -1,0 +1,135 @@
+"""The disk tier (G3) end to end: offload after registration, staging back, filter, checksums."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from kvbm.leader.disk import disk_file_path
+from kvbm.sim.engine import SimEngine
+from kvbm.sim.rank import SimModel
+
+MODEL = SimModel(num_layers=2, kv_heads=2, head_dim=32, num_gpu_blocks=48)
+
+
+def _prompts(n: int, seed: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(1, 50000) for _ in range(16 * 12)] for _ in range(n)]
+
+
+def _run_each(sim: SimEngine, prompts: list[list[int]]) -> None:
+    """One request at a time, each store committed before the next (a sequential engine)."""
+    for p in prompts:
+        sim.run([p])
+        sim.quiesce()
+
+
+def _disk_env(tmp_path, **extra: str) -> dict[str, str]:
+    env = {"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "16", "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": "256",
+           "DYN_KVBM_DISK_CACHE_DIR": str(tmp_path), "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "1"}
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("o_direct", ["0", "1"])
+def test_store_evict_to_disk_stage_and_load_byte_exact(make_config, tmp_path, world: int, o_direct: str) -> None:
+    cfg = make_config(**_disk_env(tmp_path, DYN_KVBM_DISK_DISABLE_O_DIRECT=o_direct))
+    with SimEngine(cfg, world_size=world, model=MODEL) as sim:
+        prompts = _prompts(4, seed=world)  # 4 x 12 blocks: far more than the 16-block host pool
+        _run_each(sim, prompts)
+        sim.quiesce()
+        sim.reset_engine_cache()
+        _run_each(sim, prompts)
+        st = sim.stats
+        stats = sim.quiesce()
+        assert st.tokens_from_disk > 0, st
+        assert stats["disk_onboarded_blocks"] > 0 and stats["blocks_loaded_from_disk"] > 0
+        assert st.mismatches == 0 and st.staging_failures == 0
+        assert stats["disk_free"] + stats["disk_registered"] == stats["disk_capacity"]
+        assert stats["host_pinned"] == stats["host_writing"] == 0
+
+
+def test_filter_writes_blocks_seen_twice_only(make_config, tmp_path) -> None:
+    env = _disk_env(tmp_path)
+    del env["DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER"]
+    env["DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"] = "64"
+    cfg = make_config(**env)
+    with SimEngine(cfg, world_size=1, model=MODEL) as sim:
+        once = _prompts(1, seed=10)
+        sim.run(once)
+        stats = sim.quiesce()
+        assert stats["disk_offloaded_blocks"] == 0
+        assert stats["disk_offload_skipped_filter"] == 12
+        # Evict it from G2 and store it again: registered a second time -> written to disk.
+        sim.client.reset_cache()
+        sim.reset_engine_cache()
+        sim.run(once)
+        stats = sim.quiesce()
+        assert stats["disk_offloaded_blocks"] == 12
+
+
+def test_disabled_filter_writes_everything(make_config, tmp_path) -> None:
+    cfg = make_config(**_disk_env(tmp_path, DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="64"))
+    with SimEngine(cfg, world_size=1, model=MODEL) as sim:
+        sim.run(_prompts(1, seed=11))
+        assert sim.quiesce()["disk_offloaded_blocks"] == 12
+
+
+def test_corrupted_disk_block_is_a_miss_never_loaded(make_config, tmp_path) -> None:
+    cfg = make_config(**_disk_env(tmp_path))
+    with SimEngine(cfg, world_size=2, model=MODEL) as sim:
+        prompts = _prompts(4, seed=5)
+        _run_each(sim, prompts)
+        sim.quiesce()
+        path = disk_file_path(str(tmp_path), sim.instance)
+        size = os.path.getsize(path)
+        with open(path, "r+b") as f:  # flip bytes in every block on disk
+            for off in range(0, size, 4096 * 4):
+                f.seek(off)
+                b = f.read(8)
+                f.seek(off)
+                f.write(bytes(x ^ 0xFF for x in b))
+        sim.reset_engine_cache()
+        _run_each(sim, prompts)
+        stats = sim.quiesce()
+        assert stats["disk_checksum_failures"] > 0, str({k: v for k, v in stats.items() if "disk" in k})
+        assert sim.stats.mismatches == 0  # nothing wrong was served
+        assert sim.stats.staging_failures > 0  # the engine recomputed instead
+
+
+def test_disk_full_turns_the_tier_off_and_serving_continues(make_config, tmp_path) -> None:
+    cfg = make_config(**_disk_env(tmp_path))
+    with SimEngine(cfg, world_size=1, model=MODEL) as sim:
+        prompts = _prompts(3, seed=6)
+        _run_each(sim, prompts)  # the first prompt now lives on disk only
+        os.truncate(disk_file_path(str(tmp_path), sim.instance), 4096)  # reads now come up short
+        sim.reset_engine_cache()
+        _run_each(sim, prompts[:1])
+        stats = sim.quiesce()
+        assert stats["disk_enabled"] == 0, str(stats)
+        assert sim.stats.mismatches == 0
+        sim.run(_prompts(3, seed=7))  # G2 keeps serving
+        sim.reset_engine_cache()
+        sim.run(_prompts(1, seed=7))
+        assert sim.stats.mismatches == 0
+        assert sim.quiesce()["host_registered"] > 0
+
+
+def test_disk_only_mode_uses_a_bounce_pool(make_config, tmp_path) -> None:
+    env = _disk_env(tmp_path, DYN_KVBM_DISK_BOUNCE_BLOCKS="24")
+    del env["DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"]
+    cfg = make_config(**env)
+    with SimEngine(cfg, world_size=2, model=MODEL) as sim:
+        prompts = _prompts(4, seed=8)
+        _run_each(sim, prompts)
+        stats = sim.quiesce()
+        assert stats["host_capacity"] == 24
+        assert stats["disk_offloaded_blocks"] > 0  # no filter in disk-only mode
+        sim.reset_engine_cache()
+        _run_each(sim, prompts)
+        assert sim.stats.tokens_from_disk > 0
+        assert sim.stats.mismatches == 0
