@@ -589,8 +589,12 @@ class LeaderServer:
         live = self._live_ranks()
         for op in list(self._ops.values()):
             # A dead rank reports nothing more, not even when it comes back (a new incarnation
-            # knows nothing of these ops): count it as reported so the live ranks finish the op.
-            op.acked.update(r for r in self.world.ranks if r not in live)
+            # knows nothing of these ops): count it as a failed report so the live ranks finish
+            # the op. A load it never finished failed: the engine is told and recomputes.
+            dead = [r for r in self.world.ranks if r not in live and r not in op.acked]
+            if dead and op.kind is OpKind.LOAD:
+                op.failed, op.error = True, op.error or f"rank(s) {dead} died during the load"
+            op.acked.update(dead)
             if op.kind is OpKind.STORE:
                 # The dead rank's slice may be missing or half-written: never matchable.
                 op.failed, op.error = True, op.error or "a rank died during the store"
