@@ -13,10 +13,14 @@ import os
 import signal
 import sys
 from types import FrameType
+from typing import TYPE_CHECKING, Callable
 
-from kvbm.config import ConfigError, load_config
+from kvbm.config import ConfigError, KvbmConfig, load_config
 from kvbm.ipc.shm import sweep_stale_segments
 from kvbm.ipc.transport import check_bind_endpoint, ensure_private_dir, instance_endpoint
+
+if TYPE_CHECKING:
+    from kvbm.leader.server import LeaderServer
 
 EXIT_ALREADY_RUNNING = 3
 EXIT_START_ERROR = 2
@@ -88,8 +92,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _start_observability(server: "object", cfg: "object") -> list:  # replaced when metrics/events land
-    return []
+def _start_observability(server: LeaderServer, cfg: KvbmConfig) -> list[Callable[[], None]]:
+    """Start what the configuration asks for (metrics, KV events); returns their close calls.
+
+    Neither is fatal: a busy port or a refused endpoint is logged and the leader serves on.
+    """
+    closers: list[Callable[[], None]] = []
+    if cfg.metrics_enabled:
+        from kvbm.metrics import start_leader_metrics
+
+        http = start_leader_metrics(server, cfg)
+        if http is not None:
+            closers.append(http.close)
+    if cfg.kv_events_endpoint:
+        from kvbm.events import start_leader_events
+
+        pub = start_leader_events(server, cfg)
+        if pub is not None:
+            closers.append(pub.close)
+    return closers
 
 
 if __name__ == "__main__":
