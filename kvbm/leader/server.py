@@ -361,8 +361,9 @@ class LeaderServer:
         assert isinstance(msg, m.Heartbeat)
         if msg.rank >= 0:
             info = self.world.ranks.get(msg.rank)
-            if info is None or info.identity != identity:
-                # E.g. this leader restarted: the rank must register (and attach) again.
+            if info is None or info.identity != identity or not info.alive:
+                # E.g. this leader restarted, or declared the rank dead (it stalled past the
+                # liveness timeout): the rank must register (and attach) again.
                 return m.ErrorReply("not_registered", f"rank {msg.rank} is not registered with this leader")
             info.last_seen = self.clock()
         return m.Ack()
