@@ -117,6 +117,7 @@ class KvbmMetrics:
         self._bytes = dict.fromkeys(DIRECTIONS, 0)
         self._latency = {d: _Histogram(LATENCY_BUCKETS) for d in DIRECTIONS}
         self._last_stats: dict[str, float] = {}
+        self._onboard_h2d = 0.0
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -177,7 +178,10 @@ class KvbmMetrics:
             own = (self.matched_tokens, self.requested_tokens, self.match_requests)
             nbytes = dict(self._bytes)
             latency = {d: (h.buckets(), h.total) for d, h in self._latency.items()}
-        loaded, from_disk = s.get("blocks_loaded", 0.0), s.get("blocks_loaded_from_disk", 0.0)
+        from_disk = s.get("blocks_loaded_from_disk", 0.0)
+        # A difference of two counters read while the leader thread updates them could dip below
+        # its last value (a false counter reset for Prometheus): never report less than before.
+        self._onboard_h2d = max(self._onboard_h2d, s.get("blocks_loaded", 0.0) - from_disk)
 
         yield _counter("kvbm_matched_tokens", "Tokens found in G2 or G3 by lookups", own[0])
         yield _counter("kvbm_offload_blocks_d2h", "Blocks offloaded device to host (G1 -> G2)",
@@ -186,7 +190,7 @@ class KvbmMetrics:
                        s.get("disk_offloaded_blocks", 0.0))
         yield _counter("kvbm_offload_blocks_d2d", "Blocks offloaded device to disk directly (always 0: "
                        "kvbm writes disk from G2)", 0.0)
-        yield _counter("kvbm_onboard_blocks_h2d", "Blocks onboarded host to device (from G2)", loaded - from_disk)
+        yield _counter("kvbm_onboard_blocks_h2d", "Blocks onboarded host to device (from G2)", self._onboard_h2d)
         yield _counter("kvbm_onboard_blocks_d2d", "Blocks onboarded disk to device (from G3, staged in G2)",
                        from_disk)
         yield _gauge("kvbm_host_cache_hit_rate", "G2 hit blocks / blocks queried over the last lookups", host_rate)

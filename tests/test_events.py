@@ -76,7 +76,7 @@ def test_full_64_bit_hashes_survive() -> None:
 
 
 def test_publisher_frames_topic_seq_payload() -> None:
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     pub = KvEventPublisher("tcp://127.0.0.1:0", lambda: BLOCK_SIZE, topic="kv", clock=lambda: 42.0)
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
@@ -162,7 +162,7 @@ def capture(tmp_path_factory) -> Capture:
         "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "1",
         "DYN_KVBM_KV_EVENTS_ENDPOINT": f"tcp://127.0.0.1:{port}",
     })
-    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub: zmq.Socket = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     # Connected before the leader binds: zmq retries, and is subscribed long before the first

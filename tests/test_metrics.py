@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvbm.metrics import KvbmMetrics, metrics_host, start_metrics_server
 from kvbm.sim.engine import SimEngine, chat_workload
@@ -68,7 +69,10 @@ def test_dynamo_names_exactly_no_total_suffix() -> None:
     m = KvbmMetrics(lambda: stats, state=lambda: "ready", states=("waiting", "ready"))
     m.on_match(4, 2, 1, 16)
     m.on_transfer("d2h", 2, 8192, 0.002)
-    samples, types = parse(m.render().decode())
+    text = m.render().decode()
+    samples, types = parse(text)
+    # Valid exposition for a standard parser too (prometheus_client's, which reads any counter).
+    assert {f.name: f.type for f in text_string_to_metric_families(text)}["kvbm_matched_tokens"] == "counter"
     for name in DYNAMO_COUNTERS:
         assert types[name] == "counter" and (name, frozenset()) in samples
     for name in DYNAMO_GAUGES:
