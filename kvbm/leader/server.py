@@ -270,6 +270,9 @@ class LeaderServer:
                 self._create_pool()
             except (ShmError, OSError, RuntimeError, ValueError) as e:
                 self._fail(f"cannot create the cache: {e}")
+                if self.pool is not None:  # the disk tier failed after the host pool was made
+                    self.pool.close()
+                    self.pool, self.registry = None, None
                 for info in self.world.ranks.values():
                     self._reply(info.identity, info.register_request, m.ErrorReply("init_failed", self.error))
                 return None
