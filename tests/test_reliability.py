@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -281,3 +281,121 @@ def test_rank_paused_past_the_liveness_timeout_comes_back(make_config) -> None:
         after = sim.quiesce()
         _assert_accounting(after)
         assert after["host_registered"] >= before["host_registered"]
+
+
+# ------------------------------------------------------------------------------------------
+# disk faults (corrupted bytes and a truncated file: tests/test_disk_tier.py)
+
+
+@contextmanager
+def _inproc_leader(cfg: KvbmConfig, sim: SimEngine) -> Iterator[LeaderServer]:
+    """A leader for ``sim``'s instance on a thread of this process (its disk store can take a fault seam)."""
+    server = LeaderServer(cfg, sim.instance, sim.endpoint)
+    t = threading.Thread(target=server.serve_forever, name="leader", daemon=True)
+    t.start()
+    sim.client = LeaderClient(sim.endpoint)
+    try:
+        yield server
+    finally:
+        sim.stop()
+        server.stop()
+        t.join(10)
+        server.close()
+
+
+def _run_each(sim: SimEngine, prompts: list[list[int]]) -> None:
+    for p in prompts:
+        sim.run([p])
+        sim.quiesce()
+
+
+@pytest.mark.parametrize("op, code", [("write", errno.ENOSPC), ("read", errno.EIO)])
+def test_disk_io_error_turns_the_tier_off_never_wrong_kv(make_config, tmp_path: Path, monkeypatch,
+                                                         op: str, code: int) -> None:
+    """ENOSPC on block writes / EIO on block reads (at the DiskStore I/O seam, real ranks)."""
+    fail = threading.Event()
+
+    def fault(what: str, slot: int) -> None:
+        if what == op and fail.is_set():
+            raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(disk_mod, "DiskStore", functools.partial(DiskStore, io_fault=fault))
+    (tmp_path / "disk").mkdir()
+    cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="16", DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS="128",
+                      DYN_KVBM_DISK_CACHE_DIR=str(tmp_path / "disk"), DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="1")
+    sim = SimEngine(cfg, world_size=2, model=SimModel(num_layers=2, kv_heads=2, head_dim=32, num_gpu_blocks=48))
+    with _inproc_leader(cfg, sim) as server:
+        assert sim.client is not None
+        sim.start_ranks()
+        sim.wait_ready(15)
+        prompts = _prompts(3, 8, seed=31)  # 24 blocks: the first prompt ends up on disk only
+        if op == "write":
+            fail.set()
+        _run_each(sim, prompts)
+        if op == "read":
+            assert sim.client.stats()["disk_registered"] > 0
+            fail.set()
+        sim.reset_engine_cache()
+        _run_each(sim, prompts)  # reads of the first prompt fail: recomputed
+        stats = _settled(sim.client)
+        assert stats["disk_enabled"] == 0 and stats["disk_io_errors"] >= 1, stats
+        assert stats["disk_registered"] == 0 and _raw_match(sim.endpoint, sequence_hashes(prompts[0], BS))[1] == 0
+        assert server.disk is not None and os.strerror(code) in server.disk.disabled_reason
+        if op == "read":
+            assert sim.stats.staging_failures > 0
+        assert sim.stats.mismatches == 0
+        _assert_accounting(stats)
+        # G2 keeps serving.
+        sim.reset_engine_cache()
+        sim.run(prompts[-1:])
+        assert sim.stats.tokens_from_host > 0 and sim.stats.mismatches == 0
+        _assert_accounting(sim.quiesce())
+
+
+# ------------------------------------------------------------------------------------------
+# start-up failures
+
+
+@contextmanager
+def _tiny_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.parametrize("what", ["shm", "disk"])
+def test_cache_that_does_not_fit_is_one_clear_error_at_start(make_config, tmp_path: Path, what: str) -> None:
+    """/dev/shm too small for the pool, or a disk cache bigger than its (real, tiny tmpfs) directory."""
+    with ExitStack() as stack:
+        if what == "shm":
+            env = {"DYN_KVBM_CPU_CACHE_GB": "100000"}
+            needle = "/dev/shm has"
+        else:
+            disk = stack.enter_context(_tiny_tmpfs(tmp_path / "tiny", "1m"))
+            env = {"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "8", "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": "256",
+                   "DYN_KVBM_DISK_CACHE_DIR": str(disk), "DYN_KVBM_DISK_DISABLE_O_DIRECT": "1"}
+            needle = "not enough space for the disk cache"
+        cfg = make_config(**env)
+        sim = SimEngine(cfg, world_size=2, model=SimModel(num_layers=1, num_gpu_blocks=16))
+        try:
+            sim.start()
+            with pytest.raises(SimError) as err:
+                sim.wait_ready(10)
+            text = str(err.value)
+            assert needle in text, text
+            assert text.count(needle) == 2  # once per rank, one line each
+            assert sim.client is not None
+            status = sim.client.refresh()
+            assert status is not None and status.state == "failed" and needle in status.error
+            # Nothing is left behind: no segment, no block file.
+            assert not os.path.exists(f"/dev/shm/{segment_name(sim.instance)}")
+            if what == "disk":
+                assert os.listdir(disk) == []
+        finally:
+            sim.stop()
