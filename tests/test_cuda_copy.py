@@ -36,6 +36,7 @@ from kvbm.worker.cuda_copy import (
     dma_copies,
     pinned_ranges,
     region_copies,
+    runs_np,
     split_segments,
 )
 from kvbm.worker.layout import EngineKV, LayoutError, host_slice_view
@@ -162,6 +163,14 @@ def test_one_2d_copy_per_run_and_segment() -> None:
     copies = dma_copies(kv.segments(), HostSlice.of(pool, 0, kv.layout), runs(STORE_BLOCKS, SLOTS), True)
     assert len(copies) == len(runs(STORE_BLOCKS, SLOTS)) * 2 * LAYERS == 6 * 2 * LAYERS
     assert max(c[5] for c in copies) == 4  # the run 3..6 -> 7..10 is one 4-row copy per segment
+
+
+def test_vectorised_runs_match_the_cpu_engine_runs() -> None:
+    rng = np.random.default_rng(3)
+    cases = [([], []), ([5], [9]), (STORE_BLOCKS, SLOTS), (list(range(10)), list(range(20, 30)))]
+    cases += [(rng.permutation(50)[:30].tolist(), rng.permutation(40)[:30].tolist()) for _ in range(20)]
+    for a, b in cases:
+        assert runs_np(np.array(a, np.int64), np.array(b, np.int64)) == runs(a, b)
 
 
 def test_auto_prefers_dma_for_large_copies() -> None:
@@ -404,6 +413,7 @@ def test_gpu_load_orders_a_consumer_stream_with_wait_on() -> None:
     with host_pool(HOST_BLOCKS, kv.layout.slice_bytes) as pool:
         with make_engine(kv, pool, 0, AUTO) as eng:
             pool[:] = np.arange(pool.size, dtype=np.uint64).astype(np.uint8).reshape(pool.shape)
+            cp.cuda.runtime.deviceSynchronize()  # the random fill must not land after the load
             pending = eng.load_async([5, 6], [0, 1])
             consumer = cp.cuda.Stream(non_blocking=True)
             pending.wait_on(consumer)
