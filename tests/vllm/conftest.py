@@ -1,0 +1,100 @@
+"""Fixtures for the vLLM connector tests: offline vLLM, a private kvbm run dir, leak checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from typing import Callable, Iterator
+
+import pytest
+
+# Set before vLLM is imported: no network, and vLLM's model-inspection cache in a stable
+# per-user temporary directory (the first inspection of a model class takes ~25 s).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(tempfile.gettempdir(), f"kvbm-vllm-cache-{os.getuid()}"))
+
+pytest.importorskip("vllm")
+
+from harness import Engine, EngineSpec, write_model_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return write_model_dir(str(tmp_path_factory.mktemp("model")))
+
+
+def _o_direct_ok(path: str) -> bool:
+    probe = os.path.join(path, ".odirect-probe")
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_RDWR | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def _segments(tag: str) -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if n.startswith("kvbm-") and tag in n]
+
+
+def _leaders(tag: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [line.strip() for line in out.splitlines() if "kvbm.leader" in line and tag in line]
+
+
+@pytest.fixture
+def kvbm_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., str]]:
+    """Set DYN_KVBM_* for one test (private run dir, small host pool); returns the disk dir setter.
+
+    After the test: no shared-memory segment and no leader process of this test remain.
+    """
+    run_dir = tempfile.mkdtemp(prefix="kvbmv-", dir="/tmp")  # short: ipc paths are <= 107 bytes
+    for k in [k for k in os.environ if k.startswith("DYN_KVBM_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("DYN_KVBM_RUN_DIR", os.path.join(run_dir, "run"))
+    monkeypatch.setenv("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", "256")
+    monkeypatch.setenv("DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS", "90")
+    monkeypatch.setenv("DYN_KVBM_LOG_LEVEL", "WARNING")
+
+    def set_env(**values: str) -> str:
+        for k, v in values.items():
+            monkeypatch.setenv(k, v)
+        if "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS" in values:
+            disk = os.path.join(run_dir, "disk")
+            os.makedirs(disk, exist_ok=True)
+            monkeypatch.setenv("DYN_KVBM_DISK_CACHE_DIR", disk)
+            if not _o_direct_ok(disk):
+                monkeypatch.setenv("DYN_KVBM_DISK_DISABLE_O_DIRECT", "1")
+        return run_dir
+
+    yield set_env
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def make_engine(model_dir: str, kvbm_env: Callable[..., str]) -> Iterator[Callable[..., Engine]]:
+    """Build engines with unique engine ids; closes them and checks for leaks afterwards."""
+    engines: list[Engine] = []
+    tags: list[str] = []
+
+    def make(*, tp: int = 1, scheduler_first: bool = False, proc_workers: bool = False, **spec_kw: object) -> Engine:
+        engine_id = f"t{uuid.uuid4().hex[:10]}"
+        tags.append(engine_id)
+        spec = EngineSpec(model_dir=model_dir, engine_id=engine_id, **spec_kw)  # type: ignore[arg-type]
+        eng = Engine(spec, tp=tp, scheduler_first=scheduler_first, proc_workers=proc_workers)
+        engines.append(eng)
+        return eng
+
+    yield make
+    from kvbm.ipc.shm import sweep_stale_segments
+
+    for eng in engines:
+        eng.close()
+    sweep_stale_segments()  # segments of a leader a test killed
+    for tag in tags:
+        assert _segments(tag) == [], f"leaked shared memory: {_segments(tag)}"
+        assert _leaders(tag) == [], f"leader process left behind: {_leaders(tag)}"

@@ -1,0 +1,455 @@
+"""Drive the real vLLM 0.33 scheduler with DynamoConnector on a CPU-only machine.
+
+The scheduler is vLLM's own (``Scheduler`` or ``AsyncScheduler``) with the connector loaded by
+``kv_connector_module_path``; each TP rank is a worker-role connector holding CPU torch KV
+tensors, in this process or in its own process (``tp > 1``). A step is what vLLM's model
+runner does around a forward pass (engines.md Part B), with the forward pass replaced by the
+KV oracle: every block a step completes is filled with bytes derived from its kvbm sequence
+hash, and every block a (re)admitted request starts with (engine prefix hits and loads from
+kvbm) is checked against the oracle before the forward pass, so a wrong, stale or missing
+load is caught. Blocks a load targets are scrambled first, so a load that did nothing fails.
+
+Used by tests/vllm and by kvbm.bench.vllm_sched (which runs it without workers' checks).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from vllm.config import (
+    CacheConfig,
+    DeviceConfig,
+    KVEventsConfig,
+    KVTransferConfig,
+    ModelConfig,
+    SchedulerConfig,
+    VllmConfig,
+)
+from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+from vllm.distributed.kv_transfer.kv_connector.utils import KVOutputAggregator
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.forward_context import ForwardContext
+from vllm.sampling_params import SamplingParams
+from vllm.utils.hashing import sha256
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+from vllm.v1.request import Request
+from vllm.v1.structured_output import StructuredOutputManager
+
+from kvbm.hashing import SequenceHasher, salt_hash
+from kvbm.sim.oracle import Oracle, mix64
+from kvbm.worker.layout import EngineKV
+
+NUM_LAYERS = 2
+KV_HEADS = 2
+HEAD_DIM = 8
+MODULE_PATH = "kvbm.vllm_integration.connector"
+
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+    "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": KV_HEADS,
+    "num_hidden_layers": NUM_LAYERS, "vocab_size": 32000, "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5, "torch_dtype": "float16",
+}
+
+
+def write_model_dir(path: str) -> str:
+    """A model directory with only a config.json: enough for ModelConfig, no weights."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(TINY_LLAMA, f)
+    return path
+
+
+@dataclass
+class EngineSpec:
+    """One engine's shape. ``connector`` None runs vLLM without a KV connector."""
+
+    model_dir: str
+    engine_id: str
+    block_size: int = 16
+    num_blocks: int = 64
+    max_num_seqs: int = 8
+    max_num_batched_tokens: int = 128
+    max_model_len: int = 4096
+    async_scheduling: bool = False
+    layout: str = "kv_first"  # or "block_first"
+    connector: str | None = "DynamoConnector"
+    module_path: str | None = MODULE_PATH
+    extra: dict[str, Any] = field(default_factory=dict)
+    kv_events: bool = False
+    load_failure_policy: str = "recompute"
+
+
+def make_vllm_config(spec: EngineSpec, extra: dict[str, Any] | None = None) -> VllmConfig:
+    model = ModelConfig(model=spec.model_dir, dtype="float16", seed=42, skip_tokenizer_init=True,
+                        max_model_len=spec.max_model_len)
+    sched = SchedulerConfig(max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
+                            max_model_len=spec.max_model_len, enable_chunked_prefill=True,
+                            is_encoder_decoder=False, async_scheduling=spec.async_scheduling)
+    cache = CacheConfig(block_size=spec.block_size, enable_prefix_caching=True)
+    kvt = None
+    if spec.connector is not None:
+        kvt = KVTransferConfig(kv_connector=spec.connector, kv_role="kv_both", engine_id=spec.engine_id,
+                               kv_connector_module_path=spec.module_path,
+                               kv_connector_extra_config={**spec.extra, **(extra or {})},
+                               kv_load_failure_policy=spec.load_failure_policy)
+    events = KVEventsConfig(enable_kv_cache_events=True, publisher="null") if spec.kv_events else None
+    vc = VllmConfig(model_config=model, scheduler_config=sched, cache_config=cache, kv_transfer_config=kvt,
+                    device_config=DeviceConfig("cpu"), kv_events_config=events)
+    vc.cache_config.num_gpu_blocks = spec.num_blocks
+    return vc
+
+
+def make_kv_cache_config(spec: EngineSpec) -> KVCacheConfig:
+    layers = [f"model.layers.{i}.self_attn.attn" for i in range(NUM_LAYERS)]
+    attn = FullAttentionSpec(block_size=spec.block_size, num_kv_heads=KV_HEADS, head_size=HEAD_DIM,
+                             dtype=torch.float16)
+    return KVCacheConfig(num_blocks=spec.num_blocks, kv_cache_tensors=[],
+                         kv_cache_groups=[KVCacheGroupSpec(layers, attn)])
+
+
+def make_tensors(spec: EngineSpec) -> dict[str, torch.Tensor]:
+    inner = (spec.block_size, KV_HEADS, HEAD_DIM)
+    shape = (2, spec.num_blocks) + inner if spec.layout == "kv_first" else (spec.num_blocks, 2) + inner
+    return {name: torch.zeros(shape, dtype=torch.float16) for name in make_kv_cache_config(spec).kv_cache_groups[0].layer_names}
+
+
+# -- workers ------------------------------------------------------------------------------
+
+@dataclass
+class StepWork:
+    """One step for every rank: the connector metadata plus the simulated forward pass."""
+
+    meta: Any
+    finished_req_ids: set[str]
+    fills: list[tuple[int, int]]  # (engine block, seq hash) written by this step's forward pass
+    checks: list[tuple[int, int]]  # (engine block, seq hash) the forward pass will read
+
+
+@dataclass
+class StepResult:
+    output: KVConnectorOutput
+    mismatches: list[tuple[int, int]]
+
+
+class RankWorker:
+    """A worker-role connector with CPU torch KV tensors and the oracle for its rank."""
+
+    def __init__(self, spec: EngineSpec, rank: int = 0, world: int = 1, *, register: bool = True) -> None:
+        extra = {"kvbm_rank": rank, "kvbm_world_size": world} if world > 1 else {}
+        self.spec = spec
+        self.rank = rank
+        vc = make_vllm_config(spec, extra)
+        self.connector = KVConnectorFactory.create_connector(config=vc, role=KVConnectorRole.WORKER,
+                                                             kv_cache_config=make_kv_cache_config(spec))
+        self.tensors = make_tensors(spec)
+        kv = EngineKV.from_layers(self.tensors, num_blocks=spec.num_blocks)
+        self.oracle = Oracle(kv, rank)
+        if register:
+            self.register()
+
+    def register(self) -> None:
+        self.connector.register_kv_caches(self.tensors)
+
+    def step(self, work: StepWork) -> StepResult:
+        c = self.connector
+        c.handle_preemptions(work.meta)
+        c.bind_connector_metadata(work.meta)
+        for op in getattr(work.meta, "loads", ()):
+            for b in op.blocks + op.failed_blocks:
+                self.oracle.scramble(b)  # a load that does nothing must not pass the checks
+        c.start_load_kv(ForwardContext(no_compile_layers={}, attn_metadata={}, slot_mapping={}))
+        bad = [(b, h) for b, h in work.checks if not self.oracle.check(b, h)]
+        for b, h in work.fills:
+            self.oracle.fill(b, h)
+        c.wait_for_save()
+        sending, recving = c.get_finished(work.finished_req_ids)
+        out = KVConnectorOutput(finished_sending=sending, finished_recving=recving,
+                                invalid_block_ids=c.get_block_ids_with_load_errors(),
+                                kv_connector_stats=c.get_kv_connector_stats(),
+                                kv_connector_worker_meta=c.build_connector_worker_meta())
+        c.clear_connector_metadata()
+        return StepResult(out, bad)
+
+    def close(self) -> None:
+        self.connector.shutdown()
+
+
+def _rank_main(pipe: Any, spec: EngineSpec, rank: int, world: int) -> None:
+    worker = RankWorker(spec, rank, world)
+    pipe.send(("ready", os.getpid()))
+    try:
+        while True:
+            work = pipe.recv()
+            if work is None:
+                break
+            pipe.send(worker.step(work))
+    finally:
+        worker.close()
+        pipe.send(("closed", None))
+
+
+class ProcWorker:
+    """A RankWorker in its own process (a TP rank of a multi-GPU engine)."""
+
+    def __init__(self, spec: EngineSpec, rank: int, world: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.pipe, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_rank_main, args=(child, spec, rank, world), daemon=True)
+        self.proc.start()
+        self.rank = rank
+
+    def wait_started(self, timeout_s: float = 120.0) -> int:
+        if not self.pipe.poll(timeout_s):
+            raise RuntimeError(f"rank {self.rank} process did not start")
+        tag, pid = self.pipe.recv()
+        assert tag == "ready"
+        return int(pid)
+
+    def send(self, work: StepWork) -> None:
+        self.pipe.send(work)
+
+    def recv(self) -> StepResult:
+        if not self.pipe.poll(120):
+            raise RuntimeError(f"rank {self.rank} did not answer")
+        return self.pipe.recv()
+
+    def close(self) -> None:
+        try:
+            self.pipe.send(None)
+            if self.pipe.poll(30):
+                self.pipe.recv()
+        except (BrokenPipeError, EOFError):
+            pass
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
+
+# -- the engine ---------------------------------------------------------------------------
+
+def gen_token(req_id: str, pos: int) -> int:
+    """The token a request samples at ``pos``: deterministic, so every process agrees."""
+    return 1000 + (zlib.crc32(f"{req_id}:{pos}".encode()) % 30000)
+
+
+@dataclass
+class _ReqInfo:
+    prompt: list[int]
+    hasher: SequenceHasher
+    hashes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RunStats:
+    steps: int = 0
+    external_hit_tokens: int = 0
+    local_hit_tokens: int = 0
+    checked_blocks: int = 0
+    mismatches: int = 0
+    schedule_seconds: list[float] = field(default_factory=list)
+    kv_stats: dict[str, int] = field(default_factory=dict)
+
+
+class Engine:
+    """vLLM's scheduler + ``tp`` worker-role connectors, stepped like EngineCore does."""
+
+    def __init__(self, spec: EngineSpec, *, tp: int = 1, scheduler_first: bool = False,
+                 proc_workers: bool = False) -> None:
+        init_none_hash(sha256)
+        self.spec = spec
+        self.bs = spec.block_size
+        self.tp = tp
+        self.stats = RunStats()
+        self.infos: dict[str, _ReqInfo] = {}
+        self.workers: list[Any] = []
+        self.proc_workers = proc_workers or tp > 1
+        self.worker_pids: list[int] = []
+        self._pending: deque[tuple[SchedulerOutput, ModelRunnerOutput]] = deque()
+        self._agg = KVOutputAggregator(expected_finished_count=tp)
+        self.scheduler: Scheduler | None = None
+        if scheduler_first:
+            self._make_scheduler()
+            self._make_workers()
+        else:
+            self._make_workers()  # vLLM's order: workers register their KV caches first
+            self._make_scheduler()
+
+    def _make_workers(self) -> None:
+        if self.spec.connector is None:
+            return
+        if self.proc_workers:
+            procs = [ProcWorker(self.spec, r, self.tp) for r in range(self.tp)]
+            self.worker_pids = [p.wait_started() for p in procs]
+            self.workers = procs
+        else:
+            self.workers = [RankWorker(self.spec)]
+
+    def _make_scheduler(self) -> None:
+        vc = make_vllm_config(self.spec, {"kvbm_world_size": self.tp} if self.tp > 1 else None)
+        cls = AsyncScheduler if self.spec.async_scheduling else Scheduler
+        self.scheduler = cls(vllm_config=vc, kv_cache_config=make_kv_cache_config(self.spec),
+                             structured_output_manager=StructuredOutputManager(vc),
+                             block_size=self.bs, log_stats=True)
+
+    @property
+    def sched(self) -> Scheduler:
+        assert self.scheduler is not None
+        return self.scheduler
+
+    @property
+    def kvbm(self) -> Any:
+        """The scheduler-side KvbmScheduler of the connector."""
+        return self.sched.connector.scheduler  # type: ignore[union-attr]
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        client = self.kvbm.client
+        deadline = time.monotonic() + timeout_s
+        while True:
+            st = client.refresh()
+            if st is not None and st.state == "ready":
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"kvbm leader not ready: {st}")
+            time.sleep(0.02)
+
+    # -- requests ------------------------------------------------------------------------
+    def add(self, req_id: str, prompt: list[int], max_tokens: int = 4, cache_salt: str | None = None) -> None:
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        req = Request(req_id, list(prompt), params, None, cache_salt=cache_salt,
+                      block_hasher=get_request_block_hasher(self.bs, sha256))
+        self.infos[req_id] = _ReqInfo(list(prompt), SequenceHasher(self.bs, salt_hash(cache_salt, None)))
+        self.sched.add_request(req)
+
+    def tokens(self, req_id: str) -> list[int]:
+        """Every token the request holds now (prompt + outputs)."""
+        return list(self.sched.requests[req_id].all_token_ids)
+
+    def _hash(self, req_id: str, i: int) -> int:
+        info = self.infos[req_id]
+        while len(info.hashes) <= i:
+            n = len(info.hashes)
+            toks = [info.prompt[p] if p < len(info.prompt) else gen_token(req_id, p)
+                    for p in range(n * self.bs, (n + 1) * self.bs)]
+            info.hashes += info.hasher.extend(toks)
+        return info.hashes[i]
+
+    # -- stepping ------------------------------------------------------------------------
+    def _work(self, so: SchedulerOutput) -> StepWork:
+        fills: list[tuple[int, int]] = []
+        checks: list[tuple[int, int]] = []
+        rows = [(nr.req_id, nr.num_computed_tokens, True) for nr in so.scheduled_new_reqs]
+        c = so.scheduled_cached_reqs
+        rows += [(rid, c.num_computed_tokens[i], rid in c.resumed_req_ids) for i, rid in enumerate(c.req_ids)]
+        bs = self.bs
+        for rid, a, admitted in rows:
+            b = a + so.num_scheduled_tokens[rid]
+            blocks = self.sched.kv_cache_manager.get_block_ids(rid)[0]
+            if admitted:
+                checks += [(blocks[i], self._hash(rid, i)) for i in range(a // bs)]
+            for i in range(a // bs, -(-b // bs)):
+                full = (i + 1) * bs <= b
+                fills.append((blocks[i], self._hash(rid, i) if full else mix64(zlib.crc32(f"{rid}:{i}:{b}".encode()))))
+        self.stats.checked_blocks += len(checks)
+        return StepWork(so.kv_connector_metadata, set(so.finished_req_ids), fills, checks)
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        so = self.sched.schedule()
+        self.stats.schedule_seconds.append(time.perf_counter() - t0)
+        self.stats.steps += 1
+        work = self._work(so)
+        results: list[StepResult] = []
+        if self.proc_workers:
+            for w in self.workers:
+                w.send(work)
+            results = [w.recv() for w in self.workers]
+        else:
+            results = [w.step(work) for w in self.workers]
+        for r in results:
+            self.stats.mismatches += len(r.mismatches)
+            st = r.output.kv_connector_stats
+            if st is not None:
+                for k, v in st.data.items():
+                    self.stats.kv_stats[k] = self.stats.kv_stats.get(k, 0) + v
+        req_ids = list(so.num_scheduled_tokens)
+        sampled = []
+        for rid in req_ids:
+            req = self.sched.requests[rid]
+            sampled.append([] if req.is_prefill_chunk else [gen_token(rid, req.num_computed_tokens)])
+        outs = [ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+                                  sampled_token_ids=sampled, kv_connector_output=r.output) for r in results]
+        if not outs:
+            outs = [ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+                                      sampled_token_ids=sampled)]
+        mro = self._agg.aggregate(outs) if results else outs[0]
+        assert mro is not None
+        self._pending.append((so, mro))
+        if not self.spec.async_scheduling or len(self._pending) > 1:
+            self._update(*self._pending.popleft())
+
+    def _update(self, so: SchedulerOutput, mro: ModelRunnerOutput) -> None:
+        outputs = self.sched.update_from_output(so, mro)
+        for eco in outputs.values():
+            ss = eco.scheduler_stats
+            if ss is not None and ss.connector_prefix_cache_stats is not None:
+                cps = ss.connector_prefix_cache_stats
+                self.stats.external_hit_tokens += cps.hits + cps.preempted_hits
+            if ss is not None and ss.prefix_cache_stats is not None:
+                self.stats.local_hit_tokens += ss.prefix_cache_stats.hits + ss.prefix_cache_stats.preempted_hits
+
+    def busy(self) -> bool:
+        return bool(self._pending) or self.sched.has_requests()
+
+    def run(self, max_steps: int = 5000) -> None:
+        """Step until every request finished and every block is back."""
+        for _ in range(max_steps):
+            if not self.busy():
+                return
+            self.step()
+            while self._pending and not self.sched.has_requests():
+                self._update(*self._pending.popleft())
+        raise AssertionError(f"engine still busy after {max_steps} steps")
+
+    def assert_empty(self) -> None:
+        """vLLM's leak check: no request left, every engine block free and unreferenced."""
+        s = self.sched
+        assert not s.requests, f"requests left: {list(s.requests)}"
+        assert len(s.running) == 0 and len(s.waiting) == 0
+        assert not s.finished_recving_kv_req_ids and not s.failed_recving_kv_req_ids
+        pool = s.kv_cache_manager.block_pool
+        assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1, "engine blocks leaked"
+        assert all(b.ref_cnt == 0 for b in pool.blocks[1:]), "engine block still referenced"
+
+    def quiesce(self, timeout_s: float = 20.0) -> dict[str, float]:
+        """Wait until the leader applied every rank's ack; returns its stats."""
+        client = self.kvbm.client
+        deadline = time.monotonic() + timeout_s
+        while True:
+            st = client.stats()
+            if st.get("ops_in_flight", 1) == 0 and st.get("disk_busy", 0) == 0:
+                return st
+            if time.monotonic() > deadline:
+                raise AssertionError(f"leader still busy: {st}")
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        if self.scheduler is not None and self.scheduler.connector is not None:
+            self.scheduler.connector.shutdown()
+        for w in self.workers:
+            w.close()
+        self.workers = []
