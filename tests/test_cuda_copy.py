@@ -200,6 +200,23 @@ def test_unknown_strategy_is_refused_before_touching_cuda() -> None:
         CudaCopyEngine(kv, np.zeros((4, kv.layout.slice_bytes), np.uint8), 0, strategy="dma")
 
 
+def test_kernel_source_compiles_for_hopper() -> None:
+    from kvbm.worker.cuda_copy import _KERNEL_SOURCE
+
+    try:
+        from cuda.bindings import nvrtc
+
+        err, prog = nvrtc.nvrtcCreateProgram(_KERNEL_SOURCE.encode(), b"kvbm_copy.cu", 0, [], [])
+    except Exception as e:  # no cuda-bindings or no libnvrtc on this machine
+        pytest.skip(f"NVRTC is not usable here: {e}")
+    opts = [b"--gpu-architecture=sm_90"]
+    (result,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+    log = b" " * size
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    assert result == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
+
+
 def test_importing_the_gpu_modules_stays_light() -> None:
     code = ("import sys, kvbm.worker.cuda_copy, kvbm.bench.gpu_copy; "
             "bad = [m for m in ('cupy', 'torch', 'zmq', 'cuda') if m in sys.modules]; assert not bad, bad")
@@ -367,6 +384,7 @@ def test_gpu_store_waits_for_the_engine_writes_without_blocking(how: str) -> Non
     kv = device_kv(tensors, "kv_first")
     with host_pool(HOST_BLOCKS, kv.layout.slice_bytes) as pool:
         with make_engine(kv, pool, 0, AUTO) as eng:
+            eng.store([4], [9])  # compile and load the kernel first: submission must not include it
             pool.fill(0)
             side = cp.cuda.Stream(non_blocking=True)
             cp.cuda.runtime.deviceSynchronize()

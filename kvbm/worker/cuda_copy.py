@@ -557,7 +557,26 @@ class CudaCopyEngine:
         attr.srcAccessOrder = cbr.cudaMemcpySrcAccessOrder.cudaMemcpySrcAccessOrderStream
         attr.flags = cbr.cudaMemcpyFlags.cudaMemcpyFlagPreferOverlapWithCompute
         self._batch_attr = attr
+        # Probe the binding once with a 16-byte device copy: an API that the driver refuses
+        # makes the strategy unavailable instead of failing every batch.
+        cp = _cupy()
+        src, dst = cp.arange(16, dtype=cp.uint8), cp.zeros(16, dtype=cp.uint8)
+        cp.cuda.get_current_stream().synchronize()
+        try:
+            self._batch_call(cbr, [dst.data.ptr], [src.data.ptr], [16], self._store_stream)
+            self._store_stream.synchronize()
+        except Exception as e:
+            return None, f"cudaMemcpyBatchAsync does not work here: {type(e).__name__}: {e}"
+        if not bool((dst == src).all()):
+            return None, "cudaMemcpyBatchAsync did not copy the probe bytes"
         return cbr, ""
+
+    def _batch_call(self, cbr: Any, dsts: list[int], srcs: list[int], sizes: list[int], stream: Any) -> None:
+        cbr.cudaSetDevice(self.kv.device)  # cuda.bindings may hold its own runtime state
+        ret = cbr.cudaMemcpyBatchAsync(dsts, srcs, sizes, len(sizes), [self._batch_attr], [0], 1, stream.ptr)
+        err = ret[0] if isinstance(ret, tuple) else ret
+        if err != cbr.cudaError_t.cudaSuccess:
+            raise RuntimeError(f"cudaMemcpyBatchAsync failed: {err}")
 
     def available(self) -> dict[str, str]:
         """Each strategy and why it is unavailable ('' when it runs here)."""
@@ -676,14 +695,8 @@ class CudaCopyEngine:
     def _launch_batch(self, stream: Any, eb: np.ndarray, sl: np.ndarray, to_host: bool) -> tuple[Any, ...]:
         if self._batch_error:
             raise ValueError(f"copy strategy 'batch' is unavailable: {self._batch_error}")
-        cbr = self._batch
         dsts, srcs, sizes = region_copies(self._segs, self.host, eb, sl, to_host)
-        cbr.cudaSetDevice(self.kv.device)  # cuda.bindings may hold its own runtime state
-        ret = cbr.cudaMemcpyBatchAsync(dsts.tolist(), srcs.tolist(), sizes.tolist(), len(sizes),
-                                       [self._batch_attr], [0], 1, stream.ptr)
-        err = ret[0] if isinstance(ret, tuple) else ret
-        if err != cbr.cudaError_t.cudaSuccess:
-            raise RuntimeError(f"cudaMemcpyBatchAsync failed: {err}")
+        self._batch_call(self._batch, dsts.tolist(), srcs.tolist(), sizes.tolist(), stream)
         return ()
 
 
