@@ -125,6 +125,8 @@ class LeaderServer:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        # Drop a peer that sends a frame over the protocol's limit before buffering it (memory bound).
+        self._sock.setsockopt(zmq.MAXMSGSIZE, m.MAX_FRAME_BYTES)
         self._sock.bind(endpoint)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
