@@ -199,9 +199,11 @@ def test_scraped_counters_match_the_run(make_config, tmp_path) -> None:
     assert types["kvbm_matched_tokens"] == "counter"
     # Dynamo's counters, against what the engine did.
     assert v(samples, "kvbm_offload_blocks_d2h") == st.blocks_stored > 0
-    assert v(samples, "kvbm_onboard_blocks_h2d") * bs == st.tokens_from_host > 0
-    assert v(samples, "kvbm_onboard_blocks_d2d") * bs == st.tokens_from_disk > 0
     assert v(samples, "kvbm_onboard_blocks_h2d") + v(samples, "kvbm_onboard_blocks_d2d") == st.blocks_loaded
+    # The tier split is the leader's: the engine guesses it from the lookup, and a block can move
+    # between lookup and load (staged into G2 for another request of the batch, or evicted).
+    assert v(samples, "kvbm_onboard_blocks_d2d") == leader["blocks_loaded_from_disk"] > 0
+    assert v(samples, "kvbm_onboard_blocks_h2d") > 0 and st.tokens_from_disk > 0
     assert v(samples, "kvbm_offload_blocks_h2d") == leader["disk_offloaded_blocks"] > 0
     assert v(samples, "kvbm_offload_blocks_d2d") == 0
     # Lookups: the engine loads what was matched except the held-back last block.
