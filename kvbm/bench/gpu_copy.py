@@ -157,12 +157,14 @@ def _expected_slots(cp: Any, tensors: list[Any], eb: list[int]) -> Any:
     return cp.stack(per_layer).transpose(2, 0, 1, 3)
 
 
-def _bench_config(cp: Any, cfg: BlockConfig, strategies: list[str], reps: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+def _bench_config(cp: Any, cfg: BlockConfig, strategies: list[str],
+                  reps: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
     rt = cp.cuda.runtime
     nb, hb = 4 * BATCH_BLOCKS, 2 * BATCH_BLOCKS
     total = BATCH_BLOCKS * cfg.block_bytes
     rows: list[dict[str, Any]] = []
-    tensors = [cp.random.randint(0, 1 << 16, cfg.shape(nb), dtype=cp.uint16).view(cp.float16) for _ in range(cfg.layers)]
+    tensors = [cp.random.randint(0, 1 << 16, cfg.shape(nb), dtype=cp.uint16).view(cp.float16)
+               for _ in range(cfg.layers)]
     kv = EngineKVDevice.from_layers(tensors, num_blocks=nb)
     with host_pool(hb, cfg.block_bytes) as pool:
         engines = {}
@@ -246,8 +248,8 @@ def to_results(rows: list[dict[str, Any]], limits: dict[str, dict[str, float]]) 
         tag = f"{r['block']} blocks x{BATCH_BLOCKS}, {r['pattern']}, {r['strategy']}"
         lim = limits[r["block"]]
         goal = f">= {r['goal']}"
-        out.append(BenchResult(f"GPU store G1->G2 ({tag})", r["store"], "GB/s", lim["d2h"], "GB/s pinned cudaMemcpy D2H",
-                               r["store_ratio"], goal))
+        out.append(BenchResult(f"GPU store G1->G2 ({tag})", r["store"], "GB/s", lim["d2h"],
+                               "GB/s pinned cudaMemcpy D2H", r["store_ratio"], goal))
         out.append(BenchResult(f"GPU load G2->G1 ({tag})", r["load"], "GB/s", lim["h2d"], "GB/s pinned cudaMemcpy H2D",
                                r["load_ratio"], goal))
     return out
@@ -259,7 +261,8 @@ def run(quick: bool = False) -> list[BenchResult]:
     return to_results(rows, limits)
 
 
-def print_table(name: str, rows: list[dict[str, Any]], limits: dict[str, dict[str, float]], file: Any = sys.stdout) -> None:
+def print_table(name: str, rows: list[dict[str, Any]], limits: dict[str, dict[str, float]],
+                file: Any = sys.stdout) -> None:
     print(f"\nGPU copy engine on {name}: batches of {BATCH_BLOCKS} blocks, vLLM kv_first layout, "
           "ratio = GB/s / pinned cudaMemcpy of the same bytes in this run", file=file)
     for label, lim in limits.items():

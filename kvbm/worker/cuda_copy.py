@@ -21,7 +21,8 @@ Copy strategies, selectable by name (see :data:`STRATEGIES`):
               K or V region per layer for vLLM's ``kv_first`` layout, K+V per layer for
               ``block_first``, the whole slice for the contiguous layout); a run of k blocks
               is k rows of it, at the engine's block stride on the GPU and the pool's block
-              size on the host. DMA engines only, no SM time.
+              size on the host. DMA engines only, no SM time. With scattered blocks this is
+              one ``cudaMemcpyAsync`` per region (2 x layers per block for ``kv_first``).
 ``kernel``    one CuPy RawKernel launch per batch that gathers/scatters every region in
               16-byte words through the mapped pinned pool; independent of how scattered
               the blocks are, but it occupies SMs while it runs.
@@ -30,6 +31,10 @@ Copy strategies, selectable by name (see :data:`STRATEGIES`):
 ``auto``      memcpy2d when each 2D copy moves at least ``dma_min_bytes`` (large blocks or
               long runs), else the kernel. The threshold is a default until measured on a
               GPU (``python -m kvbm.bench.gpu_copy``).
+
+Loads are not ordered after the engine's stream by default: the blocks they fill must not
+be in use by queued engine work (name ``after_stream``/``after_event`` otherwise). The
+engine's forward pass can wait for a load with :meth:`Transfer.wait_on`.
 """
 
 from __future__ import annotations
@@ -205,7 +210,8 @@ class EngineKVDevice:
     keep: list[Any] = field(default_factory=list, repr=False)  # the tensors, kept alive
 
     @classmethod
-    def from_layers(cls, kv_caches: Mapping[str, Any] | Sequence[Any], num_blocks: int | None = None) -> "EngineKVDevice":
+    def from_layers(cls, kv_caches: Mapping[str, Any] | Sequence[Any],
+                    num_blocks: int | None = None) -> "EngineKVDevice":
         """From vLLM's ``register_kv_caches`` dict (ordered by layer) or a list of per-layer CUDA tensors."""
         tensors = list(kv_caches.values()) if isinstance(kv_caches, Mapping) else list(kv_caches)
         names = list(kv_caches) if isinstance(kv_caches, Mapping) else [str(i) for i in range(len(tensors))]
@@ -477,7 +483,7 @@ def _batch_api() -> Any:
     """``cuda.bindings.runtime`` when it has ``cudaMemcpyBatchAsync`` (CUDA >= 12.8), else None."""
     try:
         from cuda.bindings import runtime as cbr
-    except ImportError:
+    except Exception:  # not installed, or built for another CUDA
         return None
     return cbr if hasattr(cbr, "cudaMemcpyBatchAsync") else None
 
@@ -516,14 +522,17 @@ class CudaCopyEngine:
                 self._pin = PinnedHost(self.host.base, self.host.nbytes)
             try:
                 self._kernel_error = self._setup_kernel(cp)
-                self._batch, self._batch_error = self._setup_batch()
+                self._batch: Any = None
+                self._batch_error: str | None = None  # None: not probed yet (only when asked for)
+                if strategy == BATCH:
+                    self._batch_unavailable()
             except BaseException:
                 self.close()
                 raise
         if strategy == KERNEL and self._kernel_error:
             self.close()
             raise ValueError(f"copy strategy 'kernel' is unavailable: {self._kernel_error}")
-        if strategy == BATCH and self._batch_error:
+        if strategy == BATCH and self._batch_unavailable():
             self.close()
             raise ValueError(f"copy strategy 'batch' is unavailable: {self._batch_error}")
 
@@ -548,6 +557,13 @@ class CudaCopyEngine:
         self._k_max_grid = max(1, sms * KERNEL_BLOCKS_PER_SM)
         self._kernel = _copy_kernel()
         return ""
+
+    def _batch_unavailable(self) -> str:
+        """Why the batch strategy cannot run here ('' when it can); probes it on first use."""
+        if self._batch_error is None:
+            with _cupy().cuda.Device(self.kv.device):
+                self._batch, self._batch_error = self._setup_batch()
+        return self._batch_error
 
     def _setup_batch(self) -> tuple[Any, str]:
         cbr = _batch_api()
@@ -580,7 +596,7 @@ class CudaCopyEngine:
 
     def available(self) -> dict[str, str]:
         """Each strategy and why it is unavailable ('' when it runs here)."""
-        return {MEMCPY2D: "", KERNEL: self._kernel_error, BATCH: self._batch_error}
+        return {MEMCPY2D: "", KERNEL: self._kernel_error, BATCH: self._batch_unavailable()}
 
     # -- CopyEngine interface ---------------------------------------------------------------
     def store(self, engine_blocks: Sequence[int], slots: Sequence[int]) -> None:
@@ -693,7 +709,7 @@ class CudaCopyEngine:
         return (idx, idx_dev)
 
     def _launch_batch(self, stream: Any, eb: np.ndarray, sl: np.ndarray, to_host: bool) -> tuple[Any, ...]:
-        if self._batch_error:
+        if self._batch_unavailable():
             raise ValueError(f"copy strategy 'batch' is unavailable: {self._batch_error}")
         dsts, srcs, sizes = region_copies(self._segs, self.host, eb, sl, to_host)
         self._batch_call(self._batch, dsts.tolist(), srcs.tolist(), sizes.tolist(), stream)
