@@ -678,6 +678,8 @@ class LeaderServer:
                 out["disk_capacity"] = float(reg.disk.capacity)
                 out["disk_registered"] = float(reg.disk.num_registered)
                 out["disk_free"] = float(reg.disk.num_free)
+                out["disk_writing"] = float(reg.disk.num_writing)
+                out["disk_pinned"] = float(reg.disk.num_pinned)
         if self.pool is not None:
             out["block_bytes"] = float(self.pool.geometry.block_bytes)
         if self.disk is not None:
