@@ -254,8 +254,6 @@ def test_stored_events_chain_like_the_prompts(capture: Capture) -> None:
             assert parent_of[h] == parent  # type: ignore[index]
 
 
-@pytest.mark.xfail(strict=True, reason="leader: G2->G3 offload and G3->G2 staging record parent None for the "
-                   "first block of an op (server._finish / tiering.stage); TierPool knows the real parent")
 def test_stored_events_name_the_parent_of_every_non_root_block(capture: Capture) -> None:
     parent_of, chains = _stored_chains(capture)
     assert all(parent_of[chain[1]] == chain[0] for chain in chains)  # type: ignore[index]

@@ -197,6 +197,11 @@ class TierPool:
         self._check_index(slot)
         return self._hash[slot]
 
+    def parent_of(self, slot: int) -> int | None:
+        """Parent hash recorded with the block in a slot (None: first block, or free)."""
+        self._check_index(slot)
+        return self._parent[slot]
+
     def state_of(self, slot: int) -> SlotState:
         """State of a slot."""
         self._check_index(slot)

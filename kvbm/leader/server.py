@@ -459,12 +459,12 @@ class LeaderServer:
         reg = self._serving_registry()
         hashes = m.unpack_hashes(msg.hashes)
         op = Op(next(self._op_ids), OpKind.LOAD, [], [], self.clock())
-        for i, h in enumerate(hashes):
+        for h in hashes:
             slot = reg.host.lookup(h)
             if slot is not None:
                 reg.host.pin([slot])
             elif self.disk is not None:
-                slot = self.disk.stage(op.op_id, h, hashes[i - 1] if i else None)
+                slot = self.disk.stage(op.op_id, h)
                 if slot is None:
                     break
                 op.staging.add(slot)
@@ -578,8 +578,7 @@ class LeaderServer:
             self.counters.stores_committed += 1
             self.counters.blocks_stored += len(op.slots)
             if self.disk is not None:
-                parents = [None] + op.hashes[:-1]  # only used for event records on disk
-                self.disk.offload(op.hashes, parents, op.slots)
+                self.disk.offload(op.hashes, op.slots)
         else:
             reg.host.unpin([s for s in op.slots if s not in op.staging])
             if op.failed:

@@ -84,11 +84,11 @@ class DiskTier:
         self.disabled_reason = ""
 
     # -- offload -------------------------------------------------------------------------
-    def offload(self, hashes: list[int], parents: list[int | None], host_slots: list[int]) -> None:
+    def offload(self, hashes: list[int], host_slots: list[int]) -> None:
         """Consider newly registered G2 blocks for G3 (called after a store commits)."""
         if not self.enabled:
             return
-        for seq_hash, parent, hslot in zip(hashes, parents, host_slots):
+        for seq_hash, hslot in zip(hashes, host_slots):
             if self.pool.holds(seq_hash):
                 continue  # already on disk (or being written)
             if self.admission is not None and not self.admission.should_offload(seq_hash):
@@ -97,7 +97,7 @@ class DiskTier:
             if self._pending_writes >= self._max_pending:
                 self.counters.offload_skipped_busy += 1
                 continue
-            got = self.pool.allocate([seq_hash], [parent])
+            got = self.pool.allocate([seq_hash], [self.host.parent_of(hslot)])
             if not got or got[0] is None:
                 self.counters.offload_skipped_busy += 1
                 continue
@@ -132,14 +132,14 @@ class DiskTier:
         return done
 
     # -- staging -------------------------------------------------------------------------
-    def stage(self, op_id: int, seq_hash: int, parent: int | None) -> int | None:
+    def stage(self, op_id: int, seq_hash: int) -> int | None:
         """Start reading ``seq_hash`` from disk into a new G2 slot; returns that slot or None."""
         if not self.enabled:
             return None
         dslot = self.pool.lookup(seq_hash)
         if dslot is None:
             return None
-        got = self.host.allocate([seq_hash], [parent])
+        got = self.host.allocate([seq_hash], [self.pool.parent_of(dslot)])
         if not got or got[0] is None:
             return None
         hslot = got[0]
