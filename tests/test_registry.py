@@ -60,7 +60,7 @@ def removed(tier: Tier, h: int, parent: int | None = None) -> BlockEvent:
 
 
 def test_tier_medium_and_values() -> None:
-    assert (Tier.HOST.medium, Tier.DISK.medium) == ("CPU", "DISK")
+    assert (Tier.HOST.medium, Tier.DISK.medium) == ("CPU", "STORAGE")
     assert (int(Tier.HOST), int(Tier.DISK)) == (2, 3)
     assert [int(s) for s in SlotState] == [0, 1, 2]
 

@@ -44,7 +44,7 @@ class Tier(enum.IntEnum):
     @property
     def medium(self) -> str:
         """vLLM KV-event medium string of this tier."""
-        return "CPU" if self is Tier.HOST else "DISK"
+        return "CPU" if self is Tier.HOST else "STORAGE"  # vllm.distributed.kv_events MEDIUM_* values
 
 
 class SlotState(enum.IntEnum):
