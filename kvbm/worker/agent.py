@@ -15,14 +15,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import zmq
 
 from kvbm.ipc import messages as m
 from kvbm.ipc.shm import HostPool, PoolGeometry, ShmError
 from kvbm.worker.copy import CopyEngine, NumpyCopyEngine
-from kvbm.worker.layout import EngineKV, host_slice_view
+from kvbm.worker.layout import EngineKV, KVSource, host_slice_view
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,11 @@ class RankIdentity:
     fingerprint: str
 
 
-CopyEngineFactory = Callable[[EngineKV, HostPool, int], CopyEngine]
+CopyEngineFactory = Callable[[Any, HostPool, int], CopyEngine]
 
 
 def numpy_engine(kv: EngineKV, pool: HostPool, slice_offset: int) -> CopyEngine:
+    """The CPU copy engine (the default factory)."""
     return NumpyCopyEngine(kv, host_slice_view(pool.array, slice_offset, kv.layout))
 
 
@@ -59,7 +60,7 @@ class RankAgent:
         self,
         endpoint: str,
         ident: RankIdentity,
-        kv: EngineKV,
+        kv: KVSource,
         *,
         init_timeout_s: float,
         heartbeat_interval_s: float = 0.25,
@@ -118,10 +119,7 @@ class RankAgent:
         for t in self._threads:
             t.join(timeout=5)
         self._threads.clear()
-        if self.pool is not None:
-            self.engine = None
-            self.pool.close()
-            self.pool = None
+        self._release_pool()
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -279,11 +277,18 @@ class RankAgent:
         log.warning("rank %d: the leader restarted; registering again", self.ident.rank)
         self._ready.clear()
         self._done.clear()
-        self.engine = None
+        self._release_pool()
+        self._last_ack = 0.0
+
+    def _release_pool(self) -> None:
+        """Close the copy engine (a GPU one unpins the pool) before unmapping the pool."""
+        engine, self.engine = self.engine, None
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
         if self.pool is not None:
             self.pool.close()
             self.pool = None
-        self._last_ack = 0.0
 
     def _serve(self, sock: zmq.Socket) -> bool:
         """Heartbeats and acks until stopped (False) or a new leader wants a re-registration (True)."""

@@ -14,7 +14,7 @@ whatever the engine layout, so every rank of every engine layout stores the same
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -42,6 +42,13 @@ class KVLayout:
     def slice_bytes(self) -> int:
         """Bytes of this rank's slice of one block."""
         return self.num_layers * self.outer * self.region_bytes
+
+
+class KVSource(Protocol):
+    """Any engine KV cache description (host EngineKV, or a device one from cuda_copy)."""
+
+    @property
+    def layout(self) -> KVLayout: ...
 
 
 def _dtype_name(t: Any) -> str:
