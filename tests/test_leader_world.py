@@ -26,6 +26,7 @@ def test_store_evict_match_load_is_byte_exact(make_config, world: int, layout: s
     with SimEngine(cfg, world_size=world, model=model) as sim:
         prompts = _prompts(6)
         sim.run(prompts)
+        sim.quiesce()
         sim.reset_engine_cache()
         sim.run(prompts)  # second pass: external hits only (the engine forgot everything)
         st = sim.stats
@@ -46,6 +47,7 @@ def test_second_pass_loads_everything_but_the_last_block(make_config) -> None:
     prompt = list(range(1, 16 * 10 + 1))  # exactly 10 full blocks
     with SimEngine(cfg, world_size=2, model=model) as sim:
         sim.run([prompt])
+        sim.quiesce()  # stores are asynchronous: let the leader apply the ranks' acks
         sim.reset_engine_cache()
         sim.run([prompt])
         assert sim.stats.tokens_from_host == 16 * 9  # whole prompt matched: hold back one block
@@ -188,6 +190,7 @@ def test_dead_leader_is_noticed_and_segment_swept(make_config) -> None:
         sim.reset_engine_cache()
         prompts = _prompts(2, seed=3)
         sim.run(prompts)
+        sim.quiesce()
         sim.reset_engine_cache()
         sim.run(prompts)
         assert sim.stats.tokens_from_host > 0
