@@ -25,12 +25,18 @@ from typing import Any
 
 import msgpack
 import pytest
-import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kvbm.leader.disk as disk_mod
-from kvbm.bench.fuzz import ERROR, CaseGenerator, fuzz_leader, leader_stats, rss_kib, send_oversize
+from kvbm.bench.fuzz import (
+    ALL_TYPES,
+    field_spec,
+    fuzz_leader,
+    leader_stats,
+    rss_kib,
+    send_oversize,
+)
 from kvbm.config import ConfigError, KvbmConfig, load_config
 from kvbm.hashing import sequence_hashes
 from kvbm.ipc import messages as m
@@ -360,7 +366,7 @@ def test_disk_io_error_turns_the_tier_off_never_wrong_kv(make_config, tmp_path: 
 def _tiny_tmpfs(path: Path, size: str) -> Iterator[Path]:
     path.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, check=False)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
@@ -399,3 +405,331 @@ def test_cache_that_does_not_fit_is_one_clear_error_at_start(make_config, tmp_pa
                 assert os.listdir(disk) == []
         finally:
             sim.stop()
+
+
+# ------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_fuzz_leader_socket(make_config) -> None:
+    """A few thousand malformed frames against a live leader (the CI subset of kvbm.bench.fuzz)."""
+    cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="64")
+    with SimEngine(cfg, world_size=1, model=SimModel(num_layers=1, num_gpu_blocks=48)) as sim:
+        assert sim.client is not None and sim.leader is not None and sim.leader.popen is not None
+        pid = sim.leader.popen.pid
+        prompts = _chats(3)
+        sim.run(prompts)
+        sim.quiesce()
+        rep = fuzz_leader(sim.endpoint, 3000, seed=7, leader_pid=pid, batch=200, huge_every=600)
+        assert rep.leader_alive and rep.state_changes == [], rep.state_changes
+        assert rep.mismatched_batches == 0
+        assert (rep.errors, rep.replies) == (rep.expected_errors, rep.expected_replies)
+        assert rep.expected_errors > 2000 and len(rep.kinds) >= 20, rep.kinds
+        assert rep.rss_after_kib - rep.rss_before_kib < 64 * 1024, rep  # bounded (huge cases included)
+        # A frame over the protocol limit is dropped by ZMQ before it is buffered.
+        hwm = rss_kib(pid, "VmHWM")
+        send_oversize(sim.endpoint, 256 << 20)
+        stats = leader_stats(sim.endpoint)
+        assert stats["state_ready"] == 1
+        assert rss_kib(pid, "VmHWM") - hwm < 64 * 1024
+        assert sim.leader.popen.poll() is None
+        sim.reset_engine_cache()
+        sim.run(prompts)  # still serving what it held before, byte-exact
+        assert sim.stats.mismatches == 0 and sim.stats.tokens_from_host > 0
+        _assert_accounting(sim.quiesce())
+
+
+_RANK0 = m.RegisterRank(0, 1, 2, 8192, "float16", "2x4096", 16, "fp", 1)
+_HELD = [0x1000 + i for i in range(8)]  # committed in every fresh leader below
+_IDENTITIES = [b"fuzz", b"r0", b"client"]
+
+
+def _fresh_leader(run_dir: str, n: int) -> LeaderServer:
+    """An in-process leader, ready (rank 0 registered and attached from identity r0), 8 blocks held."""
+    cfg = load_config({"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "16", "DYN_KVBM_RUN_DIR": run_dir})
+    srv = LeaderServer(cfg, f"sim-{os.getpid()}-hyp{n}", f"ipc://{run_dir}/hyp{n}.sock")
+    srv.handle(b"r0", [m.encode(_RANK0, 1)])
+    srv.handle(b"r0", [m.encode(m.PoolAttached(0), 2)])
+    srv.handle(b"client", [m.encode(m.AllocateStore(m.pack_hashes(_HELD), 0, 0), 3)])
+    (op_id,) = list(srv._ops)
+    srv.handle(b"r0", [m.encode(m.TransferDone(0, op_id, True, ""), 4)])
+    assert srv.stats()["host_registered"] == len(_HELD) and not srv._ops
+    return srv
+
+
+def _snapshot(srv: LeaderServer) -> tuple[Any, ...]:
+    """Everything a message could change, except plain counters."""
+    reg = srv.registry
+    assert reg is not None
+    host = reg.host
+    world = tuple(sorted((r, i.identity, i.alive, i.attached) for r, i in srv.world.ranks.items()))
+    ops = tuple(sorted((o.op_id, o.kind.value, tuple(o.slots), tuple(sorted(o.acked)), o.failed, o.released)
+                       for o in srv._ops.values()))
+    return (srv.state, srv.error, world, ops, host.num_registered, host.num_free, host.num_pinned,
+            host.num_writing, tuple(host.lookup(h) for h in _HELD), len(srv.events), srv._stop)
+
+
+def _field(typ: Any, meta: dict[str, int]) -> st.SearchStrategy[Any]:
+    """Mostly well-typed values for a message field, sometimes anything."""
+    junk = st.one_of(st.none(), st.booleans(), st.floats(), st.text(max_size=4), st.binary(max_size=4),
+                     st.integers(-(2**63), 2**64 - 1))
+    lo, hi = meta.get("min", -(2**63)), meta.get("max", 2**64 - 1)
+    good: st.SearchStrategy[Any]
+    if typ is bool:
+        good = st.booleans()
+    elif typ is int:
+        good = st.one_of(st.integers(lo, hi), st.integers(lo, min(hi, lo + 20)), st.sampled_from([lo - 1, hi + 1]))
+    elif typ is str:
+        good = st.text(max_size=12)
+    elif typ is bytes:
+        hashes = st.lists(st.one_of(st.sampled_from(_HELD), st.integers(0, 2**64 - 1)), max_size=10)
+        good = st.one_of(hashes.map(m.pack_hashes), st.binary(max_size=20))
+    elif typ == list[int]:
+        good = st.lists(st.integers(lo, min(hi, lo + 20)), max_size=6)
+    else:
+        good = st.dictionaries(st.text(max_size=4), st.one_of(st.integers(0, 9), st.floats()), max_size=3)
+    return st.one_of(good, good, good, junk)
+
+
+@st.composite
+def _frames(draw: st.DrawFn) -> list[bytes]:
+    shape = draw(st.sampled_from(["message"] * 6 + ["raw", "bytes", "parts"]))
+    if shape == "bytes":
+        return [draw(st.binary(max_size=80))]
+    if shape == "parts":
+        return draw(st.lists(st.binary(max_size=20), min_size=2, max_size=3))
+    cls = draw(st.sampled_from(ALL_TYPES))
+    body = [draw(_field(t, meta)) for _n, t, meta in field_spec(cls)]
+    version: Any = m.PROTOCOL_VERSION
+    tag: Any = cls.TAG
+    rid: Any = draw(st.integers(0, 2**64 - 1))
+    if shape == "raw":  # damage the envelope
+        version = draw(st.one_of(st.just(1), st.integers(-3, 3), st.text(max_size=2), st.none()))
+        tag = draw(st.one_of(st.just(cls.TAG), st.text(max_size=8)))
+        rid = draw(st.one_of(st.integers(-(2**63), 2**64 - 1), st.none(), st.floats()))
+        body = draw(st.one_of(st.just(body), st.lists(st.integers(), max_size=3), st.none()))
+    frame = msgpack.packb([version, tag, rid, body], use_bin_type=True)
+    if shape == "raw" and draw(st.booleans()):
+        frame = frame[: draw(st.integers(0, len(frame)))]
+    return [frame]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(_IDENTITIES), _frames()), min_size=1, max_size=12))
+def test_leader_never_raises_and_rejections_change_nothing(seq: list[tuple[bytes, list[bytes]]]) -> None:
+    """Hypothesis: sequences of (mostly) malformed messages from a rank's, a client's and a stranger's socket.
+
+    ``handle`` never raises, the registry's invariants hold after every message, and a message
+    the leader rejects changes nothing (accepted ones may: they are legitimate requests).
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        srv = _fresh_leader(run_dir, 0)
+        try:
+            for identity, frames in seq:
+                before, rejected = _snapshot(srv), srv.counters.rejected_messages
+                srv.handle(identity, frames)
+                assert srv.registry is not None
+                srv.registry.check_invariants()
+                if srv.counters.rejected_messages > rejected:
+                    assert _snapshot(srv) == before, (identity, frames)
+        finally:
+            srv.close()
+
+
+def test_kill_leader_serving_continues_then_next_leader_sweeps_and_serves(make_config) -> None:
+    """kill -9 the leader: noticed < 2 s, serving goes on without external hits (byte-exact);
+    the next leader's start-up sweep removes the dead one's segment; the ranks rejoin it."""
+    cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="64")
+    with SimEngine(cfg, world_size=2, model=SimModel(num_layers=1, num_gpu_blocks=48)) as sim:
+        assert sim.client is not None and sim.leader is not None and sim.leader.popen is not None
+        prompts = _chats(3)
+        sim.run(prompts)
+        sim.quiesce()
+        segment = f"/dev/shm/{segment_name(sim.instance)}"
+        inode = os.stat(segment).st_ino
+        dead = sim.leader
+        t_kill = _kill(dead.popen)
+        assert sim.client.match(sequence_hashes(prompts[0], BS)) == (0, 0)
+        assert time.monotonic() - t_kill < 2.0
+        ext_before = sim.stats.tokens_from_host + sim.stats.tokens_from_disk
+        sim.reset_engine_cache()
+        t0 = time.monotonic()
+        sim.run(prompts)  # every request computed by the engine itself
+        assert time.monotonic() - t0 < 5.0
+        assert sim.stats.tokens_from_host + sim.stats.tokens_from_disk == ext_before
+        assert sim.stats.mismatches == 0 and sim.stats.load_failures == 0
+        assert os.stat(segment).st_ino == inode  # a kill -9 leaves the segment ...
+        dead.stop()  # (its log file)
+        sim.client.close()
+        sim.start_leader()  # ... the next leader of the instance sweeps it at start-up
+        assert not os.path.exists(segment) or os.stat(segment).st_ino != inode
+        _wait_status(sim.client, lambda s: s.state == "ready", 15, "the ranks re-registered")
+        assert os.stat(segment).st_ino != inode
+        sim.reset_engine_cache()
+        sim.run(prompts)
+        sim.reset_engine_cache()
+        sim.run(prompts)
+        assert sim.stats.tokens_from_host > ext_before and sim.stats.mismatches == 0
+        _assert_accounting(sim.quiesce())
+
+
+# ------------------------------------------------------------------------------------------
+# load
+
+
+def test_soak_short(tmp_path: Path) -> None:
+    """The CI version of ``python -m kvbm.sim.soak``: TP=2, 64 concurrent requests, G2<->G3 churn."""
+    from kvbm.sim.soak import SoakOptions, run_soak
+
+    opts = SoakOptions(steps=40, concurrency=64, world_size=2, host_blocks=256, disk_blocks=1024,
+                       sample_every=5, warmup_fraction=0.5, take_events=True, run_dir=str(tmp_path / "run"),
+                       disk_dir=str(tmp_path / "disk"))
+    rep = run_soak(opts)
+    summary = "\n".join(rep.summary())
+    assert rep.failures == [] and rep.steps == 40, summary
+    assert rep.sim.mismatches == 0, summary
+    assert rep.accounting_errors == [], summary
+    assert rep.sim.tokens_from_host > 0 and rep.sim.tokens_from_disk > 0, summary
+    ls = rep.leader_stats
+    assert ls["host_evictions"] > 0 and ls["disk_evictions"] > 0 and ls["disk_onboarded_blocks"] > 0, summary
+    assert ls["disk_checksum_failures"] == ls["disk_io_errors"] == 0, summary
+    assert rep.flat, summary
+
+
+# ------------------------------------------------------------------------------------------
+# security
+
+
+def _mode(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_two_instances_at_once_never_collide_and_everything_is_private(make_config, tmp_path: Path) -> None:
+    """Two simulated engines at once, same run dir and disk dir: separate sockets, segments and
+    block files (names carry the instance), all private; each is byte-exact and hits only its own."""
+    (tmp_path / "disk").mkdir()
+    cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="16", DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS="128",
+                      DYN_KVBM_DISK_CACHE_DIR=str(tmp_path / "disk"), DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="1")
+    prompts = _prompts(3, 8, seed=41)  # the same prompts in both
+    files: dict[int, dict[str, str]] = {}
+    results: dict[int, Any] = {}
+    both_up = threading.Barrier(2, timeout=60)
+
+    def engine(i: int) -> None:
+        try:
+            with SimEngine(cfg, world_size=1, model=SimModel(num_layers=2, num_gpu_blocks=40), seed=i) as sim:
+                files[i] = {"socket": sim.endpoint[len("ipc://"):], "segment": f"/dev/shm/{segment_name(sim.instance)}",
+                            "disk": disk_file_path(str(tmp_path / "disk"), sim.instance), "instance": sim.instance}
+                both_up.wait()
+                _run_each(sim, prompts)
+                sim.reset_engine_cache()
+                _run_each(sim, prompts)
+                both_up.wait()  # both still running while the files are checked
+                results[i] = (sim.stats, sim.quiesce())
+                both_up.wait()
+        except BaseException as e:  # noqa: BLE001  (reported on the main thread)
+            results[i] = e
+            both_up.abort()
+
+    threads = [threading.Thread(target=engine, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i in (0, 1):
+        assert not isinstance(results.get(i), BaseException), results.get(i)
+        stats, leader = results[i]
+        # The oracles differ (seed): a block of the other instance would be a mismatch.
+        assert stats.mismatches == 0
+        assert stats.tokens_from_host + stats.tokens_from_disk == 3 * 7 * BS  # its own first pass
+        _assert_accounting(leader)
+    run_dir = cfg.run_dir
+    assert _mode(run_dir) == 0o700 and os.stat(run_dir).st_uid == os.getuid()
+    for kind in ("socket", "segment", "disk"):
+        assert files[0][kind] != files[1][kind]
+    for i in (0, 1):
+        assert files[i]["instance"] in files[i]["segment"] and files[i]["instance"] in files[i]["disk"]
+        assert os.path.dirname(files[i]["socket"]) == run_dir
+
+
+def test_files_are_created_private(make_config, tmp_path: Path) -> None:
+    """Run dir 0700 (an existing looser one is tightened), socket inside it, segment and block file 0600."""
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "run").mkdir(mode=0o755)
+    os.chmod(tmp_path / "run", 0o755)
+    cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="16", DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS="32",
+                      DYN_KVBM_DISK_CACHE_DIR=str(tmp_path / "disk"))
+    with SimEngine(cfg, world_size=1, model=SimModel(num_layers=1, num_gpu_blocks=16)) as sim:
+        assert _mode(cfg.run_dir) == 0o700
+        sock = sim.endpoint[len("ipc://"):]
+        assert sim.endpoint.startswith("ipc://") and os.path.dirname(sock) == cfg.run_dir
+        assert stat.S_ISSOCK(os.stat(sock).st_mode)
+        for path in (f"/dev/shm/{segment_name(sim.instance)}", disk_file_path(str(tmp_path / "disk"), sim.instance)):
+            st_ = os.stat(path)
+            assert stat.S_IMODE(st_.st_mode) == 0o600 and st_.st_uid == os.getuid(), path
+    if os.geteuid() == 0:  # a run dir owned by someone else is refused
+        other = tmp_path / "other"
+        other.mkdir(mode=0o700)
+        os.chown(other, 65534, -1)
+        with pytest.raises(PermissionError, match="not a directory owned by"):
+            ensure_private_dir(str(other))
+
+
+def test_non_loopback_bind_needs_the_explicit_setting(tmp_path: Path, caplog) -> None:
+    """A leader refuses a non-loopback tcp address (flag or variable) unless DYN_KVBM_ALLOW_NON_LOOPBACK
+    is set; allowed, it says so in the log. (Config parsing itself: tests/test_config.py.)"""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DYN_KVBM_")}
+    base.update({"DYN_KVBM_RUN_DIR": str(tmp_path / "run"), "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "8"})
+    leader = [sys.executable, "-m", "kvbm.leader", "--instance", f"sim-{os.getpid()}-tcp"]
+    for extra_args, extra_env in (
+        (["--endpoint", "tcp://0.0.0.0:39123"], {}),
+        ([], {"DYN_KVBM_LEADER_ENDPOINT": "tcp://10.1.2.3:39123"}),
+        ([], {"DYN_KVBM_LEADER_ZMQ_HOST": "0.0.0.0"}),
+    ):
+        r = subprocess.run(leader + extra_args, env={**base, **extra_env}, capture_output=True, text=True,
+                           timeout=30, check=False)
+        assert r.returncode == 2, r
+        assert "DYN_KVBM_ALLOW_NON_LOOPBACK" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    with pytest.raises(PermissionError, match="DYN_KVBM_ALLOW_NON_LOOPBACK"):
+        check_bind_endpoint("tcp://192.168.1.1:5555", allow_non_loopback=False)
+    check_bind_endpoint("tcp://127.0.0.1:5555", allow_non_loopback=False)
+    with caplog.at_level("WARNING", logger="kvbm.ipc.transport"):
+        check_bind_endpoint("tcp://0.0.0.0:5555", allow_non_loopback=True)
+    assert "non-loopback" in caplog.text
+    with pytest.raises(ConfigError, match="DYN_KVBM_ALLOW_NON_LOOPBACK"):
+        load_config({"DYN_KVBM_LEADER_ENDPOINT": "tcp://0.0.0.0:5555", "DYN_KVBM_CPU_CACHE_GB": "1"})
+
+
+def test_segment_of_unexpected_size_mode_owner_or_header_is_never_attached() -> None:
+    geom = PoolGeometry(4, 8192)
+    name = f"sim-{os.getpid()}-attach"
+    pool = HostPool.create(name, geom)
+    path = f"/dev/shm/{pool.name}"
+    try:
+        assert _mode(path) == 0o600
+        with pytest.raises(ShmError, match="bytes, expected"):
+            HostPool.attach(pool.name, PoolGeometry(5, 8192))
+        with pytest.raises(ShmError, match="unexpected header"):  # same size, other geometry
+            HostPool.attach(pool.name, PoolGeometry(8, 4096))
+        os.chmod(path, 0o644)
+        with pytest.raises(ShmError, match="mode"):
+            HostPool.attach(pool.name, geom)
+        os.chmod(path, 0o600)
+        if os.geteuid() == 0:
+            os.chown(path, 65534, -1)
+            with pytest.raises(ShmError, match="owned by uid 65534"):
+                HostPool.attach(pool.name, geom)
+            os.chown(path, 0, -1)
+        HostPool.attach(pool.name, geom).close()  # the real thing still attaches
+        link = f"/dev/shm/{segment_name(name + '-link')}"
+        os.symlink(path, link)
+        try:
+            with pytest.raises(ShmError, match="cannot open"):
+                HostPool.attach(os.path.basename(link), geom)
+        finally:
+            os.unlink(link)
+    finally:
+        pool.close()
+    assert not os.path.exists(path)
