@@ -307,7 +307,9 @@ class LeaderServer:
                     "or DYN_KVBM_DISK_CACHE_GB"
                 )
             host_blocks = cfg.disk_bounce_blocks  # disk-only: a small bounce pool for staging
-        self.pool = HostPool.create(self.instance, PoolGeometry(host_blocks, block_bytes))
+        # The ranks pre-fault their mappings (they copy on the engine's critical path); the
+        # leader only touches blocks for disk I/O, off that path, so it maps lazily.
+        self.pool = HostPool.create(self.instance, PoolGeometry(host_blocks, block_bytes), prefault=False)
         self.registry = BlockRegistry(host_blocks, disk_blocks, clock=self.clock)
         if disk_blocks > 0:
             from kvbm.leader.disk import DiskStore, disk_file_path

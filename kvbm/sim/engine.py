@@ -167,9 +167,9 @@ class SimEngine:
             cmd = [sys.executable, "-m", "kvbm.sim.rank", "--control", self._ctl_endpoint,
                    "--leader", self.endpoint, "--rank", str(r), "--world", str(self.world_size),
                    "--model", model_hex, "--init-timeout", str(self.init_timeout_s), "--seed", str(self.seed)]
-            p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-            self.ranks.append(p)
-            self._await_hello()
+            self.ranks.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
+        for _ in ranks if ranks is not None else range(self.world_size):
+            self._await_hello()  # all ranks start in parallel
 
     def _await_hello(self, timeout_s: float = 30.0) -> None:
         if not self._ctl.poll(int(timeout_s * 1000)):
