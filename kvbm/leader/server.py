@@ -499,7 +499,7 @@ class LeaderServer:
         hashes = m.unpack_hashes(msg.hashes)
         if len(set(hashes)) != len(hashes):
             raise RequestRejected("bad_request", "allocate_store: duplicate hashes in one request")
-        parents: list[int | None] = [msg.first_parent or None, *hashes[:-1]]
+        parents: list[int | None] = [msg.first_parent or None, *hashes[:-1]][: len(hashes)]  # [] for no hashes
         got = reg.host.allocate(hashes, parents, priority=msg.priority)
         slots = [-1 if s is None else s for s in got]
         new = [(h, s) for h, s in zip(hashes, got) if s is not None]
