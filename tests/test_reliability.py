@@ -40,7 +40,13 @@ from kvbm.bench.fuzz import (
 from kvbm.config import ConfigError, KvbmConfig, load_config
 from kvbm.hashing import sequence_hashes
 from kvbm.ipc import messages as m
-from kvbm.ipc.shm import HostPool, PoolGeometry, ShmError, segment_name
+from kvbm.ipc.shm import (
+    HostPool,
+    PoolGeometry,
+    ShmError,
+    segment_name,
+    sweep_stale_segments,
+)
 from kvbm.ipc.transport import RpcClient, check_bind_endpoint, ensure_private_dir
 from kvbm.leader.client import LeaderClient
 from kvbm.leader.disk import DiskStore, disk_file_path
@@ -735,3 +741,24 @@ def test_segment_of_unexpected_size_mode_owner_or_header_is_never_attached() -> 
     finally:
         pool.close()
     assert not os.path.exists(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_sweep_never_removes_another_users_segment() -> None:
+    """A stale-looking segment (dead owner pid) of another user is not ours to remove."""
+    import mmap
+
+    pool = HostPool.create(f"sim-{os.getpid()}-foreign", PoolGeometry(1, 4096))
+    path = f"/dev/shm/{pool.name}"
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 4096) as mm:
+        mm[12:16] = (2**22 + 12345).to_bytes(4, "little")  # owner pid: one that cannot exist
+    pool.owner = False
+    pool.close()
+    try:
+        os.chown(path, 65534, -1)
+        assert pool.name not in sweep_stale_segments() and os.path.exists(path)
+        os.chown(path, os.getuid(), -1)
+        assert pool.name in sweep_stale_segments()  # ours, owner dead: removed
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
