@@ -21,6 +21,10 @@ from kvbm.ipc.transport import M, LeaderUnavailable, RemoteError, RpcClient
 log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_S = 1.0
+# A probe of a leader that is not answering must not stall the engine's scheduler: a short
+# timeout, and the probe interval doubles (up to MAX_PROBE_INTERVAL_S) while it stays silent.
+PROBE_TIMEOUT_S = 0.1
+MAX_PROBE_INTERVAL_S = 4.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class LeaderClient:
         self._rpc = RpcClient(endpoint)
         self._status: m.Status | None = None
         self._next_probe = 0.0
+        self._probe_interval = PROBE_INTERVAL_S
         self._logged: str | None = None
 
     # -- availability --------------------------------------------------------------------
@@ -65,10 +70,11 @@ class LeaderClient:
 
     def refresh(self) -> m.Status | None:
         try:
-            self._status = self._rpc.call(m.GetStatus(), self.timeout_s, m.Status)
+            self._status = self._rpc.call(m.GetStatus(), min(self.timeout_s, PROBE_TIMEOUT_S), m.Status)
         except (LeaderUnavailable, RemoteError) as e:
             self._down(str(e))
             return None
+        self._probe_interval = PROBE_INTERVAL_S
         if self._status.state != "ready":
             self._note(f"leader at {self.endpoint} is {self._status.state}: {self._status.error or 'waiting for ranks'}")
         elif self._logged is not None:
@@ -78,7 +84,8 @@ class LeaderClient:
 
     def _down(self, why: str) -> None:
         self._status = None
-        self._next_probe = time.monotonic() + PROBE_INTERVAL_S
+        self._next_probe = time.monotonic() + self._probe_interval
+        self._probe_interval = min(2 * self._probe_interval, MAX_PROBE_INTERVAL_S)
         self._note(f"kvbm leader unavailable ({why}); serving without external KV hits")
 
     def _note(self, text: str) -> None:

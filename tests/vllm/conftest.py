@@ -81,11 +81,13 @@ def make_engine(model_dir: str, kvbm_env: Callable[..., str]) -> Iterator[Callab
     engines: list[Engine] = []
     tags: list[str] = []
 
-    def make(*, tp: int = 1, scheduler_first: bool = False, proc_workers: bool = False, **spec_kw: object) -> Engine:
+    def make(*, tp: int = 1, scheduler_first: bool = False, proc_workers: bool = False,
+             register_workers: bool = True, **spec_kw: object) -> Engine:
         engine_id = f"t{uuid.uuid4().hex[:10]}"
         tags.append(engine_id)
         spec = EngineSpec(model_dir=model_dir, engine_id=engine_id, **spec_kw)  # type: ignore[arg-type]
-        eng = Engine(spec, tp=tp, scheduler_first=scheduler_first, proc_workers=proc_workers)
+        eng = Engine(spec, tp=tp, scheduler_first=scheduler_first, proc_workers=proc_workers,
+                     register_workers=register_workers)
         engines.append(eng)
         return eng
 

@@ -261,15 +261,17 @@ class RunStats:
     local_hit_tokens: int = 0
     checked_blocks: int = 0
     mismatches: int = 0
+    preemptions: int = 0
     schedule_seconds: list[float] = field(default_factory=list)
-    kv_stats: dict[str, int] = field(default_factory=dict)
+    kv_stats: dict[str, int] = field(default_factory=dict)  # worker side, summed over ranks
+    sched_kv_stats: dict[str, int] = field(default_factory=dict)  # as vLLM's scheduler stats report them
 
 
 class Engine:
     """vLLM's scheduler + ``tp`` worker-role connectors, stepped like EngineCore does."""
 
     def __init__(self, spec: EngineSpec, *, tp: int = 1, scheduler_first: bool = False,
-                 proc_workers: bool = False) -> None:
+                 proc_workers: bool = False, register_workers: bool = True) -> None:
         init_none_hash(sha256)
         self.spec = spec
         self.bs = spec.block_size
@@ -282,6 +284,7 @@ class Engine:
         self._pending: deque[tuple[SchedulerOutput, ModelRunnerOutput]] = deque()
         self._agg = KVOutputAggregator(expected_finished_count=tp)
         self.scheduler: Scheduler | None = None
+        self._register = register_workers
         if scheduler_first:
             self._make_scheduler()
             self._make_workers()
@@ -297,7 +300,7 @@ class Engine:
             self.worker_pids = [p.wait_started() for p in procs]
             self.workers = procs
         else:
-            self.workers = [RankWorker(self.spec)]
+            self.workers = [RankWorker(self.spec, register=self._register)]
 
     def _make_scheduler(self) -> None:
         vc = make_vllm_config(self.spec, {"kvbm_world_size": self.tp} if self.tp > 1 else None)
@@ -372,6 +375,7 @@ class Engine:
         so = self.sched.schedule()
         self.stats.schedule_seconds.append(time.perf_counter() - t0)
         self.stats.steps += 1
+        self.stats.preemptions += len(so.preempted_req_ids or ())
         work = self._work(so)
         results: list[StepResult] = []
         if self.proc_workers:
@@ -401,6 +405,8 @@ class Engine:
         self._pending.append((so, mro))
         if not self.spec.async_scheduling or len(self._pending) > 1:
             self._update(*self._pending.popleft())
+        if not so.total_num_scheduled_tokens:
+            time.sleep(0.001)  # nothing to compute: let the copy threads run (a GPU step takes longer)
 
     def _update(self, so: SchedulerOutput, mro: ModelRunnerOutput) -> None:
         outputs = self.sched.update_from_output(so, mro)
@@ -411,19 +417,32 @@ class Engine:
                 self.stats.external_hit_tokens += cps.hits + cps.preempted_hits
             if ss is not None and ss.prefix_cache_stats is not None:
                 self.stats.local_hit_tokens += ss.prefix_cache_stats.hits + ss.prefix_cache_stats.preempted_hits
+            if ss is not None and ss.kv_connector_stats:
+                for k, v in ss.kv_connector_stats.items():
+                    if isinstance(v, int):
+                        self.stats.sched_kv_stats[k] = self.stats.sched_kv_stats.get(k, 0) + v
 
     def busy(self) -> bool:
-        return bool(self._pending) or self.sched.has_requests()
+        """Requests or block frees left (applies a late async-mode update once idle)."""
+        while self._pending and not self.sched.has_requests():
+            self._update(*self._pending.popleft())
+        return self.sched.has_requests()
 
-    def run(self, max_steps: int = 5000) -> None:
+    def run(self, timeout_s: float = 120.0) -> None:
         """Step until every request finished and every block is back."""
-        for _ in range(max_steps):
-            if not self.busy():
-                return
+        deadline = time.monotonic() + timeout_s
+        while self.busy():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"engine still busy after {timeout_s:g} s: {list(self.sched.requests)}")
             self.step()
-            while self._pending and not self.sched.has_requests():
-                self._update(*self._pending.popleft())
-        raise AssertionError(f"engine still busy after {max_steps} steps")
+
+    def step_until(self, cond: Any, timeout_s: float = 30.0) -> None:
+        """Step until ``cond()`` holds."""
+        deadline = time.monotonic() + timeout_s
+        while not cond():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not reached within {timeout_s:g} s")
+            self.step()
 
     def assert_empty(self) -> None:
         """vLLM's leak check: no request left, every engine block free and unreferenced."""

@@ -1,10 +1,22 @@
-"""DynamoConnector driven by the real vLLM 0.33 scheduler, KV verified byte for byte by the oracle."""
+"""DynamoConnector driven by the real vLLM 0.33 scheduler, KV verified byte for byte by the oracle.
+
+Every test builds its engine through the ``make_engine`` fixture (tests/vllm/conftest.py),
+which gives it a private kvbm run dir and checks afterwards that no shared-memory segment and
+no leader process of the test is left.
+"""
 
 from __future__ import annotations
 
+import os
 import random
+import time
+from typing import Any
 
 import pytest
+from harness import Engine, gen_token
+
+from kvbm.vllm_integration.connector import DynamoConnector, DynamoConnectorMetadata
+from kvbm.vllm_integration.connector.common import owned_leader
 
 pytestmark = pytest.mark.vllm
 
@@ -14,8 +26,46 @@ def prompt(seed: int, n: int) -> list[int]:
     return [rng.randrange(1, 30000) for _ in range(n)]
 
 
-def test_store_then_load_after_prefix_cache_reset(make_engine) -> None:
-    eng = make_engine()
+def finish_clean(eng: Engine) -> dict[str, float]:
+    """The scheduler ends empty and the leader holds no pinned, half-written or in-flight slot."""
+    eng.run()
+    eng.assert_empty()
+    st = eng.quiesce()
+    assert st["host_pinned"] == 0 and st["host_writing"] == 0 and st["ops_in_flight"] == 0, st
+    assert eng.stats.mismatches == 0
+    return st
+
+
+def run_chats(eng: Engine, *, conversations: int, turns: int, system: int = 96, turn_len: int = 40,
+              max_tokens: int = 16, seed: int = 0, on_step: Any = None) -> None:
+    """Multi-turn chats: each turn's prompt is the whole conversation so far (prompts and
+    outputs), and conversations share a few system prompts, so later turns hit earlier blocks."""
+    rng = random.Random(seed)
+    systems = [prompt(seed * 100 + i, system) for i in range(3)]
+    convs: list[dict[str, Any]] = [{"tokens": list(systems[i % 3]), "turn": 0, "live": None}
+                                   for i in range(conversations)]
+    while True:
+        for ci, c in enumerate(convs):
+            rid = c["live"]
+            if rid is not None and rid not in eng.sched.requests:
+                n = len(c["tokens"])  # the request finished: its outputs join the conversation
+                c["tokens"] += [gen_token(rid, p) for p in range(n, n + max_tokens)]
+                c["live"] = None
+            if c["live"] is None and c["turn"] < turns:
+                c["tokens"] += [rng.randrange(1, 30000) for _ in range(turn_len)]
+                c["live"] = f"c{ci}t{c['turn']}"
+                c["turn"] += 1
+                eng.add(c["live"], c["tokens"], max_tokens=max_tokens)
+        if not eng.busy():
+            return
+        eng.step()
+        if on_step is not None:
+            on_step(eng)
+
+
+@pytest.mark.parametrize("layout", ["kv_first", "block_first"])
+def test_store_then_load_after_prefix_cache_reset(make_engine, layout: str) -> None:
+    eng = make_engine(layout=layout)
     eng.wait_ready()
     p = prompt(1, 100)  # 6 full blocks + 4 tokens
     eng.add("a", p, max_tokens=3)
@@ -27,10 +77,248 @@ def test_store_then_load_after_prefix_cache_reset(make_engine) -> None:
     req = eng.sched.requests["b"]
     assert req.status.name == "WAITING_FOR_REMOTE_KVS"
     assert req.num_computed_tokens == 96
-    eng.run()
-    assert eng.stats.mismatches == 0
+    eng.step_until(lambda: req.status.name == "RUNNING")
+    # Only the unmatched tail (4 prompt tokens) was scheduled once the load finished.
+    assert eng.stats.checked_blocks == 6  # every loaded block checked against the oracle
+    finish_clean(eng)
     assert eng.stats.external_hit_tokens == 96
-    assert eng.stats.kv_stats.get("loaded_blocks") == 6
+    assert eng.stats.kv_stats["loaded_blocks"] == 6
+    assert eng.stats.kv_stats["stored_blocks"] == 6
+    # vLLM's own stats carry kvbm's counters (DynamoConnector.build_kv_connector_stats).
+    assert eng.stats.sched_kv_stats["hit_host_tokens"] == 96
+    assert DynamoConnector.build_kv_connector_stats(eng.stats.sched_kv_stats).reduce()["onboard_host_blocks"] == 6
+
+
+def test_whole_prompt_hit_holds_back_the_last_block(make_engine) -> None:
+    eng = make_engine()
+    eng.wait_ready()
+    p = prompt(2, 96)  # exactly 6 blocks
+    eng.add("a", p, max_tokens=2)
+    eng.run()
+    eng.quiesce()
+    eng.sched.reset_prefix_cache()
+    eng.add("b", p, max_tokens=2)
+    eng.step()
+    assert eng.sched.requests["b"].num_computed_tokens == 80  # 5 blocks: one is recomputed
+    finish_clean(eng)
+    assert eng.stats.external_hit_tokens == 80
+
+
+def test_cache_salt_separates_and_outputs_are_stored(make_engine) -> None:
+    """Blocks are stored while a request runs (decode blocks too); another salt never hits."""
+    eng = make_engine()
+    eng.wait_ready()
+    p = prompt(3, 40)
+    eng.add("a", p, max_tokens=60, cache_salt="tenant-1")  # 100 tokens: 6 blocks, 4 of them decode
+    eng.run()
+    eng.quiesce()
+    assert eng.stats.kv_stats["stored_blocks"] == 6
+    eng.sched.reset_prefix_cache()
+    full = p + [gen_token("a", i) for i in range(40, 100)]
+    eng.add("other-salt", full, max_tokens=1, cache_salt="tenant-2")
+    eng.run()
+    assert eng.stats.external_hit_tokens == 0
+    eng.sched.reset_prefix_cache()
+    eng.add("same-salt", full, max_tokens=1, cache_salt="tenant-1")
+    finish_clean(eng)
+    assert eng.stats.external_hit_tokens == 96  # all 6 blocks, 2 of them computed while decoding
+
+
+def test_scheduler_first_then_workers(make_engine) -> None:
+    """vLLM's unit-test order: the scheduler spawns the leader and reports no hits until ready."""
+    eng = make_engine(scheduler_first=True)
+    assert eng.sched.connector._owns_leader and not eng.workers[0].connector._owns_leader
+    eng.wait_ready()
+    p = prompt(4, 64)
+    eng.add("a", p, max_tokens=2)
+    eng.run()
+    eng.quiesce()
+    eng.sched.reset_prefix_cache()
+    eng.add("b", p, max_tokens=2)
+    finish_clean(eng)
+    assert eng.stats.external_hit_tokens == 48
+
+
+def test_no_hits_and_no_blocking_before_the_leader_is_ready(make_engine) -> None:
+    eng = make_engine(scheduler_first=True, register_workers=False)
+    p = prompt(5, 64)
+    t0 = time.monotonic()
+    eng.add("a", p, max_tokens=2)
+    eng.run()  # no rank registered: the leader is waiting, the engine serves anyway
+    assert time.monotonic() - t0 < 5
+    assert eng.kvbm.client.refresh().state == "waiting"
+    assert eng.stats.external_hit_tokens == 0 and "stored_blocks" not in eng.stats.kv_stats
+    eng.workers[0].register()
+    eng.wait_ready()
+    eng.add("b", p, max_tokens=2)
+    finish_clean(eng)
+
+
+def test_workers_first_worker_owns_the_leader(make_engine) -> None:
+    eng = make_engine()
+    worker = eng.workers[0].connector
+    assert worker._owns_leader and not eng.sched.connector._owns_leader
+    handle = owned_leader(eng.kvbm.settings.endpoint)
+    assert handle is not None and handle.alive()
+    eng.close()
+    assert not handle.alive()
+
+
+def test_many_chats_with_preemption_and_chunked_prefill(make_engine) -> None:
+    """Hundreds of steps, a small engine pool (preemption) and 64-token chunks; every block a
+    request starts from is checked against the oracle, and nothing leaks."""
+    eng = make_engine(num_blocks=40, max_num_seqs=8, max_num_batched_tokens=64)
+    eng.wait_ready()
+    run_chats(eng, conversations=16, turns=4, max_tokens=24)
+    finish_clean(eng)
+    s = eng.stats
+    assert s.steps > 200 and s.preemptions > 0
+    assert s.external_hit_tokens > 2000, s
+    assert s.kv_stats["loaded_blocks"] > 100
+    assert s.checked_blocks > s.kv_stats["loaded_blocks"]
+
+
+def test_async_scheduling_with_disk_tier_and_slow_stores(make_engine, kvbm_env) -> None:
+    """AsyncScheduler (updates one step late), block_first layout, a tiny host pool in front of
+    a disk tier, and stores slowed down so preemptions and finishes overlap in-flight copies."""
+    kvbm_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="24", DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS="512",
+             DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="1")
+    eng = make_engine(num_blocks=40, max_num_seqs=8, max_num_batched_tokens=64, async_scheduling=True,
+                      layout="block_first")
+    slow_down_stores(eng, 0.002)
+    eng.wait_ready()
+    run_chats(eng, conversations=12, turns=3, max_tokens=20, seed=1)
+    st = finish_clean(eng)
+    assert eng.stats.preemptions > 0
+    assert eng.stats.sched_kv_stats.get("onboard_disk_blocks", 0) > 0, eng.stats.sched_kv_stats
+    assert st["blocks_loaded_from_disk"] > 0
+
+
+def slow_down_stores(eng: Engine, seconds: float) -> None:
+    """Fault injection: every store copy on rank 0 takes ``seconds`` longer."""
+    agent = eng.workers[0].connector.worker.agent
+    assert agent is not None and agent.wait_ready(30)
+    copy = agent.engine
+    store = copy.store
+
+    def slow_store(blocks: Any, slots: Any) -> None:
+        time.sleep(seconds)
+        store(blocks, slots)
+
+    copy.store = slow_store
+
+
+def test_finish_while_store_in_flight_delays_the_free(make_engine) -> None:
+    eng = make_engine()
+    slow_down_stores(eng, 0.3)
+    eng.wait_ready()
+    eng.add("a", prompt(6, 40), max_tokens=1)  # finishes in its prefill step
+    eng.step()
+    req = eng.sched.requests.get("a")
+    assert req is not None and req.is_finished()  # finished, blocks still held for the store
+    assert eng.kvbm._reqs == {}
+    finish_clean(eng)
+    assert eng.stats.kv_stats["stored_blocks"] == 2
+
+
+def test_abort_while_waiting_for_the_load(make_engine) -> None:
+    from vllm.v1.request import RequestStatus
+
+    eng = make_engine()
+    eng.wait_ready()
+    p = prompt(7, 80)
+    eng.add("a", p, max_tokens=1)
+    eng.run()
+    eng.quiesce()
+    eng.sched.reset_prefix_cache()
+    eng.add("b", p, max_tokens=1)
+    eng.step()
+    assert eng.sched.requests["b"].status == RequestStatus.WAITING_FOR_REMOTE_KVS
+    eng.sched.finish_requests("b", RequestStatus.FINISHED_ABORTED)
+    finish_clean(eng)
+
+
+def test_load_errors_are_recomputed(make_engine, kvbm_env) -> None:
+    """A disk block that fails its checksum on staging is reported through
+    get_block_ids_with_load_errors and vLLM recomputes it: no wrong byte is ever served."""
+    kvbm_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8", DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS="256",
+             DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="1")
+    eng = make_engine()
+    eng.wait_ready()
+    p = prompt(8, 100)
+    eng.add("a", p, max_tokens=1)
+    eng.run()
+    for i in range(4):  # push a's blocks out of the 8-block host pool, onto disk only
+        eng.add(f"filler{i}", prompt(100 + i, 96), max_tokens=1)
+    eng.run()
+    eng.quiesce()
+    disk_dir = os.environ["DYN_KVBM_DISK_CACHE_DIR"]
+    for name in os.listdir(disk_dir):
+        with open(os.path.join(disk_dir, name), "r+b") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.write(b"\xa5" * size)  # corrupt every block on disk
+    eng.sched.reset_prefix_cache()
+    eng.add("b", p, max_tokens=1)
+    finish_clean(eng)
+    assert eng.stats.sched_kv_stats.get("load_error_blocks", 0) > 0, eng.stats.sched_kv_stats
+
+
+def test_leader_killed_mid_run(make_engine) -> None:
+    """The leader dies: the connector logs it once, reports no hits, and requests keep
+    completing by recomputing, without stalling the scheduler."""
+    eng = make_engine(num_blocks=40, max_num_seqs=8, max_num_batched_tokens=64)
+    eng.wait_ready()
+    leader = owned_leader(eng.kvbm.settings.endpoint)
+    assert leader is not None and leader.popen is not None
+    state = {"steps": 0}
+
+    def kill_at_step_80(e: Engine) -> None:
+        state["steps"] += 1
+        if state["steps"] == 80:
+            leader.popen.kill()
+            leader.popen.wait()
+
+    t0 = time.monotonic()
+    run_chats(eng, conversations=10, turns=3, max_tokens=16, seed=2, on_step=kill_at_step_80)
+    assert state["steps"] > 120
+    eng.run()
     eng.assert_empty()
-    st = eng.quiesce()
-    assert st["host_pinned"] == 0 and st["host_writing"] == 0
+    assert eng.stats.mismatches == 0
+    assert time.monotonic() - t0 < 60
+    hits_before = eng.stats.external_hit_tokens
+    eng.sched.reset_prefix_cache()
+    eng.add("after", prompt(9, 64), max_tokens=2)
+    eng.run()
+    assert eng.stats.external_hit_tokens == hits_before
+
+
+def test_kv_events_and_reset_cache(make_engine) -> None:
+    from vllm.distributed.kv_events import AllBlocksCleared, BlockStored
+
+    eng = make_engine(kv_events=True)
+    published: list[Any] = []
+    eng.sched.kv_event_publisher.publish = lambda batch: published.extend(batch.events)
+    eng.wait_ready()
+    p = prompt(10, 64)
+    eng.add("a", p, max_tokens=1)
+    eng.run()
+    eng.quiesce()
+    eng.add("tick", prompt(11, 8), max_tokens=1)  # one more step to collect the events
+    eng.run()
+    stored = [e for e in published if isinstance(e, BlockStored) and e.medium == "CPU"]
+    assert len(stored) == 4 and all(e.block_size == 16 for e in stored)
+    assert eng.sched.reset_prefix_cache(reset_connector=True)
+    eng.add("b", p, max_tokens=1)
+    finish_clean(eng)
+    assert eng.stats.external_hit_tokens == 0  # the kvbm cache was cleared too
+    assert any(isinstance(e, AllBlocksCleared) for e in published)
+
+
+def test_metadata_is_plain_data() -> None:
+    import pickle
+
+    from kvbm.vllm_integration.connector.metadata import LoadOp, StoreOp
+
+    meta = DynamoConnectorMetadata(loads=[LoadOp("r", 1, [3], [4], [5])], stores=[StoreOp("r", 2, [6], [7])],
+                                   preempted=["x"], delayed_free=["y"])
+    assert pickle.loads(pickle.dumps(meta)) == meta

@@ -95,9 +95,10 @@ class KvbmConnectorStats(KVConnectorStats):
         self.data = {}
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        merged = dict(self.data)
         for key, n in other.data.items():
-            self.data[key] = self.data.get(key, 0) + n
-        return self
+            merged[key] = merged.get(key, 0) + n
+        return KvbmConnectorStats(data=merged)
 
     def reduce(self) -> dict[str, int | float]:
         return dict(self.data)

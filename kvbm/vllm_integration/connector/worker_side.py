@@ -27,7 +27,7 @@ from kvbm.vllm_integration.connector.metadata import (
     LoadOp,
     StoreOp,
 )
-from kvbm.worker.agent import RankAgent, RankIdentity
+from kvbm.worker.agent import RankAgent, RankIdentity, numpy_engine
 from kvbm.worker.layout import EngineKV, LayoutError
 
 log = logging.getLogger("kvbm.vllm")
@@ -53,17 +53,25 @@ class KvbmWorker:
 
     def register_kv_caches(self, kv_caches: Mapping[str, Any], num_blocks: int | None) -> None:
         """Describe this rank's KV tensors and start the init sync in the background."""
+        first = next(iter(kv_caches.values()), None)
+        factory: Any = numpy_engine  # CopyEngineFactory over EngineKV or EngineKVDevice
         try:
-            kv = EngineKV.from_layers(kv_caches, num_blocks=num_blocks or None)
-        except LayoutError as e:
-            self.error = f"kvbm cannot use these KV caches: {e}"
+            if getattr(first, "is_cuda", False):  # GPU memory: CuPy copies (kvbm.worker.cuda_copy)
+                from kvbm.worker.cuda_copy import EngineKVDevice, cuda_engine
+
+                kv: Any = EngineKVDevice.from_layers(kv_caches, num_blocks=num_blocks or None)
+                factory = cuda_engine
+            else:
+                kv = EngineKV.from_layers(kv_caches, num_blocks=num_blocks or None)
+        except (LayoutError, ImportError, RuntimeError) as e:
+            self.error = f"kvbm cannot use these KV caches: {type(e).__name__}: {e}"
             log.error("rank %d: %s; serving without kvbm", self.rank, self.error)
             return
         s = self.settings
         ident = RankIdentity(self.rank, s.world_size, s.block_size, s.fingerprint)
         self.agent = RankAgent(s.endpoint, ident, kv, init_timeout_s=s.config.init_timeout_s,
                                heartbeat_interval_s=s.config.heartbeat_interval_s,
-                               liveness_timeout_s=s.config.liveness_timeout_s)
+                               liveness_timeout_s=s.config.liveness_timeout_s, engine_factory=factory)
         self.agent.start()
 
     # -- per step ------------------------------------------------------------------------
