@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     except BlockingIOError:
         print(f"kvbm leader: instance {args.instance!r} already has a running leader", file=sys.stderr)
         return EXIT_ALREADY_RUNNING
+    # The lock file names the leader holding it, so a spawner can tell its own leader from
+    # one that already answered on the same endpoint (kvbm.leader.spawn).
+    os.ftruncate(lock_fd, 0)
+    os.pwrite(lock_fd, str(os.getpid()).encode(), 0)
     sweep_stale_segments()
     from kvbm.leader.server import LeaderServer
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from kvbm.config import KvbmConfig
 from kvbm.ipc import messages as m
 from kvbm.ipc.transport import LeaderUnavailable, RemoteError, RpcClient, instance_endpoint
-from kvbm.leader.process import EXIT_ALREADY_RUNNING
+from kvbm.leader.process import EXIT_ALREADY_RUNNING, lock_path
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,12 @@ class LeaderProcess:
         if self.popen.poll() is None:
             client = RpcClient(self.endpoint)
             try:
-                client.call(m.Shutdown(), 2.0, m.Ack)
+                client.call(m.Shutdown(), 0.5, m.Ack)
             except (LeaderUnavailable, RemoteError):
-                self.popen.terminate()
+                # The Ack can be lost when the leader closes its socket right after sending
+                # it; terminate only a leader that is still running.
+                if self.popen.poll() is None:
+                    self.popen.terminate()
             finally:
                 client.close()
             try:
@@ -74,6 +77,15 @@ def _tail(path: str | None, lines: int = 5) -> str:
         return ""
     errors = [line for line in text if "error" in line.lower()]
     return (errors[-1] if errors else "\n".join(text[-lines:])).strip()
+
+
+def _lock_holder(run_dir: str, instance: str) -> int | None:
+    """Pid written into the instance lock file by the leader holding it (None if unknown)."""
+    try:
+        with open(lock_path(run_dir, instance)) as f:
+            return int(f.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
 
 
 def spawn_leader(
@@ -116,7 +128,10 @@ def spawn_leader(
                 raise LeaderStartError(reason or f"leader exited with code {code}")
             try:
                 client.call(m.GetStatus(), 0.2, m.Status)
-                return handle
+                # Another spawner's leader may be the one answering while ours is still
+                # starting (it will find the lock taken and exit): ours only if it holds the lock.
+                if _lock_holder(config.run_dir, instance) == popen.pid:
+                    return handle
             except LeaderUnavailable:
                 pass
             if time.monotonic() > deadline:
