@@ -211,6 +211,7 @@ class ProcWorker:
         self.proc = ctx.Process(target=_rank_main, args=(child, spec, rank, world), daemon=True)
         self.proc.start()
         self.rank = rank
+        self._closing = False
 
     def wait_started(self, timeout_s: float = 120.0) -> int:
         if not self.pipe.poll(timeout_s):
@@ -227,12 +228,21 @@ class ProcWorker:
             raise RuntimeError(f"rank {self.rank} did not answer")
         return self.pipe.recv()
 
-    def close(self) -> None:
+    def request_close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
         try:
             self.pipe.send(None)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.request_close()
+        try:
             if self.pipe.poll(30):
                 self.pipe.recv()
-        except (BrokenPipeError, EOFError):
+        except (EOFError, OSError):
             pass
         self.proc.join(30)
         if self.proc.is_alive():
@@ -469,6 +479,9 @@ class Engine:
     def close(self) -> None:
         if self.scheduler is not None and self.scheduler.connector is not None:
             self.scheduler.connector.shutdown()
+        for w in self.workers:
+            if isinstance(w, ProcWorker):
+                w.request_close()  # all ranks shut down at once
         for w in self.workers:
             w.close()
         self.workers = []

@@ -322,3 +322,18 @@ def test_metadata_is_plain_data() -> None:
     meta = DynamoConnectorMetadata(loads=[LoadOp("r", 1, [3], [4], [5])], stores=[StoreOp("r", 2, [6], [7])],
                                    preempted=["x"], delayed_free=["y"])
     assert pickle.loads(pickle.dumps(meta)) == meta
+
+
+def test_tp2_two_worker_processes(make_engine) -> None:
+    """TP = 2: two worker-role connectors in two processes (kv_connector_extra_config
+    kvbm_rank / kvbm_world_size), each copying and checking its own slice of every block."""
+    eng = make_engine(tp=2, num_blocks=40, max_num_seqs=8, max_num_batched_tokens=64)
+    assert not eng.sched.connector._owns_leader  # rank 0's process spawned it and stops it
+    eng.wait_ready()
+    status = eng.kvbm.client.status
+    assert status.world_size == 2
+    run_chats(eng, conversations=8, turns=3, max_tokens=16, seed=3)
+    finish_clean(eng)
+    s = eng.stats
+    assert s.external_hit_tokens > 0 and s.preemptions > 0
+    assert s.kv_stats["loaded_blocks"] == 2 * s.sched_kv_stats["onboard_host_blocks"]
