@@ -105,3 +105,9 @@ def test_sweep_keeps_live_segments() -> None:
     with HostPool.create(inst, PoolGeometry(1, 4096)) as pool:
         assert pool.name not in sweep_stale_segments()
         assert os.path.exists(f"/dev/shm/{pool.name}")
+
+
+def test_hash_lists_are_capped_per_request() -> None:
+    assert len(m.unpack_hashes(b"\0" * 8 * m.MAX_HASHES)) == m.MAX_HASHES
+    with pytest.raises(m.ProtocolError, match="limit"):
+        m.unpack_hashes(b"\0" * 8 * (m.MAX_HASHES + 1))

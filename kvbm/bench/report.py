@@ -20,6 +20,7 @@ SUITES: tuple[tuple[str, str], ...] = (
     ("registry", "kvbm.bench.registry"),
     ("transfer", "kvbm.bench.transfer"),
     ("disk", "kvbm.bench.disk"),
+    ("fuzz", "kvbm.bench.fuzz"),
     ("gpu", "kvbm.bench.gpu_copy"),
     ("vllm", "kvbm.bench.vllm_sched"),
 )

@@ -24,6 +24,7 @@ PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 64 << 20
 MAX_LIST_LEN = 1 << 20
 MAX_STR_LEN = 4096
+MAX_HASHES = 1 << 18  # per request: a 4M-token prompt at block size 16
 U64_MAX = (1 << 64) - 1
 I64_MIN = -(1 << 63)
 
@@ -413,6 +414,8 @@ def unpack_hashes(data: bytes, where: str = "hashes") -> list[int]:
     """Inverse of :func:`pack_hashes`; ProtocolError if the size is not a multiple of 8."""
     if len(data) % 8:
         raise ProtocolError(f"{where}: {len(data)} bytes is not a whole number of 64-bit hashes")
+    if len(data) > 8 * MAX_HASHES:
+        raise ProtocolError(f"{where}: {len(data) // 8} hashes exceed the {MAX_HASHES}-hash limit per request")
     arr = array.array("Q")
     arr.frombytes(data)
     if sys.byteorder != "little":

@@ -158,6 +158,8 @@ class SimEngine:
             self.start_leader()
 
     def start_leader(self) -> None:
+        if self.leader is not None:
+            self.leader.stop()  # a previous (dead) leader: reap it and drop its log
         self.leader = spawn_leader(self.config, self.instance, endpoint=self.endpoint)
         self.client = LeaderClient(self.endpoint)
 
