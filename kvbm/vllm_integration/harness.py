@@ -1,5 +1,7 @@
 """Drive the real vLLM 0.33 scheduler with DynamoConnector on a CPU-only machine.
 
+Used by tests/vllm and by kvbm.bench.vllm_sched; imports vLLM and torch.
+
 The scheduler is vLLM's own (``Scheduler`` or ``AsyncScheduler``) with the connector loaded by
 ``kv_connector_module_path``; each TP rank is a worker-role connector holding CPU torch KV
 tensors, in this process or in its own process (``tp > 1``). A step is what vLLM's model
@@ -8,8 +10,6 @@ KV oracle: every block a step completes is filled with bytes derived from its kv
 hash, and every block a (re)admitted request starts with (engine prefix hits and loads from
 kvbm) is checked against the oracle before the forward pass, so a wrong, stale or missing
 load is caught. Blocks a load targets are scrambled first, so a load that did nothing fails.
-
-Used by tests/vllm and by kvbm.bench.vllm_sched (which runs it without workers' checks).
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import random
 import time
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Literal
 
 import torch
 from vllm.config import (
@@ -52,15 +53,12 @@ from kvbm.hashing import SequenceHasher, salt_hash
 from kvbm.sim.oracle import Oracle, mix64
 from kvbm.worker.layout import EngineKV
 
-NUM_LAYERS = 2
-KV_HEADS = 2
-HEAD_DIM = 8
 MODULE_PATH = "kvbm.vllm_integration.connector"
 
 TINY_LLAMA = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-    "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": KV_HEADS,
-    "num_hidden_layers": NUM_LAYERS, "vocab_size": 32000, "max_position_embeddings": 8192,
+    "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "num_hidden_layers": 2, "vocab_size": 32000, "max_position_embeddings": 8192,
     "rms_norm_eps": 1e-5, "torch_dtype": "float16",
 }
 
@@ -90,7 +88,11 @@ class EngineSpec:
     module_path: str | None = MODULE_PATH
     extra: dict[str, Any] = field(default_factory=dict)
     kv_events: bool = False
-    load_failure_policy: str = "recompute"
+    load_failure_policy: Literal["recompute", "fail"] = "recompute"
+    # KV geometry of one rank (the scheduler only sees block counts; the workers' tensors use it)
+    num_layers: int = 2
+    kv_heads: int = 2
+    head_dim: int = 8
 
 
 def make_vllm_config(spec: EngineSpec, extra: dict[str, Any] | None = None) -> VllmConfig:
@@ -114,15 +116,15 @@ def make_vllm_config(spec: EngineSpec, extra: dict[str, Any] | None = None) -> V
 
 
 def make_kv_cache_config(spec: EngineSpec) -> KVCacheConfig:
-    layers = [f"model.layers.{i}.self_attn.attn" for i in range(NUM_LAYERS)]
-    attn = FullAttentionSpec(block_size=spec.block_size, num_kv_heads=KV_HEADS, head_size=HEAD_DIM,
+    layers = [f"model.layers.{i}.self_attn.attn" for i in range(spec.num_layers)]
+    attn = FullAttentionSpec(block_size=spec.block_size, num_kv_heads=spec.kv_heads, head_size=spec.head_dim,
                              dtype=torch.float16)
     return KVCacheConfig(num_blocks=spec.num_blocks, kv_cache_tensors=[],
                          kv_cache_groups=[KVCacheGroupSpec(layers, attn)])
 
 
 def make_tensors(spec: EngineSpec) -> dict[str, torch.Tensor]:
-    inner = (spec.block_size, KV_HEADS, HEAD_DIM)
+    inner = (spec.block_size, spec.kv_heads, spec.head_dim)
     shape = (2, spec.num_blocks) + inner if spec.layout == "kv_first" else (spec.num_blocks, 2) + inner
     return {name: torch.zeros(shape, dtype=torch.float16) for name in make_kv_cache_config(spec).kv_cache_groups[0].layer_names}
 
@@ -270,6 +272,8 @@ class RunStats:
     external_hit_tokens: int = 0
     local_hit_tokens: int = 0
     checked_blocks: int = 0
+    prompt_tokens: int = 0
+    reusable_tokens: int = 0  # prompt tokens an unbounded cache would hold at arrival
     mismatches: int = 0
     preemptions: int = 0
     schedule_seconds: list[float] = field(default_factory=list)
@@ -281,13 +285,15 @@ class Engine:
     """vLLM's scheduler + ``tp`` worker-role connectors, stepped like EngineCore does."""
 
     def __init__(self, spec: EngineSpec, *, tp: int = 1, scheduler_first: bool = False,
-                 proc_workers: bool = False, register_workers: bool = True) -> None:
+                 proc_workers: bool = False, register_workers: bool = True,
+                 worker_factory: Callable[[EngineSpec], Any] | None = None) -> None:
         init_none_hash(sha256)
         self.spec = spec
         self.bs = spec.block_size
         self.tp = tp
         self.stats = RunStats()
         self.infos: dict[str, _ReqInfo] = {}
+        self._computed: set[int] = set()  # hashes of every full block any forward pass computed
         self.workers: list[Any] = []
         self.proc_workers = proc_workers or tp > 1
         self.worker_pids: list[int] = []
@@ -295,6 +301,7 @@ class Engine:
         self._agg = KVOutputAggregator(expected_finished_count=tp)
         self.scheduler: Scheduler | None = None
         self._register = register_workers
+        self._worker_factory = worker_factory
         if scheduler_first:
             self._make_scheduler()
             self._make_workers()
@@ -303,6 +310,9 @@ class Engine:
             self._make_scheduler()
 
     def _make_workers(self) -> None:
+        if self._worker_factory is not None:
+            self.workers = [self._worker_factory(self.spec)]
+            return
         if self.spec.connector is None:
             return
         if self.proc_workers:
@@ -345,7 +355,17 @@ class Engine:
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
         req = Request(req_id, list(prompt), params, None, cache_salt=cache_salt,
                       block_hasher=get_request_block_hasher(self.bs, sha256))
-        self.infos[req_id] = _ReqInfo(list(prompt), SequenceHasher(self.bs, salt_hash(cache_salt, None)))
+        info = _ReqInfo(list(prompt), SequenceHasher(self.bs, salt_hash(cache_salt, None)))
+        self.infos[req_id] = info
+        # An unbounded cache could serve every leading block some request computed before
+        # (all but the last token: vLLM always computes one).
+        reusable = 0
+        for i in range((len(prompt) - 1) // self.bs):
+            if self._hash(req_id, i) not in self._computed:
+                break
+            reusable += 1
+        self.stats.reusable_tokens += reusable * self.bs
+        self.stats.prompt_tokens += len(prompt)
         self.sched.add_request(req)
 
     def tokens(self, req_id: str) -> list[int]:
@@ -376,6 +396,8 @@ class Engine:
                 checks += [(blocks[i], self._hash(rid, i)) for i in range(a // bs)]
             for i in range(a // bs, -(-b // bs)):
                 full = (i + 1) * bs <= b
+                if full:
+                    self._computed.add(self._hash(rid, i))
                 fills.append((blocks[i], self._hash(rid, i) if full else mix64(zlib.crc32(f"{rid}:{i}:{b}".encode()))))
         self.stats.checked_blocks += len(checks)
         return StepWork(so.kv_connector_metadata, set(so.finished_req_ids), fills, checks)
@@ -405,12 +427,14 @@ class Engine:
         for rid in req_ids:
             req = self.sched.requests[rid]
             sampled.append([] if req.is_prefill_chunk else [gen_token(rid, req.num_computed_tokens)])
-        outs = [ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
-                                  sampled_token_ids=sampled, kv_connector_output=r.output) for r in results]
-        if not outs:
-            outs = [ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
-                                      sampled_token_ids=sampled)]
-        mro = self._agg.aggregate(outs) if results else outs[0]
+        index = {r: i for i, r in enumerate(req_ids)}
+        outs: list[ModelRunnerOutput | None] = [
+            ModelRunnerOutput(req_ids=req_ids, req_id_to_index=index, sampled_token_ids=sampled,
+                              kv_connector_output=r.output) for r in results]
+        if results:
+            mro = self._agg.aggregate(outs)  # as vLLM merges its workers' outputs
+        else:
+            mro = ModelRunnerOutput(req_ids=req_ids, req_id_to_index=index, sampled_token_ids=sampled)
         assert mro is not None
         self._pending.append((so, mro))
         if not self.spec.async_scheduling or len(self._pending) > 1:
@@ -445,6 +469,36 @@ class Engine:
             if time.monotonic() > deadline:
                 raise AssertionError(f"engine still busy after {timeout_s:g} s: {list(self.sched.requests)}")
             self.step()
+
+    def run_chats(self, *, conversations: int, turns: int, system: int = 96, turn_len: int = 40,
+                  max_tokens: int = 16, num_systems: int = 3, seed: int = 0,
+                  on_step: Callable[["Engine"], None] | None = None, timeout_s: float = 300.0) -> None:
+        """Multi-turn chats until all finished: each turn's prompt is the whole conversation so far
+        (prompts and outputs), and conversations share ``num_systems`` system prompts."""
+        rng = random.Random(seed)
+        systems = [[rng.randrange(1, 30000) for _ in range(system)] for _ in range(num_systems)]
+        convs: list[dict[str, Any]] = [{"tokens": list(systems[i % num_systems]), "turn": 0, "live": None}
+                                       for i in range(conversations)]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for ci, c in enumerate(convs):
+                rid = c["live"]
+                if rid is not None and rid not in self.sched.requests:
+                    n = len(c["tokens"])  # finished: its outputs join the conversation
+                    c["tokens"] += [gen_token(rid, p) for p in range(n, n + max_tokens)]
+                    c["live"] = None
+                if c["live"] is None and c["turn"] < turns:
+                    c["tokens"] += [rng.randrange(1, 30000) for _ in range(turn_len)]
+                    new_id = f"s{seed}c{ci}t{c['turn']}"
+                    c["live"], c["turn"] = new_id, c["turn"] + 1
+                    self.add(new_id, c["tokens"], max_tokens=max_tokens)
+            if not self.busy():
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"chats not finished within {timeout_s:g} s")
+            self.step()
+            if on_step is not None:
+                on_step(self)
 
     def step_until(self, cond: Any, timeout_s: float = 30.0) -> None:
         """Step until ``cond()`` holds."""

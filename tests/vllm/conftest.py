@@ -1,4 +1,8 @@
-"""Fixtures for the vLLM connector tests: offline vLLM, a private kvbm run dir, leak checks."""
+"""Fixtures for the vLLM connector tests: offline vLLM, a private kvbm run dir, leak checks.
+
+vLLM is imported lazily (by the fixtures), so this file loads without it; the test modules
+skip with ``pytest.importorskip("vllm")``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import pytest
 
@@ -16,13 +20,14 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(tempfile.gettempdir(), f"kvbm-vllm-cache-{os.getuid()}"))
 
-pytest.importorskip("vllm")
-
-from harness import Engine, EngineSpec, write_model_dir  # noqa: E402
+if TYPE_CHECKING:
+    from kvbm.vllm_integration.harness import Engine
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from kvbm.vllm_integration.harness import write_model_dir
+
     return write_model_dir(str(tmp_path_factory.mktemp("model")))
 
 
@@ -76,13 +81,15 @@ def kvbm_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., str]]:
 
 
 @pytest.fixture
-def make_engine(model_dir: str, kvbm_env: Callable[..., str]) -> Iterator[Callable[..., Engine]]:
+def make_engine(model_dir: str, kvbm_env: Callable[..., str]) -> Iterator[Callable[..., "Engine"]]:
     """Build engines with unique engine ids; closes them and checks for leaks afterwards."""
+    from kvbm.vllm_integration.harness import Engine, EngineSpec
+
     engines: list[Engine] = []
     tags: list[str] = []
 
     def make(*, tp: int = 1, scheduler_first: bool = False, proc_workers: bool = False,
-             register_workers: bool = True, **spec_kw: object) -> Engine:
+             register_workers: bool = True, **spec_kw: object) -> "Engine":
         engine_id = f"t{uuid.uuid4().hex[:10]}"
         tags.append(engine_id)
         spec = EngineSpec(model_dir=model_dir, engine_id=engine_id, **spec_kw)  # type: ignore[arg-type]

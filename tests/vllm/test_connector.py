@@ -13,10 +13,12 @@ import time
 from typing import Any
 
 import pytest
-from harness import Engine, gen_token
 
-from kvbm.vllm_integration.connector import DynamoConnector, DynamoConnectorMetadata
-from kvbm.vllm_integration.connector.common import owned_leader
+pytest.importorskip("vllm")
+
+from kvbm.vllm_integration.connector import DynamoConnector, DynamoConnectorMetadata  # noqa: E402
+from kvbm.vllm_integration.connector.common import owned_leader  # noqa: E402
+from kvbm.vllm_integration.harness import Engine, gen_token  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -34,33 +36,6 @@ def finish_clean(eng: Engine) -> dict[str, float]:
     assert st["host_pinned"] == 0 and st["host_writing"] == 0 and st["ops_in_flight"] == 0, st
     assert eng.stats.mismatches == 0
     return st
-
-
-def run_chats(eng: Engine, *, conversations: int, turns: int, system: int = 96, turn_len: int = 40,
-              max_tokens: int = 16, seed: int = 0, on_step: Any = None) -> None:
-    """Multi-turn chats: each turn's prompt is the whole conversation so far (prompts and
-    outputs), and conversations share a few system prompts, so later turns hit earlier blocks."""
-    rng = random.Random(seed)
-    systems = [prompt(seed * 100 + i, system) for i in range(3)]
-    convs: list[dict[str, Any]] = [{"tokens": list(systems[i % 3]), "turn": 0, "live": None}
-                                   for i in range(conversations)]
-    while True:
-        for ci, c in enumerate(convs):
-            rid = c["live"]
-            if rid is not None and rid not in eng.sched.requests:
-                n = len(c["tokens"])  # the request finished: its outputs join the conversation
-                c["tokens"] += [gen_token(rid, p) for p in range(n, n + max_tokens)]
-                c["live"] = None
-            if c["live"] is None and c["turn"] < turns:
-                c["tokens"] += [rng.randrange(1, 30000) for _ in range(turn_len)]
-                c["live"] = f"c{ci}t{c['turn']}"
-                c["turn"] += 1
-                eng.add(c["live"], c["tokens"], max_tokens=max_tokens)
-        if not eng.busy():
-            return
-        eng.step()
-        if on_step is not None:
-            on_step(eng)
 
 
 @pytest.mark.parametrize("layout", ["kv_first", "block_first"])
@@ -169,7 +144,7 @@ def test_many_chats_with_preemption_and_chunked_prefill(make_engine) -> None:
     request starts from is checked against the oracle, and nothing leaks."""
     eng = make_engine(num_blocks=40, max_num_seqs=8, max_num_batched_tokens=64)
     eng.wait_ready()
-    run_chats(eng, conversations=16, turns=4, max_tokens=24)
+    eng.run_chats(conversations=16, turns=4, max_tokens=24)
     finish_clean(eng)
     s = eng.stats
     assert s.steps > 200 and s.preemptions > 0
@@ -187,7 +162,7 @@ def test_async_scheduling_with_disk_tier_and_slow_stores(make_engine, kvbm_env) 
                       layout="block_first")
     slow_down_stores(eng, 0.002)
     eng.wait_ready()
-    run_chats(eng, conversations=12, turns=3, max_tokens=20, seed=1)
+    eng.run_chats(conversations=12, turns=3, max_tokens=20, seed=1)
     st = finish_clean(eng)
     assert eng.stats.preemptions > 0
     assert eng.stats.sched_kv_stats.get("onboard_disk_blocks", 0) > 0, eng.stats.sched_kv_stats
@@ -279,7 +254,7 @@ def test_leader_killed_mid_run(make_engine) -> None:
             leader.popen.wait()
 
     t0 = time.monotonic()
-    run_chats(eng, conversations=10, turns=3, max_tokens=16, seed=2, on_step=kill_at_step_80)
+    eng.run_chats(conversations=10, turns=3, max_tokens=16, seed=2, on_step=kill_at_step_80)
     assert state["steps"] > 120
     eng.run()
     eng.assert_empty()
@@ -332,7 +307,7 @@ def test_tp2_two_worker_processes(make_engine) -> None:
     eng.wait_ready()
     status = eng.kvbm.client.status
     assert status.world_size == 2
-    run_chats(eng, conversations=8, turns=3, max_tokens=16, seed=3)
+    eng.run_chats(conversations=8, turns=3, max_tokens=16, seed=3)
     finish_clean(eng)
     s = eng.stats
     assert s.external_hit_tokens > 0 and s.preemptions > 0

@@ -168,12 +168,18 @@ class KvbmScheduler:
         if num_external_tokens == 0:
             return  # also the second call, after an async load finished
         st = self._reqs.get(request.request_id)
-        if st is None or st.match is None:
-            raise RuntimeError(f"kvbm: vLLM allocated {num_external_tokens} external tokens for request "
-                               f"{request.request_id} that kvbm never offered")
-        m, bs = st.match, self.block_size
+        bs = self.block_size
+        m = st.match if st is not None else None
+        start = m.start if m is not None else 0
+        # Every engine block vLLM now treats as loaded; a partial last block (vLLM trimmed the
+        # hit) cannot be filled by whole-block loads, so it is reported failed and recomputed.
+        engine = blocks.get_block_ids()[0][start : start + -(-num_external_tokens // bs)]
         n = num_external_tokens // bs
-        engine = blocks.get_block_ids()[0][m.start : m.start + n]
+        if st is None or m is None or n > m.host + m.disk:
+            log.error("kvbm: vLLM allocated %d external tokens for request %s that kvbm did not offer; "
+                      "they will be recomputed", num_external_tokens, request.request_id)
+            self._emit_load(LoadOp(request.request_id, 0, [], [], engine), 0, 0)
+            return
         grant = self.client.prepare_load(st.hashes[m.start : m.start + n])
         k = len(grant.slots)
         op = LoadOp(request.request_id, grant.op_id, grant.slots, engine[:k], engine[k:])
