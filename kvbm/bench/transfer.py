@@ -36,6 +36,17 @@ def _best(fn, reps: int) -> float:
 
 
 def copy_bench(quick: bool) -> list[BenchResult]:
+    """Steady-state copy figures: the measurement runs twice and the second is reported.
+
+    On our VMs the first measurement in a fresh process shows loads (writes into the engine's
+    tensors) at ~0.3 of memcpy while stores are unaffected; every later one is at ~0.9. An
+    engine's KV cache lives for hours, so the steady state is the figure that matters.
+    """
+    copy_once(quick)
+    return copy_once(quick)
+
+
+def copy_once(quick: bool) -> list[BenchResult]:
     """32 layers x 16 tokens x 8 heads x 128 dim fp16 = 2 MiB per block per rank, batches of 64."""
     layers, batch = (8, 16) if quick else (32, 64)
     nb = batch * 2
@@ -52,6 +63,9 @@ def copy_bench(quick: bool) -> list[BenchResult]:
         nbytes = batch * block_bytes
         src, dst = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
         reps = 3 if quick else 7
+        for _ in range(2):  # warm caches and page tables
+            engine.store(blocks, slots)
+            engine.load(slots, blocks)
         memcpy = nbytes / _best(lambda: np.copyto(dst, src), reps) / 1e9
         store = nbytes / _best(lambda: engine.store(blocks, slots), reps) / 1e9
         load = nbytes / _best(lambda: engine.load(slots, blocks), reps) / 1e9
