@@ -373,14 +373,10 @@ class SimEngine:
     def quiesce(self, timeout_s: float = 10.0) -> dict[str, float]:
         """Wait until the leader has applied every rank ack (no op in flight); returns its stats."""
         assert self.client is not None
-        deadline = time.monotonic() + timeout_s
-        while True:
-            stats = self.client.stats()
-            if stats.get("ops_in_flight", 1) == 0 and stats.get("disk_busy", 0) == 0:
-                return stats
-            if time.monotonic() > deadline:
-                raise SimError(f"leader still has work in flight after {timeout_s:g} s: {stats}")
-            time.sleep(0.01)
+        try:
+            return self.client.wait_idle(timeout_s)
+        except TimeoutError as e:
+            raise SimError(str(e)) from None
 
     def reset_engine_cache(self) -> None:
         """Drop the engine's own prefix cache so the next requests must come from kvbm."""
