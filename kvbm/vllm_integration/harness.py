@@ -273,9 +273,9 @@ class RunStats:
     local_hit_tokens: int = 0
     checked_blocks: int = 0
     prompt_tokens: int = 0
-    reusable_tokens: int = 0  # prompt tokens an unbounded cache would hold at arrival
     mismatches: int = 0
     preemptions: int = 0
+    mismatch_details: list[tuple[int, list[tuple[int, int]]]] = field(default_factory=list)  # (step, blocks)
     schedule_seconds: list[float] = field(default_factory=list)
     kv_stats: dict[str, int] = field(default_factory=dict)  # worker side, summed over ranks
     sched_kv_stats: dict[str, int] = field(default_factory=dict)  # as vLLM's scheduler stats report them
@@ -293,7 +293,6 @@ class Engine:
         self.tp = tp
         self.stats = RunStats()
         self.infos: dict[str, _ReqInfo] = {}
-        self._computed: set[int] = set()  # hashes of every full block any forward pass computed
         self.workers: list[Any] = []
         self.proc_workers = proc_workers or tp > 1
         self.worker_pids: list[int] = []
@@ -355,16 +354,7 @@ class Engine:
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
         req = Request(req_id, list(prompt), params, None, cache_salt=cache_salt,
                       block_hasher=get_request_block_hasher(self.bs, sha256))
-        info = _ReqInfo(list(prompt), SequenceHasher(self.bs, salt_hash(cache_salt, None)))
-        self.infos[req_id] = info
-        # An unbounded cache could serve every leading block some request computed before
-        # (all but the last token: vLLM always computes one).
-        reusable = 0
-        for i in range((len(prompt) - 1) // self.bs):
-            if self._hash(req_id, i) not in self._computed:
-                break
-            reusable += 1
-        self.stats.reusable_tokens += reusable * self.bs
+        self.infos[req_id] = _ReqInfo(list(prompt), SequenceHasher(self.bs, salt_hash(cache_salt, None)))
         self.stats.prompt_tokens += len(prompt)
         self.sched.add_request(req)
 
@@ -396,9 +386,11 @@ class Engine:
                 checks += [(blocks[i], self._hash(rid, i)) for i in range(a // bs)]
             for i in range(a // bs, -(-b // bs)):
                 full = (i + 1) * bs <= b
-                if full:
-                    self._computed.add(self._hash(rid, i))
                 fills.append((blocks[i], self._hash(rid, i) if full else mix64(zlib.crc32(f"{rid}:{i}:{b}".encode()))))
+        # A request may hit (in vLLM's prefix cache) blocks another request of the same batch
+        # computes in this very forward pass; those are written before they are read.
+        written = {blk for blk, _ in fills}
+        checks = [(blk, h) for blk, h in checks if blk not in written]
         self.stats.checked_blocks += len(checks)
         return StepWork(so.kv_connector_metadata, set(so.finished_req_ids), fills, checks)
 
@@ -418,6 +410,8 @@ class Engine:
             results = [w.step(work) for w in self.workers]
         for r in results:
             self.stats.mismatches += len(r.mismatches)
+            if r.mismatches:
+                self.stats.mismatch_details.append((self.stats.steps, r.mismatches))
             st = r.output.kv_connector_stats
             if st is not None:
                 for k, v in st.data.items():

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from vllm.distributed.kv_events import KVCacheEvent
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
@@ -149,6 +150,12 @@ class DynamoConnector(KVConnectorBase_V1):
         return self.worker.take_worker_meta() if self.worker is not None else None
 
     # -- scheduler side ------------------------------------------------------------------
+    def bind_gpu_block_pool(self, gpu_block_pool: "BlockPool") -> None:
+        sc = self._vllm_config.scheduler_config
+        if self.scheduler is not None and getattr(sc, "scheduler_reserve_full_isl", False):
+            self.scheduler.free_blocks = gpu_block_pool.get_num_free_blocks
+            self.scheduler.max_model_len = self._vllm_config.model_config.max_model_len
+
     def on_new_request(self, request: "Request") -> None:
         if self.scheduler is not None:
             self.scheduler.on_new_request(request)
@@ -180,6 +187,10 @@ class DynamoConnector(KVConnectorBase_V1):
         if self.scheduler is None:
             return False, None
         return self.scheduler.request_finished(request), None
+
+    def has_pending_block_frees(self) -> bool:
+        # Stores finish within milliseconds: waiting for their blocks beats preempting a request.
+        return self.scheduler.has_pending_block_frees() if self.scheduler is not None else False
 
     def take_events(self) -> Iterable["KVCacheEvent"]:
         return self.scheduler.take_events() if self.scheduler is not None else ()

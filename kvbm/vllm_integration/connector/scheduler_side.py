@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from kvbm.hashing import SequenceHasher, salt_hash
 from kvbm.leader.client import LeaderClient
@@ -93,8 +93,13 @@ class KvbmScheduler:
         self._pending: dict[int, _PendingLoad] = {}  # op id -> load waiting for disk staging
         self._store_owner: dict[int, str] = {}  # store op id -> request id
         self._store_acks: dict[int, int] = {}  # store op id -> ranks that reported it done
-        self._delayed: list[str] = []
+        self._delayed: list[str] = []  # delayed frees to announce to the workers
+        self._awaiting_free: set[str] = set()  # delayed frees not yet reported done
         self._checked_leader = False
+        # Free engine blocks (set by bind_block_pool when vLLM only admits requests whose whole
+        # sequence fits): lets lookups for requests that cannot be admitted be skipped.
+        self.free_blocks: Callable[[], int] | None = None
+        self.max_model_len = 1 << 62
         self._disabled = False
 
     # -- helpers -------------------------------------------------------------------------
@@ -137,6 +142,8 @@ class KvbmScheduler:
             return 0, False
         bs = self.block_size
         num_tokens = request.num_tokens
+        if self.free_blocks is not None and self._cannot_fit(num_tokens, num_computed_tokens):
+            return 0, False  # vLLM cannot admit it this step anyway: spare the leader round trip
         hashes = self._hashes(st, num_tokens // bs)
         start = num_computed_tokens // bs
         if start >= len(hashes):
@@ -154,6 +161,15 @@ class KvbmScheduler:
             return 0, False
         st.match = _Match(start, host, disk)
         return (host + disk) * bs, True
+
+    def _cannot_fit(self, num_tokens: int, num_computed_tokens: int) -> bool:
+        """True when the engine pool cannot hold the whole sequence (vLLM admits a request only
+        if it can, ``scheduler_reserve_full_isl``), so the lookup would be wasted. A lower bound
+        of the blocks vLLM asks for: the sequence minus every block the local hit may cover."""
+        assert self.free_blocks is not None
+        bs = self.block_size
+        need = -(-min(num_tokens, self.max_model_len) // bs) - (num_computed_tokens // bs + 1)
+        return need > self.free_blocks()
 
     def hit_sources(self, request: "Request", num_external_tokens: int) -> dict[Tier, int]:
         """Tokens of the last match per tier (host first: loads take G2 blocks first)."""
@@ -275,6 +291,7 @@ class KvbmScheduler:
         self.stats.add("offload_blocks", len(pairs))
 
     def update_connector_output(self, output: "KVConnectorOutput") -> None:
+        self._awaiting_free.difference_update(output.finished_sending or ())
         meta = output.kv_connector_worker_meta
         if not isinstance(meta, DynamoWorkerMetadata):
             return
@@ -302,6 +319,7 @@ class KvbmScheduler:
             self._ready_loads.append(LoadOp(request.request_id, 0, [], [], []))
         if st.inflight:
             self._delayed.append(request.request_id)
+            self._awaiting_free.add(request.request_id)
             return True
         return False
 
@@ -339,9 +357,9 @@ class KvbmScheduler:
     def reset_cache(self) -> bool:
         return self.client.reset_cache()
 
-    def has_work(self) -> bool:
-        """Anything the workers still have to be told (used by tests and shutdown)."""
-        return bool(self._pending or self._ready_loads or self._delayed)
+    def has_pending_block_frees(self) -> bool:
+        """Finished requests whose blocks come back once their stores finish (soon)."""
+        return bool(self._awaiting_free)
 
     def shutdown(self) -> None:
         for op_id in list(self._pending):

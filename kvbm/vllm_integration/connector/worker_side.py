@@ -166,10 +166,6 @@ class KvbmWorker:
         out, self.stats = self.stats, KvbmConnectorStats()
         return out
 
-    def busy(self) -> bool:
-        """Copies still in flight on this rank."""
-        return bool(self._loads or self._stores)
-
     def shutdown(self) -> None:
         if self.agent is not None:
             self.agent.close()
