@@ -22,8 +22,10 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -75,6 +77,50 @@ class _OffloadStandInWorker:
         return
 
 
+def _time_calls(rpc: Any, out: list[float]) -> None:
+    """Record the wall time of every leader round trip the scheduler side makes."""
+    call = rpc.call
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            out.append(time.perf_counter() - t0)
+
+    rpc.call = timed
+
+
+def _bare_rtt(tmp: str, n: int) -> list[float]:
+    """Round trips of a bare ZMQ ipc echo between two processes: the floor of one leader call."""
+    import zmq
+
+    from kvbm.bench.transfer import _ECHO
+
+    ep = f"ipc://{tmp}/echo.sock"
+    echo = subprocess.Popen([sys.executable, "-c", _ECHO, ep])
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(ep)
+    payload = bytes(256)  # about a Match of a few dozen hashes
+    times = []
+    try:
+        for i in range(n + 50):
+            t0 = time.perf_counter()
+            sock.send(payload)
+            sock.recv()
+            if i >= 50:
+                times.append(time.perf_counter() - t0)
+        sock.send(b"stop")
+        echo.wait(10)
+    finally:
+        sock.close(0)
+        if echo.poll() is None:
+            echo.kill()
+            echo.wait()
+    return times
+
+
 def _run_one(model_dir: str, name: str, connector: str | None, extra: dict[str, Any], quick: bool,
              host_blocks: int = HOST_BLOCKS) -> Any:
     from kvbm.vllm_integration.harness import Engine, EngineSpec
@@ -89,14 +135,16 @@ def _run_one(model_dir: str, name: str, connector: str | None, extra: dict[str, 
     # kvbm's worker runs in its own process (as with vLLM's multiprocess executor), so its CPU
     # copies do not compete with the scheduler for the GIL: schedule() times the scheduler side.
     eng = Engine(spec, worker_factory=factory, proc_workers=connector == "DynamoConnector")
+    rtts: list[float] = []
     try:
         if connector == "DynamoConnector":
             eng.wait_ready()
+            _time_calls(eng.kvbm.client._rpc, rtts)
         eng.run_chats(conversations=12 if quick else 32, turns=3 if quick else 4, system=256, turn_len=64,
                       max_tokens=32, num_systems=4, seed=7, timeout_s=600)
         eng.run()
         assert eng.stats.mismatches == 0, f"{name}: loaded KV differs from what was stored"
-        return eng.stats
+        return eng.stats, rtts
     finally:
         eng.close()
 
@@ -133,15 +181,16 @@ def run(quick: bool = False) -> list[BenchResult]:
     with _env(env):
         try:
             runs = _run_all(model_dir, offload_extra, quick)
+            bare = _bare_rtt(tmp, 500 if quick else 3000)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    base, unbounded = runs.pop("no connector"), runs.pop("unbounded")
+    (base, _), (unbounded, _) = runs.pop("no connector"), runs.pop("unbounded")
     b50 = _pct(base.schedule_seconds, 0.5) * 1e6
     b99 = _pct(base.schedule_seconds, 0.99) * 1e6
     out = [BenchResult("vLLM schedule() p50, no connector", b50, "us", None, "", None, "the limit below"),
            BenchResult("vLLM schedule() p99, no connector", b99, "us", None, "", None, "the limit below")]
-    for name, st in runs.items():
+    for name, (st, rtts) in runs.items():
         p50 = _pct(st.schedule_seconds, 0.5) * 1e6
         p99 = _pct(st.schedule_seconds, 0.99) * 1e6
         added = statistics.mean(st.schedule_seconds) * 1e6 - statistics.mean(base.schedule_seconds) * 1e6
@@ -150,6 +199,16 @@ def run(quick: bool = False) -> list[BenchResult]:
             BenchResult(f"{name}: schedule() p99", p99, "us", b99, "us (no connector)", p99 / b99, "< 2x"),
             BenchResult(f"{name}: mean time added per step", added, "us", None, "", None, "< 300 us"),
         ]
+        if rtts:
+            r50, bare50 = _pct(rtts, 0.5) * 1e6, _pct(bare, 0.5) * 1e6
+            out += [
+                BenchResult(f"{name}: leader round trips per step", len(rtts) / st.steps, "calls", None, "", None,
+                            "match, prepare_load, poll, allocate_store"),
+                BenchResult(f"{name}: leader round trip p50", r50, "us", bare50, "us bare ZMQ ipc echo", r50 / bare50,
+                            "< 3x"),
+                BenchResult(f"{name}: leader round trip p99", _pct(rtts, 0.99) * 1e6, "us", _pct(bare, 0.99) * 1e6,
+                            "us bare ZMQ ipc echo", _pct(rtts, 0.99) / _pct(bare, 0.99), "< 3x"),
+            ]
         out.append(BenchResult(f"{name}: external hit tokens", st.external_hit_tokens, "tokens",
                                unbounded.external_hit_tokens, "tokens (kvbm, unbounded host pool)",
                                st.external_hit_tokens / max(1, unbounded.external_hit_tokens),

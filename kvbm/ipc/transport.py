@@ -16,7 +16,7 @@ import logging
 import os
 import stat
 import time
-from typing import TypeVar
+from typing import Sequence, TypeVar
 
 import zmq
 
@@ -99,18 +99,32 @@ class RpcClient:
 
     def call(self, msg: Message, timeout_s: float, expect: type[M]) -> M:
         """Send ``msg`` and wait up to ``timeout_s`` for its reply of type ``expect``."""
-        request_id = next(self._ids)
-        frame = encode(msg, request_id)
+        reply = self.call_many([msg], timeout_s, expect)[0]
+        if isinstance(reply, RemoteError):
+            raise reply
+        return reply
+
+    def call_many(self, msgs: Sequence[Message], timeout_s: float, expect: type[M]) -> list[M | RemoteError]:
+        """Send every request at once, then collect the replies: one round trip for all.
+
+        Returns the replies in request order; an error reply becomes a RemoteError in its
+        place. Raises LeaderUnavailable if any reply is missing after ``timeout_s``.
+        """
+        ids = [next(self._ids) for _ in msgs]
         deadline = time.monotonic() + timeout_s
-        while True:  # the connection may still be coming up (or the leader is gone)
-            try:
-                self._sock.send(frame, zmq.NOBLOCK)
-                break
-            except zmq.Again:
-                if time.monotonic() >= deadline:
-                    raise LeaderUnavailable(f"leader at {self.endpoint} is not connected") from None
-                time.sleep(0.005)
-        while True:
+        for request_id, msg in zip(ids, msgs):
+            frame = encode(msg, request_id)
+            while True:  # the connection may still be coming up (or the leader is gone)
+                try:
+                    self._sock.send(frame, zmq.NOBLOCK)
+                    break
+                except zmq.Again:
+                    if time.monotonic() >= deadline:
+                        raise LeaderUnavailable(f"leader at {self.endpoint} is not connected") from None
+                    time.sleep(0.005)
+        pending = {request_id: i for i, request_id in enumerate(ids)}
+        out: list[M | RemoteError | None] = [None] * len(ids)
+        while pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1):
                 raise LeaderUnavailable(f"no reply from the leader at {self.endpoint} within {timeout_s:g} s")
@@ -120,13 +134,16 @@ class RpcClient:
             except ProtocolError as e:
                 log.warning("dropping a malformed reply from the leader: %s", e)
                 continue
-            if rid != request_id:
+            i = pending.pop(rid, None)
+            if i is None:
                 continue  # a late reply to an earlier call that timed out
             if isinstance(reply, ErrorReply):
-                raise RemoteError(reply.code, reply.message)
-            if not isinstance(reply, expect):
-                raise RemoteError("protocol", f"expected {expect.TAG}, got {reply.TAG}")
-            return reply
+                out[i] = RemoteError(reply.code, reply.message)
+            elif not isinstance(reply, expect):
+                out[i] = RemoteError("protocol", f"expected {expect.TAG}, got {reply.TAG}")
+            else:
+                out[i] = reply
+        return [r for r in out if r is not None]
 
     def send(self, msg: Message) -> None:
         """Fire-and-forget (heartbeats, acks); dropped if the leader is not connected."""

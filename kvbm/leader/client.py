@@ -94,20 +94,33 @@ class LeaderClient:
             self._logged = text
 
     def _call(self, msg: m.Message, expect: type[M]) -> M | None:
-        if not self.is_ready():
-            return None
+        return self._call_many([msg], expect)[0]
+
+    def _call_many(self, msgs: Sequence[m.Message], expect: type[M]) -> list[M | None]:
+        """Replies in order (one round trip for all); None for each one that failed."""
+        if not msgs or not self.is_ready():
+            return [None] * len(msgs)
         try:
-            return self._rpc.call(msg, self.timeout_s, expect)
+            replies = self._rpc.call_many(msgs, self.timeout_s, expect)
         except LeaderUnavailable as e:
             self._down(str(e))
-        except RemoteError as e:
-            if e.code in ("degraded", "not_ready", "init_failed"):
-                self._status = None
-                self._next_probe = time.monotonic() + PROBE_INTERVAL_S
-                self._note(f"kvbm leader cannot serve ({e.message}); serving without external KV hits")
+            return [None] * len(msgs)
+        out: list[M | None] = []
+        for msg, reply in zip(msgs, replies):
+            if isinstance(reply, RemoteError):
+                self._rejected(msg, reply)
+                out.append(None)
             else:
-                log.error("leader rejected %s: %s", msg.TAG, e)
-        return None
+                out.append(reply)
+        return out
+
+    def _rejected(self, msg: m.Message, e: RemoteError) -> None:
+        if e.code in ("degraded", "not_ready", "init_failed"):
+            self._status = None
+            self._next_probe = time.monotonic() + PROBE_INTERVAL_S
+            self._note(f"kvbm leader cannot serve ({e.message}); serving without external KV hits")
+        else:
+            log.error("leader rejected %s: %s", msg.TAG, e)
 
     # -- requests ------------------------------------------------------------------------
     def match(self, hashes: Sequence[int] | np.ndarray) -> tuple[int, int]:
@@ -134,12 +147,18 @@ class LeaderClient:
 
     def allocate_store(self, hashes: Sequence[int] | np.ndarray, first_parent: int = 0,
                        priority: int = 0) -> StoreGrantInfo:
-        if len(hashes) == 0:
-            return StoreGrantInfo(0, [])
-        reply = self._call(m.AllocateStore(m.pack_hashes(hashes), first_parent, priority), m.StoreGrant)
-        if reply is None:
-            return StoreGrantInfo(0, [])
-        return StoreGrantInfo(reply.op_id, m.unpack_slots(reply.slots).tolist())
+        return self.allocate_stores([(hashes, first_parent)], priority)[0]
+
+    def allocate_stores(self, chains: Sequence[tuple[Sequence[int] | np.ndarray, int]],
+                        priority: int = 0) -> list[StoreGrantInfo]:
+        """allocate_store for several (hashes, first_parent) chains in one round trip."""
+        todo = [i for i, (hashes, _) in enumerate(chains) if len(hashes)]
+        msgs = [m.AllocateStore(m.pack_hashes(chains[i][0]), chains[i][1], priority) for i in todo]
+        out = [StoreGrantInfo(0, [])] * len(chains)
+        for i, reply in zip(todo, self._call_many(msgs, m.StoreGrant)):
+            if reply is not None:
+                out[i] = StoreGrantInfo(reply.op_id, m.unpack_slots(reply.slots).tolist())
+        return out
 
     def release(self, op_id: int) -> None:
         if op_id:

@@ -47,7 +47,7 @@ def _segments(tag: str) -> list[str]:
 
 
 def _leaders(tag: str) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     return [line.strip() for line in out.splitlines() if "kvbm.leader" in line and tag in line]
 
 

@@ -96,7 +96,7 @@ class KvbmScheduler:
         self._delayed: list[str] = []  # delayed frees to announce to the workers
         self._awaiting_free: set[str] = set()  # delayed frees not yet reported done
         self._checked_leader = False
-        # Free engine blocks (set by bind_block_pool when vLLM only admits requests whose whole
+        # Free engine blocks (set by bind_gpu_block_pool when vLLM only admits requests whose whole
         # sequence fits): lets lookups for requests that cannot be admitted be skipped.
         self.free_blocks: Callable[[], int] | None = None
         self.max_model_len = 1 << 62
@@ -251,12 +251,13 @@ class KvbmScheduler:
                 # reading them before this step's forward pass (handle_preemptions).
                 st.block_ids, st.stored, st.inflight = [], -1, set()
         tokens = so.num_scheduled_tokens
+        plans: list[tuple[_Req, int, int]] = []
         for nr in so.scheduled_new_reqs:
             st = self._reqs.get(nr.req_id)
             if st is not None:
                 st.block_ids = list(nr.block_ids[0])
                 st.stored = nr.num_computed_tokens // self.block_size
-                self._plan_stores(st, nr.num_computed_tokens + tokens[nr.req_id], meta)
+                self._plan_stores(st, nr.num_computed_tokens + tokens[nr.req_id], plans)
         cached = so.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             st = self._reqs.get(req_id)
@@ -268,27 +269,34 @@ class KvbmScheduler:
                 st.stored = cached.num_computed_tokens[i] // self.block_size
             elif new_ids is not None:
                 st.block_ids += new_ids[0]
-            self._plan_stores(st, cached.num_computed_tokens[i] + tokens[req_id], meta)
+            self._plan_stores(st, cached.num_computed_tokens[i] + tokens[req_id], plans)
+        if plans:
+            self._allocate_stores(plans, meta)
         return meta
 
-    def _plan_stores(self, st: _Req, computed_after: int, meta: DynamoConnectorMetadata) -> None:
-        """Store the full blocks this step completes (only those whose tokens are known)."""
+    def _plan_stores(self, st: _Req, computed_after: int, plans: list[tuple[_Req, int, int]]) -> None:
+        """Plan storing the full blocks this step completes (only those whose tokens are known)."""
         bs = self.block_size
         n_full = min(computed_after, st.request.num_tokens, len(st.block_ids) * bs) // bs
         first = st.stored
         if n_full <= first or first < 0:
             return
         st.stored = n_full
-        hashes = self._hashes(st, n_full)
-        grant = self.client.allocate_store(hashes[first:n_full], hashes[first - 1] if first else 0)
-        if not grant.op_id:
-            return
-        pairs = [(st.block_ids[first + i], s) for i, s in enumerate(grant.slots) if s >= 0]
-        req_id = st.request.request_id
-        meta.stores.append(StoreOp(req_id, grant.op_id, [b for b, _ in pairs], [s for _, s in pairs]))
-        st.inflight.add(grant.op_id)
-        self._store_owner[grant.op_id] = req_id
-        self.stats.add("offload_blocks", len(pairs))
+        self._hashes(st, n_full)
+        plans.append((st, first, n_full))
+
+    def _allocate_stores(self, plans: list[tuple[_Req, int, int]], meta: DynamoConnectorMetadata) -> None:
+        """One leader round trip for every request's new blocks, then a store op per request."""
+        chains = [(st.hashes[first:n], st.hashes[first - 1] if first else 0) for st, first, n in plans]
+        for (st, first, _n), grant in zip(plans, self.client.allocate_stores(chains)):
+            if not grant.op_id:
+                continue
+            pairs = [(st.block_ids[first + i], s) for i, s in enumerate(grant.slots) if s >= 0]
+            req_id = st.request.request_id
+            meta.stores.append(StoreOp(req_id, grant.op_id, [b for b, _ in pairs], [s for _, s in pairs]))
+            st.inflight.add(grant.op_id)
+            self._store_owner[grant.op_id] = req_id
+            self.stats.add("offload_blocks", len(pairs))
 
     def update_connector_output(self, output: "KVConnectorOutput") -> None:
         self._awaiting_free.difference_update(output.finished_sending or ())
