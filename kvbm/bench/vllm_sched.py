@@ -79,16 +79,16 @@ class _OffloadStandInWorker:
 
 def _time_calls(rpc: Any, out: list[float]) -> None:
     """Record the wall time of every leader round trip the scheduler side makes."""
-    call = rpc.call
+    call_many = rpc.call_many  # every LeaderClient request goes through it
 
     def timed(*args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
         try:
-            return call(*args, **kwargs)
+            return call_many(*args, **kwargs)
         finally:
             out.append(time.perf_counter() - t0)
 
-    rpc.call = timed
+    rpc.call_many = timed
 
 
 def _bare_rtt(tmp: str, n: int) -> list[float]:
