@@ -99,7 +99,7 @@ def _bare_rtt(tmp: str, n: int) -> list[float]:
 
     ep = f"ipc://{tmp}/echo.sock"
     echo = subprocess.Popen([sys.executable, "-c", _ECHO, ep])
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(ep)
     payload = bytes(256)  # about a Match of a few dozen hashes
