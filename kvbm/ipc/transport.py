@@ -16,7 +16,8 @@ import logging
 import os
 import stat
 import time
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 import zmq
 
@@ -51,10 +52,14 @@ def ensure_private_dir(path: str) -> str:
     return path
 
 
+def safe_name(instance: str) -> str:
+    """``instance`` with every character that is not safe in a file name replaced by ``_``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in instance)
+
+
 def instance_endpoint(run_dir: str, instance: str) -> str:
     """The default leader address of ``instance``: an ipc socket in the private run dir."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in instance)
-    return f"ipc://{os.path.join(run_dir, safe)}.sock"
+    return f"ipc://{os.path.join(run_dir, safe_name(instance))}.sock"
 
 
 def is_loopback_endpoint(endpoint: str) -> bool:

@@ -12,12 +12,18 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from kvbm.config import ConfigError, KvbmConfig, load_config
 from kvbm.ipc.shm import sweep_stale_segments
-from kvbm.ipc.transport import check_bind_endpoint, ensure_private_dir, instance_endpoint
+from kvbm.ipc.transport import (
+    check_bind_endpoint,
+    ensure_private_dir,
+    instance_endpoint,
+    safe_name,
+)
 
 if TYPE_CHECKING:
     from kvbm.leader.server import LeaderServer
@@ -29,8 +35,7 @@ log = logging.getLogger("kvbm.leader")
 
 
 def lock_path(run_dir: str, instance: str) -> str:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in instance)
-    return os.path.join(run_dir, f"{safe}.lock")
+    return os.path.join(run_dir, f"{safe_name(instance)}.lock")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,13 +6,19 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
 from kvbm.config import KvbmConfig
 from kvbm.ipc import messages as m
-from kvbm.ipc.transport import LeaderUnavailable, RemoteError, RpcClient, instance_endpoint
+from kvbm.ipc.transport import (
+    LeaderUnavailable,
+    RemoteError,
+    RpcClient,
+    ensure_private_dir,
+    instance_endpoint,
+    safe_name,
+)
 from kvbm.leader.process import EXIT_ALREADY_RUNNING, lock_path
 
 log = logging.getLogger(__name__)
@@ -107,7 +113,11 @@ def spawn_leader(
     # The leader gets exactly this configuration, not whatever DYN_KVBM_* we inherited.
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYN_KVBM_")}
     env.update(config.to_env())
-    fd, log_path = tempfile.mkstemp(prefix=f"kvbm-leader-{os.getpid()}-", suffix=".log")
+    # One log per instance in the private run dir (not a new temp file per start): a leader
+    # killed with its spawner leaves at most this file behind, and the next start reuses it.
+    ensure_private_dir(config.run_dir)
+    log_path = os.path.join(config.run_dir, f"{safe_name(instance)}.{os.getpid()}.log")
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     cmd = [sys.executable, "-m", "kvbm.leader", "--instance", instance, "--endpoint", endpoint,
            "--parent-pid", str(parent_pid if parent_pid is not None else os.getpid())]
     popen = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, close_fds=True)

@@ -77,8 +77,12 @@ def serve(control: str, leader: str, rank: int, world: int, model: SimModel, fin
     sock.setsockopt(zmq.LINGER, 1000)
     sock.connect(control)
     sock.send(msgpack.packb({"cmd": "hello", "rank": rank, "pid": os.getpid()}))
+    parent = os.getppid()
     try:
         while True:
+            while not sock.poll(1000):
+                if os.getppid() != parent:
+                    return 1  # the simulated scheduler died: do not linger
             req = msgpack.unpackb(sock.recv())
             cmd = req["cmd"]
             if cmd == "stop":
