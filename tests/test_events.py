@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import zmq
 
-from kvbm.events import KvEventPublisher, decode_batch, encode_batch, start_leader_events, wire_events
+from kvbm.leader.events import KvEventPublisher, decode_batch, encode_batch, start_leader_events, wire_events
 from kvbm.hashing import sequence_hashes
 from kvbm.ipc.messages import unpack_hashes
 from kvbm.leader.registry import BlockEvent, Tier
@@ -104,10 +104,10 @@ def test_publisher_frames_topic_seq_payload() -> None:
 def test_refused_endpoint_is_one_error_and_no_publisher(make_config, caplog) -> None:
     port = _free_port()
     cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8", DYN_KVBM_KV_EVENTS_ENDPOINT=f"tcp://0.0.0.0:{port}")
-    server = SimpleNamespace(observers=[], world=None)
-    with caplog.at_level(logging.ERROR, logger="kvbm.events"):
+    server = SimpleNamespace(core=SimpleNamespace(observers=[], block_size=lambda: 16))
+    with caplog.at_level(logging.ERROR, logger="kvbm.leader.events"):
         assert start_leader_events(server, cfg) is None  # type: ignore[arg-type]
-    assert server.observers == []
+    assert server.core.observers == []
     assert [r.getMessage() for r in caplog.records] == [
         f"KV events off: cannot publish on DYN_KVBM_KV_EVENTS_ENDPOINT=tcp://0.0.0.0:{port}: refusing to bind "
         f"tcp://0.0.0.0:{port}: not a loopback address; set DYN_KVBM_ALLOW_NON_LOOPBACK=1 to allow it"]

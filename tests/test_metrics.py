@@ -14,7 +14,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvbm.metrics import KvbmMetrics, metrics_host, start_metrics_server
+from kvbm.leader.core import DiskCounters, DiskTierStats, LeaderCounters, LeaderState, LeaderStats, PoolStats
+from kvbm.leader.metrics import KvbmMetrics, metrics_host, start_metrics_server
 from kvbm.sim.engine import SimEngine, chat_workload
 from kvbm.sim.rank import SimModel
 
@@ -63,10 +64,15 @@ def v(samples: Samples, name: str, **labels: str) -> float:
 # unit
 
 
+def _idle() -> LeaderStats:
+    return LeaderStats(LeaderState.WAITING, LeaderCounters(), ranks_alive=0, world_size=0, ops_in_flight=0)
+
+
 def test_dynamo_names_exactly_no_total_suffix() -> None:
-    stats = {"blocks_stored": 7.0, "blocks_loaded": 5.0, "blocks_loaded_from_disk": 2.0,
-             "disk_offloaded_blocks": 3.0, "host_capacity": 10.0, "host_registered": 4.0, "host_free": 6.0}
-    m = KvbmMetrics(lambda: stats, state=lambda: "ready", states=("waiting", "ready"))
+    stats = LeaderStats(LeaderState.READY, LeaderCounters(blocks_stored=7, blocks_loaded=5, blocks_loaded_from_disk=2),
+                        ranks_alive=1, world_size=1, ops_in_flight=0, host=PoolStats(10, 4, 6, 0, 0),
+                        disk_tier=DiskTierStats(False, 0, DiskCounters(offloaded_blocks=3)))
+    m = KvbmMetrics(lambda: stats)
     m.on_match(4, 2, 1, 16)
     m.on_transfer("d2h", 2, 8192, 0.002)
     text = m.render().decode()
@@ -95,7 +101,7 @@ def test_dynamo_names_exactly_no_total_suffix() -> None:
 
 
 def test_hit_rate_is_a_sliding_window_of_lookups() -> None:
-    m = KvbmMetrics(dict, window=2)
+    m = KvbmMetrics(_idle, window=2)
     assert m.hit_rates() == (0.0, 0.0)
     m.on_match(10, 10, 0, 16)
     m.on_match(10, 0, 5, 16)
@@ -111,8 +117,8 @@ def test_port_in_use_is_one_clear_error_and_no_server(caplog) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        with caplog.at_level(logging.ERROR, logger="kvbm.metrics"):
-            assert start_metrics_server(KvbmMetrics(dict), port) is None
+        with caplog.at_level(logging.ERROR, logger="kvbm.leader.metrics"):
+            assert start_metrics_server(KvbmMetrics(_idle), port) is None
     assert [r.getMessage() for r in caplog.records] == [
         f"metrics port {port} is in use; set DYN_KVBM_METRICS_PORT to a free port (kvbm runs on without metrics)"]
 
@@ -121,7 +127,7 @@ def test_loopback_by_default_all_interfaces_only_when_allowed(make_config) -> No
     assert metrics_host(make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8")) == "127.0.0.1"
     allowed = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8", DYN_KVBM_ALLOW_NON_LOOPBACK="1")
     assert metrics_host(allowed) == "0.0.0.0"
-    http = start_metrics_server(KvbmMetrics(dict), 0)
+    http = start_metrics_server(KvbmMetrics(_idle), 0)
     assert http is not None
     try:
         assert http.host == "127.0.0.1" and http.port > 0

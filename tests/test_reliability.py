@@ -359,7 +359,7 @@ def test_disk_io_error_turns_the_tier_off_never_wrong_kv(make_config, tmp_path: 
         stats = _settled(sim.client)
         assert stats["disk_enabled"] == 0 and stats["disk_io_errors"] >= 1, stats
         assert stats["disk_registered"] == 0 and _raw_match(sim.endpoint, sequence_hashes(prompts[0], BS))[1] == 0
-        assert server.disk is not None and os.strerror(code) in server.disk.disabled_reason
+        assert os.strerror(code) in server.core.disk_disabled_reason
         if op == "read":
             assert sim.stats.staging_failures > 0
         assert sim.stats.mismatches == 0
@@ -464,22 +464,24 @@ def _fresh_leader(run_dir: str, n: int) -> LeaderServer:
     srv.handle(b"r0", [m.encode(_RANK0, 1)])
     srv.handle(b"r0", [m.encode(m.PoolAttached(0), 2)])
     srv.handle(b"client", [m.encode(m.AllocateStore(m.pack_hashes(_HELD), 0, 0), 3)])
-    (op_id,) = list(srv._ops)
+    (op_id,) = list(srv.core.ops)
     srv.handle(b"r0", [m.encode(m.TransferDone(0, op_id, True, ""), 4)])
-    assert srv.stats()["host_registered"] == len(_HELD) and not srv._ops
+    assert srv.core.stats().flat()["host_registered"] == len(_HELD) and not srv.core.ops
     return srv
 
 
 def _snapshot(srv: LeaderServer) -> tuple[Any, ...]:
     """Everything a message could change, except plain counters."""
-    reg = srv.registry
+    core = srv.core
+    reg = core.registry
     assert reg is not None
     host = reg.host
-    world = tuple(sorted((r, i.identity, i.alive, i.attached) for r, i in srv.world.ranks.items()))
+    world = tuple(sorted((r, i.identity, i.alive, i.attached) for r, i in core.world.ranks.items()))
     ops = tuple(sorted((o.op_id, o.kind.value, tuple(o.slots), tuple(sorted(o.acked)), o.failed, o.released)
-                       for o in srv._ops.values()))
-    return (srv.state, srv.error, world, ops, host.num_registered, host.num_free, host.num_pinned,
-            host.num_writing, tuple(host.lookup(h) for h in _HELD), len(srv.events), srv._stop)
+                       for o in core.ops.values()))
+    return (core.state, core.error, world, ops, host.num_registered, host.num_free, host.num_pinned,
+            host.num_writing, tuple(host.lookup(h) for h in _HELD), len(core.events), core.index.next_seq,
+            core.stop_requested)
 
 
 def _field(typ: Any, meta: dict[str, int]) -> st.SearchStrategy[Any]:
@@ -543,11 +545,11 @@ def test_leader_never_raises_and_rejections_change_nothing(seq: list[tuple[bytes
         srv = _fresh_leader(run_dir, 0)
         try:
             for identity, frames in seq:
-                before, rejected = _snapshot(srv), srv.counters.rejected_messages
+                before, rejected = _snapshot(srv), srv.core.counters.rejected_messages
                 srv.handle(identity, frames)
-                assert srv.registry is not None
-                srv.registry.check_invariants()
-                if srv.counters.rejected_messages > rejected:
+                assert srv.core.registry is not None
+                srv.core.registry.check_invariants()
+                if srv.core.counters.rejected_messages > rejected:
                     assert _snapshot(srv) == before, (identity, frames)
         finally:
             srv.close()

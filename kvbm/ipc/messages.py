@@ -12,6 +12,7 @@ which receivers turn into an :class:`ErrorReply` without changing any state.
 from __future__ import annotations
 
 import array
+import enum
 import sys
 import typing
 from dataclasses import dataclass, field, fields
@@ -31,6 +32,18 @@ I64_MIN = -(1 << 63)
 
 class ProtocolError(ValueError):
     """A frame that is not a valid message of this protocol version."""
+
+
+class BlockEventKind(enum.IntEnum):
+    """Kind of a block event; its value is the u8 on the wire (EventsReply, IndexUpdates)."""
+
+    STORED = 0  # a hash became matchable in a tier
+    REMOVED = 1  # a hash left a tier (eviction, failed checksum, disk failure)
+    CLEARED = 2  # every block of a tier was dropped (reset_cache, disk tier turned off)
+
+
+# Tier values on the wire: kvbm.leader.registry.Tier (G2 host, G3 disk).
+WIRE_TIERS = frozenset({2, 3})
 
 
 def _bounds(lo: int, hi: int) -> dict[str, int]:
@@ -211,6 +224,15 @@ class TakeEvents(Message):
 
 @_register
 @dataclass(frozen=True)
+class IndexSince(Message):
+    """Index changes from sequence number ``seq`` on (0: from the start, always a snapshot)."""
+
+    TAG: ClassVar[str] = "index_since"
+    seq: int = _int(_bounds(0, U64_MAX))
+
+
+@_register
+@dataclass(frozen=True)
 class ResetCache(Message):
     TAG: ClassVar[str] = "reset_cache"
 
@@ -308,6 +330,36 @@ class EventsReply(Message):
     tiers: bytes = b""
     hashes: bytes = b""
     parents: bytes = b""
+
+
+@_register
+@dataclass(frozen=True)
+class IndexUpdates(Message):
+    """Index changes as parallel arrays: a u8 BlockEventKind, a u8 tier and a u64 hash per entry.
+
+    ``reset``: drop the whole view first; the entries are then a snapshot of every matchable hash
+    in every tier (all STORED). ``next_seq``: the ``IndexSince.seq`` to ask for next.
+    """
+
+    TAG: ClassVar[str] = "index_updates"
+    reset: bool = False
+    next_seq: int = _int(_bounds(0, U64_MAX))
+    kinds: bytes = b""
+    tiers: bytes = b""
+    hashes: bytes = b""
+
+    def __post_init__(self) -> None:
+        n = len(self.kinds)
+        if len(self.tiers) != n or len(self.hashes) != 8 * n:
+            raise ProtocolError(f"index_updates: {n} kinds, {len(self.tiers)} tiers and {len(self.hashes)} hash "
+                                "bytes do not describe the same entries (1, 1 and 8 bytes per entry)")
+        bad_kind = set(self.kinds) - set(BlockEventKind)
+        if bad_kind:
+            raise ProtocolError(f"index_updates.kinds: {sorted(bad_kind)} are not block event kinds "
+                                f"(accepted: {[int(k) for k in BlockEventKind]})")
+        bad_tier = set(self.tiers) - WIRE_TIERS
+        if bad_tier:
+            raise ProtocolError(f"index_updates.tiers: {sorted(bad_tier)} are not tiers (accepted: {sorted(WIRE_TIERS)})")
 
 
 # --------------------------------------------------------------------------------------

@@ -35,6 +35,22 @@ class LoadGrantInfo:
 
 
 @dataclass(frozen=True)
+class IndexDelta:
+    """Changes of the leader's index (see :meth:`LeaderClient.index_since`), as parallel arrays.
+
+    ``reset``: drop the whole local view first; the entries are then a full snapshot (all
+    STORED). ``kinds``: :class:`kvbm.ipc.messages.BlockEventKind` values; ``tiers``:
+    :class:`kvbm.leader.registry.Tier` values; ``next_seq``: the sequence number to ask next.
+    """
+
+    reset: bool
+    next_seq: int
+    kinds: np.ndarray  # uint8
+    tiers: np.ndarray  # uint8
+    hashes: np.ndarray  # uint64
+
+
+@dataclass(frozen=True)
 class StoreGrantInfo:
     op_id: int  # 0: nothing to copy
     slots: list[int]  # per requested hash: host slot, or -1 (already held); may be shorter (pool full)
@@ -184,6 +200,22 @@ class LeaderClient:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"leader still has work in flight after {timeout_s:g} s: {stats}")
             time.sleep(0.01)
+
+    def index_since(self, seq: int) -> IndexDelta | None:
+        """Index changes from sequence number ``seq`` on (0: a snapshot); None if unavailable.
+
+        One reply holds at most the leader's cap of changes: when ``next_seq`` moved, ask again.
+        """
+        reply = self._call(m.IndexSince(seq), m.IndexUpdates)
+        if reply is None:
+            return None
+        return IndexDelta(
+            reset=reply.reset,
+            next_seq=reply.next_seq,
+            kinds=np.frombuffer(reply.kinds, dtype=np.uint8),
+            tiers=np.frombuffer(reply.tiers, dtype=np.uint8),
+            hashes=np.frombuffer(reply.hashes, dtype="<u8").astype(np.uint64, copy=False),
+        )
 
     def take_events(self) -> m.EventsReply | None:
         return self._call(m.TakeEvents(), m.EventsReply)

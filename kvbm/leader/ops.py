@@ -1,4 +1,4 @@
-"""Store and load operations in flight between the leader and the ranks.
+"""Store and load operations in flight between the leader and the ranks: the one place ranks' acks are counted.
 
 An op is created by a client request (AllocateStore / PrepareLoad) and completes when every
 rank has reported its part (TransferDone) or is dead. Only then are its slots released:
@@ -48,3 +48,18 @@ class Op:
     def done(self, live_ranks: set[int]) -> bool:
         """Every live rank has reported."""
         return live_ranks <= self.acked
+
+    def rank_died(self, dead_ranks: list[int]) -> None:
+        """Some rank died or restarted: its missing reports count as failed ones.
+
+        A dead rank reports nothing more, not even when it comes back (a new incarnation knows
+        nothing of this op). A load it never finished failed: the engine is told and recomputes.
+        A store fails whatever the ranks reported so far: the slice of a rank that died (or
+        restarted) may be missing or half-written, so the block must never become matchable.
+        """
+        missing = [r for r in dead_ranks if r not in self.acked]
+        if missing and self.kind is OpKind.LOAD:
+            self.failed, self.error = True, self.error or f"rank(s) {missing} died during the load"
+        self.acked.update(missing)
+        if self.kind is OpKind.STORE:
+            self.failed, self.error = True, self.error or "a rank died during the store"

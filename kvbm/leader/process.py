@@ -108,13 +108,13 @@ def _start_observability(server: LeaderServer, cfg: KvbmConfig) -> list[Callable
     """
     closers: list[Callable[[], None]] = []
     if cfg.metrics_enabled:
-        from kvbm.metrics import start_leader_metrics
+        from kvbm.leader.metrics import start_leader_metrics
 
         http = start_leader_metrics(server, cfg)
         if http is not None:
             closers.append(http.close)
     if cfg.kv_events_endpoint:
-        from kvbm.events import start_leader_events
+        from kvbm.leader.events import start_leader_events
 
         pub = start_leader_events(server, cfg)
         if pub is not None:

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import zmq
 
+from kvbm.ipc.messages import BlockEventKind
+from kvbm.leader.index import event_kind
 from kvbm.leader.registry import BlockEvent
 
 if TYPE_CHECKING:
@@ -59,9 +61,11 @@ def wire_events(events: Sequence[BlockEvent], block_size: int) -> list[dict[str,
     """
     out: list[dict[str, Any]] = []
     prev: BlockEvent | None = None
+    prev_kind: BlockEventKind | None = None
     for e in events:
-        if e.kind == "stored":
-            if prev is not None and prev.kind == "stored" and prev.tier is e.tier and e.parent_hash == prev.seq_hash:
+        kind = event_kind(e)
+        if kind is BlockEventKind.STORED:
+            if prev is not None and prev_kind is kind and prev.tier is e.tier and e.parent_hash == prev.seq_hash:
                 out[-1]["block_hashes"].append(e.seq_hash)
             else:
                 out.append({
@@ -74,14 +78,14 @@ def wire_events(events: Sequence[BlockEvent], block_size: int) -> list[dict[str,
                     "medium": e.tier.medium,
                     "lora_name": None,
                 })
-        elif e.kind == "removed":
-            if prev is not None and prev.kind == "removed" and prev.tier is e.tier:
+        elif kind is BlockEventKind.REMOVED:
+            if prev is not None and prev_kind is kind and prev.tier is e.tier:
                 out[-1]["block_hashes"].append(e.seq_hash)
             else:
                 out.append({"type": "BlockRemoved", "block_hashes": [e.seq_hash], "medium": e.tier.medium})
-        elif prev is None or prev.kind != "cleared":
+        elif prev_kind is not BlockEventKind.CLEARED:
             out.append({"type": "AllBlocksCleared"})
-        prev = e
+        prev, prev_kind = e, kind
     return out
 
 
@@ -109,7 +113,7 @@ def decode_batch(payload: bytes) -> tuple[float, list[dict[str, Any]], int | Non
 
 
 class KvEventPublisher:
-    """Publishes the leader's block events; a :class:`kvbm.leader.server.LeaderObserver`.
+    """Publishes the leader's block events; a :class:`kvbm.leader.core.LeaderObserver`.
 
     Called on the leader's loop thread. Sending never blocks it: a PUB socket drops batches for a
     subscriber that is ``hwm`` batches behind, and a send error is logged once and counted.
@@ -191,17 +195,13 @@ def start_leader_events(server: LeaderServer, config: KvbmConfig) -> KvEventPubl
     if not endpoint:
         return None
 
-    def block_size() -> int:
-        # Events flow only once every rank has registered its layout (they all agree).
-        first = next(iter(server.world.ranks.values()), None)
-        return first.layout.block_size if first else 0
-
     try:
         check_bind_endpoint(endpoint, config.allow_non_loopback)
-        pub = KvEventPublisher(endpoint, block_size)
+        # Events flow only once every rank has registered its layout (they all agree).
+        pub = KvEventPublisher(endpoint, server.core.block_size)
     except (PermissionError, zmq.ZMQError) as e:
         log.error("KV events off: cannot publish on DYN_KVBM_KV_EVENTS_ENDPOINT=%s: %s", endpoint, e)
         return None
     log.info("KV events published on %s", pub.endpoint)
-    server.observers.append(pub)
+    server.core.observers.append(pub)
     return pub

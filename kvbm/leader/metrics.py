@@ -49,6 +49,8 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CollectorRegistry, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from kvbm.leader.core import DiskCounters, LeaderCounters, LeaderState, LeaderStats
+
 if TYPE_CHECKING:
     from kvbm.config import KvbmConfig
     from kvbm.leader.registry import BlockEvent
@@ -86,27 +88,18 @@ class _Histogram:
 
 
 class KvbmMetrics:
-    """Leader metrics: a :class:`kvbm.leader.server.LeaderObserver` and a Prometheus collector.
+    """Leader metrics: a :class:`kvbm.leader.core.LeaderObserver` and a Prometheus collector.
 
     The observer hooks run on the leader's loop thread and keep what only they see (lookups,
-    bytes, latencies) under a lock; the rest is read from ``stats()`` (the leader's
-    ``LeaderServer.stats``) at scrape time, on the HTTP server's thread.
+    bytes, latencies) under a lock; the rest is read from ``stats()`` (the core's typed
+    :class:`~kvbm.leader.core.LeaderStats`) at scrape time, on the HTTP server's thread.
     """
 
-    def __init__(
-        self,
-        stats: Callable[[], Mapping[str, float]],
-        *,
-        window: int = 1000,
-        state: Callable[[], str] | None = None,
-        states: Sequence[str] = (),
-    ) -> None:
-        """``window``: lookups in the hit-rate gauges; ``state()``: the leader state, one of ``states``."""
+    def __init__(self, stats: Callable[[], LeaderStats], *, window: int = 1000) -> None:
+        """``stats()``: the leader's typed stats; ``window``: lookups in the hit-rate gauges."""
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self._stats = stats
-        self._state = state
-        self._states = tuple(states)
         self._lock = threading.Lock()
         self._window: deque[tuple[int, int, int]] = deque()
         self._window_len = window
@@ -116,7 +109,7 @@ class KvbmMetrics:
         self.matched_tokens = 0
         self._bytes = dict.fromkeys(DIRECTIONS, 0)
         self._latency = {d: _Histogram(LATENCY_BUCKETS) for d in DIRECTIONS}
-        self._last_stats: dict[str, float] = {}
+        self._last_stats = LeaderStats(LeaderState.WAITING, LeaderCounters(), 0, 0, 0)
         self._onboard_h2d = 0.0
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -159,12 +152,12 @@ class KvbmMetrics:
             q = self._win_queried
             return (self._win_host / q, self._win_disk / q) if q else (0.0, 0.0)
 
-    def _snapshot(self) -> dict[str, float]:
+    def _snapshot(self) -> LeaderStats:
         # stats() runs on this (HTTP) thread while the leader mutates its dicts: a "changed size
         # during iteration" is possible, if rare. Retry, then fall back to the last good one.
         for _ in range(3):
             try:
-                self._last_stats = dict(self._stats())
+                self._last_stats = self._stats()
                 break
             except RuntimeError:
                 continue
@@ -173,26 +166,25 @@ class KvbmMetrics:
     def collect(self) -> Iterator[Metric]:
         """Every metric, freshly computed (the Prometheus collector interface)."""
         s = self._snapshot()
+        c = s.counters
+        dc = s.disk_tier.counters if s.disk_tier is not None else DiskCounters()
         host_rate, disk_rate = self.hit_rates()
         with self._lock:
             own = (self.matched_tokens, self.requested_tokens, self.match_requests)
             nbytes = dict(self._bytes)
             latency = {d: (h.buckets(), h.total) for d, h in self._latency.items()}
-        from_disk = s.get("blocks_loaded_from_disk", 0.0)
         # A difference of two counters read while the leader thread updates them could dip below
         # its last value (a false counter reset for Prometheus): never report less than before.
-        self._onboard_h2d = max(self._onboard_h2d, s.get("blocks_loaded", 0.0) - from_disk)
+        self._onboard_h2d = max(self._onboard_h2d, float(c.blocks_loaded - c.blocks_loaded_from_disk))
 
         yield _counter("kvbm_matched_tokens", "Tokens found in G2 or G3 by lookups", own[0])
-        yield _counter("kvbm_offload_blocks_d2h", "Blocks offloaded device to host (G1 -> G2)",
-                       s.get("blocks_stored", 0.0))
-        yield _counter("kvbm_offload_blocks_h2d", "Blocks offloaded host to disk (G2 -> G3)",
-                       s.get("disk_offloaded_blocks", 0.0))
+        yield _counter("kvbm_offload_blocks_d2h", "Blocks offloaded device to host (G1 -> G2)", c.blocks_stored)
+        yield _counter("kvbm_offload_blocks_h2d", "Blocks offloaded host to disk (G2 -> G3)", dc.offloaded_blocks)
         yield _counter("kvbm_offload_blocks_d2d", "Blocks offloaded device to disk directly (always 0: "
                        "kvbm writes disk from G2)", 0.0)
         yield _counter("kvbm_onboard_blocks_h2d", "Blocks onboarded host to device (from G2)", self._onboard_h2d)
         yield _counter("kvbm_onboard_blocks_d2d", "Blocks onboarded disk to device (from G3, staged in G2)",
-                       from_disk)
+                       c.blocks_loaded_from_disk)
         yield _gauge("kvbm_host_cache_hit_rate", "G2 hit blocks / blocks queried over the last lookups", host_rate)
         yield _gauge("kvbm_disk_cache_hit_rate", "G3 hit blocks / blocks queried over the last lookups", disk_rate)
 
@@ -207,40 +199,35 @@ class KvbmMetrics:
             hist.add_metric([d], buckets, total)
         yield hist
 
-        tiers = [t for t in ("host", "disk") if f"{t}_capacity" in s]
+        pools = {t: p for t, p in (("host", s.host), ("disk", s.disk)) if p is not None}
         for what, doc in (("capacity", "Slots of the tier's pool"), ("registered", "Matchable blocks"),
                           ("free", "Slots holding nothing")):
             yield _labelled("gauge", f"kvbm_pool_{what}_blocks", doc, "tier",
-                            {t: s[f"{t}_{what}"] for t in tiers if f"{t}_{what}" in s})
+                            {t: getattr(p, what) for t, p in pools.items()})
         yield _labelled("gauge", "kvbm_pool_pinned_blocks", "Blocks pinned by loads in flight", "tier",
-                        {"host": s["host_pinned"]} if "host_pinned" in s else {})
+                        {"host": s.host.pinned} if s.host is not None else {})
         yield _labelled("gauge", "kvbm_pool_writing_blocks", "Slots allocated for stores in flight", "tier",
-                        {"host": s["host_writing"]} if "host_writing" in s else {})
-        yield _gauge("kvbm_block_bytes", "Bytes of one block (all ranks' slices)", s.get("block_bytes", 0.0))
+                        {"host": s.host.writing} if s.host is not None else {})
+        yield _gauge("kvbm_block_bytes", "Bytes of one block (all ranks' slices)", s.block_bytes or 0)
         yield _labelled("counter", "kvbm_evicted_blocks", "Blocks evicted, per tier", "tier",
-                        {"host": s.get("host_evictions", 0.0), "disk": s.get("disk_evictions", 0.0)})
+                        {"host": c.host_evictions, "disk": c.disk_evictions})
         yield _counter("kvbm_disk_checksum_failures", "Disk blocks that failed their checksum (dropped, never "
-                       "loaded)", s.get("disk_checksum_failures", 0.0))
+                       "loaded)", dc.checksum_failures)
         yield _counter("kvbm_disk_io_errors", "Disk I/O errors (the first one switches the tier off)",
-                       s.get("disk_io_errors", 0.0))
+                       dc.io_errors)
         yield _labelled("counter", "kvbm_disk_offload_skipped", "G2 blocks not offloaded to disk: filter "
                         "(not seen twice) or busy (writes backed up)", "reason",
-                        {"filter": s.get("disk_offload_skipped_filter", 0.0),
-                         "busy": s.get("disk_offload_skipped_busy", 0.0)})
+                        {"filter": dc.offload_skipped_filter, "busy": dc.offload_skipped_busy})
         yield _gauge("kvbm_disk_tier_enabled", "1 while the disk tier serves, 0 when off or not configured",
-                     s.get("disk_enabled", 0.0))
-        yield _gauge("kvbm_ranks_alive", "Worker ranks alive", s.get("ranks_alive", 0.0))
-        yield _gauge("kvbm_world_size", "Worker ranks expected", s.get("world_size", 0.0))
-        if self._state is not None:
-            current = self._state()
-            yield _labelled("gauge", "kvbm_leader_state", "1 for the leader's current state", "state",
-                            {st: float(st == current) for st in (self._states or (current,))})
-        yield _gauge("kvbm_ops_in_flight", "Load and store operations in flight", s.get("ops_in_flight", 0.0))
-        yield _counter("kvbm_failed_loads", "Load operations that failed (the engine recomputes)",
-                       s.get("loads_failed", 0.0))
-        yield _counter("kvbm_aborted_stores", "Store operations aborted (never matchable)",
-                       s.get("stores_aborted", 0.0))
-        yield _counter("kvbm_rejected_messages", "Malformed or refused requests", s.get("rejected_messages", 0.0))
+                     float(s.disk_tier is not None and s.disk_tier.enabled))
+        yield _gauge("kvbm_ranks_alive", "Worker ranks alive", s.ranks_alive)
+        yield _gauge("kvbm_world_size", "Worker ranks expected", s.world_size)
+        yield _labelled("gauge", "kvbm_leader_state", "1 for the leader's current state", "state",
+                        {st.value: float(st is s.state) for st in LeaderState})
+        yield _gauge("kvbm_ops_in_flight", "Load and store operations in flight", s.ops_in_flight)
+        yield _counter("kvbm_failed_loads", "Load operations that failed (the engine recomputes)", c.loads_failed)
+        yield _counter("kvbm_aborted_stores", "Store operations aborted (never matchable)", c.stores_aborted)
+        yield _counter("kvbm_rejected_messages", "Malformed or refused requests", c.rejected_messages)
 
     def render(self) -> bytes:
         """The Prometheus text format (0.0.4) of every metric, Dynamo's naming (see module doc)."""
@@ -352,10 +339,7 @@ def metrics_host(config: KvbmConfig) -> str:
 
 def start_leader_metrics(server: LeaderServer, config: KvbmConfig) -> MetricsServer | None:
     """Attach metrics to a leader and serve them on ``DYN_KVBM_METRICS_PORT``; None if the port fails."""
-    from kvbm.leader.server import LeaderState
-
-    metrics = KvbmMetrics(server.stats, window=config.cache_stats_max_requests,
-                          state=lambda: server.state.value, states=[s.value for s in LeaderState])
+    metrics = KvbmMetrics(server.core.stats, window=config.cache_stats_max_requests)
     http = start_metrics_server(metrics, config.metrics_port, metrics_host(config))
     if http is None:
         return None
@@ -363,5 +347,5 @@ def start_leader_metrics(server: LeaderServer, config: KvbmConfig) -> MetricsSer
         log.warning("metrics served on all interfaces, port %d (DYN_KVBM_ALLOW_NON_LOOPBACK is set)", http.port)
     else:
         log.info("metrics at %s", http.url)
-    server.observers.append(metrics)
+    server.core.observers.append(metrics)
     return http
