@@ -1,0 +1,542 @@
+"""The leader core in-process: no process, socket or shared memory; time is passed in.
+
+The storage is :class:`MemStorage`, an in-memory implementation of the core's storage
+interface that really copies bytes between a host array and a disk array and checks checksums;
+its I/O runs when a test says so, so every interleaving here is chosen, not raced.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+
+import pytest
+
+from kvbm.config import KvbmConfig
+from kvbm.ipc import messages as m
+from kvbm.ipc.messages import BlockEventKind
+from kvbm.leader.core import OP_TIMEOUT_S, LeaderCore, LeaderState, Outbound
+from kvbm.leader.index import IndexLog
+from kvbm.leader.registry import Tier
+from kvbm.leader.storage import CacheStorage, DiskCompletion, DiskReadDone, DiskWriteDone
+
+BB = 4096  # two ranks' 2048-byte slices side by side
+STORED, REMOVED, CLEARED = BlockEventKind.STORED, BlockEventKind.REMOVED, BlockEventKind.CLEARED
+
+
+class MemDisk:
+    """Disk I/O between two in-memory arrays; queued until :meth:`run`."""
+
+    def __init__(self, host: bytearray, disk_blocks: int) -> None:
+        self.host = host
+        self.disk = bytearray(disk_blocks * BB)
+        self._queue: list[Callable[[], DiskCompletion]] = []
+        self._done: list[DiskCompletion] = []
+        self.fail_io: str | None = None  # the error every following I/O fails with
+        self.failure: str | None = None
+
+    def write(self, disk_slot: int, host_slot: int) -> None:
+        def do() -> DiskCompletion:
+            if self.fail_io:
+                self.failure = self.failure or self.fail_io
+                return DiskWriteDone(disk_slot, host_slot, False, 0, 0.0, self.fail_io)
+            data = self.host[host_slot * BB:(host_slot + 1) * BB]
+            self.disk[disk_slot * BB:(disk_slot + 1) * BB] = data
+            return DiskWriteDone(disk_slot, host_slot, True, zlib.crc32(data), 0.001, "")
+
+        self._queue.append(do)
+
+    def read(self, disk_slot: int, host_slot: int, checksum: int) -> None:
+        def do() -> DiskCompletion:
+            if self.fail_io:
+                self.failure = self.failure or self.fail_io
+                return DiskReadDone(disk_slot, host_slot, False, False, 0.0, self.fail_io)
+            data = self.disk[disk_slot * BB:(disk_slot + 1) * BB]
+            self.host[host_slot * BB:(host_slot + 1) * BB] = data
+            if zlib.crc32(data) != checksum:
+                return DiskReadDone(disk_slot, host_slot, False, True, 0.001, "checksum mismatch")
+            return DiskReadDone(disk_slot, host_slot, True, False, 0.001, "")
+
+        self._queue.append(do)
+
+    def run(self) -> int:
+        """Perform every queued I/O; returns how many."""
+        todo, self._queue = self._queue, []
+        self._done.extend(do() for do in todo)
+        return len(todo)
+
+    def drain(self) -> list[DiskCompletion]:
+        out, self._done = self._done, []
+        return out
+
+    def close(self) -> None:
+        self._queue.clear()
+
+
+class MemStorage:
+    def __init__(self, host_blocks: int, block_bytes: int, disk_blocks: int) -> None:
+        assert block_bytes == BB
+        self.host = bytearray(host_blocks * block_bytes)
+        self.mem_disk = MemDisk(self.host, disk_blocks) if disk_blocks else None
+        self.closed = False
+
+    @property
+    def segment(self) -> str:
+        return "mem"
+
+    @property
+    def disk(self) -> MemDisk | None:
+        return self.mem_disk
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Harness:
+    """A core with ``world`` ranks (peers r0, r1, ...) and a client peer; time moves only on request."""
+
+    def __init__(self, cfg: KvbmConfig, world: int = 2, *, first_seq: int = 1, ring: int | None = None) -> None:
+        self.storages: list[MemStorage] = []
+
+        def create(host_blocks: int, block_bytes: int, disk_blocks: int) -> CacheStorage:
+            self.storages.append(MemStorage(host_blocks, block_bytes, disk_blocks))
+            return self.storages[-1]
+
+        self.now = 1000.0
+        self.world = world
+        self.core = LeaderCore(cfg, create, now=self.now, index_first_seq=first_seq, index_ring_entries=ring)
+        self.rid = 0
+        for r in range(world):
+            self.send(f"r{r}".encode(), _layout(r, world))
+        for r in range(world):
+            self.send(f"r{r}".encode(), m.PoolAttached(r))
+        assert self.core.state is LeaderState.READY
+
+    @property
+    def disk(self) -> MemDisk:
+        d = self.storages[-1].mem_disk
+        assert d is not None
+        return d
+
+    def send(self, peer: bytes, msg: m.Message) -> list[Outbound]:
+        self.rid += 1
+        return self.core.handle(peer, self.rid, msg, self.now)
+
+    def ask(self, msg: m.Message, peer: bytes = b"client") -> m.Message:
+        """The one reply to ``msg`` from the client's peer."""
+        out = self.send(peer, msg)
+        assert len(out) == 1 and out[0].peer == peer and out[0].request_id == self.rid, out
+        return out[0].message
+
+    def allocate(self, hashes: list[int], first_parent: int = 0) -> tuple[int, list[int]]:
+        g = self.ask(m.AllocateStore(m.pack_hashes(hashes), first_parent, 0))
+        assert isinstance(g, m.StoreGrant), g
+        return g.op_id, m.unpack_slots(g.slots).tolist()
+
+    def ack(self, rank: int, op_id: int, ok: bool = True) -> None:
+        assert self.send(f"r{rank}".encode(), m.TransferDone(rank, op_id, ok, "" if ok else "copy failed")) == []
+
+    def store(self, hashes: list[int], first_parent: int = 0) -> None:
+        """A store every rank copied."""
+        op_id, _ = self.allocate(hashes, first_parent)
+        for r in range(self.world):
+            self.ack(r, op_id)
+
+    def match(self, hashes: list[int]) -> tuple[int, int]:
+        r = self.ask(m.Match(m.pack_hashes(hashes)))
+        assert isinstance(r, m.MatchReply), r
+        return r.host, r.disk
+
+    def load(self, hashes: list[int]) -> m.LoadGrant:
+        g = self.ask(m.PrepareLoad(m.pack_hashes(hashes)))
+        assert isinstance(g, m.LoadGrant), g
+        return g
+
+    def poll(self, op_id: int) -> tuple[list[int], list[int]]:
+        p = self.ask(m.PollLoads([op_id]))
+        assert isinstance(p, m.LoadPoll)
+        return p.ready, p.failed
+
+    def heartbeats(self, ranks: list[int]) -> None:
+        for r in ranks:
+            assert isinstance(self.ask(m.Heartbeat(r), f"r{r}".encode()), m.Ack)
+
+    def advance(self, seconds: float) -> list[Outbound]:
+        self.now += seconds
+        return self.core.tick(self.now)
+
+    def io(self) -> None:
+        """Run the disk I/O queued so far and let the core apply the completions."""
+        self.disk.run()
+        self.core.apply_disk(self.now)
+
+    def stats(self) -> dict[str, float]:
+        s = self.core.stats().flat()
+        assert self.core.registry is not None
+        self.core.registry.check_invariants()
+        return s
+
+    def since(self, seq: int) -> m.IndexUpdates:
+        r = self.ask(m.IndexSince(seq))
+        assert isinstance(r, m.IndexUpdates), r
+        return r
+
+
+def _layout(rank: int, world: int) -> m.RegisterRank:
+    return m.RegisterRank(rank, world, 2, BB // world, "float16", "test", 16, "fp", 100 + rank)
+
+
+def _entries(u: m.IndexUpdates) -> list[tuple[BlockEventKind, Tier, int]]:
+    return [(BlockEventKind(k), Tier(t), h) for k, t, h in zip(u.kinds, u.tiers, m.unpack_hashes(u.hashes))]
+
+
+@pytest.fixture
+def host_only(make_config) -> Callable[..., Harness]:
+    def make(host: int = 8, world: int = 2, **kw: int) -> Harness:
+        return Harness(make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS=str(host)), world, **kw)
+
+    return make
+
+
+@pytest.fixture
+def with_disk(make_config, tmp_path) -> Callable[..., Harness]:
+    def make(host: int = 4, disk: int = 16) -> Harness:
+        cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS=str(host),
+                          DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS=str(disk), DYN_KVBM_DISK_CACHE_DIR=str(tmp_path),
+                          DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="1")
+        return Harness(cfg)
+
+    return make
+
+
+# ------------------------------------------------------------------------------------------
+# init and the acks rule
+
+
+def test_init_sync_grants_every_rank_once_the_world_is_complete(make_config) -> None:
+    cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8")
+    core = LeaderCore(cfg, lambda h, b, d: MemStorage(h, b, d), now=0.0)
+    assert core.handle(b"r1", 7, _layout(1, 2), 0.0) == []  # answered when the world is complete
+    out = core.handle(b"r0", 8, _layout(0, 2), 0.1)
+    grants = {(o.peer, o.request_id): o.message for o in out}
+    assert set(grants) == {(b"r0", 8), (b"r1", 7)}
+    assert grants[(b"r1", 7)] == m.PoolGrant("mem", 8, BB, BB // 2)
+    assert core.handle(b"r0", 9, m.PoolAttached(0), 0.2) == [] and core.state is LeaderState.WAITING
+    ready = core.handle(b"r1", 10, m.PoolAttached(1), 0.3)
+    assert {(o.peer, o.request_id) for o in ready} == {(b"r0", 9), (b"r1", 10)}
+    assert core.state is LeaderState.READY
+
+
+def test_init_timeout_fails_with_the_missing_ranks(make_config) -> None:
+    cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8")
+    core = LeaderCore(cfg, lambda h, b, d: MemStorage(h, b, d), now=0.0)
+    core.handle(b"r0", 1, _layout(0, 2), 0.0)
+    assert core.tick(cfg.init_timeout_s - 0.1) == []
+    (out,) = core.tick(cfg.init_timeout_s)
+    assert out.peer == b"r0" and out.request_id == 1 and isinstance(out.message, m.ErrorReply)
+    assert out.message.code == "init_timeout" and "rank(s) [1] did not register" in out.message.message
+    assert core.state is LeaderState.FAILED
+
+
+def test_store_is_matchable_only_after_every_rank_acked(host_only) -> None:
+    h = host_only()
+    hashes = [11, 12, 13]
+    op_id, slots = h.allocate(hashes)
+    assert op_id and slots == [0, 1, 2]
+    assert h.match(hashes) == (0, 0) and h.stats()["host_writing"] == 3
+    h.ack(0, op_id)
+    assert h.match(hashes) == (0, 0)  # one rank of two: not yet
+    h.ack(0, op_id)  # a duplicate changes nothing
+    assert h.match(hashes) == (0, 0)
+    h.ack(1, op_id)
+    assert h.match(hashes) == (3, 0)
+    s = h.stats()
+    assert s["stores_committed"] == 1 and s["blocks_stored"] == 3 and s["ops_in_flight"] == 0
+
+
+def test_partial_acks_one_rank_fails_never_matchable(host_only) -> None:
+    h = host_only()
+    op_id, _ = h.allocate([21, 22])
+    h.ack(0, op_id, ok=True)
+    h.ack(1, op_id, ok=False)
+    assert h.match([21, 22]) == (0, 0)
+    s = h.stats()
+    assert s["stores_aborted"] == 1 and s["host_free"] == s["host_capacity"] and s["ops_in_flight"] == 0
+    # A failure first, then a success: still aborted, only when both reported.
+    op_id, _ = h.allocate([21, 22])
+    h.ack(1, op_id, ok=False)
+    assert h.stats()["host_writing"] == 2  # slots stay reserved while rank 0 may still copy
+    h.ack(0, op_id, ok=True)
+    assert h.match([21, 22]) == (0, 0) and h.stats()["stores_aborted"] == 2
+    assert _entries(h.since(0)) == []  # nothing ever became matchable
+
+
+def test_a_transfer_done_from_another_socket_is_ignored(host_only) -> None:
+    h = host_only()
+    op_id, _ = h.allocate([31])
+    h.ack(0, op_id)
+    assert h.send(b"r0", m.TransferDone(1, op_id, True, "")) == []  # rank 1's report from rank 0's socket
+    assert h.match([31]) == (0, 0) and h.stats()["rejected_messages"] == 1
+    h.ack(1, op_id)
+    assert h.match([31]) == (1, 0)
+
+
+# ------------------------------------------------------------------------------------------
+# rank death, expiry
+
+
+def test_rank_death_aborts_stores_in_flight_degrades_then_rejoins(host_only) -> None:
+    h = host_only()
+    h.store([1, 2])
+    op_id, _ = h.allocate([3, 4])
+    h.ack(0, op_id)  # rank 1 goes silent before copying
+    load = h.load([1, 2])
+    assert load.op_id and load.ready
+    h.ack(0, load.op_id)
+    h.advance(1.0)
+    h.heartbeats([0])
+    h.advance(h.core.config.liveness_timeout_s)  # rank 1's last report is now too old
+    assert h.core.state is LeaderState.DEGRADED and h.core.world.dead_ranks() == [1]
+    s = h.stats()
+    assert s["stores_aborted"] == 1 and s["ops_in_flight"] == 0 and s["host_writing"] == 0 and s["host_pinned"] == 0
+    assert s["loads_failed"] == 1  # rank 1 never confirmed its part of the load
+    err = h.ask(m.Match(m.pack_hashes([1, 2])))
+    assert isinstance(err, m.ErrorReply) and err.code == "degraded"
+    assert h.core.registry is not None and h.core.registry.match([1, 2, 3, 4]).host == 2  # the aborted store: never
+    # A dead rank's heartbeat is refused: it must register again.
+    hb = h.ask(m.Heartbeat(1), b"r1")
+    assert isinstance(hb, m.ErrorReply) and hb.code == "not_registered"
+    # It restarts (new socket), is granted the existing pool and, once attached, the leader serves again.
+    grant = h.ask(_layout(1, 2), b"r1-new")
+    assert isinstance(grant, m.PoolGrant) and grant.slice_offset == BB // 2
+    assert h.core.state is LeaderState.DEGRADED
+    ready = h.ask(m.PoolAttached(1), b"r1-new")
+    assert isinstance(ready, m.LeaderReady) and h.core.state is LeaderState.READY
+    op_id, _ = h.allocate([3, 4])
+    h.ack(0, op_id)
+    h.send(b"r1-new", m.TransferDone(1, op_id, True, ""))
+    assert h.match([1, 2, 3, 4]) == (4, 0)
+
+
+def test_a_rank_reregistering_aborts_the_stores_its_old_self_had_acked(host_only) -> None:
+    h = host_only()
+    op_id, _ = h.allocate([5])
+    h.ack(1, op_id)  # the old rank 1 copied, then restarted before rank 0 reported
+    assert isinstance(h.ask(_layout(1, 2), b"r1-new"), m.PoolGrant)
+    h.ack(0, op_id)
+    assert h.core.registry is not None and h.core.registry.match([5]).host == 0
+    assert h.stats()["stores_aborted"] == 1
+
+
+def test_ops_nobody_completes_expire(host_only) -> None:
+    h = host_only()
+    h.store([1, 2])
+    store_op, _ = h.allocate([3])
+    load = h.load([1, 2])
+    assert h.stats()["host_pinned"] == 2 and h.stats()["ops_in_flight"] == 2
+    for _ in range(int(OP_TIMEOUT_S) // 1 + 2):  # ranks stay alive (heartbeats) but never report
+        h.heartbeats([0, 1])
+        h.advance(1.0)
+    s = h.stats()
+    assert s["ops_in_flight"] == 0 and s["host_pinned"] == 0 and s["host_writing"] == 0
+    assert s["stores_aborted"] == 1 and s["loads_failed"] == 1 and h.match([1, 2, 3]) == (2, 0)
+    assert h.poll(load.op_id) == ([], [load.op_id])
+    h.ack(0, store_op)  # a late report of an expired op changes nothing
+    assert h.match([3]) == (0, 0)
+
+
+# ------------------------------------------------------------------------------------------
+# disk tier: offload and staging
+
+
+def _disk_only_block(h: Harness, seq_hash: int) -> None:
+    """Store ``seq_hash``, offload it, then push it out of the 4-block host pool."""
+    h.store([seq_hash])
+    h.io()
+    h.store([seq_hash + 100 + i for i in range(4)])
+    h.io()
+    assert h.match([seq_hash]) == (0, 1)
+
+
+def test_offloaded_block_is_matchable_on_disk_only_after_its_write(with_disk) -> None:
+    h = with_disk()
+    h.store([7])
+    assert h.stats()["disk_busy"] == 1 and h.stats()["host_pinned"] == 1  # source pinned while written
+    assert h.core.registry is not None and h.core.registry.disk is not None
+    assert h.core.registry.disk.lookup(7) is None
+    h.io()
+    assert h.core.registry.disk.lookup(7) is not None
+    s = h.stats()
+    assert s["disk_offloaded_blocks"] == 1 and s["disk_busy"] == 0 and s["host_pinned"] == 0
+
+
+def test_staging_from_disk_loads_then_the_block_is_back_in_g2(with_disk) -> None:
+    h = with_disk()
+    _disk_only_block(h, 7)
+    load = h.load([7])
+    assert load.op_id and not load.ready and h.poll(load.op_id) == ([], [])
+    assert h.match([7]) == (0, 1)  # the staging slot is not matchable until the read checked out
+    h.io()
+    assert h.poll(load.op_id) == ([load.op_id], [])
+    h.ack(0, load.op_id)
+    h.ack(1, load.op_id)
+    s = h.stats()
+    assert s["loads_completed"] == 1 and s["blocks_loaded_from_disk"] == 1 and s["host_pinned"] == 0
+    assert h.match([7]) == (1, 0)
+
+
+def test_staging_checksum_mismatch_fails_the_load_and_drops_the_block(with_disk) -> None:
+    h = with_disk()
+    _disk_only_block(h, 7)
+    reg = h.core.registry
+    assert reg is not None and reg.disk is not None
+    dslot = reg.disk.lookup(7)
+    assert dslot is not None
+    h.disk.disk[dslot * BB] ^= 0xFF  # the file's bytes changed behind the leader's back
+    load = h.load([7])
+    h.io()
+    assert h.poll(load.op_id) == ([], [load.op_id])
+    assert h.match([7]) == (0, 0)  # neither the bad disk copy nor the staged G2 slot
+    s = h.stats()
+    assert s["disk_checksum_failures"] == 1 and s["loads_failed"] == 1 and s["disk_enabled"] == 1
+    assert s["host_writing"] == 0 and s["host_pinned"] == 0 and s["ops_in_flight"] == 0
+
+
+def test_a_disk_read_error_fails_the_load_and_turns_the_tier_off(with_disk) -> None:
+    h = with_disk()
+    _disk_only_block(h, 7)
+    h.store([8])  # its offload is in flight when the device fails
+    load = h.load([7])
+    h.disk.fail_io = "EIO: input/output error"
+    h.io()
+    assert h.poll(load.op_id) == ([], [load.op_id])
+    s = h.stats()
+    assert s["disk_enabled"] == 0 and s["disk_registered"] == 0 and s["disk_io_errors"] >= 1
+    assert s["loads_failed"] == 1 and s["disk_busy"] == 0 and s["host_writing"] == 0
+    assert "EIO" in h.core.disk_disabled_reason
+    assert h.match([7]) == (0, 0) and h.match([8]) == (1, 0)  # G2 keeps serving
+    assert h.core.status().num_disk_blocks == 0
+    assert _entries(h.since(0)) == [(STORED, Tier.HOST, x) for x in sorted(h.core.index.matchable(Tier.HOST))]
+
+
+def test_a_staged_load_released_before_its_read_finishes(with_disk) -> None:
+    h = with_disk()
+    _disk_only_block(h, 7)
+    load = h.load([7])
+    assert isinstance(h.ask(m.ReleaseOp(load.op_id)), m.Ack)
+    assert h.stats()["ops_in_flight"] == 1  # its staging slot is still being written
+    h.io()
+    s = h.stats()
+    assert s["ops_in_flight"] == 0 and s["host_pinned"] == 0 and s["loads_failed"] == 1
+    assert h.match([7]) == (1, 0)  # the read checked out: the block is in G2, just not loaded
+
+
+# ------------------------------------------------------------------------------------------
+# eviction under pins
+
+
+def test_pinned_blocks_are_never_evicted_and_a_full_pinned_pool_allocates_nothing(host_only) -> None:
+    h = host_only(host=4)
+    h.store([1, 2, 3, 4])
+    load = h.load([1, 2])
+    assert load.op_id and m.unpack_slots(load.slots).tolist() == [0, 1]
+    op_id, slots = h.allocate([5, 6, 7])
+    assert slots == [2, 3]  # only the unpinned blocks were evicted; the answer is a prefix
+    h.ack(0, op_id)
+    h.ack(1, op_id)
+    assert h.match([1, 2]) == (2, 0) and h.match([3]) == (0, 0) and h.match([5, 6]) == (2, 0)
+    other = h.load([5, 6])
+    assert other.op_id
+    before = h.stats()
+    assert before["host_pinned"] == 4
+    grant = h.ask(m.AllocateStore(m.pack_hashes([8, 9]), 0, 0))
+    assert grant == m.StoreGrant(0, m.pack_slots([]))  # everything pinned: nothing, cleanly
+    after = h.stats()
+    assert after["host_registered"] == 4 and after["host_evictions"] == before["host_evictions"]
+    for lo in (load, other):
+        h.ack(0, lo.op_id)
+        h.ack(1, lo.op_id)
+    _, slots = h.allocate([8])
+    assert slots == [0]  # least recently used (block 1) goes first once unpinned
+    assert h.match([1]) == (0, 0) and h.match([2]) == (1, 0)
+
+
+# ------------------------------------------------------------------------------------------
+# the index change stream
+
+
+def test_index_since_orders_changes_and_resumes(host_only) -> None:
+    h = host_only(host=4)
+    first = h.since(0)
+    assert first.reset and _entries(first) == [] and first.next_seq == 1
+    h.store([1, 2, 3])
+    u = h.since(first.next_seq)
+    assert not u.reset and _entries(u) == [(STORED, Tier.HOST, 1), (STORED, Tier.HOST, 2), (STORED, Tier.HOST, 3)]
+    assert u.next_seq == 4
+    assert h.since(u.next_seq) == m.IndexUpdates(False, 4, b"", b"", b"")  # nothing new
+    h.store([4, 5])  # the allocation evicts block 1 (least recently used); both commit after the acks
+    u2 = h.since(u.next_seq)
+    assert _entries(u2) == [(REMOVED, Tier.HOST, 1), (STORED, Tier.HOST, 4), (STORED, Tier.HOST, 5)]
+    assert _entries(h.since(u.next_seq + 2)) == [(STORED, Tier.HOST, 5)]  # any point in the ring
+    load = h.load([2])
+    assert isinstance(h.ask(m.ResetCache()), m.Ack)  # keeps the pinned block 2
+    u3 = h.since(u2.next_seq)
+    assert _entries(u3) == [(CLEARED, Tier.HOST, 0), (STORED, Tier.HOST, 2)]
+    snap = h.since(0)
+    assert snap.reset and _entries(snap) == [(STORED, Tier.HOST, 2)] and snap.next_seq == u3.next_seq
+    h.ack(0, load.op_id)
+    h.ack(1, load.op_id)
+
+
+def test_index_since_ring_overflow_gives_a_reset_snapshot(host_only) -> None:
+    h = host_only(host=64, ring=8)
+    h.store([1, 2, 3])
+    seq = h.since(0).next_seq
+    h.store(list(range(10, 20)))  # 10 changes: the ring of 8 lost the first two after ``seq``
+    u = h.since(seq)
+    assert u.reset and u.next_seq == seq + 10
+    assert _entries(u) == [(STORED, Tier.HOST, x) for x in [1, 2, 3, *range(10, 20)]]
+    assert not h.since(seq + 2).reset  # the oldest change still held
+
+
+def test_index_since_from_a_restarted_leader_resets(host_only) -> None:
+    old = host_only(first_seq=1)
+    old.store([1, 2])
+    stale = old.since(0).next_seq
+    new = host_only(first_seq=1)  # a new leader that has seen fewer changes
+    u = new.since(stale)
+    assert u.reset and _entries(u) == [] and u.next_seq == 1
+    # By default sequence numbers start at the start time (ns), above any earlier leader's.
+    a, b = IndexLog(), IndexLog()
+    assert b.next_seq > a.next_seq
+
+
+def test_index_since_caps_one_reply(host_only) -> None:
+    h = host_only(host=64)
+    h.core.index._max_reply = 4
+    seq = h.since(0).next_seq
+    h.store(list(range(1, 11)))
+    got: list[int] = []
+    while True:
+        u = h.since(seq)
+        assert not u.reset and len(u.kinds) <= 4
+        if u.next_seq == seq:
+            break
+        got += m.unpack_hashes(u.hashes)
+        seq = u.next_seq
+    assert got == list(range(1, 11))
+
+
+def test_index_updates_validate_on_the_wire() -> None:
+    good = m.IndexUpdates(True, 5, bytes([0, 1]), bytes([2, 3]), m.pack_hashes([1, 2]))
+    assert m.decode(m.encode(good, 9)) == (9, good)
+    assert m.decode(m.encode(m.IndexSince(2**64 - 1)))[1] == m.IndexSince(2**64 - 1)
+    with pytest.raises(m.ProtocolError, match="same entries"):
+        m.IndexUpdates(False, 1, b"\x00", b"\x02", b"")
+    with pytest.raises(m.ProtocolError, match="not block event kinds"):
+        m.IndexUpdates(False, 1, b"\x07", b"\x02", m.pack_hashes([1]))
+    with pytest.raises(m.ProtocolError, match="not tiers"):
+        m.IndexUpdates(False, 1, b"\x00", b"\x01", m.pack_hashes([1]))
+    bad = m.encode(good).replace(bytes([2, 3]), bytes([2, 9]))
+    with pytest.raises(m.ProtocolError):
+        m.decode(bad)
