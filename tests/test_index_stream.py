@@ -12,7 +12,7 @@ from kvbm.sim.rank import SimModel
 
 
 def test_index_stream_mirrors_the_leaders_matchable_set(make_config) -> None:
-    cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="24")
+    cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8")
     with SimEngine(cfg, world_size=2, model=SimModel(num_layers=1, kv_heads=1, head_dim=32)) as sim:
         client = sim.client
         assert client is not None
@@ -20,9 +20,10 @@ def test_index_stream_mirrors_the_leaders_matchable_set(make_config) -> None:
         assert first is not None and first.reset and first.hashes.size == 0
         view: set[int] = set()
         seq = first.next_seq
-        sim.run(list(chat_workload(4, 2, system_tokens=64, turn_tokens=40, seed=3)))
-        stats = sim.quiesce()
-        assert stats["host_evictions"] > 0  # removals are part of the stream
+        for prompt in chat_workload(4, 2, system_tokens=64, turn_tokens=40, seed=3):
+            sim.run([prompt])
+            stats = sim.quiesce()
+        assert stats["host_evictions"] > 0, str(stats)  # removals are part of the stream
         while True:
             d = client.index_since(seq)
             assert d is not None and not d.reset

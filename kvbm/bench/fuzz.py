@@ -50,12 +50,12 @@ STATE_KEYS = (
 
 _REQUESTS = (m.RegisterRank, m.PoolAttached, m.Heartbeat, m.TransferDone, m.GetStatus, m.Match,
              m.PrepareLoad, m.PollLoads, m.AllocateStore, m.ReleaseOp, m.GetStats, m.TakeEvents,
-             m.ResetCache, m.Shutdown)
+             m.IndexSince, m.ResetCache, m.Shutdown)
 _REPLIES = (m.Ack, m.ErrorReply, m.PoolGrant, m.LeaderReady, m.Status, m.MatchReply, m.LoadGrant,
-            m.LoadPoll, m.StoreGrant, m.StatsReply, m.EventsReply)
+            m.LoadPoll, m.StoreGrant, m.StatsReply, m.EventsReply, m.IndexUpdates)
 ALL_TYPES = _REQUESTS + _REPLIES
 """Every message type of the protocol."""
-_HARMLESS = (m.GetStatus, m.GetStats, m.Match, m.PollLoads, m.Heartbeat)
+_HARMLESS = (m.GetStatus, m.GetStats, m.Match, m.PollLoads, m.Heartbeat, m.IndexSince)
 
 ERROR, REPLY, SILENT = "error", "reply", "silent"
 

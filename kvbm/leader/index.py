@@ -16,7 +16,8 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from itertools import islice
+from typing import NamedTuple
 
 from kvbm.ipc import messages as m
 from kvbm.ipc.messages import BlockEventKind
@@ -33,8 +34,9 @@ def event_kind(event: BlockEvent) -> BlockEventKind:
     return _KIND[event.kind]
 
 
-@dataclass(frozen=True)
-class IndexEntry:
+class IndexEntry(NamedTuple):
+    """One change; a tuple because one is made per registry event on the leader's loop."""
+
     kind: BlockEventKind
     tier: Tier
     seq_hash: int  # 0 for CLEARED
@@ -94,7 +96,7 @@ class IndexLog:
             return self.snapshot()
         start = seq - self.first_seq
         stop = min(len(self._ring), start + self._max_reply)
-        entries = [self._ring[i] for i in range(start, stop)]
+        entries = list(islice(self._ring, start, stop))
         return _reply(False, seq + len(entries), entries)
 
     def snapshot(self) -> m.IndexUpdates:
