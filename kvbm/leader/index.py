@@ -17,7 +17,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from itertools import islice
-from typing import NamedTuple
 
 from kvbm.ipc import messages as m
 from kvbm.ipc.messages import BlockEventKind
@@ -27,6 +26,10 @@ RING_ENTRIES = 1 << 16
 MAX_REPLY_ENTRIES = 1 << 16
 
 _KIND = {"stored": BlockEventKind.STORED, "removed": BlockEventKind.REMOVED, "cleared": BlockEventKind.CLEARED}
+# Plain ints for the per-event loop: enum members and their .value are slow there.
+_KIND_VALUE = {name: int(kind) for name, kind in _KIND.items()}
+_TIER_VALUE = {tier: int(tier) for tier in Tier}
+_STORED, _CLEARED = int(BlockEventKind.STORED), int(BlockEventKind.CLEARED)
 
 
 def event_kind(event: BlockEvent) -> BlockEventKind:
@@ -34,12 +37,9 @@ def event_kind(event: BlockEvent) -> BlockEventKind:
     return _KIND[event.kind]
 
 
-class IndexEntry(NamedTuple):
-    """One change; a tuple because one is made per registry event on the leader's loop."""
-
-    kind: BlockEventKind
-    tier: Tier
-    seq_hash: int  # 0 for CLEARED
+# One change: (BlockEventKind value, Tier value, hash; 0 for CLEARED). A plain tuple of ints
+# because one is made per registry event on the leader's loop.
+IndexEntry = tuple[int, int, int]
 
 
 class IndexLog:
@@ -69,26 +69,27 @@ class IndexLog:
 
     def record(self, events: Iterable[BlockEvent], still_held: Callable[[Tier, int], bool]) -> None:
         """Apply registry events in order; ``still_held(tier, h)`` tells which blocks a clear kept."""
+        ring = self._ring  # the deque drops the oldest entries when full
+        added = 0
         for e in events:
             held = self._matchable[e.tier]
-            kind = event_kind(e)
-            if kind is BlockEventKind.STORED:
-                held.add(e.seq_hash)
-                self._append(IndexEntry(kind, e.tier, e.seq_hash))
-            elif kind is BlockEventKind.REMOVED:
-                held.discard(e.seq_hash)
-                self._append(IndexEntry(kind, e.tier, e.seq_hash))
-            else:
+            kind = _KIND_VALUE[e.kind]
+            tier = _TIER_VALUE[e.tier]
+            if kind == _CLEARED:
                 kept = sorted(h for h in held if still_held(e.tier, h))
                 held.clear()
                 held.update(kept)
-                self._append(IndexEntry(kind, e.tier, 0))
-                for h in kept:
-                    self._append(IndexEntry(BlockEventKind.STORED, e.tier, h))
-
-    def _append(self, entry: IndexEntry) -> None:
-        self._ring.append(entry)  # the deque drops the oldest when full
-        self.next_seq += 1
+                ring.append((kind, tier, 0))
+                ring.extend((_STORED, tier, h) for h in kept)
+                added += 1 + len(kept)
+                continue
+            if kind == _STORED:
+                held.add(e.seq_hash)
+            else:
+                held.discard(e.seq_hash)
+            ring.append((kind, tier, e.seq_hash))
+            added += 1
+        self.next_seq += added
 
     def since(self, seq: int) -> m.IndexUpdates:
         """Changes from ``seq`` on (at most ``max_reply``), or a reset snapshot when ``seq`` is unusable."""
@@ -104,16 +105,17 @@ class IndexLog:
 
         Not capped: a snapshot split over replies would be taken at different times.
         """
-        entries = [IndexEntry(BlockEventKind.STORED, tier, h)
-                   for tier in (Tier.HOST, Tier.DISK) for h in sorted(self._matchable[tier])]
-        return _reply(True, self.next_seq, entries)
+        tiers = (Tier.HOST, Tier.DISK)
+        counts = [len(self._matchable[t]) for t in tiers]
+        return m.IndexUpdates(
+            reset=True,
+            next_seq=self.next_seq,
+            kinds=bytes([BlockEventKind.STORED]) * sum(counts),
+            tiers=b"".join(bytes([t]) * n for t, n in zip(tiers, counts)),
+            hashes=b"".join(m.pack_hashes(sorted(self._matchable[t])) for t in tiers),
+        )
 
 
 def _reply(reset: bool, next_seq: int, entries: list[IndexEntry]) -> m.IndexUpdates:
-    return m.IndexUpdates(
-        reset=reset,
-        next_seq=next_seq,
-        kinds=bytes(e.kind for e in entries),
-        tiers=bytes(e.tier for e in entries),
-        hashes=m.pack_hashes([e.seq_hash for e in entries]),
-    )
+    return m.IndexUpdates(reset=reset, next_seq=next_seq, kinds=bytes([e[0] for e in entries]),
+                          tiers=bytes([e[1] for e in entries]), hashes=m.pack_hashes([e[2] for e in entries]))
