@@ -36,7 +36,7 @@ from kvbm.leader.registry import BlockEvent, BlockRegistry, Tier, TierPool
 from kvbm.leader.storage import CacheStorage, DiskReadDone, DiskWriteDone, StorageFactory
 from kvbm.leader.world import LayoutMismatch, World
 
-log = logging.getLogger("kvbm.leader.server")  # operators know the leader's log by this name
+log = logging.getLogger(__name__)
 
 _M = TypeVar("_M", bound=m.Message)
 
