@@ -24,12 +24,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvbm.ipc.transport import safe_name
+
 log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "kvbm-"
 HEADER_BYTES = 4096
 ALIGN = 4096
+"""Block size granule: pool blocks (and so disk offsets and buffers) suit O_DIRECT."""
 _MAGIC = b"KVBMPOOL"
 # magic, version, owner pid, owner start time (clock ticks), num_blocks, block_bytes
 _HEADER = struct.Struct("<8sIIQQQ")
@@ -47,8 +50,7 @@ def align_up(n: int, align: int = ALIGN) -> int:
 
 def segment_name(instance: str) -> str:
     """The POSIX shm name of an instance's host pool (without the leading slash)."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in instance)
-    return f"{SEGMENT_PREFIX}{safe}-g2"
+    return f"{SEGMENT_PREFIX}{safe_name(instance)}-g2"
 
 
 def process_start_time(pid: int) -> int | None:

@@ -29,10 +29,9 @@ from typing import TypeVar
 import numpy as np
 import xxhash
 
-_R = TypeVar("_R")
+from kvbm.ipc.shm import ALIGN
 
-ALIGN = 4096
-"""Alignment of offsets, sizes and buffers for O_DIRECT."""
+_R = TypeVar("_R")
 
 ZEROFILL_CHUNK = 16 << 20
 """Chunk size of the zero-fill fallback (as Dynamo: 16 MiB, 4096-aligned)."""
