@@ -35,9 +35,11 @@ __all__ = [
     "ConfigError",
     "Endpoint",
     "KvbmConfig",
+    "TierSize",
     "Variable",
     "is_loopback_endpoint",
     "is_loopback_host",
+    "format_bytes",
     "load_config",
     "markdown_table",
     "parse_bool",
@@ -623,6 +625,25 @@ class KvbmConfig:
         """Disk (G3) blocks, same rule as :meth:`host_blocks`."""
         return _blocks_for(self.disk_cache_num_blocks, self.disk_cache_gb, block_bytes)
 
+    def host_size(self, block_bytes: int) -> TierSize:
+        """Host (G2) pool size and the variable behind it (disk-only: the bounce slots)."""
+        if not self.has_cpu_tier:
+            return self._size("disk_bounce_blocks", self.disk_bounce_blocks, block_bytes)
+        if self.cpu_cache_num_blocks:
+            return self._size("cpu_cache_num_blocks", self.cpu_cache_num_blocks, block_bytes)
+        return self._size("cpu_cache_gb", self.host_blocks(block_bytes), block_bytes)
+
+    def disk_size(self, block_bytes: int) -> TierSize:
+        """Disk (G3) size and the variable behind it (0 blocks when there is no disk tier)."""
+        field_name = "disk_cache_num_blocks" if self.disk_cache_num_blocks else "disk_cache_gb"
+        return self._size(field_name, self.disk_blocks(block_bytes), block_bytes)
+
+    def _size(self, field_name: str, num_blocks: int, block_bytes: int) -> TierSize:
+        var = _BY_FIELD[field_name]
+        value = getattr(self, field_name)
+        shown = "(unset)" if value is None else var.kind.fmt(value)
+        return TierSize(self._var_for(field_name), shown, num_blocks, block_bytes)
+
     def require_tier(self) -> None:
         """Raise ConfigError unless a host or disk tier is configured."""
         if not (self.has_cpu_tier or self.has_disk_tier):
@@ -682,6 +703,42 @@ class KvbmConfig:
             changes["leader_endpoint"] = None
         sources = {**self.sources, **{name: SOURCE_OVERRIDE for name in changes}}
         return dataclasses.replace(self, sources=sources, **changes)
+
+
+def format_bytes(n: float) -> str:
+    """Decimal human size (kvbm's GB are 1e9 bytes): ``512 B``, ``25.3 GB``, ``1.0e+21 GB``."""
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit, scale in (("kB", 1e3), ("MB", 1e6), ("GB", 1e9), ("TB", 1e12), ("PB", 1e15)):
+        if n < scale * 1000:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e9:.1e} GB"  # absurd requests: keep the unit of the GB variables
+
+
+@dataclass(frozen=True)
+class TierSize:
+    """A tier's size as configured: the variable that sets it, its value, and the bytes it means.
+
+    Used to refuse, in one line, a size the machine cannot hold before anything is allocated.
+    """
+
+    variable: str
+    value: str  # as the user wrote it (the typed value, formatted back)
+    num_blocks: int
+    block_bytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    def too_big(self, what: str, where: str, free_bytes: int, hint: str = "") -> str:
+        """The one-line refusal: ``VAR=value asks for X of WHAT; WHERE has Y free; accepted: ...``."""
+        if self.variable.endswith("_GB"):
+            accepted = f"at most {format_bytes(free_bytes)}"
+        else:
+            accepted = f"at most {free_bytes // self.block_bytes} blocks of {self.block_bytes} B"
+        return (f"{self.variable}={self.value} asks for {format_bytes(self.nbytes)} of {what}; "
+                f"{where} has {format_bytes(free_bytes)} free; accepted: {accepted}{hint}")
 
 
 def _blocks_for(override: int | None, gb: float | None, block_bytes: int) -> int:

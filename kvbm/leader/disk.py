@@ -29,6 +29,7 @@ from typing import TypeVar
 import numpy as np
 import xxhash
 
+from kvbm.config import TierSize
 from kvbm.ipc.shm import ALIGN
 
 _R = TypeVar("_R")
@@ -98,6 +99,17 @@ def _free_bytes(directory: str) -> int | None:
     except OSError:
         return None
     return st.f_bavail * st.f_frsize
+
+
+def check_disk_space(directory: str, size: TierSize) -> None:
+    """Refuse, in one line naming the variable, a disk tier that ``directory`` cannot hold.
+
+    Called before anything is allocated for the tier (the leader's per-block state included).
+    A file system that does not report its free space is not refused here; fallocate decides.
+    """
+    free = _free_bytes(directory)
+    if free is not None and size.nbytes > free:
+        raise DiskError(size.too_big("disk cache", directory, free))
 
 
 def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:

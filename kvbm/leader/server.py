@@ -294,6 +294,7 @@ class LeaderServer:
         )
 
     def _create_pool(self) -> None:
+        from kvbm.leader.capacity import check_cache_space
         from kvbm.leader.tiering import DiskTier  # disk machinery only when configured
 
         cfg = self.config
@@ -307,6 +308,7 @@ class LeaderServer:
                     "or DYN_KVBM_DISK_CACHE_GB"
                 )
             host_blocks = cfg.disk_bounce_blocks  # disk-only: a small bounce pool for staging
+        check_cache_space(cfg, block_bytes)  # one clear line before any allocation
         # The ranks pre-fault their mappings (they copy on the engine's critical path); the
         # leader only touches blocks for disk I/O, off that path, so it maps lazily.
         self.pool = HostPool.create(self.instance, PoolGeometry(host_blocks, block_bytes), prefault=False)

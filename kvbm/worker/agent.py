@@ -231,7 +231,7 @@ class RankAgent:
             if rid != reg_id:
                 continue  # a late reply to a heartbeat sent to a previous leader
             if isinstance(msg, m.ErrorReply):
-                self._fail_init(f"{step}: the leader said {msg.message}")
+                self._refused(msg.message)
                 return
             self._last_ack = time.monotonic()  # the leader is there; stop re-sending
             if isinstance(msg, m.PoolGrant):
@@ -255,7 +255,7 @@ class RankAgent:
                 continue
             msg = got[1]
             if isinstance(msg, m.ErrorReply):
-                self._fail_init(f"finish init: the leader said {msg.message}")
+                self._refused(msg.message)
                 return
             if isinstance(msg, m.LeaderReady):
                 break
@@ -271,6 +271,16 @@ class RankAgent:
             f"could not {step}"
         )
         log.error("%s", self.error)
+        self._done.set()
+
+    def _refused(self, reason: str) -> None:
+        """The leader gave up on init (bad size, init timeout...): its one line is the error.
+
+        Every rank gets the same line; rank 0 logs it, the others keep it quiet (it is still
+        their ``error``), so a TP world shows it once.
+        """
+        self.error = f"rank {self.ident.rank}/{self.ident.world_size}: kvbm leader at {self.endpoint}: {reason}"
+        log.log(logging.ERROR if self.ident.rank == 0 else logging.DEBUG, "%s", self.error)
         self._done.set()
 
     def _detach(self) -> None:
