@@ -128,3 +128,18 @@ def test_killed_leader_disk_file_is_swept_and_a_clean_stop_removes_its_own(make_
     assert not os.path.exists(live_file)  # a clean stop removes the leader's own file
     left = sorted(os.listdir(disk_dir))
     assert left == (["kvbm-someone-else-disk.bin", "notes.bin"] if os.geteuid() == 0 else ["notes.bin"])
+
+
+@pytest.mark.parametrize("block_size", [24, 48])
+def test_block_size_not_a_power_of_two_serves_byte_exact(make_config, block_size: int) -> None:
+    """Dynamo compat (item 12): engines use block sizes such as 24; kvbm serves them."""
+    cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="64")
+    model = SimModel(num_layers=1, block_size=block_size, num_gpu_blocks=16)
+    with SimEngine(cfg, world_size=2, model=model) as sim:
+        prompt = list(range(1, 4 * block_size + 3))
+        sim.run([prompt])
+        sim.quiesce()
+        sim.reset_engine_cache()
+        sim.run([prompt])
+        assert sim.stats.tokens_from_host == 4 * block_size
+        assert sim.stats.mismatches == 0 and sim.stats.blocks_loaded == 4

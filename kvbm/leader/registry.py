@@ -57,7 +57,10 @@ class SlotState(enum.IntEnum):
     REGISTERED = 2
 
 
-# Plain ints for the per-slot state list: enum members are slow in hot loops.
+SLOT_STATE_BYTES = 46
+"""Leader memory per slot once used: state, hash, parent (+flag), priority, pins, time, free stack."""
+
+# Plain ints for the per-slot state array: enum members are slow in hot loops.
 _FREE = 0
 _WRITING = 1
 _REGISTERED = 2
@@ -111,7 +114,7 @@ def _fail(msg: str) -> None:
 class TierPool:
     """Fixed-capacity slot pool of one tier; slots are ints ``0..capacity-1``.
 
-    Per-slot state lives in compact numpy arrays (about 46 bytes a slot, allocated zeroed and
+    Per-slot state lives in compact numpy arrays (:data:`SLOT_STATE_BYTES` a slot, allocated zeroed and
     untouched, so a pool costs memory only for the slots it has used): a leader sized for a
     huge disk does not build Python lists of its capacity. Bulk operations index the arrays
     once per call rather than once per slot.
@@ -146,16 +149,22 @@ class TierPool:
         self._events: list[_RawEvent] = []
         # Per-slot state (index = slot). Hash and parent are meaningful only where the state is
         # not FREE and, for the parent, where _has_parent is set (None otherwise).
-        self._state = np.zeros(capacity, np.int8)
-        self._hash = np.zeros(capacity, np.uint64)
-        self._parent = np.zeros(capacity, np.uint64)
-        self._has_parent = np.zeros(capacity, np.bool_)
-        self._prio = np.zeros(capacity, np.int64)
-        self._pins = np.zeros(capacity, np.int32)
-        self._used = np.zeros(capacity, np.float64)
-        # Free slots: a stack of freed slots (top last) over the never-used slots
-        # _fresh..capacity-1, which are handed out in ascending order once the stack is empty.
-        self._freed = np.empty(capacity, np.int64)
+        try:
+            self._state = np.zeros(capacity, np.int8)
+            self._hash = np.zeros(capacity, np.uint64)
+            self._parent = np.zeros(capacity, np.uint64)
+            self._has_parent = np.zeros(capacity, np.bool_)
+            self._prio = np.zeros(capacity, np.int64)
+            self._pins = np.zeros(capacity, np.int32)
+            self._used = np.zeros(capacity, np.float64)
+            # Free slots: a stack of freed slots (top last) over the never-used slots
+            # _fresh..capacity-1, handed out in ascending order once the stack is empty.
+            self._freed = np.empty(capacity, np.int64)
+        except (MemoryError, ValueError):  # numpy: "array is too big" / cannot allocate
+            raise ValueError(
+                f"{self.tier.name} tier: cannot hold the state of {capacity:.3g} blocks "
+                f"({SLOT_STATE_BYTES} B each) in this process' address space"
+            ) from None
         self._num_freed = 0
         self._fresh = 0
         self._writing: dict[int, int] = {}  # hash -> slot
