@@ -35,8 +35,11 @@ __all__ = [
     "ConfigError",
     "Endpoint",
     "KvbmConfig",
+    "TierSize",
     "Variable",
+    "is_loopback_endpoint",
     "is_loopback_host",
+    "format_bytes",
     "load_config",
     "markdown_table",
     "parse_bool",
@@ -55,6 +58,11 @@ MAX_IPC_PATH_BYTES = 107
 MAX_RUN_DIR_BYTES = 80
 _MAX_INT = 2**63 - 1
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# One day: longer waits are a typo, and every poll and deadline computed from this value
+# stays far inside the ranges of zmq's int milliseconds and of time stamps.
+MAX_INIT_TIMEOUT_S = 86400
+DISK_ALLOCATORS = ("default", "open-direct")  # Dynamo 1.6.1's DYN_KVBM_DISK_ALLOCATOR_TYPE
+CONSOLIDATOR_MODES = ("dedup", "passthrough", "baseten_dedup")
 
 
 class ConfigError(ValueError):
@@ -170,6 +178,20 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """True for ipc:// and inproc:// (always local) and tcp:// on a loopback host.
+
+    Anything else, including ``tcp://*:PORT`` (every interface) and text that is not an
+    endpoint, is not loopback.
+    """
+    if endpoint.startswith("inproc://"):
+        return True
+    try:
+        return parse_endpoint(endpoint).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_endpoint(text: str) -> Endpoint:
     """Parse ``tcp://HOST:PORT`` (IPv6 as ``[::1]``) or ``ipc://PATH``.
 
@@ -274,8 +296,28 @@ def _run_dir_len(v: Any) -> bool:
     return len(str(v).encode()) <= MAX_RUN_DIR_BYTES
 
 
+def _init_timeout(v: Any) -> bool:
+    return bool(0 < v <= MAX_INIT_TIMEOUT_S)
+
+
 def _always(v: Any) -> bool:
     return True
+
+
+def _word(choices: tuple[str, ...]) -> _Kind:
+    """A kind for one word out of ``choices`` (any case, stored lower case)."""
+
+    def parse(raw: str) -> str:
+        word = raw.strip().lower()
+        if word not in choices:
+            raise ValueError(raw)
+        return word
+
+    return _Kind(parse, lambda v: v in choices, str)
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    return f"one of {', '.join(choices)} (any case)"
 
 
 @dataclass(frozen=True)
@@ -359,8 +401,9 @@ VARIABLES: tuple[Variable, ...] = (
              _BOOL_ACCEPTS,
              "Offload every host block to disk, not only blocks seen twice"),
     Variable("DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS", "init_timeout_s", _NUM,
-             "a number of seconds > 0 (e.g. 120)",
-             "Deadline for all ranks to sync with the leader at start-up", _positive),
+             f"a number of seconds in (0, {MAX_INIT_TIMEOUT_S}] (e.g. 120 or 1800)",
+             "Deadline for all ranks to sync with the leader at start-up (Dynamo's bindings: "
+             "1800; kvbm waits only for rank skew, see below)", _init_timeout),
     Variable("DYN_KVBM_METRICS", "metrics_enabled", _BOOL, _BOOL_ACCEPTS,
              "Serve Prometheus metrics on /metrics"),
     Variable("DYN_KVBM_METRICS_PORT", "metrics_port", _INT, "a port number 1-65535",
@@ -393,7 +436,8 @@ VARIABLES: tuple[Variable, ...] = (
              _count, aliases=("DYN_KVBM_MAX_TRANSFER_BATCH_SIZE",)),
     Variable("DYN_KVBM_KV_EVENTS_ENDPOINT", "kv_events_endpoint", _ENDPOINT,
              _ENDPOINT_ACCEPTS,
-             "ZMQ PUB address for KV cache events (e.g. tcp://127.0.0.1:5557); unset: off"),
+             "ZMQ PUB address for KV cache events (e.g. tcp://127.0.0.1:5557); unset: off. "
+             "Loopback only unless DYN_KVBM_ALLOW_NON_LOOPBACK=1"),
     Variable("DYN_KVBM_DISK_BOUNCE_BLOCKS", "disk_bounce_blocks", _INT,
              "a whole number of blocks >= 1 (e.g. 32)",
              "Host staging slots when only the disk tier is configured", _count),
@@ -408,6 +452,23 @@ VARIABLES: tuple[Variable, ...] = (
              "A peer silent this long is considered dead", _positive),
     Variable("DYN_KVBM_LOG_LEVEL", "log_level", _LEVEL,
              "one of DEBUG, INFO, WARNING, ERROR (any case)", "kvbm log level"),
+    # Read by Dynamo's kvbm 1.6.1; accepted and checked so a Dynamo deployment's
+    # environment works unchanged, but they select machinery kvbm does not have.
+    Variable("DYN_KVBM_DISK_ALLOCATOR_TYPE", "disk_allocator_type", _word(DISK_ALLOCATORS),
+             _one_of(DISK_ALLOCATORS),
+             "Dynamo compat, no effect: kvbm always fallocates its disk file and opens it "
+             "O_DIRECT (see DYN_KVBM_DISK_DISABLE_O_DIRECT, DYN_KVBM_DISK_ZEROFILL_FALLBACK)"),
+    Variable("DYN_KVBM_DISABLE_WRITE_COMBINED", "disable_write_combined", _BOOL, _BOOL_ACCEPTS,
+             "Dynamo compat, no effect: kvbm's host pool is shared memory pinned with "
+             "cudaHostRegister, never write-combined"),
+    Variable("DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE", "kv_events_consolidator_mode",
+             _word(CONSOLIDATOR_MODES), _one_of(CONSOLIDATOR_MODES),
+             "Dynamo compat, no effect: kvbm publishes its own G2/G3 events on "
+             "DYN_KVBM_KV_EVENTS_ENDPOINT and has no consolidator"),
+    Variable("DYN_KVBM_NCCL_MAX_CTAS", "nccl_max_ctas", _INT,
+             "a whole number >= 1 (e.g. 8)",
+             "Dynamo compat, no effect: kvbm has no NCCL (replicated MLA) transfer path",
+             _count),
 )
 
 _BY_FIELD: dict[str, Variable] = {v.field: v for v in VARIABLES}
@@ -474,6 +535,10 @@ class KvbmConfig:
     heartbeat_interval_s: float = 0.25
     liveness_timeout_s: float = 1.5
     log_level: str = "INFO"
+    disk_allocator_type: str = "default"
+    disable_write_combined: bool = False
+    kv_events_consolidator_mode: str = "dedup"
+    nccl_max_ctas: int | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -511,6 +576,8 @@ class KvbmConfig:
                 f"DYN_KVBM_LIVENESS_TIMEOUT_SECS={repr(self.liveness_timeout_s)!r}: expected "
                 f"more than DYN_KVBM_HEARTBEAT_INTERVAL_SECS ({self.heartbeat_interval_s!r})"
             )
+        if self.kv_events_endpoint is not None:
+            self._check_loopback("kv_events_endpoint", self.kv_events_endpoint, "KV events")
         if self.leader_endpoint is None:
             return
         ep = parse_endpoint(self.leader_endpoint)
@@ -520,15 +587,19 @@ class KvbmConfig:
                 f"DYN_KVBM_LEADER_ENDPOINT={self.leader_endpoint!r}: disagrees with "
                 f"DYN_KVBM_LEADER_ZMQ_HOST/_PUB_PORT ({self._zmq_endpoint()}); set only one"
             )
-        if not ep.is_loopback and not self.allow_non_loopback:
-            var = self._var_for("leader_endpoint")
-            value = self.leader_zmq_host if var == "DYN_KVBM_LEADER_ZMQ_HOST" else (
-                self.leader_endpoint)
-            raise ConfigError(
-                f"{var}={value!r}: expected a loopback address (127.0.0.0/8, ::1, localhost) "
-                "or an ipc:// path; the leader socket is unauthenticated, set "
-                "DYN_KVBM_ALLOW_NON_LOOPBACK=1 to allow other hosts"
-            )
+        self._check_loopback("leader_endpoint", self.leader_endpoint, "leader")
+
+    def _check_loopback(self, field_name: str, endpoint: str, what: str) -> None:
+        """Refuse a non-loopback tcp ``endpoint`` unless DYN_KVBM_ALLOW_NON_LOOPBACK is set."""
+        if self.allow_non_loopback or is_loopback_endpoint(endpoint):
+            return
+        var = self._var_for(field_name)
+        value = self.leader_zmq_host if var == "DYN_KVBM_LEADER_ZMQ_HOST" else endpoint
+        raise ConfigError(
+            f"{var}={value!r}: expected a loopback address (127.0.0.0/8, ::1, localhost) "
+            f"or an ipc:// path; the {what} socket is unauthenticated, set "
+            "DYN_KVBM_ALLOW_NON_LOOPBACK=1 to allow other hosts"
+        )
 
     # -- tiers -------------------------------------------------------------
 
@@ -553,6 +624,25 @@ class KvbmConfig:
     def disk_blocks(self, block_bytes: int) -> int:
         """Disk (G3) blocks, same rule as :meth:`host_blocks`."""
         return _blocks_for(self.disk_cache_num_blocks, self.disk_cache_gb, block_bytes)
+
+    def host_size(self, block_bytes: int) -> TierSize:
+        """Host (G2) pool size and the variable behind it (disk-only: the bounce slots)."""
+        if not self.has_cpu_tier:
+            return self._size("disk_bounce_blocks", self.disk_bounce_blocks, block_bytes)
+        if self.cpu_cache_num_blocks:
+            return self._size("cpu_cache_num_blocks", self.cpu_cache_num_blocks, block_bytes)
+        return self._size("cpu_cache_gb", self.host_blocks(block_bytes), block_bytes)
+
+    def disk_size(self, block_bytes: int) -> TierSize:
+        """Disk (G3) size and the variable behind it (0 blocks when there is no disk tier)."""
+        field_name = "disk_cache_num_blocks" if self.disk_cache_num_blocks else "disk_cache_gb"
+        return self._size(field_name, self.disk_blocks(block_bytes), block_bytes)
+
+    def _size(self, field_name: str, num_blocks: int, block_bytes: int) -> TierSize:
+        var = _BY_FIELD[field_name]
+        value = getattr(self, field_name)
+        shown = "(unset)" if value is None else var.kind.fmt(value)
+        return TierSize(self._var_for(field_name), shown, num_blocks, block_bytes)
 
     def require_tier(self) -> None:
         """Raise ConfigError unless a host or disk tier is configured."""
@@ -613,6 +703,42 @@ class KvbmConfig:
             changes["leader_endpoint"] = None
         sources = {**self.sources, **{name: SOURCE_OVERRIDE for name in changes}}
         return dataclasses.replace(self, sources=sources, **changes)
+
+
+def format_bytes(n: float) -> str:
+    """Decimal human size (kvbm's GB are 1e9 bytes): ``512 B``, ``25.3 GB``, ``1.0e+21 GB``."""
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit, scale in (("kB", 1e3), ("MB", 1e6), ("GB", 1e9), ("TB", 1e12), ("PB", 1e15)):
+        if n < scale * 1000:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e9:.1e} GB"  # absurd requests: keep the unit of the GB variables
+
+
+@dataclass(frozen=True)
+class TierSize:
+    """A tier's size as configured: the variable that sets it, its value, and the bytes it means.
+
+    Used to refuse, in one line, a size the machine cannot hold before anything is allocated.
+    """
+
+    variable: str
+    value: str  # as the user wrote it (the typed value, formatted back)
+    num_blocks: int
+    block_bytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    def too_big(self, what: str, where: str, free_bytes: int, hint: str = "") -> str:
+        """The one-line refusal: ``VAR=value asks for X of WHAT; WHERE has Y free; accepted: ...``."""
+        if self.variable.endswith("_GB"):
+            accepted = f"at most {format_bytes(free_bytes)}"
+        else:
+            accepted = f"at most {free_bytes // self.block_bytes} blocks of {self.block_bytes} B"
+        return (f"{self.variable}={self.value} asks for {format_bytes(self.nbytes)} of {what}; "
+                f"{where} has {format_bytes(free_bytes)} free; accepted: {accepted}{hint}")
 
 
 def _blocks_for(override: int | None, gb: float | None, block_bytes: int) -> int:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import shutil
 import sys
 import tempfile
 import time
 
 from kvbm.config import KvbmConfig, load_config
-from kvbm.sim.engine import SimEngine, SimStats, chat_workload
+from kvbm.sim.engine import SimEngine, SimError, SimStats, chat_workload
 from kvbm.sim.rank import SimModel
 
 CHUNK = 8  # prompts handed to the engine at a time (progress granularity)
@@ -99,6 +100,8 @@ def summary(st: SimStats, leader: dict[str, float], seconds: float, ranks: int) 
 
 
 def run(args: argparse.Namespace) -> int:
+    # The demo reports the ranks' errors itself (SimError, each reason once): keep their logs quiet.
+    os.environ.setdefault("KVBM_SIM_LOG", "CRITICAL")
     tmp = tempfile.mkdtemp(prefix="kvbm-demo-")
     try:
         cfg = _config(args, tmp)
@@ -107,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         total = args.conversations * args.turns
         print(f"kvbm demo: leader + {args.ranks} rank processes, engine pool {args.gpu_blocks} blocks/rank, "
               f"host pool {cfg.cpu_cache_num_blocks or 'by GB'} blocks, "
-              f"disk {cfg.disk_cache_num_blocks or 'off'} blocks in {cfg.disk_cache_dir}")
+              f"disk {cfg.disk_cache_num_blocks or ('by GB' if cfg.has_disk_tier else 'off')} blocks in "
+              f"{cfg.disk_cache_dir}")
         started = time.monotonic()
         sim = SimEngine(cfg, world_size=args.ranks, model=model, seed=args.seed)
         try:
@@ -129,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
         print("\nSummary")
         print(summary(sim.stats, leader, time.monotonic() - started, args.ranks))
         return 0 if sim.stats.mismatches == 0 else 1
+    except SimError as e:  # the leader's or the ranks' one-line reason, not a traceback
+        print(f"kvbm demo: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted: leader and ranks stopped, shared memory released", file=sys.stderr)
         return 130

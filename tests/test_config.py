@@ -56,12 +56,16 @@ VALID: dict[str, tuple[str, Any]] = {
     "DYN_KVBM_RUN_DIR": ("/run/user/1000/kvbm", "/run/user/1000/kvbm"),
     "DYN_KVBM_MAX_CONCURRENT_TRANSFERS": ("1", 1),
     "DYN_KVBM_TRANSFER_BATCH_SIZE": ("64", 64),
-    "DYN_KVBM_KV_EVENTS_ENDPOINT": ("tcp://*:5557", "tcp://*:5557"),
+    "DYN_KVBM_KV_EVENTS_ENDPOINT": ("tcp://127.0.0.1:5557", "tcp://127.0.0.1:5557"),
     "DYN_KVBM_DISK_BOUNCE_BLOCKS": ("8", 8),
     "DYN_KVBM_CACHE_STATS_MAX_REQUESTS": ("10", 10),
     "DYN_KVBM_HEARTBEAT_INTERVAL_SECS": (".1", 0.1),
     "DYN_KVBM_LIVENESS_TIMEOUT_SECS": ("3", 3.0),
     "DYN_KVBM_LOG_LEVEL": ("debug", "DEBUG"),
+    "DYN_KVBM_DISK_ALLOCATOR_TYPE": ("Open-Direct", "open-direct"),
+    "DYN_KVBM_DISABLE_WRITE_COMBINED": ("1", True),
+    "DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE": ("passthrough", "passthrough"),
+    "DYN_KVBM_NCCL_MAX_CTAS": ("8", 8),
 }
 
 _NUM_BAD = ["ten", "nan", "NaN", "inf", "-inf", "1e999", "", "   ", "1_0", "0x10", "4GB", "1,5"]
@@ -84,7 +88,9 @@ BAD: dict[str, list[str]] = {
     "DYN_KVBM_DISK_ZEROFILL_FALLBACK": _BOOL_BAD,
     "DYN_KVBM_DISK_DISABLE_O_DIRECT": _BOOL_BAD,
     "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": _BOOL_BAD,
-    "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": _NUM_BAD + ["0", "-5"],
+    # Past one day: zmq's int milliseconds overflowed at 2200000, time stamps at 1e10.
+    "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": _NUM_BAD + ["0", "-5", "86400.5", "2200000",
+                                                            "1e10", "1e30"],
     "DYN_KVBM_METRICS": _BOOL_BAD,
     "DYN_KVBM_METRICS_PORT": _PORT_BAD,
     "DYN_KVBM_LEADER_ENDPOINT": _ENDPOINT_BAD + ["tcp://10.0.0.1:5555", "tcp://*:5555"],
@@ -95,12 +101,16 @@ BAD: dict[str, list[str]] = {
     "DYN_KVBM_RUN_DIR": ["", "relative/dir", "/" + "d" * 100],
     "DYN_KVBM_MAX_CONCURRENT_TRANSFERS": _COUNT_BAD,
     "DYN_KVBM_TRANSFER_BATCH_SIZE": _COUNT_BAD,
-    "DYN_KVBM_KV_EVENTS_ENDPOINT": _ENDPOINT_BAD,
+    "DYN_KVBM_KV_EVENTS_ENDPOINT": _ENDPOINT_BAD + ["tcp://8.8.8.8:5557", "tcp://*:5557"],
     "DYN_KVBM_DISK_BOUNCE_BLOCKS": _COUNT_BAD,
     "DYN_KVBM_CACHE_STATS_MAX_REQUESTS": _COUNT_BAD,
     "DYN_KVBM_HEARTBEAT_INTERVAL_SECS": _NUM_BAD + ["0", "-0.25"],
     "DYN_KVBM_LIVENESS_TIMEOUT_SECS": _NUM_BAD + ["0", "0.1"],  # 0.1 < heartbeat 0.25
     "DYN_KVBM_LOG_LEVEL": ["", "verbose", "warn", "TRACE", "10"],
+    "DYN_KVBM_DISK_ALLOCATOR_TYPE": ["", "fast", "open_direct"],
+    "DYN_KVBM_DISABLE_WRITE_COMBINED": _BOOL_BAD,
+    "DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE": ["", "dedupe", "none"],
+    "DYN_KVBM_NCCL_MAX_CTAS": _COUNT_BAD,
 }
 
 
@@ -348,7 +358,40 @@ def test_liveness_must_exceed_heartbeat() -> None:
                    "DYN_KVBM_HEARTBEAT_INTERVAL_SECS (2.0)")
 
 
+@pytest.mark.parametrize("endpoint", ["tcp://8.8.8.8:5557", "tcp://*:5557", "tcp://0.0.0.0:5557"])
+def test_kv_events_endpoint_non_loopback_needs_allow_flag(endpoint: str) -> None:
+    # It used to pass `kvbm config` and then be switched off silently in the leader.
+    env = {**CPU, "DYN_KVBM_KV_EVENTS_ENDPOINT": endpoint}
+    msg = _error(env)
+    assert msg.startswith(f"DYN_KVBM_KV_EVENTS_ENDPOINT={endpoint!r}: expected a loopback address")
+    assert "KV events socket" in msg and "DYN_KVBM_ALLOW_NON_LOOPBACK=1" in msg
+    cfg = load_config({**env, "DYN_KVBM_ALLOW_NON_LOOPBACK": "1"})
+    assert cfg.kv_events_endpoint == endpoint
+    assert load_config(cfg.to_env()) == cfg
+
+
+def test_init_timeout_range_message() -> None:
+    msg = _error({**CPU, "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": "2200000"})
+    assert msg == ("DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS='2200000': expected a number of "
+                   "seconds in (0, 86400] (e.g. 120 or 1800)")
+    assert load_config({**CPU, "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": "86400"}).init_timeout_s == 86400
+
+
 # -- unknown variables -------------------------------------------------------
+
+
+def test_dynamo_1_6_variables_are_known(caplog: pytest.LogCaptureFixture) -> None:
+    env = {**CPU, "DYN_KVBM_DISK_ALLOCATOR_TYPE": "default", "DYN_KVBM_DISABLE_WRITE_COMBINED": "0",
+           "DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE": "DEDUP", "DYN_KVBM_NCCL_MAX_CTAS": "16"}
+    with caplog.at_level(logging.WARNING, logger="kvbm.config"):
+        cfg = load_config(env)
+    assert caplog.text == ""
+    assert (cfg.disk_allocator_type, cfg.kv_events_consolidator_mode, cfg.nccl_max_ctas) == (
+        "default", "dedup", 16)
+    meanings = {v.name: v.meaning for v in VARIABLES}
+    for name in env:
+        if name != "DYN_KVBM_CPU_CACHE_GB":
+            assert meanings[name].startswith("Dynamo compat, no effect")
 
 
 def test_unknown_variables_warn(caplog: pytest.LogCaptureFixture) -> None:

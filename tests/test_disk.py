@@ -7,6 +7,8 @@ import fcntl
 import mmap
 import os
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -313,3 +315,32 @@ def test_raw_direct_io_throughput(tmp_path: Path) -> None:
         w, r = raw_direct_io_throughput(str(tmp_path), BLOCK, N, threads=threads)
         assert w > 0 and r > 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_removes_only_files_of_dead_stores(tmp_path: Path, pool: memoryview) -> None:
+    """Hardening item 2: a killed owner's file goes; a live store's, a symlink and others stay."""
+    code = ("import sys, time; from kvbm.leader.disk import DiskStore; "
+            f"s = DiskStore(sys.argv[1], 'dead', {N}, {BLOCK}); print('ready', flush=True); time.sleep(60)")
+    owner = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None and owner.stdout.readline().strip() == "ready"
+        dead = disk.disk_file_path(str(tmp_path), "dead")
+        assert disk.sweep_stale_disk_files(str(tmp_path)) == []  # its owner is alive
+    finally:
+        owner.kill()
+        owner.wait(10)
+    assert os.path.isfile(dead)  # kill -9 left it
+    (tmp_path / "target").write_bytes(b"t")
+    os.symlink(tmp_path / "target", tmp_path / "kvbm-link-disk.bin")
+    (tmp_path / "kvbm-unrelated.bin").write_bytes(b"u")
+    with DiskStore(str(tmp_path), "live", N, BLOCK) as live, \
+            DiskStore(str(tmp_path), "keep", N, BLOCK, persistent=True):
+        assert disk.sweep_stale_disk_files(str(tmp_path)) == [dead]
+        sums = write_all(live, pool)  # the live store is untouched and works
+        assert live.read(0, memoryview(bytearray(BLOCK)), sums[0]).result().ok
+        with pytest.raises(DiskError, match="in use by another live store"):
+            DiskStore(str(tmp_path), "keep", N, BLOCK, persistent=True)
+    assert sorted(os.listdir(tmp_path)) == ["kvbm-keep-disk.bin", "kvbm-link-disk.bin", "kvbm-unrelated.bin",
+                                            "target"]
+    # The persistent file outlives its store; nobody holds it now, so a sweep takes it.
+    assert disk.sweep_stale_disk_files(str(tmp_path)) == [disk.disk_file_path(str(tmp_path), "keep")]

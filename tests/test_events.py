@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import zmq
 
+from kvbm.config import ConfigError
 from kvbm.leader.events import KvEventPublisher, decode_batch, encode_batch, start_leader_events, wire_events
 from kvbm.hashing import sequence_hashes
 from kvbm.ipc.messages import unpack_hashes
@@ -101,16 +102,30 @@ def test_publisher_frames_topic_seq_payload() -> None:
         pub.close()
 
 
-def test_refused_endpoint_is_one_error_and_no_publisher(make_config, caplog) -> None:
+def test_non_loopback_endpoint_is_refused_by_the_configuration(make_config) -> None:
+    """It used to pass `kvbm config` and then be switched off in the leader (hardening item 8)."""
     port = _free_port()
-    cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8", DYN_KVBM_KV_EVENTS_ENDPOINT=f"tcp://0.0.0.0:{port}")
-    server = SimpleNamespace(core=SimpleNamespace(observers=[], block_size=lambda: 16))
-    with caplog.at_level(logging.ERROR, logger="kvbm.leader.events"):
-        assert start_leader_events(server, cfg) is None  # type: ignore[arg-type]
-    assert server.core.observers == []
-    assert [r.getMessage() for r in caplog.records] == [
-        f"KV events off: cannot publish on DYN_KVBM_KV_EVENTS_ENDPOINT=tcp://0.0.0.0:{port}: refusing to bind "
-        f"tcp://0.0.0.0:{port}: not a loopback address; set DYN_KVBM_ALLOW_NON_LOOPBACK=1 to allow it"]
+    with pytest.raises(ConfigError, match=f"^DYN_KVBM_KV_EVENTS_ENDPOINT='tcp://0.0.0.0:{port}': expected a "
+                                          "loopback address .* set DYN_KVBM_ALLOW_NON_LOOPBACK=1"):
+        make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8", DYN_KVBM_KV_EVENTS_ENDPOINT=f"tcp://0.0.0.0:{port}")
+
+
+def test_unbindable_endpoint_is_one_error_and_no_publisher(make_config, caplog) -> None:
+    port = _free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8", DYN_KVBM_KV_EVENTS_ENDPOINT=endpoint)
+    busy = zmq.Context.instance().socket(zmq.PUB)
+    busy.bind(endpoint)  # someone else publishes there already
+    try:
+        server = SimpleNamespace(core=SimpleNamespace(observers=[], block_size=lambda: 16))
+        with caplog.at_level(logging.ERROR, logger="kvbm.leader.events"):
+            assert start_leader_events(server, cfg) is None  # type: ignore[arg-type]
+        assert server.core.observers == []
+        [msg] = [r.getMessage() for r in caplog.records]
+        assert msg.startswith(f"KV events off: cannot publish on DYN_KVBM_KV_EVENTS_ENDPOINT={endpoint}: ")
+        assert "Address already in use" in msg
+    finally:
+        busy.close(0)
 
 
 # ---------------------------------------------------------------------------------------------

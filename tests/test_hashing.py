@@ -235,12 +235,27 @@ def test_bytes_invalid() -> None:
         hashes_to_bytes([2**64])
 
 
-@pytest.mark.parametrize("block_size", [0, -4, 3, 12, 2048, 1.0, True])
+@pytest.mark.parametrize("block_size", [0, -4, 1.0, True, "16"])
 def test_invalid_block_size(block_size: object) -> None:
-    with pytest.raises(ValueError, match="power of two"):
+    with pytest.raises(ValueError, match="whole number of tokens >= 1"):
         sequence_hashes([1, 2, 3], block_size)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="power of two"):
+    with pytest.raises(ValueError, match="whole number of tokens >= 1"):
         SequenceHasher(block_size)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("block_size", [3, 12, 24, 48, 2048, 4096])
+def test_any_block_size_is_hashed(block_size: int) -> None:
+    # Dynamo hashes any block size (24 and 2048 verified against its 1.6.1 wheel), not only
+    # powers of two: the chain is the same formula whatever the size.
+    tokens = list(range(1, 3 * block_size + 2))
+    seed = EMPTY_SALT_HASH
+    b = [block_hash(tokens[i * block_size:(i + 1) * block_size], seed) for i in range(3)]
+    want = [b[0]]
+    for x in b[1:]:
+        want.append(xxhash.xxh3_64_intdigest(struct.pack("<QQ", want[-1], x), seed))
+    assert sequence_hashes(tokens, block_size) == want
+    hasher = SequenceHasher(block_size)
+    assert hasher.extend(tokens[:block_size + 1]) + hasher.extend(tokens[block_size + 1:]) == want
 
 
 def test_valid_block_size_bounds() -> None:

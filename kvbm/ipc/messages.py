@@ -11,15 +11,15 @@ which receivers turn into an :class:`ErrorReply` without changing any state.
 
 from __future__ import annotations
 
-import array
 import enum
-import sys
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import msgpack
 import numpy as np
+
+from kvbm.hashing import hashes_from_bytes, hashes_to_bytes
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 64 << 20
@@ -452,14 +452,8 @@ def _check_int(where: str, meta: dict[str, int], value: Any) -> int:
     return value
 
 
-def pack_hashes(hashes: typing.Sequence[int] | np.ndarray) -> bytes:
-    """Little-endian uint64 wire form of a hash list."""
-    if isinstance(hashes, np.ndarray):
-        return hashes.astype("<u8", copy=False).tobytes()
-    arr = array.array("Q", hashes)  # C-level conversion: ~5x faster than numpy from a list
-    if sys.byteorder != "little":
-        arr.byteswap()
-    return arr.tobytes()
+pack_hashes = hashes_to_bytes
+"""Little-endian uint64 wire form of a hash list (:func:`kvbm.hashing.hashes_to_bytes`)."""
 
 
 def unpack_hashes(data: bytes, where: str = "hashes") -> list[int]:
@@ -468,11 +462,7 @@ def unpack_hashes(data: bytes, where: str = "hashes") -> list[int]:
         raise ProtocolError(f"{where}: {len(data)} bytes is not a whole number of 64-bit hashes")
     if len(data) > 8 * MAX_HASHES:
         raise ProtocolError(f"{where}: {len(data) // 8} hashes exceed the {MAX_HASHES}-hash limit per request")
-    arr = array.array("Q")
-    arr.frombytes(data)
-    if sys.byteorder != "little":
-        arr.byteswap()
-    return arr.tolist()
+    return hashes_from_bytes(data)
 
 
 def pack_slots(slots: typing.Sequence[int] | np.ndarray) -> bytes:

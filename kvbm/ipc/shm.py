@@ -24,12 +24,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvbm.config import TierSize, format_bytes
+from kvbm.ipc.transport import safe_name
+
 log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "kvbm-"
 HEADER_BYTES = 4096
 ALIGN = 4096
+"""Block size granule: pool blocks (and so disk offsets and buffers) suit O_DIRECT."""
 _MAGIC = b"KVBMPOOL"
 # magic, version, owner pid, owner start time (clock ticks), num_blocks, block_bytes
 _HEADER = struct.Struct("<8sIIQQQ")
@@ -47,8 +51,7 @@ def align_up(n: int, align: int = ALIGN) -> int:
 
 def segment_name(instance: str) -> str:
     """The POSIX shm name of an instance's host pool (without the leading slash)."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in instance)
-    return f"{SEGMENT_PREFIX}{safe}-g2"
+    return f"{SEGMENT_PREFIX}{safe_name(instance)}-g2"
 
 
 def process_start_time(pid: int) -> int | None:
@@ -127,7 +130,7 @@ class HostPool:
             except OSError as e:
                 if e.errno == errno.ENOSPC:
                     raise ShmError(
-                        f"cannot reserve {size / 1e9:.2f} GB for the host pool in {SHM_DIR}: no space "
+                        f"cannot reserve {format_bytes(size)} for the host pool in {SHM_DIR}: no space "
                         f"left; lower DYN_KVBM_CPU_CACHE_GB or enlarge {SHM_DIR}"
                     ) from None
                 raise
@@ -226,18 +229,33 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def check_shm_space(size: int) -> None:
-    """Fail early, before anything is created, if /dev/shm cannot hold ``size`` bytes."""
+def _shm_free_bytes() -> int:
     try:
         st = os.statvfs(SHM_DIR)
     except OSError as e:
         raise ShmError(f"{SHM_DIR} is not usable: {os.strerror(e.errno or 0)}") from None
-    free = st.f_bavail * st.f_frsize
+    return st.f_bavail * st.f_frsize
+
+
+def check_shm_space(size: int) -> None:
+    """Fail early, before anything is created, if /dev/shm cannot hold ``size`` bytes."""
+    free = _shm_free_bytes()
     if size > free:
         raise ShmError(
-            f"{SHM_DIR} has {free / 1e9:.2f} GB free but the host pool needs {size / 1e9:.2f} GB; "
+            f"{SHM_DIR} has {format_bytes(free)} free but the host pool needs {format_bytes(size)}; "
             f"lower DYN_KVBM_CPU_CACHE_GB (or ..._OVERRIDE_NUM_BLOCKS) or enlarge {SHM_DIR}"
         )
+
+
+def check_host_pool_space(size: TierSize) -> None:
+    """Refuse, in one line naming the variable, a host pool that /dev/shm cannot hold.
+
+    The leader calls this before creating the segment (and before sizing anything after it).
+    """
+    free = _shm_free_bytes()
+    if HEADER_BYTES + size.nbytes > free:
+        raise ShmError(size.too_big("host pool", SHM_DIR, max(0, free - HEADER_BYTES),
+                                    f" (or enlarge {SHM_DIR})"))
 
 
 def sweep_stale_segments() -> list[str]:

@@ -10,7 +10,6 @@ on an address other than loopback is refused unless explicitly allowed.
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 import logging
 import os
@@ -21,6 +20,7 @@ from typing import TypeVar
 
 import zmq
 
+from kvbm.config import is_loopback_endpoint
 from kvbm.ipc.messages import ErrorReply, Message, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -60,21 +60,6 @@ def safe_name(instance: str) -> str:
 def instance_endpoint(run_dir: str, instance: str) -> str:
     """The default leader address of ``instance``: an ipc socket in the private run dir."""
     return f"ipc://{os.path.join(run_dir, safe_name(instance))}.sock"
-
-
-def is_loopback_endpoint(endpoint: str) -> bool:
-    """True for ipc:// and inproc:// endpoints and tcp:// on a loopback address."""
-    if endpoint.startswith(("ipc://", "inproc://")):
-        return True
-    if not endpoint.startswith("tcp://"):
-        return False
-    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind_endpoint(endpoint: str, allow_non_loopback: bool) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import stat
@@ -29,10 +30,11 @@ from typing import TypeVar
 import numpy as np
 import xxhash
 
-_R = TypeVar("_R")
+from kvbm.config import TierSize, format_bytes
+from kvbm.ipc.shm import ALIGN
 
-ALIGN = 4096
-"""Alignment of offsets, sizes and buffers for O_DIRECT."""
+_R = TypeVar("_R")
+log = logging.getLogger(__name__)
 
 ZEROFILL_CHUNK = 16 << 20
 """Chunk size of the zero-fill fallback (as Dynamo: 16 MiB, 4096-aligned)."""
@@ -101,6 +103,74 @@ def _free_bytes(directory: str) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+DISK_FILE_PREFIX = "kvbm-"
+DISK_FILE_SUFFIX = "-disk.bin"
+
+
+def _names_fd(path: str, fd: int) -> bool:
+    """True if ``path`` (not followed) is the file open as ``fd``."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def sweep_stale_disk_files(directory: str) -> list[str]:
+    """Remove block files of dead stores in ``directory``. Returns the removed paths.
+
+    Only files named as :func:`disk_file_path` names them, regular, owned by our uid and not
+    locked: a live :class:`DiskStore` holds an exclusive ``flock`` on its file for its whole
+    life, and the kernel releases it when the owner exits or is killed. Another user's file, a
+    live store's file and anything else are left alone. A ``persistent`` store's file is
+    removed too once its owner is gone, so persistent stores belong in their own directory.
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(DISK_FILE_PREFIX) and name.endswith(DISK_FILE_SUFFIX)):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue  # gone, a symlink, or not ours to open
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live store holds it
+            # Holding the lock, unlink only if the name still leads to the file we checked.
+            if _names_fd(path, fd):
+                os.unlink(path)
+                removed.append(path)
+                log.warning("removed disk cache file %s (%s) left by a dead kvbm leader", path,
+                            format_bytes(st.st_size))
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
+def check_disk_space(directory: str, size: TierSize) -> None:
+    """Refuse, in one line naming the variable, a disk tier that ``directory`` cannot hold.
+
+    Called before anything is allocated for the tier (the leader's per-block state included).
+    A file system that does not report its free space is not refused here; fallocate decides.
+    """
+    free = _free_bytes(directory)
+    if free is not None and size.nbytes > free:
+        raise DiskError(size.too_big("disk cache", directory, free))
+
+
 def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
     done = 0
     while done < len(buf):
@@ -122,7 +192,7 @@ def _pread_all(fd: int, buf: memoryview, offset: int) -> None:
 
 def disk_file_path(directory: str, instance: str) -> str:
     """Where the block file of ``instance`` lives."""
-    return os.path.join(directory, f"kvbm-{instance}-disk.bin")
+    return os.path.join(directory, f"{DISK_FILE_PREFIX}{instance}{DISK_FILE_SUFFIX}")
 
 
 class DiskStore:
@@ -142,6 +212,7 @@ class DiskStore:
             OSError it raises is handled as that op's I/O error (test seam).
         persistent: keep the file on close, and reuse an existing one if it is a regular file
             owned by us, mode 0600 and of the exact size (contents are the caller's concern).
+            Once no store holds it, :func:`sweep_stale_disk_files` of its directory removes it.
 
     The first I/O error marks the store ``failed``; later ops then fail at once without
     touching the disk (the caller turns the tier off). A checksum mismatch fails only that read.
@@ -189,24 +260,15 @@ class DiskStore:
     # ---- set-up -------------------------------------------------------------------------
 
     def _open(self) -> tuple[int, tuple[int, int]]:
-        """Create (or, persistent, reuse) the file, set O_DIRECT, allocate; clean up on failure."""
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-        created = True
-        try:
-            fd = os.open(self.path, flags, 0o600)
-        except FileExistsError:
-            if not self.persistent:
-                try:
-                    problem = self._existing_problem(os.lstat(self.path))
-                except OSError:
-                    problem = None
-                raise DiskError(problem or (
-                    f"disk cache file {self.path} already exists (another store of this instance is "
-                    "open, or a crashed run left it): remove it or use another instance name")) from None
-            fd = self._reopen_existing()
-            created = False
-        except OSError as e:
-            raise DiskError(f"cannot create disk cache file {self.path}: {_errno_name(e)} ({e.strerror})") from e
+        """Create (or, persistent, reuse) and lock the file, set O_DIRECT, allocate; clean up on failure."""
+        for _ in range(3):
+            fd, created = self._create_or_reuse()
+            if self._own(fd, created):
+                break
+            os.close(fd)  # a sweep removed our new file before we locked it: create it again
+        else:
+            raise DiskError(f"cannot create disk cache file {self.path}: removed again and again while "
+                            "being created (is another kvbm sweeping this directory in a loop?)")
         try:
             st = os.fstat(fd)
             if self.o_direct:
@@ -224,6 +286,42 @@ class DiskStore:
                 os.unlink(self.path)
             raise
         return fd, (st.st_dev, st.st_ino)
+
+    def _create_or_reuse(self) -> tuple[int, bool]:
+        """Open the file: (fd, True) when created now, (fd, False) for a reused persistent one."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            return os.open(self.path, flags, 0o600), True
+        except FileExistsError:
+            if not self.persistent:
+                try:
+                    problem = self._existing_problem(os.lstat(self.path))
+                except OSError:
+                    problem = None
+                raise DiskError(problem or (
+                    f"disk cache file {self.path} already exists (another store of this instance is "
+                    "open, or a crashed run left it): remove it or use another instance name")) from None
+            return self._reopen_existing(), False
+        except OSError as e:
+            raise DiskError(f"cannot create disk cache file {self.path}: {_errno_name(e)} ({e.strerror})") from e
+
+    def _own(self, fd: int, created: bool) -> bool:
+        """Hold the owner lock on ``fd`` for the store's life; False if a sweep unlinked the new file.
+
+        The lock is how :func:`sweep_stale_disk_files` tells a live store's file from a dead
+        one's: the kernel drops it when the owner dies, however it dies.
+        """
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if not created:
+                os.close(fd)
+                raise DiskError(f"disk cache file {self.path} is in use by another live store") from None
+        # A sweep opened our file between create and lock: wait for its verdict, then check
+        # whether the name still leads to our file.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return _names_fd(self.path, fd)
 
     def _existing_problem(self, st: os.stat_result) -> str | None:
         """Why an existing file (stat ``st``) may not be used, or None if it only lacks persistence."""

@@ -1,4 +1,4 @@
-"""The leader as a process: start-up (lock, stale sweep, bind), run, clean shutdown.
+"""The leader as a process: start-up (lock, stale sweeps, bind), run, clean shutdown.
 
 Exit codes: 0 clean stop, 2 bad configuration or start-up error (the one-line reason is the
 last line on stderr), 3 another leader already serves this instance.
@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     os.ftruncate(lock_fd, 0)
     os.pwrite(lock_fd, str(os.getpid()).encode(), 0)
     sweep_stale_segments()
+    if cfg.has_disk_tier:
+        from kvbm.leader.disk import sweep_stale_disk_files
+
+        sweep_stale_disk_files(cfg.disk_cache_dir)
     from kvbm.leader.server import LeaderServer
 
     try:

@@ -25,6 +25,8 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, Sequence
 
+import numpy as np
+
 __all__ = [
     "Tier",
     "SlotState",
@@ -55,7 +57,10 @@ class SlotState(enum.IntEnum):
     REGISTERED = 2
 
 
-# Plain ints for the per-slot state list: enum members are slow in hot loops.
+SLOT_STATE_BYTES = 46
+"""Leader memory per slot once used: state, hash, parent (+flag), priority, pins, time, free stack."""
+
+# Plain ints for the per-slot state array: enum members are slow in hot loops.
 _FREE = 0
 _WRITING = 1
 _REGISTERED = 2
@@ -109,6 +114,11 @@ def _fail(msg: str) -> None:
 class TierPool:
     """Fixed-capacity slot pool of one tier; slots are ints ``0..capacity-1``.
 
+    Per-slot state lives in compact numpy arrays (:data:`SLOT_STATE_BYTES` a slot, allocated zeroed and
+    untouched, so a pool costs memory only for the slots it has used): a leader sized for a
+    huge disk does not build Python lists of its capacity. Bulk operations index the arrays
+    once per call rather than once per slot.
+
     Not thread-safe: the leader owns it from one thread. Mutating calls validate all their
     arguments first and raise ``ValueError`` without changing anything on bad input.
     """
@@ -137,14 +147,26 @@ class TierPool:
         self._record = record_events
         self._seq = event_seq if event_seq is not None else itertools.count()
         self._events: list[_RawEvent] = []
-        # Per-slot state in plain lists (index = slot).
-        self._state: list[int] = [_FREE] * capacity
-        self._hash: list[int | None] = [None] * capacity
-        self._parent: list[int | None] = [None] * capacity
-        self._prio: list[int] = [0] * capacity
-        self._pins: list[int] = [0] * capacity
-        self._used: list[float] = [0.0] * capacity
-        self._free: list[int] = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first
+        # Per-slot state (index = slot). Hash and parent are meaningful only where the state is
+        # not FREE and, for the parent, where _has_parent is set (None otherwise).
+        try:
+            self._state = np.zeros(capacity, np.int8)
+            self._hash = np.zeros(capacity, np.uint64)
+            self._parent = np.zeros(capacity, np.uint64)
+            self._has_parent = np.zeros(capacity, np.bool_)
+            self._prio = np.zeros(capacity, np.int64)
+            self._pins = np.zeros(capacity, np.int32)
+            self._used = np.zeros(capacity, np.float64)
+            # Free slots: a stack of freed slots (top last) over the never-used slots
+            # _fresh..capacity-1, handed out in ascending order once the stack is empty.
+            self._freed = np.empty(capacity, np.int64)
+        except (MemoryError, ValueError):  # numpy: "array is too big" / cannot allocate
+            raise ValueError(
+                f"{self.tier.name} tier: cannot hold the state of {capacity:.3g} blocks "
+                f"({SLOT_STATE_BYTES} B each) in this process' address space"
+            ) from None
+        self._num_freed = 0
+        self._fresh = 0
         self._writing: dict[int, int] = {}  # hash -> slot
         self._registered: dict[int, int] = {}  # hash -> slot
         # Evictable (registered, pin count 0) slots: one LRU list per priority, least recent first.
@@ -157,7 +179,7 @@ class TierPool:
     @property
     def num_free(self) -> int:
         """Slots holding nothing."""
-        return len(self._free)
+        return self._num_freed + self.capacity - self._fresh
 
     @property
     def num_writing(self) -> int:
@@ -195,27 +217,27 @@ class TierPool:
     def hash_of(self, slot: int) -> int | None:
         """Hash held by a slot (registered or being written), None if free."""
         self._check_index(slot)
-        return self._hash[slot]
+        return None if self._state[slot] == _FREE else int(self._hash[slot])
 
     def parent_of(self, slot: int) -> int | None:
         """Parent hash recorded with the block in a slot (None: first block, or free)."""
         self._check_index(slot)
-        return self._parent[slot]
+        return int(self._parent[slot]) if self._has_parent[slot] else None
 
     def state_of(self, slot: int) -> SlotState:
         """State of a slot."""
         self._check_index(slot)
-        return SlotState(self._state[slot])
+        return SlotState(int(self._state[slot]))
 
     def pin_count(self, slot: int) -> int:
         """Loads in flight from this slot."""
         self._check_index(slot)
-        return self._pins[slot]
+        return int(self._pins[slot])
 
     def last_used(self, slot: int) -> float:
         """Clock reading of the slot's last commit, pin, touch or re-store (0.0 if never)."""
         self._check_index(slot)
-        return self._used[slot]
+        return float(self._used[slot])
 
     # ---- allocation and stores ----------------------------------------------------------------
 
@@ -239,8 +261,6 @@ class TierPool:
             raise ValueError(f"{len(parents)} parents for {len(hashes)} hashes")
         registered = self._registered
         writing = self._writing
-        pins = self._pins
-        prio = self._prio
         lru = self._lru
         # Take this request's registered, evictable blocks out of the LRU so that allocating the
         # rest cannot evict them; they go back at the most recent end below.
@@ -248,43 +268,58 @@ class TierPool:
         if not registered.keys().isdisjoint(hashes):  # C-level test first: usually none held
             for h in hashes:
                 s = registered.get(h)
-                if s is not None and pins[s] == 0 and s in lru[prio[s]]:  # not yet taken out
-                    del lru[prio[s]][s]
-                    protected.append(s)
-        state = self._state
-        hash_ = self._hash
-        parent = self._parent
-        free = self._free
-        record = self._record
-        seq = self._seq
-        events = self._events
-        # Nothing becomes evictable during the loop, so the lowest non-empty LRU list stays the
-        # eviction source until it runs empty.
-        victims: OrderedDict[int, None] | None = None
+                if s is not None and self._pins[s] == 0:
+                    od = lru[int(self._prio[s])]
+                    if s in od:  # not yet taken out
+                        del od[s]
+                        protected.append(s)
+        # The hashes that need a slot (first occurrences of hashes not held here).
+        new: list[int] = []
+        if registered or writing:
+            seen: set[int] = set()
+            for h in hashes:
+                if h not in registered and h not in writing and h not in seen:
+                    seen.add(h)
+                    new.append(h)
+        else:
+            new = list(dict.fromkeys(hashes))
+        slots, evicted = self._take(len(new))
         out: list[int | None] = []
-        for h, p in zip(hashes, itertools.repeat(None) if parents is None else parents):
-            if h in registered or h in writing:
-                out.append(None)
-                continue
-            if free:
-                slot = free.pop()
+        if len(slots) == len(new) and len(new) == len(hashes):
+            out = list(slots)  # the usual store: every block is new and found room
+        else:
+            j, n = 0, len(slots)
+            placed = set()
+            for h in hashes:
+                if h in registered or h in writing or h in placed:
+                    out.append(None)
+                elif j < n:
+                    out.append(slots[j])
+                    placed.add(h)
+                    j += 1
+                else:
+                    break  # no slot for this block: the answer stops here
+        if evicted:
+            self._unregister(evicted)
+        if slots:
+            idx = np.array(slots, np.int64)
+            taken = new[: len(slots)]
+            self._state[idx] = _WRITING
+            self._hash[idx] = np.array(taken, np.uint64)
+            self._prio[idx] = priority
+            if parents is None:
+                self._has_parent[idx] = False
             else:
-                if not victims:
-                    victims = self._lowest_lru()
-                    if victims is None:
-                        break  # nothing evictable: the answer stops here
-                slot = victims.popitem(False)[0]
-                old = hash_[slot]
-                assert old is not None
-                del registered[old]
-                if record:
-                    events.append((next(seq), "removed", old, parent[slot]))
-            state[slot] = _WRITING
-            hash_[slot] = h
-            parent[slot] = p
-            prio[slot] = priority
-            writing[h] = slot
-            out.append(slot)
+                if len(taken) == len(hashes):
+                    ps = list(parents)
+                else:  # a slot goes with a hash's first occurrence, so does the parent
+                    parent_of: dict[int, int | None] = {}
+                    for h, p in zip(hashes, parents):
+                        parent_of.setdefault(h, p)
+                    ps = [parent_of[h] for h in taken]
+                self._has_parent[idx] = [p is not None for p in ps]
+                self._parent[idx] = np.array([0 if p is None else p for p in ps], np.uint64)
+            writing.update(zip(taken, slots))
         if protected:
             now = self._clock()
             for s in protected:
@@ -292,82 +327,105 @@ class TierPool:
                 self._attach(s)
         return out
 
+    def _take(self, n: int) -> tuple[list[int], list[int]]:
+        """Up to ``n`` slots: freed ones (last freed first), never-used ones, then LRU victims.
+
+        Returns (slots, the victims among them); victims leave the LRU but stay registered.
+        """
+        slots: list[int] = []
+        k = min(n, self._num_freed)
+        if k:
+            top = self._num_freed
+            slots = self._freed[top - k : top][::-1].tolist()
+            self._num_freed = top - k
+        k = min(n - len(slots), self.capacity - self._fresh)
+        if k:
+            slots.extend(range(self._fresh, self._fresh + k))
+            self._fresh += k
+        evicted: list[int] = []
+        # Nothing becomes evictable while taking, so the lowest non-empty LRU list stays the
+        # eviction source until it runs empty.
+        while len(slots) < n:
+            victims = self._lowest_lru()
+            if victims is None:
+                break  # nothing evictable
+            for _ in range(min(n - len(slots), len(victims))):
+                victim = victims.popitem(False)[0]
+                evicted.append(victim)
+                slots.append(victim)
+        return slots, evicted
+
     def commit(self, slots: Sequence[int]) -> None:
         """Register stored blocks (WRITING -> REGISTERED, most recently used); emits ``stored``."""
-        self._check_slots(slots, _WRITING, "commit")
+        idx = self._check_slots(slots, _WRITING, "commit")
+        if not len(idx):
+            return
         now = self._clock()
-        state = self._state
-        hash_ = self._hash
-        parent = self._parent
-        prio = self._prio
-        used = self._used
+        hs = self._hash[idx].tolist()
+        prios = self._prio[idx].tolist()
+        parents = self._parents(idx)
+        self._state[idx] = _REGISTERED
+        self._used[idx] = now
         writing = self._writing
         registered = self._registered
         lru = self._lru
         record = self._record
         seq = self._seq
         events = self._events
-        for s in slots:
-            h = hash_[s]
-            assert h is not None
+        for s, h, pr, p in zip(idx.tolist(), hs, prios, parents):
             del writing[h]
             registered[h] = s
-            state[s] = _REGISTERED
-            used[s] = now
-            od = lru.get(prio[s])
+            od = lru.get(pr)
             if od is None:
                 self._attach(s)
             else:
                 od[s] = None  # most recently used end
             if record:
-                events.append((next(seq), "stored", h, parent[s]))
+                events.append((next(seq), "stored", h, p))
 
     def abort(self, slots: Sequence[int]) -> None:
         """Give up stores (WRITING -> FREE); the blocks were never matchable, so no event."""
-        self._check_slots(slots, _WRITING, "abort")
-        for s in slots:
-            h = self._hash[s]
-            assert h is not None
+        idx = self._check_slots(slots, _WRITING, "abort")
+        for h in self._hash[idx].tolist():
             del self._writing[h]
-            self._reset(s)
-            self._free.append(s)
+        self._release(idx)
 
     # ---- loads and use ------------------------------------------------------------------------
 
     def pin(self, slots: Sequence[int]) -> None:
         """Pin registered blocks for loads in flight (+1 each; a slot may repeat); touches them."""
-        self._check_slots(slots, _REGISTERED, "pin", allow_repeats=True)
-        now = self._clock()
-        pins = self._pins
-        for s in slots:
-            if pins[s] == 0:
-                del self._lru[self._prio[s]][s]
+        idx = self._check_slots(slots, _REGISTERED, "pin", allow_repeats=True)
+        uniq = np.unique(idx)
+        for s, count, pr in zip(uniq.tolist(), self._pins[uniq].tolist(), self._prio[uniq].tolist()):
+            if count == 0:
+                del self._lru[pr][s]
                 self._num_pinned += 1
-            pins[s] += 1
-            self._used[s] = now
+        np.add.at(self._pins, idx, 1)
+        self._used[idx] = self._clock()
 
     def unpin(self, slots: Sequence[int]) -> None:
         """Release pins; a block whose count reaches 0 becomes evictable as most recently used."""
-        self._check_slots(slots, _REGISTERED, "unpin", allow_repeats=True)
-        pins = self._pins
+        idx = self._check_slots(slots, _REGISTERED, "unpin", allow_repeats=True)
         needed = Counter(slots) if len(set(slots)) != len(slots) else dict.fromkeys(slots, 1)
+        pins = dict(zip(needed, self._pins[np.array(list(needed), np.int64)].tolist()))
         for s, k in needed.items():
             if pins[s] < k:
                 raise ValueError(f"unpin: slot {s} has pin count {pins[s]}, asked to unpin {k}")
-        for s in slots:
-            pins[s] -= 1
-            if pins[s] == 0:
-                self._num_pinned -= 1
-                self._attach(s)
+        np.subtract.at(self._pins, idx, 1)
+        # A slot reaches 0 at its last occurrence: attach in that order (LRU order).
+        last = {s: i for i, s in enumerate(slots)}
+        for s in sorted((s for s in needed if pins[s] == needed[s]), key=last.__getitem__):
+            self._num_pinned -= 1
+            self._attach(s)
 
     def touch(self, slots: Sequence[int]) -> None:
         """Mark registered blocks as recently used (moves them last in eviction order)."""
-        self._check_slots(slots, _REGISTERED, "touch", allow_repeats=True)
-        now = self._clock()
-        for s in slots:
-            self._used[s] = now
-            if self._pins[s] == 0:
-                self._lru[self._prio[s]].move_to_end(s)
+        idx = self._check_slots(slots, _REGISTERED, "touch", allow_repeats=True)
+        self._used[idx] = self._clock()
+        lru = self._lru
+        for s, count, pr in zip(idx.tolist(), self._pins[idx].tolist(), self._prio[idx].tolist()):
+            if count == 0:
+                lru[pr].move_to_end(s)
 
     # ---- removal ------------------------------------------------------------------------------
 
@@ -379,9 +437,9 @@ class TierPool:
         s = self._registered.get(seq_hash)
         if s is None or self._pins[s]:
             return False
-        del self._lru[self._prio[s]][s]
-        self._drop(s)
-        self._free.append(s)
+        del self._lru[int(self._prio[s])][s]
+        self._unregister([s])
+        self._release(np.array([s], np.int64))
         return True
 
     def clear(self) -> int:
@@ -390,20 +448,18 @@ class TierPool:
         Emits a single ``cleared`` event (no per-block ``removed``) if anything was dropped.
         Pinned blocks and stores in flight stay.
         """
-        dropped = 0
-        for od in self._lru.values():
-            for s in od:
-                h = self._hash[s]
-                assert h is not None
-                del self._registered[h]
-                self._reset(s)
-                self._free.append(s)
-            dropped += len(od)
+        dropped = [s for od in self._lru.values() for s in od]
         self._lru.clear()
         self._levels.clear()
-        if dropped and self._record:
+        if not dropped:
+            return 0
+        idx = np.array(dropped, np.int64)
+        for h in self._hash[idx].tolist():
+            del self._registered[h]
+        self._release(idx)
+        if self._record:
             self._events.append((next(self._seq), "cleared", 0, None))
-        return dropped
+        return len(dropped)
 
     # ---- events -------------------------------------------------------------------------------
 
@@ -421,30 +477,37 @@ class TierPool:
     def check_invariants(self) -> None:
         """Raise AssertionError if the internal structures disagree (tests, soak runs)."""
         cap = self.capacity
-        state, hash_, pins = self._state, self._hash, self._pins
-        if len(state) != cap or len(hash_) != cap or len(pins) != cap:
+        state, pins = self._state, self._pins
+        arrays = (state, self._hash, self._parent, self._has_parent, self._prio, pins, self._used,
+                  self._freed)
+        if any(len(a) != cap for a in arrays):
             _fail("per-slot arrays do not match capacity")
-        free = set(self._free)
-        if len(free) != len(self._free):
-            _fail("free list has duplicates")
+        if not 0 <= self._fresh <= cap or not 0 <= self._num_freed <= self._fresh:
+            _fail(f"free counters out of range: fresh {self._fresh}, freed {self._num_freed}")
+        freed = self._freed[: self._num_freed].tolist()
+        free = set(freed)
+        if len(free) != len(freed) or any(not 0 <= s < self._fresh for s in free):
+            _fail("free stack has duplicates or never-used slots")
+        free.update(range(self._fresh, cap))
         if len(free) + len(self._writing) + len(self._registered) != cap:
             _fail(
                 f"free {len(free)} + writing {len(self._writing)} + registered "
                 f"{len(self._registered)} != capacity {cap}"
             )
         for s in free:
-            if state[s] != _FREE or hash_[s] is not None or pins[s]:
-                _fail(f"free slot {s} is in state {state[s]} / hash {hash_[s]} / pins {pins[s]}")
+            if state[s] != _FREE or pins[s] or self._has_parent[s]:
+                _fail(f"free slot {s} is in state {state[s]} / pins {pins[s]} / has a parent")
         for h, s in self._writing.items():
-            if state[s] != _WRITING or hash_[s] != h or pins[s]:
-                _fail(f"writing slot {s} disagrees: state {state[s]}, hash {hash_[s]} != {h}")
+            if state[s] != _WRITING or self.hash_of(s) != h or pins[s]:
+                _fail(f"writing slot {s} disagrees: state {state[s]}, hash {self.hash_of(s)} != {h}")
         for h, s in self._registered.items():
-            if state[s] != _REGISTERED or hash_[s] != h:
-                _fail(f"registered slot {s} disagrees: state {state[s]}, hash {hash_[s]} != {h}")
-        for s in range(cap):
-            if pins[s] < 0 or (pins[s] and state[s] != _REGISTERED):
-                _fail(f"slot {s} in state {state[s]} has pin count {pins[s]}")
-        if self._num_pinned != sum(1 for p in pins if p > 0):
+            if state[s] != _REGISTERED or self.hash_of(s) != h:
+                _fail(f"registered slot {s} disagrees: state {state[s]}, hash {self.hash_of(s)} != {h}")
+        bad = np.flatnonzero((pins < 0) | ((pins != 0) & (state != _REGISTERED)))
+        if len(bad):
+            s = int(bad[0])
+            _fail(f"slot {s} in state {state[s]} has pin count {pins[s]}")
+        if self._num_pinned != int(np.count_nonzero(pins > 0)):
             _fail("num_pinned is out of date")
         if self._levels != sorted(self._lru):
             _fail("priority levels out of sync with LRU lists")
@@ -466,22 +529,37 @@ class TierPool:
 
     def _check_slots(
         self, slots: Sequence[int], want: int, op: str, allow_repeats: bool = False
-    ) -> None:
-        state = self._state
+    ) -> np.ndarray:
+        """Validate ``slots`` for ``op``; returns them as an index array."""
         cap = self.capacity
-        for s in slots:
-            if not 0 <= s < cap:
-                raise ValueError(f"{op}: slot {s} out of range 0..{cap - 1}")
-            if state[s] != want:
-                raise ValueError(
-                    f"{op}: slot {s} is {SlotState(state[s]).name}, expected {SlotState(want).name}"
-                )
+        try:
+            idx = np.array(slots, np.int64)
+        except (OverflowError, ValueError, TypeError):
+            idx = np.array([], np.int64)
+            ok = False
+        else:
+            ok = idx.ndim == 1 and (
+                not len(idx) or (0 <= idx.min() and idx.max() < cap and bool((self._state[idx] == want).all())))
+        if not ok:  # find the first bad slot, in order, for the message
+            for s in slots:
+                if not 0 <= s < cap:
+                    raise ValueError(f"{op}: slot {s} out of range 0..{cap - 1}")
+                st = int(self._state[s])
+                if st != want:
+                    raise ValueError(
+                        f"{op}: slot {s} is {SlotState(st).name}, expected {SlotState(want).name}"
+                    )
         if not allow_repeats and len(set(slots)) != len(slots):
             raise ValueError(f"{op}: repeated slot in {list(slots)}")
+        return idx
+
+    def _parents(self, idx: np.ndarray) -> list[int | None]:
+        return [p if has else None
+                for p, has in zip(self._parent[idx].tolist(), self._has_parent[idx].tolist())]
 
     def _attach(self, slot: int) -> None:
         """Append a registered unpinned slot to its priority's LRU list (most recent end)."""
-        p = self._prio[slot]
+        p = int(self._prio[slot])
         od = self._lru.get(p)
         if od is None:
             od = self._lru[p] = OrderedDict()
@@ -499,20 +577,26 @@ class TierPool:
             levels.pop(0)
         return None
 
-    def _drop(self, slot: int) -> None:
-        """Unregister a slot already taken out of the LRU; emits ``removed``; leaves it FREE."""
-        h = self._hash[slot]
-        assert h is not None
-        del self._registered[h]
+    def _unregister(self, slots: list[int]) -> None:
+        """Unregister slots already taken out of the LRU; emits ``removed`` for each, in order."""
+        idx = np.array(slots, np.int64)
+        hs = self._hash[idx].tolist()
+        for h in hs:
+            del self._registered[h]
         if self._record:
-            self._events.append((next(self._seq), "removed", h, self._parent[slot]))
-        self._reset(slot)
+            seq, events = self._seq, self._events
+            events.extend((next(seq), "removed", h, p) for h, p in zip(hs, self._parents(idx)))
 
-    def _reset(self, slot: int) -> None:
-        self._state[slot] = _FREE
-        self._hash[slot] = None
-        self._parent[slot] = None
-        self._prio[slot] = 0
+    def _release(self, idx: np.ndarray) -> None:
+        """Make slots FREE and push them on the free stack (in order: the last is reused first)."""
+        if not len(idx):
+            return
+        self._state[idx] = _FREE
+        self._has_parent[idx] = False
+        self._prio[idx] = 0
+        top = self._num_freed
+        self._freed[top : top + len(idx)] = idx
+        self._num_freed = top + len(idx)
 
 
 @dataclass(frozen=True, slots=True)

@@ -170,6 +170,9 @@ def shm_storage(config: KvbmConfig, instance: str, notify: Callable[[], None]) -
     """A factory creating the instance's shared-memory pool and (if sized) its disk block file."""
 
     def create(host_blocks: int, block_bytes: int, disk_blocks: int) -> CacheStorage:
+        from kvbm.leader.capacity import check_cache_space
+
+        check_cache_space(config, block_bytes)  # one clear line before any allocation
         # The ranks pre-fault their mappings (they copy on the engine's critical path); the
         # leader only touches blocks for disk I/O, off that path, so it maps lazily.
         pool = HostPool.create(instance, PoolGeometry(host_blocks, block_bytes), prefault=False)

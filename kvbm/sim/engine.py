@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -125,6 +126,20 @@ class G1Cache:
         self.lru.clear()
 
 
+_RANK_PREFIX = re.compile(r"rank (\d+)/(\d+): (.*)", re.S)
+
+
+def merge_rank_errors(errors: list[str]) -> str:
+    """Ranks' errors with each distinct reason once: ``rank 0,1/2: reason``."""
+    by_reason: dict[str, list[str]] = {}
+    for e in errors:
+        m = _RANK_PREFIX.fullmatch(e)
+        key, rank = (f"/{m[2]}: {m[3]}", m[1]) if m else (e, "")
+        by_reason.setdefault(key, []).append(rank)
+    return "; ".join(f"rank {','.join(ranks)}{key}" if ranks[0] else key
+                     for key, ranks in by_reason.items())
+
+
 class SimEngine:
     """Leader + ``world_size`` rank processes + this scheduler. Use as a context manager."""
 
@@ -210,7 +225,7 @@ class SimEngine:
         replies = self._broadcast({"cmd": "wait_ready", "timeout": t}, t + 10)
         errors = [r["error"] for r in replies if not r["ready"]]
         if errors:
-            raise SimError("; ".join(errors))
+            raise SimError(merge_rank_errors(errors))
         assert self.client is not None
         deadline = time.monotonic() + 5
         while not self.client.is_ready():

@@ -231,7 +231,7 @@ class RankAgent:
             if rid != reg_id:
                 continue  # a late reply to a heartbeat sent to a previous leader
             if isinstance(msg, m.ErrorReply):
-                self._fail_init(f"{step}: the leader said {msg.message}")
+                self._refused(msg)
                 return
             self._last_ack = time.monotonic()  # the leader is there; stop re-sending
             if isinstance(msg, m.PoolGrant):
@@ -255,7 +255,7 @@ class RankAgent:
                 continue
             msg = got[1]
             if isinstance(msg, m.ErrorReply):
-                self._fail_init(f"finish init: the leader said {msg.message}")
+                self._refused(msg)
                 return
             if isinstance(msg, m.LeaderReady):
                 break
@@ -271,6 +271,18 @@ class RankAgent:
             f"could not {step}"
         )
         log.error("%s", self.error)
+        self._done.set()
+
+    def _refused(self, reply: m.ErrorReply) -> None:
+        """The leader gave up on init: its one line is the error (not an init timeout of ours).
+
+        A cache the leader cannot create is the same line for every rank: rank 0 logs it, the
+        others only keep it as their ``error``, so a TP world shows it once. Other refusals
+        (the leader's own init deadline, a layout mismatch) are logged by each rank.
+        """
+        self.error = f"rank {self.ident.rank}/{self.ident.world_size}: kvbm leader at {self.endpoint}: {reply.message}"
+        once = reply.code == "init_failed" and self.ident.rank != 0
+        log.log(logging.DEBUG if once else logging.ERROR, "%s", self.error)
         self._done.set()
 
     def _detach(self) -> None:
