@@ -18,7 +18,7 @@ pytest.importorskip("vllm")
 
 from kvbm.vllm_integration.connector import DynamoConnector, DynamoConnectorMetadata  # noqa: E402
 from kvbm.vllm_integration.connector.common import owned_leader  # noqa: E402
-from kvbm.vllm_integration.harness import Engine, gen_token  # noqa: E402
+from kvbm.bench.vllm_harness import Engine, gen_token  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
