@@ -306,6 +306,8 @@ class Planner:
         slots = m.unpack_slots(grant.slots).tolist() if grant is not None else []
         op_id = grant.op_id if grant is not None else 0
         k = len(slots)
+        # Fewer blocks than the lookup promised (evicted since, or a stale replica entry).
+        self.counters["pin_shortfall_blocks"] += len(pin.engine) - k
         op = LoadOp(st.req_id, op_id, slots, pin.engine[:k], pin.engine[k:])
         host = min(pin.host, k)
         if op_id and grant is not None and not grant.ready:
@@ -334,6 +336,7 @@ class Planner:
                     self._release(op_id)
                 p.op.failed_blocks = p.op.blocks + p.op.failed_blocks
                 p.op.op_id, p.op.slots, p.op.blocks = 0, [], []
+                self.counters["staging_failures"] += 1
             elif op_id not in ready:
                 continue
             del self._staging[op_id]
@@ -480,7 +483,7 @@ class Planner:
 
     def take_counters(self) -> Counter[str]:
         """Counters since the last call (lookup_tokens, hit_*_tokens, onboard_*_blocks,
-        offload_blocks, load_error_blocks, remote_lookups)."""
+        offload_blocks, load_error_blocks, remote_lookups, pin_shortfall_blocks, staging_failures)."""
         out, self.counters = self.counters, Counter()
         return out
 

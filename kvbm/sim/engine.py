@@ -330,8 +330,6 @@ class SimEngine:
         for p in plans:
             op = load_ops.get(p.req_id)
             n_loaded = len(op.slots) if op is not None else 0
-            if op is not None and not op.op_id and op.failed_blocks:
-                st.staging_failures += 1  # promised, nothing loaded: recomputed
             if n_loaded:
                 assert op is not None
                 loads.append([op.op_id, op.slots, op.blocks, p.hashes[p.n_local:p.n_local + n_loaded]])
@@ -349,7 +347,8 @@ class SimEngine:
         counters = planner.take_counters()
         st.tokens_from_host += counters["onboard_host_blocks"] * bs
         st.tokens_from_disk += counters["onboard_disk_blocks"] * bs
-        stores = [[op.op_id, op.blocks, op.slots] for op in step.stores if op.blocks]
+        st.staging_failures += counters["staging_failures"]
+        stores: list[list[Any]] = [[op.op_id, op.blocks, op.slots] for op in step.stores if op.blocks]
         results = self._broadcast({"cmd": "step", "loads": loads, "compute": compute, "stores": stores}, 120)
         bad_loads: set[int] = set()
         for r in results:

@@ -104,7 +104,8 @@ class KvbmScheduler:
     # -- stats, events, reset ------------------------------------------------------------
     def take_stats(self) -> KvbmConnectorStats | None:
         counters = self.planner.take_counters()
-        counters.pop("remote_lookups", None)
+        for key in ("remote_lookups", "pin_shortfall_blocks", "staging_failures"):
+            counters.pop(key, None)  # not among the connector's reported stats
         data = {k: n for k, n in counters.items() if n}
         return KvbmConnectorStats(data=data) if data else None
 
