@@ -18,6 +18,7 @@ source's ZMQ poll (which releases the GIL) or on an event, never spinning.
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import threading
 from dataclasses import dataclass
@@ -73,8 +74,9 @@ class IndexReplica:
     """
 
     def __init__(self) -> None:
-        self._where: dict[int, int] = {}  # hash -> tier bits
-        self._host: set[int] = set()  # hashes with the G2 bit (C-speed counting in match)
+        # (hash -> tier bits, hashes with the G2 bit): one attribute, so that a reset swaps both
+        # at once; the set lets match count G2 blocks in C.
+        self._view: tuple[dict[int, int], set[int]] = ({}, set())
         self.seq = 0  # next sequence number to ask for
         self.synced = False  # a snapshot was applied: lookups are answered
 
@@ -89,7 +91,7 @@ class IndexReplica:
         elif not self.synced:
             return  # changes without a snapshot to apply them to: wait for the snapshot
         else:
-            where, host = self._where, self._host
+            where, host = self._view
         for kind, tier, h in zip(delta.kinds.tolist(), delta.tiers.tolist(), delta.hashes.tolist()):
             bit = _BIT.get(tier)
             if bit is None:
@@ -106,7 +108,7 @@ class IndexReplica:
             else:
                 raise ValueError(f"index delta: event kind {kind} is not one of {[int(k) for k in IndexEventKind]}")
         if delta.reset:
-            self._where, self._host = where, host
+            self._view = (where, host)
             self.synced = True
         self.seq = delta.next_seq
 
@@ -130,20 +132,14 @@ class IndexReplica:
         start, as the leader's Match counts them; None while no snapshot was applied."""
         if not self.synced:
             return None
-        where = self._where
-        n = 0
-        for h in hashes:
-            if h not in where:
-                break
-            n += 1
-        if n == 0:
-            return 0, 0
-        run = hashes[:n] if n < len(hashes) else hashes
-        host = len(self._host.intersection(run))
-        return host, n - host
+        # takewhile with a C predicate keeps the walk in C (the leader's registry does the same).
+        where, host_set = self._view
+        run = list(itertools.takewhile(where.__contains__, hashes))
+        host = len(host_set.intersection(run)) if run else 0
+        return host, len(run) - host
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._view[0])
 
 
 class IndexFollower:

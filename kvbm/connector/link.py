@@ -3,7 +3,9 @@
 The scheduler-side planner posts a step's pins, store allocations and staging polls in one
 burst and never waits for them on the engine's scheduler thread; the next step drains what
 has arrived (``zmq.NOBLOCK``). A request with no reply after ``timeout_s`` is reported as
-expired so its owner can give up (a load is recomputed, a store is dropped).
+expired so its owner can give up (a load is recomputed, a store is dropped); a reply that
+still comes later is delivered marked ``late``, so an op the leader granted meanwhile can be
+released instead of leaking.
 """
 
 from __future__ import annotations
@@ -20,14 +22,21 @@ from kvbm.ipc.messages import ErrorReply, Message, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
 
+# How long after expiring a request its reply is still delivered (marked late).
+LATE_REPLY_S = 120.0
+
 
 @dataclass(frozen=True)
 class Reply:
-    """What came back for one posted request: the reply, or ``error`` (error reply / expired)."""
+    """What came back for one posted request: the reply, or ``error`` (error reply / expired).
+
+    ``late``: the reply to a request already reported expired (its owner gave it up).
+    """
 
     request_id: int
     message: Message | None
     error: str = ""
+    late: bool = False
 
 
 class AsyncLink:
@@ -48,6 +57,7 @@ class AsyncLink:
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
         self._sock.connect(endpoint)
         self._posted: dict[int, float] = {}  # request id -> deadline
+        self._expired: dict[int, float] = {}  # request id -> until when a late reply is delivered
 
     def post(self, msgs: Sequence[Message]) -> list[int]:
         """Send every message now; their request ids, in order (a message the socket cannot
@@ -77,7 +87,7 @@ class AsyncLink:
         out: list[Reply] = []
         if self._posted and wait_s > 0:
             self._sock.poll(int(wait_s * 1000) + 1)
-        while self._posted:
+        while self._posted or self._expired:
             try:
                 frame = self._sock.recv(zmq.NOBLOCK)
             except zmq.Again:
@@ -88,7 +98,9 @@ class AsyncLink:
                 log.warning("dropping a malformed reply from the leader: %s", e)
                 continue
             if self._posted.pop(rid, None) is None:
-                continue  # a reply to a request already given up
+                if self._expired.pop(rid, None) is not None and not isinstance(msg, ErrorReply):
+                    out.append(Reply(rid, msg, late=True))
+                continue
             if isinstance(msg, ErrorReply):
                 out.append(Reply(rid, None, f"{msg.code}: {msg.message}"))
             else:
@@ -96,7 +108,10 @@ class AsyncLink:
         now = time.monotonic()
         for rid in [r for r, deadline in self._posted.items() if deadline <= now]:
             del self._posted[rid]
+            self._expired[rid] = now + LATE_REPLY_S
             out.append(Reply(rid, None, f"no reply from the leader at {self.endpoint} within {self.timeout_s:g} s"))
+        for rid in [r for r, until in self._expired.items() if until <= now]:
+            del self._expired[rid]
         return out
 
     def close(self) -> None:

@@ -285,6 +285,11 @@ class Planner:
 
     # -- replies -------------------------------------------------------------------------
     def _on_reply(self, r: Reply, plan: StepPlan) -> None:
+        if r.late:
+            # Its owner gave up when it expired; an op the leader granted must not leak.
+            if isinstance(r.message, (m.LoadGrant, m.StoreGrant)):
+                self._release(r.message.op_id)
+            return
         what = self._posted.pop(r.request_id, None)
         if isinstance(what, _Pin):
             self._on_pin(what, r)
@@ -424,7 +429,8 @@ class Planner:
             self._post([(m.PollLoads(list(self._staging)), _Poll(list(self._staging)))])
 
     def busy(self) -> bool:
-        """Replies or disk staging still outstanding (a later step will emit their ops)."""
+        """Replies or disk staging still outstanding: the engine must keep stepping (a later
+        step emits their ops, or releases what an aborted request was granted)."""
         return bool(self._posted or self._staging)
 
     def settle(self, timeout_s: float) -> StepPlan:

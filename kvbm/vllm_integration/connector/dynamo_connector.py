@@ -192,6 +192,9 @@ class DynamoConnector(KVConnectorBase_V1):
         # Stores finish within milliseconds: waiting for their blocks beats preempting a request.
         return self.scheduler.has_pending_block_frees() if self.scheduler is not None else False
 
+    def has_pending_push_work(self) -> bool:
+        return self.scheduler.has_pending_work() if self.scheduler is not None else False
+
     def take_events(self) -> Iterable["KVCacheEvent"]:
         return self.scheduler.take_events() if self.scheduler is not None else ()
 

@@ -136,5 +136,9 @@ class KvbmScheduler:
         """Finished requests whose blocks come back once their stores finish (soon)."""
         return self.planner.has_pending_frees()
 
+    def has_pending_work(self) -> bool:
+        """Leader replies still to take (vLLM keeps stepping: has_pending_push_work)."""
+        return self.planner.busy()
+
     def shutdown(self) -> None:
         self.planner.shutdown()
