@@ -109,7 +109,8 @@ def _follow_index(eng: Any) -> Any:
     replica = IndexReplica()
     endpoint = eng.kvbm.settings.endpoint
     follower = IndexFollower(replica, lambda: _LeaderEventsFeed(endpoint),
-                             close_source=lambda feed: feed.close()).start()
+                             close_source=lambda feed: feed.close()  # type: ignore[attr-defined]
+                             ).start()
     eng.kvbm.planner.replica = replica
     return follower
 
