@@ -7,7 +7,9 @@ prefix cache forgets earlier turns:
 * no KV connector: the limit, what ``Scheduler.schedule()`` costs by itself;
 * DynamoConnector (kvbm) with its leader and a worker-role connector copying real bytes,
   once with a host pool larger than anything the workload computes (the hit-token limit)
-  and once with HOST_BLOCKS blocks;
+  and once with HOST_BLOCKS blocks, its planner answering lookups from a local index replica
+  (kept current from the leader's block events until the leader's own index stream is wired);
+  and once more without the replica ("no index replica": every lookup a leader Match);
 * vLLM's built-in OffloadingConnector with the same CPU bytes (its CUDA copy worker cannot
   run here, so a stand-in worker completes every transfer within the step: this measures its
   scheduler side only). Run twice: its default (offload prompt blocks only) and with
