@@ -1,13 +1,15 @@
 """Scheduler-side cost of the vLLM connector, and what it finds, on one chat workload.
 
-The real vLLM 0.33 scheduler (CPU only, kvbm.vllm_integration.harness) runs the same
+The real vLLM 0.33 scheduler (CPU only, kvbm.bench.vllm_harness) runs the same
 multi-turn chat workload in each configuration, with a small engine pool so the engine's own
 prefix cache forgets earlier turns:
 
 * no KV connector: the limit, what ``Scheduler.schedule()`` costs by itself;
 * DynamoConnector (kvbm) with its leader and a worker-role connector copying real bytes,
   once with a host pool larger than anything the workload computes (the hit-token limit)
-  and once with HOST_BLOCKS blocks;
+  and once with HOST_BLOCKS blocks, its planner answering lookups from a local index replica
+  (kept current from the leader's block events until the leader's own index stream is wired);
+  and once more without the replica ("no index replica": every lookup a leader Match);
 * vLLM's built-in OffloadingConnector with the same CPU bytes (its CUDA copy worker cannot
   run here, so a stand-in worker completes every transfer within the step: this measures its
   scheduler side only). Run twice: its default (offload prompt blocks only) and with
@@ -64,7 +66,7 @@ class _OffloadStandInWorker:
         from vllm.distributed.kv_transfer.kv_connector.v1.offloading.common import OffloadingWorkerMetadata
         from vllm.v1.outputs import KVConnectorOutput
 
-        from kvbm.vllm_integration.harness import StepResult
+        from kvbm.bench.vllm_harness import StepResult
 
         meta = work.meta
         done = {job_id: 1 for job_id in list(meta.load_jobs) + list(meta.store_jobs)}
@@ -75,6 +77,44 @@ class _OffloadStandInWorker:
 
     def close(self) -> None:
         return
+
+
+class _LeaderEventsFeed:
+    """Stand-in for the leader's index stream (IndexSince / IndexUpdates), which another branch
+    adds: the leader's block events (TakeEvents) from a fresh leader on, as IndexDeltas. Only
+    valid while nothing else takes the leader's events (KV events are off in this benchmark)."""
+
+    def __init__(self, endpoint: str) -> None:
+        from kvbm.leader.client import LeaderClient
+
+        self.client = LeaderClient(endpoint)
+
+    def index_since(self, seq: int) -> Any:
+        import numpy as np
+
+        from kvbm.connector.index import IndexDelta
+
+        reply = self.client.take_events()
+        if reply is None:
+            return None
+        return IndexDelta(seq == 0, seq + 1, np.frombuffer(reply.kinds, np.uint8),
+                          np.frombuffer(reply.tiers, np.uint8), np.frombuffer(reply.hashes, "<u8"))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _follow_index(eng: Any) -> Any:
+    """Give the scheduler-side planner a local index replica kept current on its own thread."""
+    from kvbm.connector.index import IndexFollower, IndexReplica
+
+    replica = IndexReplica()
+    endpoint = eng.kvbm.settings.endpoint
+    follower = IndexFollower(replica, lambda: _LeaderEventsFeed(endpoint),
+                             close_source=lambda feed: feed.close()  # type: ignore[attr-defined]
+                             ).start()
+    eng.kvbm.planner.replica = replica
+    return follower
 
 
 def _time_calls(rpc: Any, out: list[float]) -> None:
@@ -122,8 +162,8 @@ def _bare_rtt(tmp: str, n: int) -> list[float]:
 
 
 def _run_one(model_dir: str, name: str, connector: str | None, extra: dict[str, Any], quick: bool,
-             host_blocks: int = HOST_BLOCKS) -> Any:
-    from kvbm.vllm_integration.harness import Engine, EngineSpec
+             host_blocks: int = HOST_BLOCKS, replica: bool = True) -> Any:
+    from kvbm.bench.vllm_harness import Engine, EngineSpec
 
     os.environ["DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"] = str(host_blocks)
 
@@ -136,16 +176,21 @@ def _run_one(model_dir: str, name: str, connector: str | None, extra: dict[str, 
     # copies do not compete with the scheduler for the GIL: schedule() times the scheduler side.
     eng = Engine(spec, worker_factory=factory, proc_workers=connector == "DynamoConnector")
     rtts: list[float] = []
+    follower = None
     try:
         if connector == "DynamoConnector":
             eng.wait_ready()
             _time_calls(eng.kvbm.client._rpc, rtts)
+            if replica:
+                follower = _follow_index(eng)
         eng.run_chats(conversations=12 if quick else 32, turns=3 if quick else 4, system=256, turn_len=64,
                       max_tokens=32, num_systems=4, seed=7, timeout_s=600)
         eng.run()
         assert eng.stats.mismatches == 0, f"{name}: loaded KV differs from what was stored"
         return eng.stats, rtts
     finally:
+        if follower is not None:
+            follower.stop()
         eng.close()
 
 
@@ -154,6 +199,7 @@ def _run_all(model_dir: str, offload_extra: dict[str, Any], quick: bool) -> dict
         "no connector": _run_one(model_dir, "none", None, {}, quick),
         "unbounded": _run_one(model_dir, "unbounded", "DynamoConnector", {}, quick, host_blocks=UNBOUNDED_BLOCKS),
         "kvbm": _run_one(model_dir, "kvbm", "DynamoConnector", {}, quick),
+        "kvbm (no index replica)": _run_one(model_dir, "kvbm-match", "DynamoConnector", {}, quick, replica=False),
         "OffloadingConnector": _run_one(model_dir, "offload", "OffloadingConnector", offload_extra, quick),
         "OffloadingConnector (all blocks)": _run_one(
             model_dir, "offload-all", "OffloadingConnector", {**offload_extra, "offload_prompt_only": False}, quick),
@@ -172,7 +218,7 @@ def run(quick: bool = False) -> list[BenchResult]:
         "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": str(HOST_BLOCKS),  # set per run by _run_one
         "DYN_KVBM_LOG_LEVEL": "WARNING",
     }
-    from kvbm.vllm_integration.harness import write_model_dir
+    from kvbm.bench.vllm_harness import write_model_dir
 
     model_dir = write_model_dir(os.path.join(tmp, "model"))
     block_bytes = GEOMETRY["num_layers"] * 2 * BLOCK_SIZE * GEOMETRY["kv_heads"] * GEOMETRY["head_dim"] * 2

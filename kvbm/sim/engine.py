@@ -1,13 +1,14 @@
 """A simulated inference engine around a real leader and real rank processes.
 
 The scheduler side (this module) keeps the engine's own prefix cache over a small G1 block
-pool, asks the leader for external hits past the local ones, and issues load and store ops
-exactly as an engine connector does; the rank processes (kvbm.sim.rank) hold the KV tensors,
+pool and drives the production scheduler-side planner (kvbm.connector.planner) that the vLLM
+connector uses: lookups past the local hits, hold-back, load and store plans; the rank processes (kvbm.sim.rank) hold the KV tensors,
 copy through the shared host pool and check every loaded byte against the oracle.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
@@ -23,11 +24,16 @@ import msgpack
 import zmq
 
 from kvbm.config import KvbmConfig
-from kvbm.hashing import EMPTY_SALT_HASH, sequence_hashes
+from kvbm.connector.planner import Planner, ScheduledRequest
+from kvbm.hashing import EMPTY_SALT_HASH
 from kvbm.ipc.transport import ensure_private_dir, instance_endpoint
 from kvbm.leader.client import LeaderClient
 from kvbm.leader.spawn import LeaderProcess, spawn_leader
 from kvbm.sim.rank import SimModel
+
+
+# Longest wait for the leader's replies within one simulated step.
+STEP_TIMEOUT_S = 30.0
 
 
 class SimError(RuntimeError):
@@ -61,15 +67,11 @@ class SimStats:
 
 @dataclass
 class _Plan:
+    req_id: str
     hashes: list[int]
     num_tokens: int
     blocks: list[int]  # engine block per block of the request (full and partial)
     n_local: int
-    host: int = 0
-    disk: int = 0
-    load_op: int = 0
-    load_slots: list[int] = field(default_factory=list)
-    load_ready: bool = True
 
 
 class G1Cache:
@@ -155,6 +157,8 @@ class SimEngine:
         self.g1 = G1Cache(self.model.num_gpu_blocks)
         self.leader: LeaderProcess | None = None
         self.client: LeaderClient | None = None
+        self._planner: Planner | None = None
+        self._req_ids = itertools.count(1)
         self.ranks: list[subprocess.Popen[bytes]] = []
         self._ctl: zmq.Socket = zmq.Context.instance().socket(zmq.ROUTER)
         self._ctl.setsockopt(zmq.LINGER, 0)
@@ -247,6 +251,9 @@ class SimEngine:
                 p.wait()
         self.ranks.clear()
         self._rank_ids.clear()
+        if self._planner is not None:
+            self._planner.link.close()
+            self._planner = None
         if self.client is not None:
             self.client.close()
             self.client = None
@@ -288,9 +295,22 @@ class SimEngine:
                                f"{self.model.num_gpu_blocks}-block pool")
             self._execute(plans)
 
+    @property
+    def planner(self) -> Planner:
+        """The production scheduler-side planner, bound to the current leader client."""
+        assert self.client is not None
+        if self._planner is None or self._planner.client is not self.client:
+            if self._planner is not None:
+                self._planner.link.close()
+            self._planner = Planner(self.model.block_size, self.world_size, self.client)
+        return self._planner
+
     def _plan(self, tokens: list[int], salt_hash: int) -> _Plan | None:
         bs = self.model.block_size
-        hashes = sequence_hashes(tokens, bs, salt_hash)
+        planner = self.planner
+        req_id = f"r{next(self._req_ids)}"
+        planner.add(req_id, tokens, salt_hash)
+        hashes = planner.block_hashes(req_id, len(tokens) // bs)
         total_blocks = -(-len(tokens) // bs)
         local: list[int] = []
         for h in hashes:
@@ -301,70 +321,49 @@ class SimEngine:
         new = self.g1.allocate(total_blocks - len(local))
         if new is None:
             self.g1.release(local, hashes)
+            planner.finished(req_id)
             return None
-        plan = _Plan(hashes, len(tokens), local + new, len(local))
-        assert self.client is not None
-        host, disk = self.client.match(hashes[plan.n_local:])
-        if plan.n_local + host + disk == len(hashes) and len(tokens) == len(hashes) * bs and host + disk:
-            # Whole prompt matched: hold back the last block so one token is computed.
-            if disk:
-                disk -= 1
-            else:
-                host -= 1
-        if host + disk:
-            grant = self.client.prepare_load(hashes[plan.n_local:plan.n_local + host + disk])
-            plan.load_op, plan.load_slots, plan.load_ready = grant.op_id, grant.slots, grant.ready
-            n = len(grant.slots)
-            plan.host, plan.disk = min(host, n), max(0, n - host)
+        plan = _Plan(req_id, hashes, len(tokens), local + new, len(local))
+        external = planner.lookup(req_id, plan.n_local * bs)
+        planner.load_after_alloc(req_id, plan.blocks, external)
         return plan
 
     def _execute(self, plans: list[_Plan]) -> None:
-        assert self.client is not None
+        """One engine step for ``plans``: loads, then compute, then stores of what was computed.
+
+        The planner posts its leader requests without waiting; this synchronous engine settles
+        them (waits for the replies) where an asynchronous one would take them a step later.
+        """
+        planner = self.planner
         st = self.stats
-        waiting = [p.load_op for p in plans if p.load_op and not p.load_ready]
-        deadline = time.monotonic() + 30
-        failed: set[int] = set()
-        while waiting:
-            ready, bad = self.client.poll_loads(waiting)
-            failed.update(bad)
-            waiting = [op for op in waiting if op not in ready and op not in bad]
-            if waiting and time.monotonic() > deadline:
-                failed.update(waiting)
-                for op in waiting:
-                    self.client.release(op)
-                break
-            if waiting:
-                time.sleep(0.001)
+        bs = self.model.block_size
+        load_ops = {op.req_id: op for op in planner.settle(STEP_TIMEOUT_S).loads}
         # Plain lists: they travel to the ranks as msgpack.
         loads: list[list[Any]] = []
         compute: list[list[Any]] = []
-        stores: list[list[Any]] = []
-        store_plans: list[tuple[_Plan, int, list[int], list[int]]] = []
+        scheduled: list[ScheduledRequest] = []
         for p in plans:
-            if p.load_op in failed:
-                st.staging_failures += 1
-                p.load_slots, p.host, p.disk = [], 0, 0
-            n_loaded = len(p.load_slots)
+            op = load_ops.get(p.req_id)
+            n_loaded = len(op.slots) if op is not None else 0
             if n_loaded:
-                lb = p.blocks[p.n_local:p.n_local + n_loaded]
-                loads.append([p.load_op, p.load_slots, lb, p.hashes[p.n_local:p.n_local + n_loaded]])
+                assert op is not None
+                loads.append([op.op_id, op.slots, op.blocks, p.hashes[p.n_local:p.n_local + n_loaded]])
             first = p.n_local + n_loaded
             for i in range(first, len(p.blocks)):
                 h = p.hashes[i] if i < len(p.hashes) else (p.hashes[-1] if p.hashes else 0) ^ 0x7A11
                 compute.append([p.blocks[i], h])
-            to_store = p.hashes[first:]
-            if to_store:
-                grant = self.client.allocate_store(to_store, p.hashes[first - 1] if first else 0)
-                pairs = [(p.blocks[first + i], s) for i, s in enumerate(grant.slots) if s >= 0]
-                if grant.op_id and pairs:
-                    stores.append([grant.op_id, [b for b, _ in pairs], [s for _, s in pairs]])
-            bs = self.model.block_size
+            scheduled.append(ScheduledRequest(p.req_id, first * bs, p.num_tokens - first * bs, p.blocks, True))
             st.requests += 1
             st.prompt_tokens += p.num_tokens
             st.tokens_local += p.n_local * bs
-            st.tokens_from_host += p.host * bs
-            st.tokens_from_disk += p.disk * bs
-            st.tokens_computed += p.num_tokens - (p.n_local + n_loaded) * bs
+            st.tokens_computed += p.num_tokens - first * bs
+        step = planner.step(scheduled)
+        step.extend(planner.settle(STEP_TIMEOUT_S))
+        counters = planner.take_counters()
+        st.tokens_from_host += counters["onboard_host_blocks"] * bs
+        st.tokens_from_disk += counters["onboard_disk_blocks"] * bs
+        st.staging_failures += counters["staging_failures"]
+        stores: list[list[Any]] = [[op.op_id, op.blocks, op.slots] for op in step.stores if op.blocks]
         results = self._broadcast({"cmd": "step", "loads": loads, "compute": compute, "stores": stores}, 120)
         bad_loads: set[int] = set()
         for r in results:
@@ -382,7 +381,9 @@ class SimEngine:
             st.load_failures += len(bad_loads)
             redo = [[b, h] for op in loads if op[0] in bad_loads for b, h in zip(op[2], op[3])]
             self._broadcast({"cmd": "step", "compute": redo}, 60)
+        planner.stores_done({op.op_id: self.world_size for op in step.stores})
         for p in plans:
+            planner.finished(p.req_id)
             self.g1.release(p.blocks, p.hashes)
 
     def quiesce(self, timeout_s: float = 10.0) -> dict[str, float]:

@@ -21,12 +21,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(tempfile.gettempdir(), f"kvbm-vllm-cache-{os.getuid()}"))
 
 if TYPE_CHECKING:
-    from kvbm.vllm_integration.harness import Engine
+    from kvbm.bench.vllm_harness import Engine
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from kvbm.vllm_integration.harness import write_model_dir
+    from kvbm.bench.vllm_harness import write_model_dir
 
     return write_model_dir(str(tmp_path_factory.mktemp("model")))
 
@@ -83,7 +83,7 @@ def kvbm_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., str]]:
 @pytest.fixture
 def make_engine(model_dir: str, kvbm_env: Callable[..., str]) -> Iterator[Callable[..., "Engine"]]:
     """Build engines with unique engine ids; closes them and checks for leaks afterwards."""
-    from kvbm.vllm_integration.harness import Engine, EngineSpec
+    from kvbm.bench.vllm_harness import Engine, EngineSpec
 
     engines: list[Engine] = []
     tags: list[str] = []

@@ -153,8 +153,8 @@ class DynamoConnector(KVConnectorBase_V1):
     def bind_gpu_block_pool(self, gpu_block_pool: "BlockPool") -> None:
         sc = self._vllm_config.scheduler_config
         if self.scheduler is not None and getattr(sc, "scheduler_reserve_full_isl", False):
-            self.scheduler.free_blocks = gpu_block_pool.get_num_free_blocks
-            self.scheduler.max_model_len = self._vllm_config.model_config.max_model_len
+            self.scheduler.planner.free_blocks = gpu_block_pool.get_num_free_blocks
+            self.scheduler.planner.max_model_len = self._vllm_config.model_config.max_model_len
 
     def on_new_request(self, request: "Request") -> None:
         if self.scheduler is not None:
@@ -191,6 +191,9 @@ class DynamoConnector(KVConnectorBase_V1):
     def has_pending_block_frees(self) -> bool:
         # Stores finish within milliseconds: waiting for their blocks beats preempting a request.
         return self.scheduler.has_pending_block_frees() if self.scheduler is not None else False
+
+    def has_pending_push_work(self) -> bool:
+        return self.scheduler.has_pending_work() if self.scheduler is not None else False
 
     def take_events(self) -> Iterable["KVCacheEvent"]:
         return self.scheduler.take_events() if self.scheduler is not None else ()

@@ -15,49 +15,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
+from kvbm.connector.ops import LoadOp, StepPlan, StoreOp
 
-@dataclass
-class LoadOp:
-    """Host slots -> engine blocks for one request waiting for its external KV.
-
-    ``op_id`` 0 means nothing to copy: the worker only reports the request as received.
-    ``failed_blocks`` are engine blocks the scheduler promised to vLLM but kvbm cannot fill
-    (fewer slots granted, failed disk staging, leader gone); the worker reports them through
-    ``get_block_ids_with_load_errors`` so vLLM recomputes them.
-    """
-
-    req_id: str
-    op_id: int
-    slots: list[int]
-    blocks: list[int]
-    failed_blocks: list[int] = field(default_factory=list)
+__all__ = ["DynamoConnectorMetadata", "DynamoWorkerMetadata", "KvbmConnectorStats", "LoadOp", "StoreOp"]
 
 
 @dataclass
-class StoreOp:
-    """Engine blocks -> host slots, copied after this step's forward pass wrote them."""
-
-    req_id: str
-    op_id: int
-    blocks: list[int]
-    slots: list[int]
-
-
-@dataclass
-class DynamoConnectorMetadata(KVConnectorMetadata):
-    """One step's work for every worker (all ranks get the same)."""
-
-    loads: list[LoadOp] = field(default_factory=list)
-    stores: list[StoreOp] = field(default_factory=list)
-    # Requests preempted this step: their engine blocks may be overwritten by this step's
-    # forward pass, so stores still reading them must finish first (handle_preemptions).
-    preempted: list[str] = field(default_factory=list)
-    # Finished requests whose blocks vLLM keeps (request_finished returned True) until the
-    # workers report them in finished_sending, once their stores are done.
-    delayed_free: list[str] = field(default_factory=list)
-
-    def is_empty(self) -> bool:
-        return not (self.loads or self.stores or self.preempted or self.delayed_free)
+class DynamoConnectorMetadata(StepPlan, KVConnectorMetadata):
+    """One step's work for every worker (all ranks get the same): the planner's StepPlan."""
 
 
 @dataclass

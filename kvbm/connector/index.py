@@ -1,0 +1,196 @@
+"""A scheduler-local read replica of the leader's block index (sequence hash -> tiers).
+
+The leader streams its index as :class:`IndexDelta` records with sequence numbers: the first
+answer (``index_since(0)``) is a full snapshot, later ones are the changes since the number
+the previous answer gave. :class:`IndexReplica` applies them and answers the same question as
+the leader's ``Match`` (how many blocks from the start are in G2, then in G3) with a local dict
+walk: no round trip on the engine's scheduler thread.
+
+The replica may lag the leader. A hash it does not know yet is a miss (the block is computed
+again); a hash the leader already evicted is claimed, and the pin that follows (PrepareLoad)
+grants fewer blocks than asked, so the engine recomputes the rest through its load-error path.
+Either way the KV loaded is never wrong: only the leader's pin decides what is copied.
+
+:class:`IndexFollower` keeps a replica current from a background thread that waits in the
+source's ZMQ poll (which releases the GIL) or on an event, never spinning.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from kvbm.leader.registry import Tier
+
+log = logging.getLogger(__name__)
+
+
+class IndexEventKind(enum.IntEnum):
+    """Kind of one index stream entry (the leader's block event kinds)."""
+
+    STORED = 0
+    REMOVED = 1
+    CLEARED = 2  # every block of the entry's tier is gone
+
+
+@dataclass(frozen=True)
+class IndexDelta:
+    """One answer of the leader's index stream.
+
+    ``reset``: drop the whole view first; the entries are then a full snapshot (every
+    matchable hash per tier, as STORED). ``next_seq``: the number to ask for next. ``kinds``,
+    ``tiers`` (u8, :class:`Tier` values) and ``hashes`` (u64) are parallel, oldest first.
+    """
+
+    reset: bool
+    next_seq: int
+    kinds: np.ndarray
+    tiers: np.ndarray
+    hashes: np.ndarray
+
+
+class IndexSource(Protocol):
+    """Where deltas come from (the leader client); None while the leader is unavailable."""
+
+    def index_since(self, seq: int) -> IndexDelta | None: ...
+
+
+_HOST, _DISK = 1, 2  # tier bits of an entry
+_BIT = {int(Tier.HOST): _HOST, int(Tier.DISK): _DISK}
+
+
+class IndexReplica:
+    """hash -> tier bits, applied from deltas; lookups answer like the leader's Match.
+
+    One writer (the follower thread) and one reader (the scheduler thread): every mutation is
+    a single dict / set operation, atomic under the GIL, and a reset swaps whole containers,
+    so a lookup sees either the old or the new view, never a torn one.
+    """
+
+    def __init__(self) -> None:
+        # (hash -> tier bits, hashes with the G2 bit): one attribute, so that a reset swaps both
+        # at once; the set lets match count G2 blocks in C.
+        self._view: tuple[dict[int, int], set[int]] = ({}, set())
+        self.seq = 0  # next sequence number to ask for
+        self.synced = False  # a snapshot was applied: lookups are answered
+
+    def apply(self, delta: IndexDelta) -> None:
+        """Apply one delta (a snapshot when ``delta.reset``)."""
+        if not (len(delta.kinds) == len(delta.tiers) == len(delta.hashes)):
+            raise ValueError(f"index delta: kinds/tiers/hashes lengths differ "
+                             f"({len(delta.kinds)}/{len(delta.tiers)}/{len(delta.hashes)})")
+        if delta.reset:
+            where: dict[int, int] = {}
+            host: set[int] = set()
+        elif not self.synced:
+            return  # changes without a snapshot to apply them to: wait for the snapshot
+        else:
+            where, host = self._view
+        for kind, tier, h in zip(delta.kinds.tolist(), delta.tiers.tolist(), delta.hashes.tolist()):
+            bit = _BIT.get(tier)
+            if bit is None:
+                raise ValueError(f"index delta: tier {tier} is not one of {sorted(_BIT)}")
+            if kind == IndexEventKind.STORED:
+                where[h] = where.get(h, 0) | bit
+                if bit == _HOST:
+                    host.add(h)
+            elif kind == IndexEventKind.REMOVED:
+                self._drop(where, host, h, bit)
+            elif kind == IndexEventKind.CLEARED:
+                for g in [g for g, bits in where.items() if bits & bit]:
+                    self._drop(where, host, g, bit)
+            else:
+                raise ValueError(f"index delta: event kind {kind} is not one of {[int(k) for k in IndexEventKind]}")
+        if delta.reset:
+            self._view = (where, host)
+            self.synced = True
+        self.seq = delta.next_seq
+
+    @staticmethod
+    def _drop(where: dict[int, int], host: set[int], h: int, bit: int) -> None:
+        bits = where.get(h, 0) & ~bit
+        if bits:
+            where[h] = bits
+        else:
+            where.pop(h, None)
+        if bit == _HOST:
+            host.discard(h)
+
+    def unsync(self) -> None:
+        """Forget the view (the leader restarted or is gone): lookups fall back until a snapshot."""
+        self.synced = False
+        self.seq = 0
+
+    def match(self, hashes: Sequence[int]) -> tuple[int, int] | None:
+        """(blocks in G2, blocks only in G3) of the longest run of known hashes from the
+        start, as the leader's Match counts them; None while no snapshot was applied."""
+        if not self.synced:
+            return None
+        # takewhile with a C predicate keeps the walk in C (the leader's registry does the same).
+        where, host_set = self._view
+        run = list(itertools.takewhile(where.__contains__, hashes))
+        host = len(host_set.intersection(run)) if run else 0
+        return host, len(run) - host
+
+    def __len__(self) -> int:
+        return len(self._view[0])
+
+
+class IndexFollower:
+    """Keeps an :class:`IndexReplica` current from a source, on its own daemon thread.
+
+    ``make_source`` is called on that thread: the source (a leader client with its own
+    socket) is then used by that thread only. Each round asks ``index_since(replica.seq)``,
+    which blocks in the source's socket poll; between rounds the thread waits ``interval_s``
+    on an event (both release the GIL). A None answer (leader unavailable) unsyncs the
+    replica, so lookups fall back to the leader's Match until a fresh snapshot arrives.
+    """
+
+    def __init__(self, replica: IndexReplica, make_source: Callable[[], IndexSource], *,
+                 interval_s: float = 0.002, close_source: Callable[[IndexSource], None] | None = None) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be > 0 seconds, got {interval_s}")
+        self.replica = replica
+        self._make_source = make_source
+        self._close_source = close_source
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kvbm-index", daemon=True)
+
+    def start(self) -> "IndexFollower":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        source = self._make_source()
+        try:
+            while not self._stop.is_set():
+                try:
+                    delta = source.index_since(self.replica.seq if self.replica.synced else 0)
+                except Exception as e:  # a follower bug must not take the engine down: fall back
+                    log.error("kvbm index follower: %s: %s; lookups go to the leader", type(e).__name__, e)
+                    delta = None
+                if delta is None:
+                    self.replica.unsync()
+                    self._stop.wait(max(self._interval_s, 0.1))
+                    continue
+                try:
+                    self.replica.apply(delta)
+                except ValueError as e:
+                    log.error("kvbm index follower: %s; asking for a fresh snapshot", e)
+                    self.replica.unsync()
+                self._stop.wait(self._interval_s)
+        finally:
+            if self._close_source is not None:
+                self._close_source(source)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)

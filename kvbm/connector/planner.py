@@ -1,0 +1,512 @@
+"""The engine-neutral scheduler-side planner every engine adapter drives.
+
+Per request it keeps kvbm's own sequence hashes (incremental, salted), the request's engine
+block ids, and how many of its full blocks were already offered for storing. An adapter
+(vLLM's connector, the simulated engine, later TensorRT-LLM's) translates its engine's calls:
+
+* :meth:`Planner.lookup`: blocks past the engine's own hit that kvbm holds, answered by the
+  local index replica (no round trip) or, until it has a snapshot, by the leader's Match;
+  the last block is held back when the whole sequence matched, so the engine computes a token;
+* :meth:`Planner.load_after_alloc`: pin / stage those blocks for the engine blocks the engine
+  allocated (posted, not waited for);
+* :meth:`Planner.step`: the step's load ops whose pins and staging finished, store ops for the
+  blocks earlier steps computed, preempted requests and delayed frees;
+* :meth:`Planner.stores_done` counts rank acks, :meth:`Planner.finished` decides delayed frees.
+
+Hot path: nothing here waits for the leader on the engine's scheduler thread except the
+fallback Match. Pins (PrepareLoad), store allocations (AllocateStore) and staging polls
+(PollLoads) are posted on an :class:`AsyncLink` and their replies drained at the next step:
+a load reaches the workers a step later (loads are asynchronous anyway), a store op for the
+blocks step N computes goes out with step N+1 (or later) while the request still holds them:
+``finished`` delays the free of a request with a store allocation in flight, and a request
+preempted before its allocation came back has it released instead of copied.
+
+While the leader is not ready, or gone, the answer is "no external hits" and nothing is stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from kvbm.connector.index import IndexReplica
+from kvbm.connector.link import AsyncLink, Reply
+from kvbm.connector.ops import LoadOp, StepPlan, StoreOp
+from kvbm.hashing import SequenceHasher
+from kvbm.ipc import messages as m
+from kvbm.leader.client import LeaderClient
+from kvbm.leader.registry import BlockEvent, EventKind, Tier
+
+log = logging.getLogger("kvbm.connector")
+
+# A load whose disk staging has not finished after this long is given up (recomputed).
+STAGING_TIMEOUT_S = 30.0
+
+
+@dataclass
+class ScheduledRequest:
+    """One request the engine scheduled this step.
+
+    ``new_block_ids``: engine blocks added this step; with ``replace_blocks`` (a new or resumed
+    request) they are the request's whole block list.
+    """
+
+    req_id: str
+    num_computed_tokens: int
+    num_scheduled_tokens: int
+    new_block_ids: Sequence[int] | None
+    replace_blocks: bool = False
+
+
+@dataclass
+class _Match:
+    start: int  # first block past the engine's own hit
+    host: int
+    disk: int
+
+
+@dataclass
+class _Req:
+    req_id: str
+    tokens: Sequence[int]  # grows as the engine appends output tokens
+    hasher: SequenceHasher
+    hashes: list[int] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    stored: int = -1  # full blocks already offered for storing; -1 until first scheduled
+    match: _Match | None = None
+    gen: int = 0  # bumped on preemption: replies planned for older block ids are void
+    loading: bool = False  # a pin posted or a disk staging in progress
+    posted_stores: int = 0  # store allocations without a reply yet
+    inflight: set[int] = field(default_factory=set)  # store ops not yet done on every rank
+    finished: bool = False
+
+
+@dataclass
+class _Pin:
+    """A posted PrepareLoad."""
+
+    st: _Req
+    gen: int
+    engine: list[int]  # every engine block the engine treats as loaded
+    host: int  # matched G2 blocks
+
+
+@dataclass
+class _Staging:
+    op: LoadOp
+    st: _Req
+    since: float
+    host: int
+    disk: int
+
+
+@dataclass
+class _StoreAlloc:
+    """A posted AllocateStore for blocks ``first..`` of a request (engine blocks at post time)."""
+
+    st: _Req
+    gen: int
+    blocks: list[int]
+
+
+@dataclass
+class _Poll:
+    op_ids: list[int]
+
+
+# EventsReply kind codes (0 stored, 1 removed, 2 cleared) -> typed event kinds.
+_EVENT_KINDS: tuple[EventKind, ...] = ("stored", "removed", "cleared")
+
+_Posted = _Pin | _StoreAlloc | _Poll | None  # None: fire and forget (ReleaseOp)
+
+
+class Planner:
+    """Scheduler-side state of one engine. Not thread-safe (the engine's scheduler thread owns it).
+
+    ``replica``: a local index replica kept current elsewhere (IndexFollower); lookups use it
+    once it holds a snapshot. ``free_blocks``: free engine blocks, for engines that admit a
+    request only if its whole sequence fits (lookups that cannot be admitted are skipped).
+    """
+
+    def __init__(self, block_size: int, world_size: int, client: LeaderClient, *,
+                 replica: IndexReplica | None = None, link: AsyncLink | None = None,
+                 free_blocks: Callable[[], int] | None = None) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be > 0, got {block_size}")
+        if world_size <= 0:
+            raise ValueError(f"world_size must be > 0, got {world_size}")
+        self.block_size = block_size
+        self.world_size = world_size
+        self.client = client
+        self.replica = replica
+        self.link = link or AsyncLink(client.endpoint, timeout_s=max(5.0, 5 * client.timeout_s))
+        self.free_blocks = free_blocks
+        self.max_model_len = 1 << 62
+        self.counters: Counter[str] = Counter()
+        self._reqs: dict[str, _Req] = {}
+        self._posted: dict[int, _Posted] = {}  # link request id -> what it was for
+        self._ready_loads: list[LoadOp] = []  # to emit in the next plan
+        self._staging: dict[int, _Staging] = {}  # op id -> load waiting for disk staging
+        self._polling = False
+        self._store_owner: dict[int, _Req] = {}  # store op id -> its request
+        self._store_acks: dict[int, int] = {}  # store op id -> ranks that reported it done
+        self._delayed: list[str] = []  # delayed frees to announce to the workers
+        self._finishing: dict[str, _Req] = {}  # finished, store allocations still posted
+        self._awaiting_free: set[str] = set()  # delayed frees not yet reported done
+        self._checked_leader = False
+        self._disabled = False
+
+    # -- helpers -------------------------------------------------------------------------
+    def ready(self) -> bool:
+        """True when the leader serves this engine (block sizes agree)."""
+        if self._disabled or not self.client.is_ready():
+            return False
+        if not self._checked_leader:
+            self._checked_leader = True
+            st = self.client.status
+            if st is not None and st.block_size and st.block_size != self.block_size:
+                log.error("kvbm: the leader's block size %d differs from the engine's %d; kvbm disabled",
+                          st.block_size, self.block_size)
+                self._disabled = True
+                return False
+        return True
+
+    def _hashes(self, st: _Req, n_blocks: int) -> list[int]:
+        """The request's hashes, extended to at least ``n_blocks`` full blocks if known."""
+        have = len(st.hashes)
+        if have < n_blocks:
+            bs = self.block_size
+            st.hashes += st.hasher.extend(st.tokens[have * bs : n_blocks * bs])
+        return st.hashes
+
+    def _post(self, msgs: Sequence[tuple[m.Message, _Posted]]) -> None:
+        for rid, (_, what) in zip(self.link.post([msg for msg, _ in msgs]), msgs):
+            self._posted[rid] = what
+
+    def _release(self, op_id: int) -> None:
+        if op_id:
+            self._post([(m.ReleaseOp(op_id), None)])
+
+    # -- requests ------------------------------------------------------------------------
+    def add(self, req_id: str, tokens: Sequence[int], salt: int) -> None:
+        """Track a request; ``tokens`` is the engine's live token list (prompt, then outputs)."""
+        if req_id not in self._reqs:
+            self._reqs[req_id] = _Req(req_id, tokens, SequenceHasher(self.block_size, salt))
+
+    def tracked(self, req_id: str) -> bool:
+        return req_id in self._reqs
+
+    def block_hashes(self, req_id: str, n_blocks: int) -> list[int]:
+        """kvbm's hashes of the request's first ``n_blocks`` full blocks (fewer if not known)."""
+        return self._hashes(self._reqs[req_id], n_blocks)[:n_blocks]
+
+    def lookup(self, req_id: str, num_computed_tokens: int) -> int:
+        """External hit tokens past ``num_computed_tokens`` (the engine's own hit); 0 if none."""
+        st = self._reqs.get(req_id)
+        if st is None or not self.ready():
+            return 0
+        bs = self.block_size
+        num_tokens = len(st.tokens)
+        if self.free_blocks is not None and self._cannot_fit(num_tokens, num_computed_tokens):
+            return 0  # the engine cannot admit it this step anyway: spare the lookup
+        hashes = self._hashes(st, num_tokens // bs)
+        start = num_computed_tokens // bs
+        st.match = None
+        if start >= len(hashes):
+            return 0
+        rest = hashes[start:]
+        found = self.replica.match(rest) if self.replica is not None else None
+        if found is None:
+            found = self.client.match(rest)
+            self.counters["remote_lookups"] += 1
+        host, disk = found
+        self.counters["lookup_tokens"] += num_tokens - start * bs
+        if host + disk and (start + host + disk) * bs >= num_tokens:
+            # The whole sequence matched: hold back one block so the engine computes a token.
+            if disk:
+                disk -= 1
+            else:
+                host -= 1
+        if host + disk == 0:
+            return 0
+        st.match = _Match(start, host, disk)
+        return (host + disk) * bs
+
+    def _cannot_fit(self, num_tokens: int, num_computed_tokens: int) -> bool:
+        """True when the engine pool cannot hold the whole sequence: a lower bound of the
+        blocks the engine asks for (the sequence minus every block the local hit may cover)."""
+        assert self.free_blocks is not None
+        bs = self.block_size
+        need = -(-min(num_tokens, self.max_model_len) // bs) - (num_computed_tokens // bs + 1)
+        return need > self.free_blocks()
+
+    def hit_sources(self, req_id: str, num_external_tokens: int) -> dict[Tier, int]:
+        """Tokens of the last match per tier (host first: loads take G2 blocks first)."""
+        st = self._reqs.get(req_id)
+        if st is None or st.match is None or num_external_tokens == 0:
+            return {}
+        host_tokens = min(st.match.host * self.block_size, num_external_tokens)
+        out = {Tier.HOST: host_tokens, Tier.DISK: num_external_tokens - host_tokens}
+        return {t: n for t, n in out.items() if n}
+
+    def load_after_alloc(self, req_id: str, engine_blocks: Sequence[int], num_external_tokens: int) -> None:
+        """The engine allocated ``engine_blocks`` (the request's whole list) and counts
+        ``num_external_tokens`` past the lookup's start as loaded: pin them (posted)."""
+        if num_external_tokens == 0:
+            return
+        st = self._reqs.get(req_id)
+        bs = self.block_size
+        mt = st.match if st is not None else None
+        start = mt.start if mt is not None else 0
+        # Every engine block the engine now treats as loaded; a partial last block (the engine
+        # trimmed the hit) cannot be filled by whole-block loads: reported failed, recomputed.
+        engine = list(engine_blocks[start : start + -(-num_external_tokens // bs)])
+        n = num_external_tokens // bs
+        if st is None or mt is None or n > mt.host + mt.disk:
+            log.error("kvbm: the engine allocated %d external tokens for request %s that kvbm did not offer; "
+                      "they will be recomputed", num_external_tokens, req_id)
+            self._emit_load(LoadOp(req_id, 0, [], [], engine), 0, 0)
+            return
+        self.counters["hit_host_tokens"] += min(mt.host, n) * bs
+        self.counters["hit_disk_tokens"] += (n - min(mt.host, n)) * bs
+        st.loading = True
+        self._post([(m.PrepareLoad(m.pack_hashes(st.hashes[mt.start : mt.start + n])),
+                     _Pin(st, st.gen, engine, mt.host))])
+
+    def _emit_load(self, op: LoadOp, host: int, disk: int) -> None:
+        if op.op_id:
+            self.counters["onboard_host_blocks"] += host
+            self.counters["onboard_disk_blocks"] += disk
+        self.counters["load_error_blocks"] += len(op.failed_blocks)
+        self._ready_loads.append(op)
+
+    # -- replies -------------------------------------------------------------------------
+    def _on_reply(self, r: Reply, plan: StepPlan) -> None:
+        if r.late:
+            # Its owner gave up when it expired; an op the leader granted must not leak.
+            if isinstance(r.message, (m.LoadGrant, m.StoreGrant)):
+                self._release(r.message.op_id)
+            return
+        what = self._posted.pop(r.request_id, None)
+        if isinstance(what, _Pin):
+            self._on_pin(what, r)
+        elif isinstance(what, _StoreAlloc):
+            self._on_store_alloc(what, r, plan)
+        elif isinstance(what, _Poll):
+            self._on_poll(what, r)
+
+    def _on_pin(self, pin: _Pin, r: Reply) -> None:
+        st = pin.st
+        grant = r.message if isinstance(r.message, m.LoadGrant) else None
+        if grant is None and r.error:
+            log.warning("kvbm: pinning the blocks of request %s failed (%s); recomputing them", st.req_id, r.error)
+        if st.finished:
+            if grant is not None:
+                self._release(grant.op_id)  # aborted meanwhile; its empty load went out already
+            return
+        st.loading = False
+        slots = m.unpack_slots(grant.slots).tolist() if grant is not None else []
+        op_id = grant.op_id if grant is not None else 0
+        k = len(slots)
+        # Fewer blocks than the lookup promised (evicted since, or a stale replica entry).
+        self.counters["pin_shortfall_blocks"] += len(pin.engine) - k
+        op = LoadOp(st.req_id, op_id, slots, pin.engine[:k], pin.engine[k:])
+        host = min(pin.host, k)
+        if op_id and grant is not None and not grant.ready:
+            st.loading = True
+            self._staging[op_id] = _Staging(op, st, time.monotonic(), host, k - host)
+            return
+        if not op_id:
+            op.slots, op.blocks, op.failed_blocks = [], [], pin.engine
+        self._emit_load(op, host, k - host)
+
+    def _on_poll(self, poll: _Poll, r: Reply) -> None:
+        self._polling = False
+        reply = r.message if isinstance(r.message, m.LoadPoll) else None
+        ready = set(reply.ready) if reply is not None else set()
+        failed = set(reply.failed) if reply is not None else set(poll.op_ids)
+        now = time.monotonic()
+        for op_id in poll.op_ids:
+            p = self._staging.get(op_id)
+            if p is None:
+                continue
+            timed_out = op_id not in ready and now - p.since > STAGING_TIMEOUT_S
+            if op_id in failed or timed_out:
+                if timed_out and op_id not in failed:
+                    log.warning("kvbm: disk staging of load op %d took over %.0f s; recomputing",
+                                op_id, STAGING_TIMEOUT_S)
+                    self._release(op_id)
+                p.op.failed_blocks = p.op.blocks + p.op.failed_blocks
+                p.op.op_id, p.op.slots, p.op.blocks = 0, [], []
+                self.counters["staging_failures"] += 1
+            elif op_id not in ready:
+                continue
+            del self._staging[op_id]
+            p.st.loading = False
+            self._emit_load(p.op, p.host, p.disk)
+
+    def _on_store_alloc(self, alloc: _StoreAlloc, r: Reply, plan: StepPlan) -> None:
+        st = alloc.st
+        st.posted_stores -= 1
+        grant = r.message if isinstance(r.message, m.StoreGrant) else None
+        if grant is None or not grant.op_id:
+            return
+        if st.gen != alloc.gen:
+            self._release(grant.op_id)  # preempted since: its blocks may hold other data now
+            return
+        slots = m.unpack_slots(grant.slots).tolist()
+        pairs = [(alloc.blocks[i], s) for i, s in enumerate(slots) if s >= 0]
+        plan.stores.append(StoreOp(st.req_id, grant.op_id, [b for b, _ in pairs], [s for _, s in pairs]))
+        st.inflight.add(grant.op_id)
+        self._store_owner[grant.op_id] = st
+        self.counters["offload_blocks"] += len(pairs)
+
+    # -- per step ------------------------------------------------------------------------
+    def step(self, scheduled: Sequence[ScheduledRequest], preempted: Sequence[str] = (), *,
+             wait_s: float = 0.0) -> StepPlan:
+        """This step's plan; posts the store allocations for the blocks this step computes.
+
+        ``wait_s`` > 0 waits up to that long for the first outstanding reply (engines that
+        run steps synchronously); the engine's scheduler thread passes 0.
+        """
+        plan = StepPlan()
+        # Finished requests whose last store op went out in an earlier plan: the workers
+        # registered it before they see the delayed free.
+        for req_id in [r for r, st in self._finishing.items() if st.posted_stores == 0]:
+            del self._finishing[req_id]
+            plan.delayed_free.append(req_id)
+        for req_id in preempted:
+            plan.preempted.append(req_id)
+            st = self._reqs.get(req_id)
+            if st is not None:
+                # Its blocks went back to the pool; the workers finish the stores still
+                # reading them before this step's forward pass; posted ones are released.
+                st.block_ids, st.stored, st.inflight, st.gen = [], -1, set(), st.gen + 1
+        for reply in self.link.drain(wait_s):
+            self._on_reply(reply, plan)
+        self._check_staging()
+        plan.loads += self._ready_loads
+        plan.delayed_free += self._delayed
+        self._ready_loads, self._delayed = [], []
+        allocs: list[tuple[m.Message, _Posted]] = []
+        ready = self.ready() if scheduled else False
+        for s in scheduled:
+            st = self._reqs.get(s.req_id)
+            if st is None:
+                continue
+            if s.replace_blocks:
+                st.block_ids = list(s.new_block_ids or ())
+                st.stored = s.num_computed_tokens // self.block_size
+            elif s.new_block_ids:
+                st.block_ids += s.new_block_ids
+            alloc = self._plan_store(st, s.num_computed_tokens + s.num_scheduled_tokens)
+            if alloc is not None and ready:
+                allocs.append(alloc)
+                st.posted_stores += 1
+        if allocs:
+            self._post(allocs)
+        return plan
+
+    def _plan_store(self, st: _Req, computed_after: int) -> tuple[m.Message, _Posted] | None:
+        """An allocation for the full blocks this step completes (only those whose tokens are known)."""
+        bs = self.block_size
+        n_full = min(computed_after, len(st.tokens), len(st.block_ids) * bs) // bs
+        first = st.stored
+        if n_full <= first or first < 0:
+            return None
+        st.stored = n_full
+        hashes = self._hashes(st, n_full)
+        msg = m.AllocateStore(m.pack_hashes(hashes[first:n_full]), hashes[first - 1] if first else 0)
+        return msg, _StoreAlloc(st, st.gen, st.block_ids[first:n_full])
+
+    def _check_staging(self) -> None:
+        """Poll the loads being staged from disk (one poll in flight at a time)."""
+        if self._staging and not self._polling:
+            self._polling = True
+            self._post([(m.PollLoads(list(self._staging)), _Poll(list(self._staging)))])
+
+    def busy(self) -> bool:
+        """Replies or disk staging still outstanding: the engine must keep stepping (a later
+        step emits their ops, or releases what an aborted request was granted)."""
+        return bool(self._posted or self._staging)
+
+    def settle(self, timeout_s: float) -> StepPlan:
+        """Steps with no new work until nothing is outstanding (synchronous engines)."""
+        plan = StepPlan()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            plan.extend(self.step((), wait_s=0.05))
+            if not self.busy() or time.monotonic() > deadline:
+                return plan
+
+    # -- completions ---------------------------------------------------------------------
+    def stores_done(self, acks: dict[int, int]) -> None:
+        """Store op id -> ranks that report it done (an op counts once every rank did)."""
+        for op_id, n in acks.items():
+            total = self._store_acks.get(op_id, 0) + n
+            if total < self.world_size:
+                self._store_acks[op_id] = total
+                continue
+            self._store_acks.pop(op_id, None)
+            st = self._store_owner.pop(op_id, None)
+            if st is not None:
+                st.inflight.discard(op_id)
+
+    def blocks_freed(self, req_ids: Sequence[str]) -> None:
+        """The workers reported these delayed frees done."""
+        self._awaiting_free.difference_update(req_ids)
+
+    def finished(self, req_id: str) -> bool:
+        """The request finished or was aborted; True: keep its engine blocks until the workers
+        report it (a store reads from them, or will once its allocation comes back)."""
+        st = self._reqs.pop(req_id, None)
+        if st is None:
+            return False
+        st.finished = True
+        if st.loading:
+            # Aborted while its blocks were pinned or staged: give the op up and let the
+            # workers report the request as received, so the engine frees its blocks.
+            for op_id in [op for op, p in self._staging.items() if p.st is st]:
+                del self._staging[op_id]
+                self._release(op_id)
+            self._ready_loads.append(LoadOp(req_id, 0, [], [], []))
+        if st.posted_stores:
+            self._finishing[req_id] = st
+            self._awaiting_free.add(req_id)
+            return True
+        if st.inflight:
+            self._delayed.append(req_id)
+            self._awaiting_free.add(req_id)
+            return True
+        return False
+
+    def has_pending_frees(self) -> bool:
+        """Finished requests whose blocks come back once their stores finish (soon)."""
+        return bool(self._awaiting_free)
+
+    def take_counters(self) -> Counter[str]:
+        """Counters since the last call (lookup_tokens, hit_*_tokens, onboard_*_blocks,
+        offload_blocks, load_error_blocks, remote_lookups, pin_shortfall_blocks, staging_failures)."""
+        out, self.counters = self.counters, Counter()
+        return out
+
+    def take_events(self) -> list[BlockEvent]:
+        """The leader's block events since the last call, as typed records (for KV events)."""
+        reply = self.client.take_events()
+        if reply is None or not reply.kinds:
+            return []
+        hashes = m.unpack_hashes(reply.hashes)
+        parents = m.unpack_hashes(reply.parents)
+        return [BlockEvent(_EVENT_KINDS[kind], Tier(tier), h, p or None)
+                for kind, tier, h, p in zip(reply.kinds, reply.tiers, hashes, parents)]
+
+    def shutdown(self) -> None:
+        """Release every op still pending and close the connections."""
+        for op_id in list(self._staging):
+            self.client.release(op_id)
+        self._staging.clear()
+        self.link.close()
+        self.client.close()

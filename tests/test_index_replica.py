@@ -1,0 +1,138 @@
+"""The scheduler-local index replica, fed in process with the leader's delta contract.
+
+The replica must answer exactly what the leader's Match answers for the same registry
+(checked against a real BlockRegistry), apply snapshots and changes in order, and fall back
+(None) whenever it has no snapshot.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from kvbm.connector.index import IndexDelta, IndexEventKind, IndexFollower, IndexReplica
+from kvbm.leader.registry import BlockRegistry, Tier
+
+S, R, C = IndexEventKind.STORED, IndexEventKind.REMOVED, IndexEventKind.CLEARED
+
+
+def delta(entries: list[tuple[IndexEventKind, Tier, int]], *, reset: bool = False, next_seq: int = 1) -> IndexDelta:
+    return IndexDelta(reset, next_seq, np.array([int(k) for k, _, _ in entries], np.uint8),
+                      np.array([int(t) for _, t, _ in entries], np.uint8),
+                      np.array([h for _, _, h in entries], np.uint64))
+
+
+def test_no_snapshot_means_fallback() -> None:
+    rep = IndexReplica()
+    assert rep.match([1, 2, 3]) is None
+    rep.apply(delta([(S, Tier.HOST, 1)], next_seq=5))  # changes without a snapshot are ignored
+    assert rep.match([1]) is None and rep.seq == 0
+    rep.apply(delta([(S, Tier.HOST, 1)], reset=True, next_seq=7))
+    assert rep.match([1, 2]) == (1, 0) and rep.seq == 7
+    rep.unsync()
+    assert rep.match([1]) is None and rep.seq == 0
+
+
+def test_tiers_removal_clear_and_reset() -> None:
+    rep = IndexReplica()
+    rep.apply(delta([(S, Tier.HOST, 10), (S, Tier.HOST, 11), (S, Tier.DISK, 11), (S, Tier.DISK, 12)], reset=True))
+    assert rep.match([10, 11, 12, 13]) == (2, 1)
+    rep.apply(delta([(R, Tier.HOST, 11)], next_seq=2))  # evicted from G2, still on disk
+    assert rep.match([10, 11, 12]) == (1, 2)
+    rep.apply(delta([(R, Tier.DISK, 11)], next_seq=3))
+    assert rep.match([10, 11, 12]) == (1, 0) and len(rep) == 2
+    rep.apply(delta([(C, Tier.DISK, 0)], next_seq=4))
+    assert rep.match([10]) == (1, 0) and rep.match([12]) == (0, 0)
+    rep.apply(delta([(S, Tier.DISK, 99)], reset=True, next_seq=9))  # a snapshot replaces everything
+    assert rep.match([10]) == (0, 0) and rep.match([99]) == (0, 1) and rep.seq == 9
+
+
+@pytest.mark.parametrize("bad, what", [((7, int(Tier.HOST)), "event kind 7"), ((0, 9), "tier 9")])
+def test_bad_entries_are_refused_with_the_value(bad: tuple[int, int], what: str) -> None:
+    rep = IndexReplica()
+    d = IndexDelta(True, 1, np.array([bad[0]], np.uint8), np.array([bad[1]], np.uint8), np.array([1], np.uint64))
+    with pytest.raises(ValueError, match=what):
+        rep.apply(d)
+    with pytest.raises(ValueError, match="lengths differ"):
+        rep.apply(IndexDelta(True, 1, np.zeros(2, np.uint8), np.zeros(1, np.uint8), np.zeros(1, np.uint64)))
+    assert rep.match([1]) is None  # nothing half-applied
+
+
+def test_matches_the_leader_registry_on_random_histories() -> None:
+    """The same stored / evicted blocks in a real registry and, as events, in the replica."""
+    rng = random.Random(3)
+    reg = BlockRegistry(host_capacity=24, disk_capacity=48)
+    rep = IndexReplica()
+    rep.apply(delta([], reset=True))
+    seq = 1
+    chains = [[rng.getrandbits(63) for _ in range(12)] for _ in range(8)]
+    for _ in range(200):
+        chain = rng.choice(chains)
+        hashes = chain[: rng.randint(1, len(chain))]
+        pool = rng.choice([reg.host, reg.disk])
+        pool.commit([s for s in pool.allocate(hashes) if s is not None])  # may evict older blocks
+        seq += 1
+        rep.apply(delta([(IndexEventKind[e.kind.upper()], e.tier, e.seq_hash) for e in reg.drain_events()],
+                        next_seq=seq))
+        probe = rng.choice(chains)
+        want = reg.match(probe)
+        assert rep.match(probe) == (want.host, want.disk)
+
+
+class _Feed:
+    """An in-process leader stream: a snapshot at seq 0, then queued deltas; None = unavailable."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.lock = threading.Lock()
+        self.pending: list[IndexDelta] = []
+        self.down = False
+
+    def index_since(self, seq: int) -> IndexDelta | None:
+        with self.lock:
+            self.calls.append(seq)
+            if self.down:
+                return None
+            if seq == 0:
+                return delta([(S, Tier.HOST, 1)], reset=True, next_seq=1)
+            if self.pending:
+                return self.pending.pop(0)
+            return delta([], next_seq=seq)
+
+
+def _until(cond, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_follower_thread_keeps_the_replica_current_and_unsyncs_when_the_leader_goes() -> None:
+    feed = _Feed()
+    rep = IndexReplica()
+    closed: list[object] = []
+    follower = IndexFollower(rep, lambda: feed, interval_s=0.001, close_source=closed.append).start()
+    try:
+        _until(lambda: rep.match([1]) == (1, 0))
+        with feed.lock:
+            feed.pending.append(delta([(S, Tier.DISK, 2)], next_seq=2))
+        _until(lambda: rep.match([1, 2]) == (1, 1))
+        with feed.lock:
+            feed.down = True
+        _until(lambda: rep.match([1]) is None)  # leader gone: lookups fall back
+        with feed.lock:
+            feed.down = False
+        _until(lambda: rep.match([1, 2]) == (1, 0))  # a fresh snapshot after it came back
+    finally:
+        follower.stop()
+    assert closed == [feed]
+    assert feed.calls[0] == 0 and 1 in feed.calls and 2 in feed.calls
+
+
+def test_follower_refuses_a_bad_interval() -> None:
+    with pytest.raises(ValueError, match="interval_s must be > 0 seconds, got 0"):
+        IndexFollower(IndexReplica(), _Feed, interval_s=0)
