@@ -44,7 +44,7 @@ from kvbm.worker.cuda_copy import (
     dma_copies,
     split_segments,
 )
-from kvbm.worker.copy import runs
+from kvbm.worker.copy import Direction, block_runs
 
 BATCH_BLOCKS = 64
 
@@ -121,12 +121,12 @@ def _fake_plan(cfg: BlockConfig, pattern: str) -> dict[str, Any]:
     assert kv.layout.slice_bytes == cfg.block_bytes, (kv.layout, cfg)
     host = HostSlice(0x7F00_0000_0000, hb, cfg.block_bytes, 0)
     eb, sl = batch_pairs(pattern, nb, hb)
-    pairs = runs(eb, sl)
+    runs = block_runs(eb, sl)
     segs = kv.segments()
-    copies = dma_copies(segs, host, pairs, True)
+    copies = dma_copies(segs, host, runs, Direction.STORE)
     total = BATCH_BLOCKS * cfg.block_bytes
     assert sum(c[4] * c[5] for c in copies) == total
-    return {"block": cfg.label, "pattern": pattern, "runs": len(pairs), "memcpy2d_calls": len(copies),
+    return {"block": cfg.label, "pattern": pattern, "runs": len(runs), "memcpy2d_calls": len(copies),
             "bytes_per_memcpy2d": total // len(copies), "batch_entries": len(segs) * BATCH_BLOCKS,
             "kernel_work_items": len(split_segments(segs, KERNEL_CHUNK_BYTES)) * BATCH_BLOCKS,
             "auto": auto_strategy(total, len(copies))}
@@ -189,7 +189,7 @@ def _bench_config(cp: Any, cfg: BlockConfig, strategies: list[str],
 
             d2h = total / _time(memcpy(rt.memcpyDeviceToHost, host0, scratch.data.ptr), reps) / 1e9
             h2d = total / _time(memcpy(rt.memcpyHostToDevice, scratch.data.ptr, host0), reps) / 1e9
-            limits = {"d2h": d2h, "h2d": h2d}
+            limits = {"d2h": d2h, "h2d": h2d}  # Direction.label keys
             for pattern in PATTERNS:
                 eb, sl = batch_pairs(pattern, nb, hb)
                 expected = _expected_slots(cp, tensors, eb)
@@ -216,7 +216,7 @@ def _bench_strategy(cp: Any, cfg: BlockConfig, pattern: str, s: str, eng: CudaCo
     # Loads write back into the blocks the slots came from: the same bytes, the check stays valid.
     store = total / _time(lambda: eng.store(eb, sl), reps) / 1e9
     load = total / _time(lambda: eng.load(sl, eb), reps) / 1e9
-    return {"block": cfg.label, "pattern": pattern, "strategy": s, "chosen": eng.choose(runs(eb, sl), len(eb)),
+    return {"block": cfg.label, "pattern": pattern, "strategy": s, "chosen": eng.choose(block_runs(eb, sl)),
             "store": store, "load": load, "store_ratio": store / limits["d2h"], "load_ratio": load / limits["h2d"],
             "goal": cfg.goal}
 
