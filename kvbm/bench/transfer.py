@@ -67,7 +67,7 @@ def copy_bench(quick: bool) -> list[BenchResult]:
             "memcpy h2d": lambda: np.copyto(private, slots_flat),
             "load": lambda: engine.load(slots, blocks),
         }
-        best = _best_in_rounds(steps, rounds=3 if quick else 7, warmup=2)
+        best = _best_in_rounds(steps, rounds=3 if quick else 11, warmup=2)
         # Correctness of what was measured: the round trips returned each layer's bytes.
         for layer, t in enumerate(tensors):
             assert (t[:, blocks] == layer).all(), f"layer {layer}: a store+load round trip changed the bytes"
