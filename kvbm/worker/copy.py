@@ -89,17 +89,19 @@ def block_runs(engine_blocks: IndexList, slots: IndexList) -> BlockRuns:
     finds every run a batch has, whatever order its pairs came in.
     """
     eb, sl = index_array(engine_blocks, "engine_blocks"), index_array(slots, "slots")
-    if len(eb) != len(sl):
-        raise ValueError(f"{len(eb)} engine blocks but {len(sl)} host slots")
-    if len(eb) == 0:
-        return BlockRuns(eb, sl, np.zeros(0, np.int64))
-    if len(eb) > 1 and (np.diff(eb) < 0).any():
+    n = len(eb)
+    if n != len(sl):
+        raise ValueError(f"{n} engine blocks but {len(sl)} host slots")
+    if n < 2:
+        return BlockRuns(eb, sl, np.ones(n, np.int64))
+    step = eb[1:] - eb[:-1]
+    if step.min() < 0:
         order = np.argsort(eb, kind="stable")
         eb, sl = eb[order], sl[order]
-    starts = np.flatnonzero((np.diff(eb) != 1) | (np.diff(sl) != 1)) + 1
-    starts = np.concatenate(([0], starts))
-    lengths = np.diff(np.append(starts, len(eb)))
-    return BlockRuns(eb[starts], sl[starts], lengths)
+        step = eb[1:] - eb[:-1]
+    starts = np.flatnonzero((step != 1) | (sl[1:] - sl[:-1] != 1)) + 1
+    starts = np.concatenate((np.zeros(1, np.int64), starts))
+    return BlockRuns(eb[starts], sl[starts], np.diff(starts, append=n))
 
 
 def check_batch(eb: np.ndarray, sl: np.ndarray, num_engine_blocks: int, num_slots: int,
@@ -110,11 +112,10 @@ def check_batch(eb: np.ndarray, sl: np.ndarray, num_engine_blocks: int, num_slot
     if len(eb) == 0:
         return
     for arr, limit, what in ((eb, num_engine_blocks, "engine block"), (sl, num_slots, "host slot")):
-        bad = (arr < 0) | (arr >= limit)
-        if bad.any():
-            raise IndexError(f"{what} {int(arr[bad][0])} is outside [0, {limit})")
-    dst = sl if direction is Direction.STORE else eb
-    if len(np.unique(dst)) != len(dst):
+        if arr.min() < 0 or arr.max() >= limit:
+            raise IndexError(f"{what} {int(arr[(arr < 0) | (arr >= limit)][0])} is outside [0, {limit})")
+    dst = np.sort(sl if direction is Direction.STORE else eb)
+    if len(dst) > 1 and (dst[1:] == dst[:-1]).any():
         raise ValueError(f"a {direction.value} batch names the same destination twice "
                          f"({'host slot' if direction is Direction.STORE else 'engine block'}); "
                          "its copies run in no particular order")
