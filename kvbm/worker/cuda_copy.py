@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -314,21 +314,24 @@ class HostSlice:
 Copy2D = tuple[int, int, int, int, int, int]  # dst, dst pitch, src, src pitch, width, height
 
 
-def dma_copies(segs: Sequence[Segment], host: HostSlice, runs: Iterable[tuple[int, int, int]],
-               direction: Direction) -> list[Copy2D]:
-    """One 2D copy per (run, segment); ``runs`` yields ``(engine block, host slot, length)``
-    (a :class:`~kvbm.worker.copy.BlockRuns`)."""
-    out: list[Copy2D] = []
-    to_host = direction is Direction.STORE
-    for b0, s0, n in runs:
-        hbase = host.base + s0 * host.block_bytes + host.slice_offset
-        for seg in segs:
-            d, h = seg.dev + b0 * seg.dev_stride, hbase + seg.host_off
-            if to_host:
-                out.append((h, host.block_bytes, d, seg.dev_stride, seg.width, n))
-            else:
-                out.append((d, seg.dev_stride, h, host.block_bytes, seg.width, n))
-    return out
+def dma_copies(segs: Sequence[Segment], host: HostSlice, runs: BlockRuns, direction: Direction) -> list[Copy2D]:
+    """One 2D copy per (run, segment), run by run; the addresses are computed with NumPy."""
+    if not len(runs) or not segs:
+        return []
+    dev = np.array([s.dev for s in segs], np.int64)  # device addresses fit in 63 bits
+    stride = np.array([s.dev_stride for s in segs], np.int64)
+    off = np.array([s.host_off for s in segs], np.int64)
+    width = np.array([s.width for s in segs], np.int64)
+    shape = (len(runs), len(segs))
+    d = (dev[None, :] + runs.engine[:, None] * stride[None, :]).ravel().tolist()
+    h = (host.base + host.slice_offset + runs.host[:, None] * host.block_bytes + off[None, :]).ravel().tolist()
+    pitch = np.broadcast_to(stride, shape).ravel().tolist()
+    widths = np.broadcast_to(width, shape).ravel().tolist()
+    rows = np.broadcast_to(runs.length[:, None], shape).ravel().tolist()
+    hp = host.block_bytes
+    if direction is Direction.STORE:
+        return [(hh, hp, dd, dp, w, n) for hh, dd, dp, w, n in zip(h, d, pitch, widths, rows)]
+    return [(dd, dp, hh, hp, w, n) for hh, dd, dp, w, n in zip(h, d, pitch, widths, rows)]
 
 
 def region_copies(segs: Sequence[Segment], host: HostSlice, engine_blocks: np.ndarray, slots: np.ndarray,
