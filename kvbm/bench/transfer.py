@@ -37,9 +37,13 @@ def copy_bench(quick: bool) -> list[BenchResult]:
     The limit is one flat ``np.copyto`` of the same bytes between the same two memories: a
     private buffer allocated like the engine's tensors and the pool's slots (shared memory), in
     the same direction. Each round times memcpy, store and load back to back and the best round
-    of each is reported, so machine load hits figure and limit alike. Engine tensors and buffer
-    start on a page boundary (see :func:`kvbm.worker.layout.page_aligned_empty`: at NumPy's
-    default 16-byte offset loads run at ~0.3 of memcpy, from 4K aliasing, not from the engine).
+    of each is reported. Times are the copying thread's CPU time (``time.thread_time``, user +
+    system, page faults included): both copies are CPU-bound on one thread, and on a shared
+    machine wall time mostly measures how long the thread waited for a core (on our 2-core VM
+    wall-clock ratios swing 0.75-1.15 between runs under load, CPU-time ratios stay ~0.9).
+    Engine tensors and buffer start on a page boundary (see
+    :func:`kvbm.worker.layout.page_aligned_empty`: at NumPy's default 16-byte offset loads run
+    at ~0.3 of memcpy, from 4K aliasing, not from the engine).
     """
     layers, batch = (8, 16) if quick else (32, 64)
     nb = batch * 2
@@ -88,14 +92,14 @@ def copy_bench(quick: bool) -> list[BenchResult]:
 
 
 def _best_in_rounds(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, float]:
-    """Least seconds of each step over ``rounds`` rounds that run every step once, in order."""
+    """Least CPU seconds of this thread for each step, over ``rounds`` rounds that run every step once."""
     best = {name: float("inf") for name in steps}
     for r in range(warmup + rounds):
         for name, fn in steps.items():
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             fn()
             if r >= warmup:
-                best[name] = min(best[name], time.perf_counter() - t0)
+                best[name] = min(best[name], time.thread_time() - t0)
     return best
 
 

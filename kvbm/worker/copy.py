@@ -132,8 +132,8 @@ def plan_batch(engine_blocks: IndexList, slots: IndexList, num_engine_blocks: in
 class NumpyCopyEngine:
     """CPU copies between NumPy/torch-CPU KV tensors and the shared host pool.
 
-    Per run of consecutive pairs, one ``np.copyto`` per layer between views (the contiguous
-    layout: one for all layers), so nothing is copied twice through a temporary.
+    Per run of consecutive pairs, one slice assignment per layer between views (the contiguous
+    layout: one for all layers): an in-place strided copy, never through a temporary.
     """
 
     def __init__(self, kv: EngineKV, host: np.ndarray) -> None:
@@ -145,17 +145,21 @@ class NumpyCopyEngine:
         else:
             self._views = [(view, host[:, layer]) for layer, view in enumerate(kv.layers)]
 
+    # Slice assignment between views copies in place like np.copyto, at about half its call
+    # overhead (the destination view is never built in Python); it adds up at 1,000+ calls a batch.
     def store(self, engine_blocks: IndexList, slots: IndexList) -> None:
         """G1 -> G2 (d2h)."""
         for b0, s0, n in self._plan(engine_blocks, slots, Direction.STORE):
+            b1, s1 = b0 + n, s0 + n
             for engine, host in self._views:
-                np.copyto(host[s0 : s0 + n], engine[b0 : b0 + n])
+                host[s0:s1] = engine[b0:b1]
 
     def load(self, slots: IndexList, engine_blocks: IndexList) -> None:
         """G2 -> G1 (h2d)."""
         for b0, s0, n in self._plan(engine_blocks, slots, Direction.LOAD):
+            b1, s1 = b0 + n, s0 + n
             for engine, host in self._views:
-                np.copyto(engine[b0 : b0 + n], host[s0 : s0 + n])
+                engine[b0:b1] = host[s0:s1]
 
     def _plan(self, engine_blocks: IndexList, slots: IndexList, direction: Direction) -> BlockRuns:
         return plan_batch(engine_blocks, slots, self.kv.layout.num_blocks, self.host.shape[0], direction)
