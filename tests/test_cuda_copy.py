@@ -38,7 +38,7 @@ from kvbm.worker.cuda_copy import (
     region_copies,
     split_segments,
 )
-from kvbm.worker.layout import EngineKV, LayoutError, host_slice_view
+from kvbm.worker.layout import EngineKV, LayoutError, host_slice_view, page_aligned_empty
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = ("kv_first", "block_first", "mla", "contiguous")
@@ -213,6 +213,13 @@ def test_bad_batches_are_refused_before_any_copy(direction: Direction) -> None:
     copy([], [])
     assert (Direction.STORE.label, Direction.LOAD.label) == ("d2h", "h2d")
     assert Direction.LOAD == "load"  # the rank agent's Finished.kind still compares with plain strings
+
+
+def test_page_aligned_host_tensors() -> None:
+    for shape, dtype in (((2, 24, 16, 2, 64), np.float16), ((3,), np.uint8), ((5, 4097), np.float32)):
+        a = page_aligned_empty(shape, dtype)
+        assert a.ctypes.data % 4096 == 0 and a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+        a.fill(1)  # the whole extent is writable
 
 
 def test_auto_prefers_dma_for_large_copies() -> None:
