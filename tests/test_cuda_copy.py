@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvbm.worker.copy import NumpyCopyEngine, runs
+from kvbm.worker.copy import Direction, NumpyCopyEngine, block_runs
 from kvbm.worker.cuda_copy import (
     AUTO,
     BATCH,
@@ -36,10 +36,9 @@ from kvbm.worker.cuda_copy import (
     dma_copies,
     pinned_ranges,
     region_copies,
-    runs_np,
     split_segments,
 )
-from kvbm.worker.layout import EngineKV, LayoutError, host_slice_view
+from kvbm.worker.layout import EngineKV, LayoutError, host_slice_view, page_aligned_empty
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = ("kv_first", "block_first", "mla", "contiguous")
@@ -95,14 +94,15 @@ def run_regions(plan: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
         ctypes.memmove(int(d), int(s), int(n))
 
 
-def execute(executor: str, kv: EngineKVDevice, host: HostSlice, eb: list[int], sl: list[int], to_host: bool) -> None:
+def execute(executor: str, kv: EngineKVDevice, host: HostSlice, eb: list[int], sl: list[int],
+            direction: Direction) -> None:
     segs = kv.segments()
     if executor == MEMCPY2D:
-        run_2d(dma_copies(segs, host, runs(eb, sl), to_host))
+        run_2d(dma_copies(segs, host, block_runs(eb, sl), direction))
     elif executor == BATCH:
-        run_regions(region_copies(segs, host, np.array(eb), np.array(sl), to_host))
+        run_regions(region_copies(segs, host, np.array(eb), np.array(sl), direction))
     else:  # the kernel's work items: segments cut into chunks (small here, to cut every segment)
-        run_regions(region_copies(split_segments(segs, 1536), host, np.array(eb), np.array(sl), to_host))
+        run_regions(region_copies(split_segments(segs, 1536), host, np.array(eb), np.array(sl), direction))
 
 
 @pytest.mark.parametrize("executor", [MEMCPY2D, BATCH, KERNEL])
@@ -121,7 +121,7 @@ def test_copy_plans_move_the_bytes_the_cpu_engine_moves(layout: str, tp: int, ex
         ref = numpy_kv(refs[r], layout)
         assert kv.layout == ref.layout
         host = HostSlice.of(pool, r * slice_bytes, kv.layout)
-        execute(executor, kv, host, STORE_BLOCKS, SLOTS, True)
+        execute(executor, kv, host, STORE_BLOCKS, SLOTS, Direction.STORE)
         NumpyCopyEngine(ref, host_slice_view(ref_pool, r * slice_bytes, ref.layout)).store(STORE_BLOCKS, SLOTS)
     assert np.array_equal(pool, ref_pool)
     for r in range(tp):
@@ -130,7 +130,7 @@ def test_copy_plans_move_the_bytes_the_cpu_engine_moves(layout: str, tp: int, ex
             b.fill(0)
         kv = device_kv_of_numpy(ranks[r], layout)
         ref = numpy_kv(refs[r], layout)
-        execute(executor, kv, HostSlice.of(pool, r * slice_bytes, kv.layout), LOAD_BLOCKS, SLOTS, False)
+        execute(executor, kv, HostSlice.of(pool, r * slice_bytes, kv.layout), LOAD_BLOCKS, SLOTS, Direction.LOAD)
         NumpyCopyEngine(ref, host_slice_view(ref_pool, r * slice_bytes, ref.layout)).load(SLOTS, LOAD_BLOCKS)
         for a, b in zip(ranks[r], refs[r]):
             assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
@@ -160,17 +160,66 @@ def test_one_2d_copy_per_run_and_segment() -> None:
     arrays = random_arrays("kv_first", np.random.default_rng(1))
     kv = device_kv_of_numpy(arrays, "kv_first")
     pool = np.zeros((HOST_BLOCKS, kv.layout.slice_bytes), np.uint8)
-    copies = dma_copies(kv.segments(), HostSlice.of(pool, 0, kv.layout), runs(STORE_BLOCKS, SLOTS), True)
-    assert len(copies) == len(runs(STORE_BLOCKS, SLOTS)) * 2 * LAYERS == 6 * 2 * LAYERS
+    runs = block_runs(STORE_BLOCKS, SLOTS)
+    copies = dma_copies(kv.segments(), HostSlice.of(pool, 0, kv.layout), runs, Direction.STORE)
+    assert len(copies) == len(runs) * 2 * LAYERS == 6 * 2 * LAYERS
     assert max(c[5] for c in copies) == 4  # the run 3..6 -> 7..10 is one 4-row copy per segment
 
 
-def test_vectorised_runs_match_the_cpu_engine_runs() -> None:
+def reference_runs(a: list[int], b: list[int]) -> list[tuple[int, int, int]]:
+    """The oracle: a plain loop over the pairs ordered by engine block."""
+    out: list[tuple[int, int, int]] = []
+    for x, y in sorted(zip(a, b), key=lambda p: p[0]):
+        if out and (x, y) == (out[-1][0] + out[-1][2], out[-1][1] + out[-1][2]):
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((x, y, 1))
+    return out
+
+
+def test_vectorised_runs_match_a_plain_loop() -> None:
     rng = np.random.default_rng(3)
-    cases = [([], []), ([5], [9]), (STORE_BLOCKS, SLOTS), (list(range(10)), list(range(20, 30)))]
+    cases = [([], []), ([5], [9]), (STORE_BLOCKS, SLOTS), (list(range(10)), list(range(20, 30))),
+             ([6, 5, 4, 3], [9, 8, 7, 6]), ([5, 5, 6], [1, 2, 3])]
     cases += [(rng.permutation(50)[:30].tolist(), rng.permutation(40)[:30].tolist()) for _ in range(20)]
+    cases += [(sorted(rng.choice(128, 64, replace=False).tolist()), list(range(64))) for _ in range(5)]
     for a, b in cases:
-        assert runs_np(np.array(a, np.int64), np.array(b, np.int64)) == runs(a, b)
+        got = block_runs(a, b)
+        assert list(got) == reference_runs(a, b)
+        assert got.num_blocks == len(a)
+        assert list(block_runs(np.array(a, np.int64), np.array(b, np.uint32))) == list(got)
+    assert list(block_runs([6, 5, 4, 3], [9, 8, 7, 6])) == [(3, 6, 4)]  # any order: one run
+
+
+@pytest.mark.parametrize("direction", list(Direction))
+def test_bad_batches_are_refused_before_any_copy(direction: Direction) -> None:
+    arrays = random_arrays("kv_first", np.random.default_rng(2))
+    kv = numpy_kv(arrays, "kv_first")
+    pool = np.zeros((HOST_BLOCKS, kv.layout.slice_bytes), np.uint8)
+    eng = NumpyCopyEngine(kv, host_slice_view(pool, 0, kv.layout))
+    copy = eng.store if direction is Direction.STORE else (lambda eb, sl: eng.load(sl, eb))
+    with pytest.raises(IndexError, match=f"engine block {BLOCKS} is outside \\[0, {BLOCKS}\\)"):
+        copy([BLOCKS], [0])
+    with pytest.raises(IndexError, match="host slot -1 is outside"):
+        copy([0], [-1])
+    with pytest.raises(ValueError, match="2 engine blocks but 1 host slots"):
+        copy([1, 2], [3])
+    with pytest.raises(TypeError, match="engine_blocks must be a flat list of ints"):
+        copy([1.5], [3])
+    dup = ([1, 2], [3, 3]) if direction is Direction.STORE else ([1, 1], [3, 4])
+    with pytest.raises(ValueError, match="same destination twice"):
+        copy(*dup)
+    assert not pool.any()  # nothing was copied by a refused batch
+    copy([], [])
+    assert (Direction.STORE.label, Direction.LOAD.label) == ("d2h", "h2d")
+    assert Direction.LOAD == "load"  # the rank agent's Finished.kind still compares with plain strings
+
+
+def test_page_aligned_host_tensors() -> None:
+    for shape, dtype in (((2, 24, 16, 2, 64), np.float16), ((3,), np.uint8), ((5, 4097), np.float32)):
+        a = page_aligned_empty(shape, dtype)
+        assert a.ctypes.data % 4096 == 0 and a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+        a.fill(1)  # the whole extent is writable
 
 
 def test_auto_prefers_dma_for_large_copies() -> None:

@@ -44,9 +44,10 @@ from kvbm.worker.cuda_copy import (
     dma_copies,
     split_segments,
 )
-from kvbm.worker.copy import runs
+from kvbm.worker.copy import Direction, block_runs
 
 BATCH_BLOCKS = 64
+D2H, H2D = Direction.STORE.label, Direction.LOAD.label  # keys of the limits (and of the JSON)
 
 
 @dataclass(frozen=True)
@@ -121,12 +122,12 @@ def _fake_plan(cfg: BlockConfig, pattern: str) -> dict[str, Any]:
     assert kv.layout.slice_bytes == cfg.block_bytes, (kv.layout, cfg)
     host = HostSlice(0x7F00_0000_0000, hb, cfg.block_bytes, 0)
     eb, sl = batch_pairs(pattern, nb, hb)
-    pairs = runs(eb, sl)
+    runs = block_runs(eb, sl)
     segs = kv.segments()
-    copies = dma_copies(segs, host, pairs, True)
+    copies = dma_copies(segs, host, runs, Direction.STORE)
     total = BATCH_BLOCKS * cfg.block_bytes
     assert sum(c[4] * c[5] for c in copies) == total
-    return {"block": cfg.label, "pattern": pattern, "runs": len(pairs), "memcpy2d_calls": len(copies),
+    return {"block": cfg.label, "pattern": pattern, "runs": len(runs), "memcpy2d_calls": len(copies),
             "bytes_per_memcpy2d": total // len(copies), "batch_entries": len(segs) * BATCH_BLOCKS,
             "kernel_work_items": len(split_segments(segs, KERNEL_CHUNK_BYTES)) * BATCH_BLOCKS,
             "auto": auto_strategy(total, len(copies))}
@@ -189,7 +190,7 @@ def _bench_config(cp: Any, cfg: BlockConfig, strategies: list[str],
 
             d2h = total / _time(memcpy(rt.memcpyDeviceToHost, host0, scratch.data.ptr), reps) / 1e9
             h2d = total / _time(memcpy(rt.memcpyHostToDevice, scratch.data.ptr, host0), reps) / 1e9
-            limits = {"d2h": d2h, "h2d": h2d}
+            limits = {D2H: d2h, H2D: h2d}
             for pattern in PATTERNS:
                 eb, sl = batch_pairs(pattern, nb, hb)
                 expected = _expected_slots(cp, tensors, eb)
@@ -216,8 +217,8 @@ def _bench_strategy(cp: Any, cfg: BlockConfig, pattern: str, s: str, eng: CudaCo
     # Loads write back into the blocks the slots came from: the same bytes, the check stays valid.
     store = total / _time(lambda: eng.store(eb, sl), reps) / 1e9
     load = total / _time(lambda: eng.load(sl, eb), reps) / 1e9
-    return {"block": cfg.label, "pattern": pattern, "strategy": s, "chosen": eng.choose(runs(eb, sl), len(eb)),
-            "store": store, "load": load, "store_ratio": store / limits["d2h"], "load_ratio": load / limits["h2d"],
+    return {"block": cfg.label, "pattern": pattern, "strategy": s, "chosen": eng.choose(block_runs(eb, sl)),
+            "store": store, "load": load, "store_ratio": store / limits[D2H], "load_ratio": load / limits[H2D],
             "goal": cfg.goal}
 
 
@@ -248,9 +249,9 @@ def to_results(rows: list[dict[str, Any]], limits: dict[str, dict[str, float]]) 
         tag = f"{r['block']} blocks x{BATCH_BLOCKS}, {r['pattern']}, {r['strategy']}"
         lim = limits[r["block"]]
         goal = f">= {r['goal']}"
-        out.append(BenchResult(f"GPU store G1->G2 ({tag})", r["store"], "GB/s", lim["d2h"],
+        out.append(BenchResult(f"GPU store G1->G2 ({tag})", r["store"], "GB/s", lim[D2H],
                                "GB/s pinned cudaMemcpy D2H", r["store_ratio"], goal))
-        out.append(BenchResult(f"GPU load G2->G1 ({tag})", r["load"], "GB/s", lim["h2d"], "GB/s pinned cudaMemcpy H2D",
+        out.append(BenchResult(f"GPU load G2->G1 ({tag})", r["load"], "GB/s", lim[H2D], "GB/s pinned cudaMemcpy H2D",
                                r["load_ratio"], goal))
     return out
 
@@ -266,7 +267,7 @@ def print_table(name: str, rows: list[dict[str, Any]], limits: dict[str, dict[st
     print(f"\nGPU copy engine on {name}: batches of {BATCH_BLOCKS} blocks, vLLM kv_first layout, "
           "ratio = GB/s / pinned cudaMemcpy of the same bytes in this run", file=file)
     for label, lim in limits.items():
-        print(f"  limit {label}: D2H {lim['d2h']:.1f} GB/s, H2D {lim['h2d']:.1f} GB/s", file=file)
+        print(f"  limit {label}: D2H {lim[D2H]:.1f} GB/s, H2D {lim[H2D]:.1f} GB/s", file=file)
     head = ("block", "pattern", "strategy", "store GB/s", "ratio", "load GB/s", "ratio", "goal")
     table = [head]
     for r in rows:

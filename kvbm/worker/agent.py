@@ -21,7 +21,7 @@ import zmq
 
 from kvbm.ipc import messages as m
 from kvbm.ipc.shm import HostPool, PoolGeometry, ShmError
-from kvbm.worker.copy import CopyEngine, NumpyCopyEngine
+from kvbm.worker.copy import CopyEngine, Direction, NumpyCopyEngine
 from kvbm.worker.layout import EngineKV, KVSource, host_slice_view
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class Finished:
     """A completed op on this rank."""
 
     op_id: int
-    kind: str  # "store" | "load"
+    kind: Direction  # a str enum: compares equal to "store" / "load"
     ok: bool
     error: str = ""
 
@@ -43,6 +43,16 @@ class RankIdentity:
     world_size: int
     block_size: int
     fingerprint: str
+
+
+@dataclass(frozen=True)
+class _CopyJob:
+    """One op for the copy thread (the lists are copies: the caller may reuse its own)."""
+
+    direction: Direction
+    op_id: int
+    engine_blocks: list[int]
+    slots: list[int]
 
 
 CopyEngineFactory = Callable[[Any, HostPool, int], CopyEngine]
@@ -82,7 +92,7 @@ class RankAgent:
         self._stop = threading.Event()
         self._outbox: queue.SimpleQueue[m.Message] = queue.SimpleQueue()
         self._finished: queue.SimpleQueue[Finished] = queue.SimpleQueue()
-        self._jobs: queue.SimpleQueue[tuple[str, int, list[int], list[int]] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_CopyJob | None] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
@@ -128,12 +138,12 @@ class RankAgent:
 
     # -- engine-facing API ---------------------------------------------------------------
     def submit_store(self, op_id: int, engine_blocks: Sequence[int], slots: Sequence[int]) -> None:
-        """Copy engine blocks to host slots (after the engine wrote them), then ack the leader."""
-        self._jobs.put(("store", op_id, list(engine_blocks), list(slots)))
+        """Store (G1 -> G2, d2h) engine blocks into host slots (after the engine wrote them), then ack."""
+        self._jobs.put(_CopyJob(Direction.STORE, op_id, list(engine_blocks), list(slots)))
 
     def submit_load(self, op_id: int, slots: Sequence[int], engine_blocks: Sequence[int]) -> None:
-        """Copy host slots into engine blocks, then ack the leader."""
-        self._jobs.put(("load", op_id, list(slots), list(engine_blocks)))
+        """Load (G2 -> G1, h2d) host slots into engine blocks, then ack the leader."""
+        self._jobs.put(_CopyJob(Direction.LOAD, op_id, list(engine_blocks), list(slots)))
 
     def take_finished(self) -> list[Finished]:
         out = []
@@ -149,20 +159,20 @@ class RankAgent:
             job = self._jobs.get()
             if job is None:
                 return
-            kind, op_id, a, b = job
             ok, error = True, ""
             try:
                 if self.engine is None:
                     raise RuntimeError(self.error or "host pool not attached yet")
-                if kind == "store":
-                    self.engine.store(a, b)
+                # The whole op is one batch: the engine coalesces it into runs (fewest, largest copies).
+                if job.direction is Direction.STORE:
+                    self.engine.store(job.engine_blocks, job.slots)
                 else:
-                    self.engine.load(a, b)
+                    self.engine.load(job.slots, job.engine_blocks)
             except Exception as e:  # a failed copy is reported, never silently "done"
                 ok, error = False, f"{type(e).__name__}: {e}"
-                log.error("rank %d: %s op %d failed: %s", self.ident.rank, kind, op_id, error)
-            self._finished.put(Finished(op_id, kind, ok, error))
-            self._outbox.put(m.TransferDone(self.ident.rank, op_id, ok, error[:1000]))
+                log.error("rank %d: %s op %d failed: %s", self.ident.rank, job.direction.value, job.op_id, error)
+            self._finished.put(Finished(job.op_id, job.direction, ok, error))
+            self._outbox.put(m.TransferDone(self.ident.rank, job.op_id, ok, error[:1000]))
             self._wake()
 
     def _wake(self) -> None:

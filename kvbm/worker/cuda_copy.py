@@ -3,7 +3,9 @@ rank's slice of the pinned shared host pool (G2).
 
 Same interface as :class:`kvbm.worker.copy.NumpyCopyEngine` (``store``/``load`` return once
 the copy finished, which is what the rank agent's copy thread wants), plus ``store_async`` /
-``load_async`` returning a :class:`Transfer` that any thread can poll without blocking.
+``load_async`` returning a :class:`Transfer` that any thread can poll without blocking. Both
+engines check a batch and split it into runs with :func:`kvbm.worker.copy.plan_batch`;
+a store is ``d2h``, a load ``h2d`` (:class:`kvbm.worker.copy.Direction`).
 
 * Engine KV tensors arrive as torch CUDA tensors or CuPy arrays and are taken zero-copy:
   only their device addresses are kept (:class:`EngineKVDevice`), never a host round trip.
@@ -46,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from kvbm.worker.copy import BlockRuns, Direction, IndexList, index_array, plan_batch
 from kvbm.worker.layout import CONTIGUOUS, KV_FIRST, KVLayout, LayoutError, detect_layer_layout
 
 if TYPE_CHECKING:
@@ -80,7 +83,7 @@ kvbm_copy_regions(const long long* __restrict__ idx,      // [2*npairs]: engine 
                   const int nseg,
                   const unsigned long long host_base,              // slice of host block 0 (mapped)
                   const long long host_stride,                     // bytes between host blocks
-                  const int to_host)
+                  const int to_host)                               // 1: store (d2h), 0: load (h2d)
 {
     const long long ntasks = (long long)npairs * nseg;
     const long long step = blockDim.x;
@@ -311,23 +314,28 @@ class HostSlice:
 Copy2D = tuple[int, int, int, int, int, int]  # dst, dst pitch, src, src pitch, width, height
 
 
-def dma_copies(segs: Sequence[Segment], host: HostSlice, pairs: Sequence[tuple[int, int, int]],
-               to_host: bool) -> list[Copy2D]:
-    """One 2D copy per (run, segment); ``pairs`` are ``(engine block, slot, length)`` runs."""
-    out: list[Copy2D] = []
-    for b0, s0, n in pairs:
-        hbase = host.base + s0 * host.block_bytes + host.slice_offset
-        for seg in segs:
-            d, h = seg.dev + b0 * seg.dev_stride, hbase + seg.host_off
-            if to_host:
-                out.append((h, host.block_bytes, d, seg.dev_stride, seg.width, n))
-            else:
-                out.append((d, seg.dev_stride, h, host.block_bytes, seg.width, n))
-    return out
+def dma_copies(segs: Sequence[Segment], host: HostSlice, runs: BlockRuns, direction: Direction) -> list[Copy2D]:
+    """One 2D copy per (run, segment), run by run; the addresses are computed with NumPy."""
+    if not len(runs) or not segs:
+        return []
+    dev = np.array([s.dev for s in segs], np.int64)  # device addresses fit in 63 bits
+    stride = np.array([s.dev_stride for s in segs], np.int64)
+    off = np.array([s.host_off for s in segs], np.int64)
+    width = np.array([s.width for s in segs], np.int64)
+    shape = (len(runs), len(segs))
+    d = (dev[None, :] + runs.engine[:, None] * stride[None, :]).ravel().tolist()
+    h = (host.base + host.slice_offset + runs.host[:, None] * host.block_bytes + off[None, :]).ravel().tolist()
+    pitch = np.broadcast_to(stride, shape).ravel().tolist()
+    widths = np.broadcast_to(width, shape).ravel().tolist()
+    rows = np.broadcast_to(runs.length[:, None], shape).ravel().tolist()
+    hp = host.block_bytes
+    if direction is Direction.STORE:
+        return [(hh, hp, dd, dp, w, n) for hh, dd, dp, w, n in zip(h, d, pitch, widths, rows)]
+    return [(dd, dp, hh, hp, w, n) for hh, dd, dp, w, n in zip(h, d, pitch, widths, rows)]
 
 
 def region_copies(segs: Sequence[Segment], host: HostSlice, engine_blocks: np.ndarray, slots: np.ndarray,
-                  to_host: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  direction: Direction) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(dsts, srcs, sizes)`` of every (pair, segment) region, as uint64 arrays."""
     dev = np.array([s.dev for s in segs], np.uint64)
     stride = np.array([s.dev_stride for s in segs], np.uint64)
@@ -337,17 +345,7 @@ def region_copies(segs: Sequence[Segment], host: HostSlice, engine_blocks: np.nd
     d = (dev[None, :] + eb[:, None] * stride[None, :]).ravel()
     h = (np.uint64(host.base + host.slice_offset) + sl[:, None] * np.uint64(host.block_bytes) + off[None, :]).ravel()
     sizes = np.broadcast_to(width, (len(eb), len(segs))).ravel().copy()
-    return (h, d, sizes) if to_host else (d, h, sizes)
-
-
-def runs_np(a: np.ndarray, b: np.ndarray) -> list[tuple[int, int, int]]:
-    """:func:`kvbm.worker.copy.runs` for int arrays, vectorised (it runs on every batch)."""
-    if len(a) == 0:
-        return []
-    breaks = np.flatnonzero((np.diff(a) != 1) | (np.diff(b) != 1)) + 1
-    starts = np.concatenate(([0], breaks))
-    lengths = np.diff(np.concatenate((starts, [len(a)])))
-    return list(zip(a[starts].tolist(), b[starts].tolist(), lengths.tolist()))
+    return (h, d, sizes) if direction is Direction.STORE else (d, h, sizes)
 
 
 def auto_strategy(nbytes: int, ncopies: int, dma_min_bytes: int = DMA_MIN_BYTES, kernel_ok: bool = True) -> str:
@@ -599,24 +597,24 @@ class CudaCopyEngine:
         return {MEMCPY2D: "", KERNEL: self._kernel_error, BATCH: self._batch_unavailable()}
 
     # -- CopyEngine interface ---------------------------------------------------------------
-    def store(self, engine_blocks: Sequence[int], slots: Sequence[int]) -> None:
-        """G1 -> G2, returning once the bytes are in the host pool."""
+    def store(self, engine_blocks: IndexList, slots: IndexList) -> None:
+        """G1 -> G2 (d2h), returning once the bytes are in the host pool."""
         self.store_async(engine_blocks, slots).wait()
 
-    def load(self, slots: Sequence[int], engine_blocks: Sequence[int]) -> None:
-        """G2 -> G1, returning once the bytes are in the engine's blocks."""
+    def load(self, slots: IndexList, engine_blocks: IndexList) -> None:
+        """G2 -> G1 (h2d), returning once the bytes are in the engine's blocks."""
         self.load_async(slots, engine_blocks).wait()
 
-    def store_async(self, engine_blocks: Sequence[int], slots: Sequence[int], *, after_event: Any = None,
+    def store_async(self, engine_blocks: IndexList, slots: IndexList, *, after_event: Any = None,
                     after_stream: Any = None, strategy: str | None = None) -> Transfer:
         """Queue G1 -> G2 on the store stream, after ``after_event``/``after_stream`` (default: the engine stream)."""
         wait = after_stream if after_stream is not None else (self.engine_stream if after_event is None else None)
-        return self._submit(True, engine_blocks, slots, after_event, wait, strategy)
+        return self._submit(Direction.STORE, engine_blocks, slots, after_event, wait, strategy)
 
-    def load_async(self, slots: Sequence[int], engine_blocks: Sequence[int], *, after_event: Any = None,
+    def load_async(self, slots: IndexList, engine_blocks: IndexList, *, after_event: Any = None,
                    after_stream: Any = None, strategy: str | None = None) -> Transfer:
         """Queue G2 -> G1 on the load stream (after the named event/stream, if any)."""
-        return self._submit(False, engine_blocks, slots, after_event, after_stream, strategy)
+        return self._submit(Direction.LOAD, engine_blocks, slots, after_event, after_stream, strategy)
 
     def close(self) -> None:
         """Finish in-flight copies and unpin the host pool (call before unmapping it). Idempotent."""
@@ -637,39 +635,23 @@ class CudaCopyEngine:
         self.close()
 
     # -- internals --------------------------------------------------------------------------
-    def _check(self, eb: np.ndarray, sl: np.ndarray) -> None:
-        if len(eb) != len(sl):
-            raise ValueError(f"{len(eb)} engine blocks but {len(sl)} host slots")
-        if len(eb) == 0:
-            return
-        nb, ns = self.kv.layout.num_blocks, self.host.num_blocks
-        if eb.min() < 0 or eb.max() >= nb:
-            raise IndexError(f"engine block {int(eb[(eb < 0) | (eb >= nb)][0])} is outside [0, {nb})")
-        if sl.min() < 0 or sl.max() >= ns:
-            raise IndexError(f"host slot {int(sl[(sl < 0) | (sl >= ns)][0])} is outside [0, {ns})")
-
-    def choose(self, pairs: Sequence[tuple[int, int, int]], nblocks: int) -> str:
-        """The strategy this engine uses for a batch of ``nblocks`` split into ``pairs`` runs."""
+    def choose(self, runs: BlockRuns) -> str:
+        """The strategy this engine uses for a batch split into ``runs``."""
         if self.strategy != AUTO:
             return self.strategy
-        return auto_strategy(nblocks * self.kv.layout.slice_bytes, len(pairs) * len(self._segs),
+        return auto_strategy(runs.num_blocks * self.kv.layout.slice_bytes, len(runs) * len(self._segs),
                              self.dma_min_bytes, not self._kernel_error)
 
-    def _submit(self, to_host: bool, engine_blocks: Sequence[int], slots: Sequence[int], after_event: Any,
+    def _submit(self, direction: Direction, engine_blocks: IndexList, slots: IndexList, after_event: Any,
                 after_stream: Any, strategy: str | None) -> Transfer:
         if self._closed:
             raise RuntimeError("the copy engine is closed")
-        eb = np.asarray(engine_blocks, dtype=np.int64).reshape(-1)
-        sl = np.asarray(slots, dtype=np.int64).reshape(-1)
-        self._check(eb, sl)
-        dst = sl if to_host else eb
-        if len(np.unique(dst)) != len(dst):
-            raise ValueError("a batch names the same destination twice; its copies run in no particular order")
+        eb, sl = index_array(engine_blocks, "engine_blocks"), index_array(slots, "slots")
+        runs = plan_batch(eb, sl, self.kv.layout.num_blocks, self.host.num_blocks, direction)
         cp = _cupy()
         rt = cp.cuda.runtime
-        stream = self._store_stream if to_host else self._load_stream
-        pairs = runs_np(eb, sl)
-        chosen = strategy or self.choose(pairs, len(eb))
+        stream = self._store_stream if direction is Direction.STORE else self._load_stream
+        chosen = strategy or self.choose(runs)
         nbytes = len(eb) * self.kv.layout.slice_bytes
         with self._lock, cp.cuda.Device(self.kv.device):
             if after_event is not None:
@@ -680,13 +662,13 @@ class CudaCopyEngine:
             keep: tuple[Any, ...] = ()
             if len(eb):
                 if chosen == MEMCPY2D:
-                    kind = rt.memcpyDeviceToHost if to_host else rt.memcpyHostToDevice
-                    for c in dma_copies(self._segs, self.host, pairs, to_host):
+                    kind = rt.memcpyDeviceToHost if direction is Direction.STORE else rt.memcpyHostToDevice
+                    for c in dma_copies(self._segs, self.host, runs, direction):
                         rt.memcpy2DAsync(*c, kind, stream.ptr)
                 elif chosen == KERNEL:
-                    keep = self._launch_kernel(cp, stream, eb, sl, to_host)
+                    keep = self._launch_kernel(cp, stream, eb, sl, direction)
                 elif chosen == BATCH:
-                    keep = self._launch_batch(stream, eb, sl, to_host)
+                    keep = self._launch_batch(stream, eb, sl, direction)
                 else:
                     raise ValueError(f"unknown copy strategy {chosen!r}")
             # A spinning (non-blocking-sync) event: a sleeping wait adds tens of microseconds per batch.
@@ -694,7 +676,8 @@ class CudaCopyEngine:
             event.record(stream)
         return Transfer(event, keep, nbytes, chosen)
 
-    def _launch_kernel(self, cp: Any, stream: Any, eb: np.ndarray, sl: np.ndarray, to_host: bool) -> tuple[Any, ...]:
+    def _launch_kernel(self, cp: Any, stream: Any, eb: np.ndarray, sl: np.ndarray,
+                       direction: Direction) -> tuple[Any, ...]:
         if self._kernel_error:
             raise ValueError(f"copy strategy 'kernel' is unavailable: {self._kernel_error}")
         idx = np.concatenate([eb, sl])
@@ -705,13 +688,13 @@ class CudaCopyEngine:
             self._kernel((grid,), (KERNEL_THREADS,), (
                 idx_dev, np.int32(len(eb)), self._k_dev, self._k_stride, self._k_host, self._k_words,
                 np.int32(len(self._kseg)), np.uint64(self.host.base + self.host.slice_offset),
-                np.int64(self.host.block_bytes), np.int32(1 if to_host else 0)))
+                np.int64(self.host.block_bytes), np.int32(1 if direction is Direction.STORE else 0)))
         return (idx, idx_dev)
 
-    def _launch_batch(self, stream: Any, eb: np.ndarray, sl: np.ndarray, to_host: bool) -> tuple[Any, ...]:
+    def _launch_batch(self, stream: Any, eb: np.ndarray, sl: np.ndarray, direction: Direction) -> tuple[Any, ...]:
         if self._batch_unavailable():
             raise ValueError(f"copy strategy 'batch' is unavailable: {self._batch_error}")
-        dsts, srcs, sizes = region_copies(self._segs, self.host, eb, sl, to_host)
+        dsts, srcs, sizes = region_copies(self._segs, self.host, eb, sl, direction)
         self._batch_call(self._batch, dsts.tolist(), srcs.tolist(), sizes.tolist(), stream)
         return ()
 
