@@ -20,7 +20,7 @@ import zmq
 
 from kvbm.sim.oracle import Oracle
 from kvbm.worker.agent import Finished, RankAgent, RankIdentity
-from kvbm.worker.layout import EngineKV
+from kvbm.worker.layout import EngineKV, page_aligned_empty
 
 log = logging.getLogger("kvbm.sim.rank")
 
@@ -49,7 +49,10 @@ class SimModel:
 
 
 def make_kv(model: SimModel) -> tuple[list[np.ndarray], EngineKV]:
-    tensors = [np.zeros(model.tensor_shape(), dtype=model.dtype) for _ in range(model.num_layers)]
+    # Page-aligned like the host pool's slots: NumPy's default offset makes loads ~3x slower (4K aliasing).
+    tensors = [page_aligned_empty(model.tensor_shape(), model.dtype) for _ in range(model.num_layers)]
+    for t in tensors:
+        t.fill(0)
     return tensors, EngineKV.from_layers(tensors, num_blocks=model.num_gpu_blocks)
 
 
