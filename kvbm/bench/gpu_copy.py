@@ -130,7 +130,7 @@ def _fake_plan(cfg: BlockConfig, pattern: str) -> dict[str, Any]:
     return {"block": cfg.label, "pattern": pattern, "runs": len(runs), "memcpy2d_calls": len(copies),
             "bytes_per_memcpy2d": total // len(copies), "batch_entries": len(segs) * BATCH_BLOCKS,
             "kernel_work_items": len(split_segments(segs, KERNEL_CHUNK_BYTES)) * BATCH_BLOCKS,
-            "auto": auto_strategy(total, len(copies))}
+            "auto": auto_strategy(total, len(copies), row_bytes=min(seg.width for seg in segs))}
 
 
 def dry_run() -> list[dict[str, Any]]:

@@ -31,8 +31,8 @@ Copy strategies, selectable by name (see :data:`STRATEGIES`):
 ``batch``     one ``cudaMemcpyBatchAsync`` per batch (through ``cuda.bindings``, where
               installed: CuPy does not expose it); DMA like memcpy2d, one call.
 ``auto``      memcpy2d when each 2D copy moves at least ``dma_min_bytes`` (large blocks or
-              long runs), else the kernel. The threshold is a default until measured on a
-              GPU (``python -m kvbm.bench.gpu_copy``).
+              long runs) in rows of at least ``DMA_MIN_ROW_BYTES``, else the kernel
+              (thresholds measured on an H200 with ``python -m kvbm.bench.gpu_copy``).
 
 Loads are not ordered after the engine's stream by default: the blocks they fill must not
 be in use by queued engine work (name ``after_stream``/``after_event`` otherwise). The
@@ -61,6 +61,9 @@ AUTO = "auto"
 STRATEGIES = (MEMCPY2D, KERNEL, BATCH)
 
 DMA_MIN_BYTES = 64 << 10  # auto: DMA when each cudaMemcpy2DAsync moves at least this much
+# ... in rows at least this wide. Measured on an H200 (docs/benchmarks.md): one run of 64 blocks
+# in 4 KiB rows ran at 0.4-0.6 of cudaMemcpy with memcpy2d, 0.73 with the kernel; 32 KiB rows: equal.
+DMA_MIN_ROW_BYTES = 16 << 10
 KERNEL_CHUNK_BYTES = 32 << 10  # kernel work item: at most this many bytes of one region
 KERNEL_THREADS = 256
 KERNEL_BLOCKS_PER_SM = 4  # enough 16-byte loads in flight to cover PCIe latency
@@ -348,9 +351,13 @@ def region_copies(segs: Sequence[Segment], host: HostSlice, engine_blocks: np.nd
     return (h, d, sizes) if direction is Direction.STORE else (d, h, sizes)
 
 
-def auto_strategy(nbytes: int, ncopies: int, dma_min_bytes: int = DMA_MIN_BYTES, kernel_ok: bool = True) -> str:
-    """``auto``'s pick: DMA (memcpy2d) when each 2D copy moves ``dma_min_bytes`` or more, else the kernel."""
-    if nbytes / max(1, ncopies) >= dma_min_bytes or not kernel_ok:
+def auto_strategy(nbytes: int, ncopies: int, dma_min_bytes: int = DMA_MIN_BYTES, kernel_ok: bool = True,
+                  row_bytes: int = DMA_MIN_ROW_BYTES) -> str:
+    """``auto``'s pick: DMA (memcpy2d) when each 2D copy moves ``dma_min_bytes`` or more in rows
+    of at least :data:`DMA_MIN_ROW_BYTES` (``row_bytes``: the narrowest region), else the kernel."""
+    if not kernel_ok:
+        return MEMCPY2D
+    if nbytes / max(1, ncopies) >= dma_min_bytes and row_bytes >= DMA_MIN_ROW_BYTES:
         return MEMCPY2D
     return KERNEL
 
@@ -486,6 +493,52 @@ def _batch_api() -> Any:
     return cbr if hasattr(cbr, "cudaMemcpyBatchAsync") else None
 
 
+class _IndexUpload:
+    """The kernel's index array (engine blocks, then host slots) on the device, per stream.
+
+    A fresh device array per batch (``cupy.asarray``) costs an allocation and a pageable copy,
+    about a third of a 64-block batch's submission time. Instead the batch is written into one
+    of a few pinned host buffers and copied on the copy's own stream into one device buffer:
+    uploads and kernels of one stream run in order, so one device buffer suffices, and a host
+    buffer is rewritten only after the upload that last read it has run (its event).
+    """
+
+    RING = 4
+
+    def __init__(self, cp: Any, pairs: int = 256) -> None:
+        self._cp = cp
+        self._alloc(pairs)
+
+    def _alloc(self, pairs: int) -> None:
+        cp = self._cp
+        self.capacity = pairs
+        self._host = [cp.cuda.alloc_pinned_memory(2 * pairs * 8) for _ in range(self.RING)]
+        self._views = [np.frombuffer(h, np.int64, 2 * pairs) for h in self._host]
+        self._uploaded: list[Any] = [None] * self.RING
+        self._next = 0
+        self.device = cp.empty(2 * pairs, cp.int64)
+
+    def put(self, stream: Any, eb: np.ndarray, sl: np.ndarray) -> Any:
+        """Queue the upload of ``eb`` then ``sl`` on ``stream``; returns the device buffer."""
+        n = len(eb)
+        if n > self.capacity:
+            stream.synchronize()  # kernels queued on this stream still read the old buffer
+            self._alloc(max(n, 2 * self.capacity))
+        i = self._next
+        self._next = (i + 1) % self.RING
+        if self._uploaded[i] is not None:
+            self._uploaded[i].synchronize()
+        view = self._views[i]
+        view[:n] = eb
+        view[n:2 * n] = sl
+        rt = self._cp.cuda.runtime
+        rt.memcpyAsync(self.device.data.ptr, view.ctypes.data, 2 * n * 8, rt.memcpyHostToDevice, stream.ptr)
+        if self._uploaded[i] is None:
+            self._uploaded[i] = self._cp.cuda.Event(block=False, disable_timing=True)
+        self._uploaded[i].record(stream)
+        return self.device
+
+
 # -- the engine -------------------------------------------------------------------------------
 class CudaCopyEngine:
     """Copies between a CUDA device's KV tensors and this rank's slice of the pinned host pool.
@@ -509,6 +562,7 @@ class CudaCopyEngine:
         self.engine_stream = None if engine_stream is None else stream_handle(engine_stream)
         self._segs = kv.segments()
         self._kseg = split_segments(self._segs, KERNEL_CHUNK_BYTES)
+        self._min_width = min(seg.width for seg in self._segs)
         self._lock = threading.Lock()
         self._closed = False
         self._pin: PinnedHost | None = None
@@ -554,6 +608,7 @@ class CudaCopyEngine:
         sms = int(rt.getDeviceProperties(self.kv.device)["multiProcessorCount"])
         self._k_max_grid = max(1, sms * KERNEL_BLOCKS_PER_SM)
         self._kernel = _copy_kernel()
+        self._store_idx, self._load_idx = _IndexUpload(cp), _IndexUpload(cp)
         return ""
 
     def _batch_unavailable(self) -> str:
@@ -640,7 +695,7 @@ class CudaCopyEngine:
         if self.strategy != AUTO:
             return self.strategy
         return auto_strategy(runs.num_blocks * self.kv.layout.slice_bytes, len(runs) * len(self._segs),
-                             self.dma_min_bytes, not self._kernel_error)
+                             self.dma_min_bytes, not self._kernel_error, self._min_width)
 
     def _submit(self, direction: Direction, engine_blocks: IndexList, slots: IndexList, after_event: Any,
                 after_stream: Any, strategy: str | None) -> Transfer:
@@ -680,16 +735,16 @@ class CudaCopyEngine:
                        direction: Direction) -> tuple[Any, ...]:
         if self._kernel_error:
             raise ValueError(f"copy strategy 'kernel' is unavailable: {self._kernel_error}")
-        idx = np.concatenate([eb, sl])
+        upload = self._store_idx if direction is Direction.STORE else self._load_idx
         with stream:
-            idx_dev = cp.asarray(idx)  # queued on our stream, ahead of the kernel
+            idx_dev = upload.put(stream, eb, sl)  # queued on our stream, ahead of the kernel
             ntasks = len(eb) * len(self._kseg)
             grid = min(ntasks, self._k_max_grid)
             self._kernel((grid,), (KERNEL_THREADS,), (
                 idx_dev, np.int32(len(eb)), self._k_dev, self._k_stride, self._k_host, self._k_words,
                 np.int32(len(self._kseg)), np.uint64(self.host.base + self.host.slice_offset),
                 np.int64(self.host.block_bytes), np.int32(1 if direction is Direction.STORE else 0)))
-        return (idx, idx_dev)
+        return ()
 
     def _launch_batch(self, stream: Any, eb: np.ndarray, sl: np.ndarray, direction: Direction) -> tuple[Any, ...]:
         if self._batch_unavailable():
