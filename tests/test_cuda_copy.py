@@ -280,7 +280,7 @@ def test_kernel_source_compiles_for_hopper() -> None:
 
 
 def test_importing_the_gpu_modules_stays_light() -> None:
-    code = ("import sys, kvbm.worker.cuda_copy, kvbm.bench.gpu_copy; "
+    code = ("import sys, kvbm.worker.cuda_copy, kvbm.bench.gpu_copy, kvbm.ipc.shm; "
             "bad = [m for m in ('cupy', 'torch', 'zmq', 'cuda') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvbm.config import TierSize, format_bytes
-from kvbm.ipc.transport import safe_name
+from kvbm.ipc.names import safe_name
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from typing import TypeVar
 import zmq
 
 from kvbm.config import is_loopback_endpoint
+from kvbm.ipc.names import safe_name
 from kvbm.ipc.messages import ErrorReply, Message, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,6 @@ def ensure_private_dir(path: str) -> str:
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)
     return path
-
-
-def safe_name(instance: str) -> str:
-    """``instance`` with every character that is not safe in a file name replaced by ``_``."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in instance)
 
 
 def instance_endpoint(run_dir: str, instance: str) -> str:

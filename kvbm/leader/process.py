@@ -22,8 +22,8 @@ from kvbm.ipc.transport import (
     check_bind_endpoint,
     ensure_private_dir,
     instance_endpoint,
-    safe_name,
 )
+from kvbm.ipc.names import safe_name
 
 if TYPE_CHECKING:
     from kvbm.leader.server import LeaderServer

@@ -17,8 +17,8 @@ from kvbm.ipc.transport import (
     RpcClient,
     ensure_private_dir,
     instance_endpoint,
-    safe_name,
 )
+from kvbm.ipc.names import safe_name
 from kvbm.leader.process import EXIT_ALREADY_RUNNING, lock_path
 
 log = logging.getLogger(__name__)
