@@ -63,19 +63,20 @@ class IndexSource(Protocol):
 
 _HOST, _DISK = 1, 2  # tier bits of an entry
 _BIT = {int(Tier.HOST): _HOST, int(Tier.DISK): _DISK}
+_KINDS = {int(k) for k in IndexEventKind}
 
 
 class IndexReplica:
     """hash -> tier bits, applied from deltas; lookups answer like the leader's Match.
 
     One writer (the follower thread) and one reader (the scheduler thread): every mutation is
-    a single dict / set operation, atomic under the GIL, and a reset swaps whole containers,
-    so a lookup sees either the old or the new view, never a torn one.
+    a single dict or set operation, atomic under the GIL, and a reset swaps one tuple holding
+    both containers, so a lookup sees either the old or the new view, never a torn one.
     """
 
     def __init__(self) -> None:
-        # (hash -> tier bits, hashes with the G2 bit): one attribute, so that a reset swaps both
-        # at once; the set lets match count G2 blocks in C.
+        # (hash -> tier bits, hashes held only in G3): G3-only blocks are rare (most blocks are
+        # in G2, or in both), so the G2 count of a run needs no second walk unless some exist.
         self._view: tuple[dict[int, int], set[int]] = ({}, set())
         self.seq = 0  # next sequence number to ask for
         self.synced = False  # a snapshot was applied: lookups are answered
@@ -85,42 +86,32 @@ class IndexReplica:
         if not (len(delta.kinds) == len(delta.tiers) == len(delta.hashes)):
             raise ValueError(f"index delta: kinds/tiers/hashes lengths differ "
                              f"({len(delta.kinds)}/{len(delta.tiers)}/{len(delta.hashes)})")
+        entries = list(zip(delta.kinds.tolist(), delta.tiers.tolist(), delta.hashes.tolist()))
+        for kind, tier, _ in entries:  # validate first: a bad delta changes nothing
+            if tier not in _BIT:
+                raise ValueError(f"index delta: tier {tier} is not one of {sorted(_BIT)}")
+            if kind not in _KINDS:
+                raise ValueError(f"index delta: event kind {kind} is not one of {sorted(_KINDS)}")
         if delta.reset:
             where: dict[int, int] = {}
-            host: set[int] = set()
+            disk_only: set[int] = set()
         elif not self.synced:
             return  # changes without a snapshot to apply them to: wait for the snapshot
         else:
-            where, host = self._view
-        for kind, tier, h in zip(delta.kinds.tolist(), delta.tiers.tolist(), delta.hashes.tolist()):
-            bit = _BIT.get(tier)
-            if bit is None:
-                raise ValueError(f"index delta: tier {tier} is not one of {sorted(_BIT)}")
+            where, disk_only = self._view
+        for kind, tier, h in entries:
+            bit = _BIT[tier]
             if kind == IndexEventKind.STORED:
-                where[h] = where.get(h, 0) | bit
-                if bit == _HOST:
-                    host.add(h)
+                _set(where, disk_only, h, where.get(h, 0) | bit)
             elif kind == IndexEventKind.REMOVED:
-                self._drop(where, host, h, bit)
-            elif kind == IndexEventKind.CLEARED:
+                _set(where, disk_only, h, where.get(h, 0) & ~bit)
+            else:  # CLEARED: every block of the tier
                 for g in [g for g, bits in where.items() if bits & bit]:
-                    self._drop(where, host, g, bit)
-            else:
-                raise ValueError(f"index delta: event kind {kind} is not one of {[int(k) for k in IndexEventKind]}")
+                    _set(where, disk_only, g, where[g] & ~bit)
         if delta.reset:
-            self._view = (where, host)
+            self._view = (where, disk_only)
             self.synced = True
         self.seq = delta.next_seq
-
-    @staticmethod
-    def _drop(where: dict[int, int], host: set[int], h: int, bit: int) -> None:
-        bits = where.get(h, 0) & ~bit
-        if bits:
-            where[h] = bits
-        else:
-            where.pop(h, None)
-        if bit == _HOST:
-            host.discard(h)
 
     def unsync(self) -> None:
         """Forget the view (the leader restarted or is gone): lookups fall back until a snapshot."""
@@ -132,14 +123,25 @@ class IndexReplica:
         start, as the leader's Match counts them; None while no snapshot was applied."""
         if not self.synced:
             return None
+        where, disk_only = self._view
         # takewhile with a C predicate keeps the walk in C (the leader's registry does the same).
-        where, host_set = self._view
         run = list(itertools.takewhile(where.__contains__, hashes))
-        host = len(host_set.intersection(run)) if run else 0
-        return host, len(run) - host
+        disk = len(disk_only.intersection(run)) if disk_only and run else 0
+        return len(run) - disk, disk
 
     def __len__(self) -> int:
         return len(self._view[0])
+
+
+def _set(where: dict[int, int], disk_only: set[int], h: int, bits: int) -> None:
+    if bits:
+        where[h] = bits
+    else:
+        where.pop(h, None)
+    if bits == _DISK:
+        disk_only.add(h)
+    else:
+        disk_only.discard(h)
 
 
 class IndexFollower:
