@@ -20,6 +20,7 @@ import enum
 import heapq
 import itertools
 import time
+from array import array
 from bisect import insort
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -105,6 +106,18 @@ def _make_events(raw: Sequence[tuple[EventKind, Tier, int, int | None]]) -> list
         _set_parent(e, p)
         out.append(e)
     return out
+
+
+def _u64(values: Sequence[int]) -> np.ndarray:
+    """Python ints as a uint64 array; through array.array, ~5x faster than np.array for big ints."""
+    return np.frombuffer(array("Q", values), np.uint64)
+
+
+def _index(values: Sequence[int]) -> np.ndarray:
+    """Slot numbers as an int64 index array (same fast path as :func:`_u64`)."""
+    if isinstance(values, np.ndarray):
+        return values.astype(np.int64, copy=False)
+    return np.frombuffer(array("q", values), np.int64)
 
 
 def _fail(msg: str) -> None:
@@ -265,7 +278,8 @@ class TierPool:
         # Take this request's registered, evictable blocks out of the LRU so that allocating the
         # rest cannot evict them; they go back at the most recent end below.
         protected: list[int] = []
-        if not registered.keys().isdisjoint(hashes):  # C-level test first: usually none held
+        none_registered = registered.keys().isdisjoint(hashes)  # C-level: usually none held
+        if not none_registered:
             for h in hashes:
                 s = registered.get(h)
                 if s is not None and self._pins[s] == 0:
@@ -275,14 +289,14 @@ class TierPool:
                         protected.append(s)
         # The hashes that need a slot (first occurrences of hashes not held here).
         new: list[int] = []
-        if registered or writing:
+        if none_registered and writing.keys().isdisjoint(hashes):  # the usual store, all in C
+            new = list(dict.fromkeys(hashes))
+        else:
             seen: set[int] = set()
             for h in hashes:
                 if h not in registered and h not in writing and h not in seen:
                     seen.add(h)
                     new.append(h)
-        else:
-            new = list(dict.fromkeys(hashes))
         slots, evicted = self._take(len(new))
         out: list[int | None] = []
         if len(slots) == len(new) and len(new) == len(hashes):
@@ -302,10 +316,10 @@ class TierPool:
         if evicted:
             self._unregister(evicted)
         if slots:
-            idx = np.array(slots, np.int64)
+            idx = _index(slots)
             taken = new[: len(slots)]
             self._state[idx] = _WRITING
-            self._hash[idx] = np.array(taken, np.uint64)
+            self._hash[idx] = _u64(taken)
             self._prio[idx] = priority
             if parents is None:
                 self._has_parent[idx] = False
@@ -317,8 +331,7 @@ class TierPool:
                     for h, p in zip(hashes, parents):
                         parent_of.setdefault(h, p)
                     ps = [parent_of[h] for h in taken]
-                self._has_parent[idx] = [p is not None for p in ps]
-                self._parent[idx] = np.array([0 if p is None else p for p in ps], np.uint64)
+                self._set_parents(idx, ps)
             writing.update(zip(taken, slots))
         if protected:
             now = self._clock()
@@ -533,7 +546,7 @@ class TierPool:
         """Validate ``slots`` for ``op``; returns them as an index array."""
         cap = self.capacity
         try:
-            idx = np.array(slots, np.int64)
+            idx = _index(slots)
         except (OverflowError, ValueError, TypeError):
             idx = np.array([], np.int64)
             ok = False
@@ -553,9 +566,24 @@ class TierPool:
             raise ValueError(f"{op}: repeated slot in {list(slots)}")
         return idx
 
+    def _set_parents(self, idx: np.ndarray, parents: list[int | None]) -> None:
+        nones = parents.count(None)  # C-level; usually 0, or 1 for a sequence's first block
+        if nones == 0:
+            self._has_parent[idx] = True
+            self._parent[idx] = _u64(parents)  # type: ignore[arg-type]
+        elif nones == 1 and parents[0] is None:
+            self._has_parent[idx] = True
+            self._has_parent[idx[0]] = False
+            self._parent[idx[1:]] = _u64(parents[1:])  # type: ignore[arg-type]
+        else:
+            self._has_parent[idx] = [p is not None for p in parents]
+            self._parent[idx] = np.array([0 if p is None else p for p in parents], np.uint64)
+
     def _parents(self, idx: np.ndarray) -> list[int | None]:
-        return [p if has else None
-                for p, has in zip(self._parent[idx].tolist(), self._has_parent[idx].tolist())]
+        parents: list[int | None] = self._parent[idx].tolist()
+        for i in np.flatnonzero(~self._has_parent[idx]).tolist():  # usually none or one
+            parents[i] = None
+        return parents
 
     def _attach(self, slot: int) -> None:
         """Append a registered unpinned slot to its priority's LRU list (most recent end)."""
@@ -579,7 +607,7 @@ class TierPool:
 
     def _unregister(self, slots: list[int]) -> None:
         """Unregister slots already taken out of the LRU; emits ``removed`` for each, in order."""
-        idx = np.array(slots, np.int64)
+        idx = _index(slots)
         hs = self._hash[idx].tolist()
         for h in hs:
             del self._registered[h]
