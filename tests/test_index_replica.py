@@ -14,13 +14,15 @@ import time
 import numpy as np
 import pytest
 
-from kvbm.connector.index import IndexDelta, IndexEventKind, IndexFollower, IndexReplica
+from kvbm.connector.index import IndexFollower, IndexReplica
+from kvbm.ipc.messages import BlockEventKind
+from kvbm.leader.client import IndexDelta
 from kvbm.leader.registry import BlockRegistry, Tier
 
-S, R, C = IndexEventKind.STORED, IndexEventKind.REMOVED, IndexEventKind.CLEARED
+S, R, C = BlockEventKind.STORED, BlockEventKind.REMOVED, BlockEventKind.CLEARED
 
 
-def delta(entries: list[tuple[IndexEventKind, Tier, int]], *, reset: bool = False, next_seq: int = 1) -> IndexDelta:
+def delta(entries: list[tuple[BlockEventKind, Tier, int]], *, reset: bool = False, next_seq: int = 1) -> IndexDelta:
     return IndexDelta(reset, next_seq, np.array([int(k) for k, _, _ in entries], np.uint8),
                       np.array([int(t) for _, t, _ in entries], np.uint8),
                       np.array([h for _, _, h in entries], np.uint64))
@@ -76,7 +78,7 @@ def test_matches_the_leader_registry_on_random_histories() -> None:
         pool = rng.choice([reg.host, reg.disk])
         pool.commit([s for s in pool.allocate(hashes) if s is not None])  # may evict older blocks
         seq += 1
-        rep.apply(delta([(IndexEventKind[e.kind.upper()], e.tier, e.seq_hash) for e in reg.drain_events()],
+        rep.apply(delta([(BlockEventKind[e.kind.upper()], e.tier, e.seq_hash) for e in reg.drain_events()],
                         next_seq=seq))
         probe = rng.choice(chains)
         want = reg.match(probe)

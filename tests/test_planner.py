@@ -13,7 +13,9 @@ import random
 import numpy as np
 import pytest
 
-from kvbm.connector.index import IndexDelta, IndexEventKind, IndexReplica
+from kvbm.connector.index import IndexReplica
+from kvbm.ipc.messages import BlockEventKind
+from kvbm.leader.client import IndexDelta
 from kvbm.connector.planner import Planner, ScheduledRequest
 from kvbm.hashing import EMPTY_SALT_HASH, sequence_hashes
 from kvbm.leader.client import LeaderClient
@@ -32,7 +34,7 @@ def _prompt(blocks: int, seed: int) -> list[int]:
 
 def _snapshot(hashes: list[int]) -> IndexDelta:
     n = len(hashes)
-    return IndexDelta(True, 1, np.full(n, IndexEventKind.STORED, np.uint8), np.full(n, Tier.HOST, np.uint8),
+    return IndexDelta(True, 1, np.full(n, BlockEventKind.STORED, np.uint8), np.full(n, Tier.HOST, np.uint8),
                       np.asarray(hashes, np.uint64))
 
 

@@ -177,12 +177,14 @@ def lookup_bench(quick: bool) -> list[BenchResult]:
 def _local_lookup(hashes: list[int], tokens: int, n: int) -> list[BenchResult]:
     """The planner's lookup against its local index replica (no process crossed) vs the bare
     Python walk of the same hashes through a plain dict: the floor of any local lookup."""
-    from kvbm.connector.index import IndexDelta, IndexEventKind, IndexReplica
+    from kvbm.connector.index import IndexReplica
+    from kvbm.ipc.messages import BlockEventKind
+    from kvbm.leader.client import IndexDelta
     from kvbm.leader.registry import Tier
 
     replica = IndexReplica()
     k = len(hashes)
-    replica.apply(IndexDelta(True, 1, np.full(k, IndexEventKind.STORED, np.uint8), np.full(k, Tier.HOST, np.uint8),
+    replica.apply(IndexDelta(True, 1, np.full(k, BlockEventKind.STORED, np.uint8), np.full(k, Tier.HOST, np.uint8),
                              np.asarray(hashes, np.uint64)))
     plain = dict.fromkeys(hashes, int(Tier.HOST))
 

@@ -79,44 +79,6 @@ class _OffloadStandInWorker:
         return
 
 
-class _LeaderEventsFeed:
-    """Stand-in for the leader's index stream (IndexSince / IndexUpdates), which another branch
-    adds: the leader's block events (TakeEvents) from a fresh leader on, as IndexDeltas. Only
-    valid while nothing else takes the leader's events (KV events are off in this benchmark)."""
-
-    def __init__(self, endpoint: str) -> None:
-        from kvbm.leader.client import LeaderClient
-
-        self.client = LeaderClient(endpoint)
-
-    def index_since(self, seq: int) -> Any:
-        import numpy as np
-
-        from kvbm.connector.index import IndexDelta
-
-        reply = self.client.take_events()
-        if reply is None:
-            return None
-        return IndexDelta(seq == 0, seq + 1, np.frombuffer(reply.kinds, np.uint8),
-                          np.frombuffer(reply.tiers, np.uint8), np.frombuffer(reply.hashes, "<u8"))
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def _follow_index(eng: Any) -> Any:
-    """Give the scheduler-side planner a local index replica kept current on its own thread."""
-    from kvbm.connector.index import IndexFollower, IndexReplica
-
-    replica = IndexReplica()
-    endpoint = eng.kvbm.settings.endpoint
-    follower = IndexFollower(replica, lambda: _LeaderEventsFeed(endpoint),
-                             close_source=lambda feed: feed.close()  # type: ignore[attr-defined]
-                             ).start()
-    eng.kvbm.planner.replica = replica
-    return follower
-
-
 def _time_calls(rpc: Any, out: list[float]) -> None:
     """Record the wall time of every leader round trip the scheduler side makes."""
     call_many = rpc.call_many  # every LeaderClient request goes through it
@@ -166,6 +128,7 @@ def _run_one(model_dir: str, name: str, connector: str | None, extra: dict[str, 
     from kvbm.bench.vllm_harness import Engine, EngineSpec
 
     os.environ["DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"] = str(host_blocks)
+    os.environ["DYN_KVBM_INDEX_REPLICA"] = "1" if replica else "0"
 
     spec = EngineSpec(model_dir=model_dir, engine_id=f"bench-{uuid.uuid4().hex[:8]}", block_size=BLOCK_SIZE,
                       num_blocks=160, max_num_seqs=16, max_num_batched_tokens=512, connector=connector,
@@ -176,22 +139,18 @@ def _run_one(model_dir: str, name: str, connector: str | None, extra: dict[str, 
     # copies do not compete with the scheduler for the GIL: schedule() times the scheduler side.
     eng = Engine(spec, worker_factory=factory, proc_workers=connector == "DynamoConnector")
     rtts: list[float] = []
-    follower = None
     try:
         if connector == "DynamoConnector":
             eng.wait_ready()
             _time_calls(eng.kvbm.client._rpc, rtts)
-            if replica:
-                follower = _follow_index(eng)
         eng.run_chats(conversations=12 if quick else 32, turns=3 if quick else 4, system=256, turn_len=64,
                       max_tokens=32, num_systems=4, seed=7, timeout_s=600)
         eng.run()
         assert eng.stats.mismatches == 0, f"{name}: loaded KV differs from what was stored"
         return eng.stats, rtts
     finally:
-        if follower is not None:
-            follower.stop()
         eng.close()
+        os.environ.pop("DYN_KVBM_INDEX_REPLICA", None)
 
 
 def _run_all(model_dir: str, offload_extra: dict[str, Any], quick: bool) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """A scheduler-local read replica of the leader's block index (sequence hash -> tiers).
 
-The leader streams its index as :class:`IndexDelta` records with sequence numbers: the first
+The leader streams its index as :class:`~kvbm.leader.client.IndexDelta` records with sequence numbers: the first
 answer (``index_since(0)``) is a full snapshot, later ones are the changes since the number
 the previous answer gave. :class:`IndexReplica` applies them and answers the same question as
 the leader's ``Match`` (how many blocks from the start are in G2, then in G3) with a local dict
@@ -17,7 +17,6 @@ source's ZMQ poll (which releases the GIL) or on an event, never spinning.
 
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
 import threading
@@ -26,33 +25,12 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from kvbm.ipc.messages import BlockEventKind
+from kvbm.leader.client import IndexDelta, LeaderClient
+from kvbm.leader.index import MAX_REPLY_ENTRIES
 from kvbm.leader.registry import Tier
 
 log = logging.getLogger(__name__)
-
-
-class IndexEventKind(enum.IntEnum):
-    """Kind of one index stream entry (the leader's block event kinds)."""
-
-    STORED = 0
-    REMOVED = 1
-    CLEARED = 2  # every block of the entry's tier is gone
-
-
-@dataclass(frozen=True)
-class IndexDelta:
-    """One answer of the leader's index stream.
-
-    ``reset``: drop the whole view first; the entries are then a full snapshot (every
-    matchable hash per tier, as STORED). ``next_seq``: the number to ask for next. ``kinds``,
-    ``tiers`` (u8, :class:`Tier` values) and ``hashes`` (u64) are parallel, oldest first.
-    """
-
-    reset: bool
-    next_seq: int
-    kinds: np.ndarray
-    tiers: np.ndarray
-    hashes: np.ndarray
 
 
 class IndexSource(Protocol):
@@ -63,7 +41,7 @@ class IndexSource(Protocol):
 
 _HOST, _DISK = 1, 2  # tier bits of an entry
 _BIT = {int(Tier.HOST): _HOST, int(Tier.DISK): _DISK}
-_KINDS = {int(k) for k in IndexEventKind}
+_KINDS = {int(k) for k in BlockEventKind}
 
 
 class IndexReplica:
@@ -101,9 +79,9 @@ class IndexReplica:
             where, disk_only = self._view
         for kind, tier, h in entries:
             bit = _BIT[tier]
-            if kind == IndexEventKind.STORED:
+            if kind == BlockEventKind.STORED:
                 _set(where, disk_only, h, where.get(h, 0) | bit)
-            elif kind == IndexEventKind.REMOVED:
+            elif kind == BlockEventKind.REMOVED:
                 _set(where, disk_only, h, where.get(h, 0) & ~bit)
             else:  # CLEARED: every block of the tier
                 for g in [g for g, bits in where.items() if bits & bit]:
@@ -152,6 +130,7 @@ class IndexFollower:
     which blocks in the source's socket poll; between rounds the thread waits ``interval_s``
     on an event (both release the GIL). A None answer (leader unavailable) unsyncs the
     replica, so lookups fall back to the leader's Match until a fresh snapshot arrives.
+    :meth:`sync` waits until the replica holds everything the leader had when it was called.
     """
 
     def __init__(self, replica: IndexReplica, make_source: Callable[[], IndexSource], *,
@@ -163,6 +142,10 @@ class IndexFollower:
         self._close_source = close_source
         self._interval_s = interval_s
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set: start the next round now
+        self._rounds = threading.Condition()
+        self._started = 0  # rounds started
+        self._caught_up = 0  # the last round that applied a complete (uncapped) answer
         self._thread = threading.Thread(target=self._run, name="kvbm-index", daemon=True)
 
     def start(self) -> "IndexFollower":
@@ -173,26 +156,62 @@ class IndexFollower:
         source = self._make_source()
         try:
             while not self._stop.is_set():
-                try:
-                    delta = source.index_since(self.replica.seq if self.replica.synced else 0)
-                except Exception as e:  # a follower bug must not take the engine down: fall back
-                    log.error("kvbm index follower: %s: %s; lookups go to the leader", type(e).__name__, e)
-                    delta = None
+                with self._rounds:
+                    self._started += 1
+                    round_no = self._started
+                delta = self._ask(source)
                 if delta is None:
                     self.replica.unsync()
-                    self._stop.wait(max(self._interval_s, 0.1))
+                    self._pause(max(self._interval_s, 0.1))
                     continue
                 try:
                     self.replica.apply(delta)
                 except ValueError as e:
                     log.error("kvbm index follower: %s; asking for a fresh snapshot", e)
                     self.replica.unsync()
-                self._stop.wait(self._interval_s)
+                    continue
+                if len(delta.hashes) < MAX_REPLY_ENTRIES:  # a capped answer has more behind it
+                    with self._rounds:
+                        self._caught_up = round_no
+                        self._rounds.notify_all()
+                    self._pause(self._interval_s)
         finally:
             if self._close_source is not None:
                 self._close_source(source)
 
+    def _ask(self, source: IndexSource) -> IndexDelta | None:
+        try:
+            return source.index_since(self.replica.seq if self.replica.synced else 0)
+        except Exception as e:  # a follower bug must not take the engine down: fall back
+            log.error("kvbm index follower: %s: %s; lookups go to the leader", type(e).__name__, e)
+            return None
+
+    def _pause(self, seconds: float) -> None:
+        self._wake.wait(seconds)
+        self._wake.clear()
+
+    def sync(self, timeout_s: float = 5.0) -> bool:
+        """Wait until a round that started after this call has caught up with the leader;
+        False if that took longer than ``timeout_s`` (leader unavailable, say)."""
+        with self._rounds:
+            target = self._started + 1
+            self._wake.set()
+            return self._rounds.wait_for(lambda: self._caught_up >= target, timeout_s)
+
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+
+
+def follow_leader(endpoint: str, *, interval_s: float = 0.002) -> IndexFollower:
+    """A started follower keeping a new replica current from the leader at ``endpoint``
+    (its own client and socket, on the follower's thread)."""
+
+    def close(source: IndexSource) -> None:
+        assert isinstance(source, LeaderClient)
+        source.close()
+
+    return IndexFollower(IndexReplica(), lambda: LeaderClient(endpoint), interval_s=interval_s,
+                         close_source=close).start()

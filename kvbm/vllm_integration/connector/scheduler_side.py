@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Iterable
 
-from kvbm.connector.index import IndexReplica
+from kvbm.connector.index import follow_leader
 from kvbm.connector.planner import Planner, ScheduledRequest
 from kvbm.hashing import salt_hash
 from kvbm.leader.client import LeaderClient
@@ -41,12 +41,14 @@ def cacheable(request: "Request") -> bool:
 class KvbmScheduler:
     """Scheduler-side state of one engine. Not thread-safe (vLLM calls it from one thread)."""
 
-    def __init__(self, settings: Settings, client: LeaderClient, *, events_enabled: bool,
-                 replica: IndexReplica | None = None) -> None:
+    def __init__(self, settings: Settings, client: LeaderClient, *, events_enabled: bool) -> None:
         self.settings = settings
         self.block_size = settings.block_size
         self.client = client
         self.events_enabled = events_enabled
+        # Lookups answer from a local replica of the leader's index (DYN_KVBM_INDEX_REPLICA).
+        self.follower = follow_leader(settings.endpoint) if settings.config.index_replica else None
+        replica = self.follower.replica if self.follower is not None else None
         self.planner = Planner(settings.block_size, settings.world_size, client, replica=replica)
 
     # -- lookups -------------------------------------------------------------------------
@@ -141,4 +143,6 @@ class KvbmScheduler:
         return self.planner.busy()
 
     def shutdown(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
         self.planner.shutdown()
