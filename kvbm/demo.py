@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from kvbm.config import ConfigError, KvbmConfig, load_config
+from kvbm.ipc.shm import sweep_stale_segments
 from kvbm.sim.engine import LeaderDied, SimEngine, SimError, SimStats, chat_workload
 from kvbm.sim.rank import SimModel
 
@@ -177,7 +178,10 @@ def run(args: argparse.Namespace) -> int:
                     print(progress_line(sim.stats, total, started).lstrip("\r"), flush=True)
             leader = sim.quiesce()
         finally:
+            leader_died = sim.dead_leader() is not None
             sim.stop()
+            if leader_died:
+                sweep_stale_segments()  # a killed leader cannot unlink its host pool
         print(progress_line(sim.stats, total, started).lstrip("\r") if not sys.stdout.isatty() else "")
         print("\nSummary")
         print(summary(sim.stats, leader, time.monotonic() - started, args.ranks))
