@@ -312,19 +312,14 @@ def test_tp2_two_worker_processes(make_engine) -> None:
     s = eng.stats
     assert s.external_hit_tokens > 0 and s.preemptions > 0
     assert s.kv_stats["loaded_blocks"] == 2 * s.sched_kv_stats["onboard_host_blocks"]
-
-
-def test_tp2_close_is_quick_also_with_a_dead_rank(make_engine) -> None:
-    """Closing a TP = 2 engine waits neither for the ranks' interpreter teardown nor for an
-    answer a killed rank process can never send (each cost 30 s)."""
-    eng = make_engine(tp=2, num_blocks=40, max_num_seqs=8, max_num_batched_tokens=64)
-    eng.wait_ready()
+    # Closing waits neither for the ranks' interpreter teardown nor for an answer a killed rank
+    # process can never send (each cost 30 s).
     workers = list(eng.workers)
     assert all(isinstance(w, ProcWorker) for w in workers)
     workers[1].proc.kill()
     workers[1].proc.join()
     t0 = time.monotonic()
     eng.close()
-    took = time.monotonic() - t0
-    assert took < 5.0, f"closing took {took:.1f} s"
+    assert time.monotonic() - t0 < 5.0, f"closing took {time.monotonic() - t0:.1f} s"
     assert not any(w.proc.is_alive() for w in workers)
+
