@@ -16,10 +16,10 @@ from collections.abc import Callable
 
 from kvbm.config import ConfigError, KvbmConfig, load_config
 from kvbm.ipc.shm import sweep_stale_segments
-from kvbm.sim.engine import LeaderDied, SimEngine, SimError, SimStats, chat_workload
+from kvbm.sim.engine import SimEngine, SimError, SimStats, chat_workload
 from kvbm.sim.rank import SimModel
 
-CHUNK = 8  # prompts handed to the engine at a time (progress granularity)
+CHUNK = 8  # prompts between two progress updates
 BLOCK_SIZE = 16
 SYSTEM_TOKENS = 256  # shared system prompt that opens each conversation
 TURN_TOKENS = 96  # tokens each turn adds
@@ -58,8 +58,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--disk-blocks", type=_int_at_least(0), default=None,
                    help="disk tier (G3) blocks; default 3000 unless DYN_KVBM_DISK_CACHE_* is set; 0 = off")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the chat workload and of the KV oracle, default 0 (same seed, same "
-                        "requests and the same figures; docs/architecture.md says which vary)")
+                   help="seed of the chat workload and of the KV oracle, default 0; the same seed gives "
+                        "the same figures on every run (all but the times and rates)")
     p.set_defaults(handler=run)
 
 
@@ -168,10 +168,13 @@ def run(args: argparse.Namespace) -> int:
                 chunk = list(itertools.islice(prompts, CHUNK))
                 if not chunk:
                     break
-                sim.run(chunk)
-                dead = sim.dead_leader()
-                if dead is not None:
-                    raise LeaderDied(dead)
+                for prompt in chunk:
+                    # One request at a time, each settled (every ack applied, every disk write
+                    # done) before the next: a seed then gives the same figures on every run.
+                    # Served concurrently, what is matchable would depend on when the leader
+                    # applies acks and finishes G2->G3 writes relative to the next lookup.
+                    sim.run([prompt])
+                    sim.quiesce()
                 if sys.stdout.isatty():
                     print(progress_line(sim.stats, total, started), end="", flush=True)
                 elif sim.stats.requests % (CHUNK * 8) == 0:

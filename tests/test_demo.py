@@ -108,3 +108,21 @@ def test_ctrl_c_stops_everything_fast_without_tracebacks(start_demo) -> None:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"kvbm-sim-{proc.pid}-")]
+
+
+def _figures(stdout: str) -> dict[str, str]:
+    """The summary's rows, without the ones that are times or rates."""
+    rows = stdout.split("\nSummary\n")[1].splitlines()
+    pairs = (row.strip().split("  ", 1) for row in rows if row.strip())
+    return {k: v.strip() for k, v in pairs if "GB/s" not in v and k != "wall time"}
+
+
+def test_same_seed_same_figures() -> None:
+    """Two runs with one seed give the same figures, G3 included (the disk tier is exercised)."""
+    argv = [sys.executable, "-m", "kvbm", "demo", "--conversations", "12", "--turns", "4",
+            "--cpu-blocks", "60", "--disk-blocks", "400", "--seed", "5"]
+    a, b = (subprocess.run(argv, capture_output=True, text=True, timeout=240) for _ in range(2))
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    fa, fb = _figures(a.stdout), _figures(b.stdout)
+    assert int(fa["tokens served from disk (G3)"]) > 0 and int(fa["blocks offloaded G2->G3"]) > 0
+    assert fa == fb
