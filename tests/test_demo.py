@@ -121,7 +121,10 @@ def test_same_seed_same_figures() -> None:
     """Two runs with one seed give the same figures, G3 included (the disk tier is exercised)."""
     argv = [sys.executable, "-m", "kvbm", "demo", "--conversations", "12", "--turns", "4",
             "--cpu-blocks", "60", "--disk-blocks", "400", "--seed", "5"]
-    a, b = (subprocess.run(argv, capture_output=True, text=True, timeout=240) for _ in range(2))
+    # A rank starved of CPU past the liveness timeout is declared dead and the leader serves no
+    # hits until it re-registers: that is timing, not the demo. Shared CI machines get slack.
+    env = {**os.environ, "DYN_KVBM_LIVENESS_TIMEOUT_SECS": "20"}
+    a, b = (subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env) for _ in range(2))
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     fa, fb = _figures(a.stdout), _figures(b.stdout)
     assert int(fa["tokens served from disk (G3)"]) > 0 and int(fa["blocks offloaded G2->G3"]) > 0
