@@ -23,12 +23,10 @@ CHUNK = 8  # prompts between two progress updates
 BLOCK_SIZE = 16
 SYSTEM_TOKENS = 256  # shared system prompt that opens each conversation
 TURN_TOKENS = 96  # tokens each turn adds
-
-
 MAX_RANKS = 64  # one process each
 
 
-def _int_at_least(lo: int, hi: int | None = None) -> Callable[[str], int]:
+def _int_in_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
     """An argparse type: an integer in [lo, hi]; the error names the value and the range."""
     accepted = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
 
@@ -47,15 +45,15 @@ def _int_at_least(lo: int, hi: int | None = None) -> Callable[[str], int]:
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = subparsers.add_parser("demo", help="run a simulated engine with kvbm (no GPU needed)",
                               description=__doc__)
-    p.add_argument("--ranks", type=_int_at_least(1, MAX_RANKS), default=2,
+    p.add_argument("--ranks", type=_int_in_range(1, MAX_RANKS), default=2,
                    help=f"tensor-parallel ranks (processes), 1 to {MAX_RANKS}, default 2")
-    p.add_argument("--conversations", type=_int_at_least(1), default=48, help="concurrent chats, default 48")
-    p.add_argument("--turns", type=_int_at_least(1), default=6, help="turns per chat, default 6")
-    p.add_argument("--gpu-blocks", type=_int_at_least(1), default=96,
+    p.add_argument("--conversations", type=_int_in_range(1), default=48, help="chats, their turns interleaved, default 48")
+    p.add_argument("--turns", type=_int_in_range(1), default=6, help="turns per chat, default 6")
+    p.add_argument("--gpu-blocks", type=_int_in_range(1), default=96,
                    help="engine (G1) blocks per rank, default 96; must hold the longest conversation")
-    p.add_argument("--cpu-blocks", type=_int_at_least(0), default=None,
+    p.add_argument("--cpu-blocks", type=_int_in_range(0), default=None,
                    help="host pool (G2) blocks; default 400 unless DYN_KVBM_CPU_CACHE_* is set; 0 = off")
-    p.add_argument("--disk-blocks", type=_int_at_least(0), default=None,
+    p.add_argument("--disk-blocks", type=_int_in_range(0), default=None,
                    help="disk tier (G3) blocks; default 3000 unless DYN_KVBM_DISK_CACHE_* is set; 0 = off")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the chat workload and of the KV oracle, default 0; the same seed gives "
