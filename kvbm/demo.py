@@ -13,34 +13,70 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
-from kvbm.config import KvbmConfig, load_config
-from kvbm.sim.engine import SimEngine, SimError, SimStats, chat_workload
+from kvbm.config import ConfigError, KvbmConfig, load_config
+from kvbm.ipc.shm import sweep_stale_segments
+from kvbm.sim.engine import LeaderDied, RankDied, SimEngine, SimError, SimStats, chat_workload
 from kvbm.sim.rank import SimModel
 
-CHUNK = 8  # prompts handed to the engine at a time (progress granularity)
+CHUNK = 8  # prompts between two progress updates
+BLOCK_SIZE = 16
+SYSTEM_TOKENS = 256  # shared system prompt that opens each conversation
+TURN_TOKENS = 96  # tokens each turn adds
+MAX_RANKS = 64  # one process each
+
+
+def _int_in_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [lo, hi]; the error names the value and the range."""
+    accepted = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {accepted}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: {accepted}")
+        return value
+
+    return parse
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = subparsers.add_parser("demo", help="run a simulated engine with kvbm (no GPU needed)",
                               description=__doc__)
-    p.add_argument("--ranks", type=int, default=2, help="tensor-parallel ranks (processes), default 2")
-    p.add_argument("--conversations", type=int, default=48, help="concurrent chats, default 48")
-    p.add_argument("--turns", type=int, default=6, help="turns per chat, default 6")
-    p.add_argument("--gpu-blocks", type=int, default=96, help="engine (G1) blocks per rank, default 96")
-    p.add_argument("--cpu-blocks", type=int, default=None,
-                   help="host pool (G2) blocks; default 400 unless DYN_KVBM_CPU_CACHE_* is set")
-    p.add_argument("--disk-blocks", type=int, default=None,
+    p.add_argument("--ranks", type=_int_in_range(1, MAX_RANKS), default=2,
+                   help=f"tensor-parallel ranks (processes), 1 to {MAX_RANKS}, default 2")
+    p.add_argument("--conversations", type=_int_in_range(1), default=48, help="chats, their turns interleaved, default 48")
+    p.add_argument("--turns", type=_int_in_range(1), default=6, help="turns per chat, default 6")
+    p.add_argument("--gpu-blocks", type=_int_in_range(1), default=96,
+                   help="engine (G1) blocks per rank, default 96; must hold the longest conversation")
+    p.add_argument("--cpu-blocks", type=_int_in_range(0), default=None,
+                   help="host pool (G2) blocks; default 400 unless DYN_KVBM_CPU_CACHE_* is set; 0 = off")
+    p.add_argument("--disk-blocks", type=_int_in_range(0), default=None,
                    help="disk tier (G3) blocks; default 3000 unless DYN_KVBM_DISK_CACHE_* is set; 0 = off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the chat workload and of the KV oracle, default 0; the same seed gives "
+                        "the same figures on every run (all but the times and rates)")
     p.set_defaults(handler=run)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Checks across flags (each flag's own range is checked by argparse)."""
+    longest = -(-(SYSTEM_TOKENS + args.turns * TURN_TOKENS) // BLOCK_SIZE)
+    if args.gpu_blocks < longest:
+        raise ConfigError(f"--gpu-blocks {args.gpu_blocks}: the engine pool must hold the longest conversation, "
+                          f"{longest} blocks at --turns {args.turns}; use {longest} or more (or fewer turns)")
+    if args.cpu_blocks == 0 and args.disk_blocks == 0:
+        raise ConfigError("--cpu-blocks 0 --disk-blocks 0: kvbm needs a cache tier; give one of them a value > 0")
 
 
 def _config(args: argparse.Namespace, tmp: str) -> KvbmConfig:
     cfg = load_config(require_tier=False)
     env: dict[str, object] = {}
     if args.cpu_blocks is not None or not cfg.has_cpu_tier:
-        env["cpu_cache_num_blocks"] = args.cpu_blocks if args.cpu_blocks is not None else 400
+        env["cpu_cache_num_blocks"] = (args.cpu_blocks if args.cpu_blocks is not None else 400) or None
         env["cpu_cache_gb"] = None
     if args.disk_blocks is not None or not cfg.has_disk_tier:
         disk = args.disk_blocks if args.disk_blocks is not None else 3000
@@ -49,6 +85,13 @@ def _config(args: argparse.Namespace, tmp: str) -> KvbmConfig:
         env["disk_cache_dir"] = tmp
     env["run_dir"] = f"{tmp}/run"
     return cfg.replace(**env)
+
+
+def _tier(blocks: int, gb: float | None, gb_variable: str) -> str:
+    """'400 blocks', '1525 blocks (DYN_KVBM_CPU_CACHE_GB=0.4)' or 'off'."""
+    if not blocks:
+        return "off"
+    return f"{blocks} blocks" + (f" ({gb_variable}={gb:g})" if gb else "")
 
 
 def _gb(n: float) -> str:
@@ -100,18 +143,23 @@ def summary(st: SimStats, leader: dict[str, float], seconds: float, ranks: int) 
 
 
 def run(args: argparse.Namespace) -> int:
+    _check_args(args)
     # The demo reports the ranks' errors itself (SimError, each reason once): keep their logs quiet.
     os.environ.setdefault("KVBM_SIM_LOG", "CRITICAL")
     tmp = tempfile.mkdtemp(prefix="kvbm-demo-")
     try:
         cfg = _config(args, tmp)
-        model = SimModel(num_layers=8, kv_heads=4, head_dim=64, block_size=16, num_gpu_blocks=args.gpu_blocks)
-        prompts = chat_workload(args.conversations, args.turns, seed=args.seed)
+        model = SimModel(num_layers=8, kv_heads=4, head_dim=64, block_size=BLOCK_SIZE, num_gpu_blocks=args.gpu_blocks)
+        prompts = chat_workload(args.conversations, args.turns, system_tokens=SYSTEM_TOKENS,
+                                turn_tokens=TURN_TOKENS, seed=args.seed)
         total = args.conversations * args.turns
+        block_bytes = model.slice_bytes * args.ranks
+        host = _tier(cfg.host_blocks(block_bytes), None if cfg.cpu_cache_num_blocks else cfg.cpu_cache_gb,
+                     "DYN_KVBM_CPU_CACHE_GB")
+        disk = _tier(cfg.disk_blocks(block_bytes), None if cfg.disk_cache_num_blocks else cfg.disk_cache_gb,
+                     "DYN_KVBM_DISK_CACHE_GB")
         print(f"kvbm demo: leader + {args.ranks} rank processes, engine pool {args.gpu_blocks} blocks/rank, "
-              f"host pool {cfg.cpu_cache_num_blocks or 'by GB'} blocks, "
-              f"disk {cfg.disk_cache_num_blocks or ('by GB' if cfg.has_disk_tier else 'off')} blocks in "
-              f"{cfg.disk_cache_dir}")
+              f"host pool {host}, disk {disk}" + (f" in {cfg.disk_cache_dir}" if disk != "off" else ""))
         started = time.monotonic()
         sim = SimEngine(cfg, world_size=args.ranks, model=model, seed=args.seed)
         try:
@@ -121,19 +169,31 @@ def run(args: argparse.Namespace) -> int:
                 chunk = list(itertools.islice(prompts, CHUNK))
                 if not chunk:
                     break
-                sim.run(chunk)
+                for prompt in chunk:
+                    # One request at a time, each settled (every ack applied, every disk write
+                    # done) before the next: a seed then gives the same figures on every run.
+                    # Served concurrently, what is matchable would depend on when the leader
+                    # applies acks and finishes G2->G3 writes relative to the next lookup.
+                    sim.run([prompt])
+                    sim.quiesce()
                 if sys.stdout.isatty():
                     print(progress_line(sim.stats, total, started), end="", flush=True)
                 elif sim.stats.requests % (CHUNK * 8) == 0:
                     print(progress_line(sim.stats, total, started).lstrip("\r"), flush=True)
             leader = sim.quiesce()
         finally:
+            leader_died = sim.dead_leader() is not None
             sim.stop()
+            if leader_died:
+                sweep_stale_segments()  # a killed leader cannot unlink its host pool
         print(progress_line(sim.stats, total, started).lstrip("\r") if not sys.stdout.isatty() else "")
         print("\nSummary")
         print(summary(sim.stats, leader, time.monotonic() - started, args.ranks))
         return 0 if sim.stats.mismatches == 0 else 1
-    except SimError as e:  # the leader's or the ranks' one-line reason, not a traceback
+    except (RankDied, LeaderDied) as e:  # a process died while serving
+        print(f"\nkvbm demo: error: {e}; leader and ranks stopped, shared memory released", file=sys.stderr)
+        return 1
+    except SimError as e:  # start-up: the leader's or the ranks' one-line reason, not a traceback
         print(f"kvbm demo: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,7 +11,8 @@ class BenchResult:
 
     ``limit`` is what the hardware (or the raw primitive) achieves for the same
     work, in ``limit_unit``; ``ratio`` is ``value / limit`` when both exist.
-    ``goal`` states the target in words (e.g. "< 1 ms").
+    ``goal`` states the target in words (e.g. "< 1 ms"). ``ok`` is False when the run behind
+    the figure failed a correctness check (``kvbm bench`` then exits 1).
     """
 
     figure: str
@@ -21,3 +22,4 @@ class BenchResult:
     limit_unit: str
     ratio: float | None
     goal: str
+    ok: bool = True

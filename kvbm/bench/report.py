@@ -1,29 +1,69 @@
-"""``kvbm bench``: run every benchmark and print one table (or write JSON)."""
+"""``kvbm bench``: run every benchmark and print one table (or write JSON).
+
+A suite that cannot run on this machine (no GPU, no vLLM) is skipped with the reason; a suite
+that raises, or a figure whose check failed (``BenchResult.ok`` false), makes the exit status 1.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import platform
 import sys
 import time
-from dataclasses import asdict
-from typing import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 
 from kvbm.bench.common import BenchResult
 
-# Benchmark modules, each exposing run(quick) -> list[BenchResult]; optional ones skip when
-# their dependency (vLLM, a GPU) is missing.
-SUITES: tuple[tuple[str, str], ...] = (
-    ("hashing", "kvbm.bench.hashing"),
-    ("registry", "kvbm.bench.registry"),
-    ("transfer", "kvbm.bench.transfer"),
-    ("disk", "kvbm.bench.disk"),
-    ("fuzz", "kvbm.bench.fuzz"),
-    ("gpu", "kvbm.bench.gpu_copy"),
-    ("vllm", "kvbm.bench.vllm_sched"),
+
+def _needs_module(name: str, install: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # ValueError: blocked with sys.modules[name] = None
+            found = False
+        return None if found else f"{name} is not installed ({install})"
+
+    return check
+
+
+def _needs_gpu() -> str | None:
+    from kvbm.worker.cuda_copy import cuda_available
+
+    return None if cuda_available() else "no CUDA GPU (CuPy missing or cupy.cuda.is_available() is False)"
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A benchmark module exposing ``run(quick) -> list[BenchResult]``; ``unavailable`` says why
+    it cannot run on this machine (None when it can)."""
+
+    name: str
+    module: str
+    unavailable: Callable[[], str | None] = lambda: None
+
+
+SUITES: tuple[Suite, ...] = (
+    Suite("hashing", "kvbm.bench.hashing"),
+    Suite("registry", "kvbm.bench.registry"),
+    Suite("transfer", "kvbm.bench.transfer"),
+    Suite("disk", "kvbm.bench.disk"),
+    Suite("fuzz", "kvbm.bench.fuzz"),
+    Suite("gpu", "kvbm.bench.gpu_copy", _needs_gpu),
+    Suite("vllm", "kvbm.bench.vllm_sched", _needs_module("vllm", "pip install 'kvbm[vllm]'")),
 )
+
+
+@dataclass
+class BenchRun:
+    """Figures of the suites that ran, the suites skipped and the checks that failed (reasons)."""
+
+    results: list[BenchResult] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "suite: why it cannot run here"
+    failed: list[str] = field(default_factory=list)  # "suite: error" or "figure: FAILED"
 
 
 def _fmt(x: float | None) -> str:
@@ -46,43 +86,57 @@ def print_table(results: Sequence[BenchResult], file=sys.stdout) -> None:
             print("  ".join("-" * w for w in widths), file=file)
 
 
-def run_suites(names: Sequence[str], quick: bool) -> tuple[list[BenchResult], list[str]]:
-    results: list[BenchResult] = []
-    skipped: list[str] = []
-    for name, module in SUITES:
-        if names and name not in names:
+def run_suites(names: Sequence[str], quick: bool) -> BenchRun:
+    """Run the named suites (all when empty) in table order; unknown names raise ValueError."""
+    known = [suite.name for suite in SUITES]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown suite {unknown[0]!r}: choose from {', '.join(known)}")
+    out = BenchRun()
+    for suite in SUITES:
+        if names and suite.name not in names:
             continue
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as e:
-            skipped.append(f"{name}: {e}")
+        why = suite.unavailable()
+        if why is not None:
+            out.skipped.append(f"{suite.name}: {why}")
             continue
         t0 = time.monotonic()
         try:
-            got = mod.run(quick=quick)
-        except RuntimeError as e:  # e.g. no GPU: the suite says why
-            skipped.append(f"{name}: {e}")
+            got = importlib.import_module(suite.module).run(quick=quick)
+        except Exception as e:  # a failed check inside the suite: reported, the others still run
+            out.failed.append(f"{suite.name}: {type(e).__name__}: {e}")
             continue
-        print(f"  {name}: {len(got)} figures in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-        results.extend(got)
-    return results, skipped
+        print(f"  {suite.name}: {len(got)} figures in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+        out.results.extend(got)
+        out.failed.extend(f"{r.figure}: FAILED" for r in got if not r.ok)
+    return out
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = subparsers.add_parser("bench", help="run the benchmarks and print one table")
+    p = subparsers.add_parser("bench", help="run the benchmarks and print one table",
+                              description="Run the benchmarks and print one table. Suites that cannot run "
+                              "here (no GPU, no vLLM) are skipped with the reason; exits 1 if a check failed.")
     p.add_argument("--quick", action="store_true", help="small sizes, few repetitions (CI smoke)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    p.add_argument("suites", nargs="*", help=f"subset of: {', '.join(n for n, _ in SUITES)}")
+    p.add_argument("suites", nargs="*", metavar="SUITE",
+                   help=f"subset of: {', '.join(s.name for s in SUITES)} (default: all)")
     p.set_defaults(handler=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    results, skipped = run_suites(args.suites, args.quick)
-    print_table(results)
-    for s in skipped:
+    try:
+        run = run_suites(args.suites, args.quick)
+    except ValueError as e:
+        print(f"kvbm bench: error: {e}", file=sys.stderr)
+        return 2
+    print_table(run.results)
+    for s in run.skipped:
         print(f"skipped {s}")
+    for s in run.failed:
+        print(f"FAILED {s}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": platform.platform(), "python": platform.python_version(), "quick": args.quick,
-                       "results": [asdict(r) for r in results], "skipped": skipped}, f, indent=1)
-    return 0
+                       "results": [asdict(r) for r in run.results], "skipped": run.skipped,
+                       "failed": run.failed}, f, indent=1)
+    return 1 if run.failed else 0

@@ -24,6 +24,11 @@ from kvbm.leader.process import EXIT_ALREADY_RUNNING, lock_path
 log = logging.getLogger(__name__)
 
 
+LAST_LOG_NAME = "last-leader.log"
+"""The log of the last leader stopped, kept in the run dir (a running leader's log is
+``<run dir>/<instance>.<spawner pid>.log``)."""
+
+
 class LeaderStartError(RuntimeError):
     """The leader process exited at start-up; the message is the leader's own error."""
 
@@ -45,7 +50,10 @@ class LeaderProcess:
         return self.popen is None or self.popen.poll() is None
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Ask our leader to shut down; terminate, then kill it if it does not. No-op if not ours."""
+        """Ask our leader to shut down; terminate, then kill it if it does not. No-op if not ours.
+
+        Its log is kept as ``<run dir>/last-leader.log``.
+        """
         if self.popen is None:
             return
         if self.popen.poll() is None:
@@ -66,11 +74,21 @@ class LeaderProcess:
                 self.popen.kill()
                 self.popen.wait()
         if self.log_path:
-            try:
-                os.unlink(self.log_path)
-            except FileNotFoundError:
-                pass
+            self._keep_log(self.log_path)
             self.log_path = None
+
+    def _keep_log(self, path: str) -> None:
+        """Keep the stopped leader's log as ``<run dir>/last-leader.log`` (replacing the previous
+        one, so logs never pile up); warn with its path if the leader did not exit cleanly."""
+        kept = os.path.join(os.path.dirname(path), LAST_LOG_NAME)
+        try:
+            os.replace(path, kept)
+        except FileNotFoundError:
+            return
+        code = self.popen.returncode if self.popen is not None else 0
+        if code:
+            log.warning("kvbm leader %s exited with %s; its log: %s", self.instance,
+                        f"signal {-code}" if code < 0 else f"code {code}", kept)
 
 
 def _tail(path: str | None, lines: int = 5) -> str:
@@ -141,6 +159,7 @@ def spawn_leader(
                 # Another spawner's leader may be the one answering while ours is still
                 # starting (it will find the lock taken and exit): ours only if it holds the lock.
                 if _lock_holder(config.run_dir, instance) == popen.pid:
+                    log.info("kvbm leader %s (pid %d) logs to %s", instance, popen.pid, log_path)
                     return handle
             except LeaderUnavailable:
                 pass

@@ -12,18 +12,20 @@ import itertools
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import msgpack
 import zmq
 
 from kvbm.config import KvbmConfig
+from kvbm.connector.index import IndexFollower, follow_leader
 from kvbm.connector.planner import Planner, ScheduledRequest
 from kvbm.hashing import EMPTY_SALT_HASH
 from kvbm.ipc.transport import ensure_private_dir, instance_endpoint
@@ -38,6 +40,27 @@ STEP_TIMEOUT_S = 30.0
 
 class SimError(RuntimeError):
     pass
+
+
+class RankDied(SimError):
+    """A rank process exited while the engine needed it (the message names the rank)."""
+
+
+class LeaderDied(SimError):
+    """The leader process this engine spawned exited (the message says how)."""
+
+
+LIVENESS_POLL_S = 0.2  # how often a wait on the ranks checks that they are still alive
+
+
+def exit_reason(returncode: int) -> str:
+    """'killed by SIGKILL' or 'exit code 1' for a child's return code."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
 
 
 @dataclass
@@ -158,6 +181,7 @@ class SimEngine:
         self.leader: LeaderProcess | None = None
         self.client: LeaderClient | None = None
         self._planner: Planner | None = None
+        self._follower: IndexFollower | None = None
         self._req_ids = itertools.count(1)
         self.ranks: list[subprocess.Popen[bytes]] = []
         self._ctl: zmq.Socket = zmq.Context.instance().socket(zmq.ROUTER)
@@ -166,6 +190,7 @@ class SimEngine:
         self._ctl_endpoint = instance_endpoint(config.run_dir, self.instance + "-ctl")
         self._ctl.bind(self._ctl_endpoint)
         self._rank_ids: dict[int, bytes] = {}
+        self._rank_pids: dict[int, int] = {}
         self.endpoint = config.leader_endpoint or instance_endpoint(config.run_dir, self.instance)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -198,12 +223,33 @@ class SimEngine:
         ident, raw = self._ctl.recv_multipart()
         hello = msgpack.unpackb(raw)
         self._rank_ids[hello["rank"]] = ident
+        self._rank_pids[hello["rank"]] = hello["pid"]
 
-    def _ask(self, rank: int, req: dict, timeout_s: float) -> dict:
-        return self._send_all({rank: req}, timeout_s)[rank]
+    def _rank_proc(self, rank: int) -> subprocess.Popen[bytes] | None:
+        pid = self._rank_pids.get(rank)
+        return next((p for p in self.ranks if p.pid == pid), None)
+
+    def dead_rank(self, ranks: Iterable[int] | None = None) -> str | None:
+        """'rank R (pid P) died (killed by SIGKILL)' for the first of ``ranks`` (default: all)
+        whose process has exited, else None."""
+        for r in sorted(self._rank_ids if ranks is None else ranks):
+            p = self._rank_proc(r)
+            if p is not None and p.poll() is not None:
+                return f"rank {r} (pid {p.pid}) died ({exit_reason(p.returncode)})"
+        return None
+
+    def dead_leader(self) -> str | None:
+        """'the leader (pid P) died (...)' if the leader this engine spawned has exited, else None."""
+        popen = self.leader.popen if self.leader is not None else None
+        if popen is None or popen.poll() is None:
+            return None
+        return f"the leader (pid {popen.pid}) died ({exit_reason(popen.returncode)})"
 
     def _send_all(self, reqs: dict[int, dict], timeout_s: float) -> dict[int, dict]:
-        """Send one request per rank and collect every reply (ranks answer in any order)."""
+        """Send one request per rank and collect every reply (ranks answer in any order).
+
+        Raises RankDied as soon as a rank that still owes a reply has exited.
+        """
         by_ident = {self._rank_ids[r]: r for r in reqs}
         for r, req in reqs.items():
             self._ctl.send_multipart([self._rank_ids[r], msgpack.packb(req)])
@@ -211,9 +257,14 @@ class SimEngine:
         deadline = time.monotonic() + timeout_s
         while len(replies) < len(reqs):
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._ctl.poll(int(remaining * 1000) + 1):
-                missing = sorted(set(reqs) - set(replies))
+            missing = sorted(set(reqs) - set(replies))
+            if remaining <= 0:
                 raise SimError(f"rank(s) {missing} did not answer within {timeout_s:g} s")
+            if not self._ctl.poll(int(min(remaining, LIVENESS_POLL_S) * 1000) + 1):
+                dead = self.dead_rank(missing)
+                if dead is not None:
+                    raise RankDied(dead)
+                continue
             ident, raw = self._ctl.recv_multipart()
             if ident in by_ident:
                 replies[by_ident[ident]] = msgpack.unpackb(raw)
@@ -238,22 +289,8 @@ class SimEngine:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        for r in sorted(self._rank_ids):
-            try:
-                self._ask(r, {"cmd": "stop"}, 5)
-            except SimError:
-                pass
-        for p in self.ranks:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.ranks.clear()
-        self._rank_ids.clear()
-        if self._planner is not None:
-            self._planner.link.close()
-            self._planner = None
+        self._stop_ranks()
+        self._close_planner()
         if self.client is not None:
             self.client.close()
             self.client = None
@@ -265,6 +302,24 @@ class SimEngine:
             os.unlink(self._ctl_endpoint[len("ipc://"):])
         except FileNotFoundError:
             pass
+
+    def _stop_ranks(self, timeout_s: float = 5.0) -> None:
+        """Tell every rank to stop at once and wait for the processes (not for replies: a dead
+        or interrupted rank sends none); kill those still running after ``timeout_s``."""
+        for r, ident in self._rank_ids.items():
+            p = self._rank_proc(r)
+            if p is None or p.poll() is None:
+                self._ctl.send_multipart([ident, msgpack.packb({"cmd": "stop"})])
+        deadline = time.monotonic() + timeout_s
+        for p in self.ranks:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.ranks.clear()
+        self._rank_ids.clear()
+        self._rank_pids.clear()
 
     def __enter__(self) -> "SimEngine":
         try:
@@ -300,10 +355,20 @@ class SimEngine:
         """The production scheduler-side planner, bound to the current leader client."""
         assert self.client is not None
         if self._planner is None or self._planner.client is not self.client:
-            if self._planner is not None:
-                self._planner.link.close()
-            self._planner = Planner(self.model.block_size, self.world_size, self.client)
+            self._close_planner()
+            # The production hot path: lookups from a local replica of the leader's index.
+            self._follower = follow_leader(self.endpoint) if self.config.index_replica else None
+            self._planner = Planner(self.model.block_size, self.world_size, self.client,
+                                    replica=self._follower.replica if self._follower is not None else None)
         return self._planner
+
+    def _close_planner(self) -> None:
+        if self._follower is not None:
+            self._follower.stop()
+            self._follower = None
+        if self._planner is not None:
+            self._planner.link.close()
+            self._planner = None
 
     def _plan(self, tokens: list[int], salt_hash: int) -> _Plan | None:
         bs = self.model.block_size
@@ -387,12 +452,27 @@ class SimEngine:
             self.g1.release(p.blocks, p.hashes)
 
     def quiesce(self, timeout_s: float = 10.0) -> dict[str, float]:
-        """Wait until the leader has applied every rank ack (no op in flight); returns its stats."""
+        """Wait until the leader has applied every rank ack (no op in flight); returns its stats.
+
+        Raises LeaderDied at once if the leader this engine spawned has exited.
+        """
         assert self.client is not None
-        try:
-            return self.client.wait_idle(timeout_s)
-        except TimeoutError as e:
-            raise SimError(str(e)) from None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            dead = self.dead_leader()
+            if dead is not None:
+                raise LeaderDied(dead)
+            try:
+                stats = self.client.wait_idle(min(1.0, max(0.0, deadline - time.monotonic())))
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise SimError(f"leader still has work in flight after {timeout_s:g} s: "
+                                   f"{self.client.stats()}") from None
+                continue
+            # Settled means matchable here too: the replica then holds every committed block.
+            if self._follower is not None and not self._follower.sync(max(0.1, deadline - time.monotonic())):
+                raise SimError(f"the index replica did not catch up with the leader within {timeout_s:g} s")
+            return stats
 
     def reset_engine_cache(self) -> None:
         """Drop the engine's own prefix cache so the next requests must come from kvbm."""

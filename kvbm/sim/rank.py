@@ -164,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("KVBM_SIM_LOG", "WARNING"), stream=sys.stderr,
                         format=f"%(asctime)s rank{a.rank} %(levelname)s %(message)s")
     model = SimModel(**msgpack.unpackb(bytes.fromhex(a.model)))
-    return serve(a.control, a.leader, a.rank, a.world, model, a.fingerprint, a.init_timeout, a.seed)
+    try:
+        return serve(a.control, a.leader, a.rank, a.world, model, a.fingerprint, a.init_timeout, a.seed)
+    except KeyboardInterrupt:
+        # Ctrl-C reaches the whole process group: the scheduler reports it, the rank just exits.
+        return 130
 
 
 if __name__ == "__main__":

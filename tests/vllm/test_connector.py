@@ -18,7 +18,7 @@ pytest.importorskip("vllm")
 
 from kvbm.vllm_integration.connector import DynamoConnector, DynamoConnectorMetadata  # noqa: E402
 from kvbm.vllm_integration.connector.common import owned_leader  # noqa: E402
-from kvbm.bench.vllm_harness import Engine, gen_token  # noqa: E402
+from kvbm.bench.vllm_harness import Engine, ProcWorker, gen_token  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -312,3 +312,14 @@ def test_tp2_two_worker_processes(make_engine) -> None:
     s = eng.stats
     assert s.external_hit_tokens > 0 and s.preemptions > 0
     assert s.kv_stats["loaded_blocks"] == 2 * s.sched_kv_stats["onboard_host_blocks"]
+    # Closing waits neither for the ranks' interpreter teardown nor for an answer a killed rank
+    # process can never send (each cost 30 s).
+    workers = list(eng.workers)
+    assert all(isinstance(w, ProcWorker) for w in workers)
+    workers[1].proc.kill()
+    workers[1].proc.join()
+    t0 = time.monotonic()
+    eng.close()
+    assert time.monotonic() - t0 < 5.0, f"closing took {time.monotonic() - t0:.1f} s"
+    assert not any(w.proc.is_alive() for w in workers)
+
