@@ -45,6 +45,7 @@ VALID: dict[str, tuple[str, Any]] = {
     "DYN_KVBM_DISK_ZEROFILL_FALLBACK": ("TRUE", True),
     "DYN_KVBM_DISK_DISABLE_O_DIRECT": ("yes", True),
     "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": ("1", True),
+    "DYN_KVBM_INDEX_REPLICA": ("no", False),
     "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": ("1e3", 1000.0),
     "DYN_KVBM_METRICS": (" true ", True),
     "DYN_KVBM_METRICS_PORT": ("65535", 65535),
@@ -88,6 +89,7 @@ BAD: dict[str, list[str]] = {
     "DYN_KVBM_DISK_ZEROFILL_FALLBACK": _BOOL_BAD,
     "DYN_KVBM_DISK_DISABLE_O_DIRECT": _BOOL_BAD,
     "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": _BOOL_BAD,
+    "DYN_KVBM_INDEX_REPLICA": _BOOL_BAD,
     # Past one day: zmq's int milliseconds overflowed at 2200000, time stamps at 1e10.
     "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": _NUM_BAD + ["0", "-5", "86400.5", "2200000",
                                                             "1e10", "1e30"],

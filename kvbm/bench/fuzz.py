@@ -50,7 +50,7 @@ STATE_KEYS = (
 
 _REQUESTS = (m.RegisterRank, m.PoolAttached, m.Heartbeat, m.TransferDone, m.GetStatus, m.Match,
              m.PrepareLoad, m.PollLoads, m.AllocateStore, m.ReleaseOp, m.GetStats, m.TakeEvents,
-             m.IndexSince, m.ResetCache, m.Shutdown)
+             m.IndexSince, m.LookupReport, m.ResetCache, m.Shutdown)
 _REPLIES = (m.Ack, m.ErrorReply, m.PoolGrant, m.LeaderReady, m.Status, m.MatchReply, m.LoadGrant,
             m.LoadPoll, m.StoreGrant, m.StatsReply, m.EventsReply, m.IndexUpdates)
 ALL_TYPES = _REQUESTS + _REPLIES
@@ -95,6 +95,8 @@ def classify(frame: bytes) -> str | None:
         return REPLY if isinstance(msg, m.Match) else None
     if isinstance(msg, m.TransferDone):
         return SILENT
+    if isinstance(msg, m.LookupReport):
+        return ERROR if msg.host + msg.disk > msg.queried else SILENT
     if isinstance(msg, m.Heartbeat) and msg.rank >= 0:
         return ERROR  # not this rank's socket: it must register
     if isinstance(msg, _HARMLESS):

@@ -74,6 +74,13 @@ class AsyncLink:
             ids.append(rid)
         return ids
 
+    def notify(self, msg: Message) -> None:
+        """Send a message that gets no reply (dropped if the socket cannot take it now)."""
+        try:
+            self._sock.send(encode(msg, next(self._ids)), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
     @property
     def outstanding(self) -> int:
         return len(self._posted)

@@ -222,6 +222,8 @@ class Planner:
         if found is None:
             found = self.client.match(rest)
             self.counters["remote_lookups"] += 1
+        else:  # the leader's hit-rate metrics count every lookup, also those it did not serve
+            self.link.notify(m.LookupReport(len(rest), *found))
         host, disk = found
         self.counters["lookup_tokens"] += num_tokens - start * bs
         if host + disk and (start + host + disk) * bs >= num_tokens:

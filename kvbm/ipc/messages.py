@@ -233,6 +233,18 @@ class IndexSince(Message):
 
 @_register
 @dataclass(frozen=True)
+class LookupReport(Message):
+    """A lookup a client answered from its index replica (no reply): the leader counts it in
+    its match statistics and hit-rate metrics as if it had served the Match itself."""
+
+    TAG: ClassVar[str] = "lookup_report"
+    queried: int = _int(COUNT)  # blocks looked up
+    host: int = _int(COUNT)  # of which found in G2 (a prefix)
+    disk: int = _int(COUNT)  # then in G3
+
+
+@_register
+@dataclass(frozen=True)
 class ResetCache(Message):
     TAG: ClassVar[str] = "reset_cache"
 

@@ -235,6 +235,7 @@ class LeaderCore:
             m.GetStats: lambda p, r, msg: m.StatsReply(self.stats().flat()),
             m.TakeEvents: lambda p, r, msg: self.take_events(),
             m.IndexSince: lambda p, r, msg: self.index_since(_as(msg, m.IndexSince).seq),
+            m.LookupReport: lambda p, r, msg: self.lookup_report(_as(msg, m.LookupReport)),
             m.ResetCache: lambda p, r, msg: self.reset_cache(),
             m.Shutdown: self._on_shutdown,
         }
@@ -441,16 +442,25 @@ class LeaderCore:
         return self.registry.disk.capacity
 
     def match(self, hashes: list[int]) -> m.MatchReply:
-        reg = self._serving_registry()
-        res = reg.match(hashes)
+        res = self._serving_registry().match(hashes)
+        self._count_match(len(hashes), res.host, res.disk)
+        return m.MatchReply(res.host, res.disk)
+
+    def lookup_report(self, report: m.LookupReport) -> None:
+        """Count a lookup a client answered from its index replica (no reply)."""
+        if report.host + report.disk > report.queried:
+            raise RequestRejected("bad_request", f"lookup report of {report.host} + {report.disk} found blocks "
+                                                 f"out of {report.queried} queried")
+        self._count_match(report.queried, report.host, report.disk)
+
+    def _count_match(self, queried: int, host: int, disk: int) -> None:
         c = self.counters
         for obs in self.observers:
-            obs.on_match(len(hashes), res.host, res.disk, self.block_size())
+            obs.on_match(queried, host, disk, self.block_size())
         c.match_requests += 1
-        c.match_blocks_queried += len(hashes)
-        c.match_host_blocks += res.host
-        c.match_disk_blocks += res.disk
-        return m.MatchReply(res.host, res.disk)
+        c.match_blocks_queried += queried
+        c.match_host_blocks += host
+        c.match_disk_blocks += disk
 
     def prepare_load(self, hashes: list[int]) -> m.LoadGrant:
         """Pin the G2 prefix of ``hashes`` and stage its G3 continuation into fresh G2 slots."""

@@ -337,6 +337,9 @@ class SimEngine:
     def run(self, prompts: list[list[int]], salt_hash: int = EMPTY_SALT_HASH) -> None:
         """Serve prompts, as many at once as the G1 pool allows (the rest wait their turn)."""
         pending = list(prompts)
+        # Steps run back to back here, with no scheduler pause for the replica to catch up in:
+        # what the leader committed before this call is matchable in it, as through a Match.
+        self._sync_index(10.0)
         while pending:
             batch, plans = [], []
             while pending:
@@ -361,6 +364,15 @@ class SimEngine:
             self._planner = Planner(self.model.block_size, self.world_size, self.client,
                                     replica=self._follower.replica if self._follower is not None else None)
         return self._planner
+
+    def _sync_index(self, timeout_s: float) -> None:
+        """Bring the planner's index replica up to the leader's state (no-op without one)."""
+        if self._follower is None or self._follower.sync(timeout_s):
+            return
+        dead = self.dead_leader()
+        if dead is not None:
+            raise LeaderDied(dead)
+        raise SimError(f"the index replica did not catch up with the leader within {timeout_s:g} s")
 
     def _close_planner(self) -> None:
         if self._follower is not None:
@@ -470,8 +482,7 @@ class SimEngine:
                                    f"{self.client.stats()}") from None
                 continue
             # Settled means matchable here too: the replica then holds every committed block.
-            if self._follower is not None and not self._follower.sync(max(0.1, deadline - time.monotonic())):
-                raise SimError(f"the index replica did not catch up with the leader within {timeout_s:g} s")
+            self._sync_index(max(0.1, deadline - time.monotonic()))
             return stats
 
     def reset_engine_cache(self) -> None:
