@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from kvbm.config import ConfigError, KvbmConfig, load_config
 from kvbm.ipc.shm import sweep_stale_segments
+from kvbm.leader.spawn import LeaderStartError
 from kvbm.sim.engine import LeaderDied, RankDied, SimEngine, SimError, SimStats, chat_workload
 from kvbm.sim.rank import SimModel
 
@@ -181,6 +182,9 @@ def run(args: argparse.Namespace) -> int:
                 elif sim.stats.requests % (CHUNK * 8) == 0:
                     print(progress_line(sim.stats, total, started).lstrip("\r"), flush=True)
             leader = sim.quiesce()
+        except SimError as e:
+            # A dead process is the cause to name, not the wait it broke (e.g. an init sync).
+            raise SimError(sim.dead_rank() or sim.dead_leader() or str(e)) from None
         finally:
             leader_died = sim.dead_leader() is not None
             sim.stop()
@@ -190,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         print("\nSummary")
         print(summary(sim.stats, leader, time.monotonic() - started, args.ranks))
         return 0 if sim.stats.mismatches == 0 else 1
-    except (RankDied, LeaderDied) as e:  # a process died while serving
+    except (RankDied, LeaderDied, LeaderStartError) as e:  # a process died
         print(f"\nkvbm demo: error: {e}; leader and ranks stopped, shared memory released", file=sys.stderr)
         return 1
     except SimError as e:  # start-up: the leader's or the ranks' one-line reason, not a traceback
