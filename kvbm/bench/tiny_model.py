@@ -1,7 +1,7 @@
 """Seeded random-weight Llama models for real forward passes on vLLM's CPU backend (no download).
 
 Each model is a ``config.json`` and a ``model.safetensors`` written from a fixed seed: norm weights
-1, every other matrix N(0, 1/fan_in), embeddings N(0, 1). Unlike vLLM's ``load_format="dummy"``
+1, every other matrix N(0, gain^2/fan_in), embeddings N(0, 1). Unlike vLLM's ``load_format="dummy"``
 weights, whose outputs ignore the context, these make every early token change the output, so
 greedy tokens equal with and without kvbm prove the loaded KV is the right KV.
 
@@ -38,6 +38,7 @@ class ModelSpec:
     vocab: int = 2048
     max_positions: int = 8192
     seed: int = 0
+    gain: float = 2.0  # std of each matrix is gain / sqrt(fan_in): sharp attention, early tokens matter
 
     @property
     def head_dim(self) -> int:
@@ -89,7 +90,7 @@ def _weights(spec: ModelSpec) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(spec.seed)
 
     def mat(rows: int, cols: int) -> np.ndarray:  # fan_in = cols
-        return (rng.standard_normal((rows, cols), dtype=np.float32) / np.float32(np.sqrt(cols)))
+        return rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(spec.gain / np.sqrt(cols))
 
     h, hd = spec.hidden, spec.head_dim
     ones = np.ones(h, dtype=np.float32)

@@ -10,7 +10,8 @@ KV and the step that computed.
 Traps this module handles for vLLM's CPU backend: attention needs ``block_size`` a multiple of
 32; with a ``kv_transfer_config`` vLLM-CPU reserves one more core for itself unless
 ``VLLM_CPU_OMP_THREADS_BIND`` is pinned (pinned here, so runs with and without kvbm compute on
-the same cores).
+the same cores). Engines run eagerly: compiling the model costs a minute and more per engine
+start on a small CPU machine, for little gain on these models.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from kvbm.bench.tiny_model import model_path
 
@@ -92,7 +93,8 @@ class CpuEngine:
         kvt = None
         if opts.kvbm:
             kvt = KVTransferConfig(kv_connector="DynamoConnector", kv_role="kv_both",
-                                   kv_connector_module_path=CONNECTOR_MODULE)
+                                   kv_connector_module_path=CONNECTOR_MODULE,
+                                   kv_load_failure_policy="recompute")
         kwargs: dict[str, Any] = {}
         if opts.engine_blocks is not None:
             kwargs["num_gpu_blocks_override"] = opts.engine_blocks
@@ -100,11 +102,13 @@ class CpuEngine:
                             dtype="float32", block_size=opts.block_size, max_model_len=opts.max_model_len,
                             enable_prefix_caching=True, max_num_batched_tokens=opts.max_num_batched_tokens,
                             max_num_seqs=opts.max_num_seqs, tensor_parallel_size=opts.tensor_parallel_size,
-                            kv_transfer_config=kvt, seed=0, **kwargs)
+                            kv_transfer_config=kvt, seed=0, enforce_eager=True, **kwargs)
         self._next_id = 0
 
-    def run(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[Completion]:
-        """Run ``prompts`` together (one batch) with greedy decoding; their completions in order."""
+    def run(self, prompts: Sequence[Sequence[int]], max_tokens: int,
+            on_step: Callable[[int], None] | None = None) -> list[Completion]:
+        """Run ``prompts`` together (one batch) with greedy decoding; their completions in order.
+        ``on_step(n)`` is called after the n-th engine step (tests use it to break things mid-run)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -125,6 +129,8 @@ class CpuEngine:
             outs = engine.step()
             now = time.perf_counter()
             steps.append(now - s0)
+            if on_step is not None:
+                on_step(len(steps))
             for out in outs:
                 if out.request_id not in first and out.outputs and out.outputs[0].token_ids:
                     first[out.request_id] = (now - t0, len(steps))
@@ -145,6 +151,10 @@ class CpuEngine:
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache (requests still running)")
 
+    def leader_pids(self) -> list[int]:
+        """The kvbm leader processes this engine spawned (descendants of this process)."""
+        return [pid for pid, args in _descendants(os.getpid()) if "kvbm.leader" in args]
+
     def close(self) -> None:
         """Shut the engine down (and with it the kvbm leader it spawned)."""
         engine = getattr(self.llm, "llm_engine", None)
@@ -152,6 +162,32 @@ class CpuEngine:
         if core is not None:
             core.shutdown()
         del self.llm
+
+
+def _descendants(root: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every live descendant of ``root``, from /proc."""
+    parent: dict[int, int] = {}
+    args: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as fb:
+                cmd = fb.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # exited meanwhile
+            continue
+        parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+        args[int(entry)] = cmd
+    out, frontier = [], [root]
+    while frontier:
+        p = frontier.pop()
+        for child, pp in parent.items():
+            if pp == p:
+                out.append((child, args[child]))
+                frontier.append(child)
+    return out
 
 
 def random_prompts(n: int, length: int, *, vocab: int, seed: int, prefix: Sequence[int] = ()) -> list[list[int]]:
