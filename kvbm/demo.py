@@ -23,9 +23,13 @@ CHUNK = 8  # prompts handed to the engine at a time (progress granularity)
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = subparsers.add_parser("demo", help="run a simulated engine with kvbm (no GPU needed)",
                               description=__doc__)
+    p.add_argument("--engine", choices=("sim", "vllm"), default="sim",
+                   help="sim (default): the simulated engine; vllm: a real vLLM engine on CPU (kvbm.demo_vllm)")
+    p.add_argument("--model", choices=("tiny", "small"), default="tiny",
+                   help="--engine vllm: the seeded random-weight test model, default tiny")
     p.add_argument("--ranks", type=int, default=2, help="tensor-parallel ranks (processes), default 2")
-    p.add_argument("--conversations", type=int, default=48, help="concurrent chats, default 48")
-    p.add_argument("--turns", type=int, default=6, help="turns per chat, default 6")
+    p.add_argument("--conversations", type=int, default=None, help="concurrent chats, default 48 (vllm: 4)")
+    p.add_argument("--turns", type=int, default=None, help="turns per chat, default 6 (vllm: 4)")
     p.add_argument("--gpu-blocks", type=int, default=96, help="engine (G1) blocks per rank, default 96")
     p.add_argument("--cpu-blocks", type=int, default=None,
                    help="host pool (G2) blocks; default 400 unless DYN_KVBM_CPU_CACHE_* is set")
@@ -99,6 +103,12 @@ def summary(st: SimStats, leader: dict[str, float], seconds: float, ranks: int) 
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        from kvbm.demo_vllm import run as run_vllm
+
+        return run_vllm(args)
+    args.conversations = 48 if args.conversations is None else args.conversations
+    args.turns = 6 if args.turns is None else args.turns
     tmp = tempfile.mkdtemp(prefix="kvbm-demo-")
     try:
         cfg = _config(args, tmp)

