@@ -22,8 +22,12 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvbm.vllm_integration import cpu_env
+
+if TYPE_CHECKING:
+    from kvbm.vllm_integration.cpu_engine import Completion
 
 BLOCK = 32
 
@@ -132,10 +136,10 @@ def _demo(args: argparse.Namespace, plan: ChatPlan, cpu_blocks: int, disk_blocks
     print("\nTime to first token by turn (mean over chats)")
     rows = [("turn", "prompt tokens", "without kvbm", "with kvbm", "speedup", "cached w/o", "cached with")]
     for t, (b_turn, k_turn) in enumerate(zip(base, kv)):
-        b = statistics.mean(c.ttft_s for c in b_turn)
-        k = statistics.mean(c.ttft_s for c in k_turn)
-        rows.append((f"{t + 1}", f"{statistics.mean(c.prompt_len for c in k_turn):.0f}", f"{b * 1e3:.0f} ms",
-                     f"{k * 1e3:.0f} ms", f"{b / k:.2f}x", f"{sum(c.cached_tokens for c in b_turn)}",
+        tb = statistics.mean(c.ttft_s for c in b_turn)
+        tk = statistics.mean(c.ttft_s for c in k_turn)
+        rows.append((f"{t + 1}", f"{statistics.mean(c.prompt_len for c in k_turn):.0f}", f"{tb * 1e3:.0f} ms",
+                     f"{tk * 1e3:.0f} ms", f"{tb / tk:.2f}x", f"{sum(c.cached_tokens for c in b_turn)}",
                      f"{sum(c.cached_tokens for c in k_turn)}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -146,7 +150,7 @@ def _demo(args: argparse.Namespace, plan: ChatPlan, cpu_blocks: int, disk_blocks
     return 0 if identical else 1
 
 
-def summary(base: list, kv: list, leader: dict[str, float], identical: bool, seconds: float) -> str:
+def summary(base: list[list[Completion]], kv: list[list[Completion]], leader: dict[str, float], identical: bool, seconds: float) -> str:
     """The demo's summary table for the real engine (``base`` / ``kv``: completions by turn)."""
     flat_b = [c for turn in base for c in turn]
     flat_k = [c for turn in kv for c in turn]

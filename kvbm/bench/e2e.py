@@ -83,8 +83,8 @@ def _measure(w: Workload, tmp: str) -> _Samples:
     blocks = w.prompts * (-(-w.prompt_len // bs) + 1) + 64
     os.environ.update({"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": str(blocks), "DYN_KVBM_RUN_DIR": f"{tmp}/run",
                        "DYN_KVBM_LOG_LEVEL": "WARNING"})
-    for k in ("DYN_KVBM_CPU_CACHE_GB", "DYN_KVBM_DISK_CACHE_GB", "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS"):
-        os.environ.pop(k, None)
+    for var in ("DYN_KVBM_CPU_CACHE_GB", "DYN_KVBM_DISK_CACHE_GB", "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS"):
+        os.environ.pop(var, None)
     eng = CpuEngine(EngineOptions(model=w.model, kvbm=True, block_size=bs, max_model_len=w.prompt_len + 64,
                                   engine_blocks=blocks, max_num_batched_tokens=w.prompt_len + 64))
     try:
@@ -100,9 +100,9 @@ def _measure(w: Workload, tmp: str) -> _Samples:
         for _ in range(w.rounds):
             time.sleep(0.2)  # let the last stores land in the host pool
             eng.reset_prefix_cache()
-            for p in prompts:
-                k = eng.run([p], 1)[0]
-                e = eng.run([p], 1)[0]
+            for prompt in prompts:
+                k = eng.run([prompt], 1)[0]
+                e = eng.run([prompt], 1)[0]
                 s.kvbm.append(k.ttft_s)
                 s.engine.append(e.ttft_s)
                 s.kvbm_steps.append(k.steps_to_first_token)

@@ -117,7 +117,7 @@ class CpuEngine:
             on_step: Callable[[int], None] | None = None) -> list[Completion]:
         """Run ``prompts`` together (one batch) with greedy decoding; their completions in order.
         ``on_step(n)`` is called after the n-th engine step (tests use it to break things mid-run)."""
-        from vllm import SamplingParams
+        from vllm import RequestOutput, SamplingParams
         from vllm.inputs import TokensPrompt
 
         engine = self.llm.llm_engine
@@ -127,7 +127,7 @@ class CpuEngine:
         for p in prompts:
             rid = f"r{self._next_id}"
             self._next_id += 1
-            engine.add_request(rid, TokensPrompt(prompt_token_ids=list(p)), params)
+            engine.add_request(rid, TokensPrompt(prompt_token_ids=list(p)), params)  # type: ignore[typeddict-item]
             ids.append(rid)
         first: dict[str, tuple[float, int]] = {}
         done: dict[str, Any] = {}
@@ -140,6 +140,7 @@ class CpuEngine:
             if on_step is not None:
                 on_step(len(steps))
             for out in outs:
+                assert isinstance(out, RequestOutput)
                 if out.request_id not in first and out.outputs and out.outputs[0].token_ids:
                     first[out.request_id] = (now - t0, len(steps))
                 if out.finished:
@@ -154,10 +155,19 @@ class CpuEngine:
                                      steps[:n]))
         return result
 
-    def reset_prefix_cache(self) -> None:
-        """Empty the engine's own prefix cache (G1); kvbm's tiers keep their blocks."""
-        if not self.llm.reset_prefix_cache():
-            raise RuntimeError("vLLM refused to reset its prefix cache (requests still running)")
+    def reset_prefix_cache(self, timeout_s: float = 30.0) -> None:
+        """Empty the engine's own prefix cache (G1); kvbm's tiers keep their blocks.
+
+        vLLM refuses while any engine block is in use, and a finished request keeps its blocks
+        until kvbm's stores from them are done, which the scheduler learns only in an engine
+        step: so idle steps are run until the reset succeeds."""
+        deadline = time.monotonic() + timeout_s
+        while not self.llm.reset_prefix_cache():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM refused to reset its prefix cache for {timeout_s:.0f} s "
+                                   "(engine blocks still in use)")
+            self.llm.llm_engine.step()
+            time.sleep(0.005)
 
     @property
     def leader_endpoint(self) -> str:
