@@ -84,7 +84,7 @@ def engine_env(opts: EngineOptions) -> dict[str, str]:
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if opts.in_process else "1",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
-        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),  # its CPU warnings are noise here
     }
 
 
