@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from vllm import LLM
 
 CONNECTOR_MODULE = "kvbm.vllm_integration.connector"
+# The user's own binding, if any (engine_env sets the variable per engine, so read it once here).
+_USER_THREADS_BIND = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
 
 
 def cpu_threads_bind(ranks: int = 1) -> str:
@@ -78,8 +80,7 @@ class Completion:
 def engine_env(opts: EngineOptions) -> dict[str, str]:
     """Environment vLLM-CPU reads at engine start (set before constructing the engine)."""
     return {
-        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-        or cpu_threads_bind(opts.tensor_parallel_size),
+        "VLLM_CPU_OMP_THREADS_BIND": _USER_THREADS_BIND or cpu_threads_bind(opts.tensor_parallel_size),
         "VLLM_CPU_KVCACHE_SPACE": str(opts.kvcache_space_gib),
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if opts.in_process else "1",
         "HF_HUB_OFFLINE": "1",
