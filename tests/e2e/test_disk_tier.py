@@ -3,6 +3,8 @@ back from it after ``reset_prefix_cache()``, with greedy tokens equal to an engi
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from conftest import BLOCK, MAX_TOKENS, MODEL, Baseline, expected_hit, kvbm_env, prompt_sets, settle
 
@@ -18,8 +20,6 @@ def test_tiny_host_pool_spills_to_disk_and_loads_back(baseline: Baseline) -> Non
                   DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS="512",
                   DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="1",
                   DYN_KVBM_DISK_DISABLE_O_DIRECT="1") as tmp:
-        import os
-
         os.environ["DYN_KVBM_DISK_CACHE_DIR"] = tmp
         eng = CpuEngine(EngineOptions(model=MODEL, kvbm=True, max_model_len=2048))
         try:
