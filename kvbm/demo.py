@@ -47,10 +47,15 @@ def _int_in_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = subparsers.add_parser("demo", help="run a simulated engine with kvbm (no GPU needed)",
                               description=__doc__)
+    p.add_argument("--engine", choices=("sim", "vllm"), default="sim",
+                   help="sim (default): the simulated engine; vllm: a real vLLM engine on CPU (kvbm.demo_vllm)")
+    p.add_argument("--model", choices=("tiny", "small"), default="tiny",
+                   help="--engine vllm: the seeded random-weight test model, default tiny")
     p.add_argument("--ranks", type=_int_in_range(1, MAX_RANKS), default=2,
                    help=f"tensor-parallel ranks (processes), 1 to {MAX_RANKS}, default 2")
-    p.add_argument("--conversations", type=_int_in_range(1), default=48, help="chats, their turns interleaved, default 48")
-    p.add_argument("--turns", type=_int_in_range(1), default=6, help="turns per chat, default 6")
+    p.add_argument("--conversations", type=_int_in_range(1), default=None,
+                   help="chats, their turns interleaved, default 48 (vllm: 4)")
+    p.add_argument("--turns", type=_int_in_range(1), default=None, help="turns per chat, default 6 (vllm: 4)")
     p.add_argument("--gpu-blocks", type=_int_in_range(1), default=96,
                    help="engine (G1) blocks per rank, default 96; must hold the longest conversation")
     p.add_argument("--cpu-blocks", type=_int_in_range(0), default=None,
@@ -144,6 +149,12 @@ def summary(st: SimStats, leader: dict[str, float], seconds: float, ranks: int) 
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        from kvbm.demo_vllm import run as run_vllm
+
+        return run_vllm(args)
+    args.conversations = 48 if args.conversations is None else args.conversations
+    args.turns = 6 if args.turns is None else args.turns
     _check_args(args)
     # The demo reports the ranks' errors itself (SimError, each reason once): keep their logs quiet.
     os.environ.setdefault("KVBM_SIM_LOG", "CRITICAL")

