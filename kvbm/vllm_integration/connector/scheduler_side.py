@@ -132,7 +132,10 @@ class KvbmScheduler:
         return events
 
     def reset_cache(self) -> bool:
-        return self.client.reset_cache()
+        ok = self.client.reset_cache()
+        if ok and self.planner.replica is not None:
+            self.planner.replica.unsync()  # no stale claims of what was just cleared: re-snapshot
+        return ok
 
     def has_pending_block_frees(self) -> bool:
         """Finished requests whose blocks come back once their stores finish (soon)."""
