@@ -193,9 +193,14 @@ def run(args: argparse.Namespace) -> int:
                 elif sim.stats.requests % (CHUNK * 8) == 0:
                     print(progress_line(sim.stats, total, started).lstrip("\r"), flush=True)
             leader = sim.quiesce()
-        except SimError as e:
+        except SimError:
             # A dead process is the cause to name, not the wait it broke (e.g. an init sync).
-            raise SimError(sim.dead_rank() or sim.dead_leader() or str(e)) from None
+            rank_gone, leader_gone = sim.dead_rank(), sim.dead_leader()
+            if rank_gone is not None:
+                raise RankDied(rank_gone) from None
+            if leader_gone is not None:
+                raise LeaderDied(leader_gone) from None
+            raise
         finally:
             leader_died = sim.dead_leader() is not None
             sim.stop()

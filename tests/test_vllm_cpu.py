@@ -49,8 +49,8 @@ def test_without_the_cpu_venv_demo_and_bench_say_how_to_build_it(monkeypatch, tm
     assert proc.stderr.strip().splitlines() == [f"kvbm: error: --engine vllm: {cpu_env.missing_reason()}"]
     from kvbm.bench.report import run_suites
 
-    results, skipped = run_suites(["e2e"], quick=True)
-    assert results == [] and skipped == [f"e2e: {cpu_env.missing_reason()}"]
+    run = run_suites(["e2e"], quick=True)
+    assert run.results == [] and run.failed == [] and run.skipped == [f"e2e: {cpu_env.missing_reason()}"]
 
 
 def test_test_models_are_seeded_and_rebuilt_only_when_changed(tmp_path) -> None:

