@@ -43,6 +43,8 @@ VALID: dict[str, tuple[str, Any]] = {
     "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": ("+8192", 8192),
     "DYN_KVBM_DISK_CACHE_DIR": ("/tmp", "/tmp"),
     "DYN_KVBM_DISK_ZEROFILL_FALLBACK": ("TRUE", True),
+    "DYN_KVBM_DISK_CACHE_PERSIST": ("yes", True),
+    "DYN_KVBM_INDEX_REPLICA": ("0", False),
     "DYN_KVBM_DISK_DISABLE_O_DIRECT": ("yes", True),
     "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": ("1", True),
     "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": ("1e3", 1000.0),
@@ -86,6 +88,8 @@ BAD: dict[str, list[str]] = {
     "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": _INT_BAD + ["-1"],
     "DYN_KVBM_DISK_CACHE_DIR": ["", "  ", "/tmp/\0x"],
     "DYN_KVBM_DISK_ZEROFILL_FALLBACK": _BOOL_BAD,
+    "DYN_KVBM_DISK_CACHE_PERSIST": _BOOL_BAD,
+    "DYN_KVBM_INDEX_REPLICA": _BOOL_BAD,
     "DYN_KVBM_DISK_DISABLE_O_DIRECT": _BOOL_BAD,
     "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": _BOOL_BAD,
     # Past one day: zmq's int milliseconds overflowed at 2200000, time stamps at 1e10.
