@@ -27,7 +27,7 @@ from kvbm.leader.objects import (  # noqa: E402
     ObjectStoreSettings,
     S3Backend,
 )
-from s3server import S3Server  # noqa: E402
+from kvbm.bench.s3server import S3Server  # noqa: E402
 
 BLOCK = 64 * 1024
 HAVE_NIXL = any(importlib.util.find_spec(n) is not None for n in ("nixl", "nixl_cu12", "nixl_cu13"))

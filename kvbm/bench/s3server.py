@@ -1,4 +1,4 @@
-"""A real S3-compatible server on 127.0.0.1 for tests: moto's server in its own process."""
+"""A real S3-compatible server on 127.0.0.1 for tests and benchmarks: moto's server in its own process."""
 
 from __future__ import annotations
 
