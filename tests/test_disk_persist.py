@@ -12,7 +12,14 @@ import random
 
 import pytest
 
-from kvbm.leader.disk import BLOCK_HEADER_BYTES, BlockKey, DiskStore, layout_file_path, parse_headers
+from kvbm.leader.disk import (
+    BLOCK_HEADER_BYTES,
+    BlockKey,
+    DiskStore,
+    layout_file_path,
+    parse_headers,
+    sweep_stale_disk_files,
+)
 from kvbm.sim.engine import SimEngine
 from kvbm.sim.rank import SimModel
 
@@ -134,6 +141,7 @@ def test_layout_store_headers_round_trip_and_resize(tmp_path) -> None:
         assert store.restored == []
         r = store.write(3, data, BlockKey(0xABC, None)).result()
         store.write(5, data, BlockKey(0xDEF, 0xABC)).result()
+    assert sweep_stale_disk_files(str(tmp_path)) == []  # the sweep of dead leaders' files keeps it
     with DiskStore(str(tmp_path), "y", 8, 4096, o_direct=False, layout=7) as store:
         assert [(b.slot, b.key, b.checksum) for b in store.restored] == [
             (3, BlockKey(0xABC, None), r.checksum), (5, BlockKey(0xDEF, 0xABC), r.checksum)]
