@@ -28,7 +28,7 @@ def _rate(nbytes: int, fn: Callable[[], None]) -> float:
 def run(settings: ObjectStoreSettings, backend: ObjectBackend, blocks: int, block_bytes: int) -> dict[str, float]:
     """GB/s of kvbm writes/reads and of raw writes/reads of the same bytes (GB = 1e9 bytes)."""
     pool = np.random.default_rng(0).integers(0, 255, blocks * block_bytes, dtype=np.uint8)
-    views = [memoryview(pool[i * block_bytes:(i + 1) * block_bytes]) for i in range(blocks)]
+    views = [memoryview(pool[i * block_bytes:(i + 1) * block_bytes].data) for i in range(blocks)]
     out = memoryview(bytearray(block_bytes))
     objs = BlockObjects(backend, layout=int.from_bytes(os.urandom(8), "little"), block_bytes=block_bytes,
                         prefix="bench/")
