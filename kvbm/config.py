@@ -390,6 +390,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("DYN_KVBM_DISK_CACHE_DIR", "disk_cache_dir", _DIR,
              "a directory path (e.g. /tmp/ or /mnt/nvme/kvbm)",
              "Directory for the disk cache files (an existing, writable directory)"),
+    Variable("DYN_KVBM_DISK_CACHE_PERSIST", "disk_cache_persist", _BOOL,
+             _BOOL_ACCEPTS,
+             "Keep the disk cache across restarts: one file per layout fingerprint in DYN_KVBM_DISK_CACHE_DIR, "
+             "re-indexed by the next leader of the same layout (off: a private file per instance)"),
     Variable("DYN_KVBM_DISK_ZEROFILL_FALLBACK", "disk_zerofill_fallback", _BOOL,
              _BOOL_ACCEPTS,
              "Zero-fill the disk file when fallocate is unsupported (else sparse file)",
@@ -522,6 +526,7 @@ class KvbmConfig:
     disk_cache_gb: float | None = None
     disk_cache_num_blocks: int | None = None
     disk_cache_dir: str = "/tmp/"
+    disk_cache_persist: bool = False
     disk_zerofill_fallback: bool = False
     disk_disable_o_direct: bool = False
     disable_disk_offload_filter: bool = False

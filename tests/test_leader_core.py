@@ -17,6 +17,7 @@ from kvbm.ipc import messages as m
 from kvbm.ipc.messages import BlockEventKind
 from kvbm.leader.core import OP_TIMEOUT_S, LeaderCore, LeaderState, Outbound
 from kvbm.leader.index import IndexLog
+from kvbm.leader.disk import BlockKey, StoredBlock
 from kvbm.leader.registry import Tier
 from kvbm.leader.storage import CacheStorage, DiskCompletion, DiskReadDone, DiskWriteDone
 
@@ -35,7 +36,7 @@ class MemDisk:
         self.fail_io: str | None = None  # the error every following I/O fails with
         self.failure: str | None = None
 
-    def write(self, disk_slot: int, host_slot: int) -> None:
+    def write(self, disk_slot: int, host_slot: int, key: BlockKey) -> None:
         def do() -> DiskCompletion:
             if self.fail_io:
                 self.failure = self.failure or self.fail_io
@@ -64,6 +65,9 @@ class MemDisk:
         todo, self._queue = self._queue, []
         self._done.extend(do() for do in todo)
         return len(todo)
+
+    def restored(self) -> list[StoredBlock]:
+        return []
 
     def drain(self) -> list[DiskCompletion]:
         out, self._done = self._done, []
@@ -98,7 +102,7 @@ class Harness:
     def __init__(self, cfg: KvbmConfig, world: int = 2, *, first_seq: int = 1, ring: int | None = None) -> None:
         self.storages: list[MemStorage] = []
 
-        def create(host_blocks: int, block_bytes: int, disk_blocks: int) -> CacheStorage:
+        def create(host_blocks: int, block_bytes: int, disk_blocks: int, layout: str) -> CacheStorage:
             self.storages.append(MemStorage(host_blocks, block_bytes, disk_blocks))
             return self.storages[-1]
 
@@ -215,7 +219,7 @@ def with_disk(make_config, tmp_path) -> Callable[..., Harness]:
 
 def test_init_sync_grants_every_rank_once_the_world_is_complete(make_config) -> None:
     cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8")
-    core = LeaderCore(cfg, lambda h, b, d: MemStorage(h, b, d), now=0.0)
+    core = LeaderCore(cfg, lambda h, b, d, layout: MemStorage(h, b, d), now=0.0)
     assert core.handle(b"r1", 7, _layout(1, 2), 0.0) == []  # answered when the world is complete
     out = core.handle(b"r0", 8, _layout(0, 2), 0.1)
     grants = {(o.peer, o.request_id): o.message for o in out}
@@ -229,7 +233,7 @@ def test_init_sync_grants_every_rank_once_the_world_is_complete(make_config) -> 
 
 def test_init_timeout_fails_with_the_missing_ranks(make_config) -> None:
     cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8")
-    core = LeaderCore(cfg, lambda h, b, d: MemStorage(h, b, d), now=0.0)
+    core = LeaderCore(cfg, lambda h, b, d, layout: MemStorage(h, b, d), now=0.0)
     core.handle(b"r0", 1, _layout(0, 2), 0.0)
     assert core.tick(cfg.init_timeout_s - 0.1) == []
     (out,) = core.tick(cfg.init_timeout_s)

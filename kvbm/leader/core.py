@@ -30,6 +30,7 @@ from typing import Protocol, TypeVar
 from kvbm.config import KvbmConfig
 from kvbm.ipc import messages as m
 from kvbm.leader.admission import FrequencyFilter
+from kvbm.leader.disk import BlockKey
 from kvbm.leader.index import IndexLog, event_kind
 from kvbm.leader.ops import Op, OpKind
 from kvbm.leader.registry import BlockEvent, BlockRegistry, Tier, TierPool
@@ -330,12 +331,20 @@ class LeaderCore:
                     "or DYN_KVBM_DISK_CACHE_GB"
                 )
             host_blocks = cfg.disk_bounce_blocks  # disk-only: a small bounce pool for staging
-        storage = self._storage_factory(host_blocks, block_bytes, disk_blocks)
+        storage = self._storage_factory(host_blocks, block_bytes, disk_blocks, self.world.layout_fingerprint)
         self.storage = storage
         # The registry stamps use with the time of the verb being served.
         self.registry = BlockRegistry(host_blocks, disk_blocks if storage.disk is not None else 0,
                                       clock=lambda: self._now)
         if storage.disk is not None:
+            assert self.registry.disk is not None
+            found = storage.disk.restored()
+            if found:  # a persistent disk cache an earlier leader of this layout filled
+                n = self.registry.disk.restore([(b.slot, b.key.seq_hash, b.key.parent) for b in found])
+                for b in found:
+                    if self.registry.disk.hash_of(b.slot) == b.key.seq_hash:
+                        self._checksums[b.slot] = b.checksum
+                log.info("disk tier: %d blocks of an earlier leader re-indexed", n)
             self.disk_enabled = True
             use_filter = cfg.has_cpu_tier and not cfg.disable_disk_offload_filter
             self._admission = FrequencyFilter(clock=lambda: self._now) if use_filter else None
@@ -643,7 +652,7 @@ class LeaderCore:
                 continue
             reg.host.pin([hslot])  # keep the source in G2 until the write completes
             self._pending_writes += 1
-            disk.write(got[0], hslot)
+            disk.write(got[0], hslot, BlockKey(seq_hash, reg.host.parent_of(hslot)))
 
     def _stage(self, op_id: int, seq_hash: int) -> int | None:
         """Start reading ``seq_hash`` from disk into a new WRITING G2 slot; returns that slot or None."""

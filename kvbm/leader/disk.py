@@ -2,6 +2,12 @@
 
 One preallocated file per store, ``{directory}/kvbm-{instance}-disk.bin``, holds
 ``num_blocks`` slots of ``block_bytes`` each (slot ``s`` at offset ``s * block_bytes``).
+A *layout* store (the persistent disk cache) is instead named by its layout fingerprint,
+``{directory}/kvbm-layout-{fingerprint:016x}.kvcache``, and starts with a header region: one
+64-byte :class:`BlockHeader` a slot (sequence hash, parent, checksum, fingerprint), written
+after the slot's data, so a new store of the same layout re-indexes the file
+(:attr:`DiskStore.restored`); a block whose data does not match its header's checksum is
+reported by :meth:`DiskStore.read` like any corrupt block.
 Reads and writes run on a thread pool and return futures; every written block gets an
 xxh3-64 checksum that the caller keeps and hands back to :meth:`DiskStore.read`, so a
 corrupt or truncated block is always reported, never served.
@@ -19,6 +25,7 @@ import logging
 import mmap
 import os
 import stat
+import struct
 import tempfile
 import threading
 import time
@@ -31,7 +38,7 @@ import numpy as np
 import xxhash
 
 from kvbm.config import TierSize, format_bytes
-from kvbm.ipc.shm import ALIGN
+from kvbm.ipc.shm import ALIGN, align_up
 
 _R = TypeVar("_R")
 log = logging.getLogger(__name__)
@@ -53,6 +60,60 @@ def _set_o_direct(fd: int) -> None:
 
 class DiskError(RuntimeError):
     """The disk tier cannot be set up or used; the message is one line naming file, op and cause."""
+
+
+class DiskInUse(DiskError):
+    """The (persistent) file is locked by another live store: it is neither shared nor overwritten."""
+
+
+BLOCK_HEADER_BYTES = 64
+"""Bytes of one slot's header in a layout store's header region."""
+
+_HEADER_MAGIC = b"KVBMBLK1"
+# magic, layout fingerprint, sequence hash, parent hash, flags (bit 0: has a parent), checksum of
+# the block's bytes, then xxh3-64 of those fields (a torn or foreign header is ignored).
+_HEADER = struct.Struct("<8sQQQQQ")
+_HEADER_DTYPE = np.dtype([("magic", "S8"), ("layout", "<u8"), ("seq_hash", "<u8"), ("parent", "<u8"),
+                          ("flags", "<u8"), ("checksum", "<u8"), ("check", "<u8"), ("pad", "V8")])
+assert _HEADER_DTYPE.itemsize == BLOCK_HEADER_BYTES
+
+
+@dataclass(frozen=True)
+class BlockKey:
+    """What a layout store's header says a slot holds."""
+
+    seq_hash: int
+    parent: int | None
+
+
+@dataclass(frozen=True)
+class StoredBlock:
+    """A block a layout store found in its file at open: ``checksum`` of its bytes, as written."""
+
+    slot: int
+    key: BlockKey
+    checksum: int
+
+
+def _pack_header(layout: int, key: BlockKey, checksum: int) -> bytes:
+    fields = _HEADER.pack(_HEADER_MAGIC, layout, key.seq_hash, key.parent or 0, int(key.parent is not None),
+                          checksum)
+    return (fields + struct.pack("<Q", xxhash.xxh3_64_intdigest(fields))).ljust(BLOCK_HEADER_BYTES, b"\0")
+
+
+def parse_headers(raw: bytes, layout: int) -> list[StoredBlock]:
+    """The valid headers of ``layout`` in a header region (torn, foreign or empty ones skipped)."""
+    arr = np.frombuffer(raw, dtype=_HEADER_DTYPE)
+    candidates = np.flatnonzero((arr["magic"] == _HEADER_MAGIC) & (arr["layout"] == np.uint64(layout)))
+    out: list[StoredBlock] = []
+    for slot in candidates.tolist():
+        start = slot * BLOCK_HEADER_BYTES
+        if xxhash.xxh3_64_intdigest(raw[start:start + _HEADER.size]) != int(arr["check"][slot]):
+            continue
+        h = arr[slot]
+        parent = int(h["parent"]) if int(h["flags"]) & 1 else None
+        out.append(StoredBlock(slot, BlockKey(int(h["seq_hash"]), parent), int(h["checksum"])))
+    return out
 
 
 @dataclass(frozen=True)
@@ -190,9 +251,20 @@ def _pread_all(fd: int, buf: memoryview, offset: int) -> None:
         done += n
 
 
+def _pread_bytes(fd: int, n: int) -> bytes:
+    buf = bytearray(n)
+    _pread_all(fd, memoryview(buf), 0)
+    return bytes(buf)
+
+
 def disk_file_path(directory: str, instance: str) -> str:
     """Where the block file of ``instance`` lives."""
     return os.path.join(directory, f"{DISK_FILE_PREFIX}{instance}{DISK_FILE_SUFFIX}")
+
+
+def layout_file_path(directory: str, layout: int) -> str:
+    """Where the persistent block file of a layout fingerprint lives (never swept)."""
+    return os.path.join(directory, f"{DISK_FILE_PREFIX}layout-{layout:016x}.kvcache")
 
 
 class DiskStore:
@@ -213,6 +285,10 @@ class DiskStore:
         persistent: keep the file on close, and reuse an existing one if it is a regular file
             owned by us, mode 0600 and of the exact size (contents are the caller's concern).
             Once no store holds it, :func:`sweep_stale_disk_files` of its directory removes it.
+        layout: a layout fingerprint (64-bit): makes a persistent *layout store* named by it
+            (``instance`` unused), with a header per slot; an existing file of another size is
+            emptied and resized; its valid headers become :attr:`restored`. Raises
+            :class:`DiskInUse` if a live store holds the file.
 
     The first I/O error marks the store ``failed``; later ops then fail at once without
     touching the disk (the caller turns the tier off). A checksum mismatch fails only that read.
@@ -231,6 +307,7 @@ class DiskStore:
         fallocate: Callable[[int, int, int], None] | None = None,
         io_fault: Callable[[str, int], None] | None = None,
         persistent: bool = False,
+        layout: int | None = None,
     ) -> None:
         if block_bytes <= 0 or block_bytes % ALIGN:
             raise ValueError(f"disk block_bytes must be a positive multiple of {ALIGN}, got {block_bytes}")
@@ -241,12 +318,15 @@ class DiskStore:
         if not instance or "/" in instance or "\0" in instance:
             raise ValueError(f"disk instance must be a non-empty name without '/', got {instance!r}")
         self.directory = directory
-        self.path = disk_file_path(directory, instance)
+        self.layout = layout
+        self.path = disk_file_path(directory, instance) if layout is None else layout_file_path(directory, layout)
         self.num_blocks = num_blocks
         self.block_bytes = block_bytes
         self.o_direct = o_direct
-        self.persistent = persistent
-        self.size = num_blocks * block_bytes
+        self.persistent = persistent or layout is not None
+        # A layout store's headers come first, padded so the slots stay 4096-aligned.
+        self._base = 0 if layout is None else align_up(num_blocks * BLOCK_HEADER_BYTES)
+        self.size = self._base + num_blocks * block_bytes
         self._zerofill_fallback = zerofill_fallback
         self._fallocate = fallocate
         self._io_fault = io_fault
@@ -255,6 +335,18 @@ class DiskStore:
         self._failure: str | None = None
         self._local = threading.local()
         self._fd, self._ident = self._open()
+        self._hfd = -1
+        self.restored: list[StoredBlock] = []
+        if layout is not None:
+            try:
+                # Headers are small unaligned writes: a second, buffered descriptor of the same file.
+                self._hfd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDWR | os.O_CLOEXEC)
+                self.restored = parse_headers(_pread_bytes(self._hfd, self._base), layout)
+            except OSError as e:
+                if self._hfd >= 0:
+                    os.close(self._hfd)
+                os.close(self._fd)
+                raise DiskError(f"cannot read the block headers of {self.path}: {_errno_name(e)} ({e.strerror})") from e
         self._pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="kvbm-disk")
 
     # ---- set-up -------------------------------------------------------------------------
@@ -271,6 +363,11 @@ class DiskStore:
                             "being created (is another kvbm sweeping this directory in a loop?)")
         try:
             st = os.fstat(fd)
+            if not created and st.st_size != self.size:  # a layout file of another cache size
+                log.warning("disk cache file %s has %d bytes, this cache needs %d: emptying it",
+                            self.path, st.st_size, self.size)
+                os.ftruncate(fd, 0)
+                created = True
             if self.o_direct:
                 try:
                     _set_o_direct(fd)
@@ -317,7 +414,7 @@ class DiskStore:
         except BlockingIOError:
             if not created:
                 os.close(fd)
-                raise DiskError(f"disk cache file {self.path} is in use by another live store") from None
+                raise DiskInUse(f"disk cache file {self.path} is in use by another live store") from None
         # A sweep opened our file between create and lock: wait for its verdict, then check
         # whether the name still leads to our file.
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -330,7 +427,7 @@ class DiskStore:
             return f"{what} not a regular file"
         if st.st_uid != os.geteuid():
             return f"{what} owned by uid {st.st_uid}, not {os.geteuid()}"
-        if st.st_size != self.size:
+        if st.st_size != self.size and self.layout is None:
             return f"{what} size {st.st_size} bytes, expected {self.size}"
         if st.st_mode & 0o077:
             return f"{what} mode {oct(stat.S_IMODE(st.st_mode))}, expected 0o600"
@@ -399,14 +496,15 @@ class DiskStore:
         """The first I/O error, as a one-line message."""
         return self._failure
 
-    def write(self, slot: int, src: memoryview) -> Future[WriteResult]:
+    def write(self, slot: int, src: memoryview, key: BlockKey | None = None) -> Future[WriteResult]:
         """Write one block (``src``: exactly ``block_bytes``) to ``slot`` on a worker thread.
 
         ``src`` must stay unchanged until the future is done. The result carries the
-        block's checksum, to be passed to :meth:`read`.
+        block's checksum, to be passed to :meth:`read`. A layout store writes ``key`` into the
+        slot's header after the data (without a key the header is left as it was).
         """
         view = self._check(slot, src, writable=False)
-        return self._submit(self._do_write, slot, view)
+        return self._submit(self._do_write, slot, view, key)
 
     def read(self, slot: int, dst: memoryview, expected_checksum: int) -> Future[ReadResult]:
         """Read ``slot`` into ``dst`` (exactly ``block_bytes``, writable) and verify its checksum."""
@@ -454,7 +552,7 @@ class DiskStore:
             errno.ENOENT: f"the cache directory {self.directory} or file vanished",
         }
         hint = hints.get(e.errno or 0, "")
-        msg = (f"disk {op} of slot {slot} (offset {slot * self.block_bytes}) in {self.path} failed: "
+        msg = (f"disk {op} of slot {slot} (offset {self._offset(slot)}) in {self.path} failed: "
                f"{_errno_name(e)} ({e.strerror}){'; ' + hint if hint else ''}")
         with self._lock:
             if self._failure is None:
@@ -465,7 +563,10 @@ class DiskStore:
         failure = self._failure
         return None if failure is None else f"disk {op} of slot {slot} skipped: store failed earlier: {failure}"
 
-    def _do_write(self, slot: int, src: memoryview) -> WriteResult:
+    def _offset(self, slot: int) -> int:
+        return self._base + slot * self.block_bytes
+
+    def _do_write(self, slot: int, src: memoryview, key: BlockKey | None) -> WriteResult:
         t0 = time.perf_counter()
         skipped = self._earlier_failure("write", slot)
         if skipped is not None:
@@ -478,7 +579,11 @@ class DiskStore:
             if not self._direct_ok(src):
                 buf = self._bounce()
                 buf[:] = src
-            _pwrite_all(self._fd, buf, slot * self.block_bytes)
+            _pwrite_all(self._fd, buf, self._offset(slot))
+            if key is not None and self.layout is not None:
+                # After the data: a crash in between leaves the old header, whose checksum then fails.
+                _pwrite_all(self._hfd, memoryview(_pack_header(self.layout, key, checksum)),
+                            slot * BLOCK_HEADER_BYTES)
         except OSError as e:
             # Drop the traceback: its frames would pin the caller's buffer (e.g. the host pool mmap).
             return WriteResult(slot, False, 0, self._io_error("write", slot, e), time.perf_counter() - t0,
@@ -494,10 +599,10 @@ class DiskStore:
             if self._io_fault is not None:
                 self._io_fault("read", slot)
             if self._direct_ok(dst):
-                _pread_all(self._fd, dst, slot * self.block_bytes)
+                _pread_all(self._fd, dst, self._offset(slot))
             else:
                 bounce = self._bounce()
-                _pread_all(self._fd, bounce, slot * self.block_bytes)
+                _pread_all(self._fd, bounce, self._offset(slot))
                 dst[:] = bounce
         except OSError as e:
             return ReadResult(slot, False, self._io_error("read", slot, e), False, time.perf_counter() - t0,
@@ -518,6 +623,8 @@ class DiskStore:
                 return
             self._closed = True
         self._pool.shutdown(wait=True)
+        if self._hfd >= 0:
+            os.close(self._hfd)
         os.close(self._fd)
         if not self.persistent:
             try:

@@ -440,6 +440,44 @@ class TierPool:
             if count == 0:
                 lru[pr].move_to_end(s)
 
+    def restore(self, blocks: Sequence[tuple[int, int, int | None]]) -> int:
+        """Register ``(slot, seq_hash, parent)`` blocks found in persistent storage, at their slots.
+
+        Only on a pool that never allocated a slot (a new leader re-indexing its disk file); a
+        hash already restored keeps its first slot and later copies stay free. Emits ``stored``
+        for each block registered; returns how many.
+        """
+        if self._fresh or self._writing or self._registered:
+            raise ValueError(f"{self.tier.name} tier: restore needs a pool that was never used")
+        keep: dict[int, tuple[int, int | None]] = {}
+        used: set[int] = set()
+        for slot, h, parent in blocks:
+            self._check_index(slot)
+            if slot in used:
+                raise ValueError(f"restore: repeated slot {slot}")
+            used.add(slot)
+            keep.setdefault(h, (slot, parent))
+        if not keep:
+            return 0
+        slots = [s for s, _ in keep.values()]
+        idx = _index(slots)
+        self._state[idx] = _REGISTERED
+        self._hash[idx] = _u64(list(keep))
+        self._set_parents(idx, [p for _, p in keep.values()])
+        self._used[idx] = self._clock()
+        for h, (s, parent) in keep.items():
+            self._registered[h] = s
+            self._attach(s)
+            if self._record:
+                self._events.append((next(self._seq), "stored", h, parent))
+        # Slots below the highest restored one that hold nothing go on the free stack, lowest
+        # on top (handed out first); the ones above stay never-used.
+        self._fresh = max(slots) + 1
+        free = np.setdiff1d(np.arange(self._fresh, dtype=np.int64), idx)[::-1]
+        self._freed[: len(free)] = free
+        self._num_freed = len(free)
+        return len(keep)
+
     # ---- removal ------------------------------------------------------------------------------
 
     def evict(self, seq_hash: int) -> bool:

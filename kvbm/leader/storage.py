@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from kvbm.ipc.shm import HostPool, PoolGeometry
+from kvbm.leader.disk import BlockKey, StoredBlock
 
 if TYPE_CHECKING:
     from kvbm.config import KvbmConfig
@@ -63,11 +64,14 @@ class DiskIO(Protocol):
     def failure(self) -> str | None:
         """The first I/O error of the device, if any (later I/O fails at once)."""
 
-    def write(self, disk_slot: int, host_slot: int) -> None:
-        """Start copying host slot -> disk slot (reported as a DiskWriteDone)."""
+    def write(self, disk_slot: int, host_slot: int, key: BlockKey) -> None:
+        """Start copying host slot -> disk slot holding ``key`` (reported as a DiskWriteDone)."""
 
     def read(self, disk_slot: int, host_slot: int, checksum: int) -> None:
         """Start copying disk slot -> host slot, checking ``checksum`` (reported as a DiskReadDone)."""
+
+    def restored(self) -> list[StoredBlock]:
+        """Blocks an earlier leader left in a persistent disk cache, found at open (else empty)."""
 
     def drain(self) -> list[DiskCompletion]:
         """Completions since the last call, in the order they finished."""
@@ -91,8 +95,9 @@ class CacheStorage(Protocol):
         """Release the host pool (unlinked) and the disk device."""
 
 
-# (host_blocks, block_bytes, disk_blocks) -> storage; raises ShmError/OSError/RuntimeError/ValueError.
-StorageFactory = Callable[[int, int, int], CacheStorage]
+# (host_blocks, block_bytes, disk_blocks, layout fingerprint) -> storage;
+# raises ShmError/OSError/RuntimeError/ValueError.
+StorageFactory = Callable[[int, int, int, str], CacheStorage]
 
 
 class StoreIO:
@@ -109,8 +114,8 @@ class StoreIO:
     def failure(self) -> str | None:
         return self.store.failure
 
-    def write(self, disk_slot: int, host_slot: int) -> None:
-        fut = self.store.write(disk_slot, self.memory.block(host_slot))
+    def write(self, disk_slot: int, host_slot: int, key: BlockKey) -> None:
+        fut = self.store.write(disk_slot, self.memory.block(host_slot), key)
 
         def done(f: Future[WriteResult]) -> None:
             res = _write_result(f, disk_slot)
@@ -127,6 +132,9 @@ class StoreIO:
                                    res.error or ""))
 
         fut.add_done_callback(done)
+
+    def restored(self) -> list[StoredBlock]:
+        return self.store.restored
 
     def _put(self, done: DiskCompletion) -> None:
         self._done.put(done)
@@ -167,9 +175,13 @@ class ShmStorage:
 
 
 def shm_storage(config: KvbmConfig, instance: str, notify: Callable[[], None]) -> StorageFactory:
-    """A factory creating the instance's shared-memory pool and (if sized) its disk block file."""
+    """A factory creating the instance's shared-memory pool and (if sized) its disk block file.
 
-    def create(host_blocks: int, block_bytes: int, disk_blocks: int) -> CacheStorage:
+    With ``DYN_KVBM_DISK_CACHE_PERSIST`` the disk file is the layout's persistent one; if a live
+    leader holds it, this leader falls back to a private file (logged), never sharing it.
+    """
+
+    def create(host_blocks: int, block_bytes: int, disk_blocks: int, layout: str) -> CacheStorage:
         from kvbm.leader.capacity import check_cache_space
 
         check_cache_space(config, block_bytes)  # one clear line before any allocation
@@ -179,7 +191,8 @@ def shm_storage(config: KvbmConfig, instance: str, notify: Callable[[], None]) -
         if disk_blocks <= 0:
             return ShmStorage(pool, None)
         try:
-            return ShmStorage(pool, StoreIO(_disk_store(config, instance, disk_blocks, block_bytes), pool, notify))
+            store = _disk_store(config, instance, disk_blocks, block_bytes, layout)
+            return ShmStorage(pool, StoreIO(store, pool, notify))
         except BaseException:
             pool.close()  # the disk tier failed after the host pool was made
             raise
@@ -187,14 +200,37 @@ def shm_storage(config: KvbmConfig, instance: str, notify: Callable[[], None]) -
     return create
 
 
-def _disk_store(cfg: KvbmConfig, instance: str, disk_blocks: int, block_bytes: int) -> DiskStore:
-    from kvbm.leader.disk import DiskStore, disk_file_path
+def layout_key(layout: str) -> int:
+    """The 64-bit layout fingerprint that names a persistent cache (and its blocks' headers)."""
+    import xxhash
+
+    return xxhash.xxh3_64_intdigest(layout.encode())
+
+
+def _disk_store(cfg: KvbmConfig, instance: str, disk_blocks: int, block_bytes: int, layout: str) -> DiskStore:
+    from kvbm.leader.disk import DiskInUse, DiskStore, disk_file_path
+
+    if cfg.disk_cache_persist:
+        try:
+            store = _open_disk_store(cfg, instance, disk_blocks, block_bytes, layout_key(layout))
+            log.info("persistent disk cache %s (layout %s): %d blocks re-indexed", store.path, layout,
+                     len(store.restored))
+            return store
+        except DiskInUse as e:
+            log.warning("%s; this leader uses a private, non-persistent disk file instead", e)
 
     # We hold the instance lock, so a block file of this instance is a dead leader's.
     stale = disk_file_path(cfg.disk_cache_dir, instance)
     if os.path.isfile(stale) and not os.path.islink(stale) and os.stat(stale).st_uid == os.getuid():
         log.warning("removing %s left by a previous leader of this instance", stale)
         os.unlink(stale)
+    return _open_disk_store(cfg, instance, disk_blocks, block_bytes, None)
+
+
+def _open_disk_store(cfg: KvbmConfig, instance: str, disk_blocks: int, block_bytes: int,
+                     layout: int | None) -> DiskStore:
+    from kvbm.leader.disk import DiskStore
+
     return DiskStore(
         cfg.disk_cache_dir,
         instance,
@@ -203,6 +239,7 @@ def _disk_store(cfg: KvbmConfig, instance: str, disk_blocks: int, block_bytes: i
         o_direct=not cfg.disk_disable_o_direct,
         zerofill_fallback=cfg.disk_zerofill_fallback,
         max_concurrent=cfg.max_concurrent_transfers,
+        layout=layout,
     )
 
 

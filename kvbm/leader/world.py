@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from kvbm.ipc.messages import RegisterRank
 from kvbm.ipc.shm import align_up
 
+BLOCK_FORMAT_VERSION = 1
+"""Bumped whenever the bytes of a host block (the ranks' slices side by side) change meaning."""
+
 
 class InitStep(enum.Enum):
     """How far a rank got in the init sync."""
@@ -84,6 +87,18 @@ class World:
     def block_bytes(self) -> int:
         """Host block size: the ranks' slices side by side, rounded up to 4096 for O_DIRECT."""
         return align_up(sum(self.slice_sizes))
+
+    @property
+    def layout_fingerprint(self) -> str:
+        """Everything that must agree for two worlds to share cached blocks (names persistent caches).
+
+        The ranks' identity (model, when the engine knows it), dtype, tokens per block, layers,
+        every rank's slice size (so the TP size), the engine's KV layout and kvbm's block format.
+        """
+        first = self.ranks[min(self.ranks)].layout
+        slices = ",".join(str(b) for b in self.slice_sizes)
+        return (f"kvbm-block-v{BLOCK_FORMAT_VERSION};{first.fingerprint};dtype={first.dtype};bs={first.block_size};"
+                f"layers={first.num_layers};slices={slices};layout={first.engine_layout}")
 
     def slice_offset(self, rank: int) -> int:
         return sum(self.ranks[r].layout.slice_bytes for r in sorted(self.ranks) if r < rank)
