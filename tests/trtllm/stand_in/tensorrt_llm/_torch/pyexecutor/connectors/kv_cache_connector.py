@@ -1,6 +1,6 @@
 """Mirrors tensorrt_llm/_torch/pyexecutor/connectors/kv_cache_connector.py, NVIDIA/TensorRT-LLM @ 5a06f334f04fb515ff79f73b7f0f7726ad757361:
 RequestData, SchedulerOutput and the two abstract connector roles (their methods, arguments and
-return types). The runtime half (KvCacheConnectorManager) is played by tests/trtllm/executor.py.
+return types). The runtime half (KvCacheConnectorManager) is played by tests/trtllm/trt_executor.py.
 """
 
 from __future__ import annotations
