@@ -4,6 +4,8 @@ every loaded byte checked against the KV oracle (see tests/trtllm/trt_executor.p
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -175,3 +177,25 @@ def test_disk_tier_spill(executor, trt_env):
     c = counters(ex)
     assert c.get("hit_disk_tokens", 0) > 0, c
     assert ex.load_failures() == 0
+
+
+def test_import_kvbm_stays_light():
+    code = ("import sys, kvbm, kvbm.connector.planner, kvbm.worker.agent; "
+            "bad = [m for m in ('torch', 'tensorrt_llm', 'vllm') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_partial_reuse_is_refused_and_the_connector_stays_idle(trt_env, caplog):
+    from tensorrt_llm.bindings.internal.batch_manager import LlmRequest
+    from tensorrt_llm.llmapi.llm_args import KvCacheConfig, TorchLlmArgs
+
+    from kvbm.trtllm_integration.connector import DynamoKVBMConnectorLeader, DynamoKVBMConnectorWorker
+
+    args = TorchLlmArgs(kv_cache_config=KvCacheConfig(16, enable_partial_reuse=True))
+    leader = DynamoKVBMConnectorLeader(args)
+    worker = DynamoKVBMConnectorWorker(args)
+    assert leader.planner is None and leader.leader is None
+    assert "enable_partial_reuse: false" in caplog.text
+    assert leader.get_num_new_matched_tokens(LlmRequest(1, list(range(40))), 0) == (0, False)
+    assert worker.get_finished([1], []) == ([1], [])

@@ -52,6 +52,7 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
         self.follower: IndexFollower | None = None
         self.leader: LeaderProcess | None = None
         self._external: dict[int, int] = {}  # request id -> tokens it loads (this step's new requests)
+        self._dropped: dict[int, bool] = {}  # requests kvbm stopped tracking -> keep their blocks at finish
         try:
             s = settings_for(llm_args)
         except UnsupportedSetup as e:
@@ -99,6 +100,11 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
         if p is None:
             return StepPlan()
         scheduled = []
+        for rd in scheduler_output.new_requests + scheduler_output.cached_requests:
+            if any(b < 0 for b in rd.new_block_ids) and rd.request_id not in self._dropped:
+                # -1: a page outside an attention window. kvbm caches whole prefixes only: it
+                # stops storing this request (its stores sent so far still count at finish).
+                self._dropped[rd.request_id] = p.finished(str(rd.request_id))
         for rd in scheduler_output.new_requests:
             # TensorRT-LLM reports a request's first computed position without the tokens the
             # connector loads this step; kvbm counts them as computed (they are not stored again).
@@ -118,6 +124,8 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
         """True (TensorRT-LLM keeps the blocks) while a store may read this request's blocks;
         the workers report it from ``get_finished`` once their stores of it are done."""
         self._external.pop(request.request_id, None)
+        if request.request_id in self._dropped:
+            return self._dropped.pop(request.request_id)
         return self.planner.finished(str(request.request_id)) if self.planner is not None else False
 
     def shutdown(self) -> None:
