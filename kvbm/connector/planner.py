@@ -2,7 +2,7 @@
 
 Per request it keeps kvbm's own sequence hashes (incremental, salted), the request's engine
 block ids, and how many of its full blocks were already offered for storing. An adapter
-(vLLM's connector, the simulated engine, later TensorRT-LLM's) translates its engine's calls:
+(vLLM's connector, the simulated engine, TensorRT-LLM's) translates its engine's calls:
 
 * :meth:`Planner.lookup`: blocks past the engine's own hit that kvbm holds, answered by the
   local index replica (no round trip) or, until it has a snapshot, by the leader's Match;
@@ -554,7 +554,7 @@ class Planner:
 
     def take_counters(self) -> Counter[str]:
         """Counters since the last call (lookup_tokens, hit_*_tokens, onboard_*_blocks,
-        offload_blocks, load_error_blocks, remote_lookups, pin_shortfall_blocks, staging_failures)."""
+        offload_blocks, load_error_blocks, remote_lookups, remote_pins, pin_shortfall_blocks, staging_failures)."""
         out, self.counters = self.counters, Counter()
         return out
 
