@@ -60,6 +60,17 @@ def test_hit_after_engine_cache_dropped(executor):
     assert ex.load_failures() == 0
 
 
+def test_blocks_completed_by_decoding_are_stored(executor):
+    ex = executor()
+    rid = ex.submit(prompts(1, 16 * 2 + 4, seed=10)[0], max_tokens=30)
+    ex.run()
+    assert counters(ex)["offload_blocks"] == 4  # 2 prompt blocks, 2 completed while decoding
+    ex.drop_engine_cache()
+    ex.submit(ex.outputs[rid][: 16 * 4 + 1])  # the conversation's next turn
+    t = ex.run()
+    assert t.errors == [] and t.external_tokens == 4 * 16
+
+
 def test_whole_prompt_hit_leaves_a_token(executor):
     ex = executor()
     p = prompts(1, 16 * 3, seed=2)[0]

@@ -195,6 +195,7 @@ class Executor:
         self.saving: dict[int, Req] = {}  # finished, blocks kept for async saves
         self._new_saving: list[int] = []
         self._local_done: list[set[int]] = [set() for _ in self.ranks]
+        self.outputs: dict[int, list[int]] = {}  # finished request -> all its tokens
         self._next_id = 1
         self.totals = Totals()
 
@@ -323,6 +324,7 @@ class Executor:
                 finished.append(req)
         for req in finished:
             self.totals.finished += 1
+            self.outputs[req.llm.request_id] = req.llm.get_tokens(0)
             if self.scheduler.request_finished(req.llm, list(req.blocks)):
                 self.saving[req.llm.request_id] = req
                 self._new_saving.append(req.llm.request_id)

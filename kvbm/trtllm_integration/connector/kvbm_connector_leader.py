@@ -53,6 +53,9 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
         self.leader: LeaderProcess | None = None
         self._external: dict[int, int] = {}  # request id -> tokens it loads (this step's new requests)
         self._dropped: dict[int, bool] = {}  # requests kvbm stopped tracking -> keep their blocks at finish
+        # Each tracked request's tokens, kept current from RequestData.new_tokens: the binding's
+        # get_tokens(0) returns a copy, not a live view.
+        self._tokens: dict[int, list[int]] = {}
         try:
             s = settings_for(llm_args)
         except UnsupportedSetup as e:
@@ -79,8 +82,8 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
             return 0, False  # decode of a disaggregated request / inputs not identified by tokens
         req_id = str(request.request_id)
         if not p.tracked(req_id):
-            # get_tokens(0) is the live token list of beam 0: it grows with the outputs.
-            p.add(req_id, request.get_tokens(0), salt_hash(_salt(request)))
+            tokens = self._tokens[request.request_id] = list(request.get_tokens(0))
+            p.add(req_id, tokens, salt_hash(_salt(request)))
         if num_computed_tokens % p.block_size:
             return 0, False  # partial reuse: kvbm loads whole blocks only
         n = p.lookup_pinned(req_id, num_computed_tokens, REPLY_WAIT_S)
@@ -106,12 +109,18 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
                 # stops storing this request (its stores sent so far still count at finish).
                 self._dropped[rd.request_id] = p.finished(str(rd.request_id))
         for rd in scheduler_output.new_requests:
+            tokens = self._tokens.get(rd.request_id)
+            if tokens is not None:
+                tokens[:] = rd.new_tokens  # a request's first report carries all its tokens
             # TensorRT-LLM reports a request's first computed position without the tokens the
             # connector loads this step; kvbm counts them as computed (they are not stored again).
             computed = rd.computed_position + self._external.pop(rd.request_id, 0)
             scheduled.append(ScheduledRequest(str(rd.request_id), computed, rd.num_scheduled_tokens,
                                               list(rd.new_block_ids), True))
         for rd in scheduler_output.cached_requests:
+            tokens = self._tokens.get(rd.request_id)
+            if tokens is not None:
+                tokens += rd.new_tokens
             scheduled.append(ScheduledRequest(str(rd.request_id), rd.computed_position, rd.num_scheduled_tokens,
                                               list(rd.new_block_ids)))
         self._external.clear()
@@ -124,6 +133,7 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
         """True (TensorRT-LLM keeps the blocks) while a store may read this request's blocks;
         the workers report it from ``get_finished`` once their stores of it are done."""
         self._external.pop(request.request_id, None)
+        self._tokens.pop(request.request_id, None)
         if request.request_id in self._dropped:
             return self._dropped.pop(request.request_id)
         return self.planner.finished(str(request.request_id)) if self.planner is not None else False

@@ -24,9 +24,9 @@ class LlmRequest:
         self.kv_cache_retention_config = None
 
     def get_tokens(self, beam: int) -> List[int]:
-        """The live token list of one beam (the C++ binding returns the same growing vector)."""
+        """One beam's tokens: the binding converts the C++ vector, so each call returns a copy."""
         assert beam == 0
-        return self._tokens
+        return list(self._tokens)
 
     def add_new_token(self, token: int, beam: int) -> None:
         self._tokens.append(token)
