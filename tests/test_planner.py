@@ -9,6 +9,7 @@ flight (released, nothing stays pinned).
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import pytest
@@ -116,8 +117,11 @@ def test_firm_lookup_promises_only_pinned_blocks(sim: SimEngine) -> None:
     sim.quiesce()
     replica = IndexReplica()
     replica.apply(_snapshot(sequence_hashes(stored, BS) + sequence_hashes(never, BS)))
-    planner = Planner(BS, sim.world_size, LeaderClient(sim.endpoint), replica=replica, store_acks=False)
+    # A patient client: on a busy CI machine a 1 s reply timeout marks the leader down.
+    planner = Planner(BS, sim.world_size, LeaderClient(sim.endpoint, timeout_s=10.0), replica=replica,
+                      store_acks=False)
     try:
+        _wait_ready(planner)
         planner.add("stale", never, EMPTY_SALT_HASH)
         assert planner.lookup_pinned("stale", 0, 5.0) == 0  # the replica claimed it; nothing pinned
         planner.add("r", stored, EMPTY_SALT_HASH)
@@ -139,9 +143,18 @@ def test_firm_lookup_promises_only_pinned_blocks(sim: SimEngine) -> None:
         planner.shutdown()
 
 
+def _wait_ready(planner: Planner, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not planner.ready():
+        assert time.monotonic() < deadline, "the leader did not become ready"
+        planner.client.refresh()
+        time.sleep(0.01)
+
+
 def test_without_store_acks_finished_keeps_blocks_of_stored_requests(sim: SimEngine) -> None:
-    planner = Planner(BS, sim.world_size, LeaderClient(sim.endpoint), store_acks=False)
+    planner = Planner(BS, sim.world_size, LeaderClient(sim.endpoint, timeout_s=10.0), store_acks=False)
     try:
+        _wait_ready(planner)
         a, b = _prompt(3, 7), _prompt(3, 8)
         planner.add("a", a, EMPTY_SALT_HASH)
         planner.add("b", b, EMPTY_SALT_HASH)
