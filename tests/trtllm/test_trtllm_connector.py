@@ -210,3 +210,17 @@ def test_partial_reuse_is_refused_and_the_connector_stays_idle(trt_env, caplog):
     assert "enable_partial_reuse: false" in caplog.text
     assert leader.get_num_new_matched_tokens(LlmRequest(1, list(range(40))), 0) == (0, False)
     assert worker.get_finished([1], []) == ([1], [])
+
+
+def test_a_page_outside_the_window_stops_storing_the_request(executor):
+    from tensorrt_llm._torch.pyexecutor.connectors.kv_cache_connector import RequestData, SchedulerOutput
+
+    ex = executor()
+    rid = ex.submit(prompts(1, 16 * 2 + 4, seed=11)[0], max_tokens=30)
+    ex.step()  # the context step: its 2 prompt blocks are stored
+    # A report whose block ids hold -1 (a page that left the attention window).
+    plan = ex.scheduler.build_connector_meta(SchedulerOutput(cached_requests=[RequestData(rid, [], [-1], 36, 1)]))
+    assert plan.is_empty() and not ex.scheduler.planner.tracked(str(rid))
+    t = ex.run()
+    assert t.errors == [] and ex.load_failures() == 0
+    assert counters(ex)["offload_blocks"] == 2  # the blocks its decoding completed are not stored
