@@ -126,7 +126,7 @@ def test_firm_lookup_promises_only_pinned_blocks(sim: SimEngine) -> None:
         assert planner.lookup_pinned("stale", 0, 5.0) == 0  # the replica claimed it; nothing pinned
         planner.add("r", stored, EMPTY_SALT_HASH)
         hit = planner.lookup_pinned("r", 0, 5.0)
-        assert hit == 4 * BS
+        assert hit == 4 * BS, (planner.ready(), dict(planner.counters), planner.client.stats())
         assert planner.client.stats()["host_pinned"] == 4  # pinned before the answer
         planner.load_after_alloc("r", [20, 21, 22, 23, 24], hit)
         plan = planner.step([])
