@@ -9,6 +9,7 @@ flight (released, nothing stays pinned).
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import pytest
@@ -106,3 +107,67 @@ def test_planner_refuses_bad_sizes(sim: SimEngine) -> None:
         Planner(0, 1, sim.client)
     with pytest.raises(ValueError, match="world_size must be > 0, got -1"):
         Planner(BS, -1, sim.client)
+
+
+def test_firm_lookup_promises_only_pinned_blocks(sim: SimEngine) -> None:
+    """lookup_pinned (engines without a load-error path): a stale replica's claim is never
+    promised; a promise becomes a ready load op; an unused pin is released at finish."""
+    stored, never = _prompt(5, 5), _prompt(5, 6)
+    sim.run([stored])
+    sim.quiesce()
+    replica = IndexReplica()
+    replica.apply(_snapshot(sequence_hashes(stored, BS) + sequence_hashes(never, BS)))
+    # A patient client: on a busy CI machine a 1 s reply timeout marks the leader down.
+    planner = Planner(BS, sim.world_size, LeaderClient(sim.endpoint, timeout_s=10.0), replica=replica,
+                      store_acks=False)
+    try:
+        _wait_ready(planner)
+        planner.add("stale", never, EMPTY_SALT_HASH)
+        assert planner.lookup_pinned("stale", 0, 5.0) == 0  # the replica claimed it; nothing pinned
+        planner.add("r", stored, EMPTY_SALT_HASH)
+        hit = planner.lookup_pinned("r", 0, 5.0)
+        assert hit == 4 * BS, (planner.ready(), dict(planner.counters), planner.client.stats())
+        assert planner.client.stats()["host_pinned"] == 4  # pinned before the answer
+        planner.load_after_alloc("r", [20, 21, 22, 23, 24], hit)
+        plan = planner.step([])
+        assert [(op.req_id, op.blocks, op.failed_blocks) for op in plan.loads] == [("r", [20, 21, 22, 23], [])]
+        assert plan.loads[0].op_id and len(plan.loads[0].slots) == 4
+        planner.client.release(plan.loads[0].op_id)  # (the workers would copy it first)
+        planner.add("unused", stored, EMPTY_SALT_HASH)
+        assert planner.lookup_pinned("unused", BS, 5.0) == 3 * BS
+        assert planner.finished("unused") is False  # never allocated: its pin is released
+        planner.settle(5)
+        stats = sim.quiesce()
+        assert stats["host_pinned"] == 0 and stats["ops_in_flight"] == 0
+    finally:
+        planner.shutdown()
+
+
+def _wait_ready(planner: Planner, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not planner.ready():
+        assert time.monotonic() < deadline, "the leader did not become ready"
+        planner.client.refresh()
+        time.sleep(0.01)
+
+
+def test_without_store_acks_finished_keeps_blocks_of_stored_requests(sim: SimEngine) -> None:
+    planner = Planner(BS, sim.world_size, LeaderClient(sim.endpoint, timeout_s=10.0), store_acks=False)
+    try:
+        _wait_ready(planner)
+        a, b = _prompt(3, 7), _prompt(3, 8)
+        planner.add("a", a, EMPTY_SALT_HASH)
+        planner.add("b", b, EMPTY_SALT_HASH)
+        planner.step([ScheduledRequest("a", 0, len(a), [1, 2, 3], True)])
+        plan = planner.settle(10)
+        assert [op.req_id for op in plan.stores] == ["a"]
+        planner.client.release(plan.stores[0].op_id)  # (the workers would copy it)
+        assert planner.finished("a") is True  # a store was sent: the workers report it when done
+        planner.step([ScheduledRequest("b", 0, len(b), [4, 5, 6], True)])
+        assert planner.finished("b") is False  # its allocation is still posted: released, not sent
+        plan = planner.settle(10)
+        assert not plan.stores and not plan.delayed_free
+        stats = sim.quiesce()
+        assert stats["ops_in_flight"] == 0 and stats["host_writing"] == 0
+    finally:
+        planner.shutdown()

@@ -2,7 +2,7 @@
 
 Per request it keeps kvbm's own sequence hashes (incremental, salted), the request's engine
 block ids, and how many of its full blocks were already offered for storing. An adapter
-(vLLM's connector, the simulated engine, later TensorRT-LLM's) translates its engine's calls:
+(vLLM's connector, the simulated engine, TensorRT-LLM's) translates its engine's calls:
 
 * :meth:`Planner.lookup`: blocks past the engine's own hit that kvbm holds, answered by the
   local index replica (no round trip) or, until it has a snapshot, by the leader's Match;
@@ -37,7 +37,7 @@ from kvbm.connector.link import AsyncLink, Reply
 from kvbm.connector.ops import LoadOp, StepPlan, StoreOp
 from kvbm.hashing import SequenceHasher
 from kvbm.ipc import messages as m
-from kvbm.leader.client import LeaderClient
+from kvbm.leader.client import LeaderClient, LoadGrantInfo
 from kvbm.leader.registry import BlockEvent, EventKind, Tier
 
 log = logging.getLogger("kvbm.connector")
@@ -66,6 +66,7 @@ class _Match:
     start: int  # first block past the engine's own hit
     host: int
     disk: int
+    grant: LoadGrantInfo | None = None  # held pin of a firm lookup (lookup_pinned)
 
 
 @dataclass
@@ -129,11 +130,15 @@ class Planner:
     ``replica``: a local index replica kept current elsewhere (IndexFollower); lookups use it
     once it holds a snapshot. ``free_blocks``: free engine blocks, for engines that admit a
     request only if its whole sequence fits (lookups that cannot be admitted are skipped).
+    ``store_acks``: False for engines whose workers report only per-request completion
+    (TensorRT-LLM's ``get_finished``), never per store op: ``finished`` then keeps the blocks
+    of every request that had a store op sent, and the workers report it once their own
+    stores of it are done.
     """
 
     def __init__(self, block_size: int, world_size: int, client: LeaderClient, *,
                  replica: IndexReplica | None = None, link: AsyncLink | None = None,
-                 free_blocks: Callable[[], int] | None = None) -> None:
+                 free_blocks: Callable[[], int] | None = None, store_acks: bool = True) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be > 0, got {block_size}")
         if world_size <= 0:
@@ -144,6 +149,7 @@ class Planner:
         self.replica = replica
         self.link = link or AsyncLink(client.endpoint, timeout_s=max(5.0, 5 * client.timeout_s))
         self.free_blocks = free_blocks
+        self.store_acks = store_acks
         self.max_model_len = 1 << 62
         self.counters: Counter[str] = Counter()
         self._reqs: dict[str, _Req] = {}
@@ -205,6 +211,7 @@ class Planner:
 
     def lookup(self, req_id: str, num_computed_tokens: int) -> int:
         """External hit tokens past ``num_computed_tokens`` (the engine's own hit); 0 if none."""
+        self._drop_grant(req_id)
         st = self._reqs.get(req_id)
         if st is None or not self.ready():
             return 0
@@ -236,6 +243,51 @@ class Planner:
             return 0
         st.match = _Match(start, host, disk)
         return (host + disk) * bs
+
+    def lookup_pinned(self, req_id: str, num_computed_tokens: int, timeout_s: float) -> int:
+        """Like :meth:`lookup`, but the answer is only what kvbm pinned (and staged from disk)
+        before answering, so loading it cannot fail later. For engines with no load-error path
+        (TensorRT-LLM): one leader round trip per hit, plus the disk staging, on the caller's
+        thread. The grant is used by :meth:`load_after_alloc` or released by :meth:`finished`.
+        """
+        n = self.lookup(req_id, num_computed_tokens)
+        st = self._reqs.get(req_id)
+        if n == 0 or st is None or st.match is None:
+            return 0
+        mt = st.match
+        grant = self.client.prepare_load(st.hashes[mt.start : mt.start + n // self.block_size])
+        self.counters["remote_pins"] += 1
+        if grant.op_id and not grant.ready and not self._staged(grant.op_id, timeout_s):
+            grant = LoadGrantInfo(0, [], False)
+        k = len(grant.slots) if grant.op_id else 0
+        self.counters["pin_shortfall_blocks"] += n // self.block_size - k
+        if k == 0:
+            st.match = None
+            return 0
+        mt.host = min(mt.host, k)
+        mt.disk = k - mt.host
+        mt.grant = grant
+        return k * self.block_size
+
+    def _staged(self, op_id: int, timeout_s: float) -> bool:
+        """Wait until the leader staged load ``op_id`` from disk; False (op released) if not."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ready, failed = self.client.poll_loads([op_id])
+            if op_id in ready:
+                return True
+            if op_id in failed or time.monotonic() > deadline:
+                if op_id not in failed:
+                    self.client.release(op_id)
+                self.counters["staging_failures"] += 1
+                return False
+            time.sleep(0.0005)
+
+    def _drop_grant(self, req_id: str) -> None:
+        st = self._reqs.get(req_id)
+        if st is not None and st.match is not None and st.match.grant is not None:
+            self._release(st.match.grant.op_id)
+            st.match.grant = None
 
     def _cannot_fit(self, num_tokens: int, num_computed_tokens: int) -> bool:
         """True when the engine pool cannot hold the whole sequence: a lower bound of the
@@ -274,6 +326,11 @@ class Planner:
             return
         self.counters["hit_host_tokens"] += min(mt.host, n) * bs
         self.counters["hit_disk_tokens"] += (n - min(mt.host, n)) * bs
+        if mt.grant is not None:  # a firm lookup: the blocks are pinned (and staged) already
+            grant, mt.grant = mt.grant, None
+            self._emit_load(LoadOp(req_id, grant.op_id, grant.slots[:n], engine[:n], engine[n:]),
+                            min(mt.host, n), n - min(mt.host, n))
+            return
         st.loading = True
         self._post([(m.PrepareLoad(m.pack_hashes(st.hashes[mt.start : mt.start + n])),
                      _Pin(st, st.gen, engine, mt.host))])
@@ -464,6 +521,7 @@ class Planner:
     def finished(self, req_id: str) -> bool:
         """The request finished or was aborted; True: keep its engine blocks until the workers
         report it (a store reads from them, or will once its allocation comes back)."""
+        self._drop_grant(req_id)
         st = self._reqs.pop(req_id, None)
         if st is None:
             return False
@@ -475,6 +533,13 @@ class Planner:
                 del self._staging[op_id]
                 self._release(op_id)
             self._ready_loads.append(LoadOp(req_id, 0, [], [], []))
+        if not self.store_acks:
+            # Allocations still posted are released when they come back (the workers may
+            # report the request before a later plan could carry their store ops).
+            st.gen += 1
+            for op_id in st.inflight:
+                self._store_owner.pop(op_id, None)
+            return bool(st.inflight)
         if st.posted_stores:
             self._finishing[req_id] = st
             self._awaiting_free.add(req_id)
@@ -491,7 +556,7 @@ class Planner:
 
     def take_counters(self) -> Counter[str]:
         """Counters since the last call (lookup_tokens, hit_*_tokens, onboard_*_blocks,
-        offload_blocks, load_error_blocks, remote_lookups, pin_shortfall_blocks, staging_failures)."""
+        offload_blocks, load_error_blocks, remote_lookups, remote_pins, pin_shortfall_blocks, staging_failures)."""
         out, self.counters = self.counters, Counter()
         return out
 

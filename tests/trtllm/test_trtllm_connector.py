@@ -1,0 +1,226 @@
+"""kvbm's TensorRT-LLM connector driven by an executor-like loop in TensorRT-LLM's call order,
+every loaded byte checked against the KV oracle (see tests/trtllm/trt_executor.py)."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+
+from trt_executor import Executor  # noqa: E402
+
+from kvbm.ipc.shm import sweep_stale_segments  # noqa: E402
+
+
+def prompts(n: int, length: int, seed: int, shared: int = 0) -> list[list[int]]:
+    rnd = random.Random(seed)
+    head = [rnd.randrange(1000) for _ in range(shared)]
+    return [head + [rnd.randrange(1000) for _ in range(length - shared)] for _ in range(n)]
+
+
+@pytest.fixture
+def executor(trt_env):
+    made: list[Executor] = []
+
+    def make(**kw) -> Executor:
+        ex = Executor(**kw)
+        made.append(ex)
+        ex.wait_ready()
+        return ex
+
+    yield make
+    for ex in made:
+        ex.close()
+
+
+def counters(ex: Executor) -> dict[str, int]:
+    assert ex.scheduler.planner is not None
+    return dict(ex.scheduler.planner.take_counters())
+
+
+def test_hit_after_engine_cache_dropped(executor):
+    ex = executor()
+    batch = prompts(3, 16 * 4 + 5, seed=1)
+    for p in batch:
+        ex.submit(p)
+    t = ex.run()
+    assert t.errors == [] and t.external_tokens == 0
+    assert counters(ex)["offload_blocks"] == 3 * 4
+    ex.drop_engine_cache()
+    for p in batch:
+        ex.submit(p)
+    t = ex.run()
+    assert t.errors == [], t.errors
+    assert t.external_tokens == 3 * 4 * 16  # every full prompt block comes from kvbm
+    assert counters(ex)["hit_host_tokens"] == 3 * 4 * 16
+    assert ex.load_failures() == 0
+
+
+def test_blocks_completed_by_decoding_are_stored(executor):
+    ex = executor()
+    rid = ex.submit(prompts(1, 16 * 2 + 4, seed=10)[0], max_tokens=30)
+    ex.run()
+    assert counters(ex)["offload_blocks"] == 4  # 2 prompt blocks, 2 completed while decoding
+    ex.drop_engine_cache()
+    ex.submit(ex.outputs[rid][: 16 * 4 + 1])  # the conversation's next turn
+    t = ex.run()
+    assert t.errors == [] and t.external_tokens == 4 * 16
+
+
+def test_whole_prompt_hit_leaves_a_token(executor):
+    ex = executor()
+    p = prompts(1, 16 * 3, seed=2)[0]
+    ex.submit(p)
+    ex.run()
+    ex.drop_engine_cache()
+    ex.submit(p)
+    t = ex.run()
+    assert t.errors == [] and t.external_tokens == 2 * 16  # the last block is held back
+
+
+def test_churn_with_eviction_and_reloads(executor, trt_env):
+    trt_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="24")
+    ex = executor(num_blocks=32)
+    rnd = random.Random(3)
+    pool = prompts(10, 16 * 3 + 7, seed=3, shared=16)
+    for _ in range(4):
+        for p in rnd.sample(pool, 6):
+            ex.submit(p, max_tokens=rnd.randrange(1, 20))
+        ex.run()
+        ex.drop_engine_cache()
+    t = ex.totals
+    assert t.errors == [], t.errors[:5]
+    assert t.external_tokens > 0
+    assert ex.load_failures() == 0
+
+
+def test_cache_salt_isolation(executor):
+    ex = executor()
+    p = prompts(1, 16 * 4 + 3, seed=4)[0]
+    ex.submit(p, salt=7)
+    ex.run()
+    ex.drop_engine_cache()
+    ex.submit(p, salt=8)  # another tenant: no hit
+    ex.submit(p)  # no salt: no hit either
+    t = ex.run()
+    assert t.external_tokens == 0 and t.errors == []
+    ex.drop_engine_cache()
+    ex.submit(p, salt=7)
+    t = ex.run()
+    assert t.external_tokens == 4 * 16 and t.errors == []
+
+
+def test_multimodal_and_generation_only_do_no_lookup(executor):
+    ex = executor()
+    p = prompts(1, 16 * 3 + 1, seed=5)[0]
+    ex.submit(p)
+    ex.run()
+    ex.drop_engine_cache()
+    ex.submit(p, multimodal_positions=[0])
+    ex.submit(p, is_generation_only_request=True)
+    t = ex.run()
+    assert t.external_tokens == 0 and t.errors == []
+
+
+def test_tp2_two_worker_processes(executor):
+    ex = executor(tp=2)
+    batch = prompts(4, 16 * 3 + 2, seed=6, shared=16)
+    for p in batch:
+        ex.submit(p, max_tokens=18)  # decodes fill and store another block
+    t = ex.run()
+    ex.drop_engine_cache()
+    for p in batch:
+        ex.submit(p)
+    t = ex.run()
+    assert t.errors == [], t.errors[:5]
+    assert t.external_tokens >= 4 * 3 * 16
+    assert ex.load_failures() == 0
+
+
+def test_leader_death_mid_run(executor):
+    ex = executor()
+    batch = prompts(4, 16 * 3 + 4, seed=7)
+    for p in batch:
+        ex.submit(p)
+    ex.run()
+    ex.drop_engine_cache()
+    assert ex.scheduler.leader is not None and ex.scheduler.leader.popen is not None
+    ex.scheduler.leader.popen.kill()
+    ex.scheduler.leader.popen.wait()
+    sweep_stale_segments()  # what the next leader's start does; a killed leader cannot unlink
+    ex.drop_engine_cache(quiesce=False)
+    before = ex.totals.external_tokens
+    for p in batch + prompts(4, 16 * 3 + 4, seed=8):
+        ex.submit(p, max_tokens=5)
+        ex.step()  # some steps run while the client still thinks the leader is there
+    t = ex.run()
+    assert t.errors == [], t.errors[:5]
+    assert ex.load_failures() == 0
+    # Hits found before the death was noticed were pinned, so loaded; none after.
+    ex.drop_engine_cache(quiesce=False)
+    mark = t.external_tokens
+    for p in batch:
+        ex.submit(p)
+    t = ex.run()
+    assert t.external_tokens == mark and t.errors == []
+    assert mark >= before
+
+
+def test_disk_tier_spill(executor, trt_env):
+    trt_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8", DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS="128",
+            DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="1")
+    ex = executor(num_blocks=40)
+    batch = prompts(8, 16 * 3 + 1, seed=9)
+    for p in batch:
+        ex.submit(p, max_tokens=1)
+        ex.run()  # one at a time: the host pool (8 blocks) spills to disk
+    assert ex.scheduler.planner is not None
+    counters(ex)
+    ex.drop_engine_cache()
+    for p in batch[:4]:  # the oldest: long gone from the host pool
+        ex.submit(p, max_tokens=1)
+    t = ex.run()
+    assert t.errors == [], t.errors[:5]
+    c = counters(ex)
+    assert c.get("hit_disk_tokens", 0) > 0, c
+    assert ex.load_failures() == 0
+
+
+def test_import_kvbm_stays_light():
+    code = ("import sys, kvbm, kvbm.connector.planner, kvbm.worker.agent; "
+            "bad = [m for m in ('torch', 'tensorrt_llm', 'vllm') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_partial_reuse_is_refused_and_the_connector_stays_idle(trt_env, caplog):
+    from tensorrt_llm.bindings.internal.batch_manager import LlmRequest
+    from tensorrt_llm.llmapi.llm_args import KvCacheConfig, TorchLlmArgs
+
+    from kvbm.trtllm_integration.connector import DynamoKVBMConnectorLeader, DynamoKVBMConnectorWorker
+
+    args = TorchLlmArgs(kv_cache_config=KvCacheConfig(16, enable_partial_reuse=True))
+    leader = DynamoKVBMConnectorLeader(args)
+    worker = DynamoKVBMConnectorWorker(args)
+    assert leader.planner is None and leader.leader is None
+    assert "enable_partial_reuse: false" in caplog.text
+    assert leader.get_num_new_matched_tokens(LlmRequest(1, list(range(40))), 0) == (0, False)
+    assert worker.get_finished([1], []) == ([1], [])
+
+
+def test_a_page_outside_the_window_stops_storing_the_request(executor):
+    from tensorrt_llm._torch.pyexecutor.connectors.kv_cache_connector import RequestData, SchedulerOutput
+
+    ex = executor()
+    rid = ex.submit(prompts(1, 16 * 2 + 4, seed=11)[0], max_tokens=30)
+    ex.step()  # the context step: its 2 prompt blocks are stored
+    # A report whose block ids hold -1 (a page that left the attention window).
+    plan = ex.scheduler.build_connector_meta(SchedulerOutput(cached_requests=[RequestData(rid, [], [-1], 36, 1)]))
+    assert plan.is_empty() and not ex.scheduler.planner.tracked(str(rid))
+    t = ex.run()
+    assert t.errors == [] and ex.load_failures() == 0
+    assert counters(ex)["offload_blocks"] == 2  # the blocks its decoding completed are not stored

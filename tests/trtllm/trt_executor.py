@@ -1,0 +1,364 @@
+"""An executor-like loop that drives kvbm's TensorRT-LLM connector in TensorRT-LLM's call order.
+
+Order followed (NVIDIA/TensorRT-LLM @ 5a06f334f04fb515ff79f73b7f0f7726ad757361,
+``tensorrt_llm/_torch/pyexecutor/py_executor.py``, ``resource_manager.py``,
+``connectors/kv_cache_connector.py`` and the C++ ``kvCacheManager.cpp`` ``addSequence``):
+
+1. schedule; for each new context request the KV cache manager matches its own prefix cache
+   (whole blocks, ``enable_partial_reuse: false``, at least one prompt token left), calls the
+   scheduler's ``get_num_new_matched_tokens(req, num_local)`` (``(0, True)`` is an error;
+   local + matched must leave a prompt token), sets the prepopulated length, allocates, and
+   calls ``update_state_after_alloc(req, all block ids)``;
+2. ``build_connector_meta(SchedulerOutput)`` on rank 0 (a request's first report is in
+   ``new_requests`` with ``computed_position`` minus the connector's matched tokens), pickled
+   to every rank: ``bind_connector_meta``, ``start_load_kv``, per layer ``wait_for_layer_load``,
+   the layer, ``save_kv_layer``; then ``wait_for_save``;
+3. sampling; finished requests go to ``request_finished(req, block_ids)`` (True: the blocks stay
+   allocated), then ``get_finished(newly finished-saving ids, newly loading ids)`` on every
+   rank; ids every rank reported are terminated (blocks freed).
+
+Each rank's KV pool is one CPU torch tensor in TensorRT-LLM's layout ``[blocks, layers,
+kv_factor, tokens_per_block * kv_heads * head_dim]``. The "forward pass" writes the KV
+oracle's bytes into the blocks it computes and checks every block the request reads (its
+engine-cache hits and everything kvbm loaded) against the oracle; newly allocated blocks are
+scrambled first, so a load that did not happen is caught.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvbm.hashing import SequenceHasher, salt_hash
+from kvbm.sim.engine import G1Cache
+from kvbm.sim.oracle import Oracle
+from kvbm.worker.layout import EngineKV
+
+LAYERS = 2
+KV_FACTOR = 2
+HEAD_ELEMS = 8  # kv_heads_per_rank * head_dim
+
+
+def llm_args(block_size: int, tp: int, rank: int) -> Any:
+    from tensorrt_llm.llmapi.llm_args import KvCacheConfig, TorchLlmArgs, _ParallelConfig
+
+    return TorchLlmArgs(model="stand-in-model", kv_cache_config=KvCacheConfig(block_size, enable_partial_reuse=False),
+                        parallel_config=_ParallelConfig(tp_size=tp, rank=rank))
+
+
+@dataclass
+class Forward:
+    """One rank's share of a step: blocks to scramble (fresh), to check, to fill (block, hash)."""
+
+    scramble: list[int] = field(default_factory=list)
+    check: list[tuple[int, int]] = field(default_factory=list)
+    fill: list[tuple[int, int]] = field(default_factory=list)
+
+
+class RankHost:
+    """One TensorRT-LLM rank: the worker connector, its pool tensor and its oracle."""
+
+    def __init__(self, block_size: int, tp: int, rank: int, num_blocks: int, seed: int) -> None:
+        import torch
+
+        from kvbm.trtllm_integration.connector import DynamoKVBMConnectorWorker
+
+        self.pool = torch.zeros((num_blocks, LAYERS, KV_FACTOR, block_size * HEAD_ELEMS), dtype=torch.float16)
+        self.worker = DynamoKVBMConnectorWorker(llm_args(block_size, tp, rank))
+        self.worker.register_kv_caches(self.pool)
+        self.oracle = Oracle(EngineKV.from_contiguous(self.pool, LAYERS, KV_FACTOR), rank, seed)
+        self.rank = rank
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        return self.worker.agent is not None and self.worker.agent.wait_ready(timeout_s)
+
+    def step(self, meta: bytes, fwd: Forward) -> list[str]:
+        w = self.worker
+        for b in fwd.scramble:
+            self.oracle.scramble(b)
+        w.bind_connector_meta(pickle.loads(meta))
+        w.start_load_kv(None)
+        errors: list[str] = []
+        for layer in range(LAYERS):
+            w.wait_for_layer_load(layer, None)
+            if layer == 0:  # the oracle checks and fills every layer of a block at once
+                errors += [f"rank {self.rank}: block {b} holds wrong KV" for b, h in fwd.check
+                           if not self.oracle.check(b, h)]
+                for b, h in fwd.fill:
+                    self.oracle.fill(b, h)
+            w.save_kv_layer(layer, None)
+        w.wait_for_save(None)
+        w._clear_connector_meta()
+        return errors
+
+    def get_finished(self, saving: list[int], loading: list[int]) -> tuple[list[int], list[int]]:
+        return self.worker.get_finished(saving, loading)
+
+    def load_failures(self) -> int:
+        return self.worker.load_failures
+
+    def close(self) -> None:
+        self.worker.shutdown()
+
+
+def _serve(conn: Any, args: tuple[int, int, int, int, int]) -> None:
+    host = RankHost(*args)
+    while True:
+        name, a = conn.recv()
+        if name == "close":
+            host.close()
+            conn.send(None)
+            return
+        conn.send(getattr(host, name)(*a))
+
+
+class RemoteRank:
+    """A rank in its own process (TensorRT-LLM's MPI ranks > 0)."""
+
+    def __init__(self, *args: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, args), daemon=True)
+        self.proc.start()
+
+    def call(self, name: str, *a: Any) -> Any:
+        self.conn.send((name, a))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.call("close")
+        self.proc.join(10)
+
+
+class LocalRank:
+    """Rank 0: the same process as the scheduler, as in TensorRT-LLM."""
+
+    def __init__(self, *args: int) -> None:
+        self.host = RankHost(*args)
+
+    def call(self, name: str, *a: Any) -> Any:
+        return getattr(self.host, name)(*a)
+
+    def close(self) -> None:
+        self.host.close()
+
+
+@dataclass
+class Req:
+    llm: Any  # LlmRequest
+    max_tokens: int
+    hasher: SequenceHasher
+    hashes: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    generated: int = 0
+    reported_blocks: int = 0
+    reported_tokens: int = 0
+    external: int = 0
+
+    def hashes_upto(self, n_blocks: int) -> list[int]:
+        bs = self.hasher.block_size
+        toks = self.llm.get_tokens(0)
+        while len(self.hashes) < n_blocks:
+            i = len(self.hashes)
+            self.hashes += self.hasher.extend(toks[i * bs : (i + 1) * bs])
+        return self.hashes[:n_blocks]
+
+
+@dataclass
+class Totals:
+    steps: int = 0
+    local_hit_tokens: int = 0
+    external_tokens: int = 0
+    finished: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class Executor:
+    """Rank 0's executor loop with ``tp`` ranks (rank 0 local, the others in processes)."""
+
+    def __init__(self, block_size: int = 16, tp: int = 1, num_blocks: int = 48, seed: int = 0) -> None:
+        from kvbm.trtllm_integration.connector import DynamoKVBMConnectorLeader
+
+        self.bs = block_size
+        self.scheduler = DynamoKVBMConnectorLeader(llm_args(block_size, tp, 0))
+        self.ranks: list[Any] = [LocalRank(block_size, tp, 0, num_blocks, seed)]
+        self.ranks += [RemoteRank(block_size, tp, r, num_blocks, seed) for r in range(1, tp)]
+        self.g1 = G1Cache(num_blocks)
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.saving: dict[int, Req] = {}  # finished, blocks kept for async saves
+        self._new_saving: list[int] = []
+        self._local_done: list[set[int]] = [set() for _ in self.ranks]
+        self.outputs: dict[int, list[int]] = {}  # finished request -> all its tokens
+        self._next_id = 1
+        self.totals = Totals()
+
+    # -- setup ---------------------------------------------------------------------------
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        assert all(r.call("wait_ready", timeout_s) for r in self.ranks), "a rank did not finish its init sync"
+        p = self.scheduler.planner
+        assert p is not None
+        while not p.ready():
+            assert time.monotonic() < deadline, "the leader did not become ready"
+            time.sleep(0.01)
+            p.client.refresh()
+
+    def close(self) -> None:
+        for r in self.ranks:
+            r.close()
+        self.scheduler.shutdown()
+
+    # -- requests ------------------------------------------------------------------------
+    def submit(self, tokens: list[int], max_tokens: int = 3, salt: int | None = None, **kw: Any) -> int:
+        from tensorrt_llm.bindings.internal.batch_manager import LlmRequest
+
+        rid = self._next_id
+        self._next_id += 1
+        llm = LlmRequest(rid, tokens, cache_salt_id=salt, **kw)
+        self.waiting.append(Req(llm, max_tokens, SequenceHasher(self.bs, salt_hash(salt))))
+        return rid
+
+    def run(self, max_steps: int = 10_000) -> Totals:
+        """Step until every request finished and every async save was reported."""
+        for _ in range(max_steps):
+            if not (self.waiting or self.running or self.saving):
+                return self.totals
+            self.step()
+        raise AssertionError("the executor did not drain")
+
+    # -- one iteration -------------------------------------------------------------------
+    def _admit(self, req: Req) -> bool:
+        """KVCacheManager.add_sequence for a new context request; False if it does not fit."""
+        bs, llm = self.bs, req.llm
+        prompt = llm.prompt_len
+        hashes = req.hashes_upto(prompt // bs)
+        local: list[int] = []
+        for h in hashes[: (prompt - 1) // bs]:  # reuse leaves at least one prompt token
+            b = self.g1.acquire_cached(h)
+            if b is None:
+                break
+            local.append(b)
+        need = -(-prompt // bs) - len(local)
+        fresh = self.g1.allocate(need)
+        if fresh is None:
+            self.g1.release(local, hashes)
+            return False
+        num_local = len(local) * bs
+        n, load_async = self.scheduler.get_num_new_matched_tokens(llm, num_local)
+        assert isinstance(n, int) and isinstance(load_async, bool)
+        assert not (n == 0 and load_async), "(0, True) is an error in TensorRT-LLM"
+        assert not load_async, "kvbm's loads are synchronous in TensorRT-LLM"
+        assert num_local + n < prompt, "there must be at least one uncomputed token in the prompt"
+        llm.set_prepopulated_prompt_len(num_local + n)
+        llm.py_num_connector_matched_tokens = n
+        req.blocks = local + fresh
+        req.external = n
+        self.scheduler.update_state_after_alloc(llm, list(req.blocks))
+        self.totals.local_hit_tokens += num_local
+        self.totals.external_tokens += n
+        self._fresh += fresh
+        return True
+
+    def _request_data(self, req: Req, computed: int, scheduled: int) -> Any:
+        from tensorrt_llm._torch.pyexecutor.connectors.kv_cache_connector import RequestData
+
+        toks = req.llm.get_tokens(0)
+        rd = RequestData(req.llm.request_id, list(toks[req.reported_tokens :]), req.blocks[req.reported_blocks :],
+                         computed, scheduled, cache_salt_id=req.llm.cache_salt_id)
+        req.reported_tokens, req.reported_blocks = len(toks), len(req.blocks)
+        return rd
+
+    def step(self) -> None:
+        from tensorrt_llm._torch.pyexecutor.connectors.kv_cache_connector import SchedulerOutput
+
+        bs = self.bs
+        self._fresh: list[int] = []
+        so = SchedulerOutput()
+        fwd = Forward()
+        context: list[Req] = []
+        # Generation requests first (TensorRT-LLM schedules them ahead of new context work).
+        for req in self.running:
+            pos = len(req.llm.get_tokens(0)) - 1  # the token whose KV this step computes
+            if pos // bs >= len(req.blocks):
+                more = self.g1.allocate(1)
+                assert more is not None, "the test sizes the engine pool so decodes always fit"
+                req.blocks += more
+                self._fresh += more
+            so.cached_requests.append(self._request_data(req, pos, 1))
+            if pos % bs == bs - 1:
+                fwd.fill.append((req.blocks[pos // bs], req.hashes_upto(pos // bs + 1)[pos // bs]))
+        while self.waiting and len(context) < 2 and self._admit(self.waiting[0]):
+            req = self.waiting.popleft()
+            context.append(req)
+            llm = req.llm
+            start = llm.context_current_position
+            # TensorRT-LLM reports the first computed position without the connector's tokens.
+            so.new_requests.append(self._request_data(req, start - req.external, llm.context_remaining_length))
+            hashes = req.hashes_upto(llm.prompt_len // bs)
+            fwd.check += [(req.blocks[i], hashes[i]) for i in range(start // bs)]
+            fwd.fill += [(req.blocks[i], hashes[i]) for i in range(start // bs, llm.prompt_len // bs)]
+        fwd.scramble = self._fresh
+        if so.new_requests or so.cached_requests:
+            meta = pickle.dumps(self.scheduler.build_connector_meta(so))
+            for r in self.ranks:
+                self.totals.errors += r.call("step", meta, fwd)
+            self.totals.steps += 1
+        # Sampling: every scheduled request gets one token.
+        for req in context:
+            req.llm.set_prepopulated_prompt_len(req.llm.prompt_len)
+            self.running.append(req)
+        finished = []
+        for req in list(self.running):
+            rnd = random.Random(req.llm.request_id * 7919 + len(req.llm.get_tokens(0)))
+            req.llm.add_new_token(rnd.randrange(1000), 0)
+            req.generated += 1
+            if req.generated >= req.max_tokens:
+                self.running.remove(req)
+                finished.append(req)
+        for req in finished:
+            self.totals.finished += 1
+            self.outputs[req.llm.request_id] = req.llm.get_tokens(0)
+            if self.scheduler.request_finished(req.llm, list(req.blocks)):
+                self.saving[req.llm.request_id] = req
+                self._new_saving.append(req.llm.request_id)
+            else:
+                self._free(req)
+        self._get_finished()
+
+    def _get_finished(self) -> None:
+        """Every rank's ``get_finished``; an id is terminated once every rank reported it (a rank
+        reports an id once: TensorRT-LLM keeps it in local_finished_async_requests till then)."""
+        saving, self._new_saving = self._new_saving, []
+        for local, r in zip(self._local_done, self.ranks):
+            done_saving, done_loading = r.call("get_finished", saving, [])
+            assert not done_loading and set(done_saving) <= set(self.saving), (done_saving, done_loading)
+            local |= set(done_saving)
+        for rid in set.intersection(*self._local_done):
+            self._free(self.saving.pop(rid))
+            for local in self._local_done:
+                local.discard(rid)
+
+    def _free(self, req: Req) -> None:
+        bs = self.bs
+        n_full = min(len(req.llm.get_tokens(0)) - 1, len(req.blocks) * bs) // bs  # blocks whose KV is computed
+        self.g1.release(req.blocks, req.hashes_upto(n_full))
+
+    def drop_engine_cache(self, quiesce: bool = True) -> None:
+        """Forget the engine's own reusable blocks (its prefix cache), as if evicted; with
+        ``quiesce``, first let the leader commit every store and the index replica catch up."""
+        p, f = self.scheduler.planner, self.scheduler.follower
+        if quiesce and p is not None:
+            p.client.wait_idle()
+            if f is not None:
+                assert f.sync(), "the index replica did not catch up"
+        self.g1.clear()
+
+    def load_failures(self) -> int:
+        return sum(r.call("load_failures") for r in self.ranks)
