@@ -57,22 +57,33 @@ class AsyncLink:
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
         self._sock.connect(endpoint)
         self._posted: dict[int, float] = {}  # request id -> deadline
+        # Frames the socket could not take yet (IMMEDIATE: the connection to the leader is still
+        # being made, e.g. right after start-up); sent, in order, before anything newer.
+        self._unsent: list[tuple[int, bytes]] = []  # (request id, frame)
         self._expired: dict[int, float] = {}  # request id -> until when a late reply is delivered
 
     def post(self, msgs: Sequence[Message]) -> list[int]:
-        """Send every message now; their request ids, in order (a message the socket cannot
-        take, leader not connected, is answered at once by an error reply in ``drain``)."""
+        """Send every message now; their request ids, in order. One the socket cannot take yet
+        (the connection to the leader is still being made) waits and goes out, in order, at a
+        later ``post`` or ``drain``; still unsent at its deadline, it gets an error reply."""
         deadline = time.monotonic() + self.timeout_s
         ids = []
         for msg in msgs:
             rid = next(self._ids)
-            try:
-                self._sock.send(encode(msg, rid), zmq.NOBLOCK)
-                self._posted[rid] = deadline
-            except zmq.Again:
-                self._posted[rid] = 0.0  # expires at the next drain
+            self._unsent.append((rid, encode(msg, rid)))
+            self._posted[rid] = deadline  # not sent by then: answered by an error reply in drain
             ids.append(rid)
+        self._flush()
         return ids
+
+    def _flush(self) -> None:
+        """Send the frames waiting for the connection, oldest first, as far as it takes them."""
+        while self._unsent:
+            try:
+                self._sock.send(self._unsent[0][1], zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._unsent.pop(0)
 
     def notify(self, msg: Message) -> None:
         """Send a message that gets no reply (dropped if the socket cannot take it now)."""
@@ -92,6 +103,7 @@ class AsyncLink:
         none is there yet: engines that run steps synchronously use it.
         """
         out: list[Reply] = []
+        self._flush()
         if self._posted and wait_s > 0:
             self._sock.poll(int(wait_s * 1000) + 1)
         while self._posted or self._expired:
@@ -115,6 +127,7 @@ class AsyncLink:
         now = time.monotonic()
         for rid in [r for r, deadline in self._posted.items() if deadline <= now]:
             del self._posted[rid]
+            self._unsent = [u for u in self._unsent if u[0] != rid]  # never sent late
             self._expired[rid] = now + LATE_REPLY_S
             out.append(Reply(rid, None, f"no reply from the leader at {self.endpoint} within {self.timeout_s:g} s"))
         for rid in [r for r, until in self._expired.items() if until <= now]:
