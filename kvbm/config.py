@@ -461,7 +461,7 @@ VARIABLES: tuple[Variable, ...] = (
              "one of DEBUG, INFO, WARNING, ERROR (any case)", "kvbm log level"),
     Variable("DYN_KVBM_INDEX_REPLICA", "index_replica", _BOOL, _BOOL_ACCEPTS,
              "Answer the engine scheduler's lookups from a local replica of the leader's index, kept "
-             "current from the leader's index stream (default false: every lookup is a leader round trip; "
+             "current from the leader's index stream (false: every lookup is a leader round trip; "
              "see docs/architecture.md, scheduler hot path)"),
     # Read by Dynamo's kvbm 1.6.1; accepted and checked so a Dynamo deployment's
     # environment works unchanged, but they select machinery kvbm does not have.
@@ -547,7 +547,7 @@ class KvbmConfig:
     heartbeat_interval_s: float = 0.25
     liveness_timeout_s: float = 1.5
     log_level: str = "INFO"
-    index_replica: bool = False
+    index_replica: bool = True
     disk_allocator_type: str = "default"
     disable_write_combined: bool = False
     kv_events_consolidator_mode: str = "dedup"

@@ -46,7 +46,7 @@ VALID: dict[str, tuple[str, Any]] = {
     "DYN_KVBM_DISK_CACHE_PERSIST": ("yes", True),
     "DYN_KVBM_DISK_DISABLE_O_DIRECT": ("yes", True),
     "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": ("1", True),
-    "DYN_KVBM_INDEX_REPLICA": ("yes", True),
+    "DYN_KVBM_INDEX_REPLICA": ("no", False),
     "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": ("1e3", 1000.0),
     "DYN_KVBM_METRICS": (" true ", True),
     "DYN_KVBM_METRICS_PORT": ("65535", 65535),

@@ -58,6 +58,9 @@ class IndexReplica:
         self._view: tuple[dict[int, int], set[int]] = ({}, set())
         self.seq = 0  # next sequence number to ask for
         self.synced = False  # a snapshot was applied: lookups are answered
+        self._advanced = threading.Condition()  # notified when seq moves or the view is dropped
+        # Asks the keeper of the replica (IndexFollower) for a round now; None: nobody keeps it.
+        self.request_round: Callable[[], None] | None = None
 
     def apply(self, delta: IndexDelta) -> None:
         """Apply one delta (a snapshot when ``delta.reset``)."""
@@ -89,12 +92,31 @@ class IndexReplica:
         if delta.reset:
             self._view = (where, disk_only)
             self.synced = True
-        self.seq = delta.next_seq
+        with self._advanced:
+            self.seq = delta.next_seq  # after the view: a reader seeing seq sees its changes
+            self._advanced.notify_all()
 
     def unsync(self) -> None:
         """Forget the view (the leader restarted or is gone): lookups fall back until a snapshot."""
-        self.synced = False
-        self.seq = 0
+        with self._advanced:
+            self.synced = False
+            self.seq = 0
+            self._advanced.notify_all()
+
+    def catch_up(self, seq: int, timeout_s: float) -> bool:
+        """True once the replica holds the leader's index up to sequence number ``seq``: at once
+        when it does already, else after asking for a round and waiting up to ``timeout_s``.
+        False when it is not synced, nobody keeps it current, or the wait timed out."""
+        if not self.synced:
+            return False
+        if self.seq >= seq:
+            return True
+        if self.request_round is None:
+            return False
+        with self._advanced:
+            self.request_round()
+            self._advanced.wait_for(lambda: not self.synced or self.seq >= seq, timeout_s)
+            return self.synced and self.seq >= seq
 
     def match(self, hashes: Sequence[int]) -> tuple[int, int] | None:
         """(blocks in G2, blocks only in G3) of the longest run of known hashes from the
@@ -147,6 +169,7 @@ class IndexFollower:
         self._started = 0  # rounds started
         self._caught_up = 0  # the last round that applied a complete (uncapped) answer
         self._thread = threading.Thread(target=self._run, name="kvbm-index", daemon=True)
+        replica.request_round = self._wake.set
 
     def start(self) -> "IndexFollower":
         self._thread.start()

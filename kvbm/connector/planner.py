@@ -225,7 +225,7 @@ class Planner:
         if start >= len(hashes):
             return 0
         rest = hashes[start:]
-        found = self.replica.match(rest) if self.replica is not None else None
+        found = self._local_match(rest)
         if found is None:
             found = self.client.match(rest)
             self.counters["remote_lookups"] += 1
@@ -243,6 +243,20 @@ class Planner:
             return 0
         st.match = _Match(start, host, disk)
         return (host + disk) * bs
+
+    def _local_match(self, hashes: list[int]) -> tuple[int, int] | None:
+        """The replica's answer, once it holds at least the index position a leader reply to
+        this planner reported (after a Match, the stats of an idle leader, a reset): a lookup
+        never answers from an index older than one the planner already saw. None: ask the leader."""
+        rep = self.replica
+        if rep is None or not rep.synced:
+            return None
+        seen = self.client.index_seq
+        if rep.seq < seen:
+            self.counters["index_waits"] += 1
+            if not rep.catch_up(seen, self.client.timeout_s):
+                return None
+        return rep.match(hashes)
 
     def lookup_pinned(self, req_id: str, num_computed_tokens: int, timeout_s: float) -> int:
         """Like :meth:`lookup`, but the answer is only what kvbm pinned (and staged from disk)
@@ -556,9 +570,16 @@ class Planner:
 
     def take_counters(self) -> Counter[str]:
         """Counters since the last call (lookup_tokens, hit_*_tokens, onboard_*_blocks,
-        offload_blocks, load_error_blocks, remote_lookups, remote_pins, pin_shortfall_blocks, staging_failures)."""
+        offload_blocks, load_error_blocks, remote_lookups, index_waits, remote_pins, pin_shortfall_blocks,
+        staging_failures)."""
         out, self.counters = self.counters, Counter()
         return out
+
+    def reset_cache(self) -> bool:
+        """Drop every unpinned block kvbm holds. Lookups after it never claim a dropped block:
+        the leader's reply carries its index position after the clear, which the replica
+        reaches before it answers again (see :meth:`_local_match`)."""
+        return self.client.reset_cache()
 
     def take_events(self) -> list[BlockEvent]:
         """The leader's block events since the last call, as typed records (for KV events)."""

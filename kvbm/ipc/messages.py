@@ -262,7 +262,11 @@ class Shutdown(Message):
 @_register
 @dataclass(frozen=True)
 class Ack(Message):
+    """``index_seq``: the leader's index position after the request, where a client needs it
+    (ResetCache: lookups must not see the index from before the reset); 0 elsewhere."""
+
     TAG: ClassVar[str] = "ack"
+    index_seq: int = _int(_bounds(0, U64_MAX))
 
 
 @_register
@@ -291,9 +295,12 @@ class Status(Message):
 @_register
 @dataclass(frozen=True)
 class MatchReply(Message):
+    """``index_seq``: the leader's index position the answer reflects (IndexUpdates.next_seq)."""
+
     TAG: ClassVar[str] = "match_reply"
     host: int = _int(COUNT)
     disk: int = _int(COUNT)
+    index_seq: int = _int(_bounds(0, U64_MAX))
 
 
 @_register
@@ -328,8 +335,11 @@ class StoreGrant(Message):
 @_register
 @dataclass(frozen=True)
 class StatsReply(Message):
+    """``index_seq``: the leader's index position when the stats were taken."""
+
     TAG: ClassVar[str] = "stats_reply"
     values: dict[str, float] = field(default_factory=dict)
+    index_seq: int = _int(_bounds(0, U64_MAX))
 
 
 @_register

@@ -67,6 +67,10 @@ class LeaderClient:
         self._next_probe = 0.0
         self._probe_interval = PROBE_INTERVAL_S
         self._logged: str | None = None
+        # The highest leader index position a reply reported (Match, GetStats, ResetCache): a
+        # local index replica must reach it before answering a lookup, so no lookup sees an
+        # index older than something this client already observed.
+        self.index_seq = 0
 
     # -- availability --------------------------------------------------------------------
     @property
@@ -144,7 +148,10 @@ class LeaderClient:
         if len(hashes) == 0:
             return 0, 0
         reply = self._call(m.Match(m.pack_hashes(hashes)), m.MatchReply)
-        return (reply.host, reply.disk) if reply else (0, 0)
+        if reply is None:
+            return 0, 0
+        self._saw_index(reply.index_seq)
+        return reply.host, reply.disk
 
     def prepare_load(self, hashes: Sequence[int] | np.ndarray) -> LoadGrantInfo:
         reply = self._call(m.PrepareLoad(m.pack_hashes(hashes)), m.LoadGrant)
@@ -182,9 +189,14 @@ class LeaderClient:
 
     def stats(self) -> dict[str, float]:
         try:
-            return self._rpc.call(m.GetStats(), self.timeout_s, m.StatsReply).values
+            reply = self._rpc.call(m.GetStats(), self.timeout_s, m.StatsReply)
         except (LeaderUnavailable, RemoteError):
             return {}
+        self._saw_index(reply.index_seq)
+        return reply.values
+
+    def _saw_index(self, seq: int) -> None:
+        self.index_seq = max(self.index_seq, seq)
 
     def wait_idle(self, timeout_s: float = 10.0) -> dict[str, float]:
         """Wait until the leader has applied every rank's ack and finished disk writes.
@@ -221,7 +233,11 @@ class LeaderClient:
         return self._call(m.TakeEvents(), m.EventsReply)
 
     def reset_cache(self) -> bool:
-        return self._call(m.ResetCache(), m.Ack) is not None
+        reply = self._call(m.ResetCache(), m.Ack)
+        if reply is None:
+            return False
+        self._saw_index(reply.index_seq)
+        return True
 
     def close(self) -> None:
         self._rpc.close()

@@ -233,7 +233,7 @@ class LeaderCore:
             m.PollLoads: lambda p, r, msg: self.poll_loads(_as(msg, m.PollLoads).op_ids),
             m.AllocateStore: self._on_allocate_store,
             m.ReleaseOp: lambda p, r, msg: self.release_op(_as(msg, m.ReleaseOp).op_id),
-            m.GetStats: lambda p, r, msg: m.StatsReply(self.stats().flat()),
+            m.GetStats: lambda p, r, msg: m.StatsReply(self.stats().flat(), self.index.next_seq),
             m.TakeEvents: lambda p, r, msg: self.take_events(),
             m.IndexSince: lambda p, r, msg: self.index_since(_as(msg, m.IndexSince).seq),
             m.LookupReport: lambda p, r, msg: self.lookup_report(_as(msg, m.LookupReport)),
@@ -453,7 +453,7 @@ class LeaderCore:
     def match(self, hashes: list[int]) -> m.MatchReply:
         res = self._serving_registry().match(hashes)
         self._count_match(len(hashes), res.host, res.disk)
-        return m.MatchReply(res.host, res.disk)
+        return m.MatchReply(res.host, res.disk, self.index.next_seq)
 
     def lookup_report(self, report: m.LookupReport) -> None:
         """Count a lookup a client answered from its index replica (no reply)."""
@@ -575,7 +575,8 @@ class LeaderCore:
         reg.host.clear()
         if reg.disk is not None:
             reg.disk.clear()
-        return m.Ack()
+        self._flush_events()  # the reply names the index position after the clear
+        return m.Ack(self.index.next_seq)
 
     def _on_shutdown(self, peer: bytes, rid: int, msg: m.Message) -> m.Message:
         log.info("shutdown requested")

@@ -223,6 +223,7 @@ def test_load_errors_are_recomputed(make_engine, kvbm_env) -> None:
     p = prompt(8, 100)
     eng.add("a", p, max_tokens=1)
     eng.run()
+    eng.quiesce()  # a's blocks written to disk (pinned in G2 until then, so not yet evictable)
     for i in range(4):  # push a's blocks out of the 8-block host pool, onto disk only
         eng.add(f"filler{i}", prompt(100 + i, 96), max_tokens=1)
     eng.run()

@@ -106,7 +106,7 @@ class KvbmScheduler:
     # -- stats, events, reset ------------------------------------------------------------
     def take_stats(self) -> KvbmConnectorStats | None:
         counters = self.planner.take_counters()
-        for key in ("remote_lookups", "pin_shortfall_blocks", "staging_failures"):
+        for key in ("remote_lookups", "index_waits", "pin_shortfall_blocks", "staging_failures"):
             counters.pop(key, None)  # not among the connector's reported stats
         data = {k: n for k, n in counters.items() if n}
         return KvbmConnectorStats(data=data) if data else None
@@ -132,10 +132,7 @@ class KvbmScheduler:
         return events
 
     def reset_cache(self) -> bool:
-        ok = self.client.reset_cache()
-        if ok and self.planner.replica is not None:
-            self.planner.replica.unsync()  # no stale claims of what was just cleared: re-snapshot
-        return ok
+        return self.planner.reset_cache()
 
     def has_pending_block_frees(self) -> bool:
         """Finished requests whose blocks come back once their stores finish (soon)."""
