@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from kvbm.connector.index import IndexReplica
+from kvbm.connector.index import IndexReplica, follow_leader
 from kvbm.ipc.messages import BlockEventKind
 from kvbm.leader.client import IndexDelta
 from kvbm.connector.planner import Planner, ScheduledRequest
@@ -34,8 +34,9 @@ def _prompt(blocks: int, seed: int) -> list[int]:
 
 
 def _snapshot(hashes: list[int]) -> IndexDelta:
+    """A replica view as current as any leader position (so lookups answer from it)."""
     n = len(hashes)
-    return IndexDelta(True, 1, np.full(n, BlockEventKind.STORED, np.uint8), np.full(n, Tier.HOST, np.uint8),
+    return IndexDelta(True, 1 << 63, np.full(n, BlockEventKind.STORED, np.uint8), np.full(n, Tier.HOST, np.uint8),
                       np.asarray(hashes, np.uint64))
 
 
@@ -43,6 +44,31 @@ def _snapshot(hashes: list[int]) -> IndexDelta:
 def sim(make_config):
     with SimEngine(make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="64"), world_size=2, model=MODEL) as s:
         yield s
+
+
+def test_lookups_never_answer_from_an_index_older_than_the_planner_saw(sim: SimEngine) -> None:
+    """The follower here polls once a minute, so its replica stays as it was unless a lookup
+    asks it to catch up: after the stats of an idle leader a lookup sees what was committed,
+    after a reset it no longer claims what was dropped."""
+    p = _prompt(6, 3)
+    follower = follow_leader(sim.endpoint, interval_s=60.0)
+    planner = Planner(BS, sim.world_size, LeaderClient(sim.endpoint), replica=follower.replica)
+    try:
+        assert follower.sync(10.0)
+        sim.run([p])
+        sim.quiesce()
+        planner.add("a", p, EMPTY_SALT_HASH)
+        assert planner.lookup("a", 0) == 0  # the replica has not seen the store, nor has the planner
+        planner.client.wait_idle()  # the leader's stats carry its index position
+        assert planner.lookup("a", 0) == 5 * BS  # 6 blocks, the last held back
+        assert planner.counters["index_waits"] == 1 and planner.counters["remote_lookups"] == 0
+        assert planner.lookup("a", 0) == 5 * BS and planner.counters["index_waits"] == 1  # current now
+        assert planner.reset_cache()
+        assert planner.lookup("a", 0) == 0  # not the 5 blocks the replica held before the reset
+        assert planner.counters["index_waits"] == 2 and planner.counters["remote_lookups"] == 0
+    finally:
+        planner.shutdown()
+        follower.stop()
 
 
 def test_stale_replica_claims_are_recomputed_never_wrong_kv(sim: SimEngine) -> None:

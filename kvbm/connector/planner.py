@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import logging
 import time
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
+
+import numpy as np
 
 from kvbm.connector.index import IndexReplica
 from kvbm.connector.link import AsyncLink, Reply
@@ -75,6 +78,9 @@ class _Req:
     tokens: Sequence[int]  # grows as the engine appends output tokens
     hasher: SequenceHasher
     hashes: list[int] = field(default_factory=list)
+    # The same hashes as native u64s: a run of them goes on the wire as one copy, never
+    # converted hash by hash again (a 32K-token prompt is 2048 hashes).
+    packed: array[int] = field(default_factory=lambda: array("Q"))
     block_ids: list[int] = field(default_factory=list)
     stored: int = -1  # full blocks already offered for storing; -1 until first scheduled
     match: _Match | None = None
@@ -185,8 +191,15 @@ class Planner:
         have = len(st.hashes)
         if have < n_blocks:
             bs = self.block_size
-            st.hashes += st.hasher.extend(st.tokens[have * bs : n_blocks * bs])
+            new = st.hasher.extend(st.tokens[have * bs : n_blocks * bs])
+            st.hashes += new
+            st.packed.extend(new)
         return st.hashes
+
+    @staticmethod
+    def _wire(st: _Req, first: int, end: int | None = None) -> np.ndarray:
+        """Hashes ``first..end`` of a request as a uint64 array (a copy: the request's buffer grows)."""
+        return np.frombuffer(st.packed, np.uint64)[first:end].copy()
 
     def _post(self, msgs: Sequence[tuple[m.Message, _Posted]]) -> None:
         for rid, (_, what) in zip(self.link.post([msg for msg, _ in msgs]), msgs):
@@ -227,7 +240,7 @@ class Planner:
         rest = hashes[start:]
         found = self._local_match(rest)
         if found is None:
-            found = self.client.match(rest)
+            found = self.client.match(self._wire(st, start))
             self.counters["remote_lookups"] += 1
         else:  # the leader's hit-rate metrics count every lookup, also those it did not serve
             self.link.notify(m.LookupReport(len(rest), *found))
@@ -269,7 +282,7 @@ class Planner:
         if n == 0 or st is None or st.match is None:
             return 0
         mt = st.match
-        grant = self.client.prepare_load(st.hashes[mt.start : mt.start + n // self.block_size])
+        grant = self.client.prepare_load(self._wire(st, mt.start, mt.start + n // self.block_size))
         self.counters["remote_pins"] += 1
         if grant.op_id and not grant.ready and not self._staged(grant.op_id, timeout_s):
             grant = LoadGrantInfo(0, [], False)
@@ -346,7 +359,7 @@ class Planner:
                             min(mt.host, n), n - min(mt.host, n))
             return
         st.loading = True
-        self._post([(m.PrepareLoad(m.pack_hashes(st.hashes[mt.start : mt.start + n])),
+        self._post([(m.PrepareLoad(m.pack_hashes(self._wire(st, mt.start, mt.start + n))),
                      _Pin(st, st.gen, engine, mt.host))])
 
     def _emit_load(self, op: LoadOp, host: int, disk: int) -> None:
@@ -492,7 +505,7 @@ class Planner:
             return None
         st.stored = n_full
         hashes = self._hashes(st, n_full)
-        msg = m.AllocateStore(m.pack_hashes(hashes[first:n_full]), hashes[first - 1] if first else 0)
+        msg = m.AllocateStore(m.pack_hashes(self._wire(st, first, n_full)), hashes[first - 1] if first else 0)
         return msg, _StoreAlloc(st, st.gen, st.block_ids[first:n_full])
 
     def _check_staging(self) -> None:

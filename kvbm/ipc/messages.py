@@ -480,11 +480,21 @@ pack_hashes = hashes_to_bytes
 
 def unpack_hashes(data: bytes, where: str = "hashes") -> list[int]:
     """Inverse of :func:`pack_hashes`; ProtocolError if the size is not a multiple of 8."""
+    _check_hash_bytes(data, where)
+    return hashes_from_bytes(data)
+
+
+def hash_array(data: bytes, where: str = "hashes") -> np.ndarray:
+    """Like :func:`unpack_hashes`, as a read-only uint64 view of ``data`` (no Python int a hash)."""
+    _check_hash_bytes(data, where)
+    return np.frombuffer(data, "<u8").astype(np.uint64, copy=False)
+
+
+def _check_hash_bytes(data: bytes, where: str) -> None:
     if len(data) % 8:
         raise ProtocolError(f"{where}: {len(data)} bytes is not a whole number of 64-bit hashes")
     if len(data) > 8 * MAX_HASHES:
         raise ProtocolError(f"{where}: {len(data) // 8} hashes exceed the {MAX_HASHES}-hash limit per request")
-    return hashes_from_bytes(data)
 
 
 def pack_slots(slots: typing.Sequence[int] | np.ndarray) -> bytes:

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+import numpy as np
+
 from kvbm.config import KvbmConfig
 from kvbm.ipc import messages as m
 from kvbm.leader.admission import FrequencyFilter
@@ -228,7 +230,7 @@ class LeaderCore:
             m.Heartbeat: self._on_heartbeat,
             m.TransferDone: self._on_transfer_done,
             m.GetStatus: lambda p, r, msg: self.status(),
-            m.Match: lambda p, r, msg: self.match(m.unpack_hashes(_as(msg, m.Match).hashes)),
+            m.Match: lambda p, r, msg: self.match(m.hash_array(_as(msg, m.Match).hashes)),
             m.PrepareLoad: lambda p, r, msg: self.prepare_load(m.unpack_hashes(_as(msg, m.PrepareLoad).hashes)),
             m.PollLoads: lambda p, r, msg: self.poll_loads(_as(msg, m.PollLoads).op_ids),
             m.AllocateStore: self._on_allocate_store,
@@ -450,7 +452,7 @@ class LeaderCore:
             return 0
         return self.registry.disk.capacity
 
-    def match(self, hashes: list[int]) -> m.MatchReply:
+    def match(self, hashes: np.ndarray) -> m.MatchReply:
         res = self._serving_registry().match(hashes)
         self._count_match(len(hashes), res.host, res.disk)
         return m.MatchReply(res.host, res.disk, self.index.next_seq)

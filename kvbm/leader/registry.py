@@ -28,6 +28,8 @@ from typing import Callable, Iterator, Literal, Sequence
 
 import numpy as np
 
+from kvbm.leader.hash_table import BYTES_PER_HASH, HashSlotTable, leading
+
 __all__ = [
     "Tier",
     "SlotState",
@@ -58,8 +60,9 @@ class SlotState(enum.IntEnum):
     REGISTERED = 2
 
 
-SLOT_STATE_BYTES = 46
-"""Leader memory per slot once used: state, hash, parent (+flag), priority, pins, time, free stack."""
+SLOT_STATE_BYTES = 46 + BYTES_PER_HASH
+"""Leader memory per slot once used: state, hash, parent (+flag), priority, pins, time, free
+stack, and the vectorised hash -> slot table."""
 
 # Plain ints for the per-slot state array: enum members are slow in hot loops.
 _FREE = 0
@@ -111,6 +114,15 @@ def _make_events(raw: Sequence[tuple[EventKind, Tier, int, int | None]]) -> list
 def _u64(values: Sequence[int]) -> np.ndarray:
     """Python ints as a uint64 array; through array.array, ~5x faster than np.array for big ints."""
     return np.frombuffer(array("Q", values), np.uint64)
+
+
+def _hash_array(hashes: Sequence[int] | np.ndarray, start: int) -> np.ndarray:
+    """``hashes[start:]`` as a uint64 array (a view when already one)."""
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    if isinstance(hashes, np.ndarray):
+        return hashes[start:].astype(np.uint64, copy=False)
+    return _u64(hashes[start:] if start else hashes)
 
 
 def _index(values: Sequence[int]) -> np.ndarray:
@@ -173,6 +185,8 @@ class TierPool:
             # Free slots: a stack of freed slots (top last) over the never-used slots
             # _fresh..capacity-1, handed out in ascending order once the stack is empty.
             self._freed = np.empty(capacity, np.int64)
+            # The registered hashes again, for vectorised prefix matches (no Python int a hash).
+            self._table = HashSlotTable(capacity)
         except (MemoryError, ValueError):  # numpy: "array is too big" / cannot allocate
             raise ValueError(
                 f"{self.tier.name} tier: cannot hold the state of {capacity:.3g} blocks "
@@ -219,13 +233,13 @@ class TierPool:
         """True if the hash is registered or being written here."""
         return seq_hash in self._registered or seq_hash in self._writing
 
-    def match_prefix(self, hashes: Sequence[int], start: int = 0) -> int:
+    def match_prefix(self, hashes: Sequence[int] | np.ndarray, start: int = 0) -> int:
         """Number of consecutive registered hashes in ``hashes`` from index ``start``."""
-        if start < 0:
-            raise ValueError(f"start must be >= 0, got {start}")
-        # takewhile with a C predicate keeps the whole walk in C: 3x a Python loop.
-        rest = itertools.islice(hashes, start, None) if start else hashes
-        return len(list(itertools.takewhile(self._registered.__contains__, rest)))
+        return leading(self.contains(_hash_array(hashes, start)))
+
+    def contains(self, hashes: np.ndarray) -> np.ndarray:
+        """A bool per hash of the uint64 array ``hashes``: registered (matchable) here."""
+        return self._table.contains(hashes)
 
     def hash_of(self, slot: int) -> int | None:
         """Hash held by a slot (registered or being written), None if free."""
@@ -385,7 +399,8 @@ class TierPool:
         record = self._record
         seq = self._seq
         events = self._events
-        for s, h, pr, p in zip(idx.tolist(), hs, prios, parents):
+        slots = idx.tolist()
+        for s, h, pr, p in zip(slots, hs, prios, parents):
             del writing[h]
             registered[h] = s
             od = lru.get(pr)
@@ -395,6 +410,7 @@ class TierPool:
                 od[s] = None  # most recently used end
             if record:
                 events.append((next(seq), "stored", h, p))
+        self._table.insert(hs, slots)
 
     def abort(self, slots: Sequence[int]) -> None:
         """Give up stores (WRITING -> FREE); the blocks were never matchable, so no event."""
@@ -470,6 +486,7 @@ class TierPool:
             self._attach(s)
             if self._record:
                 self._events.append((next(self._seq), "stored", h, parent))
+        self._table.insert(list(keep), slots)
         # Slots below the highest restored one that hold nothing go on the free stack, lowest
         # on top (handed out first); the ones above stay never-used.
         self._fresh = max(slots) + 1
@@ -505,8 +522,10 @@ class TierPool:
         if not dropped:
             return 0
         idx = np.array(dropped, np.int64)
-        for h in self._hash[idx].tolist():
+        hs = self._hash[idx].tolist()
+        for h in hs:
             del self._registered[h]
+        self._table.remove(hs)
         self._release(idx)
         if self._record:
             self._events.append((next(self._seq), "cleared", 0, None))
@@ -554,6 +573,10 @@ class TierPool:
         for h, s in self._registered.items():
             if state[s] != _REGISTERED or self.hash_of(s) != h:
                 _fail(f"registered slot {s} disagrees: state {state[s]}, hash {self.hash_of(s)} != {h}")
+            if self._table.get(h) != s:
+                _fail(f"hash table maps registered hash {h:#x} to {self._table.get(h)}, not slot {s}")
+        if len(self._table) != len(self._registered):
+            _fail(f"hash table holds {len(self._table)} hashes, {len(self._registered)} are registered")
         bad = np.flatnonzero((pins < 0) | ((pins != 0) & (state != _REGISTERED)))
         if len(bad):
             s = int(bad[0])
@@ -649,6 +672,7 @@ class TierPool:
         hs = self._hash[idx].tolist()
         for h in hs:
             del self._registered[h]
+        self._table.remove(hs)
         if self._record:
             seq, events = self._seq, self._events
             events.extend((next(seq), "removed", h, p) for h, p in zip(hs, self._parents(idx)))
@@ -715,31 +739,22 @@ class BlockRegistry:
             return self.disk
         raise ValueError(f"no pool for tier {Tier(tier).name}")
 
-    def match(self, hashes: Sequence[int], start: int = 0) -> MatchResult:
-        """Longest run of blocks from ``start`` registered in G2 or else G3. No side effects."""
-        on_host = self.host.match_prefix(hashes, start)
-        pos = start + on_host
-        if self.disk is None or pos >= len(hashes):
-            return MatchResult(on_host, 0, (Tier.HOST,) * on_host)
-        host_reg = self.host._registered
-        in_disk = self.disk._registered.__contains__
-        tiers = [Tier.HOST] * on_host
-        end = len(hashes)
-        while pos < end:
-            # Alternate runs: blocks in G3 (counted as G2 if also there), then blocks in G2.
-            run = list(itertools.takewhile(in_disk, itertools.islice(hashes, pos, None)))
-            if host_reg.keys().isdisjoint(run):  # the usual case, tested in C
-                tiers.extend([Tier.DISK] * len(run))
-            else:
-                tiers.extend([Tier.HOST if h in host_reg else Tier.DISK for h in run])
-            pos += len(run)
-            n = self.host.match_prefix(hashes, pos)
-            if not n:
-                break
-            tiers.extend([Tier.HOST] * n)
-            pos += n
-        on_disk = tiers.count(Tier.DISK)
-        return MatchResult(len(tiers) - on_disk, on_disk, tuple(tiers))
+    def match(self, hashes: Sequence[int] | np.ndarray, start: int = 0) -> MatchResult:
+        """Longest run of blocks from ``start`` registered in G2 or else G3. No side effects.
+
+        Vectorised: one membership test per tier over the whole uint64 array (pass an array,
+        e.g. the wire bytes viewed as one, to skip any per-hash Python work)."""
+        q = _hash_array(hashes, start)
+        on_host = self.host.contains(q)
+        if self.disk is None:
+            n = leading(on_host)
+            return MatchResult(n, 0, (Tier.HOST,) * n)
+        n = leading(on_host | self.disk.contains(q))
+        host = int(np.count_nonzero(on_host[:n]))
+        if host == n or host == 0:  # the usual cases: no per-block work
+            return MatchResult(host, n - host, ((Tier.HOST,) if host else (Tier.DISK,)) * n)
+        tiers = tuple(Tier.HOST if h else Tier.DISK for h in on_host[:n].tolist())
+        return MatchResult(host, n - host, tiers)
 
     def drain_events(self) -> list[BlockEvent]:
         """Events of both tiers since the last drain, in order of occurrence."""

@@ -1,0 +1,67 @@
+"""The vectorised hash -> slot table against a dict, under random inserts and removals that
+force long clusters (hashes sharing their low bits) and wrap-around at the table's end."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from kvbm.leader.hash_table import HashSlotTable, leading
+
+
+def _check(table: HashSlotTable, model: dict[int, int], probes: list[int]) -> None:
+    assert len(table) == len(model)
+    for h in probes:
+        assert table.get(h) == model.get(h)
+    got = table.contains(np.array(probes, np.uint64))
+    assert got.tolist() == [h in model for h in probes]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_inserts_and_removals_agree_with_a_dict(seed: int) -> None:
+    rng = random.Random(seed)
+    cap = rng.choice([1, 7, 64, 300])
+    table = HashSlotTable(cap)
+    mask = (1 << max(4, (2 * cap - 1).bit_length())) - 1
+    # Few distinct low bits (long clusters), some near the end of the table (wrap-around),
+    # and high bits set (values above 2**63).
+    lows = [rng.randrange(mask + 1) for _ in range(3)] + [mask, mask - 1]
+    model: dict[int, int] = {}
+    universe = [(rng.getrandbits(40) << 24) | (1 << 63) | rng.choice(lows) for _ in range(3 * cap + 5)]
+    universe = list(dict.fromkeys(universe))
+    for step in range(2000):
+        if model and (len(model) == cap or rng.random() < 0.45):
+            victims = rng.sample(sorted(model), rng.randint(1, min(3, len(model))))
+            table.remove(victims)
+            for h in victims:
+                del model[h]
+        else:
+            h = rng.choice(universe)
+            if h in model:
+                with pytest.raises(ValueError, match="already in the table"):
+                    table.insert([h], [0])
+                continue
+            s = rng.randrange(cap)
+            table.insert([h], [s])
+            model[h] = s
+        if step % 50 == 0:
+            _check(table, model, universe)
+    _check(table, model, universe)
+    table.clear()
+    _check(table, {}, universe)
+
+
+def test_full_table_missing_hash_and_leading() -> None:
+    table = HashSlotTable(2)
+    table.insert([5, 21], [0, 1])  # same low bits at size 16: one cluster
+    with pytest.raises(KeyError):
+        table.remove([37])
+    table.remove([5])
+    assert table.get(21) == 1 and table.get(5) is None  # 21 shifted back into 5's bucket
+    assert leading(np.array([True, True, False, True])) == 2
+    assert leading(np.array([True, True])) == 2 and leading(np.array([], bool)) == 0
+    assert table.contains(np.array([], np.uint64)).tolist() == []
+    with pytest.raises(ValueError, match="capacity"):
+        HashSlotTable(-1)
