@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kvbm.leader.hash_table import HashSlotTable, leading
+from kvbm.leader.registry import Tier, TierPool
 
 
 def _check(table: HashSlotTable, model: dict[int, int], probes: list[int]) -> None:
@@ -65,3 +66,34 @@ def test_full_table_missing_hash_and_leading() -> None:
     assert table.contains(np.array([], np.uint64)).tolist() == []
     with pytest.raises(ValueError, match="capacity"):
         HashSlotTable(-1)
+
+
+def test_probe_with_few_rounds_leaves_only_far_hashes_unsure() -> None:
+    table = HashSlotTable(8)  # 16 buckets
+    hs = [(i << 8) | 3 for i in range(1, 7)]  # one cluster from bucket 3
+    table.insert(hs, list(range(6)))
+    q = np.array(hs + [(99 << 8) | 3, 5], np.uint64)
+    found, unsure = table.probe(q, rounds=2)
+    # Two rounds settle the first two of the cluster; the rest, the missing hash with the same
+    # home, and 5 (its home bucket taken by the cluster) stay unsure.
+    assert found[:2].tolist() == [True, True] and unsure.tolist() == [2, 3, 4, 5, 6, 7]
+    assert table.contains(q).tolist() == [True] * 6 + [False, False]
+
+
+def test_registry_lookups_over_the_table_agree_with_the_dict() -> None:
+    """Prefix matches long enough to use the table (not the short-lookup dict walk), over a
+    pool whose hashes share their low bits (long clusters), after evictions and a clear."""
+    rng = random.Random(7)
+    pool = TierPool(Tier.HOST, 600)
+    hs = list(dict.fromkeys((rng.getrandbits(50) << 12) | rng.choice([1, 2, 4000]) for _ in range(1500)))
+    first, second = hs[:600], hs[600:1200]
+    pool.commit([s for s in pool.allocate(first) if s is not None])
+    assert pool.match_prefix(first) == 600 and pool.match_prefix(first, 100) == 500
+    assert pool.match_prefix(first[:300] + second[:1] + first[300:]) == 300
+    pool.commit([s for s in pool.allocate(second[:400]) if s is not None])  # evicts 400 of the first
+    q = np.array(first + second, np.uint64)
+    assert pool.contains(q).tolist() == [pool.lookup(h) is not None for h in first + second]
+    pool.check_invariants()
+    pool.clear()
+    assert not pool.contains(q).any() and pool.match_prefix(second) == 0
+    pool.check_invariants()

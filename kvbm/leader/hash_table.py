@@ -118,26 +118,38 @@ class HashSlotTable:
 
     def contains(self, hashes: np.ndarray) -> np.ndarray:
         """A bool per hash of the uint64 array ``hashes``: present in the table."""
+        found, unsure = self.probe(hashes)
+        assert not len(unsure)
+        return found
+
+    def probe(self, hashes: np.ndarray, rounds: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(a bool per hash: found, indices of the hashes still unsure after ``rounds`` buckets
+        probed; None: as many as needed, so none is unsure). A few hashes sit far from their
+        home bucket and each further round costs NumPy's fixed price per operation, so callers
+        with a dict of the same hashes finish the stragglers there."""
         q = np.asarray(hashes, np.uint64)
         if not self._len or not len(q):
-            return np.zeros(len(q), np.bool_)
+            return np.zeros(len(q), np.bool_), np.empty(0, np.intp)
         keys, mask = self._keys, self._mask
         pos = (q & np.uint64(mask)).astype(np.intp)
         k = keys[pos]
         found = k == q  # most hashes settle in their home bucket
         todo = np.flatnonzero(~found & (k != 0))  # another hash there: probe further
         pos = pos[todo]
-        while len(todo):
+        left = -1 if rounds is None else rounds - 1
+        while len(todo) and left:
+            left -= 1
             pos = (pos + 1) & mask
             k = keys[pos]
             hit = k == q[todo]
             found[todo[hit]] = True
             more = ~hit & (k != 0)
             todo, pos = todo[more], pos[more]
-        zero = q == 0  # an empty bucket's key: the answer is the kept-aside hash 0
-        if zero.any():
+        zero = np.flatnonzero(q == 0)  # an empty bucket's key: the kept-aside hash 0 decides
+        if len(zero):
             found[zero] = self._zero_slot is not None
-        return found
+            todo = np.setdiff1d(todo, zero)
+        return found, todo
 
 
 def leading(flags: np.ndarray) -> int:
