@@ -168,7 +168,6 @@ class IndexFollower:
         self._rounds = threading.Condition()
         self._started = 0  # rounds started
         self._caught_up = 0  # the last round that applied a complete (uncapped) answer
-        self._failed = 0  # the last round that found the leader unavailable
         self._thread = threading.Thread(target=self._run, name="kvbm-index", daemon=True)
         replica.request_round = self._wake.set
 
@@ -186,9 +185,6 @@ class IndexFollower:
                 delta = self._ask(source)
                 if delta is None:
                     self.replica.unsync()
-                    with self._rounds:
-                        self._failed = round_no
-                        self._rounds.notify_all()
                     self._pause(max(self._interval_s, 0.1))
                     continue
                 try:
@@ -219,13 +215,11 @@ class IndexFollower:
 
     def sync(self, timeout_s: float = 5.0) -> bool:
         """Wait until a round that started after this call has caught up with the leader;
-        False if such a round found the leader unavailable (the replica is then unsynced:
-        lookups go to the leader) or none caught up within ``timeout_s``."""
+        False if that took longer than ``timeout_s`` (leader unavailable, say)."""
         with self._rounds:
             target = self._started + 1
             self._wake.set()
-            self._rounds.wait_for(lambda: self._caught_up >= target or self._failed >= target, timeout_s)
-            return self._caught_up >= target
+            return self._rounds.wait_for(lambda: self._caught_up >= target, timeout_s)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()

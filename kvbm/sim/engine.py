@@ -368,9 +368,9 @@ class SimEngine:
     def _sync_index(self, timeout_s: float) -> None:
         """Bring the planner's index replica up to the leader's state (no-op without one).
 
-        With the leader unavailable the replica is unsynced and lookups go to the leader
-        client, which answers "no hits": serving goes on, as in production."""
-        if self._follower is None or self._follower.sync(timeout_s) or not self._follower.replica.synced:
+        Not with the leader dead: lookups then go to the leader client, which answers "no
+        hits", and serving goes on, as in production."""
+        if self._follower is None or self.dead_leader() is not None or self._follower.sync(timeout_s):
             return
         raise SimError(f"the index replica did not catch up with the leader within {timeout_s:g} s")
 

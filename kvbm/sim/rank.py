@@ -1,4 +1,5 @@
-"""A simulated TP rank process: an engine KV cache in vLLM's layout plus a real RankAgent.
+"""A simulated TP rank process: an engine KV cache in vLLM's layout plus the engine-neutral worker side
+(:class:`kvbm.connector.worker.WorkerOps`, a real rank agent underneath).
 
 Driven by the simulated scheduler (kvbm.sim.engine) over a private ZMQ socket with batched
 step commands; the rank fills computed blocks from the oracle, runs loads and stores through
@@ -8,18 +9,23 @@ its agent (real shared memory, real acks to the leader) and checks every loaded 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import msgpack
 import numpy as np
 import zmq
 
+from kvbm.config import KvbmConfig
+from kvbm.connector.ops import LoadOp, StoreOp
+from kvbm.connector.worker import LoadDone, StoreDone, WorkerOps
 from kvbm.sim.oracle import Oracle
-from kvbm.worker.agent import Finished, RankAgent, RankIdentity
+from kvbm.worker.agent import RankIdentity
 from kvbm.worker.layout import EngineKV, page_aligned_empty
 
 log = logging.getLogger("kvbm.sim.rank")
@@ -56,16 +62,15 @@ def make_kv(model: SimModel) -> tuple[list[np.ndarray], EngineKV]:
     return tensors, EngineKV.from_layers(tensors, num_blocks=model.num_gpu_blocks)
 
 
-def _wait(agent: RankAgent, op_ids: set[int], timeout_s: float) -> dict[int, Finished]:
-    done: dict[int, Finished] = {}
-    deadline = time.monotonic() + timeout_s
-    while op_ids - done.keys():
-        for f in agent.take_finished():
-            done[f.op_id] = f
-        if op_ids - done.keys():
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.0005)
+def _wait(ops: WorkerOps, in_flight: Callable[[], int], timeout_s: float) -> dict[int, bool]:
+    """op id -> ok of the ops that finished before ``in_flight()`` dropped to 0 or the timeout."""
+    done: dict[int, bool] = {}
+
+    def collect(finished: list[LoadDone | StoreDone]) -> None:
+        done.update((f.op.op_id, f.ok) for f in finished)
+
+    ops.wait(lambda: not in_flight(), collect, timeout_s=timeout_s, warn_every_s=timeout_s, what="copies",
+             poll_s=0.0005)
     return done
 
 
@@ -73,9 +78,13 @@ def serve(control: str, leader: str, rank: int, world: int, model: SimModel, fin
           init_timeout_s: float, seed: int) -> int:
     _tensors, kv = make_kv(model)
     oracle = Oracle(kv, rank, seed)
-    agent = RankAgent(leader, RankIdentity(rank, world, model.block_size, fingerprint), kv,
-                      init_timeout_s=init_timeout_s)
-    agent.start()
+    # The engine-neutral worker side, as every engine adapter uses it (the view is made here
+    # already: the oracle checks bytes through it).
+    ops = WorkerOps(rank)
+    ops.attach(kv, lambda _cls: kv, endpoint=leader, identity=RankIdentity(rank, world, model.block_size, fingerprint),
+               config=dataclasses.replace(KvbmConfig(), init_timeout_s=init_timeout_s), what="the simulated KV")
+    agent = ops.agent
+    assert agent is not None
     sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 1000)
     sock.connect(control)
@@ -95,11 +104,11 @@ def serve(control: str, leader: str, rank: int, world: int, model: SimModel, fin
                 ok = agent.wait_ready(req["timeout"])
                 sock.send(msgpack.packb({"ready": ok, "error": agent.error or ""}))
             elif cmd == "step":
-                sock.send(msgpack.packb(asdict(run_step(agent, oracle, req))))
+                sock.send(msgpack.packb(asdict(run_step(ops, oracle, req))))
             else:
                 sock.send(msgpack.packb({"error": f"unknown command {cmd}"}))
     finally:
-        agent.close()
+        ops.shutdown()
         sock.close()
 
 
@@ -114,7 +123,7 @@ class StepResult:
     store_seconds: float = 0.0
 
 
-def run_step(agent: RankAgent, oracle: Oracle, req: dict) -> StepResult:
+def run_step(ops: WorkerOps, oracle: Oracle, req: dict) -> StepResult:
     """Loads (then verify), compute, stores, in that order, like one engine step."""
     res = StepResult(load_failures=[], store_failures=[])
     loads = req.get("loads", [])  # [op_id, slots, blocks, hashes]
@@ -123,12 +132,12 @@ def run_step(agent: RankAgent, oracle: Oracle, req: dict) -> StepResult:
             oracle.scramble(b)  # a load that silently does nothing must not pass
     t0 = time.perf_counter()
     for op_id, slots, blocks, _hashes in loads:
-        agent.submit_load(op_id, slots, blocks)
-    done = _wait(agent, {op[0] for op in loads}, 30.0)
+        ops.submit_load(LoadOp("", op_id, slots, blocks))
+    done = _wait(ops, lambda: ops.loads_in_flight, 30.0)
+    ops.forget_loads()  # any still running are failures of this step
     res.load_seconds = time.perf_counter() - t0
     for op_id, _slots, blocks, hashes in loads:
-        f = done.get(op_id)
-        if f is None or not f.ok:
+        if not done.get(op_id, False):
             res.load_failures.append(op_id)  # type: ignore[union-attr]
             continue
         res.loaded_blocks += len(blocks)
@@ -138,12 +147,12 @@ def run_step(agent: RankAgent, oracle: Oracle, req: dict) -> StepResult:
     stores = req.get("stores", [])  # [op_id, blocks, slots]
     t0 = time.perf_counter()
     for op_id, blocks, slots in stores:
-        agent.submit_store(op_id, blocks, slots)
-    done = _wait(agent, {op[0] for op in stores}, 30.0)
+        ops.submit_store(StoreOp("", op_id, blocks, slots))
+    done = _wait(ops, lambda: ops.stores_in_flight, 30.0)
+    ops.forget_stores()
     res.store_seconds = time.perf_counter() - t0
     for op_id, blocks, _slots in stores:
-        f = done.get(op_id)
-        if f is None or not f.ok:
+        if not done.get(op_id, False):
             res.store_failures.append(op_id)  # type: ignore[union-attr]
         else:
             res.stored_blocks += len(blocks)

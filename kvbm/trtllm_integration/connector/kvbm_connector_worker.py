@@ -1,7 +1,8 @@
 """DynamoKVBMConnectorWorker: one TensorRT-LLM rank's copies between its KV pool and G2.
 
-The copies run on the rank agent's thread (:mod:`kvbm.worker.agent`), with the same copy
-engines as vLLM's worker side (NumPy on CPU, CuPy on GPU). Per step:
+The engine-neutral worker side (:class:`kvbm.connector.worker.WorkerOps`, shared with vLLM's
+worker side: the rank agent, NumPy copies on CPU, CuPy on GPU) submits and tracks the ops; this
+class translates TensorRT-LLM's calls. Per step:
 
 * ``start_load_kv`` submits the plan's loads; the first ``wait_for_layer_load`` waits for them
   (loads are synchronous in TensorRT-LLM: the layers read the blocks this very step);
@@ -13,14 +14,14 @@ engines as vLLM's worker side (NumPy on CPU, CuPy on GPU). Per step:
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, List, Tuple
 
-from kvbm.connector.ops import LoadOp, StepPlan
+from kvbm.connector.ops import StepPlan
+from kvbm.connector.worker import LoadDone, StoreDone, WorkerOps
 from kvbm.trtllm_integration.connector.interface import KvCacheConnectorWorker
 from kvbm.trtllm_integration.connector.settings import TrtllmSettings, UnsupportedSetup, settings_for
-from kvbm.worker.agent import RankAgent, RankIdentity, numpy_engine
-from kvbm.worker.layout import EngineKV, LayoutError
+from kvbm.worker.agent import RankAgent, RankIdentity
+from kvbm.worker.layout import LayoutError
 
 log = logging.getLogger("kvbm.trtllm")
 
@@ -35,18 +36,24 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
     def __init__(self, llm_args: Any) -> None:
         super().__init__(llm_args)
         self.settings: TrtllmSettings | None = None
-        self.agent: RankAgent | None = None
-        self.error: str | None = None
-        self._loads: dict[int, LoadOp] = {}  # op id -> load of this step not yet done
-        self._req_stores: dict[str, set[int]] = {}  # request -> its store ops in flight
-        self._store_req: dict[int, str] = {}  # store op id -> request
+        self.ops = WorkerOps(0)
+        self._error: str | None = None  # unsupported setup (before any KV is attached)
         self._finishing: set[int] = set()  # finished requests whose stores still run
         self.load_failures = 0
         try:
             self.settings = settings_for(llm_args)
+            self.ops.rank = self.settings.rank
         except UnsupportedSetup as e:
-            self.error = str(e)
+            self._error = str(e)
             log.error("kvbm: %s; serving without kvbm", e)
+
+    @property
+    def agent(self) -> RankAgent | None:
+        return self.ops.agent
+
+    @property
+    def error(self) -> str | None:
+        return self._error or self.ops.error
 
     def register_kv_caches(self, kv_cache_tensor: Any) -> None:
         """Attach this rank's pool tensor ``[blocks, layers, kv_factor, tokens_per_block *
@@ -55,26 +62,15 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
         if s is None:
             return
         shape = tuple(kv_cache_tensor.shape)
-        factory: Any = numpy_engine
-        try:
+
+        def build(cls: Any) -> Any:
             if len(shape) != 4:
                 raise LayoutError(f"TensorRT-LLM pool tensor of shape {shape} is not [blocks, layers, kv_factor, elems]")
-            if getattr(kv_cache_tensor, "is_cuda", False):
-                from kvbm.worker.cuda_copy import EngineKVDevice, cuda_engine
+            return cls.from_contiguous(kv_cache_tensor, shape[1], shape[2])
 
-                kv: Any = EngineKVDevice.from_contiguous(kv_cache_tensor, shape[1], shape[2])
-                factory = cuda_engine
-            else:
-                kv = EngineKV.from_contiguous(kv_cache_tensor, shape[1], shape[2])
-        except (LayoutError, ImportError, RuntimeError) as e:
-            self.error = f"kvbm cannot use this KV pool: {type(e).__name__}: {e}"
-            log.error("rank %d: %s; serving without kvbm", s.rank, self.error)
-            return
-        ident = RankIdentity(s.rank, s.world_size, s.block_size, s.fingerprint)
-        self.agent = RankAgent(s.endpoint, ident, kv, init_timeout_s=s.config.init_timeout_s,
-                               heartbeat_interval_s=s.config.heartbeat_interval_s,
-                               liveness_timeout_s=s.config.liveness_timeout_s, engine_factory=factory)
-        self.agent.start()
+        self.ops.attach(kv_cache_tensor, build, endpoint=s.endpoint,
+                        identity=RankIdentity(s.rank, s.world_size, s.block_size, s.fingerprint),
+                        config=s.config, what="this KV pool")
 
     def _plan(self) -> StepPlan:
         meta = self.get_connector_meta()
@@ -86,23 +82,15 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
             if op.failed_blocks:
                 self.load_failures += 1
                 log.error("kvbm: request %s: %d promised blocks cannot be loaded", op.req_id, len(op.failed_blocks))
-            if op.op_id and self.agent is not None:
-                self._loads[op.op_id] = op
-                self.agent.submit_load(op.op_id, op.slots, op.blocks)
+            self.ops.submit_load(op)
 
     def wait_for_layer_load(self, layer_idx: int, stream: Any) -> None:
         """The loads copy whole blocks (every layer): wait for all of them before the first layer."""
-        deadline = time.monotonic() + LOAD_WAIT_S
-        while self._loads:
-            self._drain()
-            if not self._loads:
-                return
-            if time.monotonic() > deadline:
-                log.error("kvbm: %d loads still running after %.0f s", len(self._loads), LOAD_WAIT_S)
-                self.load_failures += len(self._loads)
-                self._loads.clear()
-                return
-            time.sleep(0.0001)
+        if not self.ops.wait(lambda: not self.ops.loads_in_flight, self._completed, timeout_s=LOAD_WAIT_S,
+                             warn_every_s=LOAD_WAIT_S, what="loads", poll_s=0.0001):
+            given_up = self.ops.forget_loads()
+            log.error("kvbm: %d loads still running after %.0f s", len(given_up), LOAD_WAIT_S)
+            self.load_failures += len(given_up)
 
     def save_kv_layer(self, layer_idx: int, stream: Any) -> None:
         """Stores go out after the whole forward pass (``wait_for_save``), never per layer."""
@@ -110,39 +98,22 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
     def wait_for_save(self, stream: Any) -> None:
         self.wait_for_layer_load(0, stream)  # a forward pass without layers still needs its loads done
         for op in self._plan().stores:
-            if self.agent is None:
-                continue  # nothing copied: the leader aborts the op when it expires
-            self._store_req[op.op_id] = op.req_id
-            self._req_stores.setdefault(op.req_id, set()).add(op.op_id)
-            self.agent.submit_store(op.op_id, op.blocks, op.slots)
+            self.ops.submit_store(op)  # kvbm off: nothing copied, the leader aborts the op when it expires
 
-    def _drain(self) -> None:
-        if self.agent is None:
-            return
-        for f in self.agent.take_finished():
-            if f.kind == "load":
-                if self._loads.pop(f.op_id, None) is not None and not f.ok:
-                    self.load_failures += 1
-                    log.error("kvbm: load op %d failed", f.op_id)
-                continue
-            req_id = self._store_req.pop(f.op_id, None)
-            if req_id is None:
-                continue
-            ops = self._req_stores[req_id]
-            ops.discard(f.op_id)
-            if not ops:
-                del self._req_stores[req_id]
+    def _completed(self, done: list[LoadDone | StoreDone]) -> None:
+        for d in done:
+            if isinstance(d, LoadDone) and not d.ok:
+                self.load_failures += 1
+                log.error("kvbm: load op %d failed", d.op.op_id)
 
     def get_finished(self, finished_gen_req_ids: List[int],
                      started_loading_req_ids: List[int]) -> Tuple[List[int], List[int]]:
         """(finished saving, finished loading): loads are synchronous, so the latter is empty."""
-        self._drain()
+        self._completed(self.ops.drain())
         self._finishing.update(finished_gen_req_ids)
-        done = [r for r in self._finishing if str(r) not in self._req_stores]
+        done = [r for r in self._finishing if not self.ops.storing(str(r))]
         self._finishing.difference_update(done)
         return done, list(started_loading_req_ids)
 
     def shutdown(self) -> None:
-        if self.agent is not None:
-            self.agent.close()
-            self.agent = None
+        self.ops.shutdown()

@@ -1,0 +1,172 @@
+"""The engine-neutral worker side every engine adapter uses: one rank's loads and stores.
+
+The copies run on the rank agent's thread (:mod:`kvbm.worker.agent`); this class attaches the
+engine's KV tensors to a rank agent (NumPy copies for host memory, CuPy for GPU memory), submits
+the :class:`~kvbm.connector.ops.StepPlan` ops, keeps them while in flight (stores also per
+request: a request's engine blocks must not be freed or overwritten while a store reads them)
+and turns the agent's completions into typed records. Adapters (vLLM's worker side,
+TensorRT-LLM's worker) translate these into what their engine asks for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Collection
+
+from kvbm.config import KvbmConfig
+from kvbm.connector.ops import LoadOp, StoreOp
+from kvbm.worker.agent import RankAgent, RankIdentity, numpy_engine
+from kvbm.worker.layout import EngineKV, LayoutError
+
+log = logging.getLogger("kvbm.connector")
+
+
+@dataclass(frozen=True)
+class LoadDone:
+    op: LoadOp
+    ok: bool
+
+
+@dataclass(frozen=True)
+class StoreDone:
+    """``request_idle``: no other store of ``op.req_id`` is in flight on this rank any more."""
+
+    op: StoreOp
+    ok: bool
+    request_idle: bool
+
+
+class WorkerOps:
+    """One rank's connector state shared by every engine. Not thread-safe: the engine's
+    model-runner (executor) thread owns it."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.agent: RankAgent | None = None
+        self.error: str | None = None  # why kvbm is off on this rank
+        self._loads: dict[int, LoadOp] = {}  # op id -> load in flight
+        self._stores: dict[int, StoreOp] = {}  # op id -> store in flight
+        self._req_stores: dict[str, set[int]] = {}  # request -> its stores in flight
+
+    def attach(self, sample: Any, build: Callable[[Any], Any], *, endpoint: str, identity: RankIdentity,
+               config: KvbmConfig, what: str) -> None:
+        """Describe this rank's KV tensors and start the init sync in the background.
+
+        ``build(cls)`` returns the view of the engine's tensors through ``cls``'s constructor
+        (``from_layers`` / ``from_contiguous``): :class:`~kvbm.worker.layout.EngineKV` when
+        ``sample`` (one of the tensors) is in host memory, ``EngineKVDevice`` when it is a GPU
+        tensor. A layout kvbm cannot use turns kvbm off on this rank (``error``, logged, naming
+        ``what`` the tensors are); the engine serves on without it.
+        """
+        factory: Any  # a CopyEngineFactory over EngineKV or EngineKVDevice
+        try:
+            if getattr(sample, "is_cuda", False):
+                from kvbm.worker.cuda_copy import EngineKVDevice, cuda_engine
+
+                kv, factory = build(EngineKVDevice), cuda_engine
+            else:
+                kv, factory = build(EngineKV), numpy_engine
+        except (LayoutError, ImportError, RuntimeError) as e:
+            self.error = f"kvbm cannot use {what}: {type(e).__name__}: {e}"
+            log.error("rank %d: %s; serving without kvbm", self.rank, self.error)
+            return
+        self.agent = RankAgent(endpoint, identity, kv, init_timeout_s=config.init_timeout_s,
+                               heartbeat_interval_s=config.heartbeat_interval_s,
+                               liveness_timeout_s=config.liveness_timeout_s, engine_factory=factory)
+        self.agent.start()
+
+    # -- submitting ----------------------------------------------------------------------
+    def submit_load(self, op: LoadOp) -> bool:
+        """Start copying a load; False (nothing started) for an empty op or with kvbm off."""
+        if not op.op_id or self.agent is None:
+            return False
+        self._loads[op.op_id] = op
+        self.agent.submit_load(op.op_id, op.slots, op.blocks)
+        return True
+
+    def submit_store(self, op: StoreOp) -> bool:
+        """Start copying a store (after the forward pass wrote its blocks); False with kvbm off."""
+        if self.agent is None:
+            return False
+        self._stores[op.op_id] = op
+        self._req_stores.setdefault(op.req_id, set()).add(op.op_id)
+        self.agent.submit_store(op.op_id, op.blocks, op.slots)
+        return True
+
+    # -- completions ---------------------------------------------------------------------
+    def drain(self) -> list[LoadDone | StoreDone]:
+        """Ops finished since the last call, in completion order."""
+        if self.agent is None:
+            return []
+        out: list[LoadDone | StoreDone] = []
+        for f in self.agent.take_finished():
+            if f.kind == "load":
+                load = self._loads.pop(f.op_id, None)
+                if load is not None:
+                    out.append(LoadDone(load, f.ok))
+                continue
+            store = self._stores.pop(f.op_id, None)
+            if store is None:
+                continue
+            ops = self._req_stores[store.req_id]
+            ops.discard(f.op_id)
+            if not ops:
+                del self._req_stores[store.req_id]
+            out.append(StoreDone(store, f.ok, not ops))
+        return out
+
+    def storing(self, req_id: str) -> bool:
+        """A store of this request is still in flight on this rank."""
+        return req_id in self._req_stores
+
+    @property
+    def loads_in_flight(self) -> int:
+        return len(self._loads)
+
+    @property
+    def stores_in_flight(self) -> int:
+        return len(self._stores)
+
+    def forget_loads(self) -> list[LoadOp]:
+        """Stop waiting for the loads in flight (given up); returns them."""
+        out = list(self._loads.values())
+        self._loads.clear()
+        return out
+
+    def forget_stores(self) -> list[StoreOp]:
+        """Stop waiting for the stores in flight (given up); returns them."""
+        out = list(self._stores.values())
+        self._stores.clear()
+        self._req_stores.clear()
+        return out
+
+    def wait(self, done: Callable[[], bool], on_drained: Callable[[list[LoadDone | StoreDone]], None], *,
+             timeout_s: float | None, warn_every_s: float, what: str, poll_s: float) -> bool:
+        """Drain completions (handed to ``on_drained``) until ``done()``; False at ``timeout_s``.
+        Logs every ``warn_every_s`` while waiting for ``what``."""
+        t0 = time.monotonic()
+        next_warn = t0 + warn_every_s
+        while not done():
+            on_drained(self.drain())
+            if done():
+                return True
+            now = time.monotonic()
+            if timeout_s is not None and now - t0 > timeout_s:
+                return False
+            if now > next_warn:
+                log.warning("rank %d: still waiting for %s after %.0f s", self.rank, what, now - t0)
+                next_warn += warn_every_s
+            time.sleep(poll_s)
+        return True
+
+    def wait_stores_of(self, req_ids: Collection[str], on_drained: Callable[[list[LoadDone | StoreDone]], None]) -> None:
+        """Block until no store of ``req_ids`` is in flight (their blocks are about to be reused)."""
+        self.wait(lambda: not any(self.storing(r) for r in req_ids), on_drained, timeout_s=None,
+                  warn_every_s=10.0, what="stores of preempted requests", poll_s=0.0002)
+
+    def shutdown(self) -> None:
+        if self.agent is not None:
+            self.agent.close()
+            self.agent = None
