@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
-from typing import Callable
+import tempfile
+from typing import Callable, Iterator
 
 import pytest
 
@@ -21,6 +23,58 @@ def make_config(tmp_path) -> Callable[..., KvbmConfig]:
         return load_config(full)
 
     return make
+
+
+def _o_direct_ok(path: str) -> bool:
+    probe = os.path.join(path, ".odirect-probe")
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_RDWR | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+EngineEnv = Callable[..., str]
+
+
+@pytest.fixture
+def engine_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, int, bool], EngineEnv]]:
+    """DYN_KVBM_* for one engine-integration test, read by the engine's own connector code:
+    ``engine_env(prefix, init_timeout_s, o_direct)`` clears the caller's DYN_KVBM_*, sets a
+    private run dir (named ``prefix``...; ipc paths are <= 107 bytes) and a 256-block host pool,
+    and returns a setter of more values; giving ``DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS`` also
+    makes a disk dir, with O_DIRECT only if ``o_direct`` and the dir supports it. The setter
+    returns the run dir, removed after the test."""
+    dirs: list[str] = []
+
+    def make(prefix: str, init_timeout_s: int, o_direct: bool) -> EngineEnv:
+        run_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+        dirs.append(run_dir)
+        for k in [k for k in os.environ if k.startswith("DYN_KVBM_")]:
+            monkeypatch.delenv(k)
+        monkeypatch.setenv("DYN_KVBM_RUN_DIR", os.path.join(run_dir, "run"))
+        monkeypatch.setenv("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", "256")
+        monkeypatch.setenv("DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS", str(init_timeout_s))
+        monkeypatch.setenv("DYN_KVBM_LOG_LEVEL", "WARNING")
+
+        def set_env(**values: str) -> str:
+            for k, v in values.items():
+                monkeypatch.setenv(k, v)
+            if "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS" in values:
+                disk = os.path.join(run_dir, "disk")
+                os.makedirs(disk, exist_ok=True)
+                monkeypatch.setenv("DYN_KVBM_DISK_CACHE_DIR", disk)
+                if not (o_direct and _o_direct_ok(disk)):
+                    monkeypatch.setenv("DYN_KVBM_DISK_DISABLE_O_DIRECT", "1")
+            return run_dir
+
+        return set_env
+
+    yield make
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _our_segments() -> list[str]:

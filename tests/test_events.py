@@ -15,7 +15,7 @@ import zmq
 from kvbm.config import ConfigError
 from kvbm.leader.events import KvEventPublisher, decode_batch, encode_batch, start_leader_events, wire_events
 from kvbm.hashing import sequence_hashes
-from kvbm.ipc.messages import unpack_hashes
+from kvbm.ipc.messages import BlockEventKind, unpack_hashes
 from kvbm.leader.registry import BlockEvent, Tier
 from kvbm.sim.engine import SimEngine, chat_workload
 from kvbm.sim.rank import SimModel
@@ -31,15 +31,15 @@ def _free_port() -> int:
 
 
 def _stored(tier: Tier, h: int, parent: int | None) -> BlockEvent:
-    return BlockEvent("stored", tier, h, parent)
+    return BlockEvent(BlockEventKind.STORED, tier, h, parent)
 
 
 def _removed(tier: Tier, h: int) -> BlockEvent:
-    return BlockEvent("removed", tier, h, None)
+    return BlockEvent(BlockEventKind.REMOVED, tier, h, None)
 
 
 def _cleared(tier: Tier) -> BlockEvent:
-    return BlockEvent("cleared", tier, 0, None)
+    return BlockEvent(BlockEventKind.CLEARED, tier, 0, None)
 
 
 # ---------------------------------------------------------------------------------------------

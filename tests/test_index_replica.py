@@ -78,7 +78,7 @@ def test_matches_the_leader_registry_on_random_histories() -> None:
         pool = rng.choice([reg.host, reg.disk])
         pool.commit([s for s in pool.allocate(hashes) if s is not None])  # may evict older blocks
         seq += 1
-        rep.apply(delta([(BlockEventKind[e.kind.upper()], e.tier, e.seq_hash) for e in reg.drain_events()],
+        rep.apply(delta([(e.kind, e.tier, e.seq_hash) for e in reg.drain_events()],
                         next_seq=seq))
         probe = rng.choice(chains)
         want = reg.match(probe)

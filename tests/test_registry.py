@@ -14,6 +14,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from kvbm.ipc.messages import BlockEventKind
 from kvbm.leader.registry import (
     BlockEvent,
     BlockRegistry,
@@ -49,11 +50,11 @@ def new_slots(pool: TierPool, hashes: Sequence[int], **kw: object) -> list[int]:
 
 
 def stored(tier: Tier, h: int, parent: int | None = None) -> BlockEvent:
-    return BlockEvent("stored", tier, h, parent)
+    return BlockEvent(BlockEventKind.STORED, tier, h, parent)
 
 
 def removed(tier: Tier, h: int, parent: int | None = None) -> BlockEvent:
-    return BlockEvent("removed", tier, h, parent)
+    return BlockEvent(BlockEventKind.REMOVED, tier, h, parent)
 
 
 # ---- Tier / enums ----------------------------------------------------------------------------
@@ -235,7 +236,7 @@ def test_clear_keeps_pinned_and_writing() -> None:
     pool.pin([s1])
     pool.drain_events()
     assert pool.clear() == 3
-    assert pool.drain_events() == [BlockEvent("cleared", Tier.HOST, 0, None)]
+    assert pool.drain_events() == [BlockEvent(BlockEventKind.CLEARED, Tier.HOST, 0, None)]
     assert pool.lookup(1) == s1 and pool.holds(5) and not pool.holds(2)
     assert pool.clear() == 0
     assert pool.drain_events() == []  # nothing dropped, no event
@@ -394,7 +395,7 @@ def test_registry_events_in_global_order() -> None:
         stored(Tier.DISK, 1),
         removed(Tier.HOST, 1),
         stored(Tier.HOST, 2),
-        BlockEvent("cleared", Tier.DISK, 0, None),
+        BlockEvent(BlockEventKind.CLEARED, Tier.DISK, 0, None),
     ]
     assert reg.drain_events() == []
     reg.check_invariants()
@@ -495,7 +496,7 @@ class RegistryMachine(RuleBasedStateMachine):
         assert [s is not None for s in out] == expected
         # Exactly the n_evict lowest (priority, last use) unpinned blocks go, in that order.
         events = pool.drain_events()
-        assert [(e.kind, e.seq_hash) for e in events] == [("removed", h) for h in victims[:n_evict]]
+        assert [(e.kind, e.seq_hash) for e in events] == [(BlockEventKind.REMOVED, h) for h in victims[:n_evict]]
         for h in victims[:n_evict]:
             del m.registered[h], m.pins[h], m.prio[h], m.tick[h]
         for h in dict.fromkeys(h for h in hashes if h in protected):
@@ -577,7 +578,7 @@ class RegistryMachine(RuleBasedStateMachine):
         gone = [h for h in m.registered if m.pins[h] == 0]
         pool.drain_events()
         assert pool.clear() == len(gone)
-        assert pool.drain_events() == ([BlockEvent("cleared", pool.tier, 0, None)] if gone else [])
+        assert pool.drain_events() == ([BlockEvent(BlockEventKind.CLEARED, pool.tier, 0, None)] if gone else [])
         for h in gone:
             del m.registered[h], m.pins[h], m.prio[h], m.tick[h]
 

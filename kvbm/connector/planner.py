@@ -41,7 +41,7 @@ from kvbm.connector.ops import LoadOp, StepPlan, StoreOp
 from kvbm.hashing import SequenceHasher
 from kvbm.ipc import messages as m
 from kvbm.leader.client import LeaderClient, LoadGrantInfo
-from kvbm.leader.registry import BlockEvent, EventKind, Tier
+from kvbm.leader.registry import BlockEvent, Tier
 
 log = logging.getLogger("kvbm.connector")
 
@@ -123,9 +123,6 @@ class _StoreAlloc:
 class _Poll:
     op_ids: list[int]
 
-
-# EventsReply kind codes (0 stored, 1 removed, 2 cleared) -> typed event kinds.
-_EVENT_KINDS: tuple[EventKind, ...] = ("stored", "removed", "cleared")
 
 _Posted = _Pin | _StoreAlloc | _Poll | None  # None: fire and forget (ReleaseOp)
 
@@ -601,7 +598,7 @@ class Planner:
             return []
         hashes = m.unpack_hashes(reply.hashes)
         parents = m.unpack_hashes(reply.parents)
-        return [BlockEvent(_EVENT_KINDS[kind], Tier(tier), h, p or None)
+        return [BlockEvent(m.BlockEventKind(kind), Tier(tier), h, p or None)
                 for kind, tier, h, p in zip(reply.kinds, reply.tiers, hashes, parents)]
 
     def shutdown(self) -> None:

@@ -33,7 +33,7 @@ from kvbm.config import KvbmConfig
 from kvbm.ipc import messages as m
 from kvbm.leader.admission import FrequencyFilter
 from kvbm.leader.disk import BlockKey
-from kvbm.leader.index import IndexLog, event_kind
+from kvbm.leader.index import IndexLog
 from kvbm.leader.ops import Op, OpKind
 from kvbm.leader.registry import BlockEvent, BlockRegistry, Tier, TierPool
 from kvbm.leader.storage import CacheStorage, DiskReadDone, DiskWriteDone, StorageFactory
@@ -560,7 +560,7 @@ class LeaderCore:
         evs = list(self.events)
         self.events.clear()
         return m.EventsReply(
-            kinds=bytes(event_kind(e) for e in evs),
+            kinds=bytes(e.kind for e in evs),
             tiers=bytes(int(e.tier) for e in evs),
             hashes=m.pack_hashes([e.seq_hash for e in evs]),
             parents=m.pack_hashes([e.parent_hash or 0 for e in evs]),
@@ -768,7 +768,7 @@ class LeaderCore:
         if not evs:
             return
         for e in evs:
-            if e.kind == "removed":
+            if e.kind is m.BlockEventKind.REMOVED:
                 if e.tier is Tier.HOST:
                     self.counters.host_evictions += 1
                 else:

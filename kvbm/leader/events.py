@@ -37,7 +37,6 @@ import msgpack
 import zmq
 
 from kvbm.ipc.messages import BlockEventKind
-from kvbm.leader.index import event_kind
 from kvbm.leader.registry import BlockEvent
 
 if TYPE_CHECKING:
@@ -63,7 +62,7 @@ def wire_events(events: Sequence[BlockEvent], block_size: int) -> list[dict[str,
     prev: BlockEvent | None = None
     prev_kind: BlockEventKind | None = None
     for e in events:
-        kind = event_kind(e)
+        kind = e.kind
         if kind is BlockEventKind.STORED:
             if prev is not None and prev_kind is kind and prev.tier is e.tier and e.parent_hash == prev.seq_hash:
                 out[-1]["block_hashes"].append(e.seq_hash)

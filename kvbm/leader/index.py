@@ -25,16 +25,10 @@ from kvbm.leader.registry import BlockEvent, Tier
 RING_ENTRIES = 1 << 16
 MAX_REPLY_ENTRIES = 1 << 16
 
-_KIND = {"stored": BlockEventKind.STORED, "removed": BlockEventKind.REMOVED, "cleared": BlockEventKind.CLEARED}
-# Plain ints for the per-event loop: enum members and their .value are slow there.
-_KIND_VALUE = {name: int(kind) for name, kind in _KIND.items()}
+# Plain ints for the per-event loop: int() of an enum member is slow there.
+_KIND_VALUE = {kind: int(kind) for kind in BlockEventKind}
 _TIER_VALUE = {tier: int(tier) for tier in Tier}
 _STORED, _CLEARED = int(BlockEventKind.STORED), int(BlockEventKind.CLEARED)
-
-
-def event_kind(event: BlockEvent) -> BlockEventKind:
-    """The wire kind of a registry event."""
-    return _KIND[event.kind]
 
 
 # One change: (BlockEventKind value, Tier value, hash; 0 for CLEARED). A plain tuple of ints

@@ -24,10 +24,11 @@ from array import array
 from bisect import insort
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from kvbm.ipc.messages import BlockEventKind
 from kvbm.leader.hash_table import BYTES_PER_HASH, HashSlotTable, leading
 
 __all__ = [
@@ -69,18 +70,19 @@ _FREE = 0
 _WRITING = 1
 _REGISTERED = 2
 
-EventKind = Literal["stored", "removed", "cleared"]
+# Event kinds in the hot loops below, as plain names (the enum lives in kvbm.ipc.messages).
+_STORED, _REMOVED, _CLEARED = BlockEventKind.STORED, BlockEventKind.REMOVED, BlockEventKind.CLEARED
 
 
 @dataclass(frozen=True, slots=True)
 class BlockEvent:
     """One registry change, for KV events and metrics.
 
-    ``cleared`` (from :meth:`TierPool.clear`) stands for every block of the tier and has
+    CLEARED (from :meth:`TierPool.clear`) stands for every block of the tier and has
     ``seq_hash`` 0 and no parent.
     """
 
-    kind: EventKind
+    kind: BlockEventKind
     tier: Tier
     seq_hash: int
     parent_hash: int | None
@@ -88,7 +90,7 @@ class BlockEvent:
 
 # Events are recorded as tuples (global sequence number, kind, hash, parent) and only turned into
 # BlockEvent objects when drained: building a frozen dataclass costs ~1.5 us, ten times a tuple.
-_RawEvent = tuple[int, EventKind, int, int | None]
+_RawEvent = tuple[int, BlockEventKind, int, int | None]
 
 # Building many events: set the slots through their descriptors, which skips the frozen
 # __setattr__ checks of the generated __init__ (half the cost; the result is identical).
@@ -99,7 +101,7 @@ _set_hash = getattr(BlockEvent, "seq_hash").__set__
 _set_parent = getattr(BlockEvent, "parent_hash").__set__
 
 
-def _make_events(raw: Sequence[tuple[EventKind, Tier, int, int | None]]) -> list[BlockEvent]:
+def _make_events(raw: Sequence[tuple[BlockEventKind, Tier, int, int | None]]) -> list[BlockEvent]:
     out = []
     for kind, tier, h, p in raw:
         e = _new(BlockEvent)
@@ -420,7 +422,7 @@ class TierPool:
             else:
                 od[s] = None  # most recently used end
             if record:
-                events.append((next(seq), "stored", h, p))
+                events.append((next(seq), _STORED, h, p))
         self._table.insert(hs, slots)
 
     def abort(self, slots: Sequence[int]) -> None:
@@ -496,7 +498,7 @@ class TierPool:
             self._registered[h] = s
             self._attach(s)
             if self._record:
-                self._events.append((next(self._seq), "stored", h, parent))
+                self._events.append((next(self._seq), _STORED, h, parent))
         self._table.insert(list(keep), slots)
         # Slots below the highest restored one that hold nothing go on the free stack, lowest
         # on top (handed out first); the ones above stay never-used.
@@ -539,7 +541,7 @@ class TierPool:
         self._table.remove(hs)
         self._release(idx)
         if self._record:
-            self._events.append((next(self._seq), "cleared", 0, None))
+            self._events.append((next(self._seq), _CLEARED, 0, None))
         return len(dropped)
 
     # ---- events -------------------------------------------------------------------------------
@@ -686,7 +688,7 @@ class TierPool:
         self._table.remove(hs)
         if self._record:
             seq, events = self._seq, self._events
-            events.extend((next(seq), "removed", h, p) for h, p in zip(hs, self._parents(idx)))
+            events.extend((next(seq), _REMOVED, h, p) for h, p in zip(hs, self._parents(idx)))
 
     def _release(self, idx: np.ndarray) -> None:
         """Make slots FREE and push them on the free stack (in order: the last is reused first)."""

@@ -7,7 +7,6 @@ skip with ``pytest.importorskip("vllm")``.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 import uuid
@@ -31,17 +30,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return write_model_dir(str(tmp_path_factory.mktemp("model")))
 
 
-def _o_direct_ok(path: str) -> bool:
-    probe = os.path.join(path, ".odirect-probe")
-    try:
-        fd = os.open(probe, os.O_CREAT | os.O_RDWR | os.O_DIRECT, 0o600)
-    except OSError:
-        return False
-    os.close(fd)
-    os.unlink(probe)
-    return True
-
-
 def _segments(tag: str) -> list[str]:
     return [n for n in os.listdir("/dev/shm") if n.startswith("kvbm-") and tag in n]
 
@@ -52,32 +40,10 @@ def _leaders(tag: str) -> list[str]:
 
 
 @pytest.fixture
-def kvbm_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., str]]:
-    """Set DYN_KVBM_* for one test (private run dir, small host pool); returns the disk dir setter.
-
-    After the test: no shared-memory segment and no leader process of this test remain.
-    """
-    run_dir = tempfile.mkdtemp(prefix="kvbmv-", dir="/tmp")  # short: ipc paths are <= 107 bytes
-    for k in [k for k in os.environ if k.startswith("DYN_KVBM_")]:
-        monkeypatch.delenv(k)
-    monkeypatch.setenv("DYN_KVBM_RUN_DIR", os.path.join(run_dir, "run"))
-    monkeypatch.setenv("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", "256")
-    monkeypatch.setenv("DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS", "90")
-    monkeypatch.setenv("DYN_KVBM_LOG_LEVEL", "WARNING")
-
-    def set_env(**values: str) -> str:
-        for k, v in values.items():
-            monkeypatch.setenv(k, v)
-        if "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS" in values:
-            disk = os.path.join(run_dir, "disk")
-            os.makedirs(disk, exist_ok=True)
-            monkeypatch.setenv("DYN_KVBM_DISK_CACHE_DIR", disk)
-            if not _o_direct_ok(disk):
-                monkeypatch.setenv("DYN_KVBM_DISK_DISABLE_O_DIRECT", "1")
-        return run_dir
-
-    yield set_env
-    shutil.rmtree(run_dir, ignore_errors=True)
+def kvbm_env(engine_env: Callable[[str, int, bool], Callable[..., str]]) -> Callable[..., str]:
+    """DYN_KVBM_* for one test (private run dir, small host pool); returns the setter of more
+    (see ``engine_env``). The leak check is ``make_engine``'s."""
+    return engine_env("kvbmv-", 90, True)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Iterable
 from kvbm.connector.index import follow_leader
 from kvbm.connector.planner import Planner, ScheduledRequest
 from kvbm.hashing import salt_hash
+from kvbm.ipc.messages import BlockEventKind
 from kvbm.leader.client import LeaderClient
 from kvbm.leader.registry import Tier
 from kvbm.vllm_integration.connector.common import Settings
@@ -122,10 +123,10 @@ class KvbmScheduler:
         events: list[KVCacheEvent] = []
         for e in records:
             medium = e.tier.medium
-            if e.kind == "stored":
+            if e.kind is BlockEventKind.STORED:
                 events.append(BlockStored(block_hashes=[e.seq_hash], parent_block_hash=e.parent_hash, token_ids=[],
                                           block_size=self.block_size, lora_id=None, medium=medium, lora_name=None))
-            elif e.kind == "removed":
+            elif e.kind is BlockEventKind.REMOVED:
                 events.append(BlockRemoved(block_hashes=[e.seq_hash], medium=medium))
             else:
                 events.append(AllBlocksCleared())
