@@ -1,13 +1,17 @@
-"""A fixed-capacity map from 64-bit block hash to slot whose lookups are vectorised with NumPy.
+"""A fixed-capacity map from 64-bit block hash to slot whose operations are vectorised with NumPy.
 
 A tier's registered hashes live in a Python dict too (the source of truth for single-hash
 work); this mirror exists for the lookup of a whole prompt: 2048 hashes tested in a few NumPy
-gathers over u64 arrays, with no Python int per hash (a dict walk costs ~50 ns a hash, plus
-turning the wire bytes into Python ints first).
+gathers over u64 arrays, with no Python int per hash (a dict walk costs ~30-50 ns a hash, plus
+turning the wire bytes into Python ints first). Stores and evictions change it a batch at a
+time, also vectorised, so the leader's store path pays a few NumPy passes, not a Python loop.
 
-Open addressing with linear probing at a load of at most 1/2. Sequence hashes are already
-uniform 64-bit values (xxh3), so their low bits are the bucket. A removal shifts the rest of
-its cluster back (no tombstones), so probe lengths stay short however long the table lives.
+Open addressing with linear probing at a load of at most 1/4 with the tier full (1/2 counting
+tombstones): short clusters, so most hashes settle in one or two vectorised rounds. Sequence hashes are already
+uniform 64-bit values (xxh3), so their low bits are the bucket. Key 0 marks an empty bucket and
+key 1 a removed one (a tombstone: lookups probe past it, inserts reuse it); the hashes 0 and 1
+themselves, should a sequence hash ever be one, are kept aside in a dict. When tombstones
+reach a quarter of the buckets the table is rebuilt from its live keys.
 """
 
 from __future__ import annotations
@@ -16,125 +20,45 @@ from typing import Sequence
 
 import numpy as np
 
-# Memory per hash of capacity: at most 4 buckets (2x capacity rounded up to a power of two) of
-# a u64 key and an i32 slot.
-BYTES_PER_HASH = 48
+_EMPTY, _TOMB = 0, 1
+# Memory per hash of capacity: at most 8 buckets (4x capacity rounded up to a power of two) of
+# a u64 key, an i32 slot and an i32 scratch entry.
+BYTES_PER_HASH = 128
+
+
+def _u64(values: Sequence[int] | np.ndarray) -> np.ndarray:
+    return np.asarray(values, np.uint64)
 
 
 class HashSlotTable:
-    """hash -> slot for at most ``capacity`` hashes; inserts and removals one hash at a time,
-    membership tests for a whole array at once.
-
-    Key 0 marks an empty bucket (so a lookup gathers keys only); the hash 0 itself, should a
-    sequence hash ever be 0, is kept aside.
-    """
+    """hash -> slot for at most ``capacity`` hashes."""
 
     def __init__(self, capacity: int) -> None:
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
-        size = 1 << max(4, (2 * capacity - 1).bit_length())  # >= 2 x capacity
+        size = 1 << max(4, (4 * capacity - 1).bit_length())  # >= 4 x capacity
         self._mask = size - 1
         self._keys = np.zeros(size, np.uint64)
         self._slots = np.zeros(size, np.int32)
-        self._zero_slot: int | None = None  # slot of the hash 0
-        self._len = 0
+        self._owner = np.zeros(size, np.int32)  # scratch: which inserted hash claimed a bucket
+        self._aside: dict[int, int] = {}  # the hashes 0 and 1 (the empty and tombstone keys)
+        self._len = 0  # live hashes, aside ones included
+        self._tombs = 0
 
     def __len__(self) -> int:
         return self._len
 
-    def _find(self, h: int) -> int:
-        """Bucket holding ``h`` (not 0), or -1."""
+    def _home(self, q: np.ndarray) -> np.ndarray:
+        return (q & np.uint64(self._mask)).astype(np.intp)
+
+    def _positions(self, q: np.ndarray, rounds: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(bucket of each hash of ``q``, -1 where absent; indices still unsure after ``rounds``
+        buckets probed, None: as many as needed). ``q`` holds no aside hash."""
         keys, mask = self._keys, self._mask
-        i = h & mask
-        while True:
-            k = int(keys[i])
-            if k == h:
-                return i
-            if k == 0:
-                return -1
-            i = (i + 1) & mask
-
-    def get(self, h: int) -> int | None:
-        if h == 0:
-            return self._zero_slot
-        i = self._find(h)
-        return None if i < 0 else int(self._slots[i])
-
-    def insert(self, hashes: Sequence[int], slots: Sequence[int]) -> None:
-        """Add ``hashes[i] -> slots[i]``; ValueError for a hash already present (nothing added
-        from it on) or when full."""
-        keys, table, mask = self._keys, self._slots, self._mask
-        for h, s in zip(hashes, slots):
-            if self._len * 2 >= len(keys):
-                raise ValueError(f"hash table full ({self._len} hashes)")
-            if h == 0:
-                if self._zero_slot is not None:
-                    raise ValueError("hash 0x0 is already in the table")
-                self._zero_slot = s
-                self._len += 1
-                continue
-            i = h & mask
-            while (k := int(keys[i])) != 0:
-                if k == h:
-                    raise ValueError(f"hash {h:#x} is already in the table")
-                i = (i + 1) & mask
-            keys[i] = h
-            table[i] = s
-            self._len += 1
-
-    def remove(self, hashes: Sequence[int]) -> None:
-        """Drop ``hashes``; KeyError for one not present (the ones before it are dropped)."""
-        keys, table, mask = self._keys, self._slots, self._mask
-        for h in hashes:
-            if h == 0:
-                if self._zero_slot is None:
-                    raise KeyError(h)
-                self._zero_slot = None
-                self._len -= 1
-                continue
-            i = self._find(h)
-            if i < 0:
-                raise KeyError(h)
-            # Backward-shift deletion: move later members of the cluster into the hole when
-            # their home bucket does not lie cyclically in (hole, their position].
-            j = i
-            while True:
-                j = (j + 1) & mask
-                k = int(keys[j])
-                if k == 0:
-                    break
-                home = k & mask
-                if (home <= i < j) or (j < home <= i) or (i < j < home):
-                    keys[i] = k
-                    table[i] = table[j]
-                    i = j
-            keys[i] = 0
-            self._len -= 1
-
-    def clear(self) -> None:
-        self._keys.fill(0)
-        self._zero_slot = None
-        self._len = 0
-
-    def contains(self, hashes: np.ndarray) -> np.ndarray:
-        """A bool per hash of the uint64 array ``hashes``: present in the table."""
-        found, unsure = self.probe(hashes)
-        assert not len(unsure)
-        return found
-
-    def probe(self, hashes: np.ndarray, rounds: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(a bool per hash: found, indices of the hashes still unsure after ``rounds`` buckets
-        probed; None: as many as needed, so none is unsure). A few hashes sit far from their
-        home bucket and each further round costs NumPy's fixed price per operation, so callers
-        with a dict of the same hashes finish the stragglers there."""
-        q = np.asarray(hashes, np.uint64)
-        if not self._len or not len(q):
-            return np.zeros(len(q), np.bool_), np.empty(0, np.intp)
-        keys, mask = self._keys, self._mask
-        pos = (q & np.uint64(mask)).astype(np.intp)
+        pos = self._home(q)
         k = keys[pos]
-        found = k == q  # most hashes settle in their home bucket
-        todo = np.flatnonzero(~found & (k != 0))  # another hash there: probe further
+        where = np.where(k == q, pos, -1)  # most hashes settle in their home bucket
+        todo = np.flatnonzero((where < 0) & (k != _EMPTY))  # another hash (or a tombstone) there
         pos = pos[todo]
         left = -1 if rounds is None else rounds - 1
         while len(todo) and left:
@@ -142,14 +66,119 @@ class HashSlotTable:
             pos = (pos + 1) & mask
             k = keys[pos]
             hit = k == q[todo]
-            found[todo[hit]] = True
-            more = ~hit & (k != 0)
+            where[todo[hit]] = pos[hit]
+            more = ~hit & (k != _EMPTY)
             todo, pos = todo[more], pos[more]
-        zero = np.flatnonzero(q == 0)  # an empty bucket's key: the kept-aside hash 0 decides
-        if len(zero):
-            found[zero] = self._zero_slot is not None
-            todo = np.setdiff1d(todo, zero)
-        return found, todo
+        return where, todo
+
+    def get(self, h: int) -> int | None:
+        slot = int(self.slots_of(_u64([h]))[0])
+        return None if slot < 0 else slot
+
+    def slots_of(self, hashes: np.ndarray) -> np.ndarray:
+        """The slot of each hash of the uint64 array ``hashes``, -1 where absent."""
+        q = _u64(hashes)
+        where, _ = self._positions(q)
+        out = np.where(where >= 0, self._slots[where], -1)
+        for i in np.flatnonzero(q <= _TOMB).tolist():
+            out[i] = self._aside.get(int(q[i]), -1)
+        return out
+
+    def probe(self, hashes: np.ndarray, rounds: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(a bool per hash: found, indices of the hashes still unsure after ``rounds`` buckets
+        probed; None: as many as needed, so none is unsure). A few hashes sit far from their
+        home bucket and each further round costs NumPy's fixed price per operation, so callers
+        with a dict of the same hashes finish the stragglers there."""
+        q = _u64(hashes)
+        if not self._len or not len(q):
+            return np.zeros(len(q), np.bool_), np.empty(0, np.intp)
+        where, unsure = self._positions(q, rounds)
+        found = where >= 0
+        special = np.flatnonzero(q <= _TOMB)  # never stored as keys: the aside dict decides
+        if len(special):
+            found[special] = [int(h) in self._aside for h in q[special].tolist()]
+            unsure = np.setdiff1d(unsure, special)
+        return found, unsure
+
+    def contains(self, hashes: np.ndarray) -> np.ndarray:
+        """A bool per hash of the uint64 array ``hashes``: present in the table."""
+        return self.probe(hashes)[0]
+
+    def insert(self, hashes: Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray) -> None:
+        """Add ``hashes[i] -> slots[i]``: distinct hashes not in the table yet (the caller's dict
+        of the same hashes guarantees it; not checked, it would cost a probe). ValueError
+        (nothing added) when the table would hold more than its capacity."""
+        q, s = _u64(hashes), np.asarray(slots, np.int32)
+        if len(q) != len(s):
+            raise ValueError(f"{len(q)} hashes for {len(s)} slots")
+        if 2 * (self._len + len(q)) > len(self._keys):
+            raise ValueError(f"hash table full ({self._len} hashes, {len(q)} more)")
+        special = q <= _TOMB
+        if special.any():
+            self._aside.update(zip(q[special].tolist(), s[special].tolist()))
+            self._len += int(special.sum())
+            q, s = q[~special], s[~special]
+        if 2 * (self._len + self._tombs + len(q)) > len(self._keys):
+            self._rebuild()
+        self._place(q, s)
+
+    def _place(self, q: np.ndarray, s: np.ndarray) -> None:
+        """Put new non-aside hashes in the first free (empty or tombstone) bucket from their home."""
+        keys, table, owner, mask = self._keys, self._slots, self._owner, self._mask
+        todo = np.arange(len(q))
+        pos = self._home(q)
+        while len(todo):
+            k = keys[pos]
+            free = (k == _EMPTY) | (k == _TOMB)
+            cand, cpos = todo[free], pos[free]
+            owner[cpos] = cand  # several may want one bucket: the last write wins it
+            won = owner[cpos] == cand
+            wpos, wq = cpos[won], cand[won]
+            self._tombs -= int(np.count_nonzero(keys[wpos] == _TOMB))
+            keys[wpos] = q[wq]
+            table[wpos] = s[wq]
+            stay = np.ones(len(todo), np.bool_)
+            stay[np.flatnonzero(free)[won]] = False
+            todo, pos = todo[stay], (pos[stay] + 1) & mask
+        self._len += len(q)
+
+    def remove(self, hashes: Sequence[int] | np.ndarray) -> None:
+        """Drop ``hashes``; KeyError (nothing dropped) for one not present."""
+        q = _u64(hashes)
+        special = q <= _TOMB
+        if special.any():
+            for h in q[special].tolist():
+                if h not in self._aside:
+                    raise KeyError(h)
+            q = q[~special]
+        where, _ = self._positions(q)
+        if (where < 0).any():
+            raise KeyError(int(q[int(np.argmin(where))]))
+        if len(np.unique(where)) != len(where):
+            raise KeyError("a hash is repeated")
+        if special.any():
+            for h in _u64(hashes)[special].tolist():
+                del self._aside[h]
+            self._len -= int(special.sum())
+        self._keys[where] = _TOMB
+        self._tombs += len(where)
+        self._len -= len(where)
+        if 4 * self._tombs > len(self._keys):
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Re-insert the live keys into a table without tombstones."""
+        live = np.flatnonzero(self._keys > _TOMB)
+        q, s = self._keys[live].copy(), self._slots[live].copy()
+        self._keys.fill(_EMPTY)
+        self._tombs = 0
+        self._len -= len(q)
+        self._place(q, s)
+
+    def clear(self) -> None:
+        self._keys.fill(_EMPTY)
+        self._aside.clear()
+        self._len = self._tombs = 0
 
 
 def leading(flags: np.ndarray) -> int:

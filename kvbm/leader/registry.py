@@ -423,7 +423,7 @@ class TierPool:
                 od[s] = None  # most recently used end
             if record:
                 events.append((next(seq), _STORED, h, p))
-        self._table.insert(hs, slots)
+        self._table.insert(self._hash[idx], idx)
 
     def abort(self, slots: Sequence[int]) -> None:
         """Give up stores (WRITING -> FREE); the blocks were never matchable, so no event."""
@@ -499,7 +499,7 @@ class TierPool:
             self._attach(s)
             if self._record:
                 self._events.append((next(self._seq), _STORED, h, parent))
-        self._table.insert(list(keep), slots)
+        self._table.insert(self._hash[idx], idx)
         # Slots below the highest restored one that hold nothing go on the free stack, lowest
         # on top (handed out first); the ones above stay never-used.
         self._fresh = max(slots) + 1
@@ -535,10 +535,9 @@ class TierPool:
         if not dropped:
             return 0
         idx = np.array(dropped, np.int64)
-        hs = self._hash[idx].tolist()
-        for h in hs:
+        for h in self._hash[idx].tolist():
             del self._registered[h]
-        self._table.remove(hs)
+        self._table.remove(self._hash[idx])
         self._release(idx)
         if self._record:
             self._events.append((next(self._seq), _CLEARED, 0, None))
@@ -586,8 +585,12 @@ class TierPool:
         for h, s in self._registered.items():
             if state[s] != _REGISTERED or self.hash_of(s) != h:
                 _fail(f"registered slot {s} disagrees: state {state[s]}, hash {self.hash_of(s)} != {h}")
-            if self._table.get(h) != s:
-                _fail(f"hash table maps registered hash {h:#x} to {self._table.get(h)}, not slot {s}")
+        if self._registered:
+            mapped = self._table.slots_of(_u64(list(self._registered)))
+            wrong = np.flatnonzero(mapped != np.fromiter(self._registered.values(), np.int64, len(self._registered)))
+            if len(wrong):
+                h = list(self._registered)[int(wrong[0])]
+                _fail(f"hash table maps registered hash {h:#x} to {mapped[wrong[0]]}, not slot {self._registered[h]}")
         if len(self._table) != len(self._registered):
             _fail(f"hash table holds {len(self._table)} hashes, {len(self._registered)} are registered")
         bad = np.flatnonzero((pins < 0) | ((pins != 0) & (state != _REGISTERED)))
@@ -685,7 +688,7 @@ class TierPool:
         hs = self._hash[idx].tolist()
         for h in hs:
             del self._registered[h]
-        self._table.remove(hs)
+        self._table.remove(self._hash[idx])
         if self._record:
             seq, events = self._seq, self._events
             events.extend((next(seq), _REMOVED, h, p) for h, p in zip(hs, self._parents(idx)))
