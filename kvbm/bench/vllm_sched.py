@@ -8,8 +8,8 @@ prefix cache forgets earlier turns:
 * DynamoConnector (kvbm) with its leader and a worker-role connector copying real bytes,
   once with a host pool larger than anything the workload computes (the hit-token limit)
   and once with HOST_BLOCKS blocks, its planner answering lookups from a local index replica
-  (kept current from the leader's block events until the leader's own index stream is wired);
-  and once more without the replica ("no index replica": every lookup a leader Match);
+  (kept current from the leader's index stream; the default); and once more without the
+  replica ("no index replica": every lookup a leader Match);
 * vLLM's built-in OffloadingConnector with the same CPU bytes (its CUDA copy worker cannot
   run here, so a stand-in worker completes every transfer within the step: this measures its
   scheduler side only). Run twice: its default (offload prompt blocks only) and with
@@ -79,18 +79,18 @@ class _OffloadStandInWorker:
         return
 
 
-def _time_calls(rpc: Any, out: list[float]) -> None:
-    """Record the wall time of every leader round trip the scheduler side makes."""
-    call_many = rpc.call_many  # every LeaderClient request goes through it
+def _time_calls(obj: Any, method: str, out: list[float]) -> None:
+    """Record the wall time of every call of ``obj.method`` (a wait the scheduler thread makes)."""
+    call = getattr(obj, method)
 
     def timed(*args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
         try:
-            return call_many(*args, **kwargs)
+            return call(*args, **kwargs)
         finally:
             out.append(time.perf_counter() - t0)
 
-    rpc.call_many = timed
+    setattr(obj, method, timed)
 
 
 def _bare_rtt(tmp: str, n: int) -> list[float]:
@@ -142,7 +142,11 @@ def _run_one(model_dir: str, name: str, connector: str | None, extra: dict[str, 
     try:
         if connector == "DynamoConnector":
             eng.wait_ready()
-            _time_calls(eng.kvbm.client._rpc, rtts)
+            # Every LeaderClient request goes through call_many; a replica catching up before
+            # a lookup waits for one round of its follower (a leader round trip too).
+            _time_calls(eng.kvbm.client._rpc, "call_many", rtts)
+            if eng.kvbm.planner.replica is not None:
+                _time_calls(eng.kvbm.planner.replica, "catch_up", rtts)
         eng.run_chats(conversations=12 if quick else 32, turns=3 if quick else 4, system=256, turn_len=64,
                       max_tokens=32, num_systems=4, seed=7, timeout_s=600)
         eng.run()
