@@ -1,3 +1,4 @@
-"""The engine-neutral connector core: the scheduler-side planner every engine adapter drives
-(vLLM's connector, the simulated engine), its local replica of the leader's index, and the
-plain copy ops it hands to the workers. Imports neither vLLM nor torch."""
+"""The engine-neutral connector core every engine adapter uses (vLLM's connector, TensorRT-LLM's,
+the simulated engine): the scheduler-side planner, its local replica of the leader's index, the
+plain copy ops it hands to the workers, and the worker side that runs them on each rank.
+Imports neither vLLM nor torch."""
