@@ -762,11 +762,12 @@ class BlockRegistry:
         e.g. the wire bytes viewed as one, to skip any per-hash Python work)."""
         q = _hash_array(hashes, start)
         on_host = self.host.contains(q)
-        if self.disk is None:
-            n = leading(on_host)
-            return MatchResult(n, 0, (Tier.HOST,) * n)
-        n = leading(on_host | self.disk.contains(q))
-        host = int(np.count_nonzero(on_host[:n]))
+        h = leading(on_host)
+        if self.disk is None or h == len(q):
+            return MatchResult(h, 0, (Tier.HOST,) * h)
+        # G3 only matters from the first block not in G2 on.
+        n = h + leading(on_host[h:] | self.disk.contains(q[h:]))
+        host = h + int(np.count_nonzero(on_host[h:n]))
         if host == n or host == 0:  # the usual cases: no per-block work
             return MatchResult(host, n - host, ((Tier.HOST,) if host else (Tier.DISK,)) * n)
         tiers = tuple(Tier.HOST if h else Tier.DISK for h in on_host[:n].tolist())
