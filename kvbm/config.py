@@ -163,7 +163,8 @@ def _url_ok(url: str) -> bool:
         port = parts.port  # raises ValueError for a bad port
     except ValueError:
         return False
-    return (parts.scheme in ("http", "https") and bool(parts.hostname) and _valid_host(parts.hostname)
+    host = parts.hostname or ""
+    return (parts.scheme in ("http", "https") and _valid_host(host)
             and port != 0 and parts.path in ("", "/") and not parts.query and not parts.fragment)
 
 

@@ -92,6 +92,10 @@ class MemStorage:
     def disk(self) -> MemDisk | None:
         return self.mem_disk
 
+    @property
+    def objects(self) -> None:
+        return None
+
     def close(self) -> None:
         self.closed = True
 

@@ -168,7 +168,8 @@ class GetStatus(Message):
 @_register
 @dataclass(frozen=True)
 class Match(Message):
-    """How many of ``hashes`` (from the first) are held in G2, then G3. No side effects."""
+    """How many of ``hashes`` (from the first) are held in G2, then G3, then G4. No block changes
+    state; with a G4 tier the leader may start a store lookup of the hashes past the match."""
 
     TAG: ClassVar[str] = "match"
     hashes: bytes = b""
@@ -291,9 +292,17 @@ class Status(Message):
 @_register
 @dataclass(frozen=True)
 class MatchReply(Message):
+    """Blocks from the first hash held in G2, then to stage from G3, then from G4 (the object store).
+
+    ``pending``: the leader is asking the object store about the hashes past the match (blocks
+    other instances put there); the same Match asked again shortly may find more.
+    """
+
     TAG: ClassVar[str] = "match_reply"
     host: int = _int(COUNT)
     disk: int = _int(COUNT)
+    object: int = _int(COUNT)
+    pending: bool = False
 
 
 @_register

@@ -140,11 +140,18 @@ class LeaderClient:
 
     # -- requests ------------------------------------------------------------------------
     def match(self, hashes: Sequence[int] | np.ndarray) -> tuple[int, int]:
-        """(blocks in G2, following blocks in G3) from the start of ``hashes``; (0, 0) if unavailable."""
+        """(blocks in G2, following blocks to stage from G3 or G4) from the start of ``hashes``;
+        (0, 0) if unavailable."""
+        reply = self.lookup(hashes)
+        return reply.host, reply.disk + reply.object
+
+    def lookup(self, hashes: Sequence[int] | np.ndarray) -> m.MatchReply:
+        """The leader's MatchReply for ``hashes`` (per tier, and whether a store lookup is pending);
+        an empty one if unavailable."""
         if len(hashes) == 0:
-            return 0, 0
+            return m.MatchReply()
         reply = self._call(m.Match(m.pack_hashes(hashes)), m.MatchReply)
-        return (reply.host, reply.disk) if reply else (0, 0)
+        return reply if reply is not None else m.MatchReply()
 
     def prepare_load(self, hashes: Sequence[int] | np.ndarray) -> LoadGrantInfo:
         reply = self._call(m.PrepareLoad(m.pack_hashes(hashes)), m.LoadGrant)

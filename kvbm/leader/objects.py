@@ -331,6 +331,7 @@ class BlockObjects:
 
         return list(self._lookups.map(one, hashes))
 
-    def close(self) -> None:
-        self._lookups.shutdown(wait=True)
+    def close(self, wait: bool = True) -> None:
+        """Stop the lookup threads (``wait``: let running lookups finish) and release the transport."""
+        self._lookups.shutdown(wait=wait, cancel_futures=not wait)
         self.backend.close()

@@ -43,11 +43,16 @@ class Tier(enum.IntEnum):
 
     HOST = 2  # G2
     DISK = 3  # G3
+    OBJECT = 4  # G4: an object store; the pool is the leader's index of the objects it knows
 
     @property
     def medium(self) -> str:
-        """vLLM KV-event medium string of this tier."""
-        return "CPU" if self is Tier.HOST else "STORAGE"  # vllm.distributed.kv_events MEDIUM_* values
+        """KV-event medium string of this tier (vllm.distributed.kv_events MEDIUM_* values; vLLM
+        has none for an object store, kvbm sends ``"OBJECT"``)."""
+        return _MEDIA[self]
+
+
+_MEDIA = {Tier.HOST: "CPU", Tier.DISK: "STORAGE", Tier.OBJECT: "OBJECT"}
 
 
 class SlotState(enum.IntEnum):
@@ -669,24 +674,25 @@ class TierPool:
 class MatchResult:
     """Result of :meth:`BlockRegistry.match`.
 
-    ``tiers[i]`` is where matched block ``start + i`` is found (G2 preferred when in both).
-    ``host`` and ``disk`` count the matched blocks per tier. Usually the G2 blocks lead and the G3
-    blocks follow; when a G2 block follows a G3 one (the tiers evict independently), use
-    ``tiers``.
+    ``tiers[i]`` is where matched block ``start + i`` is found (G2 preferred, then G3, then G4).
+    ``host``, ``disk`` and ``object`` count the matched blocks per tier. Usually the G2 blocks
+    lead and the G3 (then G4) blocks follow; when the tiers interleave (they evict
+    independently), use ``tiers``.
     """
 
     host: int
     disk: int
     tiers: tuple[Tier, ...]
+    object: int = 0
 
     @property
     def total(self) -> int:
         """Number of matched blocks."""
-        return self.host + self.disk
+        return self.host + self.disk + self.object
 
 
 class BlockRegistry:
-    """G2 host pool plus optional G3 disk pool; prefix matching over both."""
+    """G2 host pool plus optional G3 disk and G4 object pools; prefix matching over all."""
 
     def __init__(
         self,
@@ -695,8 +701,13 @@ class BlockRegistry:
         clock: Callable[[], float] = time.monotonic,
         *,
         record_events: bool = True,
+        object_capacity: int = 0,
     ) -> None:
-        """Create the pools; no disk pool when ``disk_capacity`` is 0."""
+        """Create the pools; no disk (object) pool when ``disk_capacity`` (``object_capacity``) is 0.
+
+        The object pool's slots hold no bytes: a slot is an entry of the leader's index of the
+        objects it knows in the store (written by it, or found there by a store lookup).
+        """
         seq = itertools.count()  # shared, so drain_events can merge the tiers in order
         self.host = TierPool(
             Tier.HOST, host_capacity, clock, record_events=record_events, event_seq=seq
@@ -706,6 +717,11 @@ class BlockRegistry:
             if disk_capacity > 0
             else None
         )
+        self.object: TierPool | None = (
+            TierPool(Tier.OBJECT, object_capacity, clock, record_events=record_events, event_seq=seq)
+            if object_capacity > 0
+            else None
+        )
 
     def pool(self, tier: Tier) -> TierPool:
         """The pool of a tier; ValueError if that tier is not configured."""
@@ -713,10 +729,33 @@ class BlockRegistry:
             return self.host
         if tier == Tier.DISK and self.disk is not None:
             return self.disk
+        if tier == Tier.OBJECT and self.object is not None:
+            return self.object
         raise ValueError(f"no pool for tier {Tier(tier).name}")
 
     def match(self, hashes: Sequence[int], start: int = 0) -> MatchResult:
-        """Longest run of blocks from ``start`` registered in G2 or else G3. No side effects."""
+        """Longest run of blocks from ``start`` registered in G2, else G3, else G4. No side effects."""
+        res = self._match_local(hashes, start)
+        if self.object is None:
+            return res
+        pos = start + res.total
+        if pos >= len(hashes) or hashes[pos] not in self.object._registered:
+            return res
+        # Past the local tiers: one block at a time over the three (G4 runs are short).
+        tiers = list(res.tiers)
+        for h in itertools.islice(hashes, pos, None):
+            if h in self.host._registered:
+                tiers.append(Tier.HOST)
+            elif self.disk is not None and h in self.disk._registered:
+                tiers.append(Tier.DISK)
+            elif h in self.object._registered:
+                tiers.append(Tier.OBJECT)
+            else:
+                break
+        return MatchResult(tiers.count(Tier.HOST), tiers.count(Tier.DISK), tuple(tiers), tiers.count(Tier.OBJECT))
+
+    def _match_local(self, hashes: Sequence[int], start: int) -> MatchResult:
+        """:meth:`match` over G2 and G3 only."""
         on_host = self.host.match_prefix(hashes, start)
         pos = start + on_host
         if self.disk is None or pos >= len(hashes):
@@ -741,22 +780,26 @@ class BlockRegistry:
         on_disk = tiers.count(Tier.DISK)
         return MatchResult(len(tiers) - on_disk, on_disk, tuple(tiers))
 
+    @property
+    def pools(self) -> list[TierPool]:
+        """The configured pools, G2 first."""
+        return [p for p in (self.host, self.disk, self.object) if p is not None]
+
     def drain_events(self) -> list[BlockEvent]:
-        """Events of both tiers since the last drain, in order of occurrence."""
-        if self.disk is None:
+        """Events of every tier since the last drain, in order of occurrence."""
+        pools = self.pools
+        if len(pools) == 1:
             return self.host.drain_events()
         streams = [
             [(seq, kind, pool.tier, h, p) for seq, kind, h, p in pool._drain_raw()]
-            for pool in (self.host, self.disk)
+            for pool in pools
         ]
-        if not streams[1]:
+        streams = [s for s in streams if s]
+        if len(streams) == 1:
             return _make_events([e[1:] for e in streams[0]])
-        if not streams[0]:
-            return _make_events([e[1:] for e in streams[1]])
         return _make_events([e[1:] for e in heapq.merge(*streams)])
 
     def check_invariants(self) -> None:
-        """Check both pools."""
-        self.host.check_invariants()
-        if self.disk is not None:
-            self.disk.check_invariants()
+        """Check every pool."""
+        for pool in self.pools:
+            pool.check_invariants()
