@@ -194,7 +194,7 @@ class LeaderClient:
             return {}
 
     def wait_idle(self, timeout_s: float = 10.0) -> dict[str, float]:
-        """Wait until the leader has applied every rank's ack and finished disk writes.
+        """Wait until the leader has applied every rank's ack and finished disk writes and object puts.
 
         Stores are asynchronous: a block is matchable only once every rank's ack has reached
         the leader. Returns the leader's stats; TimeoutError if it stays busy.
@@ -202,7 +202,8 @@ class LeaderClient:
         deadline = time.monotonic() + timeout_s
         while True:
             stats = self.stats()
-            if stats.get("ops_in_flight", 1) == 0 and stats.get("disk_busy", 0) == 0:
+            if stats.get("ops_in_flight", 1) == 0 and stats.get("disk_busy", 0) == 0 and \
+                    stats.get("object_busy", 0) == 0:
                 return stats
             if time.monotonic() > deadline:
                 raise TimeoutError(f"leader still has work in flight after {timeout_s:g} s: {stats}")

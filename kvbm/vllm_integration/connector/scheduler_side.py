@@ -65,10 +65,12 @@ class KvbmScheduler:
     def on_new_request(self, request: "Request") -> None:
         self._track(request)
 
-    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         if not self._track(request):
             return 0, False
         n = self.planner.lookup(request.request_id, num_computed_tokens)
+        if self.planner.not_yet(request.request_id):
+            return None, False  # the object store is being asked: vLLM asks again next step
         return n, n > 0  # loads are always asynchronous
 
     def hit_sources(self, request: "Request", num_external_tokens: int) -> dict[Tier, int]:
