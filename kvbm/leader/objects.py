@@ -294,17 +294,23 @@ class BlockObjects:
 
     def get(self, seq_hash: int, dst: memoryview) -> GetResult:
         """Read one block into ``dst`` if its object is whole and ours; ``dst`` is untouched otherwise."""
+        res, payload = self.fetch(seq_hash)
+        if payload is not None:
+            dst[:] = payload
+        return res
+
+    def fetch(self, seq_hash: int) -> tuple[GetResult, memoryview | None]:
+        """One block's checked payload (a view of the object's bytes; None unless the status is OK)."""
         try:
             data = self.backend.get(self.key(seq_hash), OBJECT_HEADER_BYTES + self.block_bytes)
         except ObjectError as e:
-            return GetResult(GetStatus.FAILED, str(e))
+            return GetResult(GetStatus.FAILED, str(e)), None
         if data is None:
-            return GetResult(GetStatus.MISSING)
+            return GetResult(GetStatus.MISSING), None
         problem = self.check(seq_hash, data)
         if problem:
-            return GetResult(GetStatus.CORRUPT, problem)
-        dst[:] = memoryview(data)[OBJECT_HEADER_BYTES:]
-        return GetResult(GetStatus.OK)
+            return GetResult(GetStatus.CORRUPT, problem), None
+        return GetResult(GetStatus.OK), memoryview(data)[OBJECT_HEADER_BYTES:]
 
     def check(self, seq_hash: int, data: bytes) -> str:
         """Why ``data`` is not the object of ``seq_hash`` in this layout ('' if it is)."""

@@ -304,17 +304,16 @@ class BlockObjectIO:
     def read(self, host_slot: int, seq_hash: int) -> None:
         def get() -> None:
             t0 = time.perf_counter()
-            buf = bytearray(self.objects.block_bytes)
             try:
-                res = self.objects.get(seq_hash, memoryview(buf))
+                res, payload = self.objects.fetch(seq_hash)
             except Exception as e:
                 self._put(ObjectReadDone(seq_hash, host_slot, GetStatus.FAILED, time.perf_counter() - t0, str(e)))
                 return
-            if res.status is GetStatus.OK:
+            if payload is not None:
                 with self._mem:
                     if self._closed:
                         return
-                    self.memory.block(host_slot)[:] = buf
+                    self.memory.block(host_slot)[:] = payload
             self._put(ObjectReadDone(seq_hash, host_slot, res.status, time.perf_counter() - t0, res.error))
 
         self._pool.submit(get)
