@@ -231,7 +231,7 @@ class StoreIO:
 OBJECT_WRITERS = 4  # puts in flight
 OBJECT_READERS = 4  # gets and lookups in flight
 OBJECT_QUEUE_CAP = 512  # queued puts; more are dropped (Dynamo's DYN_KVBM_G4_DRAIN_QUEUE_CAP default)
-OBJECT_DRAIN_S = 10.0  # a clean shutdown waits this long for queued puts
+OBJECT_DRAIN_S = 5.0  # a clean shutdown waits this long for queued puts (the spawner waits 10 s)
 
 
 class BlockObjectIO:
