@@ -217,7 +217,10 @@ class Planner:
         """External hit tokens past ``num_computed_tokens`` (the engine's own hit); 0 if none."""
         self._drop_grant(req_id)
         st = self._reqs.get(req_id)
-        if st is None or not self.ready():
+        if st is None:
+            return 0
+        waiting_since, st.store_wait = st.store_wait, None  # set again below if still waiting
+        if not self.ready():
             return 0
         bs = self.block_size
         num_tokens = len(st.tokens)
@@ -233,7 +236,8 @@ class Planner:
         if found is None:
             reply = self.client.lookup(rest)  # G3 and G4 blocks are both staged through G2
             found = (reply.host, reply.disk + reply.object)
-            st.store_wait = (st.store_wait or time.monotonic()) if reply.pending else None
+            if reply.pending:
+                st.store_wait = waiting_since or time.monotonic()
             self.counters["remote_lookups"] += 1
         else:  # the leader's hit-rate metrics count every lookup, also those it did not serve
             self.link.notify(m.LookupReport(len(rest), *found))
