@@ -246,8 +246,7 @@ class _Staging:
 
     op_id: int
     seq_hash: int
-    source_slot: int  # the block's slot in the tier it comes from
-    tier: Tier
+    source_slot: int  # the block's slot in the tier it comes from (G3 or G4)
 
 
 class LeaderCore:
@@ -753,7 +752,7 @@ class LeaderCore:
             return None
         hslot = got[0]
         reg.disk.pin([dslot])
-        self._staging[hslot] = _Staging(op_id, seq_hash, dslot, Tier.DISK)
+        self._staging[hslot] = _Staging(op_id, seq_hash, dslot)
         disk.read(dslot, hslot, self._checksums[dslot])
         return hslot
 
@@ -894,7 +893,7 @@ class LeaderCore:
             return None
         hslot = got[0]
         reg.object.pin([oslot])
-        self._staging[hslot] = _Staging(op_id, seq_hash, oslot, Tier.OBJECT)
+        self._staging[hslot] = _Staging(op_id, seq_hash, oslot)
         io.read(hslot, seq_hash)
         return hslot
 
