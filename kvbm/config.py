@@ -65,6 +65,7 @@ DISK_ALLOCATORS = ("default", "open-direct")  # Dynamo 1.6.1's DYN_KVBM_DISK_ALL
 CONSOLIDATOR_MODES = ("dedup", "passthrough", "baseten_dedup")
 WORKER_ID = "{worker_id}"  # in DYN_KVBM_OBJECT_BUCKET: replaced by the instance name
 DEFAULT_OBJECT_BUCKET = "dynamo-kv-cache"  # Dynamo's fallback bucket
+OBJECT_TRANSPORTS = ("s3", "nixl")
 
 
 class ConfigError(ValueError):
@@ -542,6 +543,10 @@ VARIABLES: tuple[Variable, ...] = (
              "a whole number of blocks >= 1 (e.g. 100000)",
              "Blocks the leader's G4 index remembers (least recently used forgotten first; objects "
              "are never deleted by kvbm)", _count),
+    Variable("DYN_KVBM_OBJECT_TRANSPORT", "object_transport", _word(OBJECT_TRANSPORTS), _one_of(OBJECT_TRANSPORTS),
+             "kvbm's: how blocks move to and from the store: s3 (boto3) or nixl (NIXL's OBJ plugin, "
+             "kvbm[cuda12]; its puts and gets stall while the store is down, see docs/objects.md); boto3 "
+             "checks the bucket and answers lookups either way"),
     Variable("DYN_KVBM_OBJECT_WRITE_THROUGH", "object_write_through", _BOOL, _BOOL_ACCEPTS,
              "Put every block committed in G2 into the object store (default: only blocks seen twice, "
              "the disk tier's admission filter)"),
@@ -637,6 +642,7 @@ class KvbmConfig:
     object_access_key: str | None = None
     object_secret_key: str | None = None
     object_num_blocks: int = 100_000
+    object_transport: str = "s3"
     object_write_through: bool = False
     disk_allocator_type: str = "default"
     disable_write_combined: bool = False

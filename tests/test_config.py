@@ -76,6 +76,7 @@ VALID: dict[str, tuple[str, Any]] = {
     "DYN_KVBM_OBJECT_SECRET_KEY": ("s3cr3t/Key+x", "s3cr3t/Key+x"),
     "DYN_KVBM_OBJECT_NUM_BLOCKS": ("5000", 5000),
     "DYN_KVBM_OBJECT_WRITE_THROUGH": ("true", True),
+    "DYN_KVBM_OBJECT_TRANSPORT": ("NIXL", "nixl"),
 }
 
 _NUM_BAD = ["ten", "nan", "NaN", "inf", "-inf", "1e999", "", "   ", "1_0", "0x10", "4GB", "1,5"]
@@ -132,6 +133,7 @@ BAD: dict[str, list[str]] = {
     "DYN_KVBM_OBJECT_SECRET_KEY": ["", "has space"],
     "DYN_KVBM_OBJECT_NUM_BLOCKS": _COUNT_BAD,
     "DYN_KVBM_OBJECT_WRITE_THROUGH": _BOOL_BAD,
+    "DYN_KVBM_OBJECT_TRANSPORT": ["", "boto3", "obj"],
 }
 
 

@@ -19,7 +19,16 @@ pytest.importorskip("boto3")
 from kvbm.bench.s3server import S3Server  # noqa: E402
 from kvbm.config import KvbmConfig  # noqa: E402
 from kvbm.ipc.shm import HostPool, PoolGeometry  # noqa: E402
-from kvbm.leader.objects import BlockObjects, GetStatus, ObjectStoreSettings, S3Backend  # noqa: E402
+from kvbm.leader.objects import (  # noqa: E402
+    BlockObjects,
+    GetStatus,
+    NixlObjBackend,
+    ObjectBackend,
+    ObjectStoreSettings,
+    S3Backend,
+    SplitBackend,
+    nixl_installed,
+)
 from kvbm.leader.storage import (  # noqa: E402
     BlockObjectIO,
     ObjectCompletion,
@@ -31,6 +40,7 @@ from kvbm.leader.storage import (  # noqa: E402
 )
 
 BLOCK = 64 * 1024
+TRANSPORTS = ["s3", pytest.param("nixl", marks=pytest.mark.skipif(not nixl_installed(), reason="no NIXL wheel installed"))]
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +62,14 @@ class Tier:
     """A BlockObjectIO and the completions it reported, waited for as the leader's loop does."""
 
     def __init__(self, srv: S3Server, pool: HostPool, *, bucket: str = "kvbm-io", secret: str = "test",
-                 **kw: object) -> None:
+                 transport: str = "s3", **kw: object) -> None:
         settings = ObjectStoreSettings(bucket, srv.endpoint, access_key="test", secret_key=secret, timeout_s=2.0)
-        backend = S3Backend(settings)
+        s3 = S3Backend(settings)
+        # As the leader builds it: NIXL OBJ moves the bytes, boto3 answers lookups and the check.
+        backend: ObjectBackend = SplitBackend(NixlObjBackend(settings), s3) if transport == "nixl" else s3
         self.objects = BlockObjects(backend, layout=int.from_bytes(os.urandom(8), "little"), block_bytes=BLOCK)
         self.woken = threading.Semaphore(0)
-        self.io = BlockObjectIO(self.objects, pool, self.woken.release, backend.check, **kw)  # type: ignore[arg-type]
+        self.io = BlockObjectIO(self.objects, pool, self.woken.release, s3.check, **kw)  # type: ignore[arg-type]
         self.done: list[ObjectCompletion] = []
 
     def wait(self, kind: type, n: int, timeout_s: float = 20.0) -> list[ObjectCompletion]:
@@ -76,8 +88,9 @@ def _fill(pool: HostPool, slot: int, seed: int) -> bytes:
     return data
 
 
-def test_put_lookup_get_round_trip(server: S3Server, pool: HostPool) -> None:
-    t = Tier(server, pool)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_put_lookup_get_round_trip(server: S3Server, pool: HostPool, transport: str) -> None:
+    t = Tier(server, pool, transport=transport)
     try:
         assert t.wait(ObjectReady, 1) == [ObjectReady(True, "")]
         blocks = {h: _fill(pool, h, h) for h in range(1, 5)}
@@ -96,7 +109,7 @@ def test_put_lookup_get_round_trip(server: S3Server, pool: HostPool) -> None:
         t.io.read(40, 12345)  # never put: a miss, the slot untouched
         pool.block(40)[:4] = b"keep"
         (miss,) = t.wait(ObjectReadDone, 1)
-        assert isinstance(miss, ObjectReadDone) and miss.status is GetStatus.MISSING
+        assert isinstance(miss, ObjectReadDone) and miss.status is GetStatus.MISSING, miss
         assert bytes(pool.block(40)[:4]) == b"keep"
     finally:
         t.io.close()

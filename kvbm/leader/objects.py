@@ -153,9 +153,19 @@ class S3Backend:
         self._client.close()
 
 
+_NIXL_MODULES = ("nixl", "nixl_cu12", "nixl_cu13")
+
+
+def nixl_installed() -> bool:
+    """Whether a NIXL wheel (``nixl``, ``nixl-cu12`` or ``nixl-cu13``) can be imported."""
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is not None for name in _NIXL_MODULES)
+
+
 def _import_nixl():  # type: ignore[no-untyped-def]
     """NIXL's Python API from the ``nixl`` meta package or the ``nixl-cu12`` / ``nixl-cu13`` wheel."""
-    for name in ("nixl._api", "nixl_cu12._api", "nixl_cu13._api"):
+    for name in (f"{m}._api" for m in _NIXL_MODULES):
         try:
             return __import__(name, fromlist=["nixl_agent"])
         except ImportError:
@@ -248,8 +258,35 @@ class NixlObjBackend:
         return found[0] is not None
 
     def close(self) -> None:
-        with self._lock:
-            self._agent = None
+        # A transfer stuck in the plugin (a dead store) holds the lock: do not wait for it forever.
+        if self._lock.acquire(timeout=1.0):
+            try:
+                self._agent = None
+            finally:
+                self._lock.release()
+
+
+class SplitBackend:
+    """:class:`ObjectBackend` moving bytes through one transport (NIXL OBJ) and answering existence
+    queries through another (boto3 HEAD requests, which run in parallel where NIXL's agent is
+    used by one thread at a time)."""
+
+    def __init__(self, data: ObjectBackend, lookups: ObjectBackend) -> None:
+        self.data = data
+        self.lookups = lookups
+
+    def put(self, key: str, parts: Sequence[bytes | memoryview]) -> None:
+        self.data.put(key, parts)
+
+    def get(self, key: str, size: int) -> bytes | None:
+        return self.data.get(key, size)
+
+    def exists(self, key: str) -> bool:
+        return self.lookups.exists(key)
+
+    def close(self) -> None:
+        self.data.close()
+        self.lookups.close()
 
 
 class GetStatus(enum.Enum):

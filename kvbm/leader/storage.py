@@ -32,7 +32,7 @@ from kvbm.leader.objects import GetStatus
 if TYPE_CHECKING:
     from kvbm.config import KvbmConfig
     from kvbm.leader.disk import DiskStore, ReadResult, WriteResult
-    from kvbm.leader.objects import BlockObjects, ObjectStoreSettings
+    from kvbm.leader.objects import BlockObjects, ObjectBackend, ObjectStoreSettings, S3Backend
 
 log = logging.getLogger(__name__)
 
@@ -436,17 +436,30 @@ def object_settings(config: KvbmConfig, instance: str) -> ObjectStoreSettings:
 def _object_io(config: KvbmConfig, instance: str, block_bytes: int, layout: str, pool: HostPool,
                notify: Callable[[], None]) -> BlockObjectIO | None:
     from kvbm.config import ConfigError
-    from kvbm.leader.objects import BlockObjects, ObjectError, S3Backend
+    from kvbm.leader.objects import BlockObjects, ObjectBackend, ObjectError, S3Backend
 
     if not config.object_enabled:
         return None
     try:
-        backend = S3Backend(object_settings(config, instance))
+        settings = object_settings(config, instance)
+        s3 = S3Backend(settings)  # the start-up check and the lookups; the transport too unless NIXL's
+        backend: ObjectBackend = s3
+        transport = "boto3"
+        if config.object_transport == "nixl":
+            backend, transport = _nixl_backend(settings, s3), "NIXL OBJ"
     except (ObjectError, ConfigError) as e:
         log.error("object tier (G4) off: %s; serving continues from the other tiers", e)
         return None
+    log.info("object tier (G4): bucket %s at %s through %s", settings.bucket, settings.endpoint or "AWS", transport)
     objects = BlockObjects(backend, layout_key(layout), block_bytes)
-    return BlockObjectIO(objects, pool, notify, backend.check)
+    return BlockObjectIO(objects, pool, notify, s3.check)
+
+
+def _nixl_backend(settings: ObjectStoreSettings, s3: S3Backend) -> ObjectBackend:
+    """NIXL OBJ for the bytes, boto3 (``s3``) for lookups; raises ObjectError."""
+    from kvbm.leader.objects import NixlObjBackend, SplitBackend
+
+    return SplitBackend(NixlObjBackend(settings), s3)
 
 
 def layout_key(layout: str) -> int:

@@ -23,12 +23,14 @@ pytest.importorskip("boto3")
 
 from kvbm.bench.s3server import S3Server  # noqa: E402
 from kvbm.bench.vllm_harness import Engine  # noqa: E402
+from kvbm.leader.objects import nixl_installed  # noqa: E402
 
 from test_connector import finish_clean, prompt  # noqa: E402  (tests/vllm is on sys.path)
 
 pytestmark = pytest.mark.vllm
 
 BUCKET = "kvbm-g4"
+TRANSPORTS = ["s3", pytest.param("nixl", marks=pytest.mark.skipif(not nixl_installed(), reason="no NIXL wheel installed"))]
 
 
 @pytest.fixture
@@ -80,8 +82,9 @@ def _leader_log(run_dir: str) -> str:
     return text
 
 
-def test_second_instance_loads_what_the_first_stored(make_engine, kvbm_env, s3: S3Server) -> None:
-    _object_env(kvbm_env, s3)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_second_instance_loads_what_the_first_stored(make_engine, kvbm_env, s3: S3Server, transport: str) -> None:
+    _object_env(kvbm_env, s3, DYN_KVBM_OBJECT_TRANSPORT=transport)
     first = make_engine()
     _tier_on(first)
     p = prompt(21, 100)  # 6 full blocks + 4 tokens
