@@ -5,8 +5,9 @@ shared-memory host pool (G2) with random blocks and moves them with the leader's
 (:class:`kvbm.leader.storage.BlockObjectIO`: its put queue and writer threads, checksummed
 layout-namespaced objects, checked gets back into pool slots, every byte compared afterwards).
 The limit, measured in the same run next to it, is the bare transport moving the same bytes to
-the same server with the same number of threads: boto3 ``put_object`` / ``get_object``, or
-NIXL OBJ transfers (``--transport nixl``, when a NIXL wheel is installed).
+the same server with the same number of threads: boto3 ``put_object`` / ``get_object``, or, with
+``--transport nixl`` (a NIXL wheel installed), NIXL OBJ transfers, the tier then moving its bytes
+through NIXL OBJ too (``DYN_KVBM_OBJECT_TRANSPORT=nixl``).
 
 Run: ``kvbm bench objects`` (a suite of ``kvbm bench``) or ``python -m kvbm.bench.objects``.
 """
@@ -32,6 +33,7 @@ from kvbm.leader.objects import (
     ObjectBackend,
     ObjectStoreSettings,
     S3Backend,
+    SplitBackend,
 )
 from kvbm.leader.storage import (
     OBJECT_READERS,
@@ -142,8 +144,12 @@ def run(quick: bool = False, *, endpoint: str | None = None, bucket: str = "kvbm
         endpoint = server.endpoint
     try:
         settings = ObjectStoreSettings(bucket, endpoint, access_key="test", secret_key="test", timeout_s=60.0)
-        raw: ObjectBackend = S3Backend(settings) if transport == "s3" else NixlObjBackend(settings)
-        r = measure(S3Backend(settings), raw, n, size, reps=1 if quick else 3)
+        # The tier as the leader builds it for DYN_KVBM_OBJECT_TRANSPORT, and the bare transport.
+        tier: ObjectBackend = S3Backend(settings)
+        raw: ObjectBackend = S3Backend(settings)
+        if transport == "nixl":
+            tier, raw = SplitBackend(NixlObjBackend(settings), tier), NixlObjBackend(settings)
+        r = measure(tier, raw, n, size, reps=1 if quick else 3)
     finally:
         if server is not None:
             server.kill()
@@ -163,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kvbm.bench.objects", description=__doc__.split("\n\n")[0])
     p.add_argument("--endpoint", help="S3 endpoint URL (default: start moto's server on 127.0.0.1)")
     p.add_argument("--bucket", default="kvbm-bench")
-    p.add_argument("--transport", choices=["s3", "nixl"], default="s3", help="the raw transport (the limit)")
+    p.add_argument("--transport", choices=["s3", "nixl"], default="s3",
+                   help="the tier's transport (DYN_KVBM_OBJECT_TRANSPORT) and the raw one it is compared with")
     p.add_argument("--blocks", type=int, default=64)
     p.add_argument("--block-bytes", type=int, default=2 << 20)
     a = p.parse_args(argv)
