@@ -206,6 +206,10 @@ def _local_s3() -> S3Server:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "vllm" and args.object_store == "local":
+        print("kvbm demo: error: --object-store local runs with --engine sim only (the vLLM CPU venv has no "
+              "boto3); for --engine vllm set DYN_KVBM_OBJECT_* and pip install boto3 in that venv", file=sys.stderr)
+        return 2
     if args.engine == "vllm":
         from kvbm.demo_vllm import run as run_vllm
 
