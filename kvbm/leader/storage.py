@@ -456,10 +456,14 @@ def _object_io(config: KvbmConfig, instance: str, block_bytes: int, layout: str,
 
 
 def _nixl_backend(settings: ObjectStoreSettings, s3: S3Backend) -> ObjectBackend:
-    """NIXL OBJ for the bytes, boto3 (``s3``) for lookups; raises ObjectError."""
-    from kvbm.leader.objects import NixlObjBackend, SplitBackend
+    """NIXL OBJ for the bytes, boto3 (``s3``) for lookups; raises ObjectError (``s3`` closed)."""
+    from kvbm.leader.objects import NixlObjBackend, ObjectError, SplitBackend
 
-    return SplitBackend(NixlObjBackend(settings), s3)
+    try:
+        return SplitBackend(NixlObjBackend(settings), s3)
+    except ObjectError as e:
+        s3.close()
+        raise ObjectError(f"DYN_KVBM_OBJECT_TRANSPORT=nixl: {e}") from None
 
 
 def layout_key(layout: str) -> int:
