@@ -63,6 +63,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MAX_INIT_TIMEOUT_S = 86400
 DISK_ALLOCATORS = ("default", "open-direct")  # Dynamo 1.6.1's DYN_KVBM_DISK_ALLOCATOR_TYPE
 CONSOLIDATOR_MODES = ("dedup", "passthrough", "baseten_dedup")
+WORKER_ID = "{worker_id}"  # in DYN_KVBM_OBJECT_BUCKET: replaced by the instance name
+DEFAULT_OBJECT_BUCKET = "dynamo-kv-cache"  # Dynamo's fallback bucket
+OBJECT_TRANSPORTS = ("s3", "nixl")
 
 
 class ConfigError(ValueError):
@@ -135,6 +138,55 @@ def _parse_host(raw: str) -> str:
     if not _valid_host(host):
         raise ValueError(raw)
     return host
+
+
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_REGION_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+def _bucket_ok(name: str) -> bool:
+    """An S3 bucket name (3-63 of a-z 0-9 . -), ``{worker_id}`` standing for the instance name."""
+    return bool(_BUCKET_RE.fullmatch(name.replace(WORKER_ID, "w0")))
+
+
+def _parse_bucket(raw: str) -> str:
+    name = raw.strip()
+    if not _bucket_ok(name):
+        raise ValueError(raw)
+    return name
+
+
+def _url_ok(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a bad port
+    except ValueError:
+        return False
+    host = parts.hostname or ""
+    return (parts.scheme in ("http", "https") and _valid_host(host)
+            and port != 0 and parts.path in ("", "/") and not parts.query and not parts.fragment)
+
+
+def _parse_url(raw: str) -> str:
+    url = raw.strip()
+    if not _url_ok(url):
+        raise ValueError(raw)
+    return url.rstrip("/")
+
+
+def _parse_region(raw: str) -> str:
+    region = raw.strip().lower()
+    if not _REGION_RE.fullmatch(region):
+        raise ValueError(raw)
+    return region
+
+
+def _parse_secret(raw: str) -> str:
+    if any(c.isspace() for c in raw.strip()) or "\0" in raw:
+        raise ValueError(raw)
+    return raw.strip()
 
 
 def _parse_endpoint_str(raw: str) -> str:
@@ -259,6 +311,10 @@ _DIR = _Kind(_parse_dir, lambda v: isinstance(v, str) and v != "" and "\0" not i
 _ABS_DIR = _Kind(_parse_abs_dir, lambda v: isinstance(v, str) and os.path.isabs(v), str)
 _HOST = _Kind(_parse_host, lambda v: isinstance(v, str) and _valid_host(v), str)
 _LEVEL = _Kind(_parse_level, lambda v: v in LOG_LEVELS, str)
+_BUCKET = _Kind(_parse_bucket, lambda v: isinstance(v, str) and _bucket_ok(v), str)
+_URL = _Kind(_parse_url, lambda v: isinstance(v, str) and _url_ok(v), str)
+_REGION = _Kind(_parse_region, lambda v: isinstance(v, str) and bool(_REGION_RE.fullmatch(v)), str)
+_SECRET = _Kind(_parse_secret, lambda v: isinstance(v, str) and v != "" and not any(c.isspace() for c in v), str)
 
 
 def _endpoint_ok(v: Any) -> bool:
@@ -333,13 +389,15 @@ class Variable:
     aliases: tuple[str, ...] = ()
     default_text: str | None = None  # README default when not the field default
     empty_hint: str = "unset the variable to use the default"
+    secret: bool = False  # never shown (kvbm config, error messages)
 
     @property
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
 
     def error(self, value: str, name: str | None = None) -> ConfigError:
-        return ConfigError(f"{name or self.name}={value!r}: expected {self.accepts}")
+        shown = "<hidden>" if self.secret else repr(value)
+        return ConfigError(f"{name or self.name}={shown}: expected {self.accepts}")
 
     def parse(self, raw: str, name: str | None = None) -> Any:
         """Parse and range-check ``raw`` as given under ``name`` (or an alias)."""
@@ -461,8 +519,38 @@ VARIABLES: tuple[Variable, ...] = (
              "one of DEBUG, INFO, WARNING, ERROR (any case)", "kvbm log level"),
     Variable("DYN_KVBM_INDEX_REPLICA", "index_replica", _BOOL, _BOOL_ACCEPTS,
              "Answer the engine scheduler's lookups from a local replica of the leader's index, kept "
-             "current from the leader's index stream (false: every lookup is a leader round trip; "
+             "current from the leader's index stream (false, or with the object tier on: every lookup is a "
+             "leader round trip; "
              "see docs/architecture.md, scheduler hot path)"),
+    Variable("DYN_KVBM_OBJECT_ENABLED", "object_enabled", _BOOL, _BOOL_ACCEPTS,
+             "G4 object tier: blocks committed in G2 are also put in an S3-compatible bucket, and lookups "
+             "find blocks any instance of the same layout put there (see docs/objects.md)"),
+    Variable("DYN_KVBM_OBJECT_BUCKET", "object_bucket", _BUCKET,
+             "an S3 bucket name, 3-63 characters of a-z 0-9 . - (may hold {worker_id})",
+             "Bucket of the G4 objects; {worker_id} is replaced by the instance name (a bucket per "
+             "instance shares nothing); it must exist"),
+    Variable("DYN_KVBM_OBJECT_ENDPOINT", "object_endpoint", _URL,
+             "an http:// or https:// URL with a host and optional port (e.g. http://127.0.0.1:9000)",
+             "S3-compatible endpoint URL (MinIO, Ceph, moto...); unset: AWS S3 of DYN_KVBM_OBJECT_REGION"),
+    Variable("DYN_KVBM_OBJECT_REGION", "object_region", _REGION,
+             "a region name of a-z 0-9 - (e.g. us-east-1)", "Region of the bucket"),
+    Variable("DYN_KVBM_OBJECT_ACCESS_KEY", "object_access_key", _SECRET,
+             "an access key id without blanks", "Access key of the object store; unset: the AWS "
+             "credential chain (AWS_ACCESS_KEY_ID, ~/.aws, ...)"),
+    Variable("DYN_KVBM_OBJECT_SECRET_KEY", "object_secret_key", _SECRET,
+             "a secret key without blanks", "Secret key of the object store (never shown); unset: the "
+             "AWS credential chain (AWS_SECRET_ACCESS_KEY, ~/.aws, ...)", secret=True),
+    Variable("DYN_KVBM_OBJECT_NUM_BLOCKS", "object_num_blocks", _INT,
+             "a whole number of blocks >= 1 (e.g. 100000)",
+             "Blocks the leader's G4 index remembers (least recently used forgotten first; objects "
+             "are never deleted by kvbm)", _count),
+    Variable("DYN_KVBM_OBJECT_TRANSPORT", "object_transport", _word(OBJECT_TRANSPORTS), _one_of(OBJECT_TRANSPORTS),
+             "kvbm's: how blocks move to and from the store: s3 (boto3) or nixl (NIXL's OBJ plugin, "
+             "kvbm[cuda12]; its puts and gets stall while the store is down, see docs/objects.md); boto3 "
+             "checks the bucket and answers lookups either way"),
+    Variable("DYN_KVBM_OBJECT_WRITE_THROUGH", "object_write_through", _BOOL, _BOOL_ACCEPTS,
+             "Put every block committed in G2 into the object store (default: only blocks seen twice, "
+             "the disk tier's admission filter)"),
     # Read by Dynamo's kvbm 1.6.1; accepted and checked so a Dynamo deployment's
     # environment works unchanged, but they select machinery kvbm does not have.
     Variable("DYN_KVBM_DISK_ALLOCATOR_TYPE", "disk_allocator_type", _word(DISK_ALLOCATORS),
@@ -492,9 +580,9 @@ _DYNAMO_UNSUPPORTED = frozenset({
     "DYN_KVBM_ENABLE_RECORD", "DYN_KVBM_KV_EVENTS_ENABLE_CONSOLIDATOR",
     "DYN_KVBM_TRTLLM_ZMQ_PORT", "DYN_KVBM_NCCL_MLA_MODE", "DYN_KVBM_ENABLE_NUMA",
     "DYN_KVBM_HOST_MEMORY_PROVIDER", "DYN_KVBM_MANAGER_NAMESPACE",
-    "DYN_KVBM_G2_CAPACITY_BYTES",
+    "DYN_KVBM_G2_CAPACITY_BYTES", "DYN_KVBM_G4_TRANSFER_TIMEOUT_SECS", "DYN_KVBM_G4_DRAIN_QUEUE_CAP",
 })
-_DYNAMO_UNSUPPORTED_PREFIXES = ("DYN_KVBM_NIXL_BACKEND_", "DYN_KVBM_OBJECT_")
+_DYNAMO_UNSUPPORTED_PREFIXES = ("DYN_KVBM_NIXL_BACKEND_",)
 
 SOURCE_DEFAULT = "default"
 SOURCE_OVERRIDE = "override"
@@ -548,6 +636,15 @@ class KvbmConfig:
     liveness_timeout_s: float = 1.5
     log_level: str = "INFO"
     index_replica: bool = True
+    object_enabled: bool = False
+    object_bucket: str = DEFAULT_OBJECT_BUCKET
+    object_endpoint: str | None = None
+    object_region: str = "us-east-1"
+    object_access_key: str | None = None
+    object_secret_key: str | None = None
+    object_num_blocks: int = 100_000
+    object_transport: str = "s3"
+    object_write_through: bool = False
     disk_allocator_type: str = "default"
     disable_write_combined: bool = False
     kv_events_consolidator_mode: str = "dedup"
@@ -666,6 +763,17 @@ class KvbmConfig:
                 "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS) to a value > 0"
             )
 
+    def object_bucket_for(self, instance: str) -> str:
+        """The bucket of ``instance``: DYN_KVBM_OBJECT_BUCKET with ``{worker_id}`` replaced.
+
+        Raises :class:`ConfigError` when the instance name does not make a valid bucket name.
+        """
+        bucket = self.object_bucket.replace(WORKER_ID, instance.lower())
+        if not _BUCKET_RE.fullmatch(bucket):
+            raise ConfigError(f"DYN_KVBM_OBJECT_BUCKET={self.object_bucket!r}: expected a valid bucket name once "
+                              f"{WORKER_ID} is the instance name {instance!r}, got {bucket!r}")
+        return bucket
+
     # -- output ------------------------------------------------------------
 
     def to_env(self) -> dict[str, str]:
@@ -700,7 +808,7 @@ class KvbmConfig:
         rows = []
         for var in VARIABLES:
             value = getattr(self, var.field)
-            shown = "(unset)" if value is None else var.kind.fmt(value)
+            shown = "(unset)" if value is None else "<hidden>" if var.secret else var.kind.fmt(value)
             rows.append((var.name, shown, self.source_of(var.field)))
         return rows
 

@@ -1,7 +1,9 @@
 """``kvbm demo``: a leader, TP ranks and a multi-turn chat workload on the simulated engine.
 
 Everything is real except the model: processes, the shared-memory host pool, ZeroMQ, the disk
-tier (a temporary directory); every loaded byte is checked against the KV oracle.
+tier (a temporary directory), the object tier when configured (``DYN_KVBM_OBJECT_*``, or
+``--object-store local``: an S3 server on 127.0.0.1); every loaded byte is checked against the KV
+oracle.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from kvbm.config import ConfigError, KvbmConfig, load_config
 from kvbm.ipc.shm import sweep_stale_segments
@@ -21,11 +24,15 @@ from kvbm.leader.spawn import LeaderStartError
 from kvbm.sim.engine import LeaderDied, RankDied, SimEngine, SimError, SimStats, chat_workload
 from kvbm.sim.rank import SimModel
 
+if TYPE_CHECKING:
+    from kvbm.bench.s3server import S3Server
+
 CHUNK = 8  # prompts between two progress updates
 BLOCK_SIZE = 16
 SYSTEM_TOKENS = 256  # shared system prompt that opens each conversation
 TURN_TOKENS = 96  # tokens each turn adds
 MAX_RANKS = 64  # one process each
+LOCAL_BUCKET = "kvbm-demo"  # --object-store local
 
 
 def _int_in_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
@@ -62,6 +69,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    help="host pool (G2) blocks; default 400 unless DYN_KVBM_CPU_CACHE_* is set; 0 = off")
     p.add_argument("--disk-blocks", type=_int_in_range(0), default=None,
                    help="disk tier (G3) blocks; default 3000 unless DYN_KVBM_DISK_CACHE_* is set; 0 = off")
+    p.add_argument("--object-store", choices=("env", "local"), default="env",
+                   help="object tier (G4): env (default) as DYN_KVBM_OBJECT_* configure it; local: start an S3 "
+                        "server on 127.0.0.1 (moto, pip install 'moto[server]') and put every block there")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the chat workload and of the KV oracle, default 0; the same seed gives "
                         "the same figures on every run (all but the times and rates)")
@@ -78,9 +88,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--cpu-blocks 0 --disk-blocks 0: kvbm needs a cache tier; give one of them a value > 0")
 
 
-def _config(args: argparse.Namespace, tmp: str) -> KvbmConfig:
+def _config(args: argparse.Namespace, tmp: str, s3_endpoint: str | None = None) -> KvbmConfig:
     cfg = load_config(require_tier=False)
     env: dict[str, object] = {}
+    if s3_endpoint is not None:
+        env.update(object_enabled=True, object_endpoint=s3_endpoint, object_bucket=LOCAL_BUCKET,
+                   object_access_key="test", object_secret_key="test", object_write_through=True)
     if args.cpu_blocks is not None or not cfg.has_cpu_tier:
         env["cpu_cache_num_blocks"] = (args.cpu_blocks if args.cpu_blocks is not None else 400) or None
         env["cpu_cache_gb"] = None
@@ -108,6 +121,10 @@ def _rate(nbytes: float, seconds: float) -> str:
     return f"{nbytes / seconds / 1e9:.2f} GB/s" if seconds > 0 else "-"
 
 
+def _rate_mb(nbytes: float, seconds: float) -> str:
+    return f"{nbytes / seconds / 1e6:.1f} MB/s" if seconds > 0 else "-"
+
+
 def progress_line(st: SimStats, total: int, started: float) -> str:
     moved = st.bytes_loaded + st.bytes_stored
     return (f"\r[{st.requests:4d}/{total}] hit rate {st.hit_rate:6.1%}  "
@@ -115,14 +132,23 @@ def progress_line(st: SimStats, total: int, started: float) -> str:
             f"moved {_gb(moved)}  mismatches {st.mismatches}  {time.monotonic() - started:5.1f} s")
 
 
+def object_tier_line(cfg: KvbmConfig, instance: str = "{worker_id}") -> str:
+    """The demo's G4 header line: bucket, endpoint and how blocks get there."""
+    how = "every block" if cfg.object_write_through else "blocks seen twice"
+    bucket = cfg.object_bucket.replace("{worker_id}", instance)
+    return f"object store (G4): bucket {bucket} at {cfg.object_endpoint or 'AWS S3 ' + cfg.object_region}, {how}"
+
+
 def summary(st: SimStats, leader: dict[str, float], seconds: float, ranks: int) -> str:
     bb = leader.get("block_bytes", 0.0)
+    # The engine counts G3 and G4 hits together (both staged through G2); the leader tells G4 apart.
+    object_tokens = int(leader.get("blocks_loaded_from_object", 0)) * BLOCK_SIZE
     rows = [
         ("requests", f"{st.requests}"),
         ("prompt tokens", f"{st.prompt_tokens}"),
         ("tokens from engine prefix cache (G1)", f"{st.tokens_local}"),
         ("tokens served from host pool (G2)", f"{st.tokens_from_host}"),
-        ("tokens served from disk (G3)", f"{st.tokens_from_disk}"),
+        ("tokens served from disk (G3)", f"{st.tokens_from_disk - object_tokens}"),
         ("tokens recomputed", f"{st.tokens_computed}"),
         ("external hit rate", f"{st.hit_rate:.1%}"),
         ("blocks offloaded G1->G2", f"{int(leader.get('blocks_stored', 0))}"),
@@ -138,6 +164,7 @@ def summary(st: SimStats, leader: dict[str, float], seconds: float, ranks: int) 
         ("G3->G2 disk reads", f"{_gb(leader.get('disk_bytes_read', 0))} at "
                               f"{_rate(leader.get('disk_bytes_read', 0), leader.get('disk_read_seconds', 0))} per thread"),
         ("checksum failures (dropped, never served)", f"{int(leader.get('disk_checksum_failures', 0))}"),
+        *(_object_rows(leader, object_tokens) if "object_enabled" in leader else []),
         ("bytes verified against the oracle", f"{_gb(st.bytes_loaded)} in {st.blocks_loaded} blocks x {ranks} ranks"),
         ("oracle mismatches (must be 0)", f"{st.mismatches}"),
         ("wall time", f"{seconds:.1f} s"),
@@ -148,7 +175,41 @@ def summary(st: SimStats, leader: dict[str, float], seconds: float, ranks: int) 
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 
 
+def _object_rows(leader: dict[str, float], tokens: int) -> list[tuple[str, str]]:
+    """Summary rows of the object tier (G4)."""
+    state = "on" if leader.get("object_enabled") else "off (the leader's log says why)"
+    return [
+        ("object tier (G4)", state),
+        ("tokens served from the object store (G4)", f"{tokens}"),
+        ("blocks put G2->G4 / staged G4->G2", f"{int(leader.get('object_offloaded_blocks', 0))} / "
+                                              f"{int(leader.get('object_onboarded_blocks', 0))}"),
+        ("G2->G4 puts", f"{_gb(leader.get('object_bytes_written', 0))} at "
+                        f"{_rate_mb(leader.get('object_bytes_written', 0), leader.get('object_write_seconds', 0))} "
+                        "per thread"),
+        ("G4->G2 gets", f"{_gb(leader.get('object_bytes_read', 0))} at "
+                        f"{_rate_mb(leader.get('object_bytes_read', 0), leader.get('object_read_seconds', 0))} "
+                        "per thread"),
+        ("G4 put / get failures", f"{int(leader.get('object_write_failures', 0))} / "
+                                  f"{int(leader.get('object_read_failures', 0))}"),
+    ]
+
+
+def _local_s3() -> S3Server:
+    from kvbm.bench.s3server import S3Server
+
+    try:
+        srv = S3Server()
+    except (OSError, RuntimeError) as e:
+        raise ConfigError(f"--object-store local: cannot start moto's S3 server ({e}); pip install 'moto[server]'")
+    srv.create_bucket(LOCAL_BUCKET)
+    return srv
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "vllm" and args.object_store == "local":
+        print("kvbm demo: error: --object-store local runs with --engine sim only (the vLLM CPU venv has no "
+              "boto3); for --engine vllm set DYN_KVBM_OBJECT_* and pip install boto3 in that venv", file=sys.stderr)
+        return 2
     if args.engine == "vllm":
         from kvbm.demo_vllm import run as run_vllm
 
@@ -159,8 +220,11 @@ def run(args: argparse.Namespace) -> int:
     # The demo reports the ranks' errors itself (SimError, each reason once): keep their logs quiet.
     os.environ.setdefault("KVBM_SIM_LOG", "CRITICAL")
     tmp = tempfile.mkdtemp(prefix="kvbm-demo-")
+    s3 = None
     try:
-        cfg = _config(args, tmp)
+        if args.object_store == "local":
+            s3 = _local_s3()
+        cfg = _config(args, tmp, s3.endpoint if s3 is not None else None)
         model = SimModel(num_layers=8, kv_heads=4, head_dim=64, block_size=BLOCK_SIZE, num_gpu_blocks=args.gpu_blocks)
         prompts = chat_workload(args.conversations, args.turns, system_tokens=SYSTEM_TOKENS,
                                 turn_tokens=TURN_TOKENS, seed=args.seed)
@@ -172,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
                      "DYN_KVBM_DISK_CACHE_GB")
         print(f"kvbm demo: leader + {args.ranks} rank processes, engine pool {args.gpu_blocks} blocks/rank, "
               f"host pool {host}, disk {disk}" + (f" in {cfg.disk_cache_dir}" if disk != "off" else ""))
+        if cfg.object_enabled:
+            print(object_tier_line(cfg))
         started = time.monotonic()
         sim = SimEngine(cfg, world_size=args.ranks, model=model, seed=args.seed)
         try:
@@ -220,4 +286,6 @@ def run(args: argparse.Namespace) -> int:
         print("\ninterrupted: leader and ranks stopped, shared memory released", file=sys.stderr)
         return 130
     finally:
+        if s3 is not None:
+            s3.kill()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -110,6 +110,12 @@ def _demo(args: argparse.Namespace, plan: ChatPlan, cpu_blocks: int, disk_blocks
           f"weights), {plan.conversations} chats x {plan.turns} turns, engine pool {engine_blocks} blocks of "
           f"{BLOCK} tokens, host pool {cpu_blocks} blocks, disk {disk_blocks or 'off'} blocks",
           flush=True)
+    from kvbm.config import load_config
+    from kvbm.demo import object_tier_line
+
+    cfg = load_config()
+    if cfg.object_enabled:
+        print(object_tier_line(cfg), flush=True)
     runs = {}
     stats: dict[str, float] = {}
     started = time.monotonic()
@@ -157,18 +163,20 @@ def summary(base: list[list[Completion]], kv: list[list[Completion]], leader: di
     prompt = sum(c.prompt_len for c in flat_k)
     engine_hits = sum(c.cached_tokens for c in flat_b)  # the same engine pool without kvbm
     cached = sum(c.cached_tokens for c in flat_k)
-    host = int(leader.get("blocks_loaded", 0) - leader.get("blocks_loaded_from_disk", 0)) * BLOCK
+    obj = int(leader.get("blocks_loaded_from_object", 0)) * BLOCK
     disk = int(leader.get("blocks_loaded_from_disk", 0)) * BLOCK
+    host = int(leader.get("blocks_loaded", 0)) * BLOCK - disk - obj
     ttft_b = statistics.mean(c.ttft_s for c in flat_b)
     ttft_k = statistics.mean(c.ttft_s for c in flat_k)
     rows = [
         ("requests", f"{len(flat_k)}"),
         ("prompt tokens", f"{prompt}"),
-        ("tokens from engine prefix cache (G1)", f"{cached - host - disk}"),
+        ("tokens from engine prefix cache (G1)", f"{cached - host - disk - obj}"),
         ("tokens served from host pool (G2)", f"{host}"),
         ("tokens served from disk (G3)", f"{disk}"),
+        *([("tokens served from the object store (G4)", f"{obj}")] if "object_enabled" in leader else []),
         ("tokens recomputed", f"{prompt - cached}"),
-        ("external hit rate", f"{(host + disk) / max(1, prompt):.1%}"),
+        ("external hit rate", f"{(host + disk + obj) / max(1, prompt):.1%}"),
         ("tokens recomputed without kvbm", f"{prompt - engine_hits}"),
         ("blocks offloaded G1->G2", f"{int(leader.get('blocks_stored', 0))}"),
         ("blocks offloaded G2->G3", f"{int(leader.get('disk_offloaded_blocks', 0))}"),

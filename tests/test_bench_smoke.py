@@ -47,7 +47,7 @@ def test_unknown_suite_is_one_line_and_exit_2() -> None:
     proc = _bench("bogus")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip() == ("kvbm bench: error: unknown suite 'bogus': "
-                                   "choose from hashing, registry, transfer, disk, fuzz, gpu, vllm, e2e")
+                                   "choose from hashing, registry, transfer, disk, objects, fuzz, gpu, vllm, e2e")
 
 
 def test_a_failed_suite_makes_the_exit_status_1(monkeypatch, capsys) -> None:
@@ -63,3 +63,17 @@ def test_a_failed_suite_makes_the_exit_status_1(monkeypatch, capsys) -> None:
     assert "FAILED broken: ModuleNotFoundError: No module named 'kvbm.bench.no_such_suite'" in stdout
     table = stdout.split("FAILED")[0].splitlines()
     assert len(table) > 2  # header, rule and the hashing suite's figures: the other suite still ran
+
+
+def test_objects_suite_moves_every_byte_through_the_tier() -> None:
+    """`kvbm bench objects --quick`: G2 -> G4 -> G2 through the leader's object tier against a local
+    S3 server, every byte compared; both figures come with the raw transport's rate of the same run."""
+    import pytest
+
+    pytest.importorskip("moto")
+    from kvbm.bench.objects import run
+
+    results = run(quick=True)
+    assert [r.figure.split(" (")[0] for r in results] == ["object tier G2->G4 put", "object tier G4->G2 get"]
+    for r in results:
+        assert r.ok and r.value > 0 and r.limit is not None and r.limit > 0 and r.ratio is not None

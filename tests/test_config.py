@@ -68,6 +68,15 @@ VALID: dict[str, tuple[str, Any]] = {
     "DYN_KVBM_DISABLE_WRITE_COMBINED": ("1", True),
     "DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE": ("passthrough", "passthrough"),
     "DYN_KVBM_NCCL_MAX_CTAS": ("8", 8),
+    "DYN_KVBM_OBJECT_ENABLED": ("1", True),
+    "DYN_KVBM_OBJECT_BUCKET": ("kv-{worker_id}", "kv-{worker_id}"),
+    "DYN_KVBM_OBJECT_ENDPOINT": ("http://127.0.0.1:9000/", "http://127.0.0.1:9000"),
+    "DYN_KVBM_OBJECT_REGION": ("EU-West-1", "eu-west-1"),
+    "DYN_KVBM_OBJECT_ACCESS_KEY": ("AKIAEXAMPLE", "AKIAEXAMPLE"),
+    "DYN_KVBM_OBJECT_SECRET_KEY": ("s3cr3t/Key+x", "s3cr3t/Key+x"),
+    "DYN_KVBM_OBJECT_NUM_BLOCKS": ("5000", 5000),
+    "DYN_KVBM_OBJECT_WRITE_THROUGH": ("true", True),
+    "DYN_KVBM_OBJECT_TRANSPORT": ("NIXL", "nixl"),
 }
 
 _NUM_BAD = ["ten", "nan", "NaN", "inf", "-inf", "1e999", "", "   ", "1_0", "0x10", "4GB", "1,5"]
@@ -115,6 +124,16 @@ BAD: dict[str, list[str]] = {
     "DYN_KVBM_DISABLE_WRITE_COMBINED": _BOOL_BAD,
     "DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE": ["", "dedupe", "none"],
     "DYN_KVBM_NCCL_MAX_CTAS": _COUNT_BAD,
+    "DYN_KVBM_OBJECT_ENABLED": _BOOL_BAD,
+    "DYN_KVBM_OBJECT_BUCKET": ["", "ab", "Upper", "under_score", "-start", "end-", "a" * 64, "my bucket"],
+    "DYN_KVBM_OBJECT_ENDPOINT": ["", "127.0.0.1:9000", "ftp://host:21", "http://", "http://host:0",
+                                 "http://host:99999", "http://host:9000/path", "http://bad host:9"],
+    "DYN_KVBM_OBJECT_REGION": ["", "us east", "us_east_1", "-x"],
+    "DYN_KVBM_OBJECT_ACCESS_KEY": ["", " ", "has space"],
+    "DYN_KVBM_OBJECT_SECRET_KEY": ["", "has space"],
+    "DYN_KVBM_OBJECT_NUM_BLOCKS": _COUNT_BAD,
+    "DYN_KVBM_OBJECT_WRITE_THROUGH": _BOOL_BAD,
+    "DYN_KVBM_OBJECT_TRANSPORT": ["", "boto3", "obj"],
 }
 
 
@@ -194,7 +213,8 @@ BAD_CASES = [(name, raw) for name, raws in BAD.items() for raw in raws]
 @pytest.mark.parametrize(("name", "raw"), BAD_CASES, ids=[f"{n}={r!r}" for n, r in BAD_CASES])
 def test_each_bad_value(name: str, raw: str) -> None:
     msg = _error({**CPU, name: raw})
-    assert msg.startswith(f"{name}={raw!r}: expected ")
+    shown = "<hidden>" if name == "DYN_KVBM_OBJECT_SECRET_KEY" else repr(raw)  # a secret is never echoed
+    assert msg.startswith(f"{name}={shown}: expected ")
     if not raw.strip():
         assert "empty value is not accepted" in msg
 
@@ -615,3 +635,19 @@ def test_cli_in_process(
     assert main(["no-such-command"]) == 2
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == "kvbm 0.1.0"
+
+
+def test_object_secret_key_is_never_shown() -> None:
+    assert "hunter 2" not in _error({**CPU, "DYN_KVBM_OBJECT_SECRET_KEY": "hunter 2"})
+    cfg = load_config({**CPU, "DYN_KVBM_OBJECT_ACCESS_KEY": "AK", "DYN_KVBM_OBJECT_SECRET_KEY": "topsecret"})
+    rows = {name: value for name, value, _ in cfg.describe()}
+    assert rows["DYN_KVBM_OBJECT_SECRET_KEY"] == "<hidden>" and rows["DYN_KVBM_OBJECT_ACCESS_KEY"] == "AK"
+    assert load_config(cfg.to_env()) == cfg
+
+
+def test_object_bucket_worker_id() -> None:
+    cfg = load_config({**CPU, "DYN_KVBM_OBJECT_BUCKET": "kv-{worker_id}"})
+    assert cfg.object_bucket_for("Engine-1") == "kv-engine-1"
+    assert load_config(CPU).object_bucket_for("x") == "dynamo-kv-cache"
+    with pytest.raises(ConfigError, match=r"^DYN_KVBM_OBJECT_BUCKET='kv-\{worker_id\}': expected a valid bucket"):
+        cfg.object_bucket_for("bad_name")

@@ -29,15 +29,15 @@ def test_round_trip_every_message_type() -> None:
 
 @pytest.mark.parametrize("frame, needle", [
     (b"\xc1", "not a msgpack"),
-    (msgpack.packb([2, "match", 1, [b""]]), "protocol version"),
-    (msgpack.packb([1, "nope", 1, []]), "unknown message type"),
-    (msgpack.packb([1, "match", 1, []]), "expected 1 fields"),
-    (msgpack.packb([1, "match", 1, ["text"]]), "expected bytes"),
-    (msgpack.packb([1, "transfer_done", 1, [0, -1, True, ""]]), "out of range"),
-    (msgpack.packb([1, "transfer_done", 1, [0, 1, 1, ""]]), "expected a boolean"),
-    (msgpack.packb([1, "register_rank", 1, [5000, 2, 1, 1, "", "", 1, "", 1]]), "out of range"),
+    (msgpack.packb([99, "match", 1, [b""]]), "protocol version"),
+    (msgpack.packb([m.PROTOCOL_VERSION, "nope", 1, []]), "unknown message type"),
+    (msgpack.packb([m.PROTOCOL_VERSION, "match", 1, []]), "expected 1 fields"),
+    (msgpack.packb([m.PROTOCOL_VERSION, "match", 1, ["text"]]), "expected bytes"),
+    (msgpack.packb([m.PROTOCOL_VERSION, "transfer_done", 1, [0, -1, True, ""]]), "out of range"),
+    (msgpack.packb([m.PROTOCOL_VERSION, "transfer_done", 1, [0, 1, 1, ""]]), "expected a boolean"),
+    (msgpack.packb([m.PROTOCOL_VERSION, "register_rank", 1, [5000, 2, 1, 1, "", "", 1, "", 1]]), "out of range"),
     (msgpack.packb({"v": 1}), "frame is not"),
-    (msgpack.packb([1, "match", -5, [b""]]), "request id"),
+    (msgpack.packb([m.PROTOCOL_VERSION, "match", -5, [b""]]), "request id"),
 ])
 def test_malformed_frames_are_rejected(frame: bytes, needle: str) -> None:
     with pytest.raises(m.ProtocolError, match=needle):

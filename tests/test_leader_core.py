@@ -19,7 +19,18 @@ from kvbm.leader.core import OP_TIMEOUT_S, LeaderCore, LeaderState, Outbound
 from kvbm.leader.index import IndexLog
 from kvbm.leader.disk import BlockKey, StoredBlock
 from kvbm.leader.registry import Tier
-from kvbm.leader.storage import CacheStorage, DiskCompletion, DiskReadDone, DiskWriteDone
+from kvbm.leader.objects import GetStatus
+from kvbm.leader.storage import (
+    CacheStorage,
+    DiskCompletion,
+    DiskReadDone,
+    DiskWriteDone,
+    ObjectCompletion,
+    ObjectLookupDone,
+    ObjectReadDone,
+    ObjectReady,
+    ObjectWriteDone,
+)
 
 BB = 4096  # two ranks' 2048-byte slices side by side
 STORED, REMOVED, CLEARED = BlockEventKind.STORED, BlockEventKind.REMOVED, BlockEventKind.CLEARED
@@ -77,11 +88,71 @@ class MemDisk:
         self._queue.clear()
 
 
+class MemObjects:
+    """Object I/O against a dict (hash -> bytes, None: a corrupt object); queued until :meth:`run`."""
+
+    def __init__(self, host: bytearray, ready: ObjectReady, queue_cap: int = 64) -> None:
+        self.host = host
+        self.store: dict[int, bytes | None] = {}
+        self.queue_cap = queue_cap
+        self.fail_io: str | None = None  # the error every following put/get fails with
+        self._puts: list[Callable[[], ObjectCompletion]] = []
+        self._queue: list[Callable[[], ObjectCompletion]] = []
+        self._done: list[ObjectCompletion] = [ready]
+
+    def write(self, host_slot: int, seq_hash: int) -> bool:
+        if len(self._puts) >= self.queue_cap:
+            return False
+        data = bytes(self.host[host_slot * BB:(host_slot + 1) * BB])
+
+        def do() -> ObjectCompletion:
+            if self.fail_io:
+                return ObjectWriteDone(seq_hash, host_slot, False, 0.0, self.fail_io)
+            self.store[seq_hash] = data
+            return ObjectWriteDone(seq_hash, host_slot, True, 0.001, "")
+
+        self._puts.append(do)
+        return True
+
+    def read(self, host_slot: int, seq_hash: int) -> None:
+        def do() -> ObjectCompletion:
+            if self.fail_io:
+                return ObjectReadDone(seq_hash, host_slot, GetStatus.FAILED, 0.0, self.fail_io)
+            if seq_hash not in self.store:
+                return ObjectReadDone(seq_hash, host_slot, GetStatus.MISSING, 0.001, "")
+            data = self.store[seq_hash]
+            if data is None:
+                return ObjectReadDone(seq_hash, host_slot, GetStatus.CORRUPT, 0.001, f"object of {seq_hash:016x} "
+                                      "failed its checksum")
+            self.host[host_slot * BB:(host_slot + 1) * BB] = data
+            return ObjectReadDone(seq_hash, host_slot, GetStatus.OK, 0.001, "")
+
+        self._queue.append(do)
+
+    def lookup(self, hashes: list[int]) -> None:
+        batch = tuple(hashes)
+        self._queue.append(lambda: ObjectLookupDone(batch, tuple(h in self.store for h in batch), 0.001))
+
+    def run(self) -> int:
+        todo, self._puts, self._queue = self._puts + self._queue, [], []
+        self._done.extend(do() for do in todo)
+        return len(todo)
+
+    def drain(self) -> list[ObjectCompletion]:
+        out, self._done = self._done, []
+        return out
+
+    def close(self) -> None:
+        self.run()  # a clean shutdown finishes the queued puts
+
+
 class MemStorage:
-    def __init__(self, host_blocks: int, block_bytes: int, disk_blocks: int) -> None:
+    def __init__(self, host_blocks: int, block_bytes: int, disk_blocks: int,
+                 objects: ObjectReady | None = None) -> None:
         assert block_bytes == BB
         self.host = bytearray(host_blocks * block_bytes)
         self.mem_disk = MemDisk(self.host, disk_blocks) if disk_blocks else None
+        self.mem_objects = MemObjects(self.host, objects) if objects is not None else None
         self.closed = False
 
     @property
@@ -92,6 +163,10 @@ class MemStorage:
     def disk(self) -> MemDisk | None:
         return self.mem_disk
 
+    @property
+    def objects(self) -> MemObjects | None:
+        return self.mem_objects
+
     def close(self) -> None:
         self.closed = True
 
@@ -99,11 +174,12 @@ class MemStorage:
 class Harness:
     """A core with ``world`` ranks (peers r0, r1, ...) and a client peer; time moves only on request."""
 
-    def __init__(self, cfg: KvbmConfig, world: int = 2, *, first_seq: int = 1, ring: int | None = None) -> None:
+    def __init__(self, cfg: KvbmConfig, world: int = 2, *, first_seq: int = 1, ring: int | None = None,
+                 objects: ObjectReady | None = None) -> None:
         self.storages: list[MemStorage] = []
 
         def create(host_blocks: int, block_bytes: int, disk_blocks: int, layout: str) -> CacheStorage:
-            self.storages.append(MemStorage(host_blocks, block_bytes, disk_blocks))
+            self.storages.append(MemStorage(host_blocks, block_bytes, disk_blocks, objects))
             return self.storages[-1]
 
         self.now = 1000.0
@@ -173,6 +249,13 @@ class Harness:
         """Run the disk I/O queued so far and let the core apply the completions."""
         self.disk.run()
         self.core.apply_disk(self.now)
+
+    def object_io(self) -> None:
+        """Run the object I/O queued so far and let the core apply the completions."""
+        objects = self.storages[-1].mem_objects
+        assert objects is not None
+        objects.run()
+        self.core.apply_objects(self.now)
 
     def stats(self) -> dict[str, float]:
         s = self.core.stats().flat()
@@ -544,3 +627,130 @@ def test_index_updates_validate_on_the_wire() -> None:
     bad = m.encode(good).replace(bytes([2, 3]), bytes([2, 9]))
     with pytest.raises(m.ProtocolError):
         m.decode(bad)
+
+
+# ------------------------------------------------------------------------------------------
+# the object tier (G4)
+
+
+@pytest.fixture
+def with_objects(make_config) -> Callable[..., Harness]:
+    def make(host: int = 4, ready: ObjectReady = ObjectReady(True, ""), **env: str) -> Harness:
+        cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS=str(host), DYN_KVBM_OBJECT_ENABLED="1",
+                          DYN_KVBM_OBJECT_WRITE_THROUGH="1", DYN_KVBM_OBJECT_NUM_BLOCKS="64", **env)
+        h = Harness(cfg, objects=ready)
+        h.object_io()  # the start-up check's answer
+        return h
+
+    return make
+
+
+def _objects(h: Harness) -> MemObjects:
+    o = h.storages[-1].mem_objects
+    assert o is not None
+    return o
+
+
+def _lookup(h: Harness, hashes: list[int]) -> m.MatchReply:
+    r = h.ask(m.Match(m.pack_hashes(hashes)))
+    assert isinstance(r, m.MatchReply), r
+    return r
+
+
+def _fill(h: Harness, hashes: list[int]) -> dict[int, bytes]:
+    """Store ``hashes`` with distinct bytes written into their host slots (as the ranks would)."""
+    op_id, slots = h.allocate(hashes)
+    data = {}
+    for hh, s in zip(hashes, slots):
+        data[hh] = bytes([hh % 251]) * BB
+        h.storages[-1].host[s * BB:(s + 1) * BB] = data[hh]
+    for r in range(h.world):
+        h.ack(r, op_id)
+    return data
+
+
+def test_object_put_is_matchable_only_after_it_succeeded_and_loads_stage_back(with_objects) -> None:
+    h = with_objects(host=4)
+    data = _fill(h, [1, 2, 3])
+    assert h.stats()["object_writing"] == 3 and h.stats()["host_pinned"] == 3  # sources held for the puts
+    h.store([4, 5, 6, 7])  # host pool of 4: 1-3 cannot be evicted while their puts are in flight
+    assert h.match([4, 5]) == (1, 0) and _lookup(h, [1, 2, 3]).object == 0
+    h.object_io()
+    st = h.stats()
+    assert st["object_registered"] == 4 and st["object_offloaded_blocks"] == 4 and st["host_pinned"] == 0
+    h.store([8, 9, 10, 11])  # now 1-3 leave G2
+    h.object_io()  # (the puts of 8-11 hold every G2 slot until they are done)
+    r = _lookup(h, [1, 2, 3, 99])
+    assert (r.host, r.disk, r.object) == (0, 0, 3)
+    g = h.load([1, 2, 3])
+    assert g.op_id and not g.ready and len(m.unpack_slots(g.slots)) == 3
+    assert h.poll(g.op_id) == ([], [])  # staging from the store
+    h.object_io()
+    assert h.poll(g.op_id) == ([g.op_id], [])
+    for hh, s in zip([1, 2, 3], m.unpack_slots(g.slots).tolist()):
+        assert bytes(h.storages[-1].host[s * BB:(s + 1) * BB]) == data[hh]
+    for r in range(h.world):
+        h.ack(r, g.op_id)
+    st = h.stats()
+    assert st["blocks_loaded_from_object"] == 3 and st["object_onboarded_blocks"] == 3 and st["host_pinned"] == 0
+    ev = h.core.take_events()
+    stored_in_g4 = [hh for k, t, hh in zip(ev.kinds, ev.tiers, m.unpack_hashes(ev.hashes)) if (k, t) == (0, 4)]
+    assert stored_in_g4 == [1, 2, 3, 4, 8, 9, 10, 11] and Tier.OBJECT.medium == "OBJECT"
+    assert all(t != int(Tier.OBJECT) for t in h.since(0).tiers)  # the index stream carries G2/G3 only
+
+
+def test_store_lookup_finds_another_instances_blocks_on_the_next_match(with_objects) -> None:
+    h = with_objects()
+    _objects(h).store.update({21: b"\x01" * BB, 22: b"\x02" * BB})  # put by another instance
+    first = _lookup(h, [21, 22, 23])
+    assert (first.object, first.pending) == (0, True)
+    assert _lookup(h, [21, 22, 23]).pending  # asked already: no second lookup
+    assert h.stats()["object_lookups"] == 1
+    h.object_io()
+    again = _lookup(h, [21, 22, 23])
+    assert (again.object, again.pending) == (2, False)  # 23: a miss the store just reported
+    assert _lookup(h, [23]).pending is False and h.stats()["object_lookups"] == 1
+    h.now += 11.0  # the miss is forgotten: the store is asked again
+    assert _lookup(h, [23]).pending is True
+
+
+def test_corrupt_object_is_a_miss_and_dropped(with_objects) -> None:
+    h = with_objects()
+    _objects(h).store[31] = None  # corrupt
+    _lookup(h, [31])
+    h.object_io()
+    assert _lookup(h, [31]).object == 1
+    g = h.load([31])
+    h.object_io()
+    assert h.poll(g.op_id) == ([], [g.op_id])  # the load fails: the engine recomputes
+    st = h.stats()
+    assert st["object_read_failures"] == 1 and st["object_checksum_failures"] == 1
+    assert st["host_writing"] == 0 and st["object_registered"] == 0
+    assert _lookup(h, [31]).object == 0 and not _lookup(h, [31]).pending  # not asked again for a while
+
+
+def test_full_put_queue_drops_and_store_errors_turn_the_tier_off(with_objects) -> None:
+    h = with_objects(host=32)
+    _objects(h).queue_cap = 2
+    h.store([41, 42, 43])
+    st = h.stats()
+    assert st["object_busy"] == 2 and st["object_offload_skipped_busy"] == 1
+    h.object_io()
+    _objects(h).queue_cap, _objects(h).fail_io = 64, "connection refused"
+    h.store(list(range(50, 60)))  # 8 puts in flight at most (a quarter of the host pool)
+    h.object_io()
+    st = h.stats()
+    assert st["object_write_failures"] >= 8 and st["object_enabled"] == 0 and st["object_registered"] == 0
+    assert st["host_pinned"] == 0 and st["object_writing"] == 0
+    assert h.core.object_disabled_reason.startswith("8 store errors in a row")
+    h.store([70])  # the host tier serves on
+    assert h.match([70]) == (1, 0)
+
+
+def test_store_refused_at_start_keeps_the_tier_off(with_objects) -> None:
+    h = with_objects(ready=ObjectReady(False, "DYN_KVBM_OBJECT_BUCKET='x' at ...: no such bucket"))
+    h.store([1, 2])
+    assert _lookup(h, [1, 2, 3]).pending is False
+    st = h.stats()
+    assert st["object_enabled"] == 0 and st["object_busy"] == 0 and h.match([1, 2]) == (2, 0)
+    assert "no such bucket" in h.core.object_disabled_reason

@@ -14,7 +14,16 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvbm.leader.core import DiskCounters, DiskTierStats, LeaderCounters, LeaderState, LeaderStats, PoolStats
+from kvbm.leader.core import (
+    DiskCounters,
+    DiskTierStats,
+    LeaderCounters,
+    LeaderState,
+    LeaderStats,
+    ObjectCounters,
+    ObjectTierStats,
+    PoolStats,
+)
 from kvbm.leader.metrics import KvbmMetrics, metrics_host, start_metrics_server
 from kvbm.sim.engine import SimEngine, chat_workload
 from kvbm.sim.rank import SimModel
@@ -98,6 +107,30 @@ def test_dynamo_names_exactly_no_total_suffix() -> None:
     assert ("kvbm_pool_capacity_blocks", frozenset({("tier", "disk")})) not in samples  # no disk tier
     assert v(samples, "kvbm_disk_tier_enabled") == 0
     assert v(samples, "kvbm_leader_state", state="ready") == 1 and v(samples, "kvbm_leader_state", state="waiting") == 0
+
+
+def test_object_tier_metrics_dynamo_names() -> None:
+    counters = LeaderCounters(blocks_stored=9, blocks_loaded=6, blocks_loaded_from_disk=1, blocks_loaded_from_object=2)
+    oc = ObjectCounters(offloaded_blocks=5, read_failures=3, write_failures=4, checksum_failures=1,
+                        offload_skipped_busy=2, lookup_blocks=64, lookup_found=7)
+    stats = LeaderStats(LeaderState.READY, counters, ranks_alive=1, world_size=1, ops_in_flight=0,
+                        host=PoolStats(10, 4, 6, 0, 0), object=PoolStats(100, 7, 93, 0, 0),
+                        object_tier=ObjectTierStats(True, 0, 0, oc, ""))
+    m = KvbmMetrics(lambda: stats)
+    m.on_match(10, 2, 0, 16, obj=5)
+    samples, types = parse(m.render().decode())
+    for name in ("kvbm_offload_blocks_d2o", "kvbm_onboard_blocks_o2d", "kvbm_object_read_failures",
+                 "kvbm_object_write_failures"):
+        assert types[name] == "counter"
+    assert types["kvbm_object_cache_hit_rate"] == "gauge"
+    assert v(samples, "kvbm_offload_blocks_d2o") == 5 and v(samples, "kvbm_onboard_blocks_o2d") == 2
+    assert v(samples, "kvbm_onboard_blocks_h2d") == 3  # loads neither from G3 nor from G4
+    assert v(samples, "kvbm_object_cache_hit_rate") == 0.5 and v(samples, "kvbm_host_cache_hit_rate") == 0.2
+    assert v(samples, "kvbm_object_read_failures") == 3 and v(samples, "kvbm_object_write_failures") == 4
+    assert v(samples, "kvbm_matched_tokens") == 7 * 16
+    assert v(samples, "kvbm_object_tier_enabled") == 1 and v(samples, "kvbm_pool_registered_blocks", tier="object") == 7
+    assert v(samples, "kvbm_object_offload_skipped", reason="busy") == 2
+    assert v(samples, "kvbm_object_lookup_found") == 7
 
 
 def test_hit_rate_is_a_sliding_window_of_lookups() -> None:

@@ -57,6 +57,7 @@ SUITES: tuple[Suite, ...] = (
     Suite("registry", "kvbm.bench.registry"),
     Suite("transfer", "kvbm.bench.transfer"),
     Suite("disk", "kvbm.bench.disk"),
+    Suite("objects", "kvbm.bench.objects", _needs_module("moto", "pip install 'moto[server]' boto3")),
     Suite("fuzz", "kvbm.bench.fuzz"),
     Suite("gpu", "kvbm.bench.gpu_copy", _needs_gpu),
     Suite("vllm", "kvbm.bench.vllm_sched", _needs_module("vllm", "pip install 'kvbm[vllm]'")),

@@ -520,12 +520,13 @@ class Engine:
         assert all(b.ref_cnt == 0 for b in pool.blocks[1:]), "engine block still referenced"
 
     def quiesce(self, timeout_s: float = 20.0) -> dict[str, float]:
-        """Wait until the leader applied every rank's ack; returns its stats."""
+        """Wait until the leader applied every rank's ack and finished its disk and object writes;
+        returns its stats."""
         client = self.kvbm.client
         deadline = time.monotonic() + timeout_s
         while True:
             st = client.stats()
-            if st.get("ops_in_flight", 1) == 0 and st.get("disk_busy", 0) == 0:
+            if st.get("ops_in_flight", 1) == 0 and st.get("disk_busy", 0) == 0 and st.get("object_busy", 0) == 0:
                 return st
             if time.monotonic() > deadline:
                 raise AssertionError(f"leader still busy: {st}")

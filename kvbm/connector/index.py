@@ -25,6 +25,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from kvbm.config import KvbmConfig
 from kvbm.ipc.messages import BlockEventKind
 from kvbm.leader.client import IndexDelta, LeaderClient
 from kvbm.leader.index import MAX_REPLY_ENTRIES
@@ -238,3 +239,13 @@ def follow_leader(endpoint: str, *, interval_s: float = 0.002) -> IndexFollower:
 
     return IndexFollower(IndexReplica(), lambda: LeaderClient(endpoint), interval_s=interval_s,
                          close_source=close).start()
+
+
+def follower_for(config: KvbmConfig, endpoint: str) -> IndexFollower | None:
+    """The index follower an engine's planner should use: None (every lookup asks the leader)
+    when ``DYN_KVBM_INDEX_REPLICA`` is off, or when the object tier is on: the replica mirrors
+    G2 and G3 only, and blocks other instances put in the store are found by the leader's store
+    lookups, which only a Match starts."""
+    if not config.index_replica or config.object_enabled:
+        return None
+    return follow_leader(endpoint)

@@ -47,6 +47,9 @@ log = logging.getLogger("kvbm.connector")
 
 # A load whose disk staging has not finished after this long is given up (recomputed).
 STAGING_TIMEOUT_S = 30.0
+# A request whose lookup left the leader asking the object store (G4) is "not yet" answered
+# (Planner.not_yet) for at most this long; then it goes with what the leader knew.
+OBJECT_LOOKUP_WAIT_S = 2.0
 
 
 @dataclass
@@ -89,6 +92,7 @@ class _Req:
     posted_stores: int = 0  # store allocations without a reply yet
     inflight: set[int] = field(default_factory=set)  # store ops not yet done on every rank
     finished: bool = False
+    store_wait: float | None = None  # since when its lookups find the object store being asked
 
 
 @dataclass
@@ -223,7 +227,10 @@ class Planner:
         """External hit tokens past ``num_computed_tokens`` (the engine's own hit); 0 if none."""
         self._drop_grant(req_id)
         st = self._reqs.get(req_id)
-        if st is None or not self.ready():
+        if st is None:
+            return 0
+        waiting_since, st.store_wait = st.store_wait, None  # set again below if still waiting
+        if not self.ready():
             return 0
         bs = self.block_size
         num_tokens = len(st.tokens)
@@ -237,7 +244,10 @@ class Planner:
         rest = hashes[start:]
         found = self._local_match(rest)
         if found is None:
-            found = self.client.match(self._wire(st, start))
+            reply = self.client.lookup(self._wire(st, start))  # G3 and G4 blocks are both staged through G2
+            found = (reply.host, reply.disk + reply.object)
+            if reply.pending:
+                st.store_wait = waiting_since or time.monotonic()
             self.counters["remote_lookups"] += 1
         else:  # the leader's hit-rate metrics count every lookup, also those it did not serve
             self.link.notify(m.LookupReport(len(rest), *found))
@@ -267,6 +277,14 @@ class Planner:
             if not rep.catch_up(seen, self.client.timeout_s):
                 return None
         return rep.match(hashes)
+
+    def not_yet(self, req_id: str) -> bool:
+        """True when the request's last lookup found the leader asking the object store about the
+        blocks past its match, for less than :data:`OBJECT_LOOKUP_WAIT_S` so far: an engine that
+        can ask again later (vLLM: ``None`` from ``get_num_new_matched_tokens``) should, and then
+        sees what the store holds. Lookups answered by the index replica never wait."""
+        st = self._reqs.get(req_id)
+        return st is not None and st.store_wait is not None and time.monotonic() - st.store_wait < OBJECT_LOOKUP_WAIT_S
 
     def lookup_pinned(self, req_id: str, num_computed_tokens: int, timeout_s: float) -> int:
         """Like :meth:`lookup`, but the answer is only what kvbm pinned (and staged from disk)

@@ -21,7 +21,7 @@ import numpy as np
 
 from kvbm.hashing import hashes_from_bytes, hashes_to_bytes
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME_BYTES = 64 << 20
 MAX_LIST_LEN = 1 << 20
 MAX_STR_LEN = 4096
@@ -168,7 +168,8 @@ class GetStatus(Message):
 @_register
 @dataclass(frozen=True)
 class Match(Message):
-    """How many of ``hashes`` (from the first) are held in G2, then G3. No side effects."""
+    """How many of ``hashes`` (from the first) are held in G2, then G3, then G4. No block changes
+    state; with a G4 tier the leader may start a store lookup of the hashes past the match."""
 
     TAG: ClassVar[str] = "match"
     hashes: bytes = b""
@@ -295,12 +296,19 @@ class Status(Message):
 @_register
 @dataclass(frozen=True)
 class MatchReply(Message):
-    """``index_seq``: the leader's index position the answer reflects (IndexUpdates.next_seq)."""
+    """Blocks from the first hash held in G2, then to stage from G3, then from G4 (the object store).
+
+    ``index_seq``: the leader's index position the answer reflects (IndexUpdates.next_seq).
+    ``pending``: the leader is asking the object store about the hashes past the match (blocks
+    other instances put there); the same Match asked again shortly may find more.
+    """
 
     TAG: ClassVar[str] = "match_reply"
     host: int = _int(COUNT)
     disk: int = _int(COUNT)
     index_seq: int = _int(_bounds(0, U64_MAX))
+    object: int = _int(COUNT)
+    pending: bool = False
 
 
 @_register

@@ -144,14 +144,21 @@ class LeaderClient:
 
     # -- requests ------------------------------------------------------------------------
     def match(self, hashes: Sequence[int] | np.ndarray) -> tuple[int, int]:
-        """(blocks in G2, following blocks in G3) from the start of ``hashes``; (0, 0) if unavailable."""
+        """(blocks in G2, following blocks to stage from G3 or G4) from the start of ``hashes``;
+        (0, 0) if unavailable."""
+        reply = self.lookup(hashes)
+        return reply.host, reply.disk + reply.object
+
+    def lookup(self, hashes: Sequence[int] | np.ndarray) -> m.MatchReply:
+        """The leader's MatchReply for ``hashes`` (per tier, and whether a store lookup is pending);
+        an empty one if unavailable."""
         if len(hashes) == 0:
-            return 0, 0
+            return m.MatchReply()
         reply = self._call(m.Match(m.pack_hashes(hashes)), m.MatchReply)
         if reply is None:
-            return 0, 0
+            return m.MatchReply()
         self._saw_index(reply.index_seq)
-        return reply.host, reply.disk
+        return reply
 
     def prepare_load(self, hashes: Sequence[int] | np.ndarray) -> LoadGrantInfo:
         reply = self._call(m.PrepareLoad(m.pack_hashes(hashes)), m.LoadGrant)
@@ -199,7 +206,7 @@ class LeaderClient:
         self.index_seq = max(self.index_seq, seq)
 
     def wait_idle(self, timeout_s: float = 10.0) -> dict[str, float]:
-        """Wait until the leader has applied every rank's ack and finished disk writes.
+        """Wait until the leader has applied every rank's ack and finished disk writes and object puts.
 
         Stores are asynchronous: a block is matchable only once every rank's ack has reached
         the leader. Returns the leader's stats; TimeoutError if it stays busy.
@@ -207,7 +214,8 @@ class LeaderClient:
         deadline = time.monotonic() + timeout_s
         while True:
             stats = self.stats()
-            if stats.get("ops_in_flight", 1) == 0 and stats.get("disk_busy", 0) == 0:
+            if stats.get("ops_in_flight", 1) == 0 and stats.get("disk_busy", 0) == 0 and \
+                    stats.get("object_busy", 0) == 0:
                 return stats
             if time.monotonic() > deadline:
                 raise TimeoutError(f"leader still has work in flight after {timeout_s:g} s: {stats}")

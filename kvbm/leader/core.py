@@ -1,8 +1,9 @@
 """The leader core: every block-state transition of every tier, in one socket-free object.
 
-:class:`LeaderCore` owns the world of ranks (init sync, liveness), the block registry (G2 host
-and G3 disk pools), the ops in flight and their rank acks, the G2 <-> G3 pipeline (offload,
-staging, checksums, admission) and the index change log. Messages come in as typed verbs with
+:class:`LeaderCore` owns the world of ranks (init sync, liveness), the block registry (G2 host,
+G3 disk and G4 object pools), the ops in flight and their rank acks, the G2 <-> G3 pipeline
+(offload, staging, checksums, admission), the G2 <-> G4 pipeline (puts after commit, store
+lookups, staging) and the index change log. Messages come in as typed verbs with
 the time they are handled at (``now``); replies and messages for other peers come out as
 :class:`Outbound` records. It never touches a socket, a clock or a byte of KV: the bytes live
 behind :mod:`kvbm.leader.storage`, whose disk I/O reports completions that the core applies
@@ -14,6 +15,9 @@ WRITING (never matchable) until every live rank reported; they are committed onl
 reported success, and aborted if any failed or died (:meth:`LeaderCore._finish`). A disk copy
 is matchable only after its write succeeded; a staged G2 copy only after its read succeeded
 and its checksum matched (:meth:`LeaderCore._apply_write`, :meth:`LeaderCore._apply_read`).
+An object is in the G4 index only after its put succeeded, or after the store said it exists
+(another instance put it); its G2 copy only after the get returned it whole with its checksum
+(:meth:`LeaderCore._apply_object_write`, :meth:`LeaderCore._apply_object_read`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import dataclasses
 import enum
 import itertools
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -36,7 +40,18 @@ from kvbm.leader.disk import BlockKey
 from kvbm.leader.index import IndexLog
 from kvbm.leader.ops import Op, OpKind
 from kvbm.leader.registry import BlockEvent, BlockRegistry, Tier, TierPool
-from kvbm.leader.storage import CacheStorage, DiskReadDone, DiskWriteDone, StorageFactory
+from kvbm.leader.objects import GetStatus
+from kvbm.leader.storage import (
+    CacheStorage,
+    DiskReadDone,
+    DiskWriteDone,
+    ObjectIO,
+    ObjectLookupDone,
+    ObjectReadDone,
+    ObjectReady,
+    ObjectWriteDone,
+    StorageFactory,
+)
 from kvbm.leader.world import LayoutMismatch, World
 
 log = logging.getLogger(__name__)
@@ -45,6 +60,11 @@ _M = TypeVar("_M", bound=m.Message)
 
 OP_TIMEOUT_S = 300.0  # an op nobody completes (a client bug) is released after this
 MAX_EVENT_BACKLOG = 100_000
+OBJECT_LOOKUP_BATCH = 64  # hashes past a match asked of the store at once
+OBJECT_LOOKUPS_MAX = 4096  # hashes being asked at most (more lookups wait for a later match)
+OBJECT_MISS_TTL_S = 10.0  # a hash the store did not have is not asked again for this long
+OBJECT_MISSES_MAX = 100_000  # remembered misses (oldest forgotten first)
+OBJECT_FAILURES_OFF = 8  # store errors in a row that turn the object tier off
 
 
 class LeaderState(enum.Enum):
@@ -61,6 +81,8 @@ class TransferDirection(enum.Enum):
     H2D = "h2d"  # G2 -> G1 load
     H2DISK = "h2disk"  # G2 -> G3 offload
     DISK2H = "disk2h"  # G3 -> G2 staging
+    H2OBJ = "h2obj"  # G2 -> G4 put
+    OBJ2H = "obj2h"  # G4 -> G2 staging
 
 
 class RequestRejected(Exception):
@@ -88,6 +110,7 @@ class LeaderCounters:
     match_blocks_queried: int = 0
     match_host_blocks: int = 0
     match_disk_blocks: int = 0
+    match_object_blocks: int = 0
     stores_committed: int = 0
     stores_aborted: int = 0
     blocks_stored: int = 0  # G1 -> G2 (offload d2h)
@@ -95,8 +118,10 @@ class LeaderCounters:
     loads_failed: int = 0
     blocks_loaded: int = 0  # G2 -> G1 (onboard h2d)
     blocks_loaded_from_disk: int = 0  # G3 -> G1 via G2 staging (onboard d2d)
+    blocks_loaded_from_object: int = 0  # G4 -> G1 via G2 staging (onboard o2d)
     host_evictions: int = 0
     disk_evictions: int = 0
+    object_evictions: int = 0  # forgotten by the G4 index (the objects stay in the store)
     rejected_messages: int = 0
 
 
@@ -108,6 +133,24 @@ class DiskCounters:
     offload_skipped_busy: int = 0
     checksum_failures: int = 0
     io_errors: int = 0
+    bytes_written: int = 0
+    bytes_read: int = 0
+    write_seconds: float = 0.0
+    read_seconds: float = 0.0
+
+
+@dataclass
+class ObjectCounters:
+    offloaded_blocks: int = 0  # G2 -> G4 puts that succeeded
+    onboarded_blocks: int = 0  # G4 -> G2 gets that returned the block whole
+    offload_skipped_filter: int = 0
+    offload_skipped_busy: int = 0  # too many puts in flight, or the put queue was full
+    write_failures: int = 0
+    read_failures: int = 0  # missing, corrupt (checksum, short, foreign) or failed gets
+    checksum_failures: int = 0  # of which corrupt
+    lookups: int = 0  # batched existence queries sent
+    lookup_blocks: int = 0
+    lookup_found: int = 0  # blocks the store had that this leader did not know
     bytes_written: int = 0
     bytes_read: int = 0
     write_seconds: float = 0.0
@@ -137,6 +180,15 @@ class DiskTierStats:
 
 
 @dataclass(frozen=True)
+class ObjectTierStats:
+    enabled: bool  # the store answered and no run of errors turned the tier off
+    busy: int  # puts in flight
+    lookups: int  # hashes being asked of the store
+    counters: ObjectCounters
+    reason: str  # why the tier is off ('' while on)
+
+
+@dataclass(frozen=True)
 class LeaderStats:
     """A snapshot of the leader: counters, gauges, pool occupancy (None: not created yet)."""
 
@@ -149,15 +201,18 @@ class LeaderStats:
     disk: PoolStats | None = None
     block_bytes: int | None = None
     disk_tier: DiskTierStats | None = None
+    object: PoolStats | None = None
+    object_tier: ObjectTierStats | None = None
 
     def flat(self) -> dict[str, float]:
-        """The StatsReply form: ``name -> value``, pool and disk fields prefixed ``host_`` / ``disk_``."""
+        """The StatsReply form: ``name -> value``, pool and tier fields prefixed ``host_`` / ``disk_`` /
+        ``object_``."""
         out: dict[str, float] = {k: float(v) for k, v in vars(self.counters).items()}
         out["state_ready"] = float(self.state is LeaderState.READY)
         out["ranks_alive"] = float(self.ranks_alive)
         out["world_size"] = float(self.world_size)
         out["ops_in_flight"] = float(self.ops_in_flight)
-        for prefix, pool in (("host", self.host), ("disk", self.disk)):
+        for prefix, pool in (("host", self.host), ("disk", self.disk), ("object", self.object)):
             if pool is not None:
                 out.update({f"{prefix}_{k}": float(v) for k, v in vars(pool).items()})
         if self.block_bytes is not None:
@@ -166,14 +221,19 @@ class LeaderStats:
             out["disk_enabled"] = float(self.disk_tier.enabled)
             out["disk_busy"] = float(self.disk_tier.busy)
             out.update({f"disk_{k}": float(v) for k, v in vars(self.disk_tier.counters).items()})
+        if self.object_tier is not None:
+            out["object_enabled"] = float(self.object_tier.enabled)
+            out["object_busy"] = float(self.object_tier.busy)
+            out["object_lookups_pending"] = float(self.object_tier.lookups)
+            out.update({f"object_{k}": float(v) for k, v in vars(self.object_tier.counters).items()})
         return out
 
 
 class LeaderObserver(Protocol):
     """Hooks for metrics and KV-event publishers; called on the leader's loop thread."""
 
-    def on_match(self, queried: int, host: int, disk: int, block_size: int) -> None:
-        """One lookup: blocks asked about, found in G2, found in G3 after that."""
+    def on_match(self, queried: int, host: int, disk: int, block_size: int, obj: int = 0) -> None:
+        """One lookup: blocks asked about, found in G2, found in G3 after that, then in G4."""
 
     def on_transfer(self, direction: str, blocks: int, nbytes: int, seconds: float) -> None:
         """A finished transfer; ``direction`` is a :class:`TransferDirection` value."""
@@ -184,11 +244,11 @@ class LeaderObserver(Protocol):
 
 @dataclass
 class _Staging:
-    """A G2 slot being filled from disk for a load."""
+    """A G2 slot being filled from disk or the object store for a load."""
 
     op_id: int
     seq_hash: int
-    disk_slot: int
+    source_slot: int  # the block's slot in the tier it comes from (G3 or G4)
 
 
 class LeaderCore:
@@ -224,6 +284,16 @@ class LeaderCore:
         self._staging: dict[int, _Staging] = {}  # host slot -> what it is being filled with
         self._pending_writes = 0
         self._max_pending_writes = 0
+        # The object tier (G4); on once the store answered the start-up check.
+        self.object_counters = ObjectCounters()
+        self.object_enabled = False
+        self.object_disabled_reason = "waiting for the object store to answer"
+        self._object_admission: FrequencyFilter | None = None
+        self._object_puts: dict[int, int] = {}  # seq hash -> object slot of a put in flight
+        self._max_object_puts = 0
+        self._object_errors_in_row = 0
+        self._asking: set[int] = set()  # hashes being asked of the store
+        self._store_misses: OrderedDict[int, float] = OrderedDict()  # hash -> when the store lacked it
         self._handlers: dict[type[m.Message], Callable[[bytes, int, m.Message], list[Outbound] | m.Message | None]] = {
             m.RegisterRank: self._on_register,
             m.PoolAttached: self._on_attached,
@@ -337,7 +407,12 @@ class LeaderCore:
         self.storage = storage
         # The registry stamps use with the time of the verb being served.
         self.registry = BlockRegistry(host_blocks, disk_blocks if storage.disk is not None else 0,
-                                      clock=lambda: self._now)
+                                      clock=lambda: self._now,
+                                      object_capacity=cfg.object_num_blocks if storage.objects is not None else 0)
+        if storage.objects is not None:  # enabled once the store answers (apply_objects)
+            self._object_admission = (None if cfg.object_write_through
+                                      else FrequencyFilter(clock=lambda: self._now))
+            self._max_object_puts = max(4, host_blocks // 4)
         if storage.disk is not None:
             assert self.registry.disk is not None
             found = storage.disk.restored()
@@ -454,8 +529,9 @@ class LeaderCore:
 
     def match(self, hashes: np.ndarray) -> m.MatchReply:
         res = self._serving_registry().match(hashes)
-        self._count_match(len(hashes), res.host, res.disk)
-        return m.MatchReply(res.host, res.disk, self.index.next_seq)
+        pending = self._ask_store(hashes, res.total)
+        self._count_match(len(hashes), res.host, res.disk, res.object)
+        return m.MatchReply(res.host, res.disk, self.index.next_seq, res.object, pending)
 
     def lookup_report(self, report: m.LookupReport) -> None:
         """Count a lookup a client answered from its index replica (no reply)."""
@@ -464,17 +540,18 @@ class LeaderCore:
                                                  f"out of {report.queried} queried")
         self._count_match(report.queried, report.host, report.disk)
 
-    def _count_match(self, queried: int, host: int, disk: int) -> None:
+    def _count_match(self, queried: int, host: int, disk: int, obj: int = 0) -> None:
         c = self.counters
         for obs in self.observers:
-            obs.on_match(queried, host, disk, self.block_size())
+            obs.on_match(queried, host, disk, self.block_size(), obj=obj)
         c.match_requests += 1
         c.match_blocks_queried += queried
         c.match_host_blocks += host
         c.match_disk_blocks += disk
+        c.match_object_blocks += obj
 
     def prepare_load(self, hashes: list[int]) -> m.LoadGrant:
-        """Pin the G2 prefix of ``hashes`` and stage its G3 continuation into fresh G2 slots."""
+        """Pin the G2 prefix of ``hashes`` and stage its G3 / G4 continuation into fresh G2 slots."""
         reg = self._serving_registry()
         op = Op(next(self._op_ids), OpKind.LOAD, [], [], self._now)
         for h in hashes:
@@ -483,10 +560,14 @@ class LeaderCore:
                 reg.host.pin([slot])
             else:
                 slot = self._stage(op.op_id, h)
-                if slot is None:
-                    break
+                if slot is not None:
+                    op.from_disk += 1
+                else:
+                    slot = self._stage_object(op.op_id, h)
+                    if slot is None:
+                        break
+                    op.from_object += 1
                 op.staging.add(slot)
-                op.from_disk += 1
             op.slots.append(slot)
             op.hashes.append(h)
         if op.slots:
@@ -573,10 +654,11 @@ class LeaderCore:
         return self.index.since(seq)
 
     def reset_cache(self) -> m.Ack:
+        """Forget every unpinned block of every tier (objects stay in the store: other instances
+        may use them; the G4 index forgets them and store lookups find them again)."""
         reg = self._serving_registry()
-        reg.host.clear()
-        if reg.disk is not None:
-            reg.disk.clear()
+        for pool in reg.pools:
+            pool.clear()
         self._flush_events()  # the reply names the index position after the clear
         return m.Ack(self.index.next_seq)
 
@@ -604,6 +686,7 @@ class LeaderCore:
             self.counters.stores_committed += 1
             self.counters.blocks_stored += len(op.slots)
             self._offload(op.hashes, op.slots)
+            self._offload_objects(op.hashes, op.slots)
         else:
             reg.host.unpin([s for s in op.slots if s not in op.staging])
             if op.failed:
@@ -613,6 +696,7 @@ class LeaderCore:
                 self._observe_transfer(TransferDirection.H2D, len(op.slots), self._now - op.created)
                 self.counters.blocks_loaded += len(op.slots)
                 self.counters.blocks_loaded_from_disk += op.from_disk
+                self.counters.blocks_loaded_from_object += op.from_object
 
     def _settle_ops(self) -> None:
         """After a rank died (or re-registered): its missing reports count as failures."""
@@ -709,7 +793,7 @@ class LeaderCore:
         reg = self.registry
         assert reg is not None and reg.disk is not None
         st = self._staging.pop(done.host_slot)
-        reg.disk.unpin([st.disk_slot])
+        reg.disk.unpin([st.source_slot])
         reason = ""
         if done.ok:
             reg.host.commit([done.host_slot])
@@ -719,7 +803,7 @@ class LeaderCore:
             self._observe_transfer(TransferDirection.DISK2H, 1, done.seconds)
         else:
             reg.host.abort([done.host_slot])
-            self._drop_disk_block(st.seq_hash, st.disk_slot)  # wrong or unreadable: never served again
+            self._drop_disk_block(st.seq_hash, st.source_slot)  # wrong or unreadable: never served again
             if done.mismatch:
                 reason = "checksum mismatch"
                 self.disk_counters.checksum_failures += 1
@@ -728,16 +812,22 @@ class LeaderCore:
                               "(further failures are counted, not logged)", st.seq_hash)
             else:
                 reason = done.error or "read failed"
-                self._disk_failed(f"read of disk slot {st.disk_slot} failed: {done.error}")
+                self._disk_failed(f"read of disk slot {st.source_slot} failed: {done.error}")
+        self._staged(st, done.host_slot, done.ok, f"staging from disk failed: {reason}")
+
+    def _staged(self, st: _Staging, host_slot: int, ok: bool, error: str) -> None:
+        """A staging read for a load finished: the load keeps the slot pinned, or fails."""
+        reg = self.registry
+        assert reg is not None
         op = self.ops.get(st.op_id)
         if op is None:
             return
-        op.staging.discard(done.host_slot)
-        if done.ok:
-            reg.host.pin([done.host_slot])
+        op.staging.discard(host_slot)
+        if ok:
+            reg.host.pin([host_slot])
         else:
-            op.failed, op.error = True, f"staging from disk failed: {reason}"
-            op.slots = [s for s in op.slots if s != done.host_slot]
+            op.failed, op.error = True, error
+            op.slots = [s for s in op.slots if s != host_slot]
         if op.released and not op.staging:
             self._finish(op)
 
@@ -759,6 +849,188 @@ class LeaderCore:
         log.error("disk tier turned off: %s; serving continues from the host pool", self.disk_disabled_reason)
 
     # ------------------------------------------------------------------------------------
+    # the object tier (G4): puts after a store commits, store lookups, staging for loads
+
+    def _object_io(self) -> ObjectIO | None:
+        """The object I/O while the tier serves, else None."""
+        if not self.object_enabled or self.storage is None or self.registry is None:
+            return None
+        return self.storage.objects
+
+    def _offload_objects(self, hashes: list[int], host_slots: list[int]) -> None:
+        """Put newly registered G2 blocks in the store (admission filter unless write-through)."""
+        io = self._object_io()
+        reg = self.registry
+        if io is None or reg is None or reg.object is None:
+            return
+        oc = self.object_counters
+        for seq_hash, hslot in zip(hashes, host_slots):
+            if reg.object.holds(seq_hash):
+                continue  # in the store already (or being put)
+            if self._object_admission is not None and not self._object_admission.should_offload(seq_hash):
+                oc.offload_skipped_filter += 1
+                continue
+            parent = reg.host.parent_of(hslot)
+            got = reg.object.allocate([seq_hash], [parent]) if len(self._object_puts) < self._max_object_puts else []
+            if not got or got[0] is None:
+                oc.offload_skipped_busy += 1
+                continue
+            if not io.write(hslot, seq_hash):
+                reg.object.abort([got[0]])
+                oc.offload_skipped_busy += 1
+                continue
+            reg.host.pin([hslot])  # keep the source in G2 until the put has copied it
+            self._object_puts[seq_hash] = got[0]
+
+    def _stage_object(self, op_id: int, seq_hash: int) -> int | None:
+        """Start getting ``seq_hash`` from the store into a new WRITING G2 slot; that slot or None."""
+        io = self._object_io()
+        reg = self.registry
+        if io is None or reg is None or reg.object is None:
+            return None
+        oslot = reg.object.lookup(seq_hash)
+        if oslot is None:
+            return None
+        got = reg.host.allocate([seq_hash], [reg.object.parent_of(oslot)])
+        if not got or got[0] is None:
+            return None
+        hslot = got[0]
+        reg.object.pin([oslot])
+        self._staging[hslot] = _Staging(op_id, seq_hash, oslot)
+        io.read(hslot, seq_hash)
+        return hslot
+
+    def _ask_store(self, hashes: np.ndarray, pos: int) -> bool:
+        """After a match of ``hashes[:pos]``: is the store being asked about ``hashes[pos]``?
+
+        Starts a batched lookup of the hashes from ``pos`` unless ``hashes[pos]`` is being asked
+        already (True) or the store lacked it recently (False). Blocks it finds enter the G4 index
+        when the answer comes (:meth:`apply_objects`): a later match of the same hashes sees them.
+        """
+        io = self._object_io()
+        if io is None or pos >= len(hashes):
+            return False
+        first = int(hashes[pos])
+        if first in self._asking:
+            return True
+        missed = self._store_misses.get(first)
+        if missed is not None and self._now - missed < OBJECT_MISS_TTL_S:
+            return False
+        batch = [h for h in hashes[pos : pos + OBJECT_LOOKUP_BATCH].tolist() if h not in self._asking]
+        if len(self._asking) + len(batch) > OBJECT_LOOKUPS_MAX:
+            return False  # the store is slow: answer without it
+        self._asking.update(batch)
+        self.object_counters.lookups += 1
+        self.object_counters.lookup_blocks += len(batch)
+        io.lookup(batch)
+        return True
+
+    def apply_objects(self, now: float) -> None:
+        """Apply the object store completions reported since the last call."""
+        io = self.storage.objects if self.storage else None
+        if io is None:
+            return
+        self._now = now
+        for done in io.drain():
+            if isinstance(done, ObjectWriteDone):
+                self._apply_object_write(done)
+            elif isinstance(done, ObjectReadDone):
+                self._apply_object_read(done)
+            elif isinstance(done, ObjectLookupDone):
+                self._apply_lookup(done)
+            else:
+                self._object_ready(done)
+        self._flush_events()
+
+    def _object_ready(self, done: ObjectReady) -> None:
+        if done.ok:
+            self.object_enabled, self.object_disabled_reason = True, ""
+            log.info("object tier (G4) on")
+        else:
+            self.object_disabled_reason = done.error
+            log.error("object tier (G4) off: %s; serving continues from the other tiers", done.error)
+
+    def _apply_object_write(self, done: ObjectWriteDone) -> None:
+        reg = self.registry
+        assert reg is not None and reg.object is not None
+        oslot = self._object_puts.pop(done.seq_hash)
+        reg.host.unpin([done.host_slot])
+        if done.ok and self.object_enabled:
+            reg.object.commit([oslot])
+            oc = self.object_counters
+            oc.offloaded_blocks += 1
+            oc.bytes_written += self.world.block_bytes
+            oc.write_seconds += done.seconds
+            self._object_errors_in_row = 0
+            self._observe_transfer(TransferDirection.H2OBJ, 1, done.seconds)
+        else:
+            reg.object.abort([oslot])
+            if not done.ok:
+                self.object_counters.write_failures += 1
+                self._object_error(f"put of {done.seq_hash:016x} failed: {done.error}")
+
+    def _apply_object_read(self, done: ObjectReadDone) -> None:
+        reg = self.registry
+        assert reg is not None and reg.object is not None
+        st = self._staging.pop(done.host_slot)
+        reg.object.unpin([st.source_slot])
+        ok = done.status is GetStatus.OK
+        oc = self.object_counters
+        if ok:
+            reg.host.commit([done.host_slot])
+            oc.onboarded_blocks += 1
+            oc.bytes_read += self.world.block_bytes
+            oc.read_seconds += done.seconds
+            self._object_errors_in_row = 0
+            self._observe_transfer(TransferDirection.OBJ2H, 1, done.seconds)
+        else:
+            reg.host.abort([done.host_slot])
+            if reg.object.evict(st.seq_hash):  # missing or wrong: never served again
+                self._remember_miss(st.seq_hash)
+            oc.read_failures += 1
+            if done.status is GetStatus.CORRUPT:
+                oc.checksum_failures += 1
+                if oc.checksum_failures == 1:
+                    log.error("%s: dropped, never loaded (further failures are counted, not logged)", done.error)
+            elif done.status is GetStatus.FAILED:
+                self._object_error(f"get of {st.seq_hash:016x} failed: {done.error}")
+        self._staged(st, done.host_slot, ok, f"staging from the object store failed: {done.status.value} {done.error}")
+
+    def _apply_lookup(self, done: ObjectLookupDone) -> None:
+        reg = self.registry
+        assert reg is not None and reg.object is not None
+        self._asking.difference_update(done.hashes)
+        if not self.object_enabled:
+            return
+        for i, (h, found) in enumerate(zip(done.hashes, done.found)):
+            if not found:
+                self._remember_miss(h)
+            elif not reg.object.holds(h):
+                got = reg.object.allocate([h], [done.hashes[i - 1] if i else None])
+                if got and got[0] is not None:
+                    reg.object.commit([got[0]])  # the store has it whole (or a get finds out)
+                    self.object_counters.lookup_found += 1
+
+    def _remember_miss(self, seq_hash: int) -> None:
+        misses = self._store_misses
+        misses[seq_hash] = self._now
+        misses.move_to_end(seq_hash)
+        while len(misses) > OBJECT_MISSES_MAX:
+            misses.popitem(last=False)
+
+    def _object_error(self, what: str) -> None:
+        """A store error; a run of them turns the tier off (the rest of kvbm serves on)."""
+        self._object_errors_in_row += 1
+        if not self.object_enabled or self._object_errors_in_row < OBJECT_FAILURES_OFF:
+            return
+        self.object_enabled = False
+        self.object_disabled_reason = f"{self._object_errors_in_row} store errors in a row, the last: {what}"
+        assert self.registry is not None and self.registry.object is not None
+        self.registry.object.clear()
+        log.error("object tier (G4) turned off: %s; serving continues from the other tiers",
+                  self.object_disabled_reason)
+
+    # ------------------------------------------------------------------------------------
     # events and stats
 
     def _flush_events(self) -> None:
@@ -771,11 +1043,16 @@ class LeaderCore:
             if e.kind is m.BlockEventKind.REMOVED:
                 if e.tier is Tier.HOST:
                     self.counters.host_evictions += 1
-                else:
+                elif e.tier is Tier.DISK:
                     self.counters.disk_evictions += 1
+                else:
+                    self.counters.object_evictions += 1
         self.events.extend(evs)
         reg = self.registry
-        self.index.record(evs, lambda tier, h: reg.pool(tier).lookup(h) is not None)
+        # The index stream (client replicas) carries the local tiers; G4 hits need a Match.
+        local = evs if reg.object is None else [e for e in evs if e.tier is not Tier.OBJECT]
+        if local:
+            self.index.record(local, lambda tier, h: reg.pool(tier).lookup(h) is not None)
         for obs in self.observers:
             obs.on_events(evs)
 
@@ -804,6 +1081,10 @@ class LeaderCore:
             block_bytes=self.world.block_bytes if reg is not None else None,
             disk_tier=DiskTierStats(self.disk_enabled, self._pending_writes, dataclasses.replace(self.disk_counters))
             if has_disk else None,
+            object=PoolStats.of(reg.object) if reg is not None and reg.object is not None else None,
+            object_tier=ObjectTierStats(self.object_enabled, len(self._object_puts), len(self._asking),
+                                        dataclasses.replace(self.object_counters), self.object_disabled_reason)
+            if reg is not None and reg.object is not None else None,
         )
 
     @property

@@ -2,8 +2,9 @@
 
 KV-aware routers (vLLM's, Dynamo's, llm-d's) track which blocks each worker holds from a stream of
 ``BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared`` events. The leader publishes those of its
-host (G2, medium ``"CPU"``) and disk (G3, medium :attr:`kvbm.leader.registry.Tier.medium`) tiers, so
-such a router consumes them unchanged, the same way as vLLM's ``ZmqEventPublisher`` output:
+host (G2, medium ``"CPU"``), disk (G3, ``"STORAGE"``) and object (G4, ``"OBJECT"``: the objects
+this leader knows in the store) tiers (:attr:`kvbm.leader.registry.Tier.medium`), so such a router
+consumes them unchanged, the same way as vLLM's ``ZmqEventPublisher`` output:
 
 * one multipart message per batch: ``[topic, seq, payload]``, ``seq`` an 8-byte big-endian counter
   from 0 (a gap tells a subscriber it missed batches; there is no replay socket);
@@ -152,7 +153,7 @@ class KvEventPublisher:
         """Batches published so far (the next batch's sequence number)."""
         return self._seq
 
-    def on_match(self, queried: int, host: int, disk: int, block_size: int) -> None:
+    def on_match(self, queried: int, host: int, disk: int, block_size: int, obj: int = 0) -> None:
         """Lookups carry no events."""
 
     def on_transfer(self, direction: str, blocks: int, nbytes: int, seconds: float) -> None:

@@ -11,6 +11,11 @@ Dynamo's KVBM names, so its Grafana dashboard keeps working (reference/kvbm.md Â
 ``kvbm_onboard_blocks_d2d``    counter  blocks loaded disk -> device (from G3, staged in G2)
 ``kvbm_host_cache_hit_rate``   gauge    G2 hit blocks / blocks queried, last N lookups
 ``kvbm_disk_cache_hit_rate``   gauge    G3 hit blocks / blocks queried, last N lookups
+``kvbm_offload_blocks_d2o``    counter  blocks put in the object store (G2 -> G4)
+``kvbm_onboard_blocks_o2d``    counter  blocks loaded object store -> device (G4, staged in G2)
+``kvbm_object_cache_hit_rate`` gauge    G4 hit blocks / blocks queried, last N lookups
+``kvbm_object_read_failures``  counter  G4 gets that failed: missing, corrupt or store errors
+``kvbm_object_write_failures`` counter  G4 puts that failed
 =============================  =======  ==================================================
 
 N is ``DYN_KVBM_CACHE_STATS_MAX_REQUESTS`` (1000); lookups that query no block are not counted.
@@ -23,11 +28,13 @@ exposition (which writes ``# TYPE kvbm_matched_tokens_total``). The metric objec
 kvbm's additions: ``kvbm_requested_tokens`` (lookup tokens, the token hit-rate denominator),
 ``kvbm_match_requests``, ``kvbm_transfer_bytes{direction}`` and the histogram
 ``kvbm_transfer_seconds{direction}`` (direction: d2h store, h2d load, h2disk offload, disk2h
-staging), pool occupancy ``kvbm_pool_{capacity,registered,free}_blocks{tier}`` and
+staging, h2obj put, obj2h staging), pool occupancy ``kvbm_pool_{capacity,registered,free}_blocks{tier}`` and
 ``kvbm_pool_{pinned,writing}_blocks{tier="host"}``, ``kvbm_block_bytes``,
 ``kvbm_evicted_blocks{tier}``, ``kvbm_disk_checksum_failures``, ``kvbm_disk_io_errors``,
 ``kvbm_disk_offload_skipped{reason}``, ``kvbm_disk_tier_enabled`` (1 on, 0 off or not
-configured), ``kvbm_ranks_alive``, ``kvbm_world_size``, ``kvbm_leader_state{state}`` (1 for the
+configured), ``kvbm_object_tier_enabled``, ``kvbm_object_offload_skipped{reason}``,
+``kvbm_object_checksum_failures``, ``kvbm_object_lookup_blocks`` / ``kvbm_object_lookup_found``
+(store lookups of hashes past a match, and the blocks they found), ``kvbm_ranks_alive``, ``kvbm_world_size``, ``kvbm_leader_state{state}`` (1 for the
 current state), ``kvbm_ops_in_flight``, ``kvbm_failed_loads``, ``kvbm_aborted_stores``,
 ``kvbm_rejected_messages``.
 
@@ -49,7 +56,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CollectorRegistry, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from kvbm.leader.core import DiskCounters, LeaderCounters, LeaderState, LeaderStats
+from kvbm.leader.core import DiskCounters, LeaderCounters, LeaderState, LeaderStats, ObjectCounters
 
 if TYPE_CHECKING:
     from kvbm.config import KvbmConfig
@@ -60,7 +67,7 @@ __all__ = ["KvbmMetrics", "MetricsServer", "start_metrics_server", "start_leader
 
 log = logging.getLogger(__name__)
 
-DIRECTIONS = ("d2h", "h2d", "h2disk", "disk2h")
+DIRECTIONS = ("d2h", "h2d", "h2disk", "disk2h", "h2obj", "obj2h")
 # Transfer latency buckets (s): a one-block memcpy takes microseconds, a large batch or a disk
 # read under load up to seconds.
 LATENCY_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -101,9 +108,9 @@ class KvbmMetrics:
             raise ValueError(f"window must be >= 1, got {window}")
         self._stats = stats
         self._lock = threading.Lock()
-        self._window: deque[tuple[int, int, int]] = deque()
+        self._window: deque[tuple[int, int, int, int]] = deque()
         self._window_len = window
-        self._win_queried = self._win_host = self._win_disk = 0
+        self._win_queried = self._win_host = self._win_disk = self._win_object = 0
         self.match_requests = 0
         self.requested_tokens = 0
         self.matched_tokens = 0
@@ -115,23 +122,25 @@ class KvbmMetrics:
         self.registry.register(self)
 
     # -- observer hooks (leader thread) -------------------------------------------------
-    def on_match(self, queried: int, host: int, disk: int, block_size: int) -> None:
+    def on_match(self, queried: int, host: int, disk: int, block_size: int, obj: int = 0) -> None:
         """Count one lookup and slide the hit-rate window."""
         with self._lock:
             self.match_requests += 1
             self.requested_tokens += queried * block_size
-            self.matched_tokens += (host + disk) * block_size
+            self.matched_tokens += (host + disk + obj) * block_size
             if queried <= 0:
                 return
-            self._window.append((queried, host, disk))
+            self._window.append((queried, host, disk, obj))
             self._win_queried += queried
             self._win_host += host
             self._win_disk += disk
+            self._win_object += obj
             if len(self._window) > self._window_len:
-                q, h, d = self._window.popleft()
+                q, h, d, o = self._window.popleft()
                 self._win_queried -= q
                 self._win_host -= h
                 self._win_disk -= d
+                self._win_object -= o
 
     def on_transfer(self, direction: str, blocks: int, nbytes: int, seconds: float) -> None:
         """Count bytes and observe the latency of one finished transfer."""
@@ -152,6 +161,11 @@ class KvbmMetrics:
             q = self._win_queried
             return (self._win_host / q, self._win_disk / q) if q else (0.0, 0.0)
 
+    def object_hit_rate(self) -> float:
+        """G4 hit blocks / blocks queried over the window; 0 when empty."""
+        with self._lock:
+            return self._win_object / self._win_queried if self._win_queried else 0.0
+
     def _snapshot(self) -> LeaderStats:
         # stats() runs on this (HTTP) thread while the leader mutates its dicts: a "changed size
         # during iteration" is possible, if rare. Retry, then fall back to the last good one.
@@ -168,16 +182,19 @@ class KvbmMetrics:
         s = self._snapshot()
         c = s.counters
         dc = s.disk_tier.counters if s.disk_tier is not None else DiskCounters()
+        oc = s.object_tier.counters if s.object_tier is not None else ObjectCounters()
         host_rate, disk_rate = self.hit_rates()
+        object_rate = self.object_hit_rate()
         with self._lock:
             own = (self.matched_tokens, self.requested_tokens, self.match_requests)
             nbytes = dict(self._bytes)
             latency = {d: (h.buckets(), h.total) for d, h in self._latency.items()}
         # A difference of two counters read while the leader thread updates them could dip below
         # its last value (a false counter reset for Prometheus): never report less than before.
-        self._onboard_h2d = max(self._onboard_h2d, float(c.blocks_loaded - c.blocks_loaded_from_disk))
+        self._onboard_h2d = max(self._onboard_h2d, float(c.blocks_loaded - c.blocks_loaded_from_disk
+                                                         - c.blocks_loaded_from_object))
 
-        yield _counter("kvbm_matched_tokens", "Tokens found in G2 or G3 by lookups", own[0])
+        yield _counter("kvbm_matched_tokens", "Tokens found in G2, G3 or G4 by lookups", own[0])
         yield _counter("kvbm_offload_blocks_d2h", "Blocks offloaded device to host (G1 -> G2)", c.blocks_stored)
         yield _counter("kvbm_offload_blocks_h2d", "Blocks offloaded host to disk (G2 -> G3)", dc.offloaded_blocks)
         yield _counter("kvbm_offload_blocks_d2d", "Blocks offloaded device to disk directly (always 0: "
@@ -187,6 +204,14 @@ class KvbmMetrics:
                        c.blocks_loaded_from_disk)
         yield _gauge("kvbm_host_cache_hit_rate", "G2 hit blocks / blocks queried over the last lookups", host_rate)
         yield _gauge("kvbm_disk_cache_hit_rate", "G3 hit blocks / blocks queried over the last lookups", disk_rate)
+        yield _counter("kvbm_offload_blocks_d2o", "Blocks put in the object store (G2 -> G4)", oc.offloaded_blocks)
+        yield _counter("kvbm_onboard_blocks_o2d", "Blocks onboarded object store to device (from G4, staged in G2)",
+                       c.blocks_loaded_from_object)
+        yield _gauge("kvbm_object_cache_hit_rate", "G4 hit blocks / blocks queried over the last lookups",
+                     object_rate)
+        yield _counter("kvbm_object_read_failures", "G4 gets that failed: missing, corrupt (never loaded) or "
+                       "store errors (the engine recomputes)", oc.read_failures)
+        yield _counter("kvbm_object_write_failures", "G4 puts that failed (never matchable)", oc.write_failures)
 
         yield _counter("kvbm_requested_tokens", "Tokens asked about by lookups (token hit rate: "
                        "kvbm_matched_tokens / kvbm_requested_tokens)", own[1])
@@ -199,7 +224,7 @@ class KvbmMetrics:
             hist.add_metric([d], buckets, total)
         yield hist
 
-        pools = {t: p for t, p in (("host", s.host), ("disk", s.disk)) if p is not None}
+        pools = {t: p for t, p in (("host", s.host), ("disk", s.disk), ("object", s.object)) if p is not None}
         for what, doc in (("capacity", "Slots of the tier's pool"), ("registered", "Matchable blocks"),
                           ("free", "Slots holding nothing")):
             yield _labelled("gauge", f"kvbm_pool_{what}_blocks", doc, "tier",
@@ -210,7 +235,7 @@ class KvbmMetrics:
                         {"host": s.host.writing} if s.host is not None else {})
         yield _gauge("kvbm_block_bytes", "Bytes of one block (all ranks' slices)", s.block_bytes or 0)
         yield _labelled("counter", "kvbm_evicted_blocks", "Blocks evicted, per tier", "tier",
-                        {"host": c.host_evictions, "disk": c.disk_evictions})
+                        {"host": c.host_evictions, "disk": c.disk_evictions, "object": c.object_evictions})
         yield _counter("kvbm_disk_checksum_failures", "Disk blocks that failed their checksum (dropped, never "
                        "loaded)", dc.checksum_failures)
         yield _counter("kvbm_disk_io_errors", "Disk I/O errors (the first one switches the tier off)",
@@ -220,6 +245,17 @@ class KvbmMetrics:
                         {"filter": dc.offload_skipped_filter, "busy": dc.offload_skipped_busy})
         yield _gauge("kvbm_disk_tier_enabled", "1 while the disk tier serves, 0 when off or not configured",
                      float(s.disk_tier is not None and s.disk_tier.enabled))
+        yield _gauge("kvbm_object_tier_enabled", "1 while the object tier serves, 0 when off or not configured",
+                     float(s.object_tier is not None and s.object_tier.enabled))
+        yield _labelled("counter", "kvbm_object_offload_skipped", "G2 blocks not put in the object store: filter "
+                        "(not seen twice) or busy (puts backed up)", "reason",
+                        {"filter": oc.offload_skipped_filter, "busy": oc.offload_skipped_busy})
+        yield _counter("kvbm_object_checksum_failures", "G4 objects corrupt, short or foreign (dropped, never "
+                       "loaded)", oc.checksum_failures)
+        yield _counter("kvbm_object_lookup_blocks", "Hashes past a match asked of the object store",
+                       oc.lookup_blocks)
+        yield _counter("kvbm_object_lookup_found", "Blocks store lookups found (put by any instance)",
+                       oc.lookup_found)
         yield _gauge("kvbm_ranks_alive", "Worker ranks alive", s.ranks_alive)
         yield _gauge("kvbm_world_size", "Worker ranks expected", s.world_size)
         yield _labelled("gauge", "kvbm_leader_state", "1 for the leader's current state", "state",

@@ -153,9 +153,19 @@ class S3Backend:
         self._client.close()
 
 
+_NIXL_MODULES = ("nixl", "nixl_cu12", "nixl_cu13")
+
+
+def nixl_installed() -> bool:
+    """Whether a NIXL wheel (``nixl``, ``nixl-cu12`` or ``nixl-cu13``) can be imported."""
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is not None for name in _NIXL_MODULES)
+
+
 def _import_nixl():  # type: ignore[no-untyped-def]
     """NIXL's Python API from the ``nixl`` meta package or the ``nixl-cu12`` / ``nixl-cu13`` wheel."""
-    for name in ("nixl._api", "nixl_cu12._api", "nixl_cu13._api"):
+    for name in (f"{m}._api" for m in _NIXL_MODULES):
         try:
             return __import__(name, fromlist=["nixl_agent"])
         except ImportError:
@@ -248,8 +258,35 @@ class NixlObjBackend:
         return found[0] is not None
 
     def close(self) -> None:
-        with self._lock:
-            self._agent = None
+        # A transfer stuck in the plugin (a dead store) holds the lock: do not wait for it forever.
+        if self._lock.acquire(timeout=1.0):
+            try:
+                self._agent = None
+            finally:
+                self._lock.release()
+
+
+class SplitBackend:
+    """:class:`ObjectBackend` moving bytes through one transport (NIXL OBJ) and answering existence
+    queries through another (boto3 HEAD requests, which run in parallel where NIXL's agent is
+    used by one thread at a time)."""
+
+    def __init__(self, data: ObjectBackend, lookups: ObjectBackend) -> None:
+        self.data = data
+        self.lookups = lookups
+
+    def put(self, key: str, parts: Sequence[bytes | memoryview]) -> None:
+        self.data.put(key, parts)
+
+    def get(self, key: str, size: int) -> bytes | None:
+        return self.data.get(key, size)
+
+    def exists(self, key: str) -> bool:
+        return self.lookups.exists(key)
+
+    def close(self) -> None:
+        self.data.close()
+        self.lookups.close()
 
 
 class GetStatus(enum.Enum):
@@ -294,17 +331,23 @@ class BlockObjects:
 
     def get(self, seq_hash: int, dst: memoryview) -> GetResult:
         """Read one block into ``dst`` if its object is whole and ours; ``dst`` is untouched otherwise."""
+        res, payload = self.fetch(seq_hash)
+        if payload is not None:
+            dst[:] = payload
+        return res
+
+    def fetch(self, seq_hash: int) -> tuple[GetResult, memoryview | None]:
+        """One block's checked payload (a view of the object's bytes; None unless the status is OK)."""
         try:
             data = self.backend.get(self.key(seq_hash), OBJECT_HEADER_BYTES + self.block_bytes)
         except ObjectError as e:
-            return GetResult(GetStatus.FAILED, str(e))
+            return GetResult(GetStatus.FAILED, str(e)), None
         if data is None:
-            return GetResult(GetStatus.MISSING)
+            return GetResult(GetStatus.MISSING), None
         problem = self.check(seq_hash, data)
         if problem:
-            return GetResult(GetStatus.CORRUPT, problem)
-        dst[:] = memoryview(data)[OBJECT_HEADER_BYTES:]
-        return GetResult(GetStatus.OK)
+            return GetResult(GetStatus.CORRUPT, problem), None
+        return GetResult(GetStatus.OK), memoryview(data)[OBJECT_HEADER_BYTES:]
 
     def check(self, seq_hash: int, data: bytes) -> str:
         """Why ``data`` is not the object of ``seq_hash`` in this layout ('' if it is)."""
@@ -331,6 +374,7 @@ class BlockObjects:
 
         return list(self._lookups.map(one, hashes))
 
-    def close(self) -> None:
-        self._lookups.shutdown(wait=True)
+    def close(self, wait: bool = True) -> None:
+        """Stop the lookup threads (``wait``: let running lookups finish) and release the transport."""
+        self._lookups.shutdown(wait=wait, cancel_futures=not wait)
         self.backend.close()

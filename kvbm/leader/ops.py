@@ -27,9 +27,10 @@ class Op:
     acked: set[int] = field(default_factory=set)  # ranks that reported
     failed: bool = False
     error: str = ""
-    # Loads only: host slots still being staged from disk, and from-disk block count.
+    # Loads only: host slots still being staged (from disk or the object store), and block counts.
     staging: set[int] = field(default_factory=set)
     from_disk: int = 0
+    from_object: int = 0
     dispatched: bool = False  # a rank reported at least once
     released: bool = False  # the client gave it up before dispatching it
 

@@ -46,11 +46,16 @@ class Tier(enum.IntEnum):
 
     HOST = 2  # G2
     DISK = 3  # G3
+    OBJECT = 4  # G4: an object store; the pool is the leader's index of the objects it knows
 
     @property
     def medium(self) -> str:
-        """vLLM KV-event medium string of this tier."""
-        return "CPU" if self is Tier.HOST else "STORAGE"  # vllm.distributed.kv_events MEDIUM_* values
+        """KV-event medium string of this tier (vllm.distributed.kv_events MEDIUM_* values; vLLM
+        has none for an object store, kvbm sends ``"OBJECT"``)."""
+        return _MEDIA[self]
+
+
+_MEDIA = {Tier.HOST: "CPU", Tier.DISK: "STORAGE", Tier.OBJECT: "OBJECT"}
 
 
 class SlotState(enum.IntEnum):
@@ -709,24 +714,25 @@ class TierPool:
 class MatchResult:
     """Result of :meth:`BlockRegistry.match`.
 
-    ``tiers[i]`` is where matched block ``start + i`` is found (G2 preferred when in both).
-    ``host`` and ``disk`` count the matched blocks per tier. Usually the G2 blocks lead and the G3
-    blocks follow; when a G2 block follows a G3 one (the tiers evict independently), use
-    ``tiers``.
+    ``tiers[i]`` is where matched block ``start + i`` is found (G2 preferred, then G3, then G4).
+    ``host``, ``disk`` and ``object`` count the matched blocks per tier. Usually the G2 blocks
+    lead and the G3 (then G4) blocks follow; when the tiers interleave (they evict
+    independently), use ``tiers``.
     """
 
     host: int
     disk: int
     tiers: tuple[Tier, ...]
+    object: int = 0
 
     @property
     def total(self) -> int:
         """Number of matched blocks."""
-        return self.host + self.disk
+        return self.host + self.disk + self.object
 
 
 class BlockRegistry:
-    """G2 host pool plus optional G3 disk pool; prefix matching over both."""
+    """G2 host pool plus optional G3 disk and G4 object pools; prefix matching over all."""
 
     def __init__(
         self,
@@ -735,8 +741,13 @@ class BlockRegistry:
         clock: Callable[[], float] = time.monotonic,
         *,
         record_events: bool = True,
+        object_capacity: int = 0,
     ) -> None:
-        """Create the pools; no disk pool when ``disk_capacity`` is 0."""
+        """Create the pools; no disk (object) pool when ``disk_capacity`` (``object_capacity``) is 0.
+
+        The object pool's slots hold no bytes: a slot is an entry of the leader's index of the
+        objects it knows in the store (written by it, or found there by a store lookup).
+        """
         seq = itertools.count()  # shared, so drain_events can merge the tiers in order
         self.host = TierPool(
             Tier.HOST, host_capacity, clock, record_events=record_events, event_seq=seq
@@ -746,6 +757,11 @@ class BlockRegistry:
             if disk_capacity > 0
             else None
         )
+        self.object: TierPool | None = (
+            TierPool(Tier.OBJECT, object_capacity, clock, record_events=record_events, event_seq=seq)
+            if object_capacity > 0
+            else None
+        )
 
     def pool(self, tier: Tier) -> TierPool:
         """The pool of a tier; ValueError if that tier is not configured."""
@@ -753,42 +769,55 @@ class BlockRegistry:
             return self.host
         if tier == Tier.DISK and self.disk is not None:
             return self.disk
+        if tier == Tier.OBJECT and self.object is not None:
+            return self.object
         raise ValueError(f"no pool for tier {Tier(tier).name}")
 
     def match(self, hashes: Sequence[int] | np.ndarray, start: int = 0) -> MatchResult:
-        """Longest run of blocks from ``start`` registered in G2 or else G3. No side effects.
+        """Longest run of blocks from ``start`` registered in G2, else G3, else G4. No side effects.
 
-        Vectorised: one membership test per tier over the whole uint64 array (pass an array,
-        e.g. the wire bytes viewed as one, to skip any per-hash Python work)."""
+        Vectorised: one membership test per tier over the uint64 array (pass an array, e.g. the
+        wire bytes viewed as one, to skip any per-hash Python work); the lower tiers are probed
+        only from the first block not in G2 on."""
         q = _hash_array(hashes, start)
         on_host = self.host.contains(q)
         h = leading(on_host)
-        if self.disk is None or h == len(q):
+        if (self.disk is None and self.object is None) or h == len(q):
             return MatchResult(h, 0, (Tier.HOST,) * h)
-        # G3 only matters from the first block not in G2 on.
-        n = h + leading(on_host[h:] | self.disk.contains(q[h:]))
-        host = h + int(np.count_nonzero(on_host[h:n]))
-        if host == n or host == 0:  # the usual cases: no per-block work
-            return MatchResult(host, n - host, ((Tier.HOST,) if host else (Tier.DISK,)) * n)
-        tiers = tuple(Tier.HOST if h else Tier.DISK for h in on_host[:n].tolist())
-        return MatchResult(host, n - host, tiers)
+        rest = q[h:]
+        none = np.zeros(len(rest), np.bool_)
+        on_disk = self.disk.contains(rest) if self.disk is not None else none
+        on_object = self.object.contains(rest) if self.object is not None else none
+        n = leading(on_host[h:] | on_disk | on_object)
+        seg_host, seg_disk = on_host[h : h + n], on_disk[:n] & ~on_host[h : h + n]
+        host, disk = int(np.count_nonzero(seg_host)), int(np.count_nonzero(seg_disk))
+        obj = n - host - disk
+        if host == 0 and obj == 0:  # the usual case: G2 blocks, then G3 blocks
+            return MatchResult(h, n, (Tier.HOST,) * h + (Tier.DISK,) * n)
+        codes = np.where(seg_host, int(Tier.HOST), np.where(seg_disk, int(Tier.DISK), int(Tier.OBJECT)))
+        tiers = (Tier.HOST,) * h + tuple(map(Tier, codes.tolist()))
+        return MatchResult(h + host, disk, tiers, obj)
+
+    @property
+    def pools(self) -> list[TierPool]:
+        """The configured pools, G2 first."""
+        return [p for p in (self.host, self.disk, self.object) if p is not None]
 
     def drain_events(self) -> list[BlockEvent]:
-        """Events of both tiers since the last drain, in order of occurrence."""
-        if self.disk is None:
+        """Events of every tier since the last drain, in order of occurrence."""
+        pools = self.pools
+        if len(pools) == 1:
             return self.host.drain_events()
         streams = [
             [(seq, kind, pool.tier, h, p) for seq, kind, h, p in pool._drain_raw()]
-            for pool in (self.host, self.disk)
+            for pool in pools
         ]
-        if not streams[1]:
+        streams = [s for s in streams if s]
+        if len(streams) == 1:
             return _make_events([e[1:] for e in streams[0]])
-        if not streams[0]:
-            return _make_events([e[1:] for e in streams[1]])
         return _make_events([e[1:] for e in heapq.merge(*streams)])
 
     def check_invariants(self) -> None:
-        """Check both pools."""
-        self.host.check_invariants()
-        if self.disk is not None:
-            self.disk.check_invariants()
+        """Check every pool."""
+        for pool in self.pools:
+            pool.check_invariants()

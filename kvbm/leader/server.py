@@ -3,7 +3,7 @@
 Ranks (TP workers) and scheduler-side clients send requests; this module decodes and validates
 each frame (a bad one gets an ErrorReply and changes nothing), hands the message with the time
 to the core, and sends what the core returns. It also runs the timers (the core's ``tick``) and
-applies disk completions when the disk threads wake the loop. All block state, and the rule that
+applies disk and object-store completions when their threads wake the loop. All block state, and the rule that
 a block is matchable only after every rank acknowledged it, live in :mod:`kvbm.leader.core`.
 """
 
@@ -85,6 +85,7 @@ class LeaderServer:
                 except BlockingIOError:
                     pass
             self.core.apply_disk(self.clock())
+            self.core.apply_objects(self.clock())
             now = self.clock()
             if now >= next_tick:
                 self._periodic(now)

@@ -1,13 +1,16 @@
-"""The byte side of the leader's cache: the shared host pool and disk I/O, behind small interfaces.
+"""The byte side of the leader's cache: the shared host pool, disk I/O and object I/O, behind small interfaces.
 
 The leader core (:mod:`kvbm.leader.core`) decides which slot holds what; it never touches bytes.
 It asks a :class:`StorageFactory` for the storage once the world is known, and moves blocks
-between G2 and G3 through :class:`DiskIO`: it submits reads and writes and later applies the
-typed completions :meth:`DiskIO.drain` reports. Nothing here changes a pool's block state.
+between G2 and G3 through :class:`DiskIO` and between G2 and G4 (an object store) through
+:class:`ObjectIO`: it submits reads and writes and later applies the typed completions their
+``drain()`` reports. Nothing here changes a pool's block state.
 
-:func:`shm_storage` is the real implementation: a shared-memory :class:`HostPool` the ranks map
-and an O_DIRECT block file (:class:`kvbm.leader.disk.DiskStore`) whose I/O runs on its threads
-straight between the pool and the file. Tests give the core an in-memory implementation.
+:func:`shm_storage` is the real implementation: a shared-memory :class:`HostPool` the ranks map,
+an O_DIRECT block file (:class:`kvbm.leader.disk.DiskStore`) whose I/O runs on its threads
+straight between the pool and the file, and :class:`BlockObjectIO`, background threads moving
+blocks between the pool and checksummed objects (:class:`kvbm.leader.objects.BlockObjects`).
+Tests give the core an in-memory implementation.
 """
 
 from __future__ import annotations
@@ -15,17 +18,21 @@ from __future__ import annotations
 import logging
 import os
 import queue
-from collections.abc import Callable
-from concurrent.futures import Future
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from kvbm.ipc.shm import HostPool, PoolGeometry
 from kvbm.leader.disk import BlockKey, StoredBlock
+from kvbm.leader.objects import GetStatus
 
 if TYPE_CHECKING:
     from kvbm.config import KvbmConfig
     from kvbm.leader.disk import DiskStore, ReadResult, WriteResult
+    from kvbm.leader.objects import BlockObjects, ObjectBackend, ObjectStoreSettings, S3Backend
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +87,73 @@ class DiskIO(Protocol):
         """Stop (waiting for I/O in flight) and release the device."""
 
 
+@dataclass(frozen=True)
+class ObjectReady:
+    """The start-up check of the object store: ``ok``, or the one-line reason it cannot be used."""
+
+    ok: bool
+    error: str
+
+
+@dataclass(frozen=True)
+class ObjectWriteDone:
+    """A G2 -> G4 put finished (``ok``: the object is whole in the store)."""
+
+    seq_hash: int
+    host_slot: int
+    ok: bool
+    seconds: float
+    error: str
+
+
+@dataclass(frozen=True)
+class ObjectReadDone:
+    """A G4 -> G2 get finished; the host slot holds the block only when ``status`` is OK."""
+
+    seq_hash: int
+    host_slot: int
+    status: GetStatus
+    seconds: float
+    error: str
+
+
+@dataclass(frozen=True)
+class ObjectLookupDone:
+    """A batched existence query: ``found[i]`` tells whether ``hashes[i]`` has an object."""
+
+    hashes: tuple[int, ...]
+    found: tuple[bool, ...]
+    seconds: float
+
+
+ObjectCompletion = ObjectReady | ObjectWriteDone | ObjectReadDone | ObjectLookupDone
+
+
+class ObjectIO(Protocol):
+    """Block I/O between host slots and an object store; completions come back through :meth:`drain`.
+
+    The first completion is an :class:`ObjectReady` (the store was checked in the background:
+    an unreachable endpoint, a missing bucket or refused credentials never block the leader).
+    """
+
+    def write(self, host_slot: int, seq_hash: int) -> bool:
+        """Queue a put of the block in ``host_slot``; False (nothing queued) when the queue is full."""
+
+    def read(self, host_slot: int, seq_hash: int) -> None:
+        """Start a get of the block into ``host_slot`` (reported as an ObjectReadDone)."""
+
+    def lookup(self, hashes: Sequence[int]) -> None:
+        """Start asking the store which of ``hashes`` it holds (reported as an ObjectLookupDone)."""
+
+    def drain(self) -> list[ObjectCompletion]:
+        """Completions since the last call, in the order they finished."""
+
+    def close(self) -> None:
+        """Finish the queued puts within a bounded time (the rest is dropped, logged), then stop."""
+
+
 class CacheStorage(Protocol):
-    """What the core needs of the storage it sized: the pool's name for grants, and disk I/O."""
+    """What the core needs of the storage it sized: the pool's name for grants, disk and object I/O."""
 
     @property
     def segment(self) -> str:
@@ -91,8 +163,12 @@ class CacheStorage(Protocol):
     def disk(self) -> DiskIO | None:
         """Disk I/O, or None without a disk tier."""
 
+    @property
+    def objects(self) -> ObjectIO | None:
+        """Object store I/O, or None without an object tier."""
+
     def close(self) -> None:
-        """Release the host pool (unlinked) and the disk device."""
+        """Release the host pool (unlinked), the disk device and the object store (puts drained)."""
 
 
 # (host_blocks, block_bytes, disk_blocks, layout fingerprint) -> storage;
@@ -152,12 +228,146 @@ class StoreIO:
         self.store.close()
 
 
-class ShmStorage:
-    """The real storage: a shared-memory host pool and, when configured, a disk block file."""
+OBJECT_WRITERS = 4  # puts in flight
+OBJECT_READERS = 4  # gets and lookups in flight
+OBJECT_QUEUE_CAP = 512  # queued puts; more are dropped (Dynamo's DYN_KVBM_G4_DRAIN_QUEUE_CAP default)
+OBJECT_DRAIN_S = 5.0  # a clean shutdown waits this long for queued puts (the spawner waits 10 s)
 
-    def __init__(self, pool: HostPool, disk: StoreIO | None) -> None:
+
+class BlockObjectIO:
+    """:class:`ObjectIO` over :class:`BlockObjects` and a mapped :class:`HostPool`.
+
+    Puts go through a bounded queue to writer threads; gets and lookups run on a small pool.
+    Each copies the block between the pool and a private buffer under a lock that :meth:`close`
+    takes too, so no thread touches the pool once it is released, however long the network takes.
+    """
+
+    def __init__(self, objects: BlockObjects, memory: HostPool, notify: Callable[[], None],
+                 check: Callable[[], None], *, writers: int = OBJECT_WRITERS, readers: int = OBJECT_READERS,
+                 queue_cap: int = OBJECT_QUEUE_CAP, drain_s: float = OBJECT_DRAIN_S) -> None:
+        """``check`` raises :class:`kvbm.leader.objects.ObjectError` if the store cannot be used."""
+        self.objects = objects
+        self.memory = memory
+        self._notify = notify
+        self._drain_s = drain_s
+        self._done: queue.SimpleQueue[ObjectCompletion] = queue.SimpleQueue()
+        self._puts: queue.Queue[tuple[int, int] | None] = queue.Queue(maxsize=queue_cap)
+        self._mem = threading.Lock()
+        self._closed = False
+        self._pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="kvbm-obj-get")
+        self._pool.submit(self._check, check)
+        self._writers = [threading.Thread(target=self._write_loop, name=f"kvbm-obj-put-{i}", daemon=True)
+                         for i in range(writers)]
+        for t in self._writers:
+            t.start()
+
+    def _put(self, done: ObjectCompletion) -> None:
+        self._done.put(done)
+        self._notify()
+
+    def _check(self, check: Callable[[], None]) -> None:
+        from kvbm.leader.objects import ObjectError
+
+        try:
+            check()
+            self._put(ObjectReady(True, ""))
+        except ObjectError as e:
+            self._put(ObjectReady(False, str(e)))
+        except Exception as e:  # a bug or an unexpected transport error: the tier stays off
+            self._put(ObjectReady(False, f"object store check failed: {e!r}"))
+
+    def write(self, host_slot: int, seq_hash: int) -> bool:
+        try:
+            self._puts.put_nowait((host_slot, seq_hash))
+            return True
+        except queue.Full:
+            return False
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._puts.get()
+            if item is None:
+                return
+            slot, seq_hash = item
+            t0 = time.perf_counter()
+            with self._mem:
+                data = None if self._closed else bytes(self.memory.block(slot))
+            if data is None:
+                continue
+            try:
+                self.objects.put(seq_hash, memoryview(data))
+                done = ObjectWriteDone(seq_hash, slot, True, time.perf_counter() - t0, "")
+            except Exception as e:  # ObjectError, or anything the transport raised
+                done = ObjectWriteDone(seq_hash, slot, False, time.perf_counter() - t0, str(e))
+            self._put(done)
+
+    def read(self, host_slot: int, seq_hash: int) -> None:
+        def get() -> None:
+            t0 = time.perf_counter()
+            try:
+                res, payload = self.objects.fetch(seq_hash)
+            except Exception as e:
+                self._put(ObjectReadDone(seq_hash, host_slot, GetStatus.FAILED, time.perf_counter() - t0, str(e)))
+                return
+            if payload is not None:
+                with self._mem:
+                    if self._closed:
+                        return
+                    self.memory.block(host_slot)[:] = payload
+            self._put(ObjectReadDone(seq_hash, host_slot, res.status, time.perf_counter() - t0, res.error))
+
+        self._pool.submit(get)
+
+    def lookup(self, hashes: Sequence[int]) -> None:
+        batch = tuple(hashes)
+
+        def ask() -> None:
+            t0 = time.perf_counter()
+            found = tuple(self.objects.contains(batch))
+            self._put(ObjectLookupDone(batch, found, time.perf_counter() - t0))
+
+        self._pool.submit(ask)
+
+    def drain(self) -> list[ObjectCompletion]:
+        out: list[ObjectCompletion] = []
+        while True:
+            try:
+                out.append(self._done.get_nowait())
+            except queue.Empty:
+                return out
+
+    def close(self) -> None:
+        deadline = time.monotonic() + self._drain_s
+        for _ in self._writers:  # after the queued puts: each writer stops at one
+            try:
+                self._puts.put(None, timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Full:
+                break
+        for t in self._writers:
+            t.join(max(0.0, deadline - time.monotonic()))
+        with self._mem:
+            self._closed = True  # from here no thread reads or writes the pool
+        dropped = 0
+        while True:
+            try:
+                dropped += self._puts.get_nowait() is not None
+            except queue.Empty:
+                break
+        if dropped or any(t.is_alive() for t in self._writers):
+            log.warning("object tier: %d queued puts dropped at shutdown (not done within %.0f s)",
+                        dropped, self._drain_s)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.objects.close(wait=False)
+
+
+class ShmStorage:
+    """The real storage: a shared-memory host pool and, when configured, a disk block file and an
+    object store."""
+
+    def __init__(self, pool: HostPool, disk: StoreIO | None, objects: BlockObjectIO | None = None) -> None:
         self.pool = pool
         self._disk = disk
+        self._objects = objects
 
     @property
     def segment(self) -> str:
@@ -167,7 +377,14 @@ class ShmStorage:
     def disk(self) -> StoreIO | None:
         return self._disk
 
+    @property
+    def objects(self) -> BlockObjectIO | None:
+        return self._objects
+
     def close(self) -> None:
+        if self._objects is not None:  # first: its puts read the pool
+            self._objects.close()
+            self._objects = None
         if self._disk is not None:
             self._disk.close()
             self._disk = None
@@ -178,7 +395,9 @@ def shm_storage(config: KvbmConfig, instance: str, notify: Callable[[], None]) -
     """A factory creating the instance's shared-memory pool and (if sized) its disk block file.
 
     With ``DYN_KVBM_DISK_CACHE_PERSIST`` the disk file is the layout's persistent one; if a live
-    leader holds it, this leader falls back to a private file (logged), never sharing it.
+    leader holds it, this leader falls back to a private file (logged), never sharing it. With
+    ``DYN_KVBM_OBJECT_ENABLED`` the object store is checked in the background (see :class:`ObjectIO`);
+    a store that cannot be made at all (boto3 missing) is logged and the tier is off.
     """
 
     def create(host_blocks: int, block_bytes: int, disk_blocks: int, layout: str) -> CacheStorage:
@@ -188,16 +407,63 @@ def shm_storage(config: KvbmConfig, instance: str, notify: Callable[[], None]) -
         # The ranks pre-fault their mappings (they copy on the engine's critical path); the
         # leader only touches blocks for disk I/O, off that path, so it maps lazily.
         pool = HostPool.create(instance, PoolGeometry(host_blocks, block_bytes), prefault=False)
-        if disk_blocks <= 0:
-            return ShmStorage(pool, None)
         try:
-            store = _disk_store(config, instance, disk_blocks, block_bytes, layout)
-            return ShmStorage(pool, StoreIO(store, pool, notify))
+            disk = None
+            if disk_blocks > 0:
+                disk = StoreIO(_disk_store(config, instance, disk_blocks, block_bytes, layout), pool, notify)
+            objects = _object_io(config, instance, block_bytes, layout, pool, notify)
+            return ShmStorage(pool, disk, objects)
         except BaseException:
-            pool.close()  # the disk tier failed after the host pool was made
+            pool.close()  # a tier failed after the host pool was made
             raise
 
     return create
+
+
+def object_settings(config: KvbmConfig, instance: str) -> ObjectStoreSettings:
+    """Where the instance's objects go; keys not configured come from the AWS variables (if set)."""
+    from kvbm.leader.objects import ObjectStoreSettings
+
+    return ObjectStoreSettings(
+        bucket=config.object_bucket_for(instance),
+        endpoint=config.object_endpoint,
+        region=config.object_region,
+        access_key=config.object_access_key or os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret_key=config.object_secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY"),
+    )
+
+
+def _object_io(config: KvbmConfig, instance: str, block_bytes: int, layout: str, pool: HostPool,
+               notify: Callable[[], None]) -> BlockObjectIO | None:
+    from kvbm.config import ConfigError
+    from kvbm.leader.objects import BlockObjects, ObjectBackend, ObjectError, S3Backend
+
+    if not config.object_enabled:
+        return None
+    try:
+        settings = object_settings(config, instance)
+        s3 = S3Backend(settings)  # the start-up check and the lookups; the transport too unless NIXL's
+        backend: ObjectBackend = s3
+        transport = "boto3"
+        if config.object_transport == "nixl":
+            backend, transport = _nixl_backend(settings, s3), "NIXL OBJ"
+    except (ObjectError, ConfigError) as e:
+        log.error("object tier (G4) off: %s; serving continues from the other tiers", e)
+        return None
+    log.info("object tier (G4): bucket %s at %s through %s", settings.bucket, settings.endpoint or "AWS", transport)
+    objects = BlockObjects(backend, layout_key(layout), block_bytes)
+    return BlockObjectIO(objects, pool, notify, s3.check)
+
+
+def _nixl_backend(settings: ObjectStoreSettings, s3: S3Backend) -> ObjectBackend:
+    """NIXL OBJ for the bytes, boto3 (``s3``) for lookups; raises ObjectError (``s3`` closed)."""
+    from kvbm.leader.objects import NixlObjBackend, ObjectError, SplitBackend
+
+    try:
+        return SplitBackend(NixlObjBackend(settings), s3)
+    except ObjectError as e:
+        s3.close()
+        raise ObjectError(f"DYN_KVBM_OBJECT_TRANSPORT=nixl: {e}") from None
 
 
 def layout_key(layout: str) -> int:

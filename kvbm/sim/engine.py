@@ -25,7 +25,7 @@ import msgpack
 import zmq
 
 from kvbm.config import KvbmConfig
-from kvbm.connector.index import IndexFollower, follow_leader
+from kvbm.connector.index import IndexFollower, follower_for
 from kvbm.connector.planner import Planner, ScheduledRequest
 from kvbm.hashing import EMPTY_SALT_HASH
 from kvbm.ipc.transport import ensure_private_dir, instance_endpoint
@@ -360,7 +360,7 @@ class SimEngine:
         if self._planner is None or self._planner.client is not self.client:
             self._close_planner()
             # The production hot path: lookups from a local replica of the leader's index.
-            self._follower = follow_leader(self.endpoint) if self.config.index_replica else None
+            self._follower = follower_for(self.config, self.endpoint)
             self._planner = Planner(self.model.block_size, self.world_size, self.client,
                                     replica=self._follower.replica if self._follower is not None else None)
         return self._planner

@@ -20,7 +20,7 @@ import atexit
 import logging
 from typing import Any, List
 
-from kvbm.connector.index import IndexFollower, follow_leader
+from kvbm.connector.index import IndexFollower, follower_for
 from kvbm.connector.ops import StepPlan
 from kvbm.connector.planner import Planner, ScheduledRequest
 from kvbm.hashing import salt_hash
@@ -68,7 +68,7 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
             except (LeaderStartError, OSError) as e:
                 log.error("kvbm: cannot start the leader for %s (%s); serving without kvbm", s.instance, e)
                 return
-        self.follower = follow_leader(s.endpoint) if s.config.index_replica else None
+        self.follower = follower_for(s.config, s.endpoint)
         replica = self.follower.replica if self.follower is not None else None
         self.planner = Planner(s.block_size, s.world_size, LeaderClient(s.endpoint), replica=replica,
                                store_acks=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Iterable
 
-from kvbm.connector.index import follow_leader
+from kvbm.connector.index import follower_for
 from kvbm.connector.planner import Planner, ScheduledRequest
 from kvbm.hashing import salt_hash
 from kvbm.ipc.messages import BlockEventKind
@@ -48,7 +48,7 @@ class KvbmScheduler:
         self.client = client
         self.events_enabled = events_enabled
         # Lookups answer from a local replica of the leader's index (DYN_KVBM_INDEX_REPLICA).
-        self.follower = follow_leader(settings.endpoint) if settings.config.index_replica else None
+        self.follower = follower_for(settings.config, settings.endpoint)
         replica = self.follower.replica if self.follower is not None else None
         self.planner = Planner(settings.block_size, settings.world_size, client, replica=replica)
 
@@ -66,10 +66,12 @@ class KvbmScheduler:
     def on_new_request(self, request: "Request") -> None:
         self._track(request)
 
-    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         if not self._track(request):
             return 0, False
         n = self.planner.lookup(request.request_id, num_computed_tokens)
+        if self.planner.not_yet(request.request_id):
+            return None, False  # the object store is being asked: vLLM asks again next step
         return n, n > 0  # loads are always asynchronous
 
     def hit_sources(self, request: "Request", num_external_tokens: int) -> dict[Tier, int]:
