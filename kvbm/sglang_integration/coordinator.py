@@ -278,7 +278,8 @@ class RankLink:
         """The op of this batch, agreed by all ranks; ``NO_GRANT`` when none (a miss)."""
         got = self._call(JOIN_WAIT_S + STAGE_WAIT_S + REPLY_MARGIN_S, "join", kind, self.rank,
                          hashes.astype("<u8").tobytes(), int(parent))
-        if not got or not got[0]:
+        if not got:
+            log.warning("kvbm: rank %d: no answer from the rank coordinator at %s; a miss", self.rank, self.endpoint)
             return NO_GRANT
         op_id, slots, loc = got
         pool = PoolLocation(*loc) if loc else None

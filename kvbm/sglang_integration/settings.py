@@ -20,6 +20,8 @@ from kvbm.config import KvbmConfig, load_config
 from kvbm.ipc.names import safe_name
 from kvbm.ipc.transport import instance_endpoint
 
+IPC_PATH_MAX = 100  # a little under the 107 bytes of a Unix socket path
+
 EXTRA_INSTANCE = "instance"
 """Extra-config key naming the kvbm instance (one leader and host pool); optional."""
 
@@ -73,6 +75,8 @@ def settings_for(storage_config: Any, env: Mapping[str, str] | None = None) -> S
     config = load_config(env)
     endpoint = config.leader_endpoint or instance_endpoint(config.run_dir, instance)
     coordinator = instance_endpoint(config.run_dir, f"{instance}-ranks")
+    if len(coordinator) - len("ipc://") > IPC_PATH_MAX:  # a long instance name: a short, still unique, one
+        coordinator = instance_endpoint(config.run_dir, f"sgl-{xxhash.xxh3_64_hexdigest(instance)}-ranks")
     return SglangSettings(config, instance, endpoint, coordinator, rank, tp, bool(storage_config.is_mla_model), model)
 
 

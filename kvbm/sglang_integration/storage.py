@@ -30,6 +30,7 @@ import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
 
 from kvbm.ipc.shm import HostPool, PoolGeometry, ShmError
+from kvbm.ipc.transport import ensure_private_dir
 from kvbm.leader.client import LeaderClient
 from kvbm.leader.spawn import LeaderProcess, LeaderStartError, spawn_leader
 from kvbm.sglang_integration.coordinator import LOAD, STORE, Coordinator, Grant, PoolLocation, RankLink
@@ -62,6 +63,8 @@ class KvbmHiCacheStorage(HiCacheStorage):
         self._client_lock = threading.Lock()
         self._closed = False
         self._warned: set[str] = set()
+        if s.rank == 0:
+            ensure_private_dir(s.config.run_dir)  # the coordinator's socket lives there
         self.coordinator = (Coordinator(s.coordinator, s.endpoint, s.tp_size, s.kvbm_world, lambda: self._location)
                             if s.rank == 0 else None)
         self.link = RankLink(s.coordinator, s.rank, self._give_up)
@@ -161,6 +164,8 @@ class KvbmHiCacheStorage(HiCacheStorage):
         n = len(keys)
         host = self._host_view()
         if host is None or self.agent is None:
+            self._warn("store-unready", f"kvbm: rank {self.settings.rank} is not attached to a live leader yet; "
+                                        "pages are not stored")
             return [False] * n
         grant = self.link.join(STORE, self._hashes(keys), self._parent(extra_info))
         slots = grant.slots

@@ -1,0 +1,24 @@
+"""kvbm as SGLang's HiCache storage backend, against SGLang's real classes (sglang 0.5.23, CPU).
+
+These tests need SGLang, which lives in its own venv (``scripts/setup_sglang_cpu.sh``);
+``tests/test_sglang.py`` runs this directory with that venv's interpreter. Elsewhere nothing
+here is collected.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+if importlib.util.find_spec("sglang") is None:
+    collect_ignore_glob = ["test_*.py"]
+
+
+@pytest.fixture(autouse=True)
+def no_kvbm_leaks():
+    """After each test: no segment of this process's instances (``sgl-<pid>-...``) in /dev/shm."""
+    yield
+    left = [n for n in os.listdir("/dev/shm") if n.startswith(f"kvbm-sgl-{os.getpid()}-")]
+    assert left == [], f"leaked shared-memory segments: {left}"
