@@ -30,7 +30,7 @@ PAGE = 16
 LAYERS = 3
 HEADS = 4  # in total; each TP rank holds HEADS / tp
 HEAD_DIM = 8
-DEVICE_TOKENS = 512
+DEVICE_TOKENS = 2048  # the host pool holds twice as many: 256 pages
 
 EXTRA = {"backend_name": "kvbm", "module_path": "kvbm.sglang_integration.storage", "class_name": "KvbmHiCacheStorage"}
 

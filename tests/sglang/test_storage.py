@@ -15,6 +15,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from harness import PAGE, World, page_keys  # noqa: E402
 
+from kvbm.ipc.shm import sweep_stale_segments  # noqa: E402
+
 
 def _tokens(n_pages: int, seed: int) -> list[int]:
     rng = random.Random(seed)
@@ -63,7 +65,10 @@ def test_tp2_ranks_store_their_slices_and_a_page_needs_both(env) -> None:
         # after the join wait, and the pages never become matchable.
         assert w.ranks[0].call("store", keys[40:44]) == [False] * 4
         assert w.all("exists", keys) == [40, 40]
-        assert w.all("store", keys) == [[True] * 64 + [False] * 86] * 2 or True  # pool of 64 pages
+        # More pages than kvbm's pool of 64 holds: both ranks get the same answer, and what is
+        # matchable afterwards loads byte exact on both.
+        stored = w.all("store", keys)
+        assert stored[0] == stored[1] and any(stored[0])
         w.ranks[0].call("idle")
         hits = w.all("exists", keys)
         assert hits[0] == hits[1] and hits[0] <= 64
@@ -90,6 +95,7 @@ def test_leader_death_is_misses_and_no_crash(env) -> None:
         assert w.all("exists", keys, timeout_s=60) == [0, 0]
         assert w.all("load", keys, timeout_s=60) == [(0, 0), (0, 0)]
         assert w.all("store", keys, timeout_s=60) == [[False] * 10] * 2
+    sweep_stale_segments()  # the killed leader's pool, swept as the next leader's start does
 
 
 def test_mla_stores_one_copy_written_by_rank0_and_every_rank_reads_it(env) -> None:
