@@ -242,7 +242,7 @@ class Rank:
     def close(self) -> None:
         if self.proc.is_alive():
             try:
-                self.call("close", timeout_s=30)
+                self.call("close", timeout_s=60)
             except (RuntimeError, TimeoutError, OSError, EOFError):
                 pass
         self.proc.join(15)
