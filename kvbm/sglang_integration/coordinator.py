@@ -114,7 +114,7 @@ class Coordinator:
         return self.kvbm_world if kind == STORE else self.tp_size
 
     def _run(self) -> None:
-        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        sock: zmq.Socket = zmq.Context.instance().socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         client = LeaderClient(self._leader_endpoint)
         try:

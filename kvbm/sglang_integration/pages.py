@@ -13,7 +13,7 @@ regions in address order. :meth:`HostPages.flat_order` maps between the two.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -136,7 +136,3 @@ def describe(pool: Any, pages: HostPages, settings_model: str, tp_size: int, rep
     return (f"sglang;model={settings_model};pool={type(pool).__name__};layout={getattr(pool, 'layout', '?')};"
             f"dtype={pages.dtype};page={g.page_tokens};layers={getattr(pool, 'layer_num', '?')};{head};"
             f"tp={1 if replicated else tp_size};regions={len(g.offsets)}x{g.region_bytes}")
-
-
-def as_list(values: Sequence[Any] | None, n: int) -> list[Any]:
-    return list(values) if values is not None else [None] * n

@@ -76,7 +76,7 @@ def settings_for(storage_config: Any, env: Mapping[str, str] | None = None) -> S
     endpoint = config.leader_endpoint or instance_endpoint(config.run_dir, instance)
     coordinator = instance_endpoint(config.run_dir, f"{instance}-ranks")
     if len(coordinator) - len("ipc://") > IPC_PATH_MAX:  # a long instance name: a short, still unique, one
-        coordinator = instance_endpoint(config.run_dir, f"sgl-{xxhash.xxh3_64_hexdigest(instance)}-ranks")
+        coordinator = instance_endpoint(config.run_dir, f"sgl-{xxhash.xxh3_64_hexdigest(instance.encode())}-ranks")
     return SglangSettings(config, instance, endpoint, coordinator, rank, tp, bool(storage_config.is_mla_model), model)
 
 
