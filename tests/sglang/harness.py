@@ -59,6 +59,7 @@ class RankSpec:
     v1: bool = True  # the zero-copy calls; False: the legacy flat-page ones
     instance: str = "sgl-test"
     env: dict[str, str] = field(default_factory=dict)
+    controller: bool = False  # let SGLang's HiCacheController build and drive the backend (TP=1)
 
 
 def _pools(spec: RankSpec) -> tuple[Any, Any]:
@@ -85,6 +86,12 @@ class _RankState:
         self.spec = spec
         self.dev, self.host = _pools(spec)
         extra = dict(EXTRA, instance=spec.instance, interface_v1=int(spec.v1))
+        self.controller: Any = None
+        if spec.controller:
+            self.controller = _controller(self.dev, self.host, extra)
+            self.backend = self.controller.storage_backend
+            self.page_bytes = self.host.get_dummy_flat_data_page().numel() * 2
+            return
         cfg = HiCacheStorageConfig(tp_rank=spec.rank, tp_size=spec.tp, pp_rank=0, pp_size=1, attn_cp_rank=0,
                                    attn_cp_size=1, is_mla_model=spec.mla, enable_storage_metrics=False,
                                    is_page_first_layout=spec.layout == "page_first", model_name="test/model",
@@ -170,6 +177,46 @@ class _RankState:
         finally:
             self.host.free(host_indices)
 
+    def ctrl_store(self, tokens: list[int]) -> int:
+        """HiCacheController.write_storage of pages in the host pool; tokens its backup thread stored."""
+        keys = page_keys(tokens)
+        host_indices = self.host.alloc(len(keys) * PAGE)
+        try:
+            for i, key in enumerate(keys):
+                self._fill(int(host_indices[i * PAGE]), key)
+            self.controller.write_storage(host_indices, tokens, hash_value=keys)
+            op = self.controller.ack_backup_queue.get(timeout=60)
+            return int(op.completed_tokens)
+        finally:
+            self.host.free(host_indices)
+
+    def ctrl_prefetch(self, tokens: list[int]) -> tuple[int, int, int]:
+        """HiCacheController.prefetch, with the scheduler's part (allocate host pages for the hit)
+        done here: (tokens its hit query found, tokens loaded, of which pages with a wrong byte)."""
+        cc = self.controller
+        cc.prefetch("req-1", tokens)
+        op = cc.prefetch_hit_queue.get(timeout=60)
+        hit = int(op.storage_hit_count)
+        if hit == 0:
+            return 0, 0, 0
+        host_indices = self.host.alloc(hit)
+        try:
+            self.host.kv_buffer.zero_()
+            op.host_indices = host_indices
+            cc.prefetch_buffer.put(op)
+            done = 0
+            while True:
+                ack = cc.ack_prefetch_queue.get(timeout=60)
+                if ack.completed_tokens is not None:
+                    done = max(done, int(ack.completed_tokens))
+                if ack.completed_req:
+                    break
+            keys = op.hash_value
+            wrong = sum(not self._check(int(host_indices[i * PAGE]), keys[i]) for i in range(done // PAGE))
+            return hit, done, wrong
+        finally:
+            self.host.free(host_indices)
+
     def idle(self) -> dict[str, float]:
         """Wait until the leader applied every rank's report (stores commit asynchronously)."""
         client = LeaderClient(self.backend.settings.endpoint)
@@ -189,7 +236,25 @@ class _RankState:
         leader.popen.wait()
 
     def close(self) -> None:
-        self.backend.close()
+        if self.controller is not None:
+            self.controller.detach_storage_backend()  # stops its threads, closes the backend
+        else:
+            self.backend.close()
+
+
+def _controller(dev: Any, host: Any, extra: dict[str, Any]) -> Any:
+    """SGLang's HiCacheController over the CPU pools, one rank: its storage threads are real."""
+    import threading
+
+    from sglang.srt.managers.cache_controller import HiCacheController
+    from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+    from sglang.srt.runtime_context import get_parallel
+
+    # What SGLang's launcher publishes for a TP=1 server; there is no process group to sync over.
+    get_parallel().override_permanently(attn_dcp_size=1, attn_dcp_rank=0, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
+    alloc = TokenToKVPoolAllocator(dev.size, torch.bfloat16, "cpu", dev, False)
+    return HiCacheController(alloc, host, PAGE, None, threading.Event(), io_backend="direct",
+                             storage_backend="dynamic", model_name="test/model", storage_backend_extra_config=extra)
 
 
 def _serve(spec: RankSpec, conn: Any) -> None:

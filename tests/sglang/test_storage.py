@@ -119,3 +119,14 @@ def test_second_instance_reads_the_first_ones_pages_through_the_persistent_disk(
     with World(2, env={**env, **disk, "DYN_KVBM_RUN_DIR": f"{run_dir}/run2"}, instance=_instance("second")) as second:
         assert second.all("exists", keys) == [30, 30]
         assert second.all("load", keys) == [(30, 0), (30, 0)]  # staged from disk, every byte right
+
+
+def test_sglang_hicache_controller_drives_the_backend(env) -> None:
+    """SGLang's own HiCacheController (TP=1): its backup thread stores through batch_set_v1, its
+    prefetch threads query batch_exists and load through batch_get_v1."""
+    tokens = _tokens(20, seed=7)
+    with World(1, controller=True, env=env, instance=_instance("ctrl")) as w:
+        assert w.all("ctrl_prefetch", tokens) == [(0, 0, 0)]
+        assert w.all("ctrl_store", tokens[: 12 * PAGE]) == [12 * PAGE]
+        w.ranks[0].call("idle")
+        assert w.all("ctrl_prefetch", tokens) == [(12 * PAGE, 12 * PAGE, 0)]
