@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import signal
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
 from sglang.srt.mem_cache.utils import get_storage_hash_str
 
 from kvbm.leader.client import LeaderClient
+from kvbm.leader.process import lock_path
 
 PAGE = 16
 LAYERS = 3
@@ -225,15 +227,12 @@ class _RankState:
         finally:
             client.close()
 
-    def spawned(self) -> bool:
-        return self.backend.leader is not None and self.backend.leader.spawned
-
     def kill_leader(self) -> None:
-        """SIGKILL the leader this rank started."""
-        leader = self.backend.leader
-        assert leader is not None and leader.popen is not None, "this rank did not start the leader"
-        leader.popen.kill()
-        leader.popen.wait()
+        """SIGKILL the instance's leader (whichever rank started it; its pid is in the lock file)."""
+        s = self.backend.settings
+        with open(lock_path(s.config.run_dir, s.instance)) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, signal.SIGKILL)
 
     def close(self) -> None:
         if self.controller is not None:
