@@ -31,7 +31,6 @@ import msgpack
 import numpy as np
 import zmq
 
-from kvbm.ipc import messages as m
 from kvbm.leader.client import LeaderClient
 
 log = logging.getLogger("kvbm.sglang")
