@@ -227,6 +227,14 @@ class _RankState:
         finally:
             client.close()
 
+    def break_copies(self) -> None:
+        """Make this rank's copies into kvbm's pool fail (as a bad mapping or a bug would)."""
+        def fail(*args: Any) -> None:
+            raise OSError("injected copy failure")
+
+        assert self.backend._engine is not None
+        self.backend._engine.store = fail
+
     def kill_leader(self) -> None:
         """SIGKILL the instance's leader (whichever rank started it; its pid is in the lock file)."""
         s = self.backend.settings

@@ -76,6 +76,16 @@ def test_tp2_ranks_store_their_slices_and_a_page_needs_both(env) -> None:
         assert loaded[0][1] == 0 and loaded[1][1] == 0 and loaded[0][0] == loaded[1][0] == hits[0]
 
 
+def test_a_page_whose_copy_failed_on_one_rank_never_becomes_matchable(env) -> None:
+    keys = page_keys(_tokens(6, seed=8))
+    with World(2, env=env, instance=_instance("fail")) as w:
+        w.ranks[1].call("break_copies")
+        assert w.all("store", keys) == [[True] * 6, [False] * 6]  # rank 0 copied, rank 1 failed
+        stats = w.ranks[0].call("idle")
+        assert stats["stores_aborted"] >= 1 and w.all("exists", keys) == [0, 0]
+        assert w.all("load", keys) == [(0, 0), (0, 0)]
+
+
 def test_salted_keys_never_hit_unsalted_pages(env) -> None:
     tokens = _tokens(8, seed=3)
     with World(1, env=env, instance=_instance("salt")) as w:
