@@ -4,9 +4,9 @@ SGLang loads it with ``--hicache-storage-backend dynamic`` and the extra config
 ``{"backend_name": "kvbm", "module_path": "kvbm.sglang_integration.storage",
 "class_name": "KvbmHiCacheStorage"}``, and builds one per TP rank, in that rank's process:
 
-* construction (``cls(storage_config, kwargs)``) reads the settings, starts the leader unless
-  one is running or configured (the first rank to get there wins; the others use it), and on
-  rank 0 the coordinator of the ranks' ops (:mod:`.coordinator`); nothing here waits for them;
+* construction (``cls(storage_config, kwargs)``) reads the settings; on rank 0 it starts the
+  leader (unless one is running or configured) and the coordinator of the ranks' ops
+  (:mod:`.coordinator`); nothing here waits for them;
 * ``register_mem_pool_host`` (SGLang's cache controller calls it next) describes SGLang's host
   pool to kvbm (:mod:`.pages`) and registers this rank with the leader in the background;
 * every storage call maps SGLang's page keys to kvbm sequence hashes (:func:`.settings.page_hashes`),
@@ -68,8 +68,12 @@ class KvbmHiCacheStorage(HiCacheStorage):
         self.coordinator = (Coordinator(s.coordinator, s.endpoint, s.tp_size, s.kvbm_world, lambda: self._location)
                             if s.rank == 0 else None)
         self.link = RankLink(s.coordinator, s.rank, self._give_up)
-        if s.is_kvbm_rank and not s.config.leader_endpoint:
-            threading.Thread(target=self._spawn_leader, name="kvbm-sglang-spawn", daemon=True).start()
+        # Rank 0 starts the leader (in the background: nothing waits for it), so the leader, the
+        # coordinator and the writer of MLA pages share one process's fate.
+        self._spawner: threading.Thread | None = None
+        if s.rank == 0 and not s.config.leader_endpoint:
+            self._spawner = threading.Thread(target=self._spawn_leader, name="kvbm-sglang-spawn", daemon=True)
+            self._spawner.start()
         atexit.register(self.close)
         log.info("kvbm: SGLang rank %d/%d of instance %s (leader %s)%s", s.rank, s.tp_size, s.instance, s.endpoint,
                  "; MLA: one copy, written by rank 0" if s.replicated else "")
@@ -162,6 +166,8 @@ class KvbmHiCacheStorage(HiCacheStorage):
                extra_info: Optional[HiCacheStorageExtraInfo]) -> List[bool]:
         """Store pages ``blocks`` of ``kv`` (None: SGLang's host pool) under ``keys``: per key, stored?"""
         n = len(keys)
+        if not self.settings.is_kvbm_rank:
+            return [False] * n  # MLA: rank 0 alone writes (SGLang does not call the others)
         host = self._host_view()
         if host is None or self.agent is None:
             self._warn("store-unready", f"kvbm: rank {self.settings.rank} is not attached to a live leader yet; "

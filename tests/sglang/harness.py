@@ -115,6 +115,9 @@ class _RankState:
         return bool(np.array_equal(got, oracle(key, self._slice_rank(), self.page_bytes)))
 
     def ready(self, timeout_s: float) -> bool:
+        spawner = self.backend._spawner
+        if spawner is not None:
+            spawner.join(timeout_s)  # the leader answers (so a test can kill it, not a late start)
         agent = self.backend.agent
         return agent.wait_ready(timeout_s) if agent is not None else self.backend.pages is not None
 

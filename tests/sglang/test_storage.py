@@ -100,7 +100,7 @@ def test_leader_death_is_misses_and_no_crash(env) -> None:
     with World(2, env=env, instance=_instance("death")) as w:
         assert w.all("store", keys[:6]) == [[True] * 6] * 2
         w.ranks[0].call("idle")
-        w.ranks[1].call("kill_leader")
+        w.ranks[0].call("kill_leader")
         assert w.all("exists", keys, timeout_s=60) == [0, 0]
         assert w.all("load", keys, timeout_s=60) == [(0, 0), (0, 0)]
         assert w.all("store", keys, timeout_s=60) == [[False] * 10] * 2
