@@ -145,6 +145,12 @@ class RankAgent:
         """Load (G2 -> G1, h2d) host slots into engine blocks, then ack the leader."""
         self._jobs.put(_CopyJob(Direction.LOAD, op_id, list(engine_blocks), list(slots)))
 
+    def report(self, op_id: int, ok: bool, error: str = "") -> None:
+        """Report this rank's part of op ``op_id`` as done (or failed) to the leader, for an
+        adapter that copies on its own thread (SGLang's storage calls) instead of submitting here."""
+        self._outbox.put(m.TransferDone(self.ident.rank, op_id, ok, error[:1000]))
+        self._wake()
+
     def take_finished(self) -> list[Finished]:
         out = []
         while True:

@@ -1,0 +1,39 @@
+"""kvbm as SGLang's HiCache storage backend, against SGLang's real classes (sglang 0.5.23, CPU).
+
+These tests need SGLang, which lives in its own venv (``scripts/setup_sglang_cpu.sh``);
+``tests/test_sglang.py`` runs this directory with that venv's interpreter. Elsewhere nothing
+here is collected.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+
+import pytest
+
+def _has_sglang() -> bool:
+    # Not find_spec("sglang"): pytest puts tests/ on sys.path, where this directory is a
+    # namespace package of that name.
+    try:
+        return importlib.util.find_spec("sglang.srt") is not None
+    except ImportError:
+        return False
+
+
+if not _has_sglang():
+    collect_ignore_glob = ["test_*.py"]
+
+
+@pytest.fixture(autouse=True)
+def no_kvbm_leaks():
+    """After each test: no segment of this process's instances (``sgl-<pid>-...``) in /dev/shm."""
+    yield
+    deadline = time.monotonic() + 15  # a leader whose spawner was killed exits on its own, soon
+    while True:
+        left = [n for n in os.listdir("/dev/shm") if n.startswith(f"kvbm-sgl-{os.getpid()}-")]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert left == [], f"leaked shared-memory segments: {left}"

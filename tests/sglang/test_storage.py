@@ -1,0 +1,141 @@
+"""KvbmHiCacheStorage through SGLang's real factory, config and host pools, in the cache
+controller's call pattern; every loaded byte checked against the (key, rank) oracle."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sys
+import tempfile
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from harness import PAGE, World, page_keys  # noqa: E402
+
+from kvbm.ipc.shm import sweep_stale_segments  # noqa: E402
+
+
+def _tokens(n_pages: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(1, 32000) for _ in range(n_pages * PAGE)]
+
+
+@pytest.fixture
+def run_dir():
+    path = tempfile.mkdtemp(prefix="kvbm-sgl-")  # short: a Unix socket path has at most 107 bytes
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def env(run_dir) -> dict[str, str]:
+    return {"DYN_KVBM_RUN_DIR": f"{run_dir}/run", "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "64",
+            "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": "60", "DYN_KVBM_LIVENESS_TIMEOUT_SECS": "30",
+            "DYN_KVBM_LOG_LEVEL": "WARNING"}
+
+
+def _instance(tag: str) -> str:
+    return f"sgl-{os.getpid()}-{tag}"
+
+
+@pytest.mark.parametrize("layout,v1", [("page_first", True), ("layer_first", True), ("page_first", False)])
+def test_one_rank_stores_and_loads_byte_exact(env, layout: str, v1: bool) -> None:
+    keys = page_keys(_tokens(20, seed=1))
+    with World(1, layout=layout, v1=v1, env=env, instance=_instance(f"one-{layout}-{v1}")) as w:
+        assert w.all("exists", keys) == [0]
+        assert w.all("load", keys) == [(0, 0)]  # a miss, nothing loaded
+        assert w.all("store", keys[:12]) == [[True] * 12]
+        w.ranks[0].call("idle")  # stores commit once the leader applied the rank's report
+        assert w.all("exists", keys) == [12]
+        assert w.all("load", keys) == [(12, 0)]  # the stored prefix, every byte right
+        assert w.all("store", keys[:12]) == [[True] * 12]  # already held
+
+
+def test_tp2_ranks_store_their_slices_and_a_page_needs_both(env) -> None:
+    keys = page_keys(_tokens(150, seed=2))  # two batches of SGLang's 128 pages
+    with World(2, env=env, instance=_instance("tp2")) as w:
+        assert w.all("store", keys[:40]) == [[True] * 40] * 2
+        w.ranks[0].call("idle")
+        assert w.all("exists", keys) == [40, 40]
+        assert w.all("load", keys) == [(40, 0), (40, 0)]  # each rank its own slice, byte exact
+        # Only rank 0 stores the next pages (rank 1's backup never comes): nothing is allocated
+        # after the join wait, and the pages never become matchable.
+        assert w.ranks[0].call("store", keys[40:44]) == [False] * 4
+        assert w.all("exists", keys) == [40, 40]
+        # More pages than kvbm's pool of 64 holds: both ranks get the same answer, and what is
+        # matchable afterwards loads byte exact on both.
+        stored = w.all("store", keys)
+        assert stored[0] == stored[1] and any(stored[0])
+        w.ranks[0].call("idle")
+        hits = w.all("exists", keys)
+        assert hits[0] == hits[1] and hits[0] <= 64
+        loaded = w.all("load", keys)
+        assert loaded[0][1] == 0 and loaded[1][1] == 0 and loaded[0][0] == loaded[1][0] == hits[0]
+
+
+def test_a_page_whose_copy_failed_on_one_rank_never_becomes_matchable(env) -> None:
+    keys = page_keys(_tokens(6, seed=8))
+    with World(2, env=env, instance=_instance("fail")) as w:
+        w.ranks[1].call("break_copies")
+        assert w.all("store", keys) == [[True] * 6, [False] * 6]  # rank 0 copied, rank 1 failed
+        stats = w.ranks[0].call("idle")
+        assert stats["stores_aborted"] >= 1 and w.all("exists", keys) == [0, 0]
+        assert w.all("load", keys) == [(0, 0), (0, 0)]
+
+
+def test_salted_keys_never_hit_unsalted_pages(env) -> None:
+    tokens = _tokens(8, seed=3)
+    with World(1, env=env, instance=_instance("salt")) as w:
+        assert w.all("store", page_keys(tokens)) == [[True] * 8]
+        w.ranks[0].call("idle")
+        assert w.all("exists", page_keys(tokens, salt="tenant-b")) == [0]
+        assert w.all("exists", page_keys(tokens)) == [8]
+
+
+def test_leader_death_is_misses_and_no_crash(env) -> None:
+    keys = page_keys(_tokens(10, seed=4))
+    with World(2, env=env, instance=_instance("death")) as w:
+        assert w.all("store", keys[:6]) == [[True] * 6] * 2
+        w.ranks[0].call("idle")
+        w.ranks[0].call("kill_leader")
+        assert w.all("exists", keys, timeout_s=60) == [0, 0]
+        assert w.all("load", keys, timeout_s=60) == [(0, 0), (0, 0)]
+        assert w.all("store", keys, timeout_s=60) == [[False] * 10] * 2
+    sweep_stale_segments()  # the killed leader's pool, swept as the next leader's start does
+
+
+def test_mla_stores_one_copy_written_by_rank0_and_every_rank_reads_it(env) -> None:
+    keys = page_keys(_tokens(12, seed=5))
+    with World(2, mla=True, env=env, instance=_instance("mla")) as w:
+        # SGLang backs up MLA pages on rank 0 only (is_storage_writer).
+        assert w.ranks[0].call("store", keys[:8]) == [True] * 8
+        stats = w.ranks[0].call("idle")
+        assert stats["blocks_stored"] == 8 if "blocks_stored" in stats else True
+        assert w.all("exists", keys) == [8, 8]
+        assert w.all("load", keys) == [(8, 0), (8, 0)]
+
+
+def test_second_instance_reads_the_first_ones_pages_through_the_persistent_disk(env, tmp_path, run_dir) -> None:
+    disk = {"DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": "256", "DYN_KVBM_DISK_CACHE_DIR": str(tmp_path),
+            "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "1", "DYN_KVBM_DISK_CACHE_PERSIST": "1"}
+    keys = page_keys(_tokens(30, seed=6))
+    with World(2, env={**env, **disk}, instance=_instance("first")) as first:
+        assert first.all("store", keys) == [[True] * 30] * 2
+        assert first.ranks[0].call("idle")["disk_offloaded_blocks"] == 30
+    with World(2, env={**env, **disk, "DYN_KVBM_RUN_DIR": f"{run_dir}/run2"}, instance=_instance("second")) as second:
+        assert second.all("exists", keys) == [30, 30]
+        assert second.all("load", keys) == [(30, 0), (30, 0)]  # staged from disk, every byte right
+
+
+def test_sglang_hicache_controller_drives_the_backend(env) -> None:
+    """SGLang's own HiCacheController (TP=1): its backup thread stores through batch_set_v1, its
+    prefetch threads query batch_exists and load through batch_get_v1."""
+    tokens = _tokens(20, seed=7)
+    with World(1, controller=True, env=env, instance=_instance("ctrl")) as w:
+        assert w.all("ctrl_prefetch", tokens) == [(0, 0, 0)]
+        assert w.all("ctrl_store", tokens[: 12 * PAGE]) == [12 * PAGE]
+        w.ranks[0].call("idle")
+        assert w.all("ctrl_prefetch", tokens) == [(12 * PAGE, 12 * PAGE, 0)]

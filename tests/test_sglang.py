@@ -1,0 +1,90 @@
+"""kvbm as SGLang's HiCache storage backend (``tests/sglang``), run in the SGLang venv that
+``scripts/setup_sglang_cpu.sh`` builds (sglang 0.5.23 on CPU torch; it cannot share this venv).
+
+Skipped, with the reason, when that venv is absent; CI builds it and sets KVBM_REQUIRE_SGLANG=1,
+which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REQUIRE_ENV = "KVBM_REQUIRE_SGLANG"
+VENV_ENV = "KVBM_SGLANG_VENV"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _interpreter() -> Path:
+    return Path(os.environ.get(VENV_ENV) or ROOT / ".venv-sglang") / "bin" / "python"
+
+
+@pytest.mark.timeout(1200)
+def test_sglang_suite_in_the_sglang_venv(tmp_path) -> None:
+    py = _interpreter()
+    if not py.exists():
+        reason = f"no SGLang venv at {py.parent.parent} (build it with scripts/setup_sglang_cpu.sh, or set {VENV_ENV})"
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{REQUIRE_ENV}=1 but {reason}")
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS" and not k.startswith("DYN_KVBM_")}
+    env["PYTHONPATH"] = str(ROOT)
+    report = tmp_path / "sglang.xml"
+    proc = subprocess.run([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore",
+                           f"--junitxml={report}", str(ROOT / "tests" / "sglang")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1150)
+    summary = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
+    print(f"sglang suite in {py}: {' '.join(summary)}", file=sys.stderr)
+    assert proc.returncode == 0, f"sglang suite failed in {py}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert "passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-2000:]
+
+
+class _Config:
+    """The fields of SGLang's HiCacheStorageConfig the backend reads (SGLang is not in this venv)."""
+
+    def __init__(self, **kw: object) -> None:
+        self.tp_rank, self.tp_size, self.pp_size, self.attn_cp_size, self.dcp_size = 0, 2, 1, 1, 1
+        self.is_mla_model, self.model_name, self.extra_config, self.dp_rank = False, "org/model", {}, 0
+        self.should_split_heads = False
+        self.__dict__.update(kw)
+
+
+def test_settings_name_the_instance_and_refuse_what_kvbm_cannot_serve(tmp_path) -> None:
+    from kvbm.sglang_integration.settings import UnsupportedSetup, settings_for
+
+    env = {"DYN_KVBM_RUN_DIR": str(tmp_path), "DYN_KVBM_CPU_CACHE_GB": "1"}
+    s = settings_for(_Config(tp_rank=1), env)
+    assert s.instance == f"sglang-org_model-{os.getppid()}" and s.kvbm_world == 2 and s.is_kvbm_rank
+    assert s.endpoint == f"ipc://{tmp_path}/{s.instance}.sock"
+    assert s.coordinator == f"ipc://{tmp_path}/{s.instance}-ranks.sock"
+    assert settings_for(_Config(extra_config={"instance": "a"}, dp_rank=3), env).instance == "a-dp3"
+    mla = settings_for(_Config(tp_rank=1, is_mla_model=True), env)
+    assert mla.kvbm_world == 1 and not mla.is_kvbm_rank  # one copy: rank 0 writes, rank 1 reads
+    with pytest.raises(UnsupportedSetup, match="supports pp_size=1 only, got pp_size=2"):
+        settings_for(_Config(pp_size=2), env)
+    with pytest.raises(UnsupportedSetup, match="extra config 'instance'=''"):
+        settings_for(_Config(extra_config={"instance": ""}), env)
+    long = settings_for(_Config(extra_config={"instance": "x" * 200}), env)
+    assert len(long.coordinator) < 110  # a Unix socket path has at most 107 bytes
+
+
+def test_page_keys_map_to_hashes_namespaced_by_the_layout() -> None:
+    from kvbm.sglang_integration.settings import page_hashes
+
+    keys = ["ab" * 32, "cd" * 32]
+    a = page_hashes("layout-a", keys)
+    assert a.dtype == "uint64" and len(set(a.tolist())) == 2 and (a != 0).all()
+    assert (page_hashes("layout-a", keys) == a).all()  # deterministic
+    assert not set(page_hashes("layout-b", keys).tolist()) & set(a.tolist())  # other layouts never mix
+
+
+def test_importing_the_integration_stays_light() -> None:
+    code = ("import sys, kvbm.sglang_integration, kvbm.sglang_integration.settings, "
+            "kvbm.sglang_integration.pages, kvbm.sglang_integration.coordinator; "
+            "print(any(m in sys.modules for m in ('torch', 'sglang')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.stdout.strip() == "False", out.stderr
