@@ -207,7 +207,8 @@ class CaseGenerator:
         return None if expect is None else Case("bit flip", [bytes(frame)], expect)
 
     def bad_version(self) -> Case:
-        v = self.rng.choice([0, 2, 3, -1, 255, 1 << 40, "1", 1.0, True, None, b"\x01", [1]])
+        pv = m.PROTOCOL_VERSION
+        v = self.rng.choice([0, pv - 1, pv + 1, -1, 255, 1 << 40, str(pv), float(pv), True, None, b"\x01", [pv]])
         cls = self.rng.choice(ALL_TYPES)
         return Case("wrong protocol version", [_raw(v, cls.TAG, self._rid(), self._valid_body(cls))], ERROR)
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from kvbm.ipc.shm import HostPool, PoolGeometry
 from kvbm.leader.disk import BlockKey, StoredBlock
@@ -176,6 +176,19 @@ class CacheStorage(Protocol):
 StorageFactory = Callable[[int, int, int, str], CacheStorage]
 
 
+_T = TypeVar("_T")
+
+
+def _take_all(q: queue.SimpleQueue[_T]) -> list[_T]:
+    """Everything in ``q`` now, without waiting (completion queues filled by I/O threads)."""
+    out: list[_T] = []
+    while True:
+        try:
+            out.append(q.get_nowait())
+        except queue.Empty:
+            return out
+
+
 class StoreIO:
     """:class:`DiskIO` over a :class:`DiskStore` and a mapped :class:`HostPool`."""
 
@@ -217,12 +230,7 @@ class StoreIO:
         self._notify()
 
     def drain(self) -> list[DiskCompletion]:
-        out: list[DiskCompletion] = []
-        while True:
-            try:
-                out.append(self._done.get_nowait())
-            except queue.Empty:
-                return out
+        return _take_all(self._done)
 
     def close(self) -> None:
         self.store.close()
@@ -329,12 +337,7 @@ class BlockObjectIO:
         self._pool.submit(ask)
 
     def drain(self) -> list[ObjectCompletion]:
-        out: list[ObjectCompletion] = []
-        while True:
-            try:
-                out.append(self._done.get_nowait())
-            except queue.Empty:
-                return out
+        return _take_all(self._done)
 
     def close(self) -> None:
         deadline = time.monotonic() + self._drain_s

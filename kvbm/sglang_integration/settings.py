@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import xxhash
 
+from kvbm.connector.setup import UnsupportedSetup
 from kvbm.config import KvbmConfig, load_config
 from kvbm.ipc.names import safe_name
 from kvbm.ipc.transport import instance_endpoint
@@ -24,10 +25,6 @@ IPC_PATH_MAX = 100  # a little under the 107 bytes of a Unix socket path
 
 EXTRA_INSTANCE = "instance"
 """Extra-config key naming the kvbm instance (one leader and host pool); optional."""
-
-
-class UnsupportedSetup(ValueError):
-    """An SGLang configuration kvbm cannot serve; the message names the setting and value."""
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from kvbm.connector.setup import UnsupportedSetup
 from kvbm.config import KvbmConfig, load_config
 from kvbm.ipc.transport import instance_endpoint
-
-
-class UnsupportedSetup(RuntimeError):
-    """An engine configuration kvbm cannot serve; the connector then stays idle."""
 
 
 @dataclass(frozen=True)

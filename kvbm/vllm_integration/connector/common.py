@@ -11,6 +11,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kvbm.connector.setup import UnsupportedSetup
 from kvbm.config import KvbmConfig, load_config
 from kvbm.ipc.transport import instance_endpoint
 from kvbm.leader.spawn import LeaderProcess, LeaderStartError, spawn_leader
@@ -25,10 +26,6 @@ log = logging.getLogger("kvbm.vllm")
 # the world size when torch.distributed is not initialised (tests, custom launchers).
 EXTRA_RANK = "kvbm_rank"
 EXTRA_WORLD_SIZE = "kvbm_world_size"
-
-
-class UnsupportedSetup(RuntimeError):
-    """An engine configuration kvbm cannot serve; the connector then stays idle."""
 
 
 @dataclass(frozen=True)
