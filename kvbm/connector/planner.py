@@ -217,12 +217,12 @@ class Planner:
 
     def _flush(self) -> None:
         """Send what was queued since the last step, in order, in one burst."""
+        reports, self._reports = self._reports, []
+        for report in reports:  # first: a reply to what follows means the leader counted them
+            self.link.notify(report)
         msgs, self._outbox = self._outbox, []
         if msgs:
             self._send(msgs)
-        reports, self._reports = self._reports, []
-        for report in reports:
-            self.link.notify(report)
 
     def _release(self, op_id: int) -> None:
         if op_id:  # at once: an engine may not step again soon, and the op pins leader blocks
