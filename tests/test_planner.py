@@ -127,6 +127,32 @@ def test_aborted_while_its_pin_is_in_flight(sim: SimEngine) -> None:
         planner.shutdown()
 
 
+def test_a_steps_requests_go_out_in_one_burst_at_the_step(sim: SimEngine) -> None:
+    """Lookups and pins queue their messages on the scheduler thread; the step sends them
+    together, and the leader counts the lookup once they arrived."""
+    tokens = _prompt(5, 5)
+    sim.run([tokens])
+    idle = sim.quiesce()
+    replica = IndexReplica()
+    replica.apply(_snapshot(sequence_hashes(tokens, BS)))
+    planner = Planner(BS, sim.world_size, LeaderClient(sim.endpoint), replica=replica)
+    try:
+        planner.add("r", tokens, EMPTY_SALT_HASH)
+        hit = planner.lookup("r", 0)
+        planner.load_after_alloc("r", [20, 21, 22, 23, 24], hit)
+        assert hit == 4 * BS and planner.link.outstanding == 0 and planner.busy()  # queued, not sent
+        plan = planner.step([])
+        assert planner.link.outstanding == 1  # the pin went out with the step
+        plan.extend(planner.settle(10))
+        assert [(op.req_id, len(op.blocks)) for op in plan.loads] == [("r", 4)]
+        # The lookup report went out before the pin on the same connection: counted already.
+        assert planner.client.stats()["match_requests"] == idle["match_requests"] + 1
+        planner.client.release(plan.loads[0].op_id)  # no worker runs this load
+    finally:
+        planner.shutdown()
+    assert sim.quiesce()["host_pinned"] == 0
+
+
 def test_planner_refuses_bad_sizes(sim: SimEngine) -> None:
     assert sim.client is not None
     with pytest.raises(ValueError, match="block_size must be > 0, got 0"):

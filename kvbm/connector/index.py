@@ -33,6 +33,11 @@ from kvbm.leader.registry import Tier
 
 log = logging.getLogger(__name__)
 
+# Between follower rounds. Each round takes the GIL from the engine's scheduler thread several
+# times (encode, send, poll, receive, apply); a lookup that must not see an older index wakes the
+# follower at once (IndexReplica.catch_up), so only fresh stores wait up to this long to be hits.
+IDLE_INTERVAL_S = 0.01
+
 
 class IndexSource(Protocol):
     """Where deltas come from (the leader client); None while the leader is unavailable."""
@@ -157,7 +162,7 @@ class IndexFollower:
     """
 
     def __init__(self, replica: IndexReplica, make_source: Callable[[], IndexSource], *,
-                 interval_s: float = 0.002, close_source: Callable[[IndexSource], None] | None = None) -> None:
+                 interval_s: float = IDLE_INTERVAL_S, close_source: Callable[[IndexSource], None] | None = None) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0 seconds, got {interval_s}")
         self.replica = replica
@@ -229,7 +234,7 @@ class IndexFollower:
             self._thread.join(timeout_s)
 
 
-def follow_leader(endpoint: str, *, interval_s: float = 0.002) -> IndexFollower:
+def follow_leader(endpoint: str, *, interval_s: float = IDLE_INTERVAL_S) -> IndexFollower:
     """A started follower keeping a new replica current from the leader at ``endpoint``
     (its own client and socket, on the follower's thread)."""
 

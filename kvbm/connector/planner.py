@@ -161,6 +161,11 @@ class Planner:
         self.counters: Counter[str] = Counter()
         self._reqs: dict[str, _Req] = {}
         self._posted: dict[int, _Posted] = {}  # link request id -> what it was for
+        # Requests and lookup reports queued since the last step: sent in one burst per step
+        # (each socket send wakes the I/O thread and releases the GIL, which on a busy host
+        # costs the scheduler thread far more than the send itself).
+        self._outbox: list[tuple[m.Message, _Posted]] = []
+        self._reports: list[m.LookupReport] = []
         self._ready_loads: list[LoadOp] = []  # to emit in the next plan
         self._staging: dict[int, _Staging] = {}  # op id -> load waiting for disk staging
         self._polling = False
@@ -203,12 +208,25 @@ class Planner:
         return np.frombuffer(st.packed, np.uint64)[first:end].copy()
 
     def _post(self, msgs: Sequence[tuple[m.Message, _Posted]]) -> None:
+        """Queue requests for the leader; :meth:`_flush` sends them, once per step."""
+        self._outbox += msgs
+
+    def _send(self, msgs: Sequence[tuple[m.Message, _Posted]]) -> None:
         for rid, (_, what) in zip(self.link.post([msg for msg, _ in msgs]), msgs):
             self._posted[rid] = what
 
+    def _flush(self) -> None:
+        """Send what was queued since the last step, in order, in one burst."""
+        reports, self._reports = self._reports, []
+        for report in reports:  # first: a reply to what follows means the leader counted them
+            self.link.notify(report)
+        msgs, self._outbox = self._outbox, []
+        if msgs:
+            self._send(msgs)
+
     def _release(self, op_id: int) -> None:
-        if op_id:
-            self._post([(m.ReleaseOp(op_id), None)])
+        if op_id:  # at once: an engine may not step again soon, and the op pins leader blocks
+            self._send([(m.ReleaseOp(op_id), None)])
 
     # -- requests ------------------------------------------------------------------------
     def add(self, req_id: str, tokens: Sequence[int], salt: int) -> None:
@@ -250,7 +268,7 @@ class Planner:
                 st.store_wait = waiting_since or time.monotonic()
             self.counters["remote_lookups"] += 1
         else:  # the leader's hit-rate metrics count every lookup, also those it did not serve
-            self.link.notify(m.LookupReport(len(rest), *found))
+            self._reports.append(m.LookupReport(len(rest), *found))  # sent with the step's burst
         host, disk = found
         self.counters["lookup_tokens"] += num_tokens - start * bs
         if host + disk and (start + host + disk) * bs >= num_tokens:
@@ -486,6 +504,8 @@ class Planner:
                 # Its blocks went back to the pool; the workers finish the stores still
                 # reading them before this step's forward pass; posted ones are released.
                 st.block_ids, st.stored, st.inflight, st.gen = [], -1, set(), st.gen + 1
+        if wait_s > 0:
+            self._flush()  # what the engine queued since its last step: its replies may come now
         for reply in self.link.drain(wait_s):
             self._on_reply(reply, plan)
         self._check_staging()
@@ -509,6 +529,7 @@ class Planner:
                 st.posted_stores += 1
         if allocs:
             self._post(allocs)
+        self._flush()
         return plan
 
     def _plan_store(self, st: _Req, computed_after: int) -> tuple[m.Message, _Posted] | None:
@@ -532,7 +553,7 @@ class Planner:
     def busy(self) -> bool:
         """Replies or disk staging still outstanding: the engine must keep stepping (a later
         step emits their ops, or releases what an aborted request was granted)."""
-        return bool(self._posted or self._staging)
+        return bool(self._posted or self._outbox or self._staging)
 
     def settle(self, timeout_s: float) -> StepPlan:
         """Steps with no new work until nothing is outstanding (synchronous engines)."""
@@ -624,5 +645,6 @@ class Planner:
         for op_id in list(self._staging):
             self.client.release(op_id)
         self._staging.clear()
+        self._flush()
         self.link.close()
         self.client.close()
