@@ -88,6 +88,21 @@ class LeaderClient:
         self.refresh()
         return self._status is not None and self._status.state == "ready"
 
+    def wait_ready(self, timeout_s: float, poll_s: float = 0.05) -> bool:
+        """Ask the leader every ``poll_s`` until it answers 'ready' (True) or ``timeout_s`` passes
+        (False). For callers that may block, such as a harness starting an engine; the engine's
+        own calls never wait for the leader."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.refresh()
+            if status is not None and status.state == "ready":
+                return True
+            if status is not None and status.state == "failed":
+                return False
+            if time.monotonic() + poll_s > deadline:
+                return False
+            time.sleep(poll_s)
+
     def refresh(self) -> m.Status | None:
         try:
             self._status = self._rpc.call(m.GetStatus(), min(self.timeout_s, PROBE_TIMEOUT_S), m.Status)

@@ -282,11 +282,8 @@ class SimEngine:
         if errors:
             raise SimError(merge_rank_errors(errors))
         assert self.client is not None
-        deadline = time.monotonic() + 5
-        while not self.client.is_ready():
-            if time.monotonic() > deadline:
-                raise SimError(f"leader not ready: {self.client.status}")
-            time.sleep(0.05)
+        if not self.client.wait_ready(5):
+            raise SimError(f"leader not ready: {self.client.status}")
 
     def stop(self) -> None:
         self._stop_ranks()

@@ -113,6 +113,32 @@ class CpuEngine:
                             max_num_seqs=opts.max_num_seqs, tensor_parallel_size=opts.tensor_parallel_size,
                             kv_transfer_config=kvt, seed=0, enforce_eager=True, **kwargs)
         self._next_id = 0
+        if opts.kvbm:
+            self.wait_kvbm_ready()
+
+    def wait_kvbm_ready(self, timeout_s: float | None = None) -> None:
+        """Block until kvbm serves (leader up, every rank registered, index replica current).
+
+        The connector never makes the engine wait for kvbm: requests that run before it is ready
+        are computed and not stored. A harness that checks kvbm's hits from the first request
+        waits here. ``timeout_s`` defaults to DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS;
+        RuntimeError when kvbm is not ready by then."""
+        from kvbm.config import load_config
+        from kvbm.vllm_integration.connector import DynamoConnector
+
+        if timeout_s is None:
+            timeout_s = load_config(require_tier=False).init_timeout_s
+        core = getattr(self.llm.llm_engine.engine_core, "engine_core", None)
+        if core is None:
+            raise RuntimeError("wait_kvbm_ready needs the engine core in this process (in_process=True)")
+        connector = core.scheduler.get_kv_connector()
+        if not isinstance(connector, DynamoConnector):
+            raise RuntimeError(f"the engine's KV connector is {type(connector).__name__}, not kvbm's DynamoConnector")
+        if not connector.wait_ready(timeout_s):
+            status = connector.scheduler.client.status if connector.scheduler is not None else None
+            why = (f"{status.state}: {status.error or 'waiting for ranks'}" if status is not None
+                   else "kvbm is off or its leader does not answer")
+            raise RuntimeError(f"kvbm not ready within {timeout_s:g} s ({why})")
 
     def run(self, prompts: Sequence[Sequence[int]], max_tokens: int,
             on_step: Callable[[int], None] | None = None) -> list[Completion]:

@@ -94,6 +94,13 @@ class DynamoConnector(KVConnectorBase_V1):
             self._owns_leader = True
             self._finalizer = weakref.finalize(self, stop_leader, self.settings.endpoint)
 
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Scheduler side: block until kvbm serves hits and stores (the leader has every rank and
+        the index replica is current); False after ``timeout_s`` or when kvbm is off. vLLM never
+        calls this (the engine serves from its first step, without kvbm until it is ready): it is
+        for callers that want kvbm's hits from the first request, such as tests and benchmarks."""
+        return self.scheduler is not None and self.scheduler.wait_ready(timeout_s)
+
     @property
     def requires_kv_delivery(self) -> bool:
         # kvbm is a best-effort cache: a store dropped at preemption is a future miss only.

@@ -9,6 +9,7 @@ this class turns vLLM's ``Request``, ``KVCacheBlocks``, ``SchedulerOutput`` and
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Iterable
 
 from kvbm.connector.index import follower_for
@@ -136,6 +137,14 @@ class KvbmScheduler:
 
     def reset_cache(self) -> bool:
         return self.planner.reset_cache()
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Block until the leader serves (every rank registered) and the index replica, if any,
+        holds its index; False after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        if not self.client.wait_ready(timeout_s):
+            return False
+        return self.follower is None or self.follower.sync(max(deadline - time.monotonic(), 0.0))
 
     def has_pending_block_frees(self) -> bool:
         """Finished requests whose blocks come back once their stores finish (soon)."""
