@@ -102,13 +102,13 @@ def _measure(w: Workload, tmp: str) -> _Samples:
         warm = random_prompts(1, w.prompt_len, vocab=spec.vocab, seed=99)
         # Warm-up: first forward passes and the first kvbm load pay one-time costs.
         eng.run(warm, 1)
-        time.sleep(0.2)
+        eng.settle_kvbm()
         eng.reset_prefix_cache()
         eng.run(warm, 1)
         s = _Samples([], [], [], [], [], [], [], [], 0, 0, [], [])
         s.recompute = [eng.run([p], 1)[0].ttft_s for p in prompts]
         for _ in range(w.rounds):
-            time.sleep(0.2)  # let the last stores land in the host pool
+            eng.settle_kvbm()  # the last stores land in the host pool
             eng.reset_prefix_cache()
             for prompt in prompts:
                 k = eng.run([prompt], 1)[0]
@@ -125,7 +125,7 @@ def _measure(w: Workload, tmp: str) -> _Samples:
         default_switch = sys.getswitchinterval()
         sys.setswitchinterval(FAST_SWITCH_S)
         try:
-            time.sleep(0.2)
+            eng.settle_kvbm()
             eng.reset_prefix_cache()
             for prompt in prompts:
                 s.kvbm_fast_switch.append(eng.run([prompt], 1)[0].ttft_s)

@@ -28,6 +28,8 @@ from kvbm.bench.tiny_model import model_path
 if TYPE_CHECKING:
     from vllm import LLM
 
+    from kvbm.vllm_integration.connector import DynamoConnector
+
 CONNECTOR_MODULE = "kvbm.vllm_integration.connector"
 # The user's own binding, if any (engine_env sets the variable per engine, so read it once here).
 _USER_THREADS_BIND = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
@@ -116,6 +118,22 @@ class CpuEngine:
         if opts.kvbm:
             self.wait_kvbm_ready()
 
+    def _core(self) -> Any:
+        """vLLM's EngineCore (in this process)."""
+        core = getattr(self.llm.llm_engine.engine_core, "engine_core", None)
+        if core is None:
+            raise RuntimeError("kvbm's connector is reachable only with the engine core in this process "
+                               "(in_process=True)")
+        return core
+
+    def _kvbm(self) -> "DynamoConnector":
+        from kvbm.vllm_integration.connector import DynamoConnector
+
+        connector = self._core().scheduler.get_kv_connector()
+        if not isinstance(connector, DynamoConnector):
+            raise RuntimeError(f"the engine's KV connector is {type(connector).__name__}, not kvbm's DynamoConnector")
+        return connector
+
     def wait_kvbm_ready(self, timeout_s: float | None = None) -> None:
         """Block until kvbm serves (leader up, every rank registered, index replica current).
 
@@ -124,21 +142,34 @@ class CpuEngine:
         waits here. ``timeout_s`` defaults to DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS;
         RuntimeError when kvbm is not ready by then."""
         from kvbm.config import load_config
-        from kvbm.vllm_integration.connector import DynamoConnector
 
         if timeout_s is None:
             timeout_s = load_config(require_tier=False).init_timeout_s
-        core = getattr(self.llm.llm_engine.engine_core, "engine_core", None)
-        if core is None:
-            raise RuntimeError("wait_kvbm_ready needs the engine core in this process (in_process=True)")
-        connector = core.scheduler.get_kv_connector()
-        if not isinstance(connector, DynamoConnector):
-            raise RuntimeError(f"the engine's KV connector is {type(connector).__name__}, not kvbm's DynamoConnector")
+        connector = self._kvbm()
         if not connector.wait_ready(timeout_s):
             status = connector.scheduler.client.status if connector.scheduler is not None else None
             why = (f"{status.state}: {status.error or 'waiting for ranks'}" if status is not None
                    else "kvbm is off or its leader does not answer")
             raise RuntimeError(f"kvbm not ready within {timeout_s:g} s ({why})")
+
+    def settle_kvbm(self, timeout_s: float = 60.0) -> None:
+        """Block until every store of the requests run so far is a hit for the next run.
+
+        A finished request's stores outlive it (the engine holds its blocks until they are
+        copied): idle engine steps are run until the scheduler holds no finished request, then
+        this waits until the leader has every rank's ack (and its disk writes); the reply also
+        makes the next lookup wait for the index replica to reach that point. Nothing to wait
+        for once the leader is gone. TimeoutError after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        core = self._core()
+        scheduler = self._kvbm().scheduler
+        while core.scheduler.has_requests():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"kvbm stores of finished requests still running after {timeout_s:g} s")
+            self.llm.llm_engine.step()
+            time.sleep(0.002)
+        if scheduler is not None and scheduler.client.stats():  # empty: the leader is gone
+            scheduler.client.wait_idle(max(deadline - time.monotonic(), 0.1))
 
     def run(self, prompts: Sequence[Sequence[int]], max_tokens: int,
             on_step: Callable[[int], None] | None = None) -> list[Completion]:

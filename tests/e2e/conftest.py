@@ -14,14 +14,16 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
 
 from kvbm.vllm_integration import cpu_env
+
+if TYPE_CHECKING:
+    from kvbm.vllm_integration.cpu_engine import CpuEngine
 
 if not cpu_env.runs_here():
     collect_ignore_glob = ["test_*.py"]
@@ -31,7 +33,6 @@ VOCAB = 2048
 BLOCK = 32
 MAX_TOKENS = 12
 CHAT_REPLY = 16
-STORE_SETTLE_S = 0.3  # stores finish on the rank's copy thread after the request finished
 
 
 def prompt_sets() -> dict[str, list[list[int]]]:
@@ -83,8 +84,9 @@ def kvbm_env(**values: str) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def settle() -> None:
-    time.sleep(STORE_SETTLE_S)
+def settle(engine: "CpuEngine") -> None:
+    """Every store of the requests run so far lands in kvbm (see CpuEngine.settle_kvbm)."""
+    engine.settle_kvbm()
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ def test_tiny_host_pool_spills_to_disk_and_loads_back(baseline: Baseline) -> Non
             # One prompt at a time, so the host pool is never asked for more than it holds at once.
             for p, want in zip(prompts, baseline.tokens["distinct"]):
                 assert eng.run([p], MAX_TOKENS)[0].tokens == want
-                settle()
+                settle(eng)
             eng.reset_prefix_cache()
             warm = [eng.run([p], MAX_TOKENS)[0] for p in prompts]
         finally:

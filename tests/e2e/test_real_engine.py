@@ -47,7 +47,7 @@ def test_greedy_tokens_equal_cold_and_from_kvbm(engine: CpuEngine, baseline: Bas
     prompts = prompt_sets()[name]
     cold = engine.run(prompts, MAX_TOKENS)
     assert [c.tokens for c in cold] == baseline.tokens[name]
-    settle()
+    settle(engine)
     engine.reset_prefix_cache()
     warm = engine.run(prompts, MAX_TOKENS)
     assert [c.tokens for c in warm] == baseline.tokens[name]
@@ -60,7 +60,7 @@ def test_greedy_tokens_equal_cold_and_from_kvbm(engine: CpuEngine, baseline: Bas
 def test_multi_turn_chats_equal_and_served_by_kvbm(engine: CpuEngine, baseline: Baseline) -> None:
     cold = run_chats(engine, chat_users(), CHAT_REPLY)
     assert [[c.tokens for c in turn] for turn in cold] == baseline.chats
-    settle()
+    settle(engine)
     engine.reset_prefix_cache()
     # Again, one request at a time: each turn's whole history comes back from kvbm.
     warm = run_chats(engine, chat_users(), CHAT_REPLY, batched=False)
@@ -73,7 +73,7 @@ def test_multi_turn_chats_equal_and_served_by_kvbm(engine: CpuEngine, baseline: 
 def test_leader_killed_mid_run_engine_keeps_serving(engine: CpuEngine, baseline: Baseline) -> None:
     """Runs last in this module: it leaves the engine without kvbm."""
     prompts = prompt_sets()["distinct"]
-    settle()
+    settle(engine)
     engine.reset_prefix_cache()
     (leader,) = engine.leader_pids()
 
@@ -84,7 +84,7 @@ def test_leader_killed_mid_run_engine_keeps_serving(engine: CpuEngine, baseline:
     out = engine.run(prompts, MAX_TOKENS, on_step=kill_at_second_step)
     assert [c.tokens for c in out] == baseline.tokens["distinct"]
     assert engine.leader_pids() == []
-    settle()
+    settle(engine)
     engine.reset_prefix_cache()
     again = engine.run(prompts, MAX_TOKENS)
     assert [c.tokens for c in again] == baseline.tokens["distinct"]

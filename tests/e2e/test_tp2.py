@@ -16,7 +16,7 @@ def test_tp2_tokens_equal_after_kvbm_hits() -> None:
         eng = CpuEngine(EngineOptions(model=MODEL, kvbm=True, max_model_len=2048, tensor_parallel_size=2))
         try:
             cold = eng.run(prompts, MAX_TOKENS)
-            settle()
+            settle(eng)
             eng.reset_prefix_cache()
             warm = eng.run(prompts, MAX_TOKENS)
         finally:
