@@ -43,11 +43,11 @@ NEEDED = _unique_blocks(_all_prompts(), lambda n: expected_hit(n) // BLOCK)  # t
 # into the engine, the others find it there and load only their own blocks. (Run together, the
 # requests ask kvbm for the same prefix blocks at once: a block being staged from G3/G4 for one
 # request cannot be pinned for another, which then recomputes it.)
-SECOND_ONE_AT_A_TIME = ["shared-prefix"]
+SECOND_ONE_AT_A_TIME = ("shared-prefix",)
 
 
-def _spec(**kw: bool | int | list[str]) -> InstanceSpec:
-    return InstanceSpec(prompt_sets(), MAX_TOKENS, MODEL, **kw)  # type: ignore[arg-type]
+def _spec(*, object_tier: bool = False, object_blocks: int = 0, one_at_a_time: tuple[str, ...] = ()) -> InstanceSpec:
+    return InstanceSpec(prompt_sets(), MAX_TOKENS, MODEL, list(one_at_a_time), object_tier, object_blocks)
 
 
 def run_instance(tmp: str, name: str, spec: InstanceSpec) -> InstanceReport:
