@@ -232,8 +232,8 @@ class Harness:
         assert isinstance(g, m.LoadGrant), g
         return g
 
-    def poll(self, op_id: int) -> tuple[list[int], list[int]]:
-        p = self.ask(m.PollLoads([op_id]))
+    def poll(self, *op_ids: int) -> tuple[list[int], list[int]]:
+        p = self.ask(m.PollLoads(list(op_ids)))
         assert isinstance(p, m.LoadPoll)
         return p.ready, p.failed
 
@@ -516,6 +516,45 @@ def test_a_staged_load_released_before_its_read_finishes(with_disk) -> None:
     s = h.stats()
     assert s["ops_in_flight"] == 0 and s["host_pinned"] == 0 and s["loads_failed"] == 1
     assert h.match([7]) == (1, 0)  # the read checked out: the block is in G2, just not loaded
+
+
+def test_a_second_load_of_a_block_being_staged_waits_for_the_same_read(with_disk) -> None:
+    h = with_disk()
+    _disk_only_block(h, 7)
+    _disk_only_block(h, 8)
+    first = h.load([7])
+    second = h.load([7, 8])  # 7 is being read into G2 for the first load: one read serves both
+    s1, s2 = m.unpack_slots(first.slots).tolist(), m.unpack_slots(second.slots).tolist()
+    assert len(s2) == 2 and s2[0] == s1[0] and not second.ready
+    assert h.disk.run() == 2  # one read of 7, one of 8
+    h.core.apply_disk(h.now)
+    assert h.poll(first.op_id, second.op_id) == ([first.op_id, second.op_id], [])
+    assert h.stats()["host_pinned"] == 2  # 7 pinned twice (once per load), 8 once
+    for op in (first, second):
+        h.ack(0, op.op_id)
+        h.ack(1, op.op_id)
+    s = h.stats()
+    assert s["loads_completed"] == 2 and s["blocks_loaded_from_disk"] == 3 and s["disk_onboarded_blocks"] == 2
+    assert s["host_pinned"] == 0 and s["host_writing"] == 0 and s["ops_in_flight"] == 0
+    assert h.match([7, 8]) == (2, 0)
+
+
+def test_a_failed_shared_staging_read_fails_every_load_waiting_for_it(with_disk) -> None:
+    h = with_disk()
+    _disk_only_block(h, 7)
+    reg = h.core.registry
+    assert reg is not None and reg.disk is not None
+    dslot = reg.disk.lookup(7)
+    assert dslot is not None
+    h.disk.disk[dslot * BB] ^= 0xFF
+    first, second = h.load([7]), h.load([7])
+    assert isinstance(h.ask(m.ReleaseOp(first.op_id)), m.Ack)  # one gives up before the read ends
+    h.io()
+    assert h.poll(second.op_id) == ([], [second.op_id])
+    s = h.stats()
+    assert s["loads_failed"] == 2 and s["disk_checksum_failures"] == 1
+    assert s["host_pinned"] == 0 and s["host_writing"] == 0 and s["ops_in_flight"] == 0
+    assert h.match([7]) == (0, 0)
 
 
 # ------------------------------------------------------------------------------------------

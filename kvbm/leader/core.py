@@ -244,11 +244,16 @@ class LeaderObserver(Protocol):
 
 @dataclass
 class _Staging:
-    """A G2 slot being filled from disk or the object store for a load."""
+    """A G2 slot being filled from disk or the object store for loads.
 
-    op_id: int
+    The load that started the read and every later load that asked for the same block while
+    it was still being read (``op_ids``, in order): they all wait for this one read, so loads
+    of a shared prefix in one batch do not turn into recomputes."""
+
+    op_ids: list[int]
     seq_hash: int
-    source_slot: int  # the block's slot in the tier it comes from (G3 or G4)
+    source: Tier  # where it comes from: Tier.DISK (G3) or Tier.OBJECT (G4)
+    source_slot: int  # its slot in that tier
 
 
 class LeaderCore:
@@ -282,6 +287,7 @@ class LeaderCore:
         self._admission: FrequencyFilter | None = None
         self._checksums: dict[int, int] = {}  # disk slot -> checksum of its bytes
         self._staging: dict[int, _Staging] = {}  # host slot -> what it is being filled with
+        self._staging_slot: dict[int, int] = {}  # sequence hash -> its host slot in _staging
         self._pending_writes = 0
         self._max_pending_writes = 0
         # The object tier (G4); on once the store answered the start-up check.
@@ -558,16 +564,21 @@ class LeaderCore:
             slot = reg.host.lookup(h)
             if slot is not None:
                 reg.host.pin([slot])
-            else:
+                op.slots.append(slot)
+                op.hashes.append(h)
+                continue
+            slot = self._join_staging(op.op_id, h)
+            if slot is None:
                 slot = self._stage(op.op_id, h)
-                if slot is not None:
-                    op.from_disk += 1
-                else:
-                    slot = self._stage_object(op.op_id, h)
-                    if slot is None:
-                        break
-                    op.from_object += 1
-                op.staging.add(slot)
+            if slot is None:
+                slot = self._stage_object(op.op_id, h)
+            if slot is None:
+                break
+            if self._staging[slot].source is Tier.DISK:
+                op.from_disk += 1
+            else:
+                op.from_object += 1
+            op.staging.add(slot)
             op.slots.append(slot)
             op.hashes.append(h)
         if op.slots:
@@ -741,6 +752,22 @@ class LeaderCore:
             self._pending_writes += 1
             disk.write(got[0], hslot, BlockKey(seq_hash, reg.host.parent_of(hslot)))
 
+    def _start_staging(self, host_slot: int, st: _Staging) -> None:
+        self._staging[host_slot] = st
+        self._staging_slot[st.seq_hash] = host_slot
+
+    def _end_staging(self, host_slot: int) -> _Staging:
+        st = self._staging.pop(host_slot)
+        del self._staging_slot[st.seq_hash]
+        return st
+
+    def _join_staging(self, op_id: int, seq_hash: int) -> int | None:
+        """The G2 slot another load is reading ``seq_hash`` into, now awaited by ``op_id`` too; None if none."""
+        slot = self._staging_slot.get(seq_hash)
+        if slot is not None:
+            self._staging[slot].op_ids.append(op_id)
+        return slot
+
     def _stage(self, op_id: int, seq_hash: int) -> int | None:
         """Start reading ``seq_hash`` from disk into a new WRITING G2 slot; returns that slot or None."""
         reg = self.registry
@@ -755,7 +782,7 @@ class LeaderCore:
             return None
         hslot = got[0]
         reg.disk.pin([dslot])
-        self._staging[hslot] = _Staging(op_id, seq_hash, dslot)
+        self._start_staging(hslot, _Staging([op_id], seq_hash, Tier.DISK, dslot))
         disk.read(dslot, hslot, self._checksums[dslot])
         return hslot
 
@@ -792,7 +819,7 @@ class LeaderCore:
     def _apply_read(self, done: DiskReadDone) -> None:
         reg = self.registry
         assert reg is not None and reg.disk is not None
-        st = self._staging.pop(done.host_slot)
+        st = self._end_staging(done.host_slot)
         reg.disk.unpin([st.source_slot])
         reason = ""
         if done.ok:
@@ -816,20 +843,21 @@ class LeaderCore:
         self._staged(st, done.host_slot, done.ok, f"staging from disk failed: {reason}")
 
     def _staged(self, st: _Staging, host_slot: int, ok: bool, error: str) -> None:
-        """A staging read for a load finished: the load keeps the slot pinned, or fails."""
+        """A staging read finished: each load waiting for it keeps the slot pinned, or fails."""
         reg = self.registry
         assert reg is not None
-        op = self.ops.get(st.op_id)
-        if op is None:
-            return
-        op.staging.discard(host_slot)
-        if ok:
-            reg.host.pin([host_slot])
-        else:
-            op.failed, op.error = True, error
-            op.slots = [s for s in op.slots if s != host_slot]
-        if op.released and not op.staging:
-            self._finish(op)
+        for op_id in st.op_ids:
+            op = self.ops.get(op_id)
+            if op is None:
+                continue
+            op.staging.discard(host_slot)
+            if ok:
+                reg.host.pin([host_slot])
+            else:
+                op.failed, op.error = True, error
+                op.slots = [s for s in op.slots if s != host_slot]
+            if op.released and not op.staging:
+                self._finish(op)
 
     def _drop_disk_block(self, seq_hash: int, dslot: int) -> None:
         assert self.registry is not None and self.registry.disk is not None
@@ -896,7 +924,7 @@ class LeaderCore:
             return None
         hslot = got[0]
         reg.object.pin([oslot])
-        self._staging[hslot] = _Staging(op_id, seq_hash, oslot)
+        self._start_staging(hslot, _Staging([op_id], seq_hash, Tier.OBJECT, oslot))
         io.read(hslot, seq_hash)
         return hslot
 
@@ -972,7 +1000,7 @@ class LeaderCore:
     def _apply_object_read(self, done: ObjectReadDone) -> None:
         reg = self.registry
         assert reg is not None and reg.object is not None
-        st = self._staging.pop(done.host_slot)
+        st = self._end_staging(done.host_slot)
         reg.object.unpin([st.source_slot])
         ok = done.status is GetStatus.OK
         oc = self.object_counters

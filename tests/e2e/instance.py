@@ -26,7 +26,6 @@ class InstanceSpec:
     prompts: dict[str, list[list[int]]]  # prompt sets by name, each run as one batch
     max_tokens: int
     model: str = "tiny"
-    one_at_a_time: list[str] = field(default_factory=list)  # sets whose prompts run one after the other
     object_tier: bool = False  # wait for the object tier to be on before the first request
     object_blocks: int = 0  # after the runs, wait until the leader put this many blocks in the store
 
@@ -81,10 +80,7 @@ def run(spec: InstanceSpec) -> InstanceReport:
             start = client.stats()
         runs: dict[str, list[RunResult]] = {}
         for name, prompts in spec.prompts.items():
-            if name in spec.one_at_a_time:
-                comps = [eng.run([p], spec.max_tokens)[0] for p in prompts]
-            else:
-                comps = eng.run(prompts, spec.max_tokens)
+            comps = eng.run(prompts, spec.max_tokens)
             runs[name] = [RunResult(c.tokens, c.logprobs, c.cached_tokens) for c in comps]
             eng.settle_kvbm()
         end = _wait_stats(client, lambda st: st.get("object_offloaded_blocks", 0) >= spec.object_blocks
