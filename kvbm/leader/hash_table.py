@@ -100,6 +100,23 @@ class HashSlotTable:
             unsure = np.setdiff1d(unsure, special)
         return found, unsure
 
+    def not_near_home(self, q: np.ndarray) -> np.ndarray:
+        """Indices (ascending) of the hashes of the uint64 array ``q`` not found in their home
+        bucket or the next one: the absent ones, the few that sit further away and the aside
+        hashes. The cheap first pass of a prefix match (a handful of NumPy operations whatever
+        the length); a caller with a dict of the same hashes settles these in order."""
+        keys = self._keys
+        pos = q.view(np.int64) & self._mask  # the bucket index directly (the mask is < 2**63)
+        near = keys.take(pos) == q
+        near &= q > _TOMB  # the empty and tombstone keys are no hashes
+        missed = np.flatnonzero(~near)
+        if len(missed):
+            qm = q.take(missed)
+            second = keys.take((pos.take(missed) + 1) & self._mask) == qm
+            second &= qm > _TOMB
+            missed = missed[~second]
+        return missed
+
     def contains(self, hashes: np.ndarray) -> np.ndarray:
         """A bool per hash of the uint64 array ``hashes``: present in the table."""
         return self.probe(hashes)[0]
