@@ -105,16 +105,16 @@ class HashSlotTable:
         bucket or the next one: the absent ones, the few that sit further away and the aside
         hashes. The cheap first pass of a prefix match (a handful of NumPy operations whatever
         the length); a caller with a dict of the same hashes settles these in order."""
-        keys = self._keys
-        pos = q.view(np.int64) & self._mask  # the bucket index directly (the mask is < 2**63)
-        near = keys.take(pos) == q
-        near &= q > _TOMB  # the empty and tombstone keys are no hashes
-        missed = np.flatnonzero(~near)
+        keys, mask = self._keys, self._mask
+        pos = q.view(np.int64) & mask  # the bucket index directly (the mask is < 2**63)
+        far = keys.take(pos) != q
+        far |= q <= _TOMB  # the empty and tombstone keys are no hashes
+        missed = np.flatnonzero(far)
         if len(missed):
             qm = q.take(missed)
-            second = keys.take((pos.take(missed) + 1) & self._mask) == qm
-            second &= qm > _TOMB
-            missed = missed[~second]
+            far = keys.take((pos.take(missed) + 1) & mask) != qm
+            far |= qm <= _TOMB
+            missed = missed[far]
         return missed
 
     def contains(self, hashes: np.ndarray) -> np.ndarray:
