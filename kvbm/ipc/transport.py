@@ -82,6 +82,9 @@ class RpcClient:
         # Do not queue requests for a peer that is gone; a call then times out quickly.
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
         self._sock.connect(endpoint)
+        # One poller for the socket's life: Socket.poll builds a new one every call.
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
 
     def call(self, msg: Message, timeout_s: float, expect: type[M]) -> M:
         """Send ``msg`` and wait up to ``timeout_s`` for its reply of type ``expect``.
@@ -133,7 +136,7 @@ class RpcClient:
     def _recv(self, deadline: float, timeout_s: float) -> tuple[int, Message | None]:
         """The next reply as (request id, message); (-1, None) for a malformed one (logged)."""
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1):
+        if remaining <= 0 or not self._poller.poll(int(remaining * 1000) + 1):
             raise LeaderUnavailable(f"no reply from the leader at {self.endpoint} within {timeout_s:g} s")
         try:
             return decode(self._sock.recv())

@@ -106,14 +106,19 @@ class HashSlotTable:
         hashes. The cheap first pass of a prefix match (a handful of NumPy operations whatever
         the length); a caller with a dict of the same hashes settles these in order."""
         keys, mask = self._keys, self._mask
+        if not len(q):
+            return np.empty(0, np.intp)
+        aside = q.min() <= _TOMB  # the empty and tombstone keys are no hashes (practically never)
         pos = q.view(np.int64) & mask  # the bucket index directly (the mask is < 2**63)
         far = keys.take(pos) != q
-        far |= q <= _TOMB  # the empty and tombstone keys are no hashes
+        if aside:
+            far |= q <= _TOMB
         missed = np.flatnonzero(far)
         if len(missed):
             qm = q.take(missed)
             far = keys.take((pos.take(missed) + 1) & mask) != qm
-            far |= qm <= _TOMB
+            if aside:
+                far |= qm <= _TOMB
             missed = missed[far]
         return missed
 

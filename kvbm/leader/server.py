@@ -72,7 +72,7 @@ class LeaderServer:
         next_tick = 0.0
         while not self._stop:
             ready = dict(poller.poll(50))
-            if self._sock in ready:
+            if self._sock in ready:  # requests first: a waiting client is not kept behind housekeeping
                 self._serve_waiting()
             if self._wake_r in ready:
                 try:
