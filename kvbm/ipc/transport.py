@@ -161,4 +161,4 @@ def _typed(reply: Message | None, expect: type[M]) -> M | RemoteError:
         return reply
     if isinstance(reply, ErrorReply):
         return RemoteError(reply.code, reply.message)
-    return RemoteError("protocol", f"expected {expect.TAG}, got {reply.TAG if reply else 'nothing'}")
+    return RemoteError("protocol", f"expected {expect.TAG}, got {reply.TAG if reply is not None else 'nothing'}")
