@@ -481,7 +481,7 @@ def decode(frame: bytes | bytearray | memoryview) -> tuple[int, Message]:
         if not accept(value):
             for (name, typ, meta), v in zip(spec.fields, body):
                 _check(tag, name, typ, meta, v)  # raises the detailed error
-            raise AssertionError(f"{tag}: a field was refused but passes _check")  # a bug in this module
+            raise ProtocolError(f"{tag}: invalid fields")  # unreachable: _acceptor and _check agree
     # Every field is valid: fill the frozen record directly (what its __init__ would store).
     msg = _new(spec.cls)
     msg.__dict__.update(zip(spec.names, body))
