@@ -113,7 +113,7 @@ class HashSlotTable:
         far = keys.take(pos) != q
         if aside:
             far |= q <= _TOMB
-        missed = np.flatnonzero(far)
+        missed = far.nonzero()[0]  # q is 1-D: no flatnonzero (its ravel) needed
         if len(missed):
             qm = q.take(missed)
             far = keys.take((pos.take(missed) + 1) & mask) != qm
