@@ -250,11 +250,15 @@ class TierPool:
         registered = self._registered
         if len(q) <= _DICT_WALK_MAX:  # NumPy's fixed cost per operation exceeds the walk
             return len(list(itertools.takewhile(registered.__contains__, q.tolist())))
-        # The table settles most hashes in two buckets; the dict the rest, in order, up to the first miss.
+        # The table settles most hashes in two buckets; the dict the rest, in order, up to the first
+        # miss. A chunk at a time: a prompt held only in part leaves every hash past the match
+        # unsure, and the walk stops at the first of them, so converting them all would be waste.
         unsure = self._table.not_near_home(q)
-        for i, h in zip(unsure.tolist(), q.take(unsure).tolist()):
-            if h not in registered:
-                return i
+        for at in range(0, len(unsure), _DICT_WALK_MAX):
+            chunk = unsure[at : at + _DICT_WALK_MAX]
+            for i, h in zip(chunk.tolist(), q.take(chunk).tolist()):
+                if h not in registered:
+                    return i
         return len(q)
 
     def contains(self, hashes: np.ndarray) -> np.ndarray:
@@ -789,16 +793,21 @@ class BlockRegistry:
         wire bytes viewed as one, to skip any per-hash Python work); the lower tiers are probed
         only from the first block not in G2 on."""
         q = _hash_array(hashes, start)
-        h = self.host.match_prefix(q)
-        if (self.disk is None and self.object is None) or h == len(q):
+        if self.disk is None and self.object is None:  # G2 only: a prefix match, no per-hash answer
+            h = self.host.match_prefix(q)
+            return MatchResult(h, 0, (Tier.HOST,) * h)
+        # Lower tiers: where G2 ends the match continues through G2, G3 and G4 together, so the
+        # G2 answer per hash serves twice.
+        on_host = self.host.contains(q)
+        h = leading(on_host)
+        if h == len(q):
             return MatchResult(h, 0, (Tier.HOST,) * h)
         rest = q[h:]
         none = np.zeros(len(rest), np.bool_)
-        on_host = self.host.contains(rest)
         on_disk = self.disk.contains(rest) if self.disk is not None else none
         on_object = self.object.contains(rest) if self.object is not None else none
-        n = leading(on_host | on_disk | on_object)
-        seg_host, seg_disk = on_host[:n], on_disk[:n] & ~on_host[:n]
+        n = leading(on_host[h:] | on_disk | on_object)
+        seg_host, seg_disk = on_host[h : h + n], on_disk[:n] & ~on_host[h : h + n]
         host, disk = int(np.count_nonzero(seg_host)), int(np.count_nonzero(seg_disk))
         obj = n - host - disk
         if host == 0 and obj == 0:  # the usual case: G2 blocks, then G3 blocks
