@@ -100,3 +100,32 @@ def test_registry_lookups_over_the_table_agree_with_the_dict() -> None:
     pool.clear()
     assert not pool.contains(q).any() and pool.match_prefix(second) == 0
     pool.check_invariants()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_prefix_match_first_pass_and_the_dict_agree_with_a_walk(seed: int) -> None:
+    """The prefix match's two-bucket pass (``not_near_home``) never calls a hash found that is not
+    there (hashes 0 and 1, which equal the empty and tombstone keys, included), and the pool's
+    match_prefix over it equals a plain dict walk, with clusters, tombstones and misses anywhere."""
+    rng = random.Random(seed)
+    pool = TierPool(Tier.HOST, 400)
+    hs = list(dict.fromkeys([0, 1] + [(rng.getrandbits(50) << 12) | rng.choice([2, 3, 4095]) for _ in range(900)]))
+    held = hs[:400]
+    pool.commit([s for s in pool.allocate(held) if s is not None])
+    pool.commit([s for s in pool.allocate(hs[400:500]) if s is not None])  # evicts 100: tombstones
+    model = set(pool._registered)
+    for _ in range(30):
+        q = [rng.choice(hs) for _ in range(rng.choice([300, 600]))]
+        if rng.random() < 0.5:
+            q = [h for h in q if h in model] + q[:5]  # a long hit prefix
+        arr = np.array(q, np.uint64)
+        unsure = set(pool._table.not_near_home(arr).tolist())
+        assert all(q[i] in model for i in range(len(q)) if i not in unsure)
+        walk = 0
+        for h in q:
+            if h not in model:
+                break
+            walk += 1
+        assert pool.match_prefix(arr) == pool.match_prefix(q) == walk
+    empty = TierPool(Tier.HOST, 16)
+    assert empty._table.not_near_home(np.array([0, 1, 5], np.uint64)).tolist() == [0, 1, 2]

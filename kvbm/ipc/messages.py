@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import typing
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import msgpack
 import numpy as np
@@ -66,17 +66,56 @@ class Message:
     TAG: ClassVar[str] = ""
 
 
-_REGISTRY: dict[str, type[Message]] = {}
-_SPECS: dict[type[Message], list[tuple[str, Any, dict[str, int]]]] = {}
+@dataclass(frozen=True)
+class _Spec:
+    """How one message type travels: its fields in wire order and a cheap validity test per field.
+
+    ``accepts[i](value)`` is True when the i-th field's value is valid; only when one says no does
+    :func:`decode` build the detailed error (:func:`_check`), so a valid frame pays one call and a
+    type/range test per field, not the error strings.
+    """
+
+    cls: type[Message]
+    fields: list[tuple[str, Any, dict[str, int]]]
+    names: tuple[str, ...]
+    accepts: tuple[Callable[[Any], bool], ...]
+    post_init: bool  # the class validates across fields in __post_init__
+
+
+_REGISTRY: dict[str, _Spec] = {}
+_SPECS: dict[type[Message], _Spec] = {}
 
 
 def _register(cls: type[Message]) -> type[Message]:
     if not cls.TAG or cls.TAG in _REGISTRY:
         raise TypeError(f"bad or duplicate message tag on {cls.__name__}")
     hints = typing.get_type_hints(cls)
-    _REGISTRY[cls.TAG] = cls
-    _SPECS[cls] = [(f.name, hints[f.name], dict(f.metadata)) for f in fields(cls)]
+    spec_fields = [(f.name, hints[f.name], dict(f.metadata)) for f in fields(cls)]
+    spec = _Spec(cls, spec_fields, tuple(name for name, _t, _m in spec_fields),
+                 tuple(_acceptor(typ, meta) for _n, typ, meta in spec_fields), hasattr(cls, "__post_init__"))
+    _REGISTRY[cls.TAG] = spec
+    _SPECS[cls] = spec
     return cls
+
+
+def _acceptor(typ: Any, meta: dict[str, int]) -> Callable[[Any], bool]:
+    """The cheap validity test of a field of type ``typ`` (the same rules as :func:`_check`)."""
+    lo, hi = meta.get("min", I64_MIN), meta.get("max", U64_MAX)
+    if typ is bool:
+        return lambda v: type(v) is bool
+    if typ is int:
+        return lambda v: type(v) is int and lo <= v <= hi
+    if typ is str:
+        return lambda v: isinstance(v, str)
+    if typ is bytes:
+        return lambda v: isinstance(v, bytes)
+    origin = typing.get_origin(typ)
+    if origin is list:
+        return lambda v: isinstance(v, list) and all(type(x) is int and lo <= x <= hi for x in v)
+    if origin is dict:
+        return lambda v: isinstance(v, dict) and all(isinstance(k, str) and type(x) in (int, float)
+                                                     for k, x in v.items())
+    raise TypeError(f"unsupported field type {typ!r}")  # a bug in this module
 
 
 def _int(meta: dict[str, int]) -> Any:
@@ -398,12 +437,15 @@ class IndexUpdates(Message):
 
 def encode(msg: Message, request_id: int = 0) -> bytes:
     """Serialise ``msg`` with the protocol version and ``request_id``."""
-    spec = _SPECS[type(msg)]
-    body = [getattr(msg, name) for name, _t, _m in spec]
+    values = msg.__dict__
+    body = [values[name] for name in _SPECS[type(msg)].names]
     return msgpack.packb([PROTOCOL_VERSION, msg.TAG, request_id, body], use_bin_type=True)
 
 
-def decode(frame: bytes) -> tuple[int, Message]:
+_new = object.__new__
+
+
+def decode(frame: bytes | bytearray | memoryview) -> tuple[int, Message]:
     """Parse and validate one frame; returns ``(request_id, message)`` or raises ProtocolError."""
     if not isinstance(frame, (bytes, bytearray, memoryview)):
         raise ProtocolError("frame is not bytes")
@@ -423,23 +465,29 @@ def decode(frame: bytes) -> tuple[int, Message]:
         )
     except Exception as e:  # msgpack raises several unrelated types on bad input
         raise ProtocolError(f"not a msgpack frame: {type(e).__name__}: {e}") from None
-    if not isinstance(obj, list) or len(obj) != 4:
+    if type(obj) is not list or len(obj) != 4:
         raise ProtocolError("frame is not [version, type, request_id, fields]")
     version, tag, request_id, body = obj
     if version != PROTOCOL_VERSION or type(version) is not int:
         raise ProtocolError(f"protocol version {version!r} is not supported (expected {PROTOCOL_VERSION})")
-    if not isinstance(tag, str) or tag not in _REGISTRY:
+    spec = _REGISTRY.get(tag) if type(tag) is str else None
+    if spec is None:
         raise ProtocolError(f"unknown message type {tag!r}")
     if type(request_id) is not int or not 0 <= request_id <= U64_MAX:
         raise ProtocolError("request id is not an unsigned 64-bit integer")
-    cls = _REGISTRY[tag]
-    spec = _SPECS[cls]
-    if not isinstance(body, list) or len(body) != len(spec):
-        raise ProtocolError(f"{tag}: expected {len(spec)} fields")
-    values = {}
-    for (name, typ, meta), value in zip(spec, body):
-        values[name] = _check(tag, name, typ, meta, value)
-    return request_id, cls(**values)
+    if type(body) is not list or len(body) != len(spec.names):
+        raise ProtocolError(f"{tag}: expected {len(spec.names)} fields")
+    for accept, value in zip(spec.accepts, body):
+        if not accept(value):
+            for (name, typ, meta), v in zip(spec.fields, body):
+                _check(tag, name, typ, meta, v)  # raises the detailed error
+            raise ProtocolError(f"{tag}: invalid fields")  # unreachable: _acceptor and _check agree
+    # Every field is valid: fill the frozen record directly (what its __init__ would store).
+    msg = _new(spec.cls)
+    msg.__dict__.update(zip(spec.names, body))
+    if spec.post_init:
+        msg.__post_init__()  # type: ignore[attr-defined]
+    return request_id, msg
 
 
 def _check(tag: str, name: str, typ: Any, meta: dict[str, int], value: Any) -> Any:

@@ -82,13 +82,27 @@ class RpcClient:
         # Do not queue requests for a peer that is gone; a call then times out quickly.
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
         self._sock.connect(endpoint)
+        # One poller for the socket's life: Socket.poll builds a new one every call.
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
 
     def call(self, msg: Message, timeout_s: float, expect: type[M]) -> M:
-        """Send ``msg`` and wait up to ``timeout_s`` for its reply of type ``expect``."""
-        reply = self.call_many([msg], timeout_s, expect)[0]
-        if isinstance(reply, RemoteError):
-            raise reply
-        return reply
+        """Send ``msg`` and wait up to ``timeout_s`` for its reply of type ``expect``.
+
+        The one-request path of :meth:`call_many` (the scheduler's lookups take it): no
+        per-call lists or maps. Raises RemoteError for an error reply, LeaderUnavailable on timeout.
+        """
+        request_id = next(self._ids)
+        deadline = time.monotonic() + timeout_s
+        self._send(encode(msg, request_id), deadline)
+        while True:
+            rid, reply = self._recv(deadline, timeout_s)
+            if rid == request_id:
+                break  # else a late reply to an earlier call that timed out (or a malformed one)
+        out = _typed(reply, expect)
+        if isinstance(out, RemoteError):
+            raise out
+        return out
 
     def call_many(self, msgs: Sequence[Message], timeout_s: float, expect: type[M]) -> list[M | RemoteError]:
         """Send every request at once, then collect the replies: one round trip for all.
@@ -99,37 +113,36 @@ class RpcClient:
         ids = [next(self._ids) for _ in msgs]
         deadline = time.monotonic() + timeout_s
         for request_id, msg in zip(ids, msgs):
-            frame = encode(msg, request_id)
-            while True:  # the connection may still be coming up (or the leader is gone)
-                try:
-                    self._sock.send(frame, zmq.NOBLOCK)
-                    break
-                except zmq.Again:
-                    if time.monotonic() >= deadline:
-                        raise LeaderUnavailable(f"leader at {self.endpoint} is not connected") from None
-                    time.sleep(0.005)
+            self._send(encode(msg, request_id), deadline)
         pending = {request_id: i for i, request_id in enumerate(ids)}
         out: list[M | RemoteError | None] = [None] * len(ids)
         while pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1):
-                raise LeaderUnavailable(f"no reply from the leader at {self.endpoint} within {timeout_s:g} s")
-            frame = self._sock.recv()
-            try:
-                rid, reply = decode(frame)
-            except ProtocolError as e:
-                log.warning("dropping a malformed reply from the leader: %s", e)
-                continue
+            rid, reply = self._recv(deadline, timeout_s)
             i = pending.pop(rid, None)
-            if i is None:
-                continue  # a late reply to an earlier call that timed out
-            if isinstance(reply, ErrorReply):
-                out[i] = RemoteError(reply.code, reply.message)
-            elif not isinstance(reply, expect):
-                out[i] = RemoteError("protocol", f"expected {expect.TAG}, got {reply.TAG}")
-            else:
-                out[i] = reply
+            if i is not None:  # else a late reply to an earlier call that timed out
+                out[i] = _typed(reply, expect)
         return [r for r in out if r is not None]
+
+    def _send(self, frame: bytes, deadline: float) -> None:
+        while True:  # the connection may still be coming up (or the leader is gone)
+            try:
+                self._sock.send(frame, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                if time.monotonic() >= deadline:
+                    raise LeaderUnavailable(f"leader at {self.endpoint} is not connected") from None
+                time.sleep(0.005)
+
+    def _recv(self, deadline: float, timeout_s: float) -> tuple[int, Message | None]:
+        """The next reply as (request id, message); (-1, None) for a malformed one (logged)."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not self._poller.poll(int(remaining * 1000) + 1):
+            raise LeaderUnavailable(f"no reply from the leader at {self.endpoint} within {timeout_s:g} s")
+        try:
+            return decode(self._sock.recv())
+        except ProtocolError as e:
+            log.warning("dropping a malformed reply from the leader: %s", e)
+            return -1, None
 
     def send(self, msg: Message) -> None:
         """Fire-and-forget (heartbeats, acks); dropped if the leader is not connected."""
@@ -140,3 +153,12 @@ class RpcClient:
 
     def close(self) -> None:
         self._sock.close(0)
+
+
+def _typed(reply: Message | None, expect: type[M]) -> M | RemoteError:
+    """A reply as the expected type, or the RemoteError it stands for."""
+    if isinstance(reply, expect):
+        return reply
+    if isinstance(reply, ErrorReply):
+        return RemoteError(reply.code, reply.message)
+    return RemoteError("protocol", f"expected {expect.TAG}, got {reply.TAG if reply is not None else 'nothing'}")

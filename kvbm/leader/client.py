@@ -129,7 +129,16 @@ class LeaderClient:
             self._logged = text
 
     def _call(self, msg: m.Message, expect: type[M]) -> M | None:
-        return self._call_many([msg], expect)[0]
+        """The reply, or None if it failed (one request: the lean path of :meth:`_call_many`)."""
+        if not self.is_ready():
+            return None
+        try:
+            return self._rpc.call(msg, self.timeout_s, expect)
+        except LeaderUnavailable as e:
+            self._down(str(e))
+        except RemoteError as e:
+            self._rejected(msg, e)
+        return None
 
     def _call_many(self, msgs: Sequence[m.Message], expect: type[M]) -> list[M | None]:
         """Replies in order (one round trip for all); None for each one that failed."""

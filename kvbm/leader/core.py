@@ -306,7 +306,7 @@ class LeaderCore:
             m.Heartbeat: self._on_heartbeat,
             m.TransferDone: self._on_transfer_done,
             m.GetStatus: lambda p, r, msg: self.status(),
-            m.Match: lambda p, r, msg: self.match(m.hash_array(_as(msg, m.Match).hashes)),
+            m.Match: self._on_match,
             m.PrepareLoad: lambda p, r, msg: self.prepare_load(m.unpack_hashes(_as(msg, m.PrepareLoad).hashes)),
             m.PollLoads: lambda p, r, msg: self.poll_loads(_as(msg, m.PollLoads).op_ids),
             m.AllocateStore: self._on_allocate_store,
@@ -532,6 +532,9 @@ class LeaderCore:
         if self.registry is None or self.registry.disk is None or not self.disk_enabled:
             return 0
         return self.registry.disk.capacity
+
+    def _on_match(self, peer: bytes, rid: int, msg: m.Message) -> m.Message:
+        return self.match(m.hash_array(_as(msg, m.Match).hashes))
 
     def match(self, hashes: np.ndarray) -> m.MatchReply:
         res = self._serving_registry().match(hashes)

@@ -100,6 +100,28 @@ class HashSlotTable:
             unsure = np.setdiff1d(unsure, special)
         return found, unsure
 
+    def not_near_home(self, q: np.ndarray) -> np.ndarray:
+        """Indices (ascending) of the hashes of the uint64 array ``q`` not found in their home
+        bucket or the next one: the absent ones, the few that sit further away and the aside
+        hashes. The cheap first pass of a prefix match (a handful of NumPy operations whatever
+        the length); a caller with a dict of the same hashes settles these in order."""
+        keys, mask = self._keys, self._mask
+        if not len(q):
+            return np.empty(0, np.intp)
+        aside = q.min() <= _TOMB  # the empty and tombstone keys are no hashes (practically never)
+        pos = q.view(np.int64) & mask  # the bucket index directly (the mask is < 2**63)
+        far = keys.take(pos) != q
+        if aside:
+            far |= q <= _TOMB
+        missed = far.nonzero()[0]  # q is 1-D: no flatnonzero (its ravel) needed
+        if len(missed):
+            qm = q.take(missed)
+            far = keys.take((pos.take(missed) + 1) & mask) != qm
+            if aside:
+                far |= qm <= _TOMB
+            missed = missed[far]
+        return missed
+
     def contains(self, hashes: np.ndarray) -> np.ndarray:
         """A bool per hash of the uint64 array ``hashes``: present in the table."""
         return self.probe(hashes)[0]

@@ -246,7 +246,20 @@ class TierPool:
 
     def match_prefix(self, hashes: Sequence[int] | np.ndarray, start: int = 0) -> int:
         """Number of consecutive registered hashes in ``hashes`` from index ``start``."""
-        return leading(self.contains(_hash_array(hashes, start)))
+        q = _hash_array(hashes, start)
+        registered = self._registered
+        if len(q) <= _DICT_WALK_MAX:  # NumPy's fixed cost per operation exceeds the walk
+            return len(list(itertools.takewhile(registered.__contains__, q.tolist())))
+        # The table settles most hashes in two buckets; the dict the rest, in order, up to the first
+        # miss. A chunk at a time: a prompt held only in part leaves every hash past the match
+        # unsure, and the walk stops at the first of them, so converting them all would be waste.
+        unsure = self._table.not_near_home(q)
+        for at in range(0, len(unsure), _DICT_WALK_MAX):
+            chunk = unsure[at : at + _DICT_WALK_MAX]
+            for i, h in zip(chunk.tolist(), q.take(chunk).tolist()):
+                if h not in registered:
+                    return i
+        return len(q)
 
     def contains(self, hashes: np.ndarray) -> np.ndarray:
         """A bool per hash of the uint64 array ``hashes``: registered (matchable) here."""
@@ -780,9 +793,14 @@ class BlockRegistry:
         wire bytes viewed as one, to skip any per-hash Python work); the lower tiers are probed
         only from the first block not in G2 on."""
         q = _hash_array(hashes, start)
+        if self.disk is None and self.object is None:  # G2 only: a prefix match, no per-hash answer
+            h = self.host.match_prefix(q)
+            return MatchResult(h, 0, (Tier.HOST,) * h)
+        # Lower tiers: where G2 ends the match continues through G2, G3 and G4 together, so the
+        # G2 answer per hash serves twice.
         on_host = self.host.contains(q)
         h = leading(on_host)
-        if (self.disk is None and self.object is None) or h == len(q):
+        if h == len(q):
             return MatchResult(h, 0, (Tier.HOST,) * h)
         rest = q[h:]
         none = np.zeros(len(rest), np.bool_)
