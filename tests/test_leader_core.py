@@ -445,6 +445,15 @@ def _disk_only_block(h: Harness, seq_hash: int) -> None:
     assert h.match([seq_hash]) == (0, 1)
 
 
+def _corrupt_on_disk(h: Harness, seq_hash: int) -> None:
+    """Change the disk copy's bytes behind the leader's back."""
+    reg = h.core.registry
+    assert reg is not None and reg.disk is not None
+    dslot = reg.disk.lookup(seq_hash)
+    assert dslot is not None
+    h.disk.disk[dslot * BB] ^= 0xFF
+
+
 def test_offloaded_block_is_matchable_on_disk_only_after_its_write(with_disk) -> None:
     h = with_disk()
     h.store([7])
@@ -475,11 +484,7 @@ def test_staging_from_disk_loads_then_the_block_is_back_in_g2(with_disk) -> None
 def test_staging_checksum_mismatch_fails_the_load_and_drops_the_block(with_disk) -> None:
     h = with_disk()
     _disk_only_block(h, 7)
-    reg = h.core.registry
-    assert reg is not None and reg.disk is not None
-    dslot = reg.disk.lookup(7)
-    assert dslot is not None
-    h.disk.disk[dslot * BB] ^= 0xFF  # the file's bytes changed behind the leader's back
+    _corrupt_on_disk(h, 7)
     load = h.load([7])
     h.io()
     assert h.poll(load.op_id) == ([], [load.op_id])
@@ -542,11 +547,7 @@ def test_a_second_load_of_a_block_being_staged_waits_for_the_same_read(with_disk
 def test_a_failed_shared_staging_read_fails_every_load_waiting_for_it(with_disk) -> None:
     h = with_disk()
     _disk_only_block(h, 7)
-    reg = h.core.registry
-    assert reg is not None and reg.disk is not None
-    dslot = reg.disk.lookup(7)
-    assert dslot is not None
-    h.disk.disk[dslot * BB] ^= 0xFF
+    _corrupt_on_disk(h, 7)
     first, second = h.load([7]), h.load([7])
     assert isinstance(h.ask(m.ReleaseOp(first.op_id)), m.Ack)  # one gives up before the read ends
     h.io()

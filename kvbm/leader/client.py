@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -229,21 +229,27 @@ class LeaderClient:
     def _saw_index(self, seq: int) -> None:
         self.index_seq = max(self.index_seq, seq)
 
+    def wait_stats(self, ok: Callable[[dict[str, float]], bool], what: str, timeout_s: float = 10.0) -> dict[str, float]:
+        """Ask for the leader's stats until ``ok(stats)``; returns them. TimeoutError naming
+        ``what`` after ``timeout_s`` (an unavailable leader answers empty stats)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            stats = self.stats()
+            if ok(stats):
+                return stats
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} not reached within {timeout_s:g} s: {stats}")
+            time.sleep(0.01)
+
     def wait_idle(self, timeout_s: float = 10.0) -> dict[str, float]:
         """Wait until the leader has applied every rank's ack and finished disk writes and object puts.
 
         Stores are asynchronous: a block is matchable only once every rank's ack has reached
         the leader. Returns the leader's stats; TimeoutError if it stays busy.
         """
-        deadline = time.monotonic() + timeout_s
-        while True:
-            stats = self.stats()
-            if stats.get("ops_in_flight", 1) == 0 and stats.get("disk_busy", 0) == 0 and \
-                    stats.get("object_busy", 0) == 0:
-                return stats
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"leader still has work in flight after {timeout_s:g} s: {stats}")
-            time.sleep(0.01)
+        return self.wait_stats(lambda st: st.get("ops_in_flight", 1) == 0 and st.get("disk_busy", 0) == 0
+                               and st.get("object_busy", 0) == 0, "leader idle (no op, disk write or object put in flight)",
+                               timeout_s)
 
     def index_since(self, seq: int) -> IndexDelta | None:
         """Index changes from sequence number ``seq`` on (0: a snapshot); None if unavailable.

@@ -15,10 +15,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
-
-if TYPE_CHECKING:
-    from kvbm.leader.client import LeaderClient
 
 
 @dataclass
@@ -55,18 +51,6 @@ class InstanceReport:
         return cls(**raw)
 
 
-def _wait_stats(client: "LeaderClient", ok: Callable[[dict[str, float]], bool], what: str,
-                timeout_s: float = 60.0) -> dict[str, float]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        stats = client.stats()
-        if ok(stats):
-            return stats
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout_s:g} s: {stats}")
-        time.sleep(0.05)
-
-
 def run(spec: InstanceSpec) -> InstanceReport:
     from kvbm.leader.client import LeaderClient
     from kvbm.vllm_integration.cpu_engine import CpuEngine, EngineOptions
@@ -75,7 +59,7 @@ def run(spec: InstanceSpec) -> InstanceReport:
     client = LeaderClient(eng.leader_endpoint, timeout_s=5.0)
     try:
         if spec.object_tier:  # on once the store answered the leader's start-up check
-            start = _wait_stats(client, lambda st: st.get("object_enabled") == 1.0, "object tier on")
+            start = client.wait_stats(lambda st: st.get("object_enabled") == 1.0, "object tier on", 60.0)
         else:
             start = client.stats()
         runs: dict[str, list[RunResult]] = {}
@@ -83,8 +67,8 @@ def run(spec: InstanceSpec) -> InstanceReport:
             comps = eng.run(prompts, spec.max_tokens)
             runs[name] = [RunResult(c.tokens, c.logprobs, c.cached_tokens) for c in comps]
             eng.settle_kvbm()
-        end = _wait_stats(client, lambda st: st.get("object_offloaded_blocks", 0) >= spec.object_blocks
-                          and st.get("object_busy", 0) == 0, f"{spec.object_blocks} blocks put in the store")
+        end = client.wait_stats(lambda st: st.get("object_offloaded_blocks", 0) >= spec.object_blocks
+                                and st.get("object_busy", 0) == 0, f"{spec.object_blocks} blocks put in the store", 60.0)
         pids = eng.leader_pids()
     finally:
         client.close()

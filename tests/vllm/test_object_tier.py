@@ -50,14 +50,7 @@ def _object_env(kvbm_env: Callable[..., str], srv: S3Server, **extra: str) -> st
 
 
 def _wait(eng: Engine, cond: Callable[[dict[str, float]], bool], what: str, timeout_s: float = 30.0) -> dict[str, float]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        st = eng.kvbm.client.stats()
-        if cond(st):
-            return st
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout_s:g} s: {st}")
-        time.sleep(0.02)
+    return eng.kvbm.client.wait_stats(cond, what, timeout_s)
 
 
 def _tier_on(eng: Engine) -> None:
