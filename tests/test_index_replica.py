@@ -8,6 +8,7 @@ The replica must answer exactly what the leader's Match answers for the same reg
 from __future__ import annotations
 
 import random
+import select
 import threading
 import time
 
@@ -16,6 +17,7 @@ import pytest
 
 from kvbm.connector.index import IndexFollower, IndexReplica
 from kvbm.ipc.messages import BlockEventKind
+from kvbm.ipc.transport import Interrupted
 from kvbm.leader.client import IndexDelta
 from kvbm.leader.registry import BlockRegistry, Tier
 
@@ -86,24 +88,37 @@ def test_matches_the_leader_registry_on_random_histories() -> None:
 
 
 class _Feed:
-    """An in-process leader stream: a snapshot at seq 0, then queued deltas; None = unavailable."""
+    """An in-process leader stream: a snapshot at seq 0, then queued deltas; None = unavailable.
+    A long-poll (``wait_ms`` > 0) waits for a delta, the wait's end or ``wake_fd``, like the leader."""
 
     def __init__(self) -> None:
         self.calls: list[int] = []
+        self.waits: list[int] = []
+        self.interrupted = 0
         self.lock = threading.Lock()
         self.pending: list[IndexDelta] = []
         self.down = False
 
-    def index_since(self, seq: int) -> IndexDelta | None:
+    def index_since(self, seq: int, wait_ms: int = 0, wake_fd: int | None = None) -> IndexDelta | None:
+        deadline = time.monotonic() + wait_ms / 1000
         with self.lock:
             self.calls.append(seq)
-            if self.down:
-                return None
-            if seq == 0:
-                return delta([(S, Tier.HOST, 1)], reset=True, next_seq=1)
-            if self.pending:
-                return self.pending.pop(0)
-            return delta([], next_seq=seq)
+            self.waits.append(wait_ms)
+        while True:
+            with self.lock:
+                if self.down:
+                    return None
+                if seq == 0:
+                    return delta([(S, Tier.HOST, 1)], reset=True, next_seq=1)
+                if self.pending:
+                    return self.pending.pop(0)
+            if time.monotonic() >= deadline:
+                return delta([], next_seq=seq)
+            if wake_fd is not None and select.select([wake_fd], [], [], 0.002)[0]:
+                with self.lock:
+                    self.interrupted += 1
+                raise Interrupted("woken")
+            time.sleep(0.002)
 
 
 def _until(cond, timeout_s: float = 5.0) -> None:
@@ -117,7 +132,7 @@ def test_follower_thread_keeps_the_replica_current_and_unsyncs_when_the_leader_g
     feed = _Feed()
     rep = IndexReplica()
     closed: list[object] = []
-    follower = IndexFollower(rep, lambda: feed, interval_s=0.001, close_source=closed.append).start()
+    follower = IndexFollower(rep, lambda: feed, close_source=closed.append).start()
     try:
         _until(lambda: rep.match([1]) == (1, 0))
         with feed.lock:
@@ -135,6 +150,49 @@ def test_follower_thread_keeps_the_replica_current_and_unsyncs_when_the_leader_g
     assert feed.calls[0] == 0 and 1 in feed.calls and 2 in feed.calls
 
 
-def test_follower_refuses_a_bad_interval() -> None:
-    with pytest.raises(ValueError, match="interval_s must be > 0 seconds, got 0"):
-        IndexFollower(IndexReplica(), _Feed, interval_s=0)
+def test_follower_long_polls_and_a_sync_cuts_a_parked_poll_short() -> None:
+    """Rounds after the snapshot are long-polls (no sleep between them, no round while nothing
+    changes); a sync gives up the parked one and is answered by a round asked at once."""
+    feed = _Feed()
+    rep = IndexReplica()
+    follower = IndexFollower(rep, lambda: feed, wait_s=30.0).start()
+    try:
+        _until(lambda: rep.match([1]) == (1, 0))
+        _until(lambda: 30_000 in feed.waits)  # parked: the feed holds it for up to 30 s
+        with feed.lock:
+            feed.pending.append(delta([(S, Tier.DISK, 2)], next_seq=2))
+        t0 = time.monotonic()
+        _until(lambda: rep.match([1, 2]) == (1, 1))  # the parked poll is answered by the change
+        assert time.monotonic() - t0 < 1.0
+        _until(lambda: feed.waits[-1] == 30_000 and feed.calls[-1] == 2)  # parked again
+        rounds = len(feed.calls)
+        t0 = time.monotonic()
+        assert follower.sync(5.0)
+        assert time.monotonic() - t0 < 1.0 and feed.interrupted == 1
+        assert feed.waits[rounds] == 0  # the round after the wake-up is answered at once
+        time.sleep(0.1)
+        assert len(feed.calls) <= rounds + 2  # idle: parked again, not polling
+    finally:
+        follower.stop()
+
+
+def test_follower_polls_every_interval_without_long_polls() -> None:
+    feed = _Feed()
+    rep = IndexReplica()
+    follower = IndexFollower(rep, lambda: feed, wait_s=0, interval_s=0.01).start()
+    try:
+        _until(lambda: len(feed.calls) > 5)
+        assert set(feed.waits) == {0}
+    finally:
+        follower.stop()
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    ({"wait_s": 0, "interval_s": 0}, "interval_s must be >= 0 seconds, and > 0 when wait_s is 0"),
+    ({"interval_s": -1}, "interval_s must be >= 0 seconds"),
+    ({"wait_s": -1}, r"wait_s must be in \[0, 60\] seconds, got -1"),
+    ({"wait_s": 61}, r"wait_s must be in \[0, 60\] seconds, got 61"),
+])
+def test_follower_refuses_bad_timing(kwargs, error) -> None:
+    with pytest.raises(ValueError, match=error):
+        IndexFollower(IndexReplica(), _Feed, **kwargs)

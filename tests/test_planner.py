@@ -47,11 +47,11 @@ def sim(make_config):
 
 
 def test_lookups_never_answer_from_an_index_older_than_the_planner_saw(sim: SimEngine) -> None:
-    """The follower here polls once a minute, so its replica stays as it was unless a lookup
+    """The follower here polls once a minute (no long-poll), so its replica stays as it was unless a lookup
     asks it to catch up: after the stats of an idle leader a lookup sees what was committed,
     after a reset it no longer claims what was dropped."""
     p = _prompt(6, 3)
-    follower = follow_leader(sim.endpoint, interval_s=60.0)
+    follower = follow_leader(sim.endpoint, wait_s=0, interval_s=60.0)
     planner = Planner(BS, sim.world_size, LeaderClient(sim.endpoint), replica=follower.replica)
     try:
         assert follower.sync(10.0)

@@ -11,14 +11,16 @@ again); a hash the leader already evicted is claimed, and the pin that follows (
 grants fewer blocks than asked, so the engine recomputes the rest through its load-error path.
 Either way the KV loaded is never wrong: only the leader's pin decides what is copied.
 
-:class:`IndexFollower` keeps a replica current from a background thread that waits in the
-source's ZMQ poll (which releases the GIL) or on an event, never spinning.
+:class:`IndexFollower` keeps a replica current from a background thread that long-polls the
+leader (waiting in the source's ZMQ poll, which releases the GIL), never spinning.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
+import select
 import threading
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -26,23 +28,28 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from kvbm.config import KvbmConfig
-from kvbm.ipc.messages import BlockEventKind
+from kvbm.ipc.messages import MAX_INDEX_WAIT_MS, BlockEventKind
+from kvbm.ipc.transport import Interrupted
 from kvbm.leader.client import IndexDelta, LeaderClient
 from kvbm.leader.index import MAX_REPLY_ENTRIES
 from kvbm.leader.registry import Tier
 
 log = logging.getLogger(__name__)
 
-# Between follower rounds. Each round takes the GIL from the engine's scheduler thread several
-# times (encode, send, poll, receive, apply); a lookup that must not see an older index wakes the
-# follower at once (IndexReplica.catch_up), so only fresh stores wait up to this long to be hits.
-IDLE_INTERVAL_S = 0.01
+# The longest a follower round waits at the leader for the index to move (a long-poll). Each
+# round takes the GIL from the engine's scheduler thread several times (encode, send, poll,
+# receive, apply): an idle leader costs one round per this long, and a change reaches the
+# replica one round trip after the leader made it.
+LONG_POLL_S = 1.0
 
 
 class IndexSource(Protocol):
-    """Where deltas come from (the leader client); None while the leader is unavailable."""
+    """Where deltas come from (the leader client); None while the leader is unavailable.
 
-    def index_since(self, seq: int) -> IndexDelta | None: ...
+    With ``wait_ms`` > 0 a long-poll (see :meth:`LeaderClient.index_since`) that raises
+    :class:`~kvbm.ipc.transport.Interrupted` when ``wake_fd`` becomes readable first."""
+
+    def index_since(self, seq: int, wait_ms: int = 0, wake_fd: int | None = None) -> IndexDelta | None: ...
 
 
 _HOST, _DISK = 1, 2  # tier bits of an entry
@@ -154,45 +161,84 @@ class IndexFollower:
     """Keeps an :class:`IndexReplica` current from a source, on its own daemon thread.
 
     ``make_source`` is called on that thread: the source (a leader client with its own
-    socket) is then used by that thread only. Each round asks ``index_since(replica.seq)``,
-    which blocks in the source's socket poll; between rounds the thread waits ``interval_s``
-    on an event (both release the GIL). A None answer (leader unavailable) unsyncs the
-    replica, so lookups fall back to the leader's Match until a fresh snapshot arrives.
-    :meth:`sync` waits until the replica holds everything the leader had when it was called.
+    socket) is then used by that thread only. Each round asks ``index_since(replica.seq)`` as a
+    long-poll of up to ``wait_s``: the leader answers as soon as its index moves past that
+    position (or with nothing after ``wait_s``), so a fresh store reaches the replica within a
+    round trip and an idle leader costs one round per ``wait_s``. The thread waits in the
+    source's socket poll, or between rounds ``interval_s`` on a pipe (both release the GIL).
+    ``wait_s`` = 0 polls every ``interval_s`` instead (each answer at once).
+
+    A None answer (leader unavailable) unsyncs the replica, so lookups fall back to the
+    leader's Match until a fresh snapshot arrives. :meth:`sync` and
+    :meth:`IndexReplica.catch_up` wake the thread: a parked poll is given up and the next round
+    is answered at once.
     """
 
     def __init__(self, replica: IndexReplica, make_source: Callable[[], IndexSource], *,
-                 interval_s: float = IDLE_INTERVAL_S, close_source: Callable[[IndexSource], None] | None = None) -> None:
-        if interval_s <= 0:
-            raise ValueError(f"interval_s must be > 0 seconds, got {interval_s}")
+                 wait_s: float = LONG_POLL_S, interval_s: float = 0.0,
+                 close_source: Callable[[IndexSource], None] | None = None) -> None:
+        if not 0 <= wait_s <= MAX_INDEX_WAIT_MS / 1000:
+            raise ValueError(f"wait_s must be in [0, {MAX_INDEX_WAIT_MS / 1000:g}] seconds, got {wait_s}")
+        if interval_s < 0 or (interval_s == 0 and wait_s == 0):
+            raise ValueError(f"interval_s must be >= 0 seconds, and > 0 when wait_s is 0 (polling), "
+                             f"got interval_s={interval_s}, wait_s={wait_s}")
         self.replica = replica
         self._make_source = make_source
         self._close_source = close_source
+        self._wait_ms = round(wait_s * 1000)
         self._interval_s = interval_s
         self._stop = threading.Event()
-        self._wake = threading.Event()  # set: start the next round now
+        # Readable: start the next round now, answered at once (a pipe, so the source's socket
+        # poll wakes on it too).
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._rounds = threading.Condition()
         self._started = 0  # rounds started
         self._caught_up = 0  # the last round that applied a complete (uncapped) answer
+        self.rounds_done = 0  # rounds that got an answer (a measure of the follower's cost)
         self._thread = threading.Thread(target=self._run, name="kvbm-index", daemon=True)
-        replica.request_round = self._wake.set
+        replica.request_round = self._wake
 
     def start(self) -> "IndexFollower":
         self._thread.start()
         return self
 
+    def _wake(self) -> None:
+        if self._wake_w < 0:
+            return  # stopped
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending (or the follower stopped)
+
+    def _woken(self) -> bool:
+        """Drain the wake-up pipe; True if a wake-up was pending."""
+        try:
+            return bool(os.read(self._wake_r, 4096))
+        except BlockingIOError:
+            return False
+
     def _run(self) -> None:
         source = self._make_source()
         try:
+            woken = True  # the first round is answered at once
             while not self._stop.is_set():
+                woken = self._woken() or woken
                 with self._rounds:
                     self._started += 1
                     round_no = self._started
-                delta = self._ask(source)
+                try:
+                    delta = self._ask(source, 0 if woken or not self.replica.synced else self._wait_ms)
+                except Interrupted:  # a sync or catch-up: give up the parked poll, ask again at once
+                    woken = True
+                    continue
+                woken = False
                 if delta is None:
                     self.replica.unsync()
                     self._pause(max(self._interval_s, 0.1))
                     continue
+                self.rounds_done += 1
                 try:
                     self.replica.apply(delta)
                 except ValueError as e:
@@ -203,38 +249,48 @@ class IndexFollower:
                     with self._rounds:
                         self._caught_up = round_no
                         self._rounds.notify_all()
-                    self._pause(self._interval_s)
+                    if self._interval_s:
+                        self._pause(self._interval_s)
         finally:
             if self._close_source is not None:
                 self._close_source(source)
 
-    def _ask(self, source: IndexSource) -> IndexDelta | None:
+    def _ask(self, source: IndexSource, wait_ms: int) -> IndexDelta | None:
+        seq = self.replica.seq if self.replica.synced else 0
         try:
-            return source.index_since(self.replica.seq if self.replica.synced else 0)
+            if wait_ms:
+                return source.index_since(seq, wait_ms, self._wake_r)
+            return source.index_since(seq)
+        except Interrupted:
+            raise
         except Exception as e:  # a follower bug must not take the engine down: fall back
             log.error("kvbm index follower: %s: %s; lookups go to the leader", type(e).__name__, e)
             return None
 
     def _pause(self, seconds: float) -> None:
-        self._wake.wait(seconds)
-        self._wake.clear()
+        """Wait ``seconds`` or until woken (the wake-up stays pending for the next round)."""
+        select.select([self._wake_r], [], [], seconds)
 
     def sync(self, timeout_s: float = 5.0) -> bool:
         """Wait until a round that started after this call has caught up with the leader;
         False if that took longer than ``timeout_s`` (leader unavailable, say)."""
         with self._rounds:
             target = self._started + 1
-            self._wake.set()
+            self._wake()
             return self._rounds.wait_for(lambda: self._caught_up >= target, timeout_s)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
-        self._wake.set()
+        self._wake()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+        if not self._thread.is_alive() and self._wake_w >= 0:  # a thread still running keeps its pipe
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
 
 
-def follow_leader(endpoint: str, *, interval_s: float = IDLE_INTERVAL_S) -> IndexFollower:
+def follow_leader(endpoint: str, *, wait_s: float = LONG_POLL_S, interval_s: float = 0.0) -> IndexFollower:
     """A started follower keeping a new replica current from the leader at ``endpoint``
     (its own client and socket, on the follower's thread)."""
 
@@ -242,7 +298,7 @@ def follow_leader(endpoint: str, *, interval_s: float = IDLE_INTERVAL_S) -> Inde
         assert isinstance(source, LeaderClient)
         source.close()
 
-    return IndexFollower(IndexReplica(), lambda: LeaderClient(endpoint), interval_s=interval_s,
+    return IndexFollower(IndexReplica(), lambda: LeaderClient(endpoint), wait_s=wait_s, interval_s=interval_s,
                          close_source=close).start()
 
 

@@ -21,12 +21,13 @@ import numpy as np
 
 from kvbm.hashing import hashes_from_bytes, hashes_to_bytes
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_FRAME_BYTES = 64 << 20
 MAX_LIST_LEN = 1 << 20
 MAX_STR_LEN = 4096
 MAX_HASHES = 1 << 18  # per request: a 4M-token prompt at block size 16
 U64_MAX = (1 << 64) - 1
+MAX_INDEX_WAIT_MS = 60_000  # the longest IndexSince long-poll a leader parks
 I64_MIN = -(1 << 63)
 
 
@@ -265,10 +266,15 @@ class TakeEvents(Message):
 @_register
 @dataclass(frozen=True)
 class IndexSince(Message):
-    """Index changes from sequence number ``seq`` on (0: from the start, always a snapshot)."""
+    """Index changes from sequence number ``seq`` on (0: from the start, always a snapshot).
+
+    ``wait_ms`` > 0 makes it a long-poll: when the leader has nothing past ``seq`` it answers
+    as soon as it has, or with no changes after ``wait_ms``; 0 answers at once.
+    """
 
     TAG: ClassVar[str] = "index_since"
     seq: int = _int(_bounds(0, U64_MAX))
+    wait_ms: int = _int(_bounds(0, MAX_INDEX_WAIT_MS))
 
 
 @_register

@@ -33,6 +33,10 @@ class LeaderUnavailable(RuntimeError):
     """The leader did not answer in time (dead, not started, or hung)."""
 
 
+class Interrupted(Exception):
+    """A call given up because its wake-up descriptor became readable; its late reply is dropped."""
+
+
 class RemoteError(RuntimeError):
     """The leader answered with an error reply."""
 
@@ -85,18 +89,21 @@ class RpcClient:
         # One poller for the socket's life: Socket.poll builds a new one every call.
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
+        self._wake_pollers: dict[int, zmq.Poller] = {}  # per wake-up descriptor of call()
 
-    def call(self, msg: Message, timeout_s: float, expect: type[M]) -> M:
+    def call(self, msg: Message, timeout_s: float, expect: type[M], *, wake_fd: int | None = None) -> M:
         """Send ``msg`` and wait up to ``timeout_s`` for its reply of type ``expect``.
 
         The one-request path of :meth:`call_many` (the scheduler's lookups take it): no
-        per-call lists or maps. Raises RemoteError for an error reply, LeaderUnavailable on timeout.
+        per-call lists or maps. Raises RemoteError for an error reply, LeaderUnavailable on timeout,
+        and Interrupted when ``wake_fd`` (a descriptor; the caller drains it) becomes readable first.
         """
         request_id = next(self._ids)
         deadline = time.monotonic() + timeout_s
         self._send(encode(msg, request_id), deadline)
+        poller = self._poller if wake_fd is None else self._wake_poller(wake_fd)
         while True:
-            rid, reply = self._recv(deadline, timeout_s)
+            rid, reply = self._recv(deadline, timeout_s, poller)
             if rid == request_id:
                 break  # else a late reply to an earlier call that timed out (or a malformed one)
         out = _typed(reply, expect)
@@ -133,11 +140,23 @@ class RpcClient:
                     raise LeaderUnavailable(f"leader at {self.endpoint} is not connected") from None
                 time.sleep(0.005)
 
-    def _recv(self, deadline: float, timeout_s: float) -> tuple[int, Message | None]:
+    def _wake_poller(self, wake_fd: int) -> zmq.Poller:
+        poller = self._wake_pollers.get(wake_fd)
+        if poller is None:
+            poller = self._wake_pollers[wake_fd] = zmq.Poller()
+            poller.register(self._sock, zmq.POLLIN)
+            poller.register(wake_fd, zmq.POLLIN)
+        return poller
+
+    def _recv(self, deadline: float, timeout_s: float, poller: zmq.Poller | None = None) -> tuple[int, Message | None]:
         """The next reply as (request id, message); (-1, None) for a malformed one (logged)."""
+        poller = poller or self._poller
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not self._poller.poll(int(remaining * 1000) + 1):
+        ready = poller.poll(int(remaining * 1000) + 1) if remaining > 0 else []
+        if not ready:
             raise LeaderUnavailable(f"no reply from the leader at {self.endpoint} within {timeout_s:g} s")
+        if poller is not self._poller and not any(s is self._sock for s, _ in ready):
+            raise Interrupted("woken while waiting for a reply")
         try:
             return decode(self._sock.recv())
         except ProtocolError as e:

@@ -128,12 +128,14 @@ class LeaderClient:
             log.warning("%s", text)
             self._logged = text
 
-    def _call(self, msg: m.Message, expect: type[M]) -> M | None:
-        """The reply, or None if it failed (one request: the lean path of :meth:`_call_many`)."""
+    def _call(self, msg: m.Message, expect: type[M], *, extra_s: float = 0.0, wake_fd: int | None = None) -> M | None:
+        """The reply, or None if it failed (one request: the lean path of :meth:`_call_many`).
+        ``extra_s``: how long the leader may hold the answer on purpose (a long-poll), on top of
+        the timeout; ``wake_fd``: see :meth:`RpcClient.call` (Interrupted passes through)."""
         if not self.is_ready():
             return None
         try:
-            return self._rpc.call(msg, self.timeout_s, expect)
+            return self._rpc.call(msg, self.timeout_s + extra_s, expect, wake_fd=wake_fd)
         except LeaderUnavailable as e:
             self._down(str(e))
         except RemoteError as e:
@@ -251,12 +253,15 @@ class LeaderClient:
                                and st.get("object_busy", 0) == 0, "leader idle (no op, disk write or object put in flight)",
                                timeout_s)
 
-    def index_since(self, seq: int) -> IndexDelta | None:
+    def index_since(self, seq: int, wait_ms: int = 0, wake_fd: int | None = None) -> IndexDelta | None:
         """Index changes from sequence number ``seq`` on (0: a snapshot); None if unavailable.
 
         One reply holds at most the leader's cap of changes: when ``next_seq`` moved, ask again.
+        ``wait_ms`` > 0: a long-poll; with nothing past ``seq`` the leader answers once it has
+        something, or with no changes after ``wait_ms``. Raises
+        :class:`~kvbm.ipc.transport.Interrupted` when ``wake_fd`` becomes readable first.
         """
-        reply = self._call(m.IndexSince(seq), m.IndexUpdates)
+        reply = self._call(m.IndexSince(seq, wait_ms), m.IndexUpdates, extra_s=wait_ms / 1000, wake_fd=wake_fd)
         if reply is None:
             return None
         return IndexDelta(

@@ -39,6 +39,7 @@ from kvbm.leader.admission import FrequencyFilter
 from kvbm.leader.disk import BlockKey
 from kvbm.leader.index import IndexLog
 from kvbm.leader.ops import Op, OpKind
+from kvbm.leader.polls import ParkedPoll, ParkedPolls
 from kvbm.leader.registry import BlockEvent, BlockRegistry, Tier, TierPool
 from kvbm.leader.objects import GetStatus
 from kvbm.leader.storage import (
@@ -280,6 +281,7 @@ class LeaderCore:
         self._deadline = now + config.init_timeout_s
         ring = {} if index_ring_entries is None else {"ring_entries": index_ring_entries}
         self.index = IndexLog(first_seq=index_first_seq, **ring)
+        self.polls = ParkedPolls()  # IndexSince long-polls waiting for the index to move
         # The disk tier (G3); on only when the storage has disk I/O.
         self.disk_counters = DiskCounters()
         self.disk_enabled = False
@@ -313,7 +315,7 @@ class LeaderCore:
             m.ReleaseOp: lambda p, r, msg: self.release_op(_as(msg, m.ReleaseOp).op_id),
             m.GetStats: lambda p, r, msg: m.StatsReply(self.stats().flat(), self.index.next_seq),
             m.TakeEvents: lambda p, r, msg: self.take_events(),
-            m.IndexSince: lambda p, r, msg: self.index_since(_as(msg, m.IndexSince).seq),
+            m.IndexSince: self._on_index_since,
             m.LookupReport: lambda p, r, msg: self.lookup_report(_as(msg, m.LookupReport)),
             m.ResetCache: lambda p, r, msg: self.reset_cache(),
             m.Shutdown: self._on_shutdown,
@@ -666,6 +668,32 @@ class LeaderCore:
         if self.registry is None or self.state not in (LeaderState.READY, LeaderState.DEGRADED):
             self._serving_registry()  # raises the reason
         return self.index.since(seq)
+
+    def _on_index_since(self, peer: bytes, rid: int, msg: m.Message) -> m.Message | None:
+        msg = _as(msg, m.IndexSince)
+        self.polls.forget(peer)  # a client that asks again gave up on its parked poll
+        reply = self.index_since(msg.seq)  # raises while not serving, parks nothing then
+        if (msg.wait_ms and msg.seq == self.index.next_seq
+                and self.polls.park(ParkedPoll(peer, rid, msg.seq, self._now + msg.wait_ms / 1000))):
+            return None  # nothing new yet: answered by answer_polls
+        return reply
+
+    def answer_polls(self, now: float) -> list[Outbound]:
+        """Answers to the parked IndexSince long-polls that are due at ``now``: the index moved
+        past their position, or their wait is over (an answer with no changes). Cheap when none
+        is parked: the transport calls it after everything that may change the index."""
+        return [self._answer_poll(p) for p in self.polls.due(self.index.next_seq, now)]
+
+    def drain_polls(self) -> list[Outbound]:
+        """Answers to every parked long-poll now (the leader is shutting down)."""
+        return [self._answer_poll(p) for p in self.polls.take_all()]
+
+    def _answer_poll(self, poll: ParkedPoll) -> Outbound:
+        try:
+            reply: m.Message = self.index_since(poll.seq)
+        except RequestRejected as e:
+            reply = self.reject(e.code, str(e))
+        return Outbound(poll.peer, poll.request_id, reply)
 
     def reset_cache(self) -> m.Ack:
         """Forget every unpinned block of every tier (objects stay in the store: other instances

@@ -3,7 +3,8 @@
 Ranks (TP workers) and scheduler-side clients send requests; this module decodes and validates
 each frame (a bad one gets an ErrorReply and changes nothing), hands the message with the time
 to the core, and sends what the core returns. It also runs the timers (the core's ``tick``) and
-applies disk and object-store completions when their threads wake the loop. All block state, and the rule that
+applies disk and object-store completions when their threads wake the loop. IndexSince long-polls
+the core parked are answered at the end of each loop round, once the index moved or their wait ended. All block state, and the rule that
 a block is matchable only after every rank acknowledged it, live in :mod:`kvbm.leader.core`.
 """
 
@@ -85,6 +86,10 @@ class LeaderServer:
             if now >= next_tick:
                 self._periodic(now)
                 next_tick = now + 0.05
+            # After everything above that may have moved the index; also expires waits at the
+            # loop's poll granularity (50 ms at most).
+            self._send(self.core.answer_polls(now))
+        self._send(self.core.drain_polls())  # parked long-polls are answered, not left to time out
 
     def _serve_waiting(self) -> None:
         """Serve the requests waiting, up to a bounded batch (then the loop's periodic work runs).
