@@ -17,6 +17,7 @@ from kvbm.ipc import messages as m
 from kvbm.ipc.messages import BlockEventKind
 from kvbm.leader.core import OP_TIMEOUT_S, LeaderCore, LeaderState, Outbound
 from kvbm.leader.index import IndexLog
+from kvbm.leader.polls import ParkedPolls
 from kvbm.leader.disk import BlockKey, StoredBlock
 from kvbm.leader.registry import Tier
 from kvbm.leader.objects import GetStatus
@@ -654,10 +655,79 @@ def test_index_since_caps_one_reply(host_only) -> None:
     assert got == list(range(1, 11))
 
 
+def _park(h: Harness, peer: bytes, seq: int, wait_ms: int) -> int:
+    """Send a long-poll that the core parks; its request id."""
+    assert h.send(peer, m.IndexSince(seq, wait_ms)) == []
+    return h.rid
+
+
+def test_a_long_poll_is_parked_until_the_index_moves(host_only) -> None:
+    h = host_only(host=8)
+    seq = h.since(0).next_seq
+    rid = _park(h, b"f1", seq, 500)
+    assert h.core.answer_polls(h.now) == [] and h.stats()["index_polls_parked"] == 1
+    h.store([1, 2])
+    out = h.core.answer_polls(h.now)  # what the server calls after handling the acks
+    assert [(o.peer, o.request_id) for o in out] == [(b"f1", rid)]
+    u = out[0].message
+    assert isinstance(u, m.IndexUpdates) and _entries(u) == [(STORED, Tier.HOST, 1), (STORED, Tier.HOST, 2)]
+    assert h.stats()["index_polls_parked"] == 0 and h.core.answer_polls(h.now + 10) == []
+
+
+def test_a_long_poll_times_out_with_no_changes(host_only) -> None:
+    h = host_only()
+    seq = h.since(0).next_seq
+    rid = _park(h, b"f1", seq, 500)
+    assert h.core.answer_polls(h.now + 0.499) == []
+    out = h.core.answer_polls(h.now + 0.5)  # the follower is gone or idle: nothing is left behind
+    assert out == [Outbound(b"f1", rid, m.IndexUpdates(False, seq, b"", b"", b""))]
+    assert len(h.core.polls) == 0
+
+
+def test_several_long_polls_park_at_once_one_per_peer(host_only) -> None:
+    h = host_only()
+    seq = h.since(0).next_seq
+    rids = {peer: _park(h, peer, seq, 1000) for peer in (b"f1", b"f2", b"f3")}
+    rids[b"f1"] = _park(h, b"f1", seq, 1000)  # f1 asked again (gave up): its first poll is dropped
+    assert len(h.core.polls) == 3
+    h.store([7])
+    out = h.core.answer_polls(h.now)
+    assert sorted((o.peer, o.request_id) for o in out) == sorted(rids.items())
+    assert all(_entries(o.message) == [(STORED, Tier.HOST, 7)] for o in out)  # type: ignore[arg-type]
+    rid = _park(h, b"f2", seq + 1, 1000)
+    assert h.core.drain_polls() == [Outbound(b"f2", rid, m.IndexUpdates(False, seq + 1, b"", b"", b""))]
+    assert len(h.core.polls) == 0
+
+
+def test_a_long_poll_with_something_to_say_is_answered_at_once(host_only) -> None:
+    h = host_only()
+    seq = h.since(0).next_seq
+    h.store([1])
+    assert _entries(h.ask(m.IndexSince(seq, 1000))) == [(STORED, Tier.HOST, 1)]  # type: ignore[arg-type]
+    assert h.ask(m.IndexSince(0, 1000)).reset  # type: ignore[union-attr]
+    assert h.ask(m.IndexSince(seq + 99, 1000)).reset  # type: ignore[union-attr]  # a position never issued
+    h.core.polls = ParkedPolls(limit=1)
+    _park(h, b"f1", seq + 1, 1000)
+    assert h.ask(m.IndexSince(seq + 1, 1000), peer=b"f2") == m.IndexUpdates(False, seq + 1, b"", b"", b"")  # full
+    assert len(h.core.polls) == 1
+
+
+def test_a_long_poll_is_not_parked_by_a_leader_that_cannot_serve(make_config) -> None:
+    core = LeaderCore(make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8"), lambda *a: MemStorage(*a[:3]),
+                      now=0.0)  # no rank registered yet
+    out = core.handle(b"f1", 1, m.IndexSince(1, 1000), 0.0)
+    assert len(out) == 1 and isinstance(out[0].message, m.ErrorReply) and out[0].message.code == "not_ready"
+    assert len(core.polls) == 0
+
+
 def test_index_updates_validate_on_the_wire() -> None:
     good = m.IndexUpdates(True, 5, bytes([0, 1]), bytes([2, 3]), m.pack_hashes([1, 2]))
     assert m.decode(m.encode(good, 9)) == (9, good)
-    assert m.decode(m.encode(m.IndexSince(2**64 - 1)))[1] == m.IndexSince(2**64 - 1)
+    assert m.decode(m.encode(m.IndexSince(2**64 - 1, m.MAX_INDEX_WAIT_MS)))[1] == m.IndexSince(2**64 - 1, 60_000)
+    for bad, why in ((m.MAX_INDEX_WAIT_MS + 1, "index_since.wait_ms: 60001 is out of range"),
+                     (-1, "index_since.wait_ms: -1 is out of range"), (1.5, "index_since.wait_ms: expected an integer")):
+        with pytest.raises(m.ProtocolError, match=why):
+            m.decode(m.encode(m.IndexSince(1, bad)))  # type: ignore[arg-type]
     with pytest.raises(m.ProtocolError, match="same entries"):
         m.IndexUpdates(False, 1, b"\x00", b"\x02", b"")
     with pytest.raises(m.ProtocolError, match="not block event kinds"):

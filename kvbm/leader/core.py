@@ -204,6 +204,7 @@ class LeaderStats:
     disk_tier: DiskTierStats | None = None
     object: PoolStats | None = None
     object_tier: ObjectTierStats | None = None
+    index_polls_parked: int = 0  # IndexSince long-polls waiting for the index to move
 
     def flat(self) -> dict[str, float]:
         """The StatsReply form: ``name -> value``, pool and tier fields prefixed ``host_`` / ``disk_`` /
@@ -213,6 +214,7 @@ class LeaderStats:
         out["ranks_alive"] = float(self.ranks_alive)
         out["world_size"] = float(self.world_size)
         out["ops_in_flight"] = float(self.ops_in_flight)
+        out["index_polls_parked"] = float(self.index_polls_parked)
         for prefix, pool in (("host", self.host), ("disk", self.disk), ("object", self.object)):
             if pool is not None:
                 out.update({f"{prefix}_{k}": float(v) for k, v in vars(pool).items()})
@@ -1144,6 +1146,7 @@ class LeaderCore:
             object_tier=ObjectTierStats(self.object_enabled, len(self._object_puts), len(self._asking),
                                         dataclasses.replace(self.object_counters), self.object_disabled_reason)
             if reg is not None and reg.object is not None else None,
+            index_polls_parked=len(self.polls),
         )
 
     @property
