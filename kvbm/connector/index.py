@@ -165,8 +165,9 @@ class IndexFollower:
     long-poll of up to ``wait_s``: the leader answers as soon as its index moves past that
     position (or with nothing after ``wait_s``), so a fresh store reaches the replica within a
     round trip and an idle leader costs one round per ``wait_s``. The thread waits in the
-    source's socket poll, or between rounds ``interval_s`` on a pipe (both release the GIL).
-    ``wait_s`` = 0 polls every ``interval_s`` instead (each answer at once).
+    source's socket poll, or ``interval_s`` after each answer on a pipe (both release the GIL):
+    > 0 caps the rounds a busy leader causes, at that much added staleness. ``wait_s`` = 0
+    polls every ``interval_s`` instead (each answer at once).
 
     A None answer (leader unavailable) unsyncs the replica, so lookups fall back to the
     leader's Match until a fresh snapshot arrives. :meth:`sync` and
@@ -179,7 +180,7 @@ class IndexFollower:
                  close_source: Callable[[IndexSource], None] | None = None) -> None:
         if not 0 <= wait_s <= MAX_INDEX_WAIT_MS / 1000:
             raise ValueError(f"wait_s must be in [0, {MAX_INDEX_WAIT_MS / 1000:g}] seconds, got {wait_s}")
-        if interval_s < 0 or (interval_s == 0 and wait_s == 0):
+        if interval_s < 0 or (interval_s == 0 and round(wait_s * 1000) == 0):
             raise ValueError(f"interval_s must be >= 0 seconds, and > 0 when wait_s is 0 (polling), "
                              f"got interval_s={interval_s}, wait_s={wait_s}")
         self.replica = replica
@@ -196,7 +197,6 @@ class IndexFollower:
         self._rounds = threading.Condition()
         self._started = 0  # rounds started
         self._caught_up = 0  # the last round that applied a complete (uncapped) answer
-        self.rounds_done = 0  # rounds that got an answer (a measure of the follower's cost)
         self._thread = threading.Thread(target=self._run, name="kvbm-index", daemon=True)
         replica.request_round = self._wake
 
@@ -238,7 +238,6 @@ class IndexFollower:
                     self.replica.unsync()
                     self._pause(max(self._interval_s, 0.1))
                     continue
-                self.rounds_done += 1
                 try:
                     self.replica.apply(delta)
                 except ValueError as e:
