@@ -7,9 +7,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
+import pytest
 import zmq
 
 from kvbm.connector.index import follow_leader
@@ -118,62 +119,63 @@ def test_a_parked_long_poll_is_answered_right_after_a_commit(make_config) -> Non
         assert lags[len(lags) // 2] < 0.05, lags  # a push, not the end of a 30 s wait
 
 
-def test_a_long_poll_on_an_idle_leader_ends_empty_after_its_wait(make_config) -> None:
+@pytest.fixture
+def idle_leader(make_config) -> Iterator[tuple[SimEngine, LeaderClient]]:
+    """A one-rank engine whose planner keeps no replica (index polls come only from the test),
+    and its leader client."""
     with SimEngine(make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8", DYN_KVBM_INDEX_REPLICA="0"),
                    world_size=1, model=_MODEL) as sim:
-        client = sim.client
-        assert client is not None
-        snap = client.index_since(0)
-        assert snap is not None
-        t0 = time.monotonic()
-        d = client.index_since(snap.next_seq, 300)
-        took = time.monotonic() - t0
-        assert d is not None and not d.reset and d.next_seq == snap.next_seq and d.hashes.size == 0
-        assert 0.25 <= took < 3.0, took
-        assert _parked(client) == 0
+        assert sim.client is not None
+        yield sim, sim.client
 
 
-def test_a_follower_killed_while_parked_leaves_nothing_behind(make_config) -> None:
-    with SimEngine(make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8", DYN_KVBM_INDEX_REPLICA="0"),
-                   world_size=1, model=_MODEL) as sim:
-        client = sim.client
-        assert client is not None
-        code = ("import sys; from kvbm.leader.client import LeaderClient; c = LeaderClient(sys.argv[1], timeout_s=5); "
-                "d = c.index_since(0); print('parked', flush=True); c.index_since(d.next_seq, 500)")
-        proc = subprocess.Popen([sys.executable, "-c", code, sim.endpoint], stdout=subprocess.PIPE, text=True)
-        try:
-            assert proc.stdout is not None and proc.stdout.readline().strip() == "parked"
-            _until(lambda: _parked(client) == 1, "the poll to park")
+def test_a_long_poll_on_an_idle_leader_ends_empty_after_its_wait(idle_leader: tuple[SimEngine, LeaderClient]) -> None:
+    sim, client = idle_leader
+    snap = client.index_since(0)
+    assert snap is not None
+    t0 = time.monotonic()
+    d = client.index_since(snap.next_seq, 300)
+    took = time.monotonic() - t0
+    assert d is not None and not d.reset and d.next_seq == snap.next_seq and d.hashes.size == 0
+    assert 0.25 <= took < 3.0, took
+    assert _parked(client) == 0
+
+
+def test_a_follower_killed_while_parked_leaves_nothing_behind(idle_leader: tuple[SimEngine, LeaderClient]) -> None:
+    sim, client = idle_leader
+    code = ("import sys; from kvbm.leader.client import LeaderClient; c = LeaderClient(sys.argv[1], timeout_s=5); "
+            "d = c.index_since(0); print('parked', flush=True); c.index_since(d.next_seq, 500)")
+    proc = subprocess.Popen([sys.executable, "-c", code, sim.endpoint], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "parked"
+        _until(lambda: _parked(client) == 1, "the poll to park")
+        proc.kill()
+        proc.wait(5.0)
+    finally:
+        if proc.poll() is None:
             proc.kill()
             proc.wait(5.0)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5.0)
-        _until(lambda: _parked(client) == 0, "the parked poll to expire", 5.0)
-        assert client.index_since(0) is not None  # the leader serves on
+    _until(lambda: _parked(client) == 0, "the parked poll to expire", 5.0)
+    assert client.index_since(0) is not None  # the leader serves on
 
 
-def test_a_bad_wait_is_rejected_and_parks_nothing(make_config) -> None:
-    with SimEngine(make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8", DYN_KVBM_INDEX_REPLICA="0"),
-                   world_size=1, model=_MODEL) as sim:
-        client = sim.client
-        assert client is not None
-        snap = client.index_since(0)
-        assert snap is not None
-        sock = zmq.Context.instance().socket(zmq.DEALER)  # raw frames: a bad one is answered with request id 0
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(sim.endpoint)
-        try:
-            for bad in (MAX_INDEX_WAIT_MS + 1, -1, 2.5, "1"):
-                sock.send(encode(IndexSince(snap.next_seq, bad)))  # type: ignore[arg-type]
-                assert sock.poll(5000), "no answer"
-                _, reply = decode(sock.recv())
-                assert isinstance(reply, ErrorReply) and reply.code == "bad_request", reply
-                assert "index_since.wait_ms" in reply.message, reply.message
-        finally:
-            sock.close(0)
-        assert _parked(client) == 0
+def test_a_bad_wait_is_rejected_and_parks_nothing(idle_leader: tuple[SimEngine, LeaderClient]) -> None:
+    sim, client = idle_leader
+    snap = client.index_since(0)
+    assert snap is not None
+    sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)  # raw frames: a bad one is answered with request id 0
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(sim.endpoint)
+    try:
+        for bad in (MAX_INDEX_WAIT_MS + 1, -1, 2.5, "1"):
+            sock.send(encode(IndexSince(snap.next_seq, bad)))  # type: ignore[arg-type]
+            assert sock.poll(5000), "no answer"
+            _, reply = decode(sock.recv())
+            assert isinstance(reply, ErrorReply) and reply.code == "bad_request", reply
+            assert "index_since.wait_ms" in reply.message, reply.message
+    finally:
+        sock.close(0)
+    assert _parked(client) == 0
 
 
 def _until(cond: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
