@@ -521,7 +521,8 @@ class LeaderCore:
         reg = self.registry
         return m.Status(
             state=self.state.value,
-            error=self.error,
+            # While waiting, say for whom: an engine's start-up wait reports it at its deadline.
+            error=self.error or (self.world.describe_missing() if self.state is LeaderState.WAITING else ""),
             world_size=self.world.world_size or 0,
             num_host_blocks=reg.host.capacity if reg else 0,
             num_disk_blocks=self.disk_capacity(),

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from kvbm.vllm_integration.connector import DynamoConnector, DynamoConnectorMetadata  # noqa: E402
-from kvbm.vllm_integration.connector.common import owned_leader  # noqa: E402
+from kvbm.connector.bootstrap import owned_leader  # noqa: E402
 from kvbm.bench.vllm_harness import Engine, ProcWorker, gen_token  # noqa: E402
 
 pytestmark = pytest.mark.vllm

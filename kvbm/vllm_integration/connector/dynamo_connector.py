@@ -27,14 +27,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from kvbm.connector.bootstrap import ensure_leader, stop_leader
 from kvbm.leader.client import LeaderClient
 from kvbm.leader.registry import Tier
 from kvbm.vllm_integration.connector.common import (
     UnsupportedSetup,
     check_supported,
-    ensure_leader,
     settings_for,
-    stop_leader,
     worker_rank,
 )
 from kvbm.vllm_integration.connector.metadata import (

@@ -18,7 +18,7 @@ from kvbm.hashing import salt_hash
 from kvbm.ipc.messages import BlockEventKind
 from kvbm.leader.client import LeaderClient
 from kvbm.leader.registry import Tier
-from kvbm.vllm_integration.connector.common import Settings
+from kvbm.connector.bootstrap import Instance
 from kvbm.vllm_integration.connector.metadata import (
     DynamoConnectorMetadata,
     DynamoWorkerMetadata,
@@ -43,7 +43,7 @@ def cacheable(request: "Request") -> bool:
 class KvbmScheduler:
     """Scheduler-side state of one engine. Not thread-safe (vLLM calls it from one thread)."""
 
-    def __init__(self, settings: Settings, client: LeaderClient, *, events_enabled: bool) -> None:
+    def __init__(self, settings: Instance, client: LeaderClient, *, events_enabled: bool) -> None:
         self.settings = settings
         self.block_size = settings.block_size
         self.client = client

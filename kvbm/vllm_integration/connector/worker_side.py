@@ -20,7 +20,7 @@ import logging
 from typing import Any, Mapping
 
 from kvbm.connector.worker import LoadDone, StoreDone, WorkerOps
-from kvbm.vllm_integration.connector.common import Settings
+from kvbm.connector.bootstrap import Instance
 from kvbm.vllm_integration.connector.metadata import (
     DynamoConnectorMetadata,
     DynamoWorkerMetadata,
@@ -35,7 +35,7 @@ log = logging.getLogger("kvbm.vllm")
 class KvbmWorker:
     """One rank's connector state. vLLM calls it from the model runner's thread only."""
 
-    def __init__(self, settings: Settings, rank: int) -> None:
+    def __init__(self, settings: Instance, rank: int) -> None:
         self.settings = settings
         self.rank = rank
         self.ops = WorkerOps(rank)
