@@ -36,7 +36,9 @@ def mpirun(scenario: str, result: str, timeout_s: float) -> dict[str, Any]:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     # A rank waiting in a collective yields its core (this machine may have fewer cores than ranks).
     env["OMPI_MCA_mpi_yield_when_idle"] = "1"
-    cmd = [MPIRUN, "-n", "2", "--oversubscribe", sys.executable, os.path.join(HERE, "tp_engine.py"), scenario, result]
+    # ``-m mpi4py``: an exception on one rank aborts the job instead of leaving the other waiting.
+    cmd = [MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-m", "mpi4py", os.path.join(HERE, "tp_engine.py"),
+           scenario, result]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout_s)
@@ -70,13 +72,13 @@ def test_tp2_under_mpirun_first_request_stored_second_hits(trt_env, tmp_path):
     # The very first request after start is stored (wait_for_initialization was the only wait).
     first = r["first"]
     assert first["errors"] == [] and first["external_tokens"] == 0
-    assert first["counters"]["offload_blocks"] == 3, first
+    assert first["counters"].get("offload_blocks", 0) == 3, first
     # The same request again, the engine's own cache dropped: all 3 full blocks from kvbm,
     # every byte checked on both ranks.
     second = r["second"]
     assert second["errors"] == [], second["errors"][:5]
     assert second["external_tokens"] == 3 * BLOCK
-    assert second["counters"]["hit_host_tokens"] == 3 * BLOCK, second
+    assert second["counters"].get("hit_host_tokens", 0) == 3 * BLOCK, second
     batch = r["batch"]
     assert batch["errors"] == [], batch["errors"][:5]
     assert batch["external_tokens"] >= 4 * 3 * BLOCK

@@ -5,8 +5,9 @@ Every rank brings its connector up as TensorRT-LLM does (trt_executor.start_engi
 runs the executor loop and the scenario and writes what it saw to RESULT_JSON, the other ranks
 follow rank 0's broadcasts. Scenarios:
 
-* ``serve``: the first request right after start, then the same request again after the
-  engine's own cache is dropped, then a batch with decodes, twice;
+* ``serve``: rank 1 is slow to register its pool; the first request right after start, then
+  the same request again after the engine's own cache is dropped, then a batch with decodes,
+  twice;
 * ``never_arrives``: the last rank joins the instance name's broadcast but never registers its
   pool (a rank stuck at start), so rank 0's start must fail with KvbmNotReady.
 """
@@ -28,6 +29,7 @@ from trt_executor import Executor, serve_rank, start_engine  # noqa: E402
 from kvbm.connector.bootstrap import KvbmNotReady, owned_leader  # noqa: E402
 
 BLOCK = 16
+SLOW_RANK_S = 3.0
 
 
 def prompts(n: int, length: int, seed: int) -> list[list[int]]:
@@ -89,7 +91,9 @@ def main() -> None:
             mpi_broadcast("done", root=0)  # lets the stuck rank exit
         return
     if scenario == "serve":
-        host, _ = start_engine(BLOCK, tp, rank, 64, 0)
+        # A slow rank: rank 0's first request comes right after its start, before this rank
+        # registered, unless wait_for_initialization holds the engine back.
+        host, _ = start_engine(BLOCK, tp, rank, 64, 0, register_after_s=SLOW_RANK_S)
         serve_rank(host)
         return
     # A rank stuck at start: it built its worker (joining the name's broadcast) and never

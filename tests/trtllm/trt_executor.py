@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -116,9 +117,12 @@ class RankHost:
         self.worker.shutdown()
 
 
-def start_engine(block_size: int, tp: int, rank: int, num_blocks: int, seed: int) -> tuple[RankHost, Any]:
+def start_engine(block_size: int, tp: int, rank: int, num_blocks: int, seed: int,
+                 register_after_s: float = 0.0) -> tuple[RankHost, Any]:
     """One rank's connector bring-up in TensorRT-LLM's order; returns the rank and (rank 0) the
-    scheduler. ``wait_for_initialization``'s error stops the start, as it stops the engine."""
+    scheduler. ``wait_for_initialization``'s error stops the start, as it stops the engine.
+    ``register_after_s`` makes this rank slow to reach ``register_kv_caches`` (its model loads
+    longer): rank 0 must not serve before it did."""
     from kvbm.trtllm_integration.connector import DynamoKVBMConnectorLeader, DynamoKVBMConnectorWorker
 
     args = llm_args(block_size, tp, rank)
@@ -127,8 +131,8 @@ def start_engine(block_size: int, tp: int, rank: int, num_blocks: int, seed: int
         worker_task = pool.submit(DynamoKVBMConnectorWorker, args)
         scheduler = pool.submit(DynamoKVBMConnectorLeader, args).result() if rank == 0 else None
         worker = worker_task.result()
-    host: RankHost | None = None
     try:
+        time.sleep(register_after_s)
         host = RankHost(worker, block_size, rank, num_blocks, seed)
         if scheduler is not None:
             scheduler.wait_for_initialization()
