@@ -3,6 +3,7 @@ every loaded byte checked against the KV oracle (see tests/trtllm/trt_executor.p
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -210,3 +211,20 @@ def test_a_page_outside_the_window_stops_storing_the_request(executor):
     t = ex.run()
     assert t.errors == [] and ex.load_failures() == 0
     assert counters(ex)["offload_blocks"] == 2  # the blocks its decoding completed are not stored
+
+
+def test_a_process_alone_names_each_engine_apart(trt_env, monkeypatch):
+    from trt_executor import llm_args
+
+    from kvbm.config import load_config
+    from kvbm.trtllm_integration.connector.settings import agree_instance_name
+
+    config = load_config()
+    a, b = llm_args(16, 1, 0), llm_args(16, 1, 0)
+    name = agree_instance_name(a, config)
+    assert name.startswith("trtllm-") and f"-{os.getpid()}-" in name
+    assert agree_instance_name(a, config) == name  # the engine's other role
+    assert agree_instance_name(b, config) != name  # another engine in the same process
+    monkeypatch.setenv("DYN_KVBM_LEADER_ENDPOINT", "tcp://127.0.0.1:5999")
+    given = load_config()
+    assert agree_instance_name(a, given) == agree_instance_name(b, given) != name  # named by the endpoint

