@@ -56,6 +56,20 @@ def engine(scenario: str, result: str, timeout_s: float) -> dict[str, Any]:
     return data
 
 
+def strays(run_dir: str) -> list[str]:
+    """Command lines of processes still naming ``run_dir`` (a leader's endpoint is under it)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if run_dir in cmd:
+            out.append(f"{pid}: {cmd}")
+    return out
+
+
 def gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -65,7 +79,7 @@ def gone(pid: int) -> bool:
 
 
 def test_tp2_under_mpirun_first_request_stored_second_hits(trt_env, tmp_path):
-    trt_env()
+    run_dir = trt_env()
     r = engine("serve", str(tmp_path / "serve.json"), timeout_s=240)
     ranks = r["ranks"]
     assert [x["rank"] for x in ranks] == [0, 1]
@@ -90,10 +104,11 @@ def test_tp2_under_mpirun_first_request_stored_second_hits(trt_env, tmp_path):
     # Nothing left: ranks, the leader rank 0 spawned, the instance's host pool.
     assert all(gone(x["pid"]) for x in ranks) and r["leader_pid"] is not None and gone(r["leader_pid"])
     assert segment_name(name) not in os.listdir("/dev/shm")
+    assert strays(run_dir) == []
 
 
 def test_a_rank_that_never_arrives_stops_the_start(trt_env, tmp_path):
-    trt_env(DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS="3")
+    run_dir = trt_env(DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS="3")
     r = engine("never_arrives", str(tmp_path / "never.json"), timeout_s=120)
     error = r["error"]
     assert error is not None, "wait_for_initialization returned without rank 1"
@@ -101,7 +116,7 @@ def test_a_rank_that_never_arrives_stops_the_start(trt_env, tmp_path):
     assert "rank(s) [1] did not register" in error, error
     assert r["elapsed_s"] < 3 + 10, r  # the deadline, plus a loaded machine's slack
     leftovers = [n for n in os.listdir("/dev/shm") if n.startswith("kvbm-trtllm-") and f"-{r['pid']}-" in n]
-    assert leftovers == []
+    assert leftovers == [] and strays(run_dir) == []
 
 
 def test_ranks_agree_on_the_name_through_each_group(tmp_path):

@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from tensorrt_llm._utils import mpi_allgather, mpi_broadcast, mpi_rank
+from tensorrt_llm._utils import global_mpi_size, mpi_allgather, mpi_broadcast, mpi_rank
 
 from kvbm.hashing import SequenceHasher, salt_hash
 from kvbm.sim.engine import G1Cache
@@ -202,7 +202,6 @@ class Executor:
     def __init__(self, block_size: int = 16, tp: int = 1, num_blocks: int = 48, seed: int = 0) -> None:
         assert mpi_rank() == 0, "the executor loop with the scheduler runs on rank 0"
         self.bs = block_size
-        self.tp = tp
         host, self.scheduler = start_engine(block_size, tp, 0, num_blocks, seed)
         self.ranks = Ranks(host)
         self.g1 = G1Cache(num_blocks)
@@ -210,7 +209,7 @@ class Executor:
         self.running: list[Req] = []
         self.saving: dict[int, Req] = {}  # finished, blocks kept for async saves
         self._new_saving: list[int] = []
-        self._local_done: list[set[int]] = [set() for _ in range(tp)]
+        self._local_done: list[set[int]] = [set() for _ in range(global_mpi_size())]
         self.outputs: dict[int, list[int]] = {}  # finished request -> all its tokens
         self._next_id = 1
         self.totals = Totals()
