@@ -59,7 +59,7 @@ def serve(tp: int) -> dict[str, object]:
             ex.submit(p, max_tokens=18)  # decodes fill and store another block
         ex.run()
         ex.drop_engine_cache()
-        mark = t.external_tokens
+        mark = ex.totals.external_tokens
         for p in batch:
             ex.submit(p)
         t = ex.run()
