@@ -14,12 +14,13 @@ if STAND_IN not in sys.path:
 
 
 def _segments() -> list[str]:
-    return [n for n in os.listdir("/dev/shm") if n.startswith("kvbm-") and f"trtllm-{os.getpgrp()}" in n]
+    # Instances rank 0 of this process named: trtllm-<host>-<pid>-<random>.
+    return [n for n in os.listdir("/dev/shm") if n.startswith("kvbm-trtllm-") and f"-{os.getpid()}-" in n]
 
 
 @pytest.fixture
 def trt_env(engine_env: Callable[[str, int, bool], Callable[..., str]]) -> Iterator[Callable[..., str]]:
     """DYN_KVBM_* for one test (private run dir, small host pool, no O_DIRECT); returns the setter
-    of more (see ``engine_env``). After the test: no shared-memory segment of this process group remains."""
+    of more (see ``engine_env``). After the test: no shared-memory segment of an instance this process named remains."""
     yield engine_env("kvbmt-", 60, False)
     assert _segments() == [], f"leaked shared-memory segments: {_segments()}"

@@ -3,6 +3,7 @@ every loaded byte checked against the KV oracle (see tests/trtllm/trt_executor.p
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -13,6 +14,7 @@ pytest.importorskip("torch")
 
 from trt_executor import Executor  # noqa: E402
 
+from kvbm.connector.bootstrap import owned_leader  # noqa: E402
 from kvbm.ipc.shm import sweep_stale_segments  # noqa: E402
 
 
@@ -27,9 +29,8 @@ def executor(trt_env):
     made: list[Executor] = []
 
     def make(**kw) -> Executor:
-        ex = Executor(**kw)
+        ex = Executor(**kw)  # ready when built: it ran wait_for_initialization
         made.append(ex)
-        ex.wait_ready()
         return ex
 
     yield make
@@ -126,21 +127,6 @@ def test_multimodal_and_generation_only_do_no_lookup(executor):
     assert t.external_tokens == 0 and t.errors == []
 
 
-def test_tp2_two_worker_processes(executor):
-    ex = executor(tp=2)
-    batch = prompts(4, 16 * 3 + 2, seed=6, shared=16)
-    for p in batch:
-        ex.submit(p, max_tokens=18)  # decodes fill and store another block
-    t = ex.run()
-    ex.drop_engine_cache()
-    for p in batch:
-        ex.submit(p)
-    t = ex.run()
-    assert t.errors == [], t.errors[:5]
-    assert t.external_tokens >= 4 * 3 * 16
-    assert ex.load_failures() == 0
-
-
 def test_leader_death_mid_run(executor):
     ex = executor()
     batch = prompts(4, 16 * 3 + 4, seed=7)
@@ -148,9 +134,10 @@ def test_leader_death_mid_run(executor):
         ex.submit(p)
     ex.run()
     ex.drop_engine_cache()
-    assert ex.scheduler.leader is not None and ex.scheduler.leader.popen is not None
-    ex.scheduler.leader.popen.kill()
-    ex.scheduler.leader.popen.wait()
+    leader = owned_leader(ex.scheduler.instance.endpoint)
+    assert leader is not None and leader.popen is not None
+    leader.popen.kill()
+    leader.popen.wait()
     sweep_stale_segments()  # what the next leader's start does; a killed leader cannot unlink
     ex.drop_engine_cache(quiesce=False)
     before = ex.totals.external_tokens
@@ -206,7 +193,7 @@ def test_partial_reuse_is_refused_and_the_connector_stays_idle(trt_env, caplog):
     args = TorchLlmArgs(kv_cache_config=KvCacheConfig(16, enable_partial_reuse=True))
     leader = DynamoKVBMConnectorLeader(args)
     worker = DynamoKVBMConnectorWorker(args)
-    assert leader.planner is None and leader.leader is None
+    assert leader.planner is None and leader.instance is None
     assert "enable_partial_reuse: false" in caplog.text
     assert leader.get_num_new_matched_tokens(LlmRequest(1, list(range(40))), 0) == (0, False)
     assert worker.get_finished([1], []) == ([1], [])
@@ -224,3 +211,20 @@ def test_a_page_outside_the_window_stops_storing_the_request(executor):
     t = ex.run()
     assert t.errors == [] and ex.load_failures() == 0
     assert counters(ex)["offload_blocks"] == 2  # the blocks its decoding completed are not stored
+
+
+def test_a_process_alone_names_each_engine_apart(trt_env, monkeypatch):
+    from trt_executor import llm_args
+
+    from kvbm.config import load_config
+    from kvbm.trtllm_integration.connector.settings import agree_instance_name
+
+    config = load_config()
+    a, b = llm_args(16, 1, 0), llm_args(16, 1, 0)
+    name = agree_instance_name(a, config)
+    assert name.startswith("trtllm-") and f"-{os.getpid()}-" in name
+    assert agree_instance_name(a, config) == name  # the engine's other role
+    assert agree_instance_name(b, config) != name  # another engine in the same process
+    monkeypatch.setenv("DYN_KVBM_LEADER_ENDPOINT", "tcp://127.0.0.1:5999")
+    given = load_config()
+    assert agree_instance_name(a, given) == agree_instance_name(b, given) != name  # named by the endpoint

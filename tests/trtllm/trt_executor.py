@@ -17,6 +17,14 @@ Order followed (NVIDIA/TensorRT-LLM @ 5a06f334f04fb515ff79f73b7f0f7726ad757361,
    allocated), then ``get_finished(newly finished-saving ids, newly loading ids)`` on every
    rank; ids every rank reported are terminated (blocks freed).
 
+Bring-up follows ``py_executor_creator.py`` and ``PyExecutor._maybe_init_kv_connector_manager``
+of the same tree: on every rank the worker (and on rank 0 the scheduler, concurrently, from the
+same ``llm_args``) is built, the rank's pool registered, then rank 0's scheduler's
+``wait_for_initialization`` runs before any request. Ranks > 0 are MPI processes
+(``mpirun``): like TensorRT-LLM's ``KvCacheConnectorManager``, rank 0 broadcasts each step's
+connector metadata (``mpi_broadcast``, pickled by mpi4py) and ``get_finished`` results are
+``mpi_allgather``-ed and intersected.
+
 Each rank's KV pool is one CPU torch tensor in TensorRT-LLM's layout ``[blocks, layers,
 kv_factor, tokens_per_block * kv_heads * head_dim]``. The "forward pass" writes the KV
 oracle's bytes into the blocks it computes and checks every block the request reads (its
@@ -26,13 +34,15 @@ scrambled first, so a load that did not happen is caught.
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import pickle
+import os
 import random
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+from tensorrt_llm._utils import global_mpi_size, mpi_allgather, mpi_broadcast, mpi_rank
 
 from kvbm.hashing import SequenceHasher, salt_hash
 from kvbm.sim.engine import G1Cache
@@ -61,27 +71,22 @@ class Forward:
 
 
 class RankHost:
-    """One TensorRT-LLM rank: the worker connector, its pool tensor and its oracle."""
+    """One TensorRT-LLM rank: the worker connector, its pool tensor (registered) and its oracle."""
 
-    def __init__(self, block_size: int, tp: int, rank: int, num_blocks: int, seed: int) -> None:
+    def __init__(self, worker: Any, block_size: int, rank: int, num_blocks: int, seed: int) -> None:
         import torch
 
-        from kvbm.trtllm_integration.connector import DynamoKVBMConnectorWorker
-
         self.pool = torch.zeros((num_blocks, LAYERS, KV_FACTOR, block_size * HEAD_ELEMS), dtype=torch.float16)
-        self.worker = DynamoKVBMConnectorWorker(llm_args(block_size, tp, rank))
+        self.worker = worker
         self.worker.register_kv_caches(self.pool)
         self.oracle = Oracle(EngineKV.from_contiguous(self.pool, LAYERS, KV_FACTOR), rank, seed)
         self.rank = rank
 
-    def wait_ready(self, timeout_s: float) -> bool:
-        return self.worker.agent is not None and self.worker.agent.wait_ready(timeout_s)
-
-    def step(self, meta: bytes, fwd: Forward) -> list[str]:
+    def step(self, meta: Any, fwd: Forward) -> list[str]:
         w = self.worker
         for b in fwd.scramble:
             self.oracle.scramble(b)
-        w.bind_connector_meta(pickle.loads(meta))
+        w.bind_connector_meta(meta)
         w.start_load_kv(None)
         errors: list[str] = []
         for layer in range(LAYERS):
@@ -102,51 +107,62 @@ class RankHost:
     def load_failures(self) -> int:
         return self.worker.load_failures
 
+    def identity(self) -> dict[str, Any]:
+        """This rank's process, its process group and the kvbm instance its worker joined."""
+        inst = self.worker.instance
+        return {"rank": self.rank, "pid": os.getpid(), "pgid": os.getpgrp(),
+                "instance": inst.name if inst is not None else None}
+
     def close(self) -> None:
         self.worker.shutdown()
 
 
-def _serve(conn: Any, args: tuple[int, int, int, int, int]) -> None:
-    host = RankHost(*args)
+def start_engine(block_size: int, tp: int, rank: int, num_blocks: int, seed: int,
+                 register_after_s: float = 0.0) -> tuple[RankHost, Any]:
+    """One rank's connector bring-up in TensorRT-LLM's order; returns the rank and (rank 0) the
+    scheduler. ``wait_for_initialization``'s error stops the start, as it stops the engine.
+    ``register_after_s`` makes this rank slow to reach ``register_kv_caches`` (its model loads
+    longer): rank 0 must not serve before it did."""
+    from kvbm.trtllm_integration.connector import DynamoKVBMConnectorLeader, DynamoKVBMConnectorWorker
+
+    args = llm_args(block_size, tp, rank)
+    # create_py_executor builds both roles concurrently (they may wait for each other).
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        worker_task = pool.submit(DynamoKVBMConnectorWorker, args)
+        scheduler = pool.submit(DynamoKVBMConnectorLeader, args).result() if rank == 0 else None
+        worker = worker_task.result()
+    try:
+        time.sleep(register_after_s)
+        host = RankHost(worker, block_size, rank, num_blocks, seed)
+        if scheduler is not None:
+            scheduler.wait_for_initialization()
+    except BaseException:
+        worker.shutdown()
+        if scheduler is not None:
+            scheduler.shutdown()
+        raise
+    return host, scheduler
+
+
+class Ranks:
+    """Every rank, driven from rank 0: a call runs on each rank in lockstep (rank 0 here, the
+    others in :func:`serve_rank`) and returns the results in rank order."""
+
+    def __init__(self, host: RankHost) -> None:
+        self.host = host
+
+    def call(self, name: str, *a: Any) -> list[Any]:
+        mpi_broadcast((name, a), root=0)
+        return mpi_allgather(getattr(self.host, name)(*a))
+
+
+def serve_rank(host: RankHost) -> None:
+    """A rank > 0: follow rank 0's calls until it closes the engine."""
     while True:
-        name, a = conn.recv()
+        name, a = mpi_broadcast(None, root=0)
+        mpi_allgather(getattr(host, name)(*a))
         if name == "close":
-            host.close()
-            conn.send(None)
             return
-        conn.send(getattr(host, name)(*a))
-
-
-class RemoteRank:
-    """A rank in its own process (TensorRT-LLM's MPI ranks > 0)."""
-
-    def __init__(self, *args: int) -> None:
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, args), daemon=True)
-        self.proc.start()
-
-    def call(self, name: str, *a: Any) -> Any:
-        self.conn.send((name, a))
-        return self.conn.recv()
-
-    def close(self) -> None:
-        if self.proc.is_alive():
-            self.call("close")
-        self.proc.join(10)
-
-
-class LocalRank:
-    """Rank 0: the same process as the scheduler, as in TensorRT-LLM."""
-
-    def __init__(self, *args: int) -> None:
-        self.host = RankHost(*args)
-
-    def call(self, name: str, *a: Any) -> Any:
-        return getattr(self.host, name)(*a)
-
-    def close(self) -> None:
-        self.host.close()
 
 
 @dataclass
@@ -180,39 +196,26 @@ class Totals:
 
 
 class Executor:
-    """Rank 0's executor loop with ``tp`` ranks (rank 0 local, the others in processes)."""
+    """Rank 0's executor loop over ``tp`` ranks (the others are MPI processes in
+    :func:`serve_rank`); serves requests as soon as it is built, as TensorRT-LLM does."""
 
     def __init__(self, block_size: int = 16, tp: int = 1, num_blocks: int = 48, seed: int = 0) -> None:
-        from kvbm.trtllm_integration.connector import DynamoKVBMConnectorLeader
-
+        assert mpi_rank() == 0, "the executor loop with the scheduler runs on rank 0"
         self.bs = block_size
-        self.scheduler = DynamoKVBMConnectorLeader(llm_args(block_size, tp, 0))
-        self.ranks: list[Any] = [LocalRank(block_size, tp, 0, num_blocks, seed)]
-        self.ranks += [RemoteRank(block_size, tp, r, num_blocks, seed) for r in range(1, tp)]
+        host, self.scheduler = start_engine(block_size, tp, 0, num_blocks, seed)
+        self.ranks = Ranks(host)
         self.g1 = G1Cache(num_blocks)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.saving: dict[int, Req] = {}  # finished, blocks kept for async saves
         self._new_saving: list[int] = []
-        self._local_done: list[set[int]] = [set() for _ in self.ranks]
+        self._local_done: list[set[int]] = [set() for _ in range(global_mpi_size())]
         self.outputs: dict[int, list[int]] = {}  # finished request -> all its tokens
         self._next_id = 1
         self.totals = Totals()
 
-    # -- setup ---------------------------------------------------------------------------
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        assert all(r.call("wait_ready", timeout_s) for r in self.ranks), "a rank did not finish its init sync"
-        p = self.scheduler.planner
-        assert p is not None
-        while not p.ready():
-            assert time.monotonic() < deadline, "the leader did not become ready"
-            time.sleep(0.01)
-            p.client.refresh()
-
     def close(self) -> None:
-        for r in self.ranks:
-            r.close()
+        self.ranks.call("close")
         self.scheduler.shutdown()
 
     # -- requests ------------------------------------------------------------------------
@@ -306,9 +309,9 @@ class Executor:
             fwd.fill += [(req.blocks[i], hashes[i]) for i in range(start // bs, llm.prompt_len // bs)]
         fwd.scramble = self._fresh
         if so.new_requests or so.cached_requests:
-            meta = pickle.dumps(self.scheduler.build_connector_meta(so))
-            for r in self.ranks:
-                self.totals.errors += r.call("step", meta, fwd)
+            meta = self.scheduler.build_connector_meta(so)
+            for errors in self.ranks.call("step", meta, fwd):
+                self.totals.errors += errors
             self.totals.steps += 1
         # Sampling: every scheduled request gets one token.
         for req in context:
@@ -336,8 +339,7 @@ class Executor:
         """Every rank's ``get_finished``; an id is terminated once every rank reported it (a rank
         reports an id once: TensorRT-LLM keeps it in local_finished_async_requests till then)."""
         saving, self._new_saving = self._new_saving, []
-        for local, r in zip(self._local_done, self.ranks):
-            done_saving, done_loading = r.call("get_finished", saving, [])
+        for local, (done_saving, done_loading) in zip(self._local_done, self.ranks.call("get_finished", saving, [])):
             assert not done_loading and set(done_saving) <= set(self.saving), (done_saving, done_loading)
             local |= set(done_saving)
         for rid in set.intersection(*self._local_done):
@@ -361,4 +363,4 @@ class Executor:
         self.g1.clear()
 
     def load_failures(self) -> int:
-        return sum(r.call("load_failures") for r in self.ranks)
+        return sum(self.ranks.call("load_failures"))

@@ -11,7 +11,10 @@ TensorRT-LLM differs from vLLM:
 * its workers report per request, never per store op, so the planner runs with
   ``store_acks=False`` and ``request_finished`` keeps the blocks of any request with stores sent;
 * ``build_connector_meta`` waits (bounded) for the leader's replies to what the step posted,
-  because an idle engine calls it no more: no reply may be left for a later step.
+  because an idle engine calls it no more: no reply may be left for a later step;
+* it calls ``wait_for_initialization`` once, after every rank registered its KV pool and before
+  the first request: kvbm blocks there until the leader and every rank are ready, so the first
+  request is already served by kvbm (or the engine does not start, saying why).
 """
 
 from __future__ import annotations
@@ -20,14 +23,14 @@ import atexit
 import logging
 from typing import Any, List
 
+from kvbm.connector.bootstrap import Instance, ensure_leader, stop_leader, wait_until_ready
 from kvbm.connector.index import IndexFollower, follower_for
 from kvbm.connector.ops import StepPlan
 from kvbm.connector.planner import Planner, ScheduledRequest
 from kvbm.hashing import salt_hash
 from kvbm.leader.client import LeaderClient
-from kvbm.leader.spawn import LeaderProcess, LeaderStartError, spawn_leader
 from kvbm.trtllm_integration.connector.interface import KvCacheConnectorScheduler, SchedulerOutput
-from kvbm.trtllm_integration.connector.settings import TrtllmSettings, UnsupportedSetup, settings_for
+from kvbm.trtllm_integration.connector.settings import UnsupportedSetup, settings_for
 
 log = logging.getLogger("kvbm.trtllm")
 
@@ -47,32 +50,43 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
 
     def __init__(self, llm_args: Any) -> None:
         super().__init__(llm_args)
-        self.settings: TrtllmSettings | None = None
+        self.instance: Instance | None = None
         self.planner: Planner | None = None
         self.follower: IndexFollower | None = None
-        self.leader: LeaderProcess | None = None
+        self._owns_leader = False
         self._external: dict[int, int] = {}  # request id -> tokens it loads (this step's new requests)
         self._dropped: dict[int, bool] = {}  # requests kvbm stopped tracking -> keep their blocks at finish
         # Each tracked request's tokens, kept current from RequestData.new_tokens: the binding's
         # get_tokens(0) returns a copy, not a live view.
         self._tokens: dict[int, list[int]] = {}
         try:
-            s = settings_for(llm_args)
+            inst, _rank = settings_for(llm_args)
         except UnsupportedSetup as e:
             log.error("kvbm: %s; serving without kvbm", e)
             return
-        self.settings = s
-        if not s.config.leader_endpoint:
-            try:
-                self.leader = spawn_leader(s.config, s.instance, endpoint=s.endpoint)
-            except (LeaderStartError, OSError) as e:
-                log.error("kvbm: cannot start the leader for %s (%s); serving without kvbm", s.instance, e)
-                return
-        self.follower = follower_for(s.config, s.endpoint)
+        self.instance = inst
+        # A leader that cannot start is logged here and fails wait_for_initialization.
+        self._owns_leader = ensure_leader(inst)
+        self.follower = follower_for(inst.config, inst.endpoint)
         replica = self.follower.replica if self.follower is not None else None
-        self.planner = Planner(s.block_size, s.world_size, LeaderClient(s.endpoint), replica=replica,
+        self.planner = Planner(inst.block_size, inst.world_size, LeaderClient(inst.endpoint), replica=replica,
                                store_acks=False)
         atexit.register(self.shutdown)
+
+    def wait_for_initialization(self) -> None:
+        """Block until the leader has every rank's pool and the index replica is current, at
+        most ``DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS``. TensorRT-LLM calls this once on the
+        scheduler's rank, after every rank's ``register_kv_caches`` and before serving.
+
+        Raises :class:`kvbm.connector.bootstrap.KvbmNotReady` (one line: the variable, its value,
+        what was missing) at the deadline, so the engine does not start with kvbm silently off.
+        With kvbm off for an unsupported setup (already logged) it returns at once.
+        """
+        if self.instance is None or self.planner is None:
+            return
+        follower = self.follower
+        wait_until_ready(self.instance, self.planner.client, what="TensorRT-LLM's KV cache connector",
+                         then=follower.sync if follower is not None else None)
 
     # -- lookups -------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
@@ -146,6 +160,6 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
         if self.planner is not None:
             self.planner.shutdown()
             self.planner = None
-        if self.leader is not None:
-            self.leader.stop()
-            self.leader = None
+        if self._owns_leader and self.instance is not None:
+            self._owns_leader = False
+            stop_leader(self.instance.endpoint)

@@ -16,10 +16,11 @@ from __future__ import annotations
 import logging
 from typing import Any, List, Tuple
 
+from kvbm.connector.bootstrap import Instance
 from kvbm.connector.ops import StepPlan
 from kvbm.connector.worker import LoadDone, StoreDone, WorkerOps
 from kvbm.trtllm_integration.connector.interface import KvCacheConnectorWorker
-from kvbm.trtllm_integration.connector.settings import TrtllmSettings, UnsupportedSetup, settings_for
+from kvbm.trtllm_integration.connector.settings import UnsupportedSetup, settings_for
 from kvbm.worker.agent import RankAgent, RankIdentity
 from kvbm.worker.layout import LayoutError
 
@@ -35,14 +36,14 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
 
     def __init__(self, llm_args: Any) -> None:
         super().__init__(llm_args)
-        self.settings: TrtllmSettings | None = None
+        self.instance: Instance | None = None
         self.ops = WorkerOps(0)
         self._error: str | None = None  # unsupported setup (before any KV is attached)
         self._finishing: set[int] = set()  # finished requests whose stores still run
         self.load_failures = 0
         try:
-            self.settings = settings_for(llm_args)
-            self.ops.rank = self.settings.rank
+            # Every rank builds its worker: the instance name's broadcast happens here.
+            self.instance, self.ops.rank = settings_for(llm_args)
         except UnsupportedSetup as e:
             self._error = str(e)
             log.error("kvbm: %s; serving without kvbm", e)
@@ -58,7 +59,7 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
     def register_kv_caches(self, kv_cache_tensor: Any) -> None:
         """Attach this rank's pool tensor ``[blocks, layers, kv_factor, tokens_per_block *
         kv_heads * head_dim]`` (one block-major tensor) and start the init sync."""
-        s = self.settings
+        s = self.instance
         if s is None:
             return
         shape = tuple(kv_cache_tensor.shape)
@@ -69,7 +70,7 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
             return cls.from_contiguous(kv_cache_tensor, shape[1], shape[2])
 
         self.ops.attach(kv_cache_tensor, build, endpoint=s.endpoint,
-                        identity=RankIdentity(s.rank, s.world_size, s.block_size, s.fingerprint),
+                        identity=RankIdentity(self.ops.rank, s.world_size, s.block_size, s.fingerprint),
                         config=s.config, what="this KV pool")
 
     def _plan(self) -> StepPlan:

@@ -1,34 +1,119 @@
 """What both connector roles of one TensorRT-LLM engine agree on, read from ``llm_args``.
 
-TensorRT-LLM runs one process per rank; the scheduler role lives in rank 0's process. Every
-rank derives the same leader address: ``DYN_KVBM_LEADER_ENDPOINT`` if set, else an ipc socket
-named after the launch's process group (MPI ranks started together share it).
+TensorRT-LLM runs one MPI process per rank; the scheduler role lives in rank 0's process next to
+rank 0's worker. Every rank must reach the same leader, so the instance name is agreed through
+the engine's own group, never through OS process groups or parent pids (Open MPI's launcher
+puts every rank in a process group of its own): rank 0 picks a name and broadcasts it with
+TensorRT-LLM's ``mpi_broadcast`` (what its connector manager uses for the scheduler's results),
+else mpi4py's ``COMM_WORLD``, else the ``torch.distributed`` default group; a process alone
+keeps its own name. ``DYN_KVBM_LEADER_ENDPOINT`` always wins: the name is then derived from it
+and no collective runs.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
-from typing import Any
+import secrets
+import socket
+import sys
+import threading
+import weakref
+from typing import Any, Callable
 
-from kvbm.connector.setup import UnsupportedSetup
+import xxhash
+
 from kvbm.config import KvbmConfig, load_config
-from kvbm.ipc.transport import instance_endpoint
+from kvbm.connector.bootstrap import Instance, layout_fingerprint, leader_endpoint
+from kvbm.connector.setup import UnsupportedSetup
+
+log = logging.getLogger("kvbm.trtllm")
+
+__all__ = ["UnsupportedSetup", "agree_instance_name", "settings_for"]
 
 
-@dataclass(frozen=True)
-class TrtllmSettings:
-    config: KvbmConfig
-    instance: str
-    endpoint: str
-    block_size: int
-    world_size: int
-    rank: int
-    fingerprint: str
+def _trtllm_broadcast() -> Callable[[str], str] | None:
+    """TensorRT-LLM's own broadcast over its MPI session (a no-op in a one-rank session)."""
+    try:
+        from tensorrt_llm._utils import mpi_broadcast
+    except ImportError:
+        return None
+    return lambda name: str(mpi_broadcast(name, root=0))
 
 
-def settings_for(llm_args: Any) -> TrtllmSettings:
-    """Read DYN_KVBM_* and ``llm_args`` (kv_cache_config.tokens_per_block, parallel_config)."""
+def _mpi4py_broadcast() -> Callable[[str], str] | None:
+    """mpi4py's COMM_WORLD, only if the process already initialised MPI with more than one rank
+    (importing ``mpi4py.MPI`` here would initialise MPI in processes that never use it)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized() or mpi.COMM_WORLD.Get_size() < 2:
+        return None
+    comm = mpi.COMM_WORLD
+    return lambda name: str(comm.bcast(name, root=0))
+
+
+def _torch_broadcast() -> Callable[[str], str] | None:
+    """The torch.distributed default group, if initialised with more than one rank."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return None
+
+    def bcast(name: str) -> str:
+        box: list[Any] = [name]
+        dist.broadcast_object_list(box, src=0)
+        return str(box[0])
+
+    return bcast
+
+
+# Tried in this order; the first available one carries rank 0's name to every rank.
+_BROADCASTS = (_trtllm_broadcast, _mpi4py_broadcast, _torch_broadcast)
+
+# Agreed names by engine: the worker and the scheduler of rank 0 are built concurrently from the
+# same llm_args and must join one collective between them (the other ranks build a worker only).
+_agreed: dict[int, tuple[weakref.ref[Any], str]] = {}
+_agreed_lock = threading.Lock()
+
+
+def _candidate() -> str:
+    host = socket.gethostname().split(".")[0][:16]
+    return f"trtllm-{host}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def agree_instance_name(llm_args: Any, config: KvbmConfig) -> str:
+    """The instance name every rank of this engine shares.
+
+    With ``DYN_KVBM_LEADER_ENDPOINT`` it is derived from the endpoint (the same env on every rank,
+    no collective). Else rank 0's pick (``trtllm-<host>-<pid of rank 0>-<random>``) is broadcast
+    over the first group available (TensorRT-LLM's MPI session, mpi4py, torch.distributed); the
+    broadcast is a collective, so it runs once per engine and process, whichever role asks first:
+    every rank builds one worker, and both roles of rank 0 get the same name.
+    """
+    if config.leader_endpoint:
+        return f"trtllm-{xxhash.xxh3_64_hexdigest(config.leader_endpoint.encode())}"
+    key = id(llm_args)
+    with _agreed_lock:
+        hit = _agreed.get(key)
+        if hit is not None and hit[0]() is llm_args:
+            return hit[1]
+        name = _candidate()
+        for make in _BROADCASTS:
+            bcast = make()
+            if bcast is not None:
+                name = bcast(name)
+                break
+        # The entry goes with the engine's llm_args, so a later engine whose llm_args reuses the
+        # address joins a collective of its own.
+        def forget(_ref: weakref.ref[Any], k: int = key) -> None:
+            _agreed.pop(k, None)
+
+        _agreed[key] = (weakref.ref(llm_args, forget), name)
+        log.debug("kvbm: instance %s", name)
+        return name
+
+
+def settings_for(llm_args: Any) -> tuple[Instance, int]:
+    """The instance and this process's rank, from DYN_KVBM_* and ``llm_args``
+    (kv_cache_config.tokens_per_block and dtype, parallel_config, model)."""
     config = load_config()
     mapping = llm_args.parallel_config.to_mapping()
     world = int(mapping.world_size)
@@ -42,8 +127,8 @@ def settings_for(llm_args: Any) -> TrtllmSettings:
     if getattr(kvc, "enable_partial_reuse", False):
         raise UnsupportedSetup("kvbm needs kv_cache_config.enable_partial_reuse: false "
                                "(partial block reuse leaves hits that are not block aligned)")
-    instance = f"trtllm-{os.getpgrp()}"
-    endpoint = config.leader_endpoint or instance_endpoint(config.run_dir, instance)
-    dtype = getattr(kvc, "dtype", "auto")
-    fingerprint = f"trtllm;{getattr(llm_args, 'model', '?')};{dtype};bs={block_size};tp={world}"
-    return TrtllmSettings(config, instance, endpoint, block_size, world, rank, fingerprint)
+    name = agree_instance_name(llm_args, config)
+    model = getattr(llm_args, "model", None)
+    fingerprint = layout_fingerprint("trtllm", str(model) if model else None, str(getattr(kvc, "dtype", "auto")),
+                                     block_size, world)
+    return Instance(config, name, leader_endpoint(config, name), block_size, world, fingerprint), rank
