@@ -8,7 +8,9 @@ conversations run through the ``openai`` client at concurrency 4, as token-id pr
 ``/v1/completions`` (streamed, no retries: a failed request fails the test). Checked: kvbm is
 ready once the server answers (the engine serves no request before), every request succeeds,
 later turns hit kvbm (vLLM's ``external_prefix_cache_hits`` on ``/metrics``), and SIGINT to the
-server's process group stops it leaving no leader process, socket or shared-memory segment.
+server's process group stops it leaving no leader process, socket or shared-memory segment. And a
+server whose kvbm never gets ready (a TP rank that never registers) does not start: it exits
+with kvbm's one line naming the init timeout and the missing rank.
 """
 
 from __future__ import annotations
@@ -69,6 +71,19 @@ def get(url: str, timeout_s: float = 5.0) -> str:
         return resp.read().decode()
 
 
+def start_server(port: int, log: Path, kv_transfer_config: str) -> subprocess.Popen[bytes]:
+    """The OpenAI server on the seeded test model, in its own process group (as started from a
+    shell: Ctrl-C reaches every process in it), with the DYN_KVBM_* of this process."""
+    env = {**os.environ, **engine_env(EngineOptions(in_process=False)),
+           "PYTHONPATH": str(cpu_env.repo_root()), "VLLM_LOGGING_LEVEL": "INFO"}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path(MODEL)),
+           "--skip-tokenizer-init", "--dtype", "float32", "--enforce-eager", "--seed", "0",
+           "--block-size", str(BLOCK), "--num-gpu-blocks-override", str(ENGINE_BLOCKS), "--max-model-len", "2048",
+           "--host", "127.0.0.1", "--port", str(port), "--kv-transfer-config", kv_transfer_config]
+    with log.open("wb") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def wait_healthy(proc: subprocess.Popen[bytes], base: str, log: Path) -> float:
     """Seconds until ``/health`` answers; fails with the server's log if it exits or times out."""
     t0 = time.monotonic()
@@ -114,8 +129,11 @@ def complete(client: object, model: str, prompt: list[int]) -> Turn:
     return Turn(len(prompt), reply, ttft)
 
 
-def kvbm_leftovers(run_dir: Path, instance: str) -> dict[str, list[str]]:
-    """kvbm's leader processes (their endpoint is in ``run_dir``), sockets and shared-memory segments."""
+def kvbm_leftovers(run_dir: Path) -> dict[str, list[str]]:
+    """kvbm's leader processes (their endpoint is in ``run_dir``), sockets and shared-memory
+    segments of the instance whose lock file is in ``run_dir``."""
+    (lock,) = run_dir.glob("vllm-*.lock")
+    instance = lock.name.removesuffix(".lock")
     leaders = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -128,6 +146,14 @@ def kvbm_leftovers(run_dir: Path, instance: str) -> dict[str, list[str]]:
             "segments": sorted(n for n in os.listdir("/dev/shm") if n.startswith("kvbm-") and instance in n)}
 
 
+def assert_no_leftovers(run_dir: Path) -> None:
+    """Nothing of kvbm's is left; the leader exits after its parent, so give it a moment."""
+    deadline = time.monotonic() + 10
+    while any(kvbm_leftovers(run_dir).values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert kvbm_leftovers(run_dir) == {"leaders": [], "sockets": [], "segments": []}
+
+
 def test_openai_server_multi_turn_chats_hit_kvbm_and_sigint_cleans_up(tmp_path: Path) -> None:
     from openai import OpenAI
 
@@ -136,27 +162,18 @@ def test_openai_server_multi_turn_chats_hit_kvbm_and_sigint_cleans_up(tmp_path: 
     log = tmp_path / "server.log"
     with kvbm_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="1024") as tmp:
         run_dir = Path(tmp) / "run"
-        env = {**os.environ, **engine_env(EngineOptions(in_process=False)),
-               "PYTHONPATH": str(cpu_env.repo_root()), "VLLM_LOGGING_LEVEL": "INFO"}
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path(MODEL)),
-               "--skip-tokenizer-init", "--dtype", "float32", "--enforce-eager", "--seed", "0",
-               "--block-size", str(BLOCK), "--num-gpu-blocks-override", str(ENGINE_BLOCKS), "--max-model-len", "2048",
-               "--host", "127.0.0.1", "--port", str(port), "--kv-transfer-config", readme_kv_transfer_config()]
-        with log.open("wb") as out:
-            # Its own process group, as a server started from a shell: Ctrl-C reaches every process in it.
-            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = start_server(port, log, readme_kv_transfer_config())
         try:
             started_s = wait_healthy(proc, base, log)
             # The engine serves no request before kvbm is ready: answering means the leader is.
             (sock,) = run_dir.glob("*.sock")
-            instance = sock.name.removesuffix(".sock")
             leader = LeaderClient(f"ipc://{sock}")
             try:
                 status = leader.refresh()
             finally:
                 leader.close()
             assert status is not None and status.state == "ready", status
-            before = kvbm_leftovers(run_dir, instance)
+            before = kvbm_leftovers(run_dir)
             assert len(before["leaders"]) == 1 and len(before["segments"]) == 1, before
 
             client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120.0)
@@ -184,18 +201,41 @@ def test_openai_server_multi_turn_chats_hit_kvbm_and_sigint_cleans_up(tmp_path: 
                   f"concurrency {CONCURRENCY}; kvbm hits {hits:.0f} of {queries:.0f} queried tokens, vLLM prefix "
                   f"cache hits {local:.0f}; mean TTFT by turn " + ", ".join(f"{x * 1e3:.0f} ms" for x in ttft),
                   file=sys.stderr)
-            assert hits > 0, f"later turns never hit kvbm ({queries:.0f} tokens queried)"
+            # At least one conversation's first message came back from kvbm.
+            assert hits >= FIRST_TURN // BLOCK * BLOCK, f"later turns hit kvbm for {hits:.0f} tokens of {queries:.0f}"
 
             t0 = time.monotonic()
             os.killpg(proc.pid, signal.SIGINT)
             rc = proc.wait(60)
             stopped_s = time.monotonic() - t0
-            deadline = time.monotonic() + 10  # the leader exits after its parent; give it a moment
-            while any(kvbm_leftovers(run_dir, instance).values()) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert kvbm_leftovers(run_dir, instance) == {"leaders": [], "sockets": [], "segments": []}
+            assert_no_leftovers(run_dir)
             print(f"openai server: SIGINT -> exit {rc} in {stopped_s:.1f} s", file=sys.stderr)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def test_server_does_not_start_when_a_rank_never_registers(tmp_path: Path) -> None:
+    """kvbm_world_size 2 on a TP = 1 engine: rank 1 never registers, so at the init timeout the
+    scheduler's connector raises KvbmNotReady and the server exits without ever answering."""
+    config = json.loads(readme_kv_transfer_config())
+    config["kv_connector_extra_config"] = {"kvbm_world_size": 2}
+    log = tmp_path / "server.log"
+    port = free_port()
+    with kvbm_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="256", DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS="5") as tmp:
+        proc = start_server(port, log, json.dumps(config))
+        try:
+            rc = proc.wait(START_TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        text = log.read_text()
+        assert rc != 0, text[-3000:]
+        errors = [line.split("KvbmNotReady: ", 1)[1] for line in text.splitlines() if "KvbmNotReady: " in line]
+        assert errors, text[-6000:]
+        assert all("DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS=5 s" in e and "rank(s) [1] did not register" in e
+                   for e in errors), errors
+        assert "Application startup complete" not in text  # the server never served
+        assert_no_leftovers(Path(tmp) / "run")
