@@ -23,7 +23,7 @@ import time
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from vllm.config import (
@@ -151,7 +151,7 @@ class StepResult:
 class RankWorker:
     """A worker-role connector with CPU torch KV tensors and the oracle for its rank."""
 
-    def __init__(self, spec: EngineSpec, rank: int = 0, world: int = 1, *, register: bool = True) -> None:
+    def __init__(self, spec: EngineSpec, rank: int = 0, world: int = 1) -> None:
         extra = {"kvbm_rank": rank, "kvbm_world_size": world} if world > 1 else {}
         self.spec = spec
         self.rank = rank
@@ -161,10 +161,6 @@ class RankWorker:
         self.tensors = make_tensors(spec)
         kv = EngineKV.from_layers(self.tensors, num_blocks=spec.num_blocks)
         self.oracle = Oracle(kv, rank)
-        if register:
-            self.register()
-
-    def register(self) -> None:
         self.connector.register_kv_caches(self.tensors)
 
     def step(self, work: StepWork) -> StepResult:
@@ -289,11 +285,16 @@ class RunStats:
 
 
 class Engine:
-    """vLLM's scheduler + ``tp`` worker-role connectors, stepped like EngineCore does."""
+    """vLLM's scheduler + ``tp`` worker-role connectors, started and stepped like EngineCore does.
 
-    def __init__(self, spec: EngineSpec, *, tp: int = 1, scheduler_first: bool = False,
-                 proc_workers: bool = False, register_workers: bool = True,
-                 worker_factory: Callable[[EngineSpec], Any] | None = None) -> None:
+    Start-up is vLLM's order: every worker creates its connector and registers its KV caches,
+    then the scheduler is built, whose connector waits until kvbm is ready (or raises
+    ``KvbmNotReady``, and the engine is closed again). ``ranks``: the TP ranks whose workers
+    start (default all); a rank left out never registers, like a worker that died at start.
+    """
+
+    def __init__(self, spec: EngineSpec, *, tp: int = 1, ranks: Sequence[int] | None = None,
+                 proc_workers: bool = False, worker_factory: Callable[[EngineSpec], Any] | None = None) -> None:
         init_none_hash(sha256)
         self.spec = spec
         self.bs = spec.block_size
@@ -306,27 +307,24 @@ class Engine:
         self._pending: deque[tuple[SchedulerOutput, ModelRunnerOutput]] = deque()
         self._agg = KVOutputAggregator(expected_finished_count=tp)
         self.scheduler: Scheduler | None = None
-        self._register = register_workers
-        self._worker_factory = worker_factory
-        if scheduler_first:
+        self._make_workers(list(range(tp)) if ranks is None else list(ranks), worker_factory)
+        try:
             self._make_scheduler()
-            self._make_workers()
-        else:
-            self._make_workers()  # vLLM's order: workers register their KV caches first
-            self._make_scheduler()
+        except BaseException:
+            self.close()
+            raise
 
-    def _make_workers(self) -> None:
-        if self._worker_factory is not None:
-            self.workers = [self._worker_factory(self.spec)]
+    def _make_workers(self, ranks: list[int], factory: Callable[[EngineSpec], Any] | None) -> None:
+        if factory is not None:
+            self.workers = [factory(self.spec)]
             return
         if self.spec.connector is None:
             return
         if self.proc_workers:
-            procs = [ProcWorker(self.spec, r, self.tp) for r in range(self.tp)]
-            self.worker_pids = [p.wait_started() for p in procs]
-            self.workers = procs
+            self.workers = [ProcWorker(self.spec, r, self.tp) for r in ranks]
+            self.worker_pids = [p.wait_started() for p in self.workers]
         else:
-            self.workers = [RankWorker(self.spec, register=self._register)]
+            self.workers = [RankWorker(self.spec, r, self.tp) for r in ranks]
 
     def _make_scheduler(self) -> None:
         vc = make_vllm_config(self.spec, {"kvbm_world_size": self.tp} if self.tp > 1 else None)
@@ -344,17 +342,6 @@ class Engine:
     def kvbm(self) -> Any:
         """The scheduler-side KvbmScheduler of the connector."""
         return self.sched.connector.scheduler  # type: ignore[union-attr]
-
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
-        client = self.kvbm.client
-        deadline = time.monotonic() + timeout_s
-        while True:
-            st = client.refresh()
-            if st is not None and st.state == "ready":
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"kvbm leader not ready: {st}")
-            time.sleep(0.02)
 
     # -- requests ------------------------------------------------------------------------
     def add(self, req_id: str, prompt: list[int], max_tokens: int = 4, cache_salt: str | None = None) -> None:

@@ -141,7 +141,6 @@ def _run_one(model_dir: str, name: str, connector: str | None, extra: dict[str, 
     rtts: list[float] = []
     try:
         if connector == "DynamoConnector":
-            eng.wait_ready()
             # Every LeaderClient request goes through call_many; a replica catching up before
             # a lookup waits for one round of its follower (a leader round trip too).
             _time_calls(eng.kvbm.client._rpc, "call_many", rtts)

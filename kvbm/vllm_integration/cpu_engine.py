@@ -114,9 +114,9 @@ class CpuEngine:
                             enable_prefix_caching=True, max_num_batched_tokens=opts.max_num_batched_tokens,
                             max_num_seqs=opts.max_num_seqs, tensor_parallel_size=opts.tensor_parallel_size,
                             kv_transfer_config=kvt, seed=0, enforce_eager=True, **kwargs)
+        # kvbm is ready here: vLLM built its scheduler, whose connector waited for the leader and
+        # every rank (or raised KvbmNotReady and the engine did not start).
         self._next_id = 0
-        if opts.kvbm:
-            self.wait_kvbm_ready()
 
     def _core(self) -> Any:
         """vLLM's EngineCore (in this process)."""
@@ -133,24 +133,6 @@ class CpuEngine:
         if not isinstance(connector, DynamoConnector):
             raise RuntimeError(f"the engine's KV connector is {type(connector).__name__}, not kvbm's DynamoConnector")
         return connector
-
-    def wait_kvbm_ready(self, timeout_s: float | None = None) -> None:
-        """Block until kvbm serves (leader up, every rank registered, index replica current).
-
-        The connector never makes the engine wait for kvbm: requests that run before it is ready
-        are computed and not stored. A harness that checks kvbm's hits from the first request
-        waits here. ``timeout_s`` defaults to DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS;
-        RuntimeError when kvbm is not ready by then."""
-        from kvbm.config import load_config
-
-        if timeout_s is None:
-            timeout_s = load_config(require_tier=False).init_timeout_s
-        connector = self._kvbm()
-        if not connector.wait_ready(timeout_s):
-            status = connector.scheduler.client.status if connector.scheduler is not None else None
-            why = (f"{status.state}: {status.error or 'waiting for ranks'}" if status is not None
-                   else "kvbm is off or its leader does not answer")
-            raise RuntimeError(f"kvbm not ready within {timeout_s:g} s ({why})")
 
     def settle_kvbm(self, timeout_s: float = 60.0) -> None:
         """Block until every store of the requests run so far is a hit for the next run.

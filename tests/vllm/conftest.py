@@ -54,13 +54,12 @@ def make_engine(model_dir: str, kvbm_env: Callable[..., str]) -> Iterator[Callab
     engines: list[Engine] = []
     tags: list[str] = []
 
-    def make(*, tp: int = 1, scheduler_first: bool = False, proc_workers: bool = False,
-             register_workers: bool = True, **spec_kw: object) -> "Engine":
+    def make(*, tp: int = 1, ranks: list[int] | None = None, proc_workers: bool = False,
+             **spec_kw: object) -> "Engine":
         engine_id = f"t{uuid.uuid4().hex[:10]}"
-        tags.append(engine_id)
+        tags.append(engine_id)  # checked for leaks also when the engine fails to start
         spec = EngineSpec(model_dir=model_dir, engine_id=engine_id, **spec_kw)  # type: ignore[arg-type]
-        eng = Engine(spec, tp=tp, scheduler_first=scheduler_first, proc_workers=proc_workers,
-                     register_workers=register_workers)
+        eng = Engine(spec, tp=tp, ranks=ranks, proc_workers=proc_workers)
         engines.append(eng)
         return eng
 

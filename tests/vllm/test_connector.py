@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from kvbm.vllm_integration.connector import DynamoConnector, DynamoConnectorMetadata  # noqa: E402
-from kvbm.connector.bootstrap import owned_leader  # noqa: E402
+from kvbm.connector.bootstrap import KvbmNotReady, owned_leader  # noqa: E402
 from kvbm.bench.vllm_harness import Engine, ProcWorker, gen_token  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -39,11 +39,15 @@ def finish_clean(eng: Engine) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("layout", ["kv_first", "block_first"])
-def test_store_then_load_after_prefix_cache_reset(make_engine, layout: str) -> None:
+def test_first_request_after_start_is_stored_and_the_second_loads(make_engine, layout: str) -> None:
+    """No wait in the harness: the scheduler's connector waited for kvbm when vLLM built it
+    (after every worker registered), so the very first request is stored, and the same prompt
+    after a prefix-cache reset is loaded from kvbm, every loaded block checked by the oracle."""
     eng = make_engine(layout=layout)
-    eng.wait_ready()
+    status = eng.kvbm.client.status  # the last answer the connector's start-up wait got
+    assert status is not None and status.state == "ready" and status.world_size == 1
     p = prompt(1, 100)  # 6 full blocks + 4 tokens
-    eng.add("a", p, max_tokens=3)
+    eng.add("a", p, max_tokens=1)  # finishes in its first step: its stores are planned in it
     eng.run()
     eng.quiesce()
     assert eng.sched.reset_prefix_cache()
@@ -66,7 +70,6 @@ def test_store_then_load_after_prefix_cache_reset(make_engine, layout: str) -> N
 
 def test_whole_prompt_hit_holds_back_the_last_block(make_engine) -> None:
     eng = make_engine()
-    eng.wait_ready()
     p = prompt(2, 96)  # exactly 6 blocks
     eng.add("a", p, max_tokens=2)
     eng.run()
@@ -82,7 +85,6 @@ def test_whole_prompt_hit_holds_back_the_last_block(make_engine) -> None:
 def test_cache_salt_separates_and_outputs_are_stored(make_engine) -> None:
     """Blocks are stored while a request runs (decode blocks too); another salt never hits."""
     eng = make_engine()
-    eng.wait_ready()
     p = prompt(3, 40)
     eng.add("a", p, max_tokens=60, cache_salt="tenant-1")  # 100 tokens: 6 blocks, 4 of them decode
     eng.run()
@@ -99,34 +101,19 @@ def test_cache_salt_separates_and_outputs_are_stored(make_engine) -> None:
     assert eng.stats.external_hit_tokens == 96  # all 6 blocks, 2 of them computed while decoding
 
 
-def test_scheduler_first_then_workers(make_engine) -> None:
-    """vLLM's unit-test order: the scheduler spawns the leader and reports no hits until ready."""
-    eng = make_engine(scheduler_first=True)
-    assert eng.sched.connector._owns_leader and not eng.workers[0].connector._owns_leader
-    eng.wait_ready()
-    p = prompt(4, 64)
-    eng.add("a", p, max_tokens=2)
-    eng.run()
-    eng.quiesce()
-    eng.sched.reset_prefix_cache()
-    eng.add("b", p, max_tokens=2)
-    finish_clean(eng)
-    assert eng.stats.external_hit_tokens == 48
-
-
-def test_no_hits_and_no_blocking_before_the_leader_is_ready(make_engine) -> None:
-    eng = make_engine(scheduler_first=True, register_workers=False)
-    p = prompt(5, 64)
+def test_a_rank_that_never_registers_fails_the_engine_start(make_engine, kvbm_env) -> None:
+    """TP = 2 with rank 1's worker never started: building the scheduler raises KvbmNotReady at
+    the init timeout, one line naming the variable, its value and the missing rank; the engine's
+    workers and leader are stopped (make_engine checks no leader or segment is left)."""
+    kvbm_env(DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS="3")
     t0 = time.monotonic()
-    eng.add("a", p, max_tokens=2)
-    eng.run()  # no rank registered: the leader is waiting, the engine serves anyway
-    assert time.monotonic() - t0 < 5
-    assert eng.kvbm.client.refresh().state == "waiting"
-    assert eng.stats.external_hit_tokens == 0 and "stored_blocks" not in eng.stats.kv_stats
-    eng.workers[0].register()
-    eng.wait_ready()
-    eng.add("b", p, max_tokens=2)
-    finish_clean(eng)
+    with pytest.raises(KvbmNotReady) as err:
+        make_engine(tp=2, ranks=[0])
+    waited = time.monotonic() - t0
+    line = str(err.value)
+    assert "\n" not in line and "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS=3 s" in line, line
+    assert "rank(s) [1] did not register" in line, line
+    assert 3 <= waited < 60, waited  # rank 0's process start is in it too
 
 
 def test_workers_first_worker_owns_the_leader(make_engine) -> None:
@@ -143,7 +130,6 @@ def test_many_chats_with_preemption_and_chunked_prefill(make_engine) -> None:
     """Hundreds of steps, a small engine pool (preemption) and 64-token chunks; every block a
     request starts from is checked against the oracle, and nothing leaks."""
     eng = make_engine(num_blocks=40, max_num_seqs=8, max_num_batched_tokens=64)
-    eng.wait_ready()
     eng.run_chats(conversations=16, turns=4, max_tokens=24)
     finish_clean(eng)
     s = eng.stats
@@ -161,7 +147,6 @@ def test_async_scheduling_with_disk_tier_and_slow_stores(make_engine, kvbm_env) 
     eng = make_engine(num_blocks=40, max_num_seqs=8, max_num_batched_tokens=64, async_scheduling=True,
                       layout="block_first")
     slow_down_stores(eng, 0.002)
-    eng.wait_ready()
     eng.run_chats(conversations=12, turns=3, max_tokens=20, seed=1)
     st = finish_clean(eng)
     assert eng.stats.preemptions > 0
@@ -172,7 +157,7 @@ def test_async_scheduling_with_disk_tier_and_slow_stores(make_engine, kvbm_env) 
 def slow_down_stores(eng: Engine, seconds: float) -> None:
     """Fault injection: every store copy on rank 0 takes ``seconds`` longer."""
     agent = eng.workers[0].connector.worker.agent
-    assert agent is not None and agent.wait_ready(30)
+    assert agent is not None and agent.engine is not None  # mapped before the leader was ready
     copy = agent.engine
     store = copy.store
 
@@ -186,7 +171,6 @@ def slow_down_stores(eng: Engine, seconds: float) -> None:
 def test_finish_while_store_in_flight_delays_the_free(make_engine) -> None:
     eng = make_engine()
     slow_down_stores(eng, 0.3)
-    eng.wait_ready()
     eng.add("a", prompt(6, 40), max_tokens=1)  # finishes in its prefill step
     eng.step()
     req = eng.sched.requests.get("a")
@@ -200,7 +184,6 @@ def test_abort_while_waiting_for_the_load(make_engine) -> None:
     from vllm.v1.request import RequestStatus
 
     eng = make_engine()
-    eng.wait_ready()
     p = prompt(7, 80)
     eng.add("a", p, max_tokens=1)
     eng.run()
@@ -219,7 +202,6 @@ def test_load_errors_are_recomputed(make_engine, kvbm_env) -> None:
     kvbm_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8", DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS="256",
              DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="1")
     eng = make_engine()
-    eng.wait_ready()
     p = prompt(8, 100)
     eng.add("a", p, max_tokens=1)
     eng.run()
@@ -243,7 +225,6 @@ def test_leader_killed_mid_run(make_engine) -> None:
     """The leader dies: the connector logs it once, reports no hits, and requests keep
     completing by recomputing, without stalling the scheduler."""
     eng = make_engine(num_blocks=40, max_num_seqs=8, max_num_batched_tokens=64)
-    eng.wait_ready()
     leader = owned_leader(eng.kvbm.settings.endpoint)
     assert leader is not None and leader.popen is not None
     state = {"steps": 0}
@@ -274,7 +255,6 @@ def test_kv_events_and_reset_cache(make_engine) -> None:
     eng = make_engine(kv_events=True)
     published: list[Any] = []
     eng.sched.kv_event_publisher.publish = lambda batch: published.extend(batch.events)
-    eng.wait_ready()
     p = prompt(10, 64)
     eng.add("a", p, max_tokens=1)
     eng.run()
@@ -305,7 +285,6 @@ def test_tp2_two_worker_processes(make_engine) -> None:
     kvbm_rank / kvbm_world_size), each copying and checking its own slice of every block."""
     eng = make_engine(tp=2, num_blocks=40, max_num_seqs=8, max_num_batched_tokens=64)
     assert not eng.sched.connector._owns_leader  # rank 0's process spawned it and stops it
-    eng.wait_ready()
     status = eng.kvbm.client.status
     assert status.world_size == 2
     eng.run_chats(conversations=8, turns=3, max_tokens=16, seed=3)

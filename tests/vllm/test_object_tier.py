@@ -54,7 +54,6 @@ def _wait(eng: Engine, cond: Callable[[dict[str, float]], bool], what: str, time
 
 
 def _tier_on(eng: Engine) -> None:
-    eng.wait_ready()
     _wait(eng, lambda st: st.get("object_enabled") == 1.0, "object tier on")
 
 
@@ -177,7 +176,6 @@ def test_store_unusable_at_start_turns_the_tier_off(make_engine, kvbm_env, probl
             srv.kill()
         run_dir = _object_env(kvbm_env, srv, **extra)
         eng = make_engine()
-        eng.wait_ready()
         _wait(eng, lambda st: "object_enabled" in st and _leader_log(run_dir).count("object tier (G4) off") == 1,
               "the tier turned off")
         expected = {"missing_bucket": "no such bucket", "wrong_credentials": "credentials refused",

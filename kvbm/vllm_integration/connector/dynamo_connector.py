@@ -5,11 +5,14 @@ Load it with ``--kv-transfer-config '{"kv_connector":"DynamoConnector","kv_role"
 worker (role WORKER) and one in the scheduler (role SCHEDULER); the roles' work lives in
 :mod:`.worker_side` and :mod:`.scheduler_side`, this class only routes vLLM's calls.
 
-Start-up follows vLLM's order: the workers register their KV caches before the scheduler
-exists. Whichever of rank 0's ``register_kv_caches`` and the scheduler's constructor comes
-first spawns the engine's leader (a race between them is harmless), nothing waits for it to
-be ready, and the scheduler reports no external hits until it is. The instance that spawned
-the leader stops it in ``shutdown`` (or at interpreter exit).
+Start-up follows vLLM's order: every worker registers its KV caches before the scheduler
+exists, so a worker never waits: rank 0's ``register_kv_caches`` spawns the engine's leader
+and each rank's init sync runs in the background. The scheduler's connector, the engine's last
+start-up step, then waits until the leader and every rank are ready (and the index replica is
+current), at most ``DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS``: the engine serves no request
+before kvbm is ready, and at the deadline :class:`~kvbm.connector.bootstrap.KvbmNotReady`
+fails the engine's start with one line naming what was missing. The instance that spawned the
+leader stops it in ``shutdown`` (or at interpreter exit).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvbm.connector.bootstrap import ensure_leader, stop_leader
+from kvbm.connector.bootstrap import KvbmNotReady, ensure_leader, stop_leader
 from kvbm.leader.client import LeaderClient
 from kvbm.leader.registry import Tier
 from kvbm.vllm_integration.connector.common import (
@@ -83,6 +86,11 @@ class DynamoConnector(KVConnectorBase_V1):
                 events = kvec is not None and bool(kvec.enable_kv_cache_events)
                 self.scheduler = KvbmScheduler(self.settings, LeaderClient(self.settings.endpoint),
                                                events_enabled=events)
+                try:
+                    self.scheduler.wait_until_ready()
+                except KvbmNotReady:
+                    self.shutdown()  # the engine does not start: leave no thread or leader behind
+                    raise
             else:
                 self.worker = KvbmWorker(self.settings, worker_rank(vllm_config, self.settings.world_size))
         except UnsupportedSetup as e:
@@ -92,13 +100,6 @@ class DynamoConnector(KVConnectorBase_V1):
         if ensure_leader(self.settings):
             self._owns_leader = True
             self._finalizer = weakref.finalize(self, stop_leader, self.settings.endpoint)
-
-    def wait_ready(self, timeout_s: float) -> bool:
-        """Scheduler side: block until kvbm serves hits and stores (the leader has every rank and
-        the index replica is current); False after ``timeout_s`` or when kvbm is off. vLLM never
-        calls this (the engine serves from its first step, without kvbm until it is ready): it is
-        for callers that want kvbm's hits from the first request, such as tests and benchmarks."""
-        return self.scheduler is not None and self.scheduler.wait_ready(timeout_s)
 
     @property
     def requires_kv_delivery(self) -> bool:

@@ -9,7 +9,6 @@ this class turns vLLM's ``Request``, ``KVCacheBlocks``, ``SchedulerOutput`` and
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING, Iterable
 
 from kvbm.connector.index import follower_for
@@ -18,7 +17,7 @@ from kvbm.hashing import salt_hash
 from kvbm.ipc.messages import BlockEventKind
 from kvbm.leader.client import LeaderClient
 from kvbm.leader.registry import Tier
-from kvbm.connector.bootstrap import Instance
+from kvbm.connector.bootstrap import Instance, wait_until_ready
 from kvbm.vllm_integration.connector.metadata import (
     DynamoConnectorMetadata,
     DynamoWorkerMetadata,
@@ -138,13 +137,11 @@ class KvbmScheduler:
     def reset_cache(self) -> bool:
         return self.planner.reset_cache()
 
-    def wait_ready(self, timeout_s: float) -> bool:
-        """Block until the leader serves (every rank registered) and the index replica, if any,
-        holds its index; False after ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        if not self.client.wait_ready(timeout_s):
-            return False
-        return self.follower is None or self.follower.sync(max(deadline - time.monotonic(), 0.0))
+    def wait_until_ready(self) -> None:
+        """Block until the leader has every rank and the index replica, if any, holds its index,
+        at most DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS; :class:`KvbmNotReady` at the deadline."""
+        then = self.follower.sync if self.follower is not None else None
+        wait_until_ready(self.settings, self.client, what="vLLM engine", then=then)
 
     def has_pending_block_frees(self) -> bool:
         """Finished requests whose blocks come back once their stores finish (soon)."""
