@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvbm.leader.core import (
+from kvbm.ipc.stats import (
     DiskCounters,
     DiskTierStats,
     LeaderCounters,
@@ -115,7 +115,7 @@ def test_object_tier_metrics_dynamo_names() -> None:
                         offload_skipped_busy=2, lookup_blocks=64, lookup_found=7)
     stats = LeaderStats(LeaderState.READY, counters, ranks_alive=1, world_size=1, ops_in_flight=0,
                         host=PoolStats(10, 4, 6, 0, 0), object=PoolStats(100, 7, 93, 0, 0),
-                        object_tier=ObjectTierStats(True, 0, 0, oc, ""))
+                        object_tier=ObjectTierStats(True, 0, oc))
     m = KvbmMetrics(lambda: stats)
     m.on_match(10, 2, 0, 16, obj=5)
     samples, types = parse(m.render().decode())
