@@ -61,11 +61,11 @@ def test_lookups_never_answer_from_an_index_older_than_the_planner_saw(sim: SimE
         assert planner.lookup("a", 0) == 0  # the replica has not seen the store, nor has the planner
         planner.client.wait_idle()  # the leader's stats carry its index position
         assert planner.lookup("a", 0) == 5 * BS  # 6 blocks, the last held back
-        assert planner.counters["index_waits"] == 1 and planner.counters["remote_lookups"] == 0
-        assert planner.lookup("a", 0) == 5 * BS and planner.counters["index_waits"] == 1  # current now
+        assert planner.counters.index_waits == 1 and planner.counters.remote_lookups == 0
+        assert planner.lookup("a", 0) == 5 * BS and planner.counters.index_waits == 1  # current now
         assert planner.reset_cache()
         assert planner.lookup("a", 0) == 0  # not the 5 blocks the replica held before the reset
-        assert planner.counters["index_waits"] == 2 and planner.counters["remote_lookups"] == 0
+        assert planner.counters.index_waits == 2 and planner.counters.remote_lookups == 0
     finally:
         planner.shutdown()
         follower.stop()
@@ -88,7 +88,7 @@ def test_stale_replica_claims_are_recomputed_never_wrong_kv(sim: SimEngine) -> N
     assert sim.stats.tokens_from_host == before + 5 * BS  # the last block is held back
     assert sim.stats.mismatches == 0
     stats = sim.quiesce()
-    assert stats["host_pinned"] == 0 and stats["ops_in_flight"] == 0
+    assert stats.host.pinned == 0 and stats.ops_in_flight == 0
 
 
 def test_preempted_before_its_store_allocation_came_back(sim: SimEngine) -> None:
@@ -102,7 +102,7 @@ def test_preempted_before_its_store_allocation_came_back(sim: SimEngine) -> None
         plan.extend(planner.settle(10))
         assert plan.preempted == ["r"] and not plan.stores  # never copied from reused blocks
         stats = sim.quiesce()  # the grant was released: nothing stays in flight
-        assert stats["ops_in_flight"] == 0 and stats["host_writing"] == 0
+        assert stats.ops_in_flight == 0 and stats.host.writing == 0
         assert planner.finished("r") is False
     finally:
         planner.shutdown()
@@ -122,7 +122,7 @@ def test_aborted_while_its_pin_is_in_flight(sim: SimEngine) -> None:
         plan = planner.settle(10)
         assert [(op.req_id, op.op_id) for op in plan.loads] == [("r", 0)]  # reported as received only
         stats = sim.quiesce()
-        assert stats["host_pinned"] == 0 and stats["ops_in_flight"] == 0
+        assert stats.host.pinned == 0 and stats.ops_in_flight == 0
     finally:
         planner.shutdown()
 
@@ -146,11 +146,11 @@ def test_a_steps_requests_go_out_in_one_burst_at_the_step(sim: SimEngine) -> Non
         plan.extend(planner.settle(10))
         assert [(op.req_id, len(op.blocks)) for op in plan.loads] == [("r", 4)]
         # The lookup report went out before the pin on the same connection: counted already.
-        assert planner.client.stats()["match_requests"] == idle["match_requests"] + 1
+        assert planner.client.stats().counters.match_requests == idle.counters.match_requests + 1
         planner.client.release(plan.loads[0].op_id)  # no worker runs this load
     finally:
         planner.shutdown()
-    assert sim.quiesce()["host_pinned"] == 0
+    assert sim.quiesce().host.pinned == 0
 
 
 def test_planner_refuses_bad_sizes(sim: SimEngine) -> None:
@@ -178,8 +178,8 @@ def test_firm_lookup_promises_only_pinned_blocks(sim: SimEngine) -> None:
         assert planner.lookup_pinned("stale", 0, 5.0) == 0  # the replica claimed it; nothing pinned
         planner.add("r", stored, EMPTY_SALT_HASH)
         hit = planner.lookup_pinned("r", 0, 5.0)
-        assert hit == 4 * BS, (planner.ready(), dict(planner.counters), planner.client.stats())
-        assert planner.client.stats()["host_pinned"] == 4  # pinned before the answer
+        assert hit == 4 * BS, (planner.ready(), planner.counters, planner.client.stats())
+        assert planner.client.stats().host.pinned == 4  # pinned before the answer
         planner.load_after_alloc("r", [20, 21, 22, 23, 24], hit)
         plan = planner.step([])
         assert [(op.req_id, op.blocks, op.failed_blocks) for op in plan.loads] == [("r", [20, 21, 22, 23], [])]
@@ -190,7 +190,7 @@ def test_firm_lookup_promises_only_pinned_blocks(sim: SimEngine) -> None:
         assert planner.finished("unused") is False  # never allocated: its pin is released
         planner.settle(5)
         stats = sim.quiesce()
-        assert stats["host_pinned"] == 0 and stats["ops_in_flight"] == 0
+        assert stats.host.pinned == 0 and stats.ops_in_flight == 0
     finally:
         planner.shutdown()
 
@@ -220,6 +220,6 @@ def test_without_store_acks_finished_keeps_blocks_of_stored_requests(sim: SimEng
         plan = planner.settle(10)
         assert not plan.stores and not plan.delayed_free
         stats = sim.quiesce()
-        assert stats["ops_in_flight"] == 0 and stats["host_writing"] == 0
+        assert stats.ops_in_flight == 0 and stats.host.writing == 0
     finally:
         planner.shutdown()

@@ -120,6 +120,16 @@ class Staged:
 
 
 @dataclass(frozen=True)
+class TierKind:
+    """What names a lower tier: its pool, its name in log lines, its transfers' directions."""
+
+    tier: Tier
+    label: str
+    write: TransferDirection  # G2 -> tier
+    read: TransferDirection  # tier -> G2
+
+
+@dataclass(frozen=True)
 class PipelineContext:
     """What a pipeline uses of the leader: the host pool, the staging table, the clock of the
     verb being served, the size of a block and the transfer observers."""
@@ -134,10 +144,7 @@ class PipelineContext:
 class TierPipeline(ABC, Generic[CountersT]):
     """G2 <-> one lower tier: offload, staging, completions, counters, on/off; see the module doc."""
 
-    tier: ClassVar[Tier]
-    label: ClassVar[str]  # the tier in log lines
-    write_direction: ClassVar[TransferDirection]
-    read_direction: ClassVar[TransferDirection]
+    kind: ClassVar[TierKind]
 
     def __init__(self, ctx: PipelineContext, pool: TierPool, counters: CountersT, *,
                  admission: FrequencyFilter | None, max_writes: int, enabled: bool, reason: str = "") -> None:
@@ -217,7 +224,7 @@ class TierPipeline(ABC, Generic[CountersT]):
             return None
         hslot = got[0]
         self.pool.pin([slot])
-        self.ctx.staging.start(hslot, StagingRead([op_id], seq_hash, self.tier, slot))
+        self.ctx.staging.start(hslot, StagingRead([op_id], seq_hash, self.kind.tier, slot))
         self._start_read(slot, hslot, seq_hash)
         return hslot
 
@@ -225,7 +232,7 @@ class TierPipeline(ABC, Generic[CountersT]):
         """Turn the tier off: nothing in it matches any more; the other tiers serve on."""
         self.enabled, self.reason = False, reason
         self.pool.clear()
-        log.error("%s turned off: %s; serving continues from the other tiers", self.label, reason)
+        log.error("%s turned off: %s; serving continues from the other tiers", self.kind.label, reason)
 
     def _wrote(self, key: int, host_slot: int, ok: bool, seconds: float) -> int | None:
         """A write finished: its tier slot, committed (matchable) if it succeeded while the tier
@@ -240,7 +247,7 @@ class TierPipeline(ABC, Generic[CountersT]):
         c.offloaded_blocks += 1
         c.bytes_written += self.ctx.block_bytes
         c.write_seconds += seconds
-        self.ctx.observe(self.write_direction, 1, seconds)
+        self.ctx.observe(self.kind.write, 1, seconds)
         return slot
 
     def _read(self, host_slot: int, ok: bool, seconds: float) -> StagingRead:
@@ -256,7 +263,7 @@ class TierPipeline(ABC, Generic[CountersT]):
         c.onboarded_blocks += 1
         c.bytes_read += self.ctx.block_bytes
         c.read_seconds += seconds
-        self.ctx.observe(self.read_direction, 1, seconds)
+        self.ctx.observe(self.kind.read, 1, seconds)
         return read
 
     def _checksum_failed(self, what: str) -> None:
@@ -268,10 +275,7 @@ class TierPipeline(ABC, Generic[CountersT]):
 class DiskPipeline(TierPipeline[DiskCounters]):
     """G2 <-> G3: writes with a checksum per slot, verified reads; the first I/O error turns it off."""
 
-    tier = Tier.DISK
-    label = "disk tier (G3)"
-    write_direction = TransferDirection.H2DISK
-    read_direction = TransferDirection.DISK2H
+    kind = TierKind(Tier.DISK, "disk tier (G3)", TransferDirection.H2DISK, TransferDirection.DISK2H)
 
     def __init__(self, ctx: PipelineContext, pool: TierPool, io: DiskIO, *, admission: FrequencyFilter | None,
                  max_writes: int) -> None:
@@ -340,10 +344,7 @@ class ObjectPipeline(TierPipeline[ObjectCounters]):
     :data:`OBJECT_FAILURES_OFF` store errors in a row turns it off (a lone error is the network).
     """
 
-    tier = Tier.OBJECT
-    label = "object tier (G4)"
-    write_direction = TransferDirection.H2OBJ
-    read_direction = TransferDirection.OBJ2H
+    kind = TierKind(Tier.OBJECT, "object tier (G4)", TransferDirection.H2OBJ, TransferDirection.OBJ2H)
 
     def __init__(self, ctx: PipelineContext, pool: TierPool, io: ObjectIO, *, admission: FrequencyFilter | None,
                  max_writes: int) -> None:

@@ -3,6 +3,7 @@ every loaded byte checked against the KV oracle (see tests/trtllm/trt_executor.p
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import subprocess
 import sys
@@ -39,7 +40,7 @@ def executor(trt_env):
 
 def counters(ex: Executor) -> dict[str, int]:
     assert ex.scheduler.planner is not None
-    return dict(ex.scheduler.planner.take_counters())
+    return dataclasses.asdict(ex.scheduler.planner.take_counters())
 
 
 def test_hit_after_engine_cache_dropped(executor):
