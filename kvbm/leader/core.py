@@ -25,14 +25,14 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from kvbm.config import KvbmConfig
 from kvbm.ipc import messages as m
 from kvbm.ipc.stats import LeaderCounters, LeaderState, LeaderStats, PoolStats, encode_stats
-from kvbm.leader.admission import FrequencyFilter
+from kvbm.leader.capacity import pool_blocks
 from kvbm.leader.index import IndexLog
 from kvbm.leader.ops import Op, OpKind
 from kvbm.leader.polls import ParkedPoll, ParkedPolls
@@ -46,16 +46,18 @@ from kvbm.leader.tiers import (
     StagingTable,
     TierPipeline,
     TransferDirection,
+    pipelines,
 )
 from kvbm.leader.world import LayoutMismatch, World
 
 log = logging.getLogger(__name__)
 
 _M = TypeVar("_M", bound=m.Message)
-_P = TypeVar("_P", bound=TierPipeline)  # type: ignore[type-arg]
+_P = TypeVar("_P", bound=TierPipeline[Any])
 
 OP_TIMEOUT_S = 300.0  # an op nobody completes (a client bug) is released after this
 MAX_EVENT_BACKLOG = 100_000
+
 
 class RequestRejected(Exception):
     """A well-formed request that cannot be served; becomes an ErrorReply."""
@@ -72,8 +74,6 @@ class Outbound:
     peer: bytes
     request_id: int
     message: m.Message
-
-
 
 
 def _pool_stats(pool: TierPool) -> PoolStats:
@@ -119,7 +119,7 @@ class LeaderCore:
         self.index = IndexLog(first_seq=index_first_seq, **ring)
         self.polls = ParkedPolls()  # IndexSince long-polls waiting for the index to move
         # The lower tiers' pipelines, in staging order (G3 before G4); made with the cache.
-        self.tiers: list[TierPipeline] = []  # type: ignore[type-arg]
+        self.tiers: list[TierPipeline[Any]] = []
         self._staging = StagingTable()  # G2 slots being filled from a lower tier for loads
         self._handlers: dict[type[m.Message], Callable[[bytes, int, m.Message], list[Outbound] | m.Message | None]] = {
             m.RegisterRank: self._on_register,
@@ -221,15 +221,7 @@ class LeaderCore:
         """Size the tiers for the world's block size and create the storage and the registry."""
         cfg = self.config
         block_bytes = self.world.block_bytes
-        host_blocks = cfg.host_blocks(block_bytes)
-        disk_blocks = cfg.disk_blocks(block_bytes) if cfg.has_disk_tier else 0
-        if host_blocks <= 0:
-            if disk_blocks <= 0:
-                raise ValueError(
-                    f"the configured cache holds no block of {block_bytes} bytes; raise DYN_KVBM_CPU_CACHE_GB "
-                    "or DYN_KVBM_DISK_CACHE_GB"
-                )
-            host_blocks = cfg.disk_bounce_blocks  # disk-only: a small bounce pool for staging
+        host_blocks, disk_blocks = pool_blocks(cfg, block_bytes)
         storage = self._storage_factory(host_blocks, block_bytes, disk_blocks, self.world.layout_fingerprint)
         self.storage = storage
         # The registry stamps use with the time of the verb being served.
@@ -238,21 +230,7 @@ class LeaderCore:
                                       object_capacity=cfg.object_num_blocks if storage.objects is not None else 0)
         ctx = PipelineContext(self.registry.host, self._staging, lambda: self._now, block_bytes,
                               self._observe_transfer)
-        if storage.disk is not None:
-            assert self.registry.disk is not None
-            # Without a CPU tier every block passes through the small bounce pool: no filter.
-            use_filter = cfg.has_cpu_tier and not cfg.disable_disk_offload_filter
-            disk = DiskPipeline(ctx, self.registry.disk, storage.disk, max_writes=max(16, host_blocks // 2),
-                                admission=FrequencyFilter(clock=lambda: self._now) if use_filter else None)
-            found = storage.disk.restored()
-            if found:  # a persistent disk cache an earlier leader of this layout filled
-                log.info("disk tier: %d blocks of an earlier leader re-indexed", disk.restore(found))
-            self.tiers.append(disk)
-        if storage.objects is not None:  # on once the store answers (apply_io)
-            assert self.registry.object is not None
-            self.tiers.append(ObjectPipeline(
-                ctx, self.registry.object, storage.objects, max_writes=max(4, host_blocks // 4),
-                admission=None if cfg.object_write_through else FrequencyFilter(clock=lambda: self._now)))
+        self.tiers = pipelines(cfg, storage, self.registry, ctx)
 
     def _on_attached(self, peer: bytes, rid: int, msg: m.Message) -> list[Outbound] | m.Message | None:
         msg = _as(msg, m.PoolAttached)

@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import ClassVar, Generic
+from typing import TYPE_CHECKING, Any, ClassVar, Generic
 
 import numpy as np
 
@@ -33,7 +33,7 @@ from kvbm.ipc.stats import C as CountersT
 from kvbm.leader.admission import FrequencyFilter
 from kvbm.leader.disk import BlockKey, StoredBlock
 from kvbm.leader.objects import GetStatus
-from kvbm.leader.registry import Tier, TierPool
+from kvbm.leader.registry import BlockRegistry, Tier, TierPool
 from kvbm.leader.storage import (
     DiskIO,
     DiskReadDone,
@@ -44,6 +44,10 @@ from kvbm.leader.storage import (
     ObjectReady,
     ObjectWriteDone,
 )
+
+if TYPE_CHECKING:
+    from kvbm.config import KvbmConfig
+    from kvbm.leader.storage import CacheStorage
 
 log = logging.getLogger(__name__)
 
@@ -456,3 +460,26 @@ class ObjectPipeline(TierPipeline[ObjectCounters]):
     def stats(self) -> ObjectTierStats:
         return ObjectTierStats(self.enabled, self.busy, replace(self.counters), self.reason,
                                lookups_pending=len(self._asking))
+
+
+def pipelines(config: KvbmConfig, storage: CacheStorage, registry: BlockRegistry,
+              ctx: PipelineContext) -> list[TierPipeline[Any]]:
+    """The pipelines of the lower tiers the storage has, in staging order (G3 before G4), with
+    their admission filters and write budgets sized for the host pool."""
+    out: list[TierPipeline[Any]] = []
+    host_blocks = ctx.host.capacity
+    if storage.disk is not None:
+        assert registry.disk is not None
+        # Without a CPU tier every block passes through the small bounce pool: no filter.
+        use_filter = config.has_cpu_tier and not config.disable_disk_offload_filter
+        disk = DiskPipeline(ctx, registry.disk, storage.disk, max_writes=max(16, host_blocks // 2),
+                            admission=FrequencyFilter(clock=ctx.clock) if use_filter else None)
+        found = storage.disk.restored()
+        if found:  # a persistent disk cache an earlier leader of this layout filled
+            log.info("disk tier: %d blocks of an earlier leader re-indexed", disk.restore(found))
+        out.append(disk)
+    if storage.objects is not None:  # on once the store answers
+        assert registry.object is not None
+        out.append(ObjectPipeline(ctx, registry.object, storage.objects, max_writes=max(4, host_blocks // 4),
+                                  admission=None if config.object_write_through else FrequencyFilter(clock=ctx.clock)))
+    return out
