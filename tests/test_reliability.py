@@ -360,7 +360,7 @@ def test_disk_io_error_turns_the_tier_off_never_wrong_kv(make_config, tmp_path: 
         stats = _settled(sim.client)
         assert stats.disk_tier.enabled == 0 and stats.disk_tier.counters.io_errors >= 1, stats
         assert stats.disk.registered == 0 and _raw_match(sim.endpoint, sequence_hashes(prompts[0], BS))[1] == 0
-        assert os.strerror(code) in server.core.disk_disabled_reason
+        assert os.strerror(code) in server.core.stats().disk_tier.reason
         if op == "read":
             assert sim.stats.staging_failures > 0
         assert sim.stats.mismatches == 0
@@ -446,7 +446,7 @@ def test_fuzz_leader_socket(make_config) -> None:
         hwm = rss_kib(pid, "VmHWM")
         send_oversize(sim.endpoint, 256 << 20)
         stats = leader_stats(sim.endpoint)
-        assert stats["state_ready"] == 1
+        assert stats.state is LeaderState.READY
         assert rss_kib(pid, "VmHWM") - hwm < 64 * 1024
         assert sim.leader.popen.poll() is None
         sim.reset_engine_cache()
