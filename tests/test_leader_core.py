@@ -8,6 +8,7 @@ its I/O runs when a test says so, so every interleaving here is chosen, not race
 from __future__ import annotations
 
 import zlib
+from dataclasses import replace
 from collections.abc import Callable
 
 import pytest
@@ -260,7 +261,14 @@ class Harness:
         self.core.apply_io(self.now)
 
     def stats(self) -> LeaderStats:
-        s = self.core.stats()
+        """The core's stats as a client reads them: through GetStats and the wire codec."""
+        reply = self.ask(m.GetStats())
+        _, wire = m.decode(m.encode(reply))
+        assert isinstance(wire, m.StatsReply)
+        s = wire.stats
+        local = self.core.stats()
+        assert s == replace(local, disk_tier=local.disk_tier and replace(local.disk_tier, reason=""),
+                            object_tier=local.object_tier and replace(local.object_tier, reason=""))
         assert self.core.registry is not None
         self.core.registry.check_invariants()
         return s

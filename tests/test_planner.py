@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from kvbm.connector.index import IndexReplica, follow_leader
+from kvbm.ipc import messages as m
 from kvbm.ipc.messages import BlockEventKind
-from kvbm.leader.client import IndexDelta
-from kvbm.connector.planner import Planner, ScheduledRequest
+from kvbm.leader.client import IndexDelta, TierBlocks
+from kvbm.connector.planner import ConnectorCounters, Planner, ScheduledRequest
 from kvbm.hashing import EMPTY_SALT_HASH, sequence_hashes
 from kvbm.leader.client import LeaderClient
 from kvbm.leader.registry import Tier
@@ -221,5 +222,51 @@ def test_without_store_acks_finished_keeps_blocks_of_stored_requests(sim: SimEng
         assert not plan.stores and not plan.delayed_free
         stats = sim.quiesce()
         assert stats.ops_in_flight == 0 and stats.host.writing == 0
+    finally:
+        planner.shutdown()
+
+
+class _FixedMatch:
+    """A leader client whose every Match finds the same blocks per tier (no leader behind it)."""
+
+    endpoint = "ipc:///tmp/kvbm-planner-no-leader"
+    timeout_s = 1.0
+    index_seq = 0
+    status = None
+
+    def __init__(self, reply: m.MatchReply) -> None:
+        self.reply = reply
+
+    def is_ready(self) -> bool:
+        return True
+
+    def lookup(self, hashes: object) -> m.MatchReply:
+        return self.reply
+
+    def close(self) -> None:
+        pass
+
+
+def test_tier_blocks_split_a_shorter_load_nearest_tier_first() -> None:
+    found = TierBlocks(host=2, disk=1, object=3)
+    assert found.total == 6 and found.first(6) == found
+    assert found.first(5) == TierBlocks(2, 1, 2) and found.first(3) == TierBlocks(2, 1, 0)
+    assert found.first(1) == TierBlocks(1, 0, 0) and found.first(0) == TierBlocks()
+
+
+def test_a_match_keeps_host_disk_and_object_apart() -> None:
+    """G3 and G4 blocks are both staged through G2, but the planner reports them apart: the
+    hold-back takes the farthest tier's block, hit sources and counters name each tier."""
+    planner = Planner(BS, 1, _FixedMatch(m.MatchReply(host=2, disk=1, object=3)))  # type: ignore[arg-type]
+    try:
+        planner.add("a", _prompt(6, 9), EMPTY_SALT_HASH)
+        assert planner.lookup("a", 0) == 5 * BS  # the whole prompt matched: one G4 block held back
+        assert planner.hit_sources("a", 5 * BS) == {Tier.HOST: 2 * BS, Tier.DISK: BS, Tier.OBJECT: 2 * BS}
+        assert planner.hit_sources("a", 3 * BS + 4) == {Tier.HOST: 2 * BS, Tier.DISK: BS, Tier.OBJECT: 4}
+        planner.load_after_alloc("a", list(range(6)), 5 * BS)
+        c = planner.take_counters()
+        assert (c.hit_host_tokens, c.hit_disk_tokens, c.hit_object_tokens) == (2 * BS, BS, 2 * BS)
+        assert c.remote_lookups == 1 and c.lookup_tokens == 6 * BS
+        assert planner.take_counters() == ConnectorCounters()  # taken: counting starts afresh
     finally:
         planner.shutdown()

@@ -79,7 +79,7 @@ class ObjectCounters(TierCounters):
     lookup_found: int = 0  # blocks the store had that this leader did not know
 
 
-C = TypeVar("C", bound=TierCounters)
+_C = TypeVar("_C", bound=TierCounters)
 
 
 @dataclass(frozen=True)
@@ -94,12 +94,12 @@ class PoolStats:
 
 
 @dataclass(frozen=True)
-class TierStats(Generic[C]):
+class TierStats(Generic[_C]):
     """A lower tier's pipeline: on or off (and why), copies in flight, its counters."""
 
     enabled: bool
     busy: int  # G2 -> tier writes in flight
-    counters: C
+    counters: _C
     reason: str = ""  # why the tier is off ('' while on; not sent to remote readers)
 
 

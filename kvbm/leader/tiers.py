@@ -24,12 +24,11 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, ClassVar, Generic
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 
-from kvbm.ipc.stats import DiskCounters, ObjectCounters, ObjectTierStats, TierStats
-from kvbm.ipc.stats import C as CountersT
+from kvbm.ipc.stats import DiskCounters, ObjectCounters, ObjectTierStats, TierCounters, TierStats
 from kvbm.leader.admission import FrequencyFilter
 from kvbm.leader.disk import BlockKey, StoredBlock
 from kvbm.leader.objects import GetStatus
@@ -50,6 +49,8 @@ if TYPE_CHECKING:
     from kvbm.leader.storage import CacheStorage
 
 log = logging.getLogger(__name__)
+
+CountersT = TypeVar("CountersT", bound=TierCounters)
 
 OBJECT_LOOKUP_BATCH = 64  # hashes past a match asked of the store at once
 OBJECT_LOOKUPS_MAX = 4096  # hashes being asked at most (more lookups wait for a later match)
