@@ -54,6 +54,7 @@ def test_round_trip_every_message_type() -> None:
     (msgpack.packb([m.PROTOCOL_VERSION, "stats_reply", 1, ["ready", {"host_fre": 1}, 0]]), "unknown stats"),
     (msgpack.packb([m.PROTOCOL_VERSION, "stats_reply", 1, ["fine", {}, 0]]), "not a leader state"),
     (msgpack.packb([m.PROTOCOL_VERSION, "stats_reply", 1, ["ready", {"host_capacity": 4}, 0]]), "missing"),
+    (msgpack.packb([m.PROTOCOL_VERSION, "stats_reply", 1, ["ready", {"disk_io_errors": 1}, 0]]), "no complete record"),
     (msgpack.packb([m.PROTOCOL_VERSION, "status", 1, ["up", "", 0, 0, 0, 0, 0, "", []]]), "not a leader state"),
 ])
 def test_malformed_frames_are_rejected(frame: bytes, needle: str) -> None:

@@ -182,7 +182,8 @@ def encode_stats(stats: LeaderStats) -> tuple[str, dict[str, float]]:
 
 
 def decode_stats(state: str, values: dict[str, float]) -> LeaderStats:
-    """The snapshot a StatsReply carries; ValueError for an unknown state or a partial record."""
+    """The snapshot a StatsReply carries; ValueError for an unknown state, a partial record or a
+    name no record has."""
     try:
         leader_state = LeaderState(state)
     except ValueError:
@@ -190,7 +191,7 @@ def decode_stats(state: str, values: dict[str, float]) -> LeaderStats:
     disk_counters = _record(DiskCounters, "disk_", values)
     object_counters = _record(ObjectCounters, "object_", values)
     block_bytes = values.get("block_bytes")
-    return LeaderStats(
+    stats = LeaderStats(
         state=leader_state,
         counters=_record(LeaderCounters, "", values) or LeaderCounters(),
         ranks_alive=int(values.get("ranks_alive", 0)),
@@ -205,6 +206,10 @@ def decode_stats(state: str, values: dict[str, float]) -> LeaderStats:
         else _record(ObjectTierStats, "object_", values, counters=object_counters),
         index_polls_parked=int(values.get("index_polls_parked", 0)),
     )
+    stray = values.keys() - encode_stats(stats)[1].keys()
+    if stray:  # e.g. a tier's counters without its gauges: no record to put them in
+        raise ValueError(f"stats: {sorted(stray)[:8]} belong to no complete record")
+    return stats
 
 
 def _all_keys() -> frozenset[str]:
