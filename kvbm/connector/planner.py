@@ -85,16 +85,17 @@ class ConnectorCounters:
     pin_shortfall_blocks: int = 0  # promised blocks gone by the time they were pinned
     staging_failures: int = 0  # loads whose G3 / G4 staging failed or timed out
 
-    def count_blocks(self, blocks: TierBlocks, *, hit_tokens: int = 0) -> None:
-        """Count blocks by tier: as onboarded, or (``hit_tokens``: tokens per block) as hits."""
-        if hit_tokens:
-            self.hit_host_tokens += blocks.host * hit_tokens
-            self.hit_disk_tokens += blocks.disk * hit_tokens
-            self.hit_object_tokens += blocks.object * hit_tokens
-        else:
-            self.onboard_host_blocks += blocks.host
-            self.onboard_disk_blocks += blocks.disk
-            self.onboard_object_blocks += blocks.object
+    def hits(self, blocks: TierBlocks, block_size: int) -> None:
+        """The engine took these blocks as loaded."""
+        self.hit_host_tokens += blocks.host * block_size
+        self.hit_disk_tokens += blocks.disk * block_size
+        self.hit_object_tokens += blocks.object * block_size
+
+    def onboarded(self, blocks: TierBlocks) -> None:
+        """A load op of these blocks went to the workers."""
+        self.onboard_host_blocks += blocks.host
+        self.onboard_disk_blocks += blocks.disk
+        self.onboard_object_blocks += blocks.object
 
 
 @dataclass
@@ -414,7 +415,7 @@ class Planner:
                       "they will be recomputed", num_external_tokens, req_id)
             self._emit_load(LoadOp(req_id, 0, [], [], engine), TierBlocks())
             return
-        self.counters.count_blocks(mt.blocks.first(n), hit_tokens=bs)
+        self.counters.hits(mt.blocks.first(n), bs)
         if mt.grant is not None:  # a firm lookup: the blocks are pinned (and staged) already
             grant, mt.grant = mt.grant, None
             self._emit_load(LoadOp(req_id, grant.op_id, grant.slots[:n], engine[:n], engine[n:]), mt.blocks.first(n))
@@ -425,7 +426,7 @@ class Planner:
 
     def _emit_load(self, op: LoadOp, blocks: TierBlocks) -> None:
         if op.op_id:
-            self.counters.count_blocks(blocks)
+            self.counters.onboarded(blocks)
         self.counters.load_error_blocks += len(op.failed_blocks)
         self._ready_loads.append(op)
 
