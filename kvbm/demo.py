@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from kvbm.config import ConfigError, KvbmConfig, load_config
 from kvbm.ipc.shm import sweep_stale_segments
+from kvbm.ipc.stats import DiskCounters, LeaderStats, ObjectTierStats
 from kvbm.leader.spawn import LeaderStartError
 from kvbm.sim.engine import LeaderDied, RankDied, SimEngine, SimError, SimStats, chat_workload
 from kvbm.sim.rank import SimModel
@@ -139,58 +140,48 @@ def object_tier_line(cfg: KvbmConfig, instance: str = "{worker_id}") -> str:
     return f"object store (G4): bucket {bucket} at {cfg.object_endpoint or 'AWS S3 ' + cfg.object_region}, {how}"
 
 
-def summary(st: SimStats, leader: dict[str, float], seconds: float, ranks: int) -> str:
-    bb = leader.get("block_bytes", 0.0)
-    # The engine counts G3 and G4 hits together (both staged through G2); the leader tells G4 apart.
-    object_tokens = int(leader.get("blocks_loaded_from_object", 0)) * BLOCK_SIZE
+def summary(st: SimStats, leader: LeaderStats, seconds: float, ranks: int) -> str:
+    c = leader.counters
+    disk = leader.disk_tier.counters if leader.disk_tier is not None else DiskCounters()
     rows = [
         ("requests", f"{st.requests}"),
         ("prompt tokens", f"{st.prompt_tokens}"),
         ("tokens from engine prefix cache (G1)", f"{st.tokens_local}"),
         ("tokens served from host pool (G2)", f"{st.tokens_from_host}"),
-        ("tokens served from disk (G3)", f"{st.tokens_from_disk - object_tokens}"),
+        ("tokens served from disk (G3)", f"{st.tokens_from_disk}"),
         ("tokens recomputed", f"{st.tokens_computed}"),
         ("external hit rate", f"{st.hit_rate:.1%}"),
-        ("blocks offloaded G1->G2", f"{int(leader.get('blocks_stored', 0))}"),
-        ("blocks offloaded G2->G3", f"{int(leader.get('disk_offloaded_blocks', 0))}"),
+        ("blocks offloaded G1->G2", f"{c.blocks_stored}"),
+        ("blocks offloaded G2->G3", f"{disk.offloaded_blocks}"),
         ("blocks onboarded G2->G1", f"{st.blocks_loaded}"),
-        ("blocks staged G3->G2", f"{int(leader.get('disk_onboarded_blocks', 0))}"),
-        ("host evictions / disk evictions",
-         f"{int(leader.get('host_evictions', 0))} / {int(leader.get('disk_evictions', 0))}"),
+        ("blocks staged G3->G2", f"{disk.onboarded_blocks}"),
+        ("host evictions / disk evictions", f"{c.host_evictions} / {c.disk_evictions}"),
         ("G1->G2 store copies", f"{_gb(st.bytes_stored)} at {_rate(st.bytes_stored, st.store_seconds)}"),
         ("G2->G1 load copies", f"{_gb(st.bytes_loaded)} at {_rate(st.bytes_loaded, st.load_seconds)}"),
-        ("G2->G3 disk writes", f"{_gb(leader.get('disk_bytes_written', 0))} at "
-                               f"{_rate(leader.get('disk_bytes_written', 0), leader.get('disk_write_seconds', 0))} per thread"),
-        ("G3->G2 disk reads", f"{_gb(leader.get('disk_bytes_read', 0))} at "
-                              f"{_rate(leader.get('disk_bytes_read', 0), leader.get('disk_read_seconds', 0))} per thread"),
-        ("checksum failures (dropped, never served)", f"{int(leader.get('disk_checksum_failures', 0))}"),
-        *(_object_rows(leader, object_tokens) if "object_enabled" in leader else []),
+        ("G2->G3 disk writes", f"{_gb(disk.bytes_written)} at {_rate(disk.bytes_written, disk.write_seconds)} per thread"),
+        ("G3->G2 disk reads", f"{_gb(disk.bytes_read)} at {_rate(disk.bytes_read, disk.read_seconds)} per thread"),
+        ("checksum failures (dropped, never served)", f"{disk.checksum_failures}"),
+        *(_object_rows(leader.object_tier, st.tokens_from_object) if leader.object_tier is not None else []),
         ("bytes verified against the oracle", f"{_gb(st.bytes_loaded)} in {st.blocks_loaded} blocks x {ranks} ranks"),
         ("oracle mismatches (must be 0)", f"{st.mismatches}"),
         ("wall time", f"{seconds:.1f} s"),
     ]
-    if bb:
-        rows.insert(0, ("block size in the host pool", f"{int(bb)} B"))
+    if leader.block_bytes:
+        rows.insert(0, ("block size in the host pool", f"{leader.block_bytes} B"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 
 
-def _object_rows(leader: dict[str, float], tokens: int) -> list[tuple[str, str]]:
+def _object_rows(tier: ObjectTierStats, tokens: int) -> list[tuple[str, str]]:
     """Summary rows of the object tier (G4)."""
-    state = "on" if leader.get("object_enabled") else "off (the leader's log says why)"
+    oc = tier.counters
     return [
-        ("object tier (G4)", state),
+        ("object tier (G4)", "on" if tier.enabled else "off (the leader's log says why)"),
         ("tokens served from the object store (G4)", f"{tokens}"),
-        ("blocks put G2->G4 / staged G4->G2", f"{int(leader.get('object_offloaded_blocks', 0))} / "
-                                              f"{int(leader.get('object_onboarded_blocks', 0))}"),
-        ("G2->G4 puts", f"{_gb(leader.get('object_bytes_written', 0))} at "
-                        f"{_rate_mb(leader.get('object_bytes_written', 0), leader.get('object_write_seconds', 0))} "
-                        "per thread"),
-        ("G4->G2 gets", f"{_gb(leader.get('object_bytes_read', 0))} at "
-                        f"{_rate_mb(leader.get('object_bytes_read', 0), leader.get('object_read_seconds', 0))} "
-                        "per thread"),
-        ("G4 put / get failures", f"{int(leader.get('object_write_failures', 0))} / "
-                                  f"{int(leader.get('object_read_failures', 0))}"),
+        ("blocks put G2->G4 / staged G4->G2", f"{oc.offloaded_blocks} / {oc.onboarded_blocks}"),
+        ("G2->G4 puts", f"{_gb(oc.bytes_written)} at {_rate_mb(oc.bytes_written, oc.write_seconds)} per thread"),
+        ("G4->G2 gets", f"{_gb(oc.bytes_read)} at {_rate_mb(oc.bytes_read, oc.read_seconds)} per thread"),
+        ("G4 put / get failures", f"{oc.write_failures} / {oc.read_failures}"),
     ]
 
 

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kvbm.ipc.stats import LeaderState, LeaderStats
 from kvbm.vllm_integration import cpu_env
 
 if TYPE_CHECKING:
@@ -117,7 +118,7 @@ def _demo(args: argparse.Namespace, plan: ChatPlan, cpu_blocks: int, disk_blocks
     if cfg.object_enabled:
         print(object_tier_line(cfg), flush=True)
     runs = {}
-    stats: dict[str, float] = {}
+    stats = LeaderStats(LeaderState.WAITING)  # the run with kvbm replaces it
     started = time.monotonic()
     for with_kvbm in (False, True):
         label = "with kvbm" if with_kvbm else "without kvbm"
@@ -156,16 +157,17 @@ def _demo(args: argparse.Namespace, plan: ChatPlan, cpu_blocks: int, disk_blocks
     return 0 if identical else 1
 
 
-def summary(base: list[list[Completion]], kv: list[list[Completion]], leader: dict[str, float], identical: bool, seconds: float) -> str:
+def summary(base: list[list[Completion]], kv: list[list[Completion]], leader: LeaderStats, identical: bool, seconds: float) -> str:
     """The demo's summary table for the real engine (``base`` / ``kv``: completions by turn)."""
     flat_b = [c for turn in base for c in turn]
     flat_k = [c for turn in kv for c in turn]
     prompt = sum(c.prompt_len for c in flat_k)
     engine_hits = sum(c.cached_tokens for c in flat_b)  # the same engine pool without kvbm
     cached = sum(c.cached_tokens for c in flat_k)
-    obj = int(leader.get("blocks_loaded_from_object", 0)) * BLOCK
-    disk = int(leader.get("blocks_loaded_from_disk", 0)) * BLOCK
-    host = int(leader.get("blocks_loaded", 0)) * BLOCK - disk - obj
+    c = leader.counters
+    obj = c.blocks_loaded_from_object * BLOCK
+    disk = c.blocks_loaded_from_disk * BLOCK
+    host = c.blocks_loaded * BLOCK - disk - obj
     ttft_b = statistics.mean(c.ttft_s for c in flat_b)
     ttft_k = statistics.mean(c.ttft_s for c in flat_k)
     rows = [
@@ -174,13 +176,13 @@ def summary(base: list[list[Completion]], kv: list[list[Completion]], leader: di
         ("tokens from engine prefix cache (G1)", f"{cached - host - disk - obj}"),
         ("tokens served from host pool (G2)", f"{host}"),
         ("tokens served from disk (G3)", f"{disk}"),
-        *([("tokens served from the object store (G4)", f"{obj}")] if "object_enabled" in leader else []),
+        *([("tokens served from the object store (G4)", f"{obj}")] if leader.object_tier is not None else []),
         ("tokens recomputed", f"{prompt - cached}"),
         ("external hit rate", f"{(host + disk + obj) / max(1, prompt):.1%}"),
         ("tokens recomputed without kvbm", f"{prompt - engine_hits}"),
-        ("blocks offloaded G1->G2", f"{int(leader.get('blocks_stored', 0))}"),
-        ("blocks offloaded G2->G3", f"{int(leader.get('disk_offloaded_blocks', 0))}"),
-        ("blocks onboarded to the engine", f"{int(leader.get('blocks_loaded', 0))}"),
+        ("blocks offloaded G1->G2", f"{c.blocks_stored}"),
+        ("blocks offloaded G2->G3", f"{leader.disk_tier.counters.offloaded_blocks if leader.disk_tier else 0}"),
+        ("blocks onboarded to the engine", f"{c.blocks_loaded}"),
         ("mean time to first token without kvbm", f"{ttft_b * 1e3:.0f} ms"),
         ("mean time to first token with kvbm", f"{ttft_k * 1e3:.0f} ms ({ttft_b / ttft_k:.2f}x faster)"),
         ("greedy tokens identical with and without kvbm", "yes" if identical else "NO"),

@@ -27,7 +27,7 @@ def test_allocate_stores_batches_and_isolates_errors(make_config) -> None:
         assert one.op_id and len(one.slots) == 2
         for g in (grants[0], grants[2], grants[4], one):
             client.release(g.op_id)
-        assert sim.quiesce()["host_writing"] == 0
+        assert sim.quiesce().host.writing == 0
 
 
 def test_allocate_stores_without_a_leader_is_quick_and_empty(tmp_path) -> None:

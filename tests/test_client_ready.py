@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+from kvbm.ipc.stats import LeaderState
 from kvbm.leader.client import LeaderClient
 from kvbm.sim.engine import SimEngine
 from kvbm.sim.rank import SimModel
@@ -20,7 +21,7 @@ def test_wait_ready_follows_the_leader_through_init(make_config) -> None:
             t0 = time.monotonic()
             assert not client.wait_ready(0.5)  # no rank yet: waiting
             assert 0.4 < time.monotonic() - t0 < 2.0
-            assert client.status is not None and client.status.state == "waiting"
+            assert client.status is not None and client.status.leader_state is LeaderState.WAITING
             sim.start_ranks()
             assert client.wait_ready(30)
             assert client.is_ready()

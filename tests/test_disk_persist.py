@@ -21,6 +21,7 @@ from kvbm.leader.disk import (
     sweep_stale_disk_files,
 )
 from kvbm.sim.engine import SimEngine
+from kvbm.ipc.stats import LeaderStats
 from kvbm.sim.rank import SimModel
 
 MODEL = SimModel(num_layers=2, kv_heads=2, head_dim=32, num_gpu_blocks=48)
@@ -42,7 +43,7 @@ def _env(tmp_path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _fill(sim: SimEngine, prompts: list[list[int]]) -> dict[str, float]:
+def _fill(sim: SimEngine, prompts: list[list[int]]) -> LeaderStats:
     for p in prompts:
         sim.run([p])
         sim.quiesce()
@@ -58,14 +59,14 @@ def test_a_restarted_leader_serves_the_earlier_blocks_byte_exact(make_config, tm
     cfg = make_config(**_env(tmp_path))
     prompts = _prompts(3, seed=20 + world)
     with SimEngine(cfg, world_size=world, model=MODEL) as first:
-        stored = _fill(first, prompts)["disk_offloaded_blocks"]
+        stored = _fill(first, prompts).disk_tier.counters.offloaded_blocks
     # All 36 blocks, unless a loaded machine made a store time out (it is then recomputed, not kept).
     assert 0 < stored <= 3 * BLOCKS_PER_PROMPT
     assert len(_cache_files(tmp_path)) == 1  # kept, named by the layout
     assert not [n for n in os.listdir(tmp_path) if n.endswith("-disk.bin")]
     with SimEngine(cfg, world_size=world, model=MODEL) as second:  # a new instance, same layout
         assert second.client is not None
-        assert second.quiesce()["disk_registered"] == stored  # re-indexed at start
+        assert second.quiesce().disk.registered == stored  # re-indexed at start
         for p in prompts:
             second.run([p])
         st = second.stats
@@ -74,8 +75,8 @@ def test_a_restarted_leader_serves_the_earlier_blocks_byte_exact(make_config, tm
         # Every hit came from the re-indexed file (at most all but each prompt's last block; fewer
         # only where a loaded machine made the planner give up waiting and recompute).
         assert 0 < st.tokens_from_disk <= min(stored, 3 * (BLOCKS_PER_PROMPT - 1)) * 16, st
-        assert st.tokens_from_host == 0 and stats["disk_onboarded_blocks"] * 16 >= st.tokens_from_disk
-        assert stats["disk_checksum_failures"] == 0
+        assert st.tokens_from_host == 0 and stats.disk_tier.counters.onboarded_blocks * 16 >= st.tokens_from_disk
+        assert stats.disk_tier.counters.checksum_failures == 0
 
 
 def test_another_layout_does_not_see_the_file(make_config, tmp_path) -> None:
@@ -84,7 +85,7 @@ def test_another_layout_does_not_see_the_file(make_config, tmp_path) -> None:
         _fill(first, _prompts(1, seed=30))
     other = SimModel(num_layers=3, kv_heads=2, head_dim=32, num_gpu_blocks=48)
     with SimEngine(cfg, world_size=1, model=other) as second:
-        assert second.quiesce()["disk_registered"] == 0
+        assert second.quiesce().disk.registered == 0
     assert len(_cache_files(tmp_path)) == 2  # one file per layout
 
 
@@ -108,11 +109,11 @@ def test_corrupted_blocks_of_a_persistent_cache_are_misses(make_config, tmp_path
         f.seek(blocks[1].slot * BLOCK_HEADER_BYTES + 20)
         f.write(b"\x00\x01")
     with SimEngine(cfg, world_size=2, model=MODEL) as second:
-        assert second.quiesce()["disk_registered"] == len(blocks) - 1  # the torn header is ignored
+        assert second.quiesce().disk.registered == len(blocks) - 1  # the torn header is ignored
         for p in prompts:
             second.run([p])
         stats = second.quiesce()
-        assert stats["disk_checksum_failures"] > 0
+        assert stats.disk_tier.counters.checksum_failures > 0
         assert second.stats.mismatches == 0  # nothing wrong was served
         assert second.stats.staging_failures > 0  # the engine recomputed instead
 
@@ -121,12 +122,12 @@ def test_two_live_leaders_do_not_share_the_file(make_config, tmp_path) -> None:
     cfg = make_config(**_env(tmp_path))
     prompts = _prompts(2, seed=50)
     with SimEngine(cfg, world_size=1, model=MODEL) as first:
-        filled = _fill(first, prompts)["disk_offloaded_blocks"]
+        filled = _fill(first, prompts).disk_tier.counters.offloaded_blocks
         [name] = _cache_files(tmp_path)
         before = os.stat(os.path.join(tmp_path, name))
         with SimEngine(cfg, world_size=1, model=MODEL) as second:
             stats = second.quiesce()
-            assert stats["disk_registered"] == 0  # a private file, not the live leader's
+            assert stats.disk.registered == 0  # a private file, not the live leader's
             assert len([n for n in os.listdir(tmp_path) if n.endswith("-disk.bin")]) == 1
             _fill(second, _prompts(2, seed=51))
             for p in prompts:  # the first leader's blocks are not in the second's cache
@@ -135,7 +136,7 @@ def test_two_live_leaders_do_not_share_the_file(make_config, tmp_path) -> None:
         after = os.stat(os.path.join(tmp_path, name))
         assert (after.st_ino, after.st_size) == (before.st_ino, before.st_size)
         stats = first.quiesce()
-        assert stats["disk_enabled"] == 1 and stats["disk_registered"] == filled > 0
+        assert stats.disk_tier.enabled == 1 and stats.disk.registered == filled > 0
         first.reset_engine_cache()
         for p in prompts:  # the first leader still serves its own blocks
             first.run([p])

@@ -47,10 +47,10 @@ def test_store_evict_to_disk_stage_and_load_byte_exact(make_config, tmp_path, wo
         st = sim.stats
         stats = sim.quiesce()
         assert st.tokens_from_disk > 0, st
-        assert stats["disk_onboarded_blocks"] > 0 and stats["blocks_loaded_from_disk"] > 0
+        assert stats.disk_tier.counters.onboarded_blocks > 0 and stats.counters.blocks_loaded_from_disk > 0
         assert st.mismatches == 0 and st.staging_failures == 0
-        assert stats["disk_free"] + stats["disk_registered"] == stats["disk_capacity"]
-        assert stats["host_pinned"] == stats["host_writing"] == 0
+        assert stats.disk.free + stats.disk.registered == stats.disk.capacity
+        assert stats.host.pinned == stats.host.writing == 0
 
 
 def test_filter_writes_blocks_seen_twice_only(make_config, tmp_path) -> None:
@@ -62,21 +62,21 @@ def test_filter_writes_blocks_seen_twice_only(make_config, tmp_path) -> None:
         once = _prompts(1, seed=10)
         sim.run(once)
         stats = sim.quiesce()
-        assert stats["disk_offloaded_blocks"] == 0
-        assert stats["disk_offload_skipped_filter"] == 12
+        assert stats.disk_tier.counters.offloaded_blocks == 0
+        assert stats.disk_tier.counters.offload_skipped_filter == 12
         # Evict it from G2 and store it again: registered a second time -> written to disk.
         sim.client.reset_cache()
         sim.reset_engine_cache()
         sim.run(once)
         stats = sim.quiesce()
-        assert stats["disk_offloaded_blocks"] == 12
+        assert stats.disk_tier.counters.offloaded_blocks == 12
 
 
 def test_disabled_filter_writes_everything(make_config, tmp_path) -> None:
     cfg = make_config(**_disk_env(tmp_path, DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="64"))
     with SimEngine(cfg, world_size=1, model=MODEL) as sim:
         sim.run(_prompts(1, seed=11))
-        assert sim.quiesce()["disk_offloaded_blocks"] == 12
+        assert sim.quiesce().disk_tier.counters.offloaded_blocks == 12
 
 
 def test_corrupted_disk_block_is_a_miss_never_loaded(make_config, tmp_path) -> None:
@@ -96,7 +96,7 @@ def test_corrupted_disk_block_is_a_miss_never_loaded(make_config, tmp_path) -> N
         sim.reset_engine_cache()
         _run_each(sim, prompts)
         stats = sim.quiesce()
-        assert stats["disk_checksum_failures"] > 0, str({k: v for k, v in stats.items() if "disk" in k})
+        assert stats.disk_tier.counters.checksum_failures > 0, stats.disk_tier
         assert sim.stats.mismatches == 0  # nothing wrong was served
         assert sim.stats.staging_failures > 0  # the engine recomputed instead
 
@@ -110,13 +110,13 @@ def test_disk_full_turns_the_tier_off_and_serving_continues(make_config, tmp_pat
         sim.reset_engine_cache()
         _run_each(sim, prompts[:1])
         stats = sim.quiesce()
-        assert stats["disk_enabled"] == 0, str(stats)
+        assert stats.disk_tier.enabled == 0, str(stats)
         assert sim.stats.mismatches == 0
         sim.run(_prompts(3, seed=7))  # G2 keeps serving
         sim.reset_engine_cache()
         sim.run(_prompts(1, seed=7))
         assert sim.stats.mismatches == 0
-        assert sim.quiesce()["host_registered"] > 0
+        assert sim.quiesce().host.registered > 0
 
 
 def test_disk_only_mode_uses_a_bounce_pool(make_config, tmp_path) -> None:
@@ -127,8 +127,8 @@ def test_disk_only_mode_uses_a_bounce_pool(make_config, tmp_path) -> None:
         prompts = _prompts(4, seed=8)
         _run_each(sim, prompts)
         stats = sim.quiesce()
-        assert stats["host_capacity"] == 24
-        assert stats["disk_offloaded_blocks"] > 0  # no filter in disk-only mode
+        assert stats.host.capacity == 24
+        assert stats.disk_tier.counters.offloaded_blocks > 0  # no filter in disk-only mode
         sim.reset_engine_cache()
         _run_each(sim, prompts)
         assert sim.stats.tokens_from_disk > 0

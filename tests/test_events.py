@@ -16,6 +16,7 @@ from kvbm.config import ConfigError
 from kvbm.leader.events import KvEventPublisher, decode_batch, encode_batch, start_leader_events, wire_events
 from kvbm.hashing import sequence_hashes
 from kvbm.ipc.messages import BlockEventKind, unpack_hashes
+from kvbm.ipc.stats import LeaderStats
 from kvbm.leader.registry import BlockEvent, Tier
 from kvbm.sim.engine import SimEngine, chat_workload
 from kvbm.sim.rank import SimModel
@@ -136,7 +137,7 @@ def test_unbindable_endpoint_is_one_error_and_no_publisher(make_config, caplog) 
 class Capture:
     frames: list[list[bytes]]  # [topic, seq, payload] per batch, in order
     expected: list[tuple[Any, ...]]  # the leader's own event log (TakeEvents), flattened
-    stats: dict[str, float]
+    stats: LeaderStats
     prompts: list[list[int]]
     cleared_frames: list[list[bytes]]  # after reset_cache
 
@@ -232,17 +233,17 @@ def test_events_account_for_every_store_eviction_and_offload(capture: Capture) -
         return sum(1 for g in got if g[0] == kind and g[1] == medium)
 
     # G2 registrations: stores from the engine plus blocks staged back from disk.
-    assert count("stored", "CPU") == s["blocks_stored"] + s["disk_onboarded_blocks"]
-    assert count("removed", "CPU") == s["host_evictions"] > 0
-    assert count("stored", DISK.medium) == s["disk_offloaded_blocks"] > 0
-    assert count("removed", DISK.medium) == s["disk_evictions"]
+    assert count("stored", "CPU") == s.counters.blocks_stored + s.disk_tier.counters.onboarded_blocks
+    assert count("removed", "CPU") == s.counters.host_evictions > 0
+    assert count("stored", DISK.medium) == s.disk_tier.counters.offloaded_blocks > 0
+    assert count("removed", DISK.medium) == s.counters.disk_evictions
     # What a router would hold now is what the leader holds.
-    for medium, key in (("CPU", "host_registered"), (DISK.medium, "disk_registered")):
+    for medium, pool in (("CPU", s.host), (DISK.medium, s.disk)):
         held: set[int] = set()
         for g in got:
             if g[1] == medium:
                 (held.add if g[0] == "stored" else held.discard)(g[2])
-        assert len(held) == s[key]
+        assert len(held) == pool.registered
 
 
 def _stored_chains(capture: Capture) -> tuple[dict[int, int | None], list[list[int | None]]]:

@@ -15,7 +15,7 @@ import zmq
 
 from kvbm.connector.index import follow_leader
 from kvbm.ipc.messages import MAX_INDEX_WAIT_MS, BlockEventKind, ErrorReply, IndexSince, decode, encode
-from kvbm.leader.client import IndexDelta, LeaderClient
+from kvbm.leader.client import IndexDelta, LeaderClient, TierBlocks
 from kvbm.leader.registry import Tier
 from kvbm.sim.engine import SimEngine, chat_workload
 from kvbm.sim.rank import SimModel
@@ -33,7 +33,7 @@ def test_index_stream_mirrors_the_leaders_matchable_set(make_config) -> None:
         for prompt in chat_workload(4, 2, system_tokens=64, turn_tokens=40, seed=3):
             sim.run([prompt])
             stats = sim.quiesce()
-        assert stats["host_evictions"] > 0, str(stats)  # removals are part of the stream
+        assert stats.counters.host_evictions > 0, str(stats)  # removals are part of the stream
         while True:
             d = client.index_since(seq)
             assert d is not None and not d.reset
@@ -49,10 +49,10 @@ def test_index_stream_mirrors_the_leaders_matchable_set(make_config) -> None:
             if d.next_seq == seq:
                 break
             seq = d.next_seq
-        assert len(view) == stats["host_registered"]
+        assert len(view) == stats.host.registered
         snap = client.index_since(0)
         assert snap is not None and snap.reset and set(snap.hashes.tolist()) == view and snap.next_seq == seq
-        assert client.match(sorted(view)[:1]) == (1, 0)
+        assert client.match(sorted(view)[:1]) == TierBlocks(host=1)
 
 
 def test_index_since_without_a_leader_is_none(tmp_path) -> None:
@@ -70,7 +70,7 @@ _MODEL = SimModel(num_layers=1, kv_heads=1, head_dim=32)
 
 
 def _parked(client: LeaderClient) -> int:
-    return int(client.stats()["index_polls_parked"])
+    return int(client.stats().index_polls_parked)
 
 
 def test_a_parked_long_poll_is_answered_right_after_a_commit(make_config) -> None:

@@ -10,6 +10,18 @@ import numpy as np
 import pytest
 
 from kvbm.ipc import messages as m
+from kvbm.ipc.stats import (
+    STAT_KEYS,
+    DiskCounters,
+    LeaderCounters,
+    LeaderState,
+    LeaderStats,
+    ObjectCounters,
+    ObjectTierStats,
+    PoolStats,
+    TierStats,
+    encode_stats,
+)
 from kvbm.ipc.shm import HEADER_BYTES, HostPool, PoolGeometry, ShmError, segment_name, sweep_stale_segments
 
 
@@ -19,7 +31,8 @@ def test_round_trip_every_message_type() -> None:
                        engine_layout="2x1024", block_size=16, fingerprint="x", pid=123),
         m.Match(m.pack_hashes([1, 2, 2**64 - 1])),
         m.PollLoads([1, 2, 3]),
-        m.StatsReply({"a": 1.5, "b": 2}),
+        m.StatsReply("degraded", {"ops_in_flight": 2, "host_capacity": 8.0, "host_registered": 1, "host_free": 7,
+                                  "host_writing": 0, "host_pinned": 0}),
         m.TransferDone(rank=0, op_id=7, ok=False, error="boom"),
     ]
     for msg in samples:
@@ -38,10 +51,29 @@ def test_round_trip_every_message_type() -> None:
     (msgpack.packb([m.PROTOCOL_VERSION, "register_rank", 1, [5000, 2, 1, 1, "", "", 1, "", 1]]), "out of range"),
     (msgpack.packb({"v": 1}), "frame is not"),
     (msgpack.packb([m.PROTOCOL_VERSION, "match", -5, [b""]]), "request id"),
+    (msgpack.packb([m.PROTOCOL_VERSION, "stats_reply", 1, ["ready", {"host_fre": 1}, 0]]), "unknown stats"),
+    (msgpack.packb([m.PROTOCOL_VERSION, "stats_reply", 1, ["fine", {}, 0]]), "not a leader state"),
+    (msgpack.packb([m.PROTOCOL_VERSION, "stats_reply", 1, ["ready", {"host_capacity": 4}, 0]]), "missing"),
+    (msgpack.packb([m.PROTOCOL_VERSION, "stats_reply", 1, ["ready", {"disk_io_errors": 1}, 0]]), "no complete record"),
+    (msgpack.packb([m.PROTOCOL_VERSION, "status", 1, ["up", "", 0, 0, 0, 0, 0, "", []]]), "not a leader state"),
 ])
 def test_malformed_frames_are_rejected(frame: bytes, needle: str) -> None:
     with pytest.raises(m.ProtocolError, match=needle):
         m.decode(frame)
+
+
+def test_stats_travel_as_the_typed_record() -> None:
+    """Every field of the leader's stats comes back as it was sent, under one name each."""
+    pool = PoolStats(10, 4, 5, 1, 2)
+    sent = LeaderStats(LeaderState.DEGRADED, LeaderCounters(blocks_stored=3, blocks_loaded_from_object=2), 1, 2, 3,
+                       host=pool, disk=pool, block_bytes=4096, index_polls_parked=1,
+                       disk_tier=TierStats(False, 2, DiskCounters(io_errors=1, read_seconds=0.25)),
+                       object=pool, object_tier=ObjectTierStats(True, 1, ObjectCounters(lookup_found=7), lookups_pending=4))
+    _, back = m.decode(m.encode(m.StatsReply(*encode_stats(sent), 9), 1))
+    assert isinstance(back, m.StatsReply) and back.index_seq == 9 and back.stats == sent
+    assert set(encode_stats(sent)[1]) == STAT_KEYS  # a full snapshot names every stat
+    bare = LeaderStats(LeaderState.WAITING)  # before the cache exists: no pool, no tier
+    assert m.StatsReply(*encode_stats(bare)).stats == bare
 
 
 def test_hash_wire_format_is_little_endian_u64() -> None:

@@ -8,6 +8,7 @@ its I/O runs when a test says so, so every interleaving here is chosen, not race
 from __future__ import annotations
 
 import zlib
+from dataclasses import replace
 from collections.abc import Callable
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from kvbm.config import KvbmConfig
 from kvbm.ipc import messages as m
 from kvbm.ipc.messages import BlockEventKind
+from kvbm.ipc.stats import LeaderStats
 from kvbm.leader.core import OP_TIMEOUT_S, LeaderCore, LeaderState, Outbound
 from kvbm.leader.index import IndexLog
 from kvbm.leader.polls import ParkedPolls
@@ -249,17 +251,24 @@ class Harness:
     def io(self) -> None:
         """Run the disk I/O queued so far and let the core apply the completions."""
         self.disk.run()
-        self.core.apply_disk(self.now)
+        self.core.apply_io(self.now)
 
     def object_io(self) -> None:
         """Run the object I/O queued so far and let the core apply the completions."""
         objects = self.storages[-1].mem_objects
         assert objects is not None
         objects.run()
-        self.core.apply_objects(self.now)
+        self.core.apply_io(self.now)
 
-    def stats(self) -> dict[str, float]:
-        s = self.core.stats().flat()
+    def stats(self) -> LeaderStats:
+        """The core's stats as a client reads them: through GetStats and the wire codec."""
+        reply = self.ask(m.GetStats())
+        _, wire = m.decode(m.encode(reply))
+        assert isinstance(wire, m.StatsReply)
+        s = wire.stats
+        local = self.core.stats()
+        assert s == replace(local, disk_tier=local.disk_tier and replace(local.disk_tier, reason=""),
+                            object_tier=local.object_tier and replace(local.object_tier, reason=""))
         assert self.core.registry is not None
         self.core.registry.check_invariants()
         return s
@@ -331,7 +340,7 @@ def test_store_is_matchable_only_after_every_rank_acked(host_only) -> None:
     hashes = [11, 12, 13]
     op_id, slots = h.allocate(hashes)
     assert op_id and slots == [0, 1, 2]
-    assert h.match(hashes) == (0, 0) and h.stats()["host_writing"] == 3
+    assert h.match(hashes) == (0, 0) and h.stats().host.writing == 3
     h.ack(0, op_id)
     assert h.match(hashes) == (0, 0)  # one rank of two: not yet
     h.ack(0, op_id)  # a duplicate changes nothing
@@ -339,7 +348,7 @@ def test_store_is_matchable_only_after_every_rank_acked(host_only) -> None:
     h.ack(1, op_id)
     assert h.match(hashes) == (3, 0)
     s = h.stats()
-    assert s["stores_committed"] == 1 and s["blocks_stored"] == 3 and s["ops_in_flight"] == 0
+    assert s.counters.stores_committed == 1 and s.counters.blocks_stored == 3 and s.ops_in_flight == 0
 
 
 def test_partial_acks_one_rank_fails_never_matchable(host_only) -> None:
@@ -349,13 +358,13 @@ def test_partial_acks_one_rank_fails_never_matchable(host_only) -> None:
     h.ack(1, op_id, ok=False)
     assert h.match([21, 22]) == (0, 0)
     s = h.stats()
-    assert s["stores_aborted"] == 1 and s["host_free"] == s["host_capacity"] and s["ops_in_flight"] == 0
+    assert s.counters.stores_aborted == 1 and s.host.free == s.host.capacity and s.ops_in_flight == 0
     # A failure first, then a success: still aborted, only when both reported.
     op_id, _ = h.allocate([21, 22])
     h.ack(1, op_id, ok=False)
-    assert h.stats()["host_writing"] == 2  # slots stay reserved while rank 0 may still copy
+    assert h.stats().host.writing == 2  # slots stay reserved while rank 0 may still copy
     h.ack(0, op_id, ok=True)
-    assert h.match([21, 22]) == (0, 0) and h.stats()["stores_aborted"] == 2
+    assert h.match([21, 22]) == (0, 0) and h.stats().counters.stores_aborted == 2
     assert _entries(h.since(0)) == []  # nothing ever became matchable
 
 
@@ -364,7 +373,7 @@ def test_a_transfer_done_from_another_socket_is_ignored(host_only) -> None:
     op_id, _ = h.allocate([31])
     h.ack(0, op_id)
     assert h.send(b"r0", m.TransferDone(1, op_id, True, "")) == []  # rank 1's report from rank 0's socket
-    assert h.match([31]) == (0, 0) and h.stats()["rejected_messages"] == 1
+    assert h.match([31]) == (0, 0) and h.stats().counters.rejected_messages == 1
     h.ack(1, op_id)
     assert h.match([31]) == (1, 0)
 
@@ -386,8 +395,8 @@ def test_rank_death_aborts_stores_in_flight_degrades_then_rejoins(host_only) -> 
     h.advance(h.core.config.liveness_timeout_s)  # rank 1's last report is now too old
     assert h.core.state is LeaderState.DEGRADED and h.core.world.dead_ranks() == [1]
     s = h.stats()
-    assert s["stores_aborted"] == 1 and s["ops_in_flight"] == 0 and s["host_writing"] == 0 and s["host_pinned"] == 0
-    assert s["loads_failed"] == 1  # rank 1 never confirmed its part of the load
+    assert s.counters.stores_aborted == 1 and s.ops_in_flight == 0 and s.host.writing == 0 and s.host.pinned == 0
+    assert s.counters.loads_failed == 1  # rank 1 never confirmed its part of the load
     err = h.ask(m.Match(m.pack_hashes([1, 2])))
     assert isinstance(err, m.ErrorReply) and err.code == "degraded"
     assert h.core.registry is not None and h.core.registry.match([1, 2, 3, 4]).host == 2  # the aborted store: never
@@ -413,7 +422,7 @@ def test_a_rank_reregistering_aborts_the_stores_its_old_self_had_acked(host_only
     assert isinstance(h.ask(_layout(1, 2), b"r1-new"), m.PoolGrant)
     h.ack(0, op_id)
     assert h.core.registry is not None and h.core.registry.match([5]).host == 0
-    assert h.stats()["stores_aborted"] == 1
+    assert h.stats().counters.stores_aborted == 1
 
 
 def test_ops_nobody_completes_expire(host_only) -> None:
@@ -421,13 +430,13 @@ def test_ops_nobody_completes_expire(host_only) -> None:
     h.store([1, 2])
     store_op, _ = h.allocate([3])
     load = h.load([1, 2])
-    assert h.stats()["host_pinned"] == 2 and h.stats()["ops_in_flight"] == 2
+    assert h.stats().host.pinned == 2 and h.stats().ops_in_flight == 2
     for _ in range(int(OP_TIMEOUT_S) // 1 + 2):  # ranks stay alive (heartbeats) but never report
         h.heartbeats([0, 1])
         h.advance(1.0)
     s = h.stats()
-    assert s["ops_in_flight"] == 0 and s["host_pinned"] == 0 and s["host_writing"] == 0
-    assert s["stores_aborted"] == 1 and s["loads_failed"] == 1 and h.match([1, 2, 3]) == (2, 0)
+    assert s.ops_in_flight == 0 and s.host.pinned == 0 and s.host.writing == 0
+    assert s.counters.stores_aborted == 1 and s.counters.loads_failed == 1 and h.match([1, 2, 3]) == (2, 0)
     assert h.poll(load.op_id) == ([], [load.op_id])
     h.ack(0, store_op)  # a late report of an expired op changes nothing
     assert h.match([3]) == (0, 0)
@@ -458,13 +467,13 @@ def _corrupt_on_disk(h: Harness, seq_hash: int) -> None:
 def test_offloaded_block_is_matchable_on_disk_only_after_its_write(with_disk) -> None:
     h = with_disk()
     h.store([7])
-    assert h.stats()["disk_busy"] == 1 and h.stats()["host_pinned"] == 1  # source pinned while written
+    assert h.stats().disk_tier.busy == 1 and h.stats().host.pinned == 1  # source pinned while written
     assert h.core.registry is not None and h.core.registry.disk is not None
     assert h.core.registry.disk.lookup(7) is None
     h.io()
     assert h.core.registry.disk.lookup(7) is not None
     s = h.stats()
-    assert s["disk_offloaded_blocks"] == 1 and s["disk_busy"] == 0 and s["host_pinned"] == 0
+    assert s.disk_tier.counters.offloaded_blocks == 1 and s.disk_tier.busy == 0 and s.host.pinned == 0
 
 
 def test_staging_from_disk_loads_then_the_block_is_back_in_g2(with_disk) -> None:
@@ -478,7 +487,7 @@ def test_staging_from_disk_loads_then_the_block_is_back_in_g2(with_disk) -> None
     h.ack(0, load.op_id)
     h.ack(1, load.op_id)
     s = h.stats()
-    assert s["loads_completed"] == 1 and s["blocks_loaded_from_disk"] == 1 and s["host_pinned"] == 0
+    assert s.counters.loads_completed == 1 and s.counters.blocks_loaded_from_disk == 1 and s.host.pinned == 0
     assert h.match([7]) == (1, 0)
 
 
@@ -491,8 +500,8 @@ def test_staging_checksum_mismatch_fails_the_load_and_drops_the_block(with_disk)
     assert h.poll(load.op_id) == ([], [load.op_id])
     assert h.match([7]) == (0, 0)  # neither the bad disk copy nor the staged G2 slot
     s = h.stats()
-    assert s["disk_checksum_failures"] == 1 and s["loads_failed"] == 1 and s["disk_enabled"] == 1
-    assert s["host_writing"] == 0 and s["host_pinned"] == 0 and s["ops_in_flight"] == 0
+    assert s.disk_tier.counters.checksum_failures == 1 and s.counters.loads_failed == 1 and s.disk_tier.enabled == 1
+    assert s.host.writing == 0 and s.host.pinned == 0 and s.ops_in_flight == 0
 
 
 def test_a_disk_read_error_fails_the_load_and_turns_the_tier_off(with_disk) -> None:
@@ -504,9 +513,9 @@ def test_a_disk_read_error_fails_the_load_and_turns_the_tier_off(with_disk) -> N
     h.io()
     assert h.poll(load.op_id) == ([], [load.op_id])
     s = h.stats()
-    assert s["disk_enabled"] == 0 and s["disk_registered"] == 0 and s["disk_io_errors"] >= 1
-    assert s["loads_failed"] == 1 and s["disk_busy"] == 0 and s["host_writing"] == 0
-    assert "EIO" in h.core.disk_disabled_reason
+    assert s.disk_tier.enabled == 0 and s.disk.registered == 0 and s.disk_tier.counters.io_errors >= 1
+    assert s.counters.loads_failed == 1 and s.disk_tier.busy == 0 and s.host.writing == 0
+    assert "EIO" in h.core.stats().disk_tier.reason
     assert h.match([7]) == (0, 0) and h.match([8]) == (1, 0)  # G2 keeps serving
     assert h.core.status().num_disk_blocks == 0
     assert _entries(h.since(0)) == [(STORED, Tier.HOST, x) for x in sorted(h.core.index.matchable(Tier.HOST))]
@@ -517,10 +526,10 @@ def test_a_staged_load_released_before_its_read_finishes(with_disk) -> None:
     _disk_only_block(h, 7)
     load = h.load([7])
     assert isinstance(h.ask(m.ReleaseOp(load.op_id)), m.Ack)
-    assert h.stats()["ops_in_flight"] == 1  # its staging slot is still being written
+    assert h.stats().ops_in_flight == 1  # its staging slot is still being written
     h.io()
     s = h.stats()
-    assert s["ops_in_flight"] == 0 and s["host_pinned"] == 0 and s["loads_failed"] == 1
+    assert s.ops_in_flight == 0 and s.host.pinned == 0 and s.counters.loads_failed == 1
     assert h.match([7]) == (1, 0)  # the read checked out: the block is in G2, just not loaded
 
 
@@ -533,15 +542,15 @@ def test_a_second_load_of_a_block_being_staged_waits_for_the_same_read(with_disk
     s1, s2 = m.unpack_slots(first.slots).tolist(), m.unpack_slots(second.slots).tolist()
     assert len(s2) == 2 and s2[0] == s1[0] and not second.ready
     assert h.disk.run() == 2  # one read of 7, one of 8
-    h.core.apply_disk(h.now)
+    h.core.apply_io(h.now)
     assert h.poll(first.op_id, second.op_id) == ([first.op_id, second.op_id], [])
-    assert h.stats()["host_pinned"] == 2  # 7 pinned twice (once per load), 8 once
+    assert h.stats().host.pinned == 2  # 7 pinned twice (once per load), 8 once
     for op in (first, second):
         h.ack(0, op.op_id)
         h.ack(1, op.op_id)
     s = h.stats()
-    assert s["loads_completed"] == 2 and s["blocks_loaded_from_disk"] == 3 and s["disk_onboarded_blocks"] == 2
-    assert s["host_pinned"] == 0 and s["host_writing"] == 0 and s["ops_in_flight"] == 0
+    assert s.counters.loads_completed == 2 and s.counters.blocks_loaded_from_disk == 3 and s.disk_tier.counters.onboarded_blocks == 2
+    assert s.host.pinned == 0 and s.host.writing == 0 and s.ops_in_flight == 0
     assert h.match([7, 8]) == (2, 0)
 
 
@@ -554,8 +563,8 @@ def test_a_failed_shared_staging_read_fails_every_load_waiting_for_it(with_disk)
     h.io()
     assert h.poll(second.op_id) == ([], [second.op_id])
     s = h.stats()
-    assert s["loads_failed"] == 2 and s["disk_checksum_failures"] == 1
-    assert s["host_pinned"] == 0 and s["host_writing"] == 0 and s["ops_in_flight"] == 0
+    assert s.counters.loads_failed == 2 and s.disk_tier.counters.checksum_failures == 1
+    assert s.host.pinned == 0 and s.host.writing == 0 and s.ops_in_flight == 0
     assert h.match([7]) == (0, 0)
 
 
@@ -576,11 +585,11 @@ def test_pinned_blocks_are_never_evicted_and_a_full_pinned_pool_allocates_nothin
     other = h.load([5, 6])
     assert other.op_id
     before = h.stats()
-    assert before["host_pinned"] == 4
+    assert before.host.pinned == 4
     grant = h.ask(m.AllocateStore(m.pack_hashes([8, 9]), 0, 0))
     assert grant == m.StoreGrant(0, m.pack_slots([]))  # everything pinned: nothing, cleanly
     after = h.stats()
-    assert after["host_registered"] == 4 and after["host_evictions"] == before["host_evictions"]
+    assert after.host.registered == 4 and after.counters.host_evictions == before.counters.host_evictions
     for lo in (load, other):
         h.ack(0, lo.op_id)
         h.ack(1, lo.op_id)
@@ -665,13 +674,13 @@ def test_a_long_poll_is_parked_until_the_index_moves(host_only) -> None:
     h = host_only(host=8)
     seq = h.since(0).next_seq
     rid = _park(h, b"f1", seq, 500)
-    assert h.core.answer_polls(h.now) == [] and h.stats()["index_polls_parked"] == 1
+    assert h.core.answer_polls(h.now) == [] and h.stats().index_polls_parked == 1
     h.store([1, 2])
     out = h.core.answer_polls(h.now)  # what the server calls after handling the acks
     assert [(o.peer, o.request_id) for o in out] == [(b"f1", rid)]
     u = out[0].message
     assert isinstance(u, m.IndexUpdates) and _entries(u) == [(STORED, Tier.HOST, 1), (STORED, Tier.HOST, 2)]
-    assert h.stats()["index_polls_parked"] == 0 and h.core.answer_polls(h.now + 10) == []
+    assert h.stats().index_polls_parked == 0 and h.core.answer_polls(h.now + 10) == []
 
 
 def test_a_long_poll_times_out_with_no_changes(host_only) -> None:
@@ -782,12 +791,12 @@ def _fill(h: Harness, hashes: list[int]) -> dict[int, bytes]:
 def test_object_put_is_matchable_only_after_it_succeeded_and_loads_stage_back(with_objects) -> None:
     h = with_objects(host=4)
     data = _fill(h, [1, 2, 3])
-    assert h.stats()["object_writing"] == 3 and h.stats()["host_pinned"] == 3  # sources held for the puts
+    assert h.stats().object.writing == 3 and h.stats().host.pinned == 3  # sources held for the puts
     h.store([4, 5, 6, 7])  # host pool of 4: 1-3 cannot be evicted while their puts are in flight
     assert h.match([4, 5]) == (1, 0) and _lookup(h, [1, 2, 3]).object == 0
     h.object_io()
     st = h.stats()
-    assert st["object_registered"] == 4 and st["object_offloaded_blocks"] == 4 and st["host_pinned"] == 0
+    assert st.object.registered == 4 and st.object_tier.counters.offloaded_blocks == 4 and st.host.pinned == 0
     h.store([8, 9, 10, 11])  # now 1-3 leave G2
     h.object_io()  # (the puts of 8-11 hold every G2 slot until they are done)
     r = _lookup(h, [1, 2, 3, 99])
@@ -802,7 +811,7 @@ def test_object_put_is_matchable_only_after_it_succeeded_and_loads_stage_back(wi
     for r in range(h.world):
         h.ack(r, g.op_id)
     st = h.stats()
-    assert st["blocks_loaded_from_object"] == 3 and st["object_onboarded_blocks"] == 3 and st["host_pinned"] == 0
+    assert st.counters.blocks_loaded_from_object == 3 and st.object_tier.counters.onboarded_blocks == 3 and st.host.pinned == 0
     ev = h.core.take_events()
     stored_in_g4 = [hh for k, t, hh in zip(ev.kinds, ev.tiers, m.unpack_hashes(ev.hashes)) if (k, t) == (0, 4)]
     assert stored_in_g4 == [1, 2, 3, 4, 8, 9, 10, 11] and Tier.OBJECT.medium == "OBJECT"
@@ -815,11 +824,11 @@ def test_store_lookup_finds_another_instances_blocks_on_the_next_match(with_obje
     first = _lookup(h, [21, 22, 23])
     assert (first.object, first.pending) == (0, True)
     assert _lookup(h, [21, 22, 23]).pending  # asked already: no second lookup
-    assert h.stats()["object_lookups"] == 1
+    assert h.stats().object_tier.counters.lookups == 1
     h.object_io()
     again = _lookup(h, [21, 22, 23])
     assert (again.object, again.pending) == (2, False)  # 23: a miss the store just reported
-    assert _lookup(h, [23]).pending is False and h.stats()["object_lookups"] == 1
+    assert _lookup(h, [23]).pending is False and h.stats().object_tier.counters.lookups == 1
     h.now += 11.0  # the miss is forgotten: the store is asked again
     assert _lookup(h, [23]).pending is True
 
@@ -834,8 +843,8 @@ def test_corrupt_object_is_a_miss_and_dropped(with_objects) -> None:
     h.object_io()
     assert h.poll(g.op_id) == ([], [g.op_id])  # the load fails: the engine recomputes
     st = h.stats()
-    assert st["object_read_failures"] == 1 and st["object_checksum_failures"] == 1
-    assert st["host_writing"] == 0 and st["object_registered"] == 0
+    assert st.object_tier.counters.read_failures == 1 and st.object_tier.counters.checksum_failures == 1
+    assert st.host.writing == 0 and st.object.registered == 0
     assert _lookup(h, [31]).object == 0 and not _lookup(h, [31]).pending  # not asked again for a while
 
 
@@ -844,15 +853,15 @@ def test_full_put_queue_drops_and_store_errors_turn_the_tier_off(with_objects) -
     _objects(h).queue_cap = 2
     h.store([41, 42, 43])
     st = h.stats()
-    assert st["object_busy"] == 2 and st["object_offload_skipped_busy"] == 1
+    assert st.object_tier.busy == 2 and st.object_tier.counters.offload_skipped_busy == 1
     h.object_io()
     _objects(h).queue_cap, _objects(h).fail_io = 64, "connection refused"
     h.store(list(range(50, 60)))  # 8 puts in flight at most (a quarter of the host pool)
     h.object_io()
     st = h.stats()
-    assert st["object_write_failures"] >= 8 and st["object_enabled"] == 0 and st["object_registered"] == 0
-    assert st["host_pinned"] == 0 and st["object_writing"] == 0
-    assert h.core.object_disabled_reason.startswith("8 store errors in a row")
+    assert st.object_tier.counters.write_failures >= 8 and st.object_tier.enabled == 0 and st.object.registered == 0
+    assert st.host.pinned == 0 and st.object.writing == 0
+    assert h.core.stats().object_tier.reason.startswith("8 store errors in a row")
     h.store([70])  # the host tier serves on
     assert h.match([70]) == (1, 0)
 
@@ -862,5 +871,5 @@ def test_store_refused_at_start_keeps_the_tier_off(with_objects) -> None:
     h.store([1, 2])
     assert _lookup(h, [1, 2, 3]).pending is False
     st = h.stats()
-    assert st["object_enabled"] == 0 and st["object_busy"] == 0 and h.match([1, 2]) == (2, 0)
-    assert "no such bucket" in h.core.object_disabled_reason
+    assert st.object_tier.enabled == 0 and st.object_tier.busy == 0 and h.match([1, 2]) == (2, 0)
+    assert "no such bucket" in h.core.stats().object_tier.reason

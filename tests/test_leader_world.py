@@ -10,7 +10,9 @@ import pytest
 import zmq
 
 from kvbm.ipc import messages as m
+from kvbm.ipc.stats import LeaderState
 from kvbm.ipc.transport import RpcClient
+from kvbm.leader.client import TierBlocks
 from kvbm.sim.engine import SimEngine, SimError, chat_workload
 from kvbm.sim.rank import SimModel
 
@@ -36,9 +38,9 @@ def test_store_evict_match_load_is_byte_exact(make_config, world: int, layout: s
         assert st.load_failures == st.store_failures == 0
         stats = sim.quiesce()
         # Eviction happened (the pool is smaller than the working set) and accounting is exact.
-        assert stats["host_evictions"] > 0
-        assert stats["host_free"] + stats["host_registered"] == stats["host_capacity"]
-        assert stats["host_pinned"] == stats["host_writing"] == stats["ops_in_flight"] == 0
+        assert stats.counters.host_evictions > 0
+        assert stats.host.free + stats.host.registered == stats.host.capacity
+        assert stats.host.pinned == stats.host.writing == stats.ops_in_flight == 0
 
 
 def test_second_pass_loads_everything_but_the_last_block(make_config) -> None:
@@ -66,7 +68,7 @@ def test_missing_rank_times_out_with_a_clear_error_on_both_sides(make_config) ->
         assert "rank(s) [1] did not register its layout" in str(err.value)
         assert "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS=2" in str(err.value)
         status = sim.client.refresh() if sim.client else None
-        assert status is not None and status.state == "failed"
+        assert status is not None and status.leader_state is LeaderState.FAILED
         assert "rank(s) [1] did not register" in status.error
     finally:
         sim.stop()
@@ -138,8 +140,8 @@ def test_malformed_messages_get_errors_and_change_nothing(make_config) -> None:
         finally:
             sock.close()
         after = sim.client.stats()
-        for key in ("host_registered", "host_free", "host_pinned", "ops_in_flight", "blocks_stored"):
-            assert after[key] == before[key]
+        assert (after.host, after.ops_in_flight, after.counters.blocks_stored) == \
+            (before.host, before.ops_in_flight, before.counters.blocks_stored)
         sim.run(_prompts(2, seed=1))  # still serving
         assert sim.stats.mismatches == 0
 
@@ -158,8 +160,8 @@ def test_dead_rank_is_noticed_within_two_seconds(make_config) -> None:
                 break
             assert time.monotonic() - t0 < 2.5, f"leader did not notice the dead rank: {st}"
             time.sleep(0.05)
-        assert st.state == "degraded"
-        assert sim.client.match([1, 2, 3]) == (0, 0)  # degrades to 'no hits'
+        assert st.leader_state is LeaderState.DEGRADED
+        assert sim.client.match([1, 2, 3]) == TierBlocks()  # degrades to 'no hits'
         del sim._rank_ids[1]
 
 
@@ -176,7 +178,7 @@ def test_dead_leader_is_noticed_and_segment_swept(make_config) -> None:
         sim.client._status = None  # force a probe now
         sim.client._next_probe = 0
         assert not sim.client.is_ready()
-        assert sim.client.match([1, 2]) == (0, 0)
+        assert sim.client.match([1, 2]) == TierBlocks()
         assert time.monotonic() - t0 < 2.0
         assert os.path.exists(segment)  # a kill -9 leaves it ...
         from kvbm.ipc.shm import sweep_stale_segments

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvbm.leader.core import (
+from kvbm.ipc.stats import (
     DiskCounters,
     DiskTierStats,
     LeaderCounters,
@@ -115,7 +115,7 @@ def test_object_tier_metrics_dynamo_names() -> None:
                         offload_skipped_busy=2, lookup_blocks=64, lookup_found=7)
     stats = LeaderStats(LeaderState.READY, counters, ranks_alive=1, world_size=1, ops_in_flight=0,
                         host=PoolStats(10, 4, 6, 0, 0), object=PoolStats(100, 7, 93, 0, 0),
-                        object_tier=ObjectTierStats(True, 0, 0, oc, ""))
+                        object_tier=ObjectTierStats(True, 0, oc))
     m = KvbmMetrics(lambda: stats)
     m.on_match(10, 2, 0, 16, obj=5)
     samples, types = parse(m.render().decode())
@@ -241,37 +241,39 @@ def test_scraped_counters_match_the_run(make_config, tmp_path) -> None:
     assert v(samples, "kvbm_onboard_blocks_h2d") + v(samples, "kvbm_onboard_blocks_d2d") == st.blocks_loaded
     # The tier split is the leader's: the engine guesses it from the lookup, and a block can move
     # between lookup and load (staged into G2 for another request of the batch, or evicted).
-    assert v(samples, "kvbm_onboard_blocks_d2d") == leader["blocks_loaded_from_disk"] > 0
+    assert v(samples, "kvbm_onboard_blocks_d2d") == leader.counters.blocks_loaded_from_disk > 0
     assert v(samples, "kvbm_onboard_blocks_h2d") > 0 and st.tokens_from_disk > 0
-    assert v(samples, "kvbm_offload_blocks_h2d") == leader["disk_offloaded_blocks"] > 0
+    assert v(samples, "kvbm_offload_blocks_h2d") == leader.disk_tier.counters.offloaded_blocks > 0
     assert v(samples, "kvbm_offload_blocks_d2d") == 0
     # Lookups: the engine loads what was matched except the held-back last block.
     matched = v(samples, "kvbm_matched_tokens")
-    assert matched == (leader["match_host_blocks"] + leader["match_disk_blocks"]) * bs
+    assert matched == (leader.counters.match_host_blocks + leader.counters.match_disk_blocks) * bs
     assert st.tokens_from_host + st.tokens_from_disk <= matched
-    assert v(samples, "kvbm_requested_tokens") == leader["match_blocks_queried"] * bs
-    assert v(samples, "kvbm_match_requests") == leader["match_requests"]
+    assert v(samples, "kvbm_requested_tokens") == leader.counters.match_blocks_queried * bs
+    assert v(samples, "kvbm_match_requests") == leader.counters.match_requests
     # The window (1000 lookups) holds the whole run.
-    assert v(samples, "kvbm_host_cache_hit_rate") == pytest.approx(leader["match_host_blocks"] / leader["match_blocks_queried"])
-    assert v(samples, "kvbm_disk_cache_hit_rate") == pytest.approx(leader["match_disk_blocks"] / leader["match_blocks_queried"])
+    assert v(samples, "kvbm_host_cache_hit_rate") == pytest.approx(leader.counters.match_host_blocks / leader.counters.match_blocks_queried)
+    assert v(samples, "kvbm_disk_cache_hit_rate") == pytest.approx(leader.counters.match_disk_blocks / leader.counters.match_blocks_queried)
     assert 0 < v(samples, "kvbm_disk_cache_hit_rate") < 1
     # Bytes and latencies per direction.
-    block_bytes = leader["block_bytes"]
+    block_bytes = leader.block_bytes
     assert v(samples, "kvbm_block_bytes") == block_bytes
     assert v(samples, "kvbm_transfer_bytes", direction="d2h") == st.blocks_stored * block_bytes
     assert v(samples, "kvbm_transfer_bytes", direction="h2d") == st.blocks_loaded * block_bytes
-    assert v(samples, "kvbm_transfer_bytes", direction="h2disk") == leader["disk_bytes_written"]
-    assert v(samples, "kvbm_transfer_bytes", direction="disk2h") == leader["disk_bytes_read"] > 0
-    assert v(samples, "kvbm_transfer_seconds_count", direction="d2h") == leader["stores_committed"]
-    assert v(samples, "kvbm_transfer_seconds_count", direction="h2d") == leader["loads_completed"]
-    assert v(samples, "kvbm_transfer_seconds_count", direction="h2disk") == leader["disk_offloaded_blocks"]
-    assert v(samples, "kvbm_transfer_seconds_bucket", direction="h2d", le="+Inf") == leader["loads_completed"]
+    assert v(samples, "kvbm_transfer_bytes", direction="h2disk") == leader.disk_tier.counters.bytes_written
+    assert v(samples, "kvbm_transfer_bytes", direction="disk2h") == leader.disk_tier.counters.bytes_read > 0
+    assert v(samples, "kvbm_transfer_seconds_count", direction="d2h") == leader.counters.stores_committed
+    assert v(samples, "kvbm_transfer_seconds_count", direction="h2d") == leader.counters.loads_completed
+    assert v(samples, "kvbm_transfer_seconds_count", direction="h2disk") == leader.disk_tier.counters.offloaded_blocks
+    assert v(samples, "kvbm_transfer_seconds_bucket", direction="h2d", le="+Inf") == leader.counters.loads_completed
     assert v(samples, "kvbm_transfer_seconds_sum", direction="h2d") > 0
     # Pools, evictions, disk tier, liveness, state.
-    for tier in ("host", "disk"):
-        for what in ("capacity", "registered", "free"):
-            assert v(samples, f"kvbm_pool_{what}_blocks", tier=tier) == leader[f"{tier}_{what}"]
-        assert v(samples, "kvbm_evicted_blocks", tier=tier) == leader[f"{tier}_evictions"]
+    c = leader.counters
+    for tier, pool, evictions in (("host", leader.host, c.host_evictions), ("disk", leader.disk, c.disk_evictions)):
+        assert pool is not None
+        for what, blocks in (("capacity", pool.capacity), ("registered", pool.registered), ("free", pool.free)):
+            assert v(samples, f"kvbm_pool_{what}_blocks", tier=tier) == blocks
+        assert v(samples, "kvbm_evicted_blocks", tier=tier) == evictions
     assert v(samples, "kvbm_pool_capacity_blocks", tier="host") == 40
     assert v(samples, "kvbm_pool_capacity_blocks", tier="disk") == 60
     assert v(samples, "kvbm_pool_pinned_blocks", tier="host") == 0

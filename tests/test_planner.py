@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from kvbm.connector.index import IndexReplica, follow_leader
+from kvbm.ipc import messages as m
 from kvbm.ipc.messages import BlockEventKind
-from kvbm.leader.client import IndexDelta
-from kvbm.connector.planner import Planner, ScheduledRequest
+from kvbm.leader.client import IndexDelta, TierBlocks
+from kvbm.connector.planner import ConnectorCounters, Planner, ScheduledRequest
 from kvbm.hashing import EMPTY_SALT_HASH, sequence_hashes
 from kvbm.leader.client import LeaderClient
 from kvbm.leader.registry import Tier
@@ -61,11 +62,11 @@ def test_lookups_never_answer_from_an_index_older_than_the_planner_saw(sim: SimE
         assert planner.lookup("a", 0) == 0  # the replica has not seen the store, nor has the planner
         planner.client.wait_idle()  # the leader's stats carry its index position
         assert planner.lookup("a", 0) == 5 * BS  # 6 blocks, the last held back
-        assert planner.counters["index_waits"] == 1 and planner.counters["remote_lookups"] == 0
-        assert planner.lookup("a", 0) == 5 * BS and planner.counters["index_waits"] == 1  # current now
+        assert planner.counters.index_waits == 1 and planner.counters.remote_lookups == 0
+        assert planner.lookup("a", 0) == 5 * BS and planner.counters.index_waits == 1  # current now
         assert planner.reset_cache()
         assert planner.lookup("a", 0) == 0  # not the 5 blocks the replica held before the reset
-        assert planner.counters["index_waits"] == 2 and planner.counters["remote_lookups"] == 0
+        assert planner.counters.index_waits == 2 and planner.counters.remote_lookups == 0
     finally:
         planner.shutdown()
         follower.stop()
@@ -88,7 +89,7 @@ def test_stale_replica_claims_are_recomputed_never_wrong_kv(sim: SimEngine) -> N
     assert sim.stats.tokens_from_host == before + 5 * BS  # the last block is held back
     assert sim.stats.mismatches == 0
     stats = sim.quiesce()
-    assert stats["host_pinned"] == 0 and stats["ops_in_flight"] == 0
+    assert stats.host.pinned == 0 and stats.ops_in_flight == 0
 
 
 def test_preempted_before_its_store_allocation_came_back(sim: SimEngine) -> None:
@@ -102,7 +103,7 @@ def test_preempted_before_its_store_allocation_came_back(sim: SimEngine) -> None
         plan.extend(planner.settle(10))
         assert plan.preempted == ["r"] and not plan.stores  # never copied from reused blocks
         stats = sim.quiesce()  # the grant was released: nothing stays in flight
-        assert stats["ops_in_flight"] == 0 and stats["host_writing"] == 0
+        assert stats.ops_in_flight == 0 and stats.host.writing == 0
         assert planner.finished("r") is False
     finally:
         planner.shutdown()
@@ -122,7 +123,7 @@ def test_aborted_while_its_pin_is_in_flight(sim: SimEngine) -> None:
         plan = planner.settle(10)
         assert [(op.req_id, op.op_id) for op in plan.loads] == [("r", 0)]  # reported as received only
         stats = sim.quiesce()
-        assert stats["host_pinned"] == 0 and stats["ops_in_flight"] == 0
+        assert stats.host.pinned == 0 and stats.ops_in_flight == 0
     finally:
         planner.shutdown()
 
@@ -146,11 +147,11 @@ def test_a_steps_requests_go_out_in_one_burst_at_the_step(sim: SimEngine) -> Non
         plan.extend(planner.settle(10))
         assert [(op.req_id, len(op.blocks)) for op in plan.loads] == [("r", 4)]
         # The lookup report went out before the pin on the same connection: counted already.
-        assert planner.client.stats()["match_requests"] == idle["match_requests"] + 1
+        assert planner.client.stats().counters.match_requests == idle.counters.match_requests + 1
         planner.client.release(plan.loads[0].op_id)  # no worker runs this load
     finally:
         planner.shutdown()
-    assert sim.quiesce()["host_pinned"] == 0
+    assert sim.quiesce().host.pinned == 0
 
 
 def test_planner_refuses_bad_sizes(sim: SimEngine) -> None:
@@ -178,8 +179,8 @@ def test_firm_lookup_promises_only_pinned_blocks(sim: SimEngine) -> None:
         assert planner.lookup_pinned("stale", 0, 5.0) == 0  # the replica claimed it; nothing pinned
         planner.add("r", stored, EMPTY_SALT_HASH)
         hit = planner.lookup_pinned("r", 0, 5.0)
-        assert hit == 4 * BS, (planner.ready(), dict(planner.counters), planner.client.stats())
-        assert planner.client.stats()["host_pinned"] == 4  # pinned before the answer
+        assert hit == 4 * BS, (planner.ready(), planner.counters, planner.client.stats())
+        assert planner.client.stats().host.pinned == 4  # pinned before the answer
         planner.load_after_alloc("r", [20, 21, 22, 23, 24], hit)
         plan = planner.step([])
         assert [(op.req_id, op.blocks, op.failed_blocks) for op in plan.loads] == [("r", [20, 21, 22, 23], [])]
@@ -190,7 +191,7 @@ def test_firm_lookup_promises_only_pinned_blocks(sim: SimEngine) -> None:
         assert planner.finished("unused") is False  # never allocated: its pin is released
         planner.settle(5)
         stats = sim.quiesce()
-        assert stats["host_pinned"] == 0 and stats["ops_in_flight"] == 0
+        assert stats.host.pinned == 0 and stats.ops_in_flight == 0
     finally:
         planner.shutdown()
 
@@ -220,6 +221,52 @@ def test_without_store_acks_finished_keeps_blocks_of_stored_requests(sim: SimEng
         plan = planner.settle(10)
         assert not plan.stores and not plan.delayed_free
         stats = sim.quiesce()
-        assert stats["ops_in_flight"] == 0 and stats["host_writing"] == 0
+        assert stats.ops_in_flight == 0 and stats.host.writing == 0
+    finally:
+        planner.shutdown()
+
+
+class _FixedMatch:
+    """A leader client whose every Match finds the same blocks per tier (no leader behind it)."""
+
+    endpoint = "ipc:///tmp/kvbm-planner-no-leader"
+    timeout_s = 1.0
+    index_seq = 0
+    status = None
+
+    def __init__(self, reply: m.MatchReply) -> None:
+        self.reply = reply
+
+    def is_ready(self) -> bool:
+        return True
+
+    def lookup(self, hashes: object) -> m.MatchReply:
+        return self.reply
+
+    def close(self) -> None:
+        pass
+
+
+def test_tier_blocks_split_a_shorter_load_nearest_tier_first() -> None:
+    found = TierBlocks(host=2, disk=1, object=3)
+    assert found.total == 6 and found.first(6) == found
+    assert found.first(5) == TierBlocks(2, 1, 2) and found.first(3) == TierBlocks(2, 1, 0)
+    assert found.first(1) == TierBlocks(1, 0, 0) and found.first(0) == TierBlocks()
+
+
+def test_a_match_keeps_host_disk_and_object_apart() -> None:
+    """G3 and G4 blocks are both staged through G2, but the planner reports them apart: the
+    hold-back takes the farthest tier's block, hit sources and counters name each tier."""
+    planner = Planner(BS, 1, _FixedMatch(m.MatchReply(host=2, disk=1, object=3)))  # type: ignore[arg-type]
+    try:
+        planner.add("a", _prompt(6, 9), EMPTY_SALT_HASH)
+        assert planner.lookup("a", 0) == 5 * BS  # the whole prompt matched: one G4 block held back
+        assert planner.hit_sources("a", 5 * BS) == {Tier.HOST: 2 * BS, Tier.DISK: BS, Tier.OBJECT: 2 * BS}
+        assert planner.hit_sources("a", 3 * BS + 4) == {Tier.HOST: 2 * BS, Tier.DISK: BS, Tier.OBJECT: 4}
+        planner.load_after_alloc("a", list(range(6)), 5 * BS)
+        c = planner.take_counters()
+        assert (c.hit_host_tokens, c.hit_disk_tokens, c.hit_object_tokens) == (2 * BS, BS, 2 * BS)
+        assert c.remote_lookups == 1 and c.lookup_tokens == 6 * BS
+        assert planner.take_counters() == ConnectorCounters()  # taken: counting starts afresh
     finally:
         planner.shutdown()

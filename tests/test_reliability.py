@@ -40,6 +40,7 @@ from kvbm.bench.fuzz import (
 from kvbm.config import ConfigError, KvbmConfig, load_config
 from kvbm.hashing import sequence_hashes
 from kvbm.ipc import messages as m
+from kvbm.ipc.stats import LeaderState, LeaderStats
 from kvbm.ipc.shm import (
     HostPool,
     PoolGeometry,
@@ -48,7 +49,7 @@ from kvbm.ipc.shm import (
     sweep_stale_segments,
 )
 from kvbm.ipc.transport import RpcClient, check_bind_endpoint, ensure_private_dir
-from kvbm.leader.client import LeaderClient
+from kvbm.leader.client import LeaderClient, TierBlocks
 from kvbm.leader.disk import DiskStore, disk_file_path
 from kvbm.leader.server import LeaderServer
 from kvbm.sim.engine import SimEngine, SimError, chat_workload
@@ -83,23 +84,23 @@ def _wait_status(client: LeaderClient, pred: Callable[[m.Status], bool], limit_s
         time.sleep(0.02)
 
 
-def _settled(client: LeaderClient, limit_s: float = 10.0) -> dict[str, float]:
+def _settled(client: LeaderClient, limit_s: float = 10.0) -> LeaderStats:
     """Leader stats once no op is in flight and no disk write is pending."""
     t0 = time.monotonic()
     while True:
         stats = client.stats()
-        if stats and stats["ops_in_flight"] == 0 and stats.get("disk_busy", 0) == 0:
+        if stats and stats.ops_in_flight == 0 and (stats.disk_tier is None or stats.disk_tier.busy == 0):
             return stats
         assert time.monotonic() - t0 < limit_s, f"ops still in flight after {limit_s} s: {stats}"
         time.sleep(0.02)
 
 
-def _assert_accounting(stats: dict[str, float]) -> None:
+def _assert_accounting(stats: LeaderStats) -> None:
     """Free + registered = capacity (nothing being written), nothing pinned, no op in flight."""
-    assert stats["host_free"] + stats["host_registered"] == stats["host_capacity"], stats
-    assert stats["host_writing"] == stats["host_pinned"] == stats["ops_in_flight"] == 0, stats
-    if "disk_capacity" in stats:
-        assert stats["disk_free"] + stats["disk_registered"] == stats["disk_capacity"], stats
+    assert stats.host.free + stats.host.registered == stats.host.capacity, stats
+    assert stats.host.writing == stats.host.pinned == stats.ops_in_flight == 0, stats
+    if stats.disk is not None:
+        assert stats.disk.free + stats.disk.registered == stats.disk.capacity, stats
 
 
 def _raw_match(endpoint: str, hashes: list[int]) -> tuple[int, int]:
@@ -191,22 +192,22 @@ def test_kill_rank_during_stores(make_config) -> None:
         r0 = sim._send_all({0: req}, 30)[0]
         assert r0["store_failures"] == [] and r0["stored_blocks"] == len(hashes)
         mid = sim.client.stats()
-        assert mid["ops_in_flight"] == len(ops) and mid["host_writing"] == len(hashes)
+        assert mid.ops_in_flight == len(ops) and mid.host.writing == len(hashes)
         assert _raw_match(sim.endpoint, hashes) == (0, 0)  # half-acked stores are not matchable
         t_kill = _kill(victim)
-        _wait_status(sim.client, lambda s: s.dead_ranks == [1] and s.state == "degraded", 3, "rank 1 dead")
+        _wait_status(sim.client, lambda s: s.dead_ranks == [1] and s.leader_state is LeaderState.DEGRADED, 3, "rank 1 dead")
         assert time.monotonic() - t_kill < 2.0, "the leader took 2 s or more to report the dead rank"
         after = _settled(sim.client)
-        assert after["stores_aborted"] - before["stores_aborted"] == len(ops)
-        assert after["stores_committed"] == before["stores_committed"]
+        assert after.counters.stores_aborted - before.counters.stores_aborted == len(ops)
+        assert after.counters.stores_committed == before.counters.stores_committed
         _assert_accounting(after)
         assert _engine_blocks_all_free(sim)
-        assert sim.client.match(hashes) == (0, 0)  # degraded: the engine computes everything
+        assert sim.client.match(hashes) == TierBlocks()  # degraded: the engine computes everything
 
         # The rank restarts with the same layout and rejoins the existing pool.
         _restart_rank(sim, 1, victim)
         sim.wait_ready(15)
-        _wait_status(sim.client, lambda s: s.state == "ready" and not s.dead_ranks, 5, "ready again")
+        _wait_status(sim.client, lambda s: s.leader_state is LeaderState.READY and not s.dead_ranks, 5, "ready again")
         assert _raw_match(sim.endpoint, hashes) == (0, 0)  # the aborted batch never became matchable
         sim.reset_engine_cache()
         sim.run(warm + batch)  # warm: loads of slices the dead incarnation stored
@@ -247,7 +248,7 @@ def test_kill_rank_during_loads_and_stores_then_restart_at_once(make_config) -> 
             sim.g1.release(op[2], [])
         req["loads"] = loads
         load_ops = [op[0] for op in loads]
-        assert sim.client.stats()["host_pinned"] > 0
+        assert sim.client.stats().host.pinned > 0
         victim = sim.ranks[1]
         os.kill(victim.pid, signal.SIGSTOP)
         _send_step(sim, 1, req)
@@ -257,13 +258,13 @@ def test_kill_rank_during_loads_and_stores_then_restart_at_once(make_config) -> 
         _kill(victim)
         _restart_rank(sim, 1, victim)
         sim.wait_ready(15)
-        _wait_status(sim.client, lambda s: s.state == "ready" and not s.dead_ranks, 5, "ready again")
+        _wait_status(sim.client, lambda s: s.leader_state is LeaderState.READY and not s.dead_ranks, 5, "ready again")
         after = _settled(sim.client, 5)  # nothing of the dead incarnation is left in flight
         _assert_accounting(after)
-        assert after["loads_failed"] - before["loads_failed"] == len(load_ops)
-        assert after["loads_completed"] == before["loads_completed"]
-        assert after["stores_aborted"] - before["stores_aborted"] == len(store_ops)
-        assert after["stores_committed"] == before["stores_committed"]
+        assert after.counters.loads_failed - before.counters.loads_failed == len(load_ops)
+        assert after.counters.loads_completed == before.counters.loads_completed
+        assert after.counters.stores_aborted - before.counters.stores_aborted == len(store_ops)
+        assert after.counters.stores_committed == before.counters.stores_committed
         assert _raw_match(sim.endpoint, new_hashes) == (0, 0)
         ready, failed = sim.client.poll_loads(load_ops)
         assert ready == [] and sorted(failed) == sorted(load_ops)  # the engine recomputes
@@ -292,14 +293,14 @@ def test_rank_paused_past_the_liveness_timeout_comes_back(make_config) -> None:
             _wait_status(sim.client, lambda s: s.dead_ranks == [1], 3, "rank 1 dead")
         finally:
             os.kill(victim.pid, signal.SIGCONT)
-        _wait_status(sim.client, lambda s: s.state == "ready" and not s.dead_ranks, 8, "rank 1 back")
+        _wait_status(sim.client, lambda s: s.leader_state is LeaderState.READY and not s.dead_ranks, 8, "rank 1 back")
         sim.reset_engine_cache()
         sim.run(prompts)
         assert sim.stats.mismatches == 0
         assert sim.stats.tokens_from_host > 0
         after = sim.quiesce()
         _assert_accounting(after)
-        assert after["host_registered"] >= before["host_registered"]
+        assert after.host.registered >= before.host.registered
 
 
 # ------------------------------------------------------------------------------------------
@@ -352,14 +353,14 @@ def test_disk_io_error_turns_the_tier_off_never_wrong_kv(make_config, tmp_path: 
             fail.set()
         _run_each(sim, prompts)
         if op == "read":
-            assert sim.client.stats()["disk_registered"] > 0
+            assert sim.client.stats().disk.registered > 0
             fail.set()
         sim.reset_engine_cache()
         _run_each(sim, prompts)  # reads of the first prompt fail: recomputed
         stats = _settled(sim.client)
-        assert stats["disk_enabled"] == 0 and stats["disk_io_errors"] >= 1, stats
-        assert stats["disk_registered"] == 0 and _raw_match(sim.endpoint, sequence_hashes(prompts[0], BS))[1] == 0
-        assert os.strerror(code) in server.core.disk_disabled_reason
+        assert stats.disk_tier.enabled == 0 and stats.disk_tier.counters.io_errors >= 1, stats
+        assert stats.disk.registered == 0 and _raw_match(sim.endpoint, sequence_hashes(prompts[0], BS))[1] == 0
+        assert os.strerror(code) in server.core.stats().disk_tier.reason
         if op == "read":
             assert sim.stats.staging_failures > 0
         assert sim.stats.mismatches == 0
@@ -413,7 +414,7 @@ def test_cache_that_does_not_fit_is_one_clear_error_at_start(make_config, tmp_pa
             assert "did not complete within" not in text
             assert sim.client is not None
             status = sim.client.refresh()
-            assert status is not None and status.state == "failed" and needle in status.error
+            assert status is not None and status.leader_state is LeaderState.FAILED and needle in status.error
             # Nothing is left behind: no segment, no block file.
             assert not os.path.exists(f"/dev/shm/{segment_name(sim.instance)}")
             if what == "disk":
@@ -445,7 +446,7 @@ def test_fuzz_leader_socket(make_config) -> None:
         hwm = rss_kib(pid, "VmHWM")
         send_oversize(sim.endpoint, 256 << 20)
         stats = leader_stats(sim.endpoint)
-        assert stats["state_ready"] == 1
+        assert stats.state is LeaderState.READY
         assert rss_kib(pid, "VmHWM") - hwm < 64 * 1024
         assert sim.leader.popen.poll() is None
         sim.reset_engine_cache()
@@ -468,7 +469,7 @@ def _fresh_leader(run_dir: str, n: int) -> LeaderServer:
     srv.handle(b"client", [m.encode(m.AllocateStore(m.pack_hashes(_HELD), 0, 0), 3)])
     (op_id,) = list(srv.core.ops)
     srv.handle(b"r0", [m.encode(m.TransferDone(0, op_id, True, ""), 4)])
-    assert srv.core.stats().flat()["host_registered"] == len(_HELD) and not srv.core.ops
+    assert srv.core.stats().host.registered == len(_HELD) and not srv.core.ops
     return srv
 
 
@@ -570,7 +571,7 @@ def test_kill_leader_serving_continues_then_next_leader_sweeps_and_serves(make_c
         inode = os.stat(segment).st_ino
         dead = sim.leader
         t_kill = _kill(dead.popen)
-        assert sim.client.match(sequence_hashes(prompts[0], BS)) == (0, 0)
+        assert sim.client.match(sequence_hashes(prompts[0], BS)) == TierBlocks()
         assert time.monotonic() - t_kill < 2.0
         ext_before = sim.stats.tokens_from_host + sim.stats.tokens_from_disk
         sim.reset_engine_cache()
@@ -586,7 +587,7 @@ def test_kill_leader_serving_continues_then_next_leader_sweeps_and_serves(make_c
         sim.client.close()
         sim.start_leader()
         assert _inode(segment) != inode
-        _wait_status(sim.client, lambda s: s.state == "ready", 15, "the ranks re-registered")
+        _wait_status(sim.client, lambda s: s.leader_state is LeaderState.READY, 15, "the ranks re-registered")
         assert _inode(segment) not in (inode, None)  # the new leader's own segment
         sim.reset_engine_cache()
         sim.run(prompts)
@@ -614,8 +615,8 @@ def test_soak_short(tmp_path: Path) -> None:
     assert rep.accounting_errors == [], summary
     assert rep.sim.tokens_from_host > 0 and rep.sim.tokens_from_disk > 0, summary
     ls = rep.leader_stats
-    assert ls["host_evictions"] > 0 and ls["disk_evictions"] > 0 and ls["disk_onboarded_blocks"] > 0, summary
-    assert ls["disk_checksum_failures"] == ls["disk_io_errors"] == 0, summary
+    assert ls.counters.host_evictions > 0 and ls.counters.disk_evictions > 0 and ls.disk_tier.counters.onboarded_blocks > 0, summary
+    assert ls.disk_tier.counters.checksum_failures == ls.disk_tier.counters.io_errors == 0, summary
     assert rep.flat, summary
 
 

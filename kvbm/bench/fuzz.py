@@ -40,13 +40,8 @@ import zmq
 
 from kvbm.bench.common import BenchResult
 from kvbm.ipc import messages as m
+from kvbm.ipc.stats import LeaderStats
 
-STATE_KEYS = (
-    "host_capacity", "host_registered", "host_free", "host_pinned", "host_writing", "ops_in_flight",
-    "disk_capacity", "disk_registered", "disk_free", "state_ready", "ranks_alive", "world_size",
-    "stores_committed", "stores_aborted", "blocks_stored", "loads_completed", "loads_failed",
-)
-"""Leader stats that no fuzz case may change."""
 
 _REQUESTS = (m.RegisterRank, m.PoolAttached, m.Heartbeat, m.TransferDone, m.GetStatus, m.Match,
              m.PrepareLoad, m.PollLoads, m.AllocateStore, m.ReleaseOp, m.GetStats, m.TakeEvents,
@@ -298,7 +293,7 @@ class CaseGenerator:
             m.LoadGrant(1, r.randbytes(r.choice([3, 5, 7])), False),
             m.PoolGrant("kvbm-evil-g2", 1 << 40, 4096, 0),
             m.Ack(), m.ErrorReply("x", "y"), m.LeaderReady(1, 1), m.MatchReply(1, 1),
-            m.LoadPoll([1, 2], [3]), m.StatsReply({"host_free": 0.0}), m.EventsReply(b"\x00", b"\x00", b"", b""),
+            m.LoadPoll([1, 2], [3]), m.StatsReply("ready", {"ops_in_flight": 0.0}), m.EventsReply(b"\x00", b"\x00", b"", b""),
             m.Status("ready", "", 1, 1, 1, 1, 1, "fp", [0]),
         ])
         return Case("reply type sent to the leader", [m.encode(msg, self._rid())], ERROR)
@@ -414,8 +409,13 @@ def rss_kib(pid: int, key: str = "VmRSS") -> int:
     return 0
 
 
-def _state(stats: dict[str, float]) -> dict[str, float]:
-    return {k: stats[k] for k in STATE_KEYS if k in stats}
+def _state(s: LeaderStats) -> dict[str, object]:
+    """Leader stats that no fuzz case may change, by name."""
+    c, disk = s.counters, s.disk
+    return {"state": s.state, "host": s.host, "ops_in_flight": s.ops_in_flight, "ranks_alive": s.ranks_alive,
+            "world_size": s.world_size, "disk": None if disk is None else (disk.capacity, disk.registered, disk.free),
+            "stores_committed": c.stores_committed, "stores_aborted": c.stores_aborted,
+            "blocks_stored": c.blocks_stored, "loads_completed": c.loads_completed, "loads_failed": c.loads_failed}
 
 
 def fuzz_leader(endpoint: str, num_cases: int, *, seed: int = 0, leader_pid: int | None = None,
@@ -433,7 +433,7 @@ def fuzz_leader(endpoint: str, num_cases: int, *, seed: int = 0, leader_pid: int
     sentinel_ids = iter(range(1 << 63, 1 << 64))
     if leader_pid is not None:
         rep.rss_before_kib = rss_kib(leader_pid)
-    baseline: dict[str, float] | None = None
+    baseline: dict[str, object] | None = None
     t0 = time.perf_counter()
     try:
         n_batches = 0
@@ -457,7 +457,7 @@ def fuzz_leader(endpoint: str, num_cases: int, *, seed: int = 0, leader_pid: int
             sock.send(m.encode(m.GetStats(), sid))
             got_err = got_rep = 0
             deadline = time.monotonic() + timeout_s
-            stats: dict[str, float] | None = None
+            stats: LeaderStats | None = None
             while stats is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
@@ -465,7 +465,7 @@ def fuzz_leader(endpoint: str, num_cases: int, *, seed: int = 0, leader_pid: int
                     break
                 rid, reply = m.decode(sock.recv())
                 if isinstance(reply, m.StatsReply) and rid == sid:
-                    stats = reply.values
+                    stats = reply.stats
                 elif isinstance(reply, m.ErrorReply):
                     got_err += 1
                 else:
@@ -497,13 +497,13 @@ def fuzz_leader(endpoint: str, num_cases: int, *, seed: int = 0, leader_pid: int
     return rep
 
 
-def leader_stats(endpoint: str, timeout_s: float = 5.0) -> dict[str, float]:
+def leader_stats(endpoint: str, timeout_s: float = 5.0) -> LeaderStats:
     """One GetStats round trip on a fresh socket."""
     from kvbm.ipc.transport import RpcClient
 
     rpc = RpcClient(endpoint)
     try:
-        return rpc.call(m.GetStats(), timeout_s, m.StatsReply).values
+        return rpc.call(m.GetStats(), timeout_s, m.StatsReply).stats
     finally:
         rpc.close()
 

@@ -146,7 +146,7 @@ def lookup_bench(quick: bool) -> list[BenchResult]:
                 # As the planner sends them: its hashes are kept packed as u64 (no per-hash work).
                 wire = np.asarray(hashes, np.uint64)
                 payload = wire.astype("<u8").tobytes()
-                held = sim.client.match(wire)[0]
+                held = sim.client.match(wire).host
                 if held != len(hashes):  # the lookups below must walk every block
                     raise RuntimeError(f"the leader holds {held} of the prompt's {len(hashes)} blocks after storing it")
                 for _ in range(20):

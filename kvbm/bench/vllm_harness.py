@@ -51,6 +51,7 @@ from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
 from kvbm.hashing import SequenceHasher, salt_hash
+from kvbm.ipc.stats import LeaderStats
 from kvbm.sim.oracle import Oracle, mix64
 from kvbm.worker.layout import EngineKV
 
@@ -506,14 +507,14 @@ class Engine:
         assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1, "engine blocks leaked"
         assert all(b.ref_cnt == 0 for b in pool.blocks[1:]), "engine block still referenced"
 
-    def quiesce(self, timeout_s: float = 20.0) -> dict[str, float]:
+    def quiesce(self, timeout_s: float = 20.0) -> LeaderStats:
         """Wait until the leader applied every rank's ack and finished its disk and object writes;
         returns its stats."""
         client = self.kvbm.client
         deadline = time.monotonic() + timeout_s
         while True:
             st = client.stats()
-            if st.get("ops_in_flight", 1) == 0 and st.get("disk_busy", 0) == 0 and st.get("object_busy", 0) == 0:
+            if st is not None and st.idle:
                 return st
             if time.monotonic() > deadline:
                 raise AssertionError(f"leader still busy: {st}")

@@ -28,6 +28,7 @@ from typing import Callable
 import xxhash
 
 from kvbm.config import KvbmConfig
+from kvbm.ipc.stats import LeaderState
 from kvbm.ipc.transport import instance_endpoint
 from kvbm.leader.client import LeaderClient
 from kvbm.leader.spawn import LeaderProcess, LeaderStartError, spawn_leader
@@ -152,14 +153,12 @@ def wait_until_ready(inst: Instance, client: LeaderClient, *, what: str,
     status = None
     while True:
         status = client.refresh()
-        if status is not None and status.state == "ready":
-            break
-        if status is not None and status.state == "failed":
+        if status is not None and status.leader_state in (LeaderState.READY, LeaderState.FAILED):
             break
         if time.monotonic() + poll_s > deadline:
             break
         time.sleep(poll_s)
-    if status is not None and status.state == "ready":
+    if status is not None and status.leader_state is LeaderState.READY:
         if then is None or then(max(deadline - time.monotonic(), 0.0)):
             log.info("kvbm: instance %s ready (%d ranks) for %s", inst.name, status.world_size, what)
             return

@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import time
 from array import array
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -40,7 +39,7 @@ from kvbm.connector.link import AsyncLink, Reply
 from kvbm.connector.ops import LoadOp, StepPlan, StoreOp
 from kvbm.hashing import SequenceHasher
 from kvbm.ipc import messages as m
-from kvbm.leader.client import LeaderClient, LoadGrantInfo
+from kvbm.leader.client import LeaderClient, LoadGrantInfo, TierBlocks
 from kvbm.leader.registry import BlockEvent, Tier
 
 log = logging.getLogger("kvbm.connector")
@@ -68,10 +67,41 @@ class ScheduledRequest:
 
 
 @dataclass
+class ConnectorCounters:
+    """What a planner counted since the last :meth:`Planner.take_counters`."""
+
+    lookup_tokens: int = 0  # asked about, past the engine's own hit
+    hit_host_tokens: int = 0  # allocated by the engine as loaded, by the tier the lookup found them in
+    hit_disk_tokens: int = 0
+    hit_object_tokens: int = 0
+    onboard_host_blocks: int = 0  # in load ops sent to the workers, by tier
+    onboard_disk_blocks: int = 0
+    onboard_object_blocks: int = 0
+    offload_blocks: int = 0  # host slots allocated for stores
+    load_error_blocks: int = 0  # promised blocks that will be recomputed
+    remote_lookups: int = 0  # lookups the leader answered (no synced index replica)
+    index_waits: int = 0  # lookups that waited for the replica to catch up
+    remote_pins: int = 0  # firm lookups (lookup_pinned)
+    pin_shortfall_blocks: int = 0  # promised blocks gone by the time they were pinned
+    staging_failures: int = 0  # loads whose G3 / G4 staging failed or timed out
+
+    def hits(self, blocks: TierBlocks, block_size: int) -> None:
+        """The engine took these blocks as loaded."""
+        self.hit_host_tokens += blocks.host * block_size
+        self.hit_disk_tokens += blocks.disk * block_size
+        self.hit_object_tokens += blocks.object * block_size
+
+    def onboarded(self, blocks: TierBlocks) -> None:
+        """A load op of these blocks went to the workers."""
+        self.onboard_host_blocks += blocks.host
+        self.onboard_disk_blocks += blocks.disk
+        self.onboard_object_blocks += blocks.object
+
+
+@dataclass
 class _Match:
     start: int  # first block past the engine's own hit
-    host: int
-    disk: int
+    blocks: TierBlocks
     grant: LoadGrantInfo | None = None  # held pin of a firm lookup (lookup_pinned)
 
 
@@ -102,7 +132,7 @@ class _Pin:
     st: _Req
     gen: int
     engine: list[int]  # every engine block the engine treats as loaded
-    host: int  # matched G2 blocks
+    blocks: TierBlocks  # where the lookup found them
 
 
 @dataclass
@@ -110,8 +140,7 @@ class _Staging:
     op: LoadOp
     st: _Req
     since: float
-    host: int
-    disk: int
+    blocks: TierBlocks
 
 
 @dataclass
@@ -158,7 +187,7 @@ class Planner:
         self.free_blocks = free_blocks
         self.store_acks = store_acks
         self.max_model_len = 1 << 62
-        self.counters: Counter[str] = Counter()
+        self.counters = ConnectorCounters()
         self._reqs: dict[str, _Req] = {}
         self._posted: dict[int, _Posted] = {}  # link request id -> what it was for
         # Requests and lookup reports queued since the last step: sent in one burst per step
@@ -262,27 +291,25 @@ class Planner:
         rest = hashes[start:]
         found = self._local_match(rest)
         if found is None:
-            reply = self.client.lookup(self._wire(st, start))  # G3 and G4 blocks are both staged through G2
-            found = (reply.host, reply.disk + reply.object)
+            reply = self.client.lookup(self._wire(st, start))
+            found = TierBlocks(reply.host, reply.disk, reply.object)
             if reply.pending:
                 st.store_wait = waiting_since or time.monotonic()
-            self.counters["remote_lookups"] += 1
+            self.counters.remote_lookups += 1
         else:  # the leader's hit-rate metrics count every lookup, also those it did not serve
-            self._reports.append(m.LookupReport(len(rest), *found))  # sent with the step's burst
-        host, disk = found
-        self.counters["lookup_tokens"] += num_tokens - start * bs
-        if host + disk and (start + host + disk) * bs >= num_tokens:
-            # The whole sequence matched: hold back one block so the engine computes a token.
-            if disk:
-                disk -= 1
-            else:
-                host -= 1
-        if host + disk == 0:
+            # (the replica holds the local tiers only: no G4 count to report)
+            self._reports.append(m.LookupReport(len(rest), found.host, found.disk))  # sent with the step's burst
+        self.counters.lookup_tokens += num_tokens - start * bs
+        if found.total and (start + found.total) * bs >= num_tokens:
+            # The whole sequence matched: hold back one block (the farthest tier's) so the
+            # engine computes a token.
+            found = found.first(found.total - 1)
+        if found.total == 0:
             return 0
-        st.match = _Match(start, host, disk)
-        return (host + disk) * bs
+        st.match = _Match(start, found)
+        return found.total * bs
 
-    def _local_match(self, hashes: list[int]) -> tuple[int, int] | None:
+    def _local_match(self, hashes: list[int]) -> TierBlocks | None:
         """The replica's answer, once it holds at least the index position a leader reply to
         this planner reported (after a Match, the stats of an idle leader, a reset): a lookup
         never answers from an index older than one the planner already saw. None: ask the leader."""
@@ -291,10 +318,11 @@ class Planner:
             return None
         seen = self.client.index_seq
         if rep.seq < seen:
-            self.counters["index_waits"] += 1
+            self.counters.index_waits += 1
             if not rep.catch_up(seen, self.client.timeout_s):
                 return None
-        return rep.match(hashes)
+        found = rep.match(hashes)
+        return None if found is None else TierBlocks(*found)
 
     def not_yet(self, req_id: str) -> bool:
         """True when the request's last lookup found the leader asking the object store about the
@@ -316,16 +344,15 @@ class Planner:
             return 0
         mt = st.match
         grant = self.client.prepare_load(self._wire(st, mt.start, mt.start + n // self.block_size))
-        self.counters["remote_pins"] += 1
+        self.counters.remote_pins += 1
         if grant.op_id and not grant.ready and not self._staged(grant.op_id, timeout_s):
             grant = LoadGrantInfo(0, [], False)
         k = len(grant.slots) if grant.op_id else 0
-        self.counters["pin_shortfall_blocks"] += n // self.block_size - k
+        self.counters.pin_shortfall_blocks += n // self.block_size - k
         if k == 0:
             st.match = None
             return 0
-        mt.host = min(mt.host, k)
-        mt.disk = k - mt.host
+        mt.blocks = mt.blocks.first(k)
         mt.grant = grant
         return k * self.block_size
 
@@ -339,7 +366,7 @@ class Planner:
             if op_id in failed or time.monotonic() > deadline:
                 if op_id not in failed:
                     self.client.release(op_id)
-                self.counters["staging_failures"] += 1
+                self.counters.staging_failures += 1
                 return False
             time.sleep(0.0005)
 
@@ -362,8 +389,12 @@ class Planner:
         st = self._reqs.get(req_id)
         if st is None or st.match is None or num_external_tokens == 0:
             return {}
-        host_tokens = min(st.match.host * self.block_size, num_external_tokens)
-        out = {Tier.HOST: host_tokens, Tier.DISK: num_external_tokens - host_tokens}
+        bs = self.block_size
+        blocks = st.match.blocks.first(-(-num_external_tokens // bs))
+        out, left = {}, num_external_tokens
+        for tier, n in ((Tier.HOST, blocks.host), (Tier.DISK, blocks.disk), (Tier.OBJECT, blocks.object)):
+            out[tier] = min(n * bs, left)
+            left -= out[tier]
         return {t: n for t, n in out.items() if n}
 
     def load_after_alloc(self, req_id: str, engine_blocks: Sequence[int], num_external_tokens: int) -> None:
@@ -379,27 +410,24 @@ class Planner:
         # trimmed the hit) cannot be filled by whole-block loads: reported failed, recomputed.
         engine = list(engine_blocks[start : start + -(-num_external_tokens // bs)])
         n = num_external_tokens // bs
-        if st is None or mt is None or n > mt.host + mt.disk:
+        if st is None or mt is None or n > mt.blocks.total:
             log.error("kvbm: the engine allocated %d external tokens for request %s that kvbm did not offer; "
                       "they will be recomputed", num_external_tokens, req_id)
-            self._emit_load(LoadOp(req_id, 0, [], [], engine), 0, 0)
+            self._emit_load(LoadOp(req_id, 0, [], [], engine), TierBlocks())
             return
-        self.counters["hit_host_tokens"] += min(mt.host, n) * bs
-        self.counters["hit_disk_tokens"] += (n - min(mt.host, n)) * bs
+        self.counters.hits(mt.blocks.first(n), bs)
         if mt.grant is not None:  # a firm lookup: the blocks are pinned (and staged) already
             grant, mt.grant = mt.grant, None
-            self._emit_load(LoadOp(req_id, grant.op_id, grant.slots[:n], engine[:n], engine[n:]),
-                            min(mt.host, n), n - min(mt.host, n))
+            self._emit_load(LoadOp(req_id, grant.op_id, grant.slots[:n], engine[:n], engine[n:]), mt.blocks.first(n))
             return
         st.loading = True
         self._post([(m.PrepareLoad(m.pack_hashes(self._wire(st, mt.start, mt.start + n))),
-                     _Pin(st, st.gen, engine, mt.host))])
+                     _Pin(st, st.gen, engine, mt.blocks))])
 
-    def _emit_load(self, op: LoadOp, host: int, disk: int) -> None:
+    def _emit_load(self, op: LoadOp, blocks: TierBlocks) -> None:
         if op.op_id:
-            self.counters["onboard_host_blocks"] += host
-            self.counters["onboard_disk_blocks"] += disk
-        self.counters["load_error_blocks"] += len(op.failed_blocks)
+            self.counters.onboarded(blocks)
+        self.counters.load_error_blocks += len(op.failed_blocks)
         self._ready_loads.append(op)
 
     # -- replies -------------------------------------------------------------------------
@@ -431,16 +459,16 @@ class Planner:
         op_id = grant.op_id if grant is not None else 0
         k = len(slots)
         # Fewer blocks than the lookup promised (evicted since, or a stale replica entry).
-        self.counters["pin_shortfall_blocks"] += len(pin.engine) - k
+        self.counters.pin_shortfall_blocks += len(pin.engine) - k
         op = LoadOp(st.req_id, op_id, slots, pin.engine[:k], pin.engine[k:])
-        host = min(pin.host, k)
+        blocks = pin.blocks.first(k)
         if op_id and grant is not None and not grant.ready:
             st.loading = True
-            self._staging[op_id] = _Staging(op, st, time.monotonic(), host, k - host)
+            self._staging[op_id] = _Staging(op, st, time.monotonic(), blocks)
             return
         if not op_id:
             op.slots, op.blocks, op.failed_blocks = [], [], pin.engine
-        self._emit_load(op, host, k - host)
+        self._emit_load(op, blocks)
 
     def _on_poll(self, poll: _Poll, r: Reply) -> None:
         self._polling = False
@@ -460,12 +488,12 @@ class Planner:
                     self._release(op_id)
                 p.op.failed_blocks = p.op.blocks + p.op.failed_blocks
                 p.op.op_id, p.op.slots, p.op.blocks = 0, [], []
-                self.counters["staging_failures"] += 1
+                self.counters.staging_failures += 1
             elif op_id not in ready:
                 continue
             del self._staging[op_id]
             p.st.loading = False
-            self._emit_load(p.op, p.host, p.disk)
+            self._emit_load(p.op, p.blocks)
 
     def _on_store_alloc(self, alloc: _StoreAlloc, r: Reply, plan: StepPlan) -> None:
         st = alloc.st
@@ -481,7 +509,7 @@ class Planner:
         plan.stores.append(StoreOp(st.req_id, grant.op_id, [b for b, _ in pairs], [s for _, s in pairs]))
         st.inflight.add(grant.op_id)
         self._store_owner[grant.op_id] = st
-        self.counters["offload_blocks"] += len(pairs)
+        self.counters.offload_blocks += len(pairs)
 
     # -- per step ------------------------------------------------------------------------
     def step(self, scheduled: Sequence[ScheduledRequest], preempted: Sequence[str] = (), *,
@@ -617,11 +645,9 @@ class Planner:
         """Finished requests whose blocks come back once their stores finish (soon)."""
         return bool(self._awaiting_free)
 
-    def take_counters(self) -> Counter[str]:
-        """Counters since the last call (lookup_tokens, hit_*_tokens, onboard_*_blocks,
-        offload_blocks, load_error_blocks, remote_lookups, index_waits, remote_pins, pin_shortfall_blocks,
-        staging_failures)."""
-        out, self.counters = self.counters, Counter()
+    def take_counters(self) -> ConnectorCounters:
+        """The counters since the last call."""
+        out, self.counters = self.counters, ConnectorCounters()
         return out
 
     def reset_cache(self) -> bool:

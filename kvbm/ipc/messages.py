@@ -20,8 +20,9 @@ import msgpack
 import numpy as np
 
 from kvbm.hashing import hashes_from_bytes, hashes_to_bytes
+from kvbm.ipc.stats import STAT_KEYS, LeaderState, LeaderStats, decode_stats
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4  # 4: StatsReply carries the leader state; its names are checked
 MAX_FRAME_BYTES = 64 << 20
 MAX_LIST_LEN = 1 << 20
 MAX_STR_LEN = 4096
@@ -327,7 +328,7 @@ class ErrorReply(Message):
 @dataclass(frozen=True)
 class Status(Message):
     TAG: ClassVar[str] = "status"
-    state: str = ""  # "waiting" | "ready" | "degraded" | "failed"
+    state: str = LeaderState.WAITING.value  # a LeaderState value: read it as leader_state
     error: str = ""
     world_size: int = _int(COUNT)
     num_host_blocks: int = _int(COUNT)
@@ -336,6 +337,21 @@ class Status(Message):
     block_size: int = _int(COUNT)
     fingerprint: str = ""
     dead_ranks: list[int] = field(default_factory=list, metadata=RANK)
+
+    def __post_init__(self) -> None:
+        _leader_state("status", self.state)
+
+    @property
+    def leader_state(self) -> LeaderState:
+        return LeaderState(self.state)
+
+
+def _leader_state(tag: str, state: str) -> None:
+    if state not in _STATES:
+        raise ProtocolError(f"{tag}.state: {state!r} is not a leader state (accepted: {sorted(_STATES)})")
+
+
+_STATES = frozenset(s.value for s in LeaderState)
 
 
 @_register
@@ -388,11 +404,28 @@ class StoreGrant(Message):
 @_register
 @dataclass(frozen=True)
 class StatsReply(Message):
-    """``index_seq``: the leader's index position when the stats were taken."""
+    """A :class:`kvbm.ipc.stats.LeaderStats` snapshot as :func:`kvbm.ipc.stats.encode_stats` lays it
+    out (read it as :attr:`stats`). ``index_seq``: the leader's index position when it was taken."""
 
     TAG: ClassVar[str] = "stats_reply"
+    state: str = LeaderState.WAITING.value
     values: dict[str, float] = field(default_factory=dict)
     index_seq: int = _int(_bounds(0, U64_MAX))
+
+    def __post_init__(self) -> None:
+        _leader_state("stats_reply", self.state)
+        unknown = self.values.keys() - STAT_KEYS
+        if unknown:
+            raise ProtocolError(f"stats_reply.values: unknown stats {sorted(unknown)[:8]}")
+        try:
+            decode_stats(self.state, self.values)  # a partial record is a malformed frame
+        except ValueError as e:
+            raise ProtocolError(str(e)) from None
+
+    @property
+    def stats(self) -> LeaderStats:
+        """The typed snapshot."""
+        return decode_stats(self.state, self.values)
 
 
 @_register

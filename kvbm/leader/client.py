@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from kvbm.ipc import messages as m
+from kvbm.ipc.stats import LeaderState, LeaderStats
 from kvbm.ipc.transport import M, LeaderUnavailable, RemoteError, RpcClient
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,26 @@ PROBE_INTERVAL_S = 1.0
 # timeout, and the probe interval doubles (up to MAX_PROBE_INTERVAL_S) while it stays silent.
 PROBE_TIMEOUT_S = 0.1
 MAX_PROBE_INTERVAL_S = 4.0
+
+
+@dataclass(frozen=True)
+class TierBlocks:
+    """Blocks of a lookup by the tier that holds them, in the order a load takes them: G2 (host)
+    first, then G3 (disk), then G4 (the object store); G3 and G4 blocks are staged through G2."""
+
+    host: int = 0
+    disk: int = 0
+    object: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.host + self.disk + self.object
+
+    def first(self, n: int) -> TierBlocks:
+        """The split of the first ``n`` blocks (a shorter load keeps the nearer tiers' blocks)."""
+        host = min(self.host, max(n, 0))
+        disk = min(self.disk, max(n, 0) - host)
+        return TierBlocks(host, disk, min(self.object, max(n, 0) - host - disk))
 
 
 @dataclass(frozen=True)
@@ -79,14 +100,14 @@ class LeaderClient:
 
     def is_ready(self) -> bool:
         """True when the leader answered 'ready' (re-probed at most once per second otherwise)."""
-        if self._status is not None and self._status.state == "ready":
+        if self._status is not None and self._status.leader_state is LeaderState.READY:
             return True
         now = time.monotonic()
         if now < self._next_probe:
             return False
         self._next_probe = now + PROBE_INTERVAL_S
         self.refresh()
-        return self._status is not None and self._status.state == "ready"
+        return self._status is not None and self._status.leader_state is LeaderState.READY
 
     def wait_ready(self, timeout_s: float, poll_s: float = 0.05) -> bool:
         """Ask the leader every ``poll_s`` until it answers 'ready' (True) or ``timeout_s`` passes
@@ -95,9 +116,9 @@ class LeaderClient:
         deadline = time.monotonic() + timeout_s
         while True:
             status = self.refresh()
-            if status is not None and status.state == "ready":
+            if status is not None and status.leader_state is LeaderState.READY:
                 return True
-            if status is not None and status.state == "failed":
+            if status is not None and status.leader_state is LeaderState.FAILED:
                 return False
             if time.monotonic() + poll_s > deadline:
                 return False
@@ -110,7 +131,7 @@ class LeaderClient:
             self._down(str(e))
             return None
         self._probe_interval = PROBE_INTERVAL_S
-        if self._status.state != "ready":
+        if self._status.leader_state is not LeaderState.READY:
             self._note(f"leader at {self.endpoint} is {self._status.state}: {self._status.error or 'waiting for ranks'}")
         elif self._logged is not None:
             log.info("leader at %s is ready again", self.endpoint)
@@ -169,11 +190,11 @@ class LeaderClient:
             log.error("leader rejected %s: %s", msg.TAG, e)
 
     # -- requests ------------------------------------------------------------------------
-    def match(self, hashes: Sequence[int] | np.ndarray) -> tuple[int, int]:
-        """(blocks in G2, following blocks to stage from G3 or G4) from the start of ``hashes``;
-        (0, 0) if unavailable."""
+    def match(self, hashes: Sequence[int] | np.ndarray) -> TierBlocks:
+        """The blocks from the start of ``hashes`` held in G2, then to stage from G3, then from G4;
+        none if unavailable."""
         reply = self.lookup(hashes)
-        return reply.host, reply.disk + reply.object
+        return TierBlocks(reply.host, reply.disk, reply.object)
 
     def lookup(self, hashes: Sequence[int] | np.ndarray) -> m.MatchReply:
         """The leader's MatchReply for ``hashes`` (per tier, and whether a store lookup is pending);
@@ -220,37 +241,37 @@ class LeaderClient:
         if op_id:
             self._call(m.ReleaseOp(op_id), m.Ack)
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> LeaderStats | None:
+        """The leader's stats; None while it is unavailable."""
         try:
             reply = self._rpc.call(m.GetStats(), self.timeout_s, m.StatsReply)
         except (LeaderUnavailable, RemoteError):
-            return {}
+            return None
         self._saw_index(reply.index_seq)
-        return reply.values
+        return reply.stats
 
     def _saw_index(self, seq: int) -> None:
         self.index_seq = max(self.index_seq, seq)
 
-    def wait_stats(self, ok: Callable[[dict[str, float]], bool], what: str, timeout_s: float = 10.0) -> dict[str, float]:
+    def wait_stats(self, ok: Callable[[LeaderStats], bool], what: str, timeout_s: float = 10.0) -> LeaderStats:
         """Ask for the leader's stats until ``ok(stats)``; returns them. TimeoutError naming
-        ``what`` after ``timeout_s`` (an unavailable leader answers empty stats)."""
+        ``what`` after ``timeout_s`` (an unavailable leader is asked again)."""
         deadline = time.monotonic() + timeout_s
         while True:
             stats = self.stats()
-            if ok(stats):
+            if stats is not None and ok(stats):
                 return stats
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{what} not reached within {timeout_s:g} s: {stats}")
             time.sleep(0.01)
 
-    def wait_idle(self, timeout_s: float = 10.0) -> dict[str, float]:
+    def wait_idle(self, timeout_s: float = 10.0) -> LeaderStats:
         """Wait until the leader has applied every rank's ack and finished disk writes and object puts.
 
         Stores are asynchronous: a block is matchable only once every rank's ack has reached
         the leader. Returns the leader's stats; TimeoutError if it stays busy.
         """
-        return self.wait_stats(lambda st: st.get("ops_in_flight", 1) == 0 and st.get("disk_busy", 0) == 0
-                               and st.get("object_busy", 0) == 0, "leader idle (no op, disk write or object put in flight)",
+        return self.wait_stats(lambda st: st.idle, "leader idle (no op, disk write or object put in flight)",
                                timeout_s)
 
     def index_since(self, seq: int, wait_ms: int = 0, wake_fd: int | None = None) -> IndexDelta | None:

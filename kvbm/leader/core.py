@@ -1,89 +1,62 @@
-"""The leader core: every block-state transition of every tier, in one socket-free object.
+"""The leader core: every block-state transition, in one socket-free object.
 
 :class:`LeaderCore` owns the world of ranks (init sync, liveness), the block registry (G2 host,
-G3 disk and G4 object pools), the ops in flight and their rank acks, the G2 <-> G3 pipeline
-(offload, staging, checksums, admission), the G2 <-> G4 pipeline (puts after commit, store
-lookups, staging) and the index change log. Messages come in as typed verbs with
-the time they are handled at (``now``); replies and messages for other peers come out as
-:class:`Outbound` records. It never touches a socket, a clock or a byte of KV: the bytes live
-behind :mod:`kvbm.leader.storage`, whose disk I/O reports completions that the core applies
-(:meth:`LeaderCore.apply_disk`). The transport is :mod:`kvbm.leader.server`.
+G3 disk and G4 object pools), the ops in flight and their rank acks, and the index change log.
+The traffic between G2 and each lower tier (offload, staging, admission, checksums, turning a
+failed tier off) is a :class:`kvbm.leader.tiers.TierPipeline` the core dispatches to. Messages
+come in as typed verbs with the time they are handled at (``now``); replies and messages for
+other peers come out as :class:`Outbound` records. It never touches a socket, a clock or a byte
+of KV: the bytes live behind :mod:`kvbm.leader.storage`, whose I/O reports completions that the
+pipelines apply (:meth:`LeaderCore.apply_io`). The transport is :mod:`kvbm.leader.server`.
 
 The rule at kvbm's heart lives here and nowhere else: **a block is matchable only after every
 rank acknowledged its copy; a failed or partial transfer never is.** A store's slots stay
 WRITING (never matchable) until every live rank reported; they are committed only if all
-reported success, and aborted if any failed or died (:meth:`LeaderCore._finish`). A disk copy
-is matchable only after its write succeeded; a staged G2 copy only after its read succeeded
-and its checksum matched (:meth:`LeaderCore._apply_write`, :meth:`LeaderCore._apply_read`).
-An object is in the G4 index only after its put succeeded, or after the store said it exists
-(another instance put it); its G2 copy only after the get returned it whole with its checksum
-(:meth:`LeaderCore._apply_object_write`, :meth:`LeaderCore._apply_object_read`).
+reported success, and aborted if any failed or died (:meth:`LeaderCore._finish`). A load
+waiting for a staging read goes to the ranks only once the read put the block whole in G2
+(:meth:`LeaderCore._staged`); the pipelines commit a lower tier's copy only after its write
+succeeded.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import itertools
 import logging
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from kvbm.config import KvbmConfig
 from kvbm.ipc import messages as m
-from kvbm.leader.admission import FrequencyFilter
-from kvbm.leader.disk import BlockKey
+from kvbm.ipc.stats import LeaderCounters, LeaderState, LeaderStats, PoolStats, encode_stats
+from kvbm.leader.capacity import pool_blocks
 from kvbm.leader.index import IndexLog
 from kvbm.leader.ops import Op, OpKind
 from kvbm.leader.polls import ParkedPoll, ParkedPolls
 from kvbm.leader.registry import BlockEvent, BlockRegistry, Tier, TierPool
-from kvbm.leader.objects import GetStatus
-from kvbm.leader.storage import (
-    CacheStorage,
-    DiskReadDone,
-    DiskWriteDone,
-    ObjectIO,
-    ObjectLookupDone,
-    ObjectReadDone,
-    ObjectReady,
-    ObjectWriteDone,
-    StorageFactory,
+from kvbm.leader.storage import CacheStorage, StorageFactory
+from kvbm.leader.tiers import (
+    DiskPipeline,
+    ObjectPipeline,
+    PipelineContext,
+    Staged,
+    StagingTable,
+    TierPipeline,
+    TransferDirection,
+    pipelines,
 )
 from kvbm.leader.world import LayoutMismatch, World
 
 log = logging.getLogger(__name__)
 
 _M = TypeVar("_M", bound=m.Message)
+_P = TypeVar("_P", bound=TierPipeline[Any])
 
 OP_TIMEOUT_S = 300.0  # an op nobody completes (a client bug) is released after this
 MAX_EVENT_BACKLOG = 100_000
-OBJECT_LOOKUP_BATCH = 64  # hashes past a match asked of the store at once
-OBJECT_LOOKUPS_MAX = 4096  # hashes being asked at most (more lookups wait for a later match)
-OBJECT_MISS_TTL_S = 10.0  # a hash the store did not have is not asked again for this long
-OBJECT_MISSES_MAX = 100_000  # remembered misses (oldest forgotten first)
-OBJECT_FAILURES_OFF = 8  # store errors in a row that turn the object tier off
-
-
-class LeaderState(enum.Enum):
-    WAITING = "waiting"  # init sync in progress
-    READY = "ready"
-    DEGRADED = "degraded"  # a rank is dead: no new ops until it comes back
-    FAILED = "failed"  # init failed; the error says why
-
-
-class TransferDirection(enum.Enum):
-    """What a finished transfer moved (the metrics' ``direction`` label is the value)."""
-
-    D2H = "d2h"  # G1 -> G2 store
-    H2D = "h2d"  # G2 -> G1 load
-    H2DISK = "h2disk"  # G2 -> G3 offload
-    DISK2H = "disk2h"  # G3 -> G2 staging
-    H2OBJ = "h2obj"  # G2 -> G4 put
-    OBJ2H = "obj2h"  # G4 -> G2 staging
 
 
 class RequestRejected(Exception):
@@ -103,133 +76,8 @@ class Outbound:
     message: m.Message
 
 
-@dataclass
-class LeaderCounters:
-    """Plain counters; metrics and stats replies are views of these."""
-
-    match_requests: int = 0
-    match_blocks_queried: int = 0
-    match_host_blocks: int = 0
-    match_disk_blocks: int = 0
-    match_object_blocks: int = 0
-    stores_committed: int = 0
-    stores_aborted: int = 0
-    blocks_stored: int = 0  # G1 -> G2 (offload d2h)
-    loads_completed: int = 0
-    loads_failed: int = 0
-    blocks_loaded: int = 0  # G2 -> G1 (onboard h2d)
-    blocks_loaded_from_disk: int = 0  # G3 -> G1 via G2 staging (onboard d2d)
-    blocks_loaded_from_object: int = 0  # G4 -> G1 via G2 staging (onboard o2d)
-    host_evictions: int = 0
-    disk_evictions: int = 0
-    object_evictions: int = 0  # forgotten by the G4 index (the objects stay in the store)
-    rejected_messages: int = 0
-
-
-@dataclass
-class DiskCounters:
-    offloaded_blocks: int = 0  # G2 -> G3 writes that succeeded
-    onboarded_blocks: int = 0  # G3 -> G2 reads that succeeded
-    offload_skipped_filter: int = 0
-    offload_skipped_busy: int = 0
-    checksum_failures: int = 0
-    io_errors: int = 0
-    bytes_written: int = 0
-    bytes_read: int = 0
-    write_seconds: float = 0.0
-    read_seconds: float = 0.0
-
-
-@dataclass
-class ObjectCounters:
-    offloaded_blocks: int = 0  # G2 -> G4 puts that succeeded
-    onboarded_blocks: int = 0  # G4 -> G2 gets that returned the block whole
-    offload_skipped_filter: int = 0
-    offload_skipped_busy: int = 0  # too many puts in flight, or the put queue was full
-    write_failures: int = 0
-    read_failures: int = 0  # missing, corrupt (checksum, short, foreign) or failed gets
-    checksum_failures: int = 0  # of which corrupt
-    lookups: int = 0  # batched existence queries sent
-    lookup_blocks: int = 0
-    lookup_found: int = 0  # blocks the store had that this leader did not know
-    bytes_written: int = 0
-    bytes_read: int = 0
-    write_seconds: float = 0.0
-    read_seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class PoolStats:
-    """Occupancy of one tier's pool."""
-
-    capacity: int
-    registered: int
-    free: int
-    writing: int
-    pinned: int
-
-    @classmethod
-    def of(cls, pool: TierPool) -> PoolStats:
-        return cls(pool.capacity, pool.num_registered, pool.num_free, pool.num_writing, pool.num_pinned)
-
-
-@dataclass(frozen=True)
-class DiskTierStats:
-    enabled: bool
-    busy: int  # writes in flight
-    counters: DiskCounters
-
-
-@dataclass(frozen=True)
-class ObjectTierStats:
-    enabled: bool  # the store answered and no run of errors turned the tier off
-    busy: int  # puts in flight
-    lookups: int  # hashes being asked of the store
-    counters: ObjectCounters
-    reason: str  # why the tier is off ('' while on)
-
-
-@dataclass(frozen=True)
-class LeaderStats:
-    """A snapshot of the leader: counters, gauges, pool occupancy (None: not created yet)."""
-
-    state: LeaderState
-    counters: LeaderCounters
-    ranks_alive: int
-    world_size: int
-    ops_in_flight: int
-    host: PoolStats | None = None
-    disk: PoolStats | None = None
-    block_bytes: int | None = None
-    disk_tier: DiskTierStats | None = None
-    object: PoolStats | None = None
-    object_tier: ObjectTierStats | None = None
-    index_polls_parked: int = 0  # IndexSince long-polls waiting for the index to move
-
-    def flat(self) -> dict[str, float]:
-        """The StatsReply form: ``name -> value``, pool and tier fields prefixed ``host_`` / ``disk_`` /
-        ``object_``."""
-        out: dict[str, float] = {k: float(v) for k, v in vars(self.counters).items()}
-        out["state_ready"] = float(self.state is LeaderState.READY)
-        out["ranks_alive"] = float(self.ranks_alive)
-        out["world_size"] = float(self.world_size)
-        out["ops_in_flight"] = float(self.ops_in_flight)
-        out["index_polls_parked"] = float(self.index_polls_parked)
-        for prefix, pool in (("host", self.host), ("disk", self.disk), ("object", self.object)):
-            if pool is not None:
-                out.update({f"{prefix}_{k}": float(v) for k, v in vars(pool).items()})
-        if self.block_bytes is not None:
-            out["block_bytes"] = float(self.block_bytes)
-        if self.disk_tier is not None:
-            out["disk_enabled"] = float(self.disk_tier.enabled)
-            out["disk_busy"] = float(self.disk_tier.busy)
-            out.update({f"disk_{k}": float(v) for k, v in vars(self.disk_tier.counters).items()})
-        if self.object_tier is not None:
-            out["object_enabled"] = float(self.object_tier.enabled)
-            out["object_busy"] = float(self.object_tier.busy)
-            out["object_lookups_pending"] = float(self.object_tier.lookups)
-            out.update({f"object_{k}": float(v) for k, v in vars(self.object_tier.counters).items()})
-        return out
+def _pool_stats(pool: TierPool) -> PoolStats:
+    return PoolStats(pool.capacity, pool.num_registered, pool.num_free, pool.num_writing, pool.num_pinned)
 
 
 class LeaderObserver(Protocol):
@@ -243,20 +91,6 @@ class LeaderObserver(Protocol):
 
     def on_events(self, events: list[BlockEvent]) -> None:
         """Block registrations and removals (both tiers), in order."""
-
-
-@dataclass
-class _Staging:
-    """A G2 slot being filled from disk or the object store for loads.
-
-    The load that started the read and every later load that asked for the same block while
-    it was still being read (``op_ids``, in order): they all wait for this one read, so loads
-    of a shared prefix in one batch do not turn into recomputes."""
-
-    op_ids: list[int]
-    seq_hash: int
-    source: Tier  # where it comes from: Tier.DISK (G3) or Tier.OBJECT (G4)
-    source_slot: int  # its slot in that tier
 
 
 class LeaderCore:
@@ -284,26 +118,9 @@ class LeaderCore:
         ring = {} if index_ring_entries is None else {"ring_entries": index_ring_entries}
         self.index = IndexLog(first_seq=index_first_seq, **ring)
         self.polls = ParkedPolls()  # IndexSince long-polls waiting for the index to move
-        # The disk tier (G3); on only when the storage has disk I/O.
-        self.disk_counters = DiskCounters()
-        self.disk_enabled = False
-        self.disk_disabled_reason = ""
-        self._admission: FrequencyFilter | None = None
-        self._checksums: dict[int, int] = {}  # disk slot -> checksum of its bytes
-        self._staging: dict[int, _Staging] = {}  # host slot -> what it is being filled with
-        self._staging_slot: dict[int, int] = {}  # sequence hash -> its host slot in _staging
-        self._pending_writes = 0
-        self._max_pending_writes = 0
-        # The object tier (G4); on once the store answered the start-up check.
-        self.object_counters = ObjectCounters()
-        self.object_enabled = False
-        self.object_disabled_reason = "waiting for the object store to answer"
-        self._object_admission: FrequencyFilter | None = None
-        self._object_puts: dict[int, int] = {}  # seq hash -> object slot of a put in flight
-        self._max_object_puts = 0
-        self._object_errors_in_row = 0
-        self._asking: set[int] = set()  # hashes being asked of the store
-        self._store_misses: OrderedDict[int, float] = OrderedDict()  # hash -> when the store lacked it
+        # The lower tiers' pipelines, in staging order (G3 before G4); made with the cache.
+        self.tiers: list[TierPipeline[Any]] = []
+        self._staging = StagingTable()  # G2 slots being filled from a lower tier for loads
         self._handlers: dict[type[m.Message], Callable[[bytes, int, m.Message], list[Outbound] | m.Message | None]] = {
             m.RegisterRank: self._on_register,
             m.PoolAttached: self._on_attached,
@@ -315,7 +132,7 @@ class LeaderCore:
             m.PollLoads: lambda p, r, msg: self.poll_loads(_as(msg, m.PollLoads).op_ids),
             m.AllocateStore: self._on_allocate_store,
             m.ReleaseOp: lambda p, r, msg: self.release_op(_as(msg, m.ReleaseOp).op_id),
-            m.GetStats: lambda p, r, msg: m.StatsReply(self.stats().flat(), self.index.next_seq),
+            m.GetStats: lambda p, r, msg: m.StatsReply(*encode_stats(self.stats()), self.index.next_seq),
             m.TakeEvents: lambda p, r, msg: self.take_events(),
             m.IndexSince: self._on_index_since,
             m.LookupReport: lambda p, r, msg: self.lookup_report(_as(msg, m.LookupReport)),
@@ -404,38 +221,16 @@ class LeaderCore:
         """Size the tiers for the world's block size and create the storage and the registry."""
         cfg = self.config
         block_bytes = self.world.block_bytes
-        host_blocks = cfg.host_blocks(block_bytes)
-        disk_blocks = cfg.disk_blocks(block_bytes) if cfg.has_disk_tier else 0
-        if host_blocks <= 0:
-            if disk_blocks <= 0:
-                raise ValueError(
-                    f"the configured cache holds no block of {block_bytes} bytes; raise DYN_KVBM_CPU_CACHE_GB "
-                    "or DYN_KVBM_DISK_CACHE_GB"
-                )
-            host_blocks = cfg.disk_bounce_blocks  # disk-only: a small bounce pool for staging
+        host_blocks, disk_blocks = pool_blocks(cfg, block_bytes)
         storage = self._storage_factory(host_blocks, block_bytes, disk_blocks, self.world.layout_fingerprint)
         self.storage = storage
         # The registry stamps use with the time of the verb being served.
         self.registry = BlockRegistry(host_blocks, disk_blocks if storage.disk is not None else 0,
                                       clock=lambda: self._now,
                                       object_capacity=cfg.object_num_blocks if storage.objects is not None else 0)
-        if storage.objects is not None:  # enabled once the store answers (apply_objects)
-            self._object_admission = (None if cfg.object_write_through
-                                      else FrequencyFilter(clock=lambda: self._now))
-            self._max_object_puts = max(4, host_blocks // 4)
-        if storage.disk is not None:
-            assert self.registry.disk is not None
-            found = storage.disk.restored()
-            if found:  # a persistent disk cache an earlier leader of this layout filled
-                n = self.registry.disk.restore([(b.slot, b.key.seq_hash, b.key.parent) for b in found])
-                for b in found:
-                    if self.registry.disk.hash_of(b.slot) == b.key.seq_hash:
-                        self._checksums[b.slot] = b.checksum
-                log.info("disk tier: %d blocks of an earlier leader re-indexed", n)
-            self.disk_enabled = True
-            use_filter = cfg.has_cpu_tier and not cfg.disable_disk_offload_filter
-            self._admission = FrequencyFilter(clock=lambda: self._now) if use_filter else None
-            self._max_pending_writes = max(16, host_blocks // 2)
+        ctx = PipelineContext(self.registry.host, self._staging, lambda: self._now, block_bytes,
+                              self._observe_transfer)
+        self.tiers = pipelines(cfg, storage, self.registry, ctx)
 
     def _on_attached(self, peer: bytes, rid: int, msg: m.Message) -> list[Outbound] | m.Message | None:
         msg = _as(msg, m.PoolAttached)
@@ -534,16 +329,20 @@ class LeaderCore:
 
     def disk_capacity(self) -> int:
         """Disk blocks served (0 when there is no disk tier or it was turned off)."""
-        if self.registry is None or self.registry.disk is None or not self.disk_enabled:
-            return 0
-        return self.registry.disk.capacity
+        disk = self.pipeline(DiskPipeline)
+        return disk.pool.capacity if disk is not None and disk.enabled else 0
+
+    def pipeline(self, kind: type[_P]) -> _P | None:
+        """The pipeline of that kind, None when its tier is not configured (or not created yet)."""
+        return next((t for t in self.tiers if isinstance(t, kind)), None)
 
     def _on_match(self, peer: bytes, rid: int, msg: m.Message) -> m.Message:
         return self.match(m.hash_array(_as(msg, m.Match).hashes))
 
     def match(self, hashes: np.ndarray) -> m.MatchReply:
         res = self._serving_registry().match(hashes)
-        pending = self._ask_store(hashes, res.total)
+        # Every shared tier gets the chance to look past the match (hence no short-circuit).
+        pending = any([t.ask_past(hashes, res.total) for t in self.tiers])
         self._count_match(len(hashes), res.host, res.disk, res.object)
         return m.MatchReply(res.host, res.disk, self.index.next_seq, res.object, pending)
 
@@ -575,17 +374,12 @@ class LeaderCore:
                 op.slots.append(slot)
                 op.hashes.append(h)
                 continue
-            slot = self._join_staging(op.op_id, h)
+            slot = self._staging.join(op.op_id, h)
             if slot is None:
-                slot = self._stage(op.op_id, h)
-            if slot is None:
-                slot = self._stage_object(op.op_id, h)
+                slot = next((s for s in (t.stage(op.op_id, h) for t in self.tiers) if s is not None), None)
             if slot is None:
                 break
-            if self._staging[slot].source is Tier.DISK:
-                op.from_disk += 1
-            else:
-                op.from_object += 1
+            op.staged_from[self._staging.source(slot)] += 1
             op.staging.add(slot)
             op.slots.append(slot)
             op.hashes.append(h)
@@ -730,8 +524,8 @@ class LeaderCore:
             self._observe_transfer(TransferDirection.D2H, len(op.slots), self._now - op.created)
             self.counters.stores_committed += 1
             self.counters.blocks_stored += len(op.slots)
-            self._offload(op.hashes, op.slots)
-            self._offload_objects(op.hashes, op.slots)
+            for tier in self.tiers:
+                tier.offload(op.hashes, op.slots)
         else:
             reg.host.unpin([s for s in op.slots if s not in op.staging])
             if op.failed:
@@ -740,8 +534,8 @@ class LeaderCore:
                 self.counters.loads_completed += 1
                 self._observe_transfer(TransferDirection.H2D, len(op.slots), self._now - op.created)
                 self.counters.blocks_loaded += len(op.slots)
-                self.counters.blocks_loaded_from_disk += op.from_disk
-                self.counters.blocks_loaded_from_object += op.from_object
+                self.counters.blocks_loaded_from_disk += op.staged_from[Tier.DISK]
+                self.counters.blocks_loaded_from_object += op.staged_from[Tier.OBJECT]
 
     def _settle_ops(self) -> None:
         """After a rank died (or re-registered): its missing reports count as failures."""
@@ -761,336 +555,33 @@ class LeaderCore:
                 self._finish(op)
 
     # ------------------------------------------------------------------------------------
-    # the disk tier (G3): offload after a store commits, staging for loads
+    # the lower tiers' completions
 
-    def _offload(self, hashes: list[int], host_slots: list[int]) -> None:
-        """Consider newly registered G2 blocks for G3."""
-        reg = self.registry
-        disk = self.storage.disk if self.storage else None
-        if not self.disk_enabled or disk is None or reg is None or reg.disk is None:
-            return
-        for seq_hash, hslot in zip(hashes, host_slots):
-            if reg.disk.holds(seq_hash):
-                continue  # already on disk (or being written)
-            if self._admission is not None and not self._admission.should_offload(seq_hash):
-                self.disk_counters.offload_skipped_filter += 1
-                continue
-            if self._pending_writes >= self._max_pending_writes:
-                self.disk_counters.offload_skipped_busy += 1
-                continue
-            got = reg.disk.allocate([seq_hash], [reg.host.parent_of(hslot)])
-            if not got or got[0] is None:
-                self.disk_counters.offload_skipped_busy += 1
-                continue
-            reg.host.pin([hslot])  # keep the source in G2 until the write completes
-            self._pending_writes += 1
-            disk.write(got[0], hslot, BlockKey(seq_hash, reg.host.parent_of(hslot)))
-
-    def _start_staging(self, host_slot: int, st: _Staging) -> None:
-        self._staging[host_slot] = st
-        self._staging_slot[st.seq_hash] = host_slot
-
-    def _end_staging(self, host_slot: int) -> _Staging:
-        st = self._staging.pop(host_slot)
-        del self._staging_slot[st.seq_hash]
-        return st
-
-    def _join_staging(self, op_id: int, seq_hash: int) -> int | None:
-        """The G2 slot another load is reading ``seq_hash`` into, now awaited by ``op_id`` too; None if none."""
-        slot = self._staging_slot.get(seq_hash)
-        if slot is not None:
-            self._staging[slot].op_ids.append(op_id)
-        return slot
-
-    def _stage(self, op_id: int, seq_hash: int) -> int | None:
-        """Start reading ``seq_hash`` from disk into a new WRITING G2 slot; returns that slot or None."""
-        reg = self.registry
-        disk = self.storage.disk if self.storage else None
-        if not self.disk_enabled or disk is None or reg is None or reg.disk is None:
-            return None
-        dslot = reg.disk.lookup(seq_hash)
-        if dslot is None:
-            return None
-        got = reg.host.allocate([seq_hash], [reg.disk.parent_of(dslot)])
-        if not got or got[0] is None:
-            return None
-        hslot = got[0]
-        reg.disk.pin([dslot])
-        self._start_staging(hslot, _Staging([op_id], seq_hash, Tier.DISK, dslot))
-        disk.read(dslot, hslot, self._checksums[dslot])
-        return hslot
-
-    def apply_disk(self, now: float) -> None:
-        """Apply the disk I/O completions reported since the last call."""
-        disk = self.storage.disk if self.storage else None
-        if disk is None:
-            return
+    def apply_io(self, now: float) -> None:
+        """Apply the lower tiers' I/O completions reported since the last call."""
         self._now = now
-        for done in disk.drain():
-            if isinstance(done, DiskWriteDone):
-                self._apply_write(done)
-            else:
-                self._apply_read(done)
+        for tier in self.tiers:
+            for done in tier.apply():
+                self._staged(done)
         self._flush_events()
 
-    def _apply_write(self, done: DiskWriteDone) -> None:
-        reg = self.registry
-        assert reg is not None and reg.disk is not None
-        self._pending_writes -= 1
-        reg.host.unpin([done.host_slot])
-        if done.ok and self.disk_enabled:
-            self._checksums[done.disk_slot] = done.checksum
-            reg.disk.commit([done.disk_slot])
-            self.disk_counters.offloaded_blocks += 1
-            self.disk_counters.bytes_written += self.world.block_bytes
-            self.disk_counters.write_seconds += done.seconds
-            self._observe_transfer(TransferDirection.H2DISK, 1, done.seconds)
-        else:
-            reg.disk.abort([done.disk_slot])
-            if not done.ok:
-                self._disk_failed(f"write of disk slot {done.disk_slot} failed: {done.error}")
-
-    def _apply_read(self, done: DiskReadDone) -> None:
-        reg = self.registry
-        assert reg is not None and reg.disk is not None
-        st = self._end_staging(done.host_slot)
-        reg.disk.unpin([st.source_slot])
-        reason = ""
-        if done.ok:
-            reg.host.commit([done.host_slot])
-            self.disk_counters.onboarded_blocks += 1
-            self.disk_counters.bytes_read += self.world.block_bytes
-            self.disk_counters.read_seconds += done.seconds
-            self._observe_transfer(TransferDirection.DISK2H, 1, done.seconds)
-        else:
-            reg.host.abort([done.host_slot])
-            self._drop_disk_block(st.seq_hash, st.source_slot)  # wrong or unreadable: never served again
-            if done.mismatch:
-                reason = "checksum mismatch"
-                self.disk_counters.checksum_failures += 1
-                if self.disk_counters.checksum_failures == 1:
-                    log.error("disk block %016x failed its checksum: dropped, never loaded "
-                              "(further failures are counted, not logged)", st.seq_hash)
-            else:
-                reason = done.error or "read failed"
-                self._disk_failed(f"read of disk slot {st.source_slot} failed: {done.error}")
-        self._staged(st, done.host_slot, done.ok, f"staging from disk failed: {reason}")
-
-    def _staged(self, st: _Staging, host_slot: int, ok: bool, error: str) -> None:
+    def _staged(self, done: Staged) -> None:
         """A staging read finished: each load waiting for it keeps the slot pinned, or fails."""
         reg = self.registry
         assert reg is not None
-        for op_id in st.op_ids:
+        host_slot = done.host_slot
+        for op_id in done.read.op_ids:
             op = self.ops.get(op_id)
             if op is None:
                 continue
             op.staging.discard(host_slot)
-            if ok:
+            if done.ok:
                 reg.host.pin([host_slot])
             else:
-                op.failed, op.error = True, error
+                op.failed, op.error = True, done.error
                 op.slots = [s for s in op.slots if s != host_slot]
             if op.released and not op.staging:
                 self._finish(op)
-
-    def _drop_disk_block(self, seq_hash: int, dslot: int) -> None:
-        assert self.registry is not None and self.registry.disk is not None
-        if self.registry.disk.evict(seq_hash):
-            self._checksums.pop(dslot, None)
-
-    def _disk_failed(self, what: str) -> None:
-        """An I/O error: turn the tier off (nothing on disk matches any more); G2 keeps serving."""
-        self.disk_counters.io_errors += 1
-        if not self.disk_enabled:
-            return
-        self.disk_enabled = False
-        failure = self.storage.disk.failure if self.storage and self.storage.disk else None
-        self.disk_disabled_reason = f"{what}; {failure or ''}".strip("; ")
-        assert self.registry is not None and self.registry.disk is not None
-        self.registry.disk.clear()
-        log.error("disk tier turned off: %s; serving continues from the host pool", self.disk_disabled_reason)
-
-    # ------------------------------------------------------------------------------------
-    # the object tier (G4): puts after a store commits, store lookups, staging for loads
-
-    def _object_io(self) -> ObjectIO | None:
-        """The object I/O while the tier serves, else None."""
-        if not self.object_enabled or self.storage is None or self.registry is None:
-            return None
-        return self.storage.objects
-
-    def _offload_objects(self, hashes: list[int], host_slots: list[int]) -> None:
-        """Put newly registered G2 blocks in the store (admission filter unless write-through)."""
-        io = self._object_io()
-        reg = self.registry
-        if io is None or reg is None or reg.object is None:
-            return
-        oc = self.object_counters
-        for seq_hash, hslot in zip(hashes, host_slots):
-            if reg.object.holds(seq_hash):
-                continue  # in the store already (or being put)
-            if self._object_admission is not None and not self._object_admission.should_offload(seq_hash):
-                oc.offload_skipped_filter += 1
-                continue
-            parent = reg.host.parent_of(hslot)
-            got = reg.object.allocate([seq_hash], [parent]) if len(self._object_puts) < self._max_object_puts else []
-            if not got or got[0] is None:
-                oc.offload_skipped_busy += 1
-                continue
-            if not io.write(hslot, seq_hash):
-                reg.object.abort([got[0]])
-                oc.offload_skipped_busy += 1
-                continue
-            reg.host.pin([hslot])  # keep the source in G2 until the put has copied it
-            self._object_puts[seq_hash] = got[0]
-
-    def _stage_object(self, op_id: int, seq_hash: int) -> int | None:
-        """Start getting ``seq_hash`` from the store into a new WRITING G2 slot; that slot or None."""
-        io = self._object_io()
-        reg = self.registry
-        if io is None or reg is None or reg.object is None:
-            return None
-        oslot = reg.object.lookup(seq_hash)
-        if oslot is None:
-            return None
-        got = reg.host.allocate([seq_hash], [reg.object.parent_of(oslot)])
-        if not got or got[0] is None:
-            return None
-        hslot = got[0]
-        reg.object.pin([oslot])
-        self._start_staging(hslot, _Staging([op_id], seq_hash, Tier.OBJECT, oslot))
-        io.read(hslot, seq_hash)
-        return hslot
-
-    def _ask_store(self, hashes: np.ndarray, pos: int) -> bool:
-        """After a match of ``hashes[:pos]``: is the store being asked about ``hashes[pos]``?
-
-        Starts a batched lookup of the hashes from ``pos`` unless ``hashes[pos]`` is being asked
-        already (True) or the store lacked it recently (False). Blocks it finds enter the G4 index
-        when the answer comes (:meth:`apply_objects`): a later match of the same hashes sees them.
-        """
-        io = self._object_io()
-        if io is None or pos >= len(hashes):
-            return False
-        first = int(hashes[pos])
-        if first in self._asking:
-            return True
-        missed = self._store_misses.get(first)
-        if missed is not None and self._now - missed < OBJECT_MISS_TTL_S:
-            return False
-        batch = [h for h in hashes[pos : pos + OBJECT_LOOKUP_BATCH].tolist() if h not in self._asking]
-        if len(self._asking) + len(batch) > OBJECT_LOOKUPS_MAX:
-            return False  # the store is slow: answer without it
-        self._asking.update(batch)
-        self.object_counters.lookups += 1
-        self.object_counters.lookup_blocks += len(batch)
-        io.lookup(batch)
-        return True
-
-    def apply_objects(self, now: float) -> None:
-        """Apply the object store completions reported since the last call."""
-        io = self.storage.objects if self.storage else None
-        if io is None:
-            return
-        self._now = now
-        for done in io.drain():
-            if isinstance(done, ObjectWriteDone):
-                self._apply_object_write(done)
-            elif isinstance(done, ObjectReadDone):
-                self._apply_object_read(done)
-            elif isinstance(done, ObjectLookupDone):
-                self._apply_lookup(done)
-            else:
-                self._object_ready(done)
-        self._flush_events()
-
-    def _object_ready(self, done: ObjectReady) -> None:
-        if done.ok:
-            self.object_enabled, self.object_disabled_reason = True, ""
-            log.info("object tier (G4) on")
-        else:
-            self.object_disabled_reason = done.error
-            log.error("object tier (G4) off: %s; serving continues from the other tiers", done.error)
-
-    def _apply_object_write(self, done: ObjectWriteDone) -> None:
-        reg = self.registry
-        assert reg is not None and reg.object is not None
-        oslot = self._object_puts.pop(done.seq_hash)
-        reg.host.unpin([done.host_slot])
-        if done.ok and self.object_enabled:
-            reg.object.commit([oslot])
-            oc = self.object_counters
-            oc.offloaded_blocks += 1
-            oc.bytes_written += self.world.block_bytes
-            oc.write_seconds += done.seconds
-            self._object_errors_in_row = 0
-            self._observe_transfer(TransferDirection.H2OBJ, 1, done.seconds)
-        else:
-            reg.object.abort([oslot])
-            if not done.ok:
-                self.object_counters.write_failures += 1
-                self._object_error(f"put of {done.seq_hash:016x} failed: {done.error}")
-
-    def _apply_object_read(self, done: ObjectReadDone) -> None:
-        reg = self.registry
-        assert reg is not None and reg.object is not None
-        st = self._end_staging(done.host_slot)
-        reg.object.unpin([st.source_slot])
-        ok = done.status is GetStatus.OK
-        oc = self.object_counters
-        if ok:
-            reg.host.commit([done.host_slot])
-            oc.onboarded_blocks += 1
-            oc.bytes_read += self.world.block_bytes
-            oc.read_seconds += done.seconds
-            self._object_errors_in_row = 0
-            self._observe_transfer(TransferDirection.OBJ2H, 1, done.seconds)
-        else:
-            reg.host.abort([done.host_slot])
-            if reg.object.evict(st.seq_hash):  # missing or wrong: never served again
-                self._remember_miss(st.seq_hash)
-            oc.read_failures += 1
-            if done.status is GetStatus.CORRUPT:
-                oc.checksum_failures += 1
-                if oc.checksum_failures == 1:
-                    log.error("%s: dropped, never loaded (further failures are counted, not logged)", done.error)
-            elif done.status is GetStatus.FAILED:
-                self._object_error(f"get of {st.seq_hash:016x} failed: {done.error}")
-        self._staged(st, done.host_slot, ok, f"staging from the object store failed: {done.status.value} {done.error}")
-
-    def _apply_lookup(self, done: ObjectLookupDone) -> None:
-        reg = self.registry
-        assert reg is not None and reg.object is not None
-        self._asking.difference_update(done.hashes)
-        if not self.object_enabled:
-            return
-        for i, (h, found) in enumerate(zip(done.hashes, done.found)):
-            if not found:
-                self._remember_miss(h)
-            elif not reg.object.holds(h):
-                got = reg.object.allocate([h], [done.hashes[i - 1] if i else None])
-                if got and got[0] is not None:
-                    reg.object.commit([got[0]])  # the store has it whole (or a get finds out)
-                    self.object_counters.lookup_found += 1
-
-    def _remember_miss(self, seq_hash: int) -> None:
-        misses = self._store_misses
-        misses[seq_hash] = self._now
-        misses.move_to_end(seq_hash)
-        while len(misses) > OBJECT_MISSES_MAX:
-            misses.popitem(last=False)
-
-    def _object_error(self, what: str) -> None:
-        """A store error; a run of them turns the tier off (the rest of kvbm serves on)."""
-        self._object_errors_in_row += 1
-        if not self.object_enabled or self._object_errors_in_row < OBJECT_FAILURES_OFF:
-            return
-        self.object_enabled = False
-        self.object_disabled_reason = f"{self._object_errors_in_row} store errors in a row, the last: {what}"
-        assert self.registry is not None and self.registry.object is not None
-        self.registry.object.clear()
-        log.error("object tier (G4) turned off: %s; serving continues from the other tiers",
-                  self.object_disabled_reason)
 
     # ------------------------------------------------------------------------------------
     # events and stats
@@ -1131,29 +622,21 @@ class LeaderCore:
     def stats(self) -> LeaderStats:
         """A typed snapshot of counters and gauges (the StatsReply and metrics source)."""
         reg = self.registry
-        has_disk = reg is not None and reg.disk is not None
+        disk, objects = self.pipeline(DiskPipeline), self.pipeline(ObjectPipeline)
         return LeaderStats(
             state=self.state,
-            counters=dataclasses.replace(self.counters),
+            counters=replace(self.counters),
             ranks_alive=len(self.live_ranks()),
             world_size=self.world.world_size or 0,
             ops_in_flight=len(self.ops),
-            host=PoolStats.of(reg.host) if reg is not None else None,
-            disk=PoolStats.of(reg.disk) if reg is not None and reg.disk is not None else None,
+            host=_pool_stats(reg.host) if reg is not None else None,
+            disk=_pool_stats(disk.pool) if disk is not None else None,
             block_bytes=self.world.block_bytes if reg is not None else None,
-            disk_tier=DiskTierStats(self.disk_enabled, self._pending_writes, dataclasses.replace(self.disk_counters))
-            if has_disk else None,
-            object=PoolStats.of(reg.object) if reg is not None and reg.object is not None else None,
-            object_tier=ObjectTierStats(self.object_enabled, len(self._object_puts), len(self._asking),
-                                        dataclasses.replace(self.object_counters), self.object_disabled_reason)
-            if reg is not None and reg.object is not None else None,
+            disk_tier=disk.stats() if disk is not None else None,
+            object=_pool_stats(objects.pool) if objects is not None else None,
+            object_tier=objects.stats() if objects is not None else None,
             index_polls_parked=len(self.polls),
         )
-
-    @property
-    def disk_busy(self) -> int:
-        """G2 -> G3 writes in flight."""
-        return self._pending_writes
 
     def close(self) -> None:
         """Release the storage (host pool segment unlinked, disk file closed)."""

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CollectorRegistry, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from kvbm.leader.core import DiskCounters, LeaderCounters, LeaderState, LeaderStats, ObjectCounters
+from kvbm.ipc.stats import DiskCounters, LeaderCounters, LeaderState, LeaderStats, ObjectCounters
 
 if TYPE_CHECKING:
     from kvbm.config import KvbmConfig

@@ -9,6 +9,7 @@ Releasing earlier would let another op reuse a slot a rank may still be copying.
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from dataclasses import dataclass, field
 
 
@@ -27,10 +28,10 @@ class Op:
     acked: set[int] = field(default_factory=set)  # ranks that reported
     failed: bool = False
     error: str = ""
-    # Loads only: host slots still being staged (from disk or the object store), and block counts.
+    # Loads only: host slots still being staged from a lower tier, and blocks staged by tier
+    # (a kvbm.leader.registry.Tier).
     staging: set[int] = field(default_factory=set)
-    from_disk: int = 0
-    from_object: int = 0
+    staged_from: Counter[int] = field(default_factory=Counter)
     dispatched: bool = False  # a rank reported at least once
     released: bool = False  # the client gave it up before dispatching it
 

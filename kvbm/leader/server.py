@@ -80,8 +80,7 @@ class LeaderServer:
                     os.read(self._wake_r, 4096)
                 except BlockingIOError:
                     pass
-            self.core.apply_disk(self.clock())
-            self.core.apply_objects(self.clock())
+            self.core.apply_io(self.clock())
             now = self.clock()
             if now >= next_tick:
                 self._periodic(now)

@@ -234,8 +234,7 @@ class KvbmHiCacheStorage(HiCacheStorage):
         if not keys or self.pages is None:
             return 0
         with self._client_lock:
-            host, disk = self._client.match(self._hashes(keys))
-        return host + disk
+            return self._client.match(self._hashes(keys)).total
 
     def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,
                      extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:

@@ -25,6 +25,7 @@ import msgpack
 import zmq
 
 from kvbm.config import KvbmConfig
+from kvbm.ipc.stats import LeaderStats
 from kvbm.connector.index import IndexFollower, follower_for
 from kvbm.connector.planner import Planner, ScheduledRequest
 from kvbm.hashing import EMPTY_SALT_HASH
@@ -70,6 +71,7 @@ class SimStats:
     tokens_local: int = 0  # engine (G1) prefix-cache hits
     tokens_from_host: int = 0  # loaded from G2
     tokens_from_disk: int = 0  # loaded from G3 (staged through G2)
+    tokens_from_object: int = 0  # loaded from G4, the object store (staged through G2)
     tokens_computed: int = 0
     blocks_loaded: int = 0  # per logical block (all ranks' slices)
     blocks_stored: int = 0
@@ -79,12 +81,12 @@ class SimStats:
     store_seconds: float = 0.0
     mismatches: int = 0  # loaded blocks whose bytes differ from the oracle (must be 0)
     load_failures: int = 0  # load ops a rank reported failed (recomputed)
-    staging_failures: int = 0  # loads the leader could not stage from disk (recomputed)
+    staging_failures: int = 0  # loads the leader could not stage from G3 / G4 (recomputed)
     store_failures: int = 0
 
     @property
     def hit_rate(self) -> float:
-        ext = self.tokens_from_host + self.tokens_from_disk
+        ext = self.tokens_from_host + self.tokens_from_disk + self.tokens_from_object
         return ext / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
@@ -434,9 +436,10 @@ class SimEngine:
         step = planner.step(scheduled)
         step.extend(planner.settle(STEP_TIMEOUT_S))
         counters = planner.take_counters()
-        st.tokens_from_host += counters["onboard_host_blocks"] * bs
-        st.tokens_from_disk += counters["onboard_disk_blocks"] * bs
-        st.staging_failures += counters["staging_failures"]
+        st.tokens_from_host += counters.onboard_host_blocks * bs
+        st.tokens_from_disk += counters.onboard_disk_blocks * bs
+        st.tokens_from_object += counters.onboard_object_blocks * bs
+        st.staging_failures += counters.staging_failures
         stores: list[list[Any]] = [[op.op_id, op.blocks, op.slots] for op in step.stores if op.blocks]
         results = self._broadcast({"cmd": "step", "loads": loads, "compute": compute, "stores": stores}, 120)
         bad_loads: set[int] = set()
@@ -460,7 +463,7 @@ class SimEngine:
             planner.finished(p.req_id)
             self.g1.release(p.blocks, p.hashes)
 
-    def quiesce(self, timeout_s: float = 10.0) -> dict[str, float]:
+    def quiesce(self, timeout_s: float = 10.0) -> LeaderStats:
         """Wait until the leader has applied every rank ack (no op in flight); returns its stats.
 
         Raises LeaderDied at once if the leader this engine spawned has exited.

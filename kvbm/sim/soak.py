@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from kvbm.config import load_config
+from kvbm.ipc.stats import DiskCounters, LeaderState, LeaderStats, encode_stats
 from kvbm.sim.engine import SimEngine, SimStats
 from kvbm.sim.rank import SimModel
 
@@ -90,7 +91,7 @@ class SoakReport:
     steps: int = 0
     seconds: float = 0.0
     sim: SimStats = field(default_factory=SimStats)
-    leader_stats: dict[str, float] = field(default_factory=dict)
+    leader_stats: LeaderStats = field(default_factory=lambda: LeaderStats(LeaderState.WAITING))
     accounting_errors: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # e.g. a process died
     memory: list[MemSample] = field(default_factory=list)
@@ -107,7 +108,8 @@ class SoakReport:
 
     def summary(self) -> list[str]:
         """The figures, one per line."""
-        s, ls = self.sim, self.leader_stats
+        s, c = self.sim, self.leader_stats.counters
+        dc = self.leader_stats.disk_tier.counters if self.leader_stats.disk_tier is not None else DiskCounters()
         lines = [
             (f"steps {self.steps} x {self.options.concurrency} requests, TP={self.options.world_size}, "
              f"{self.seconds:.0f} s ({self.steps / self.seconds if self.seconds else 0:.1f} steps/s)"),
@@ -115,10 +117,9 @@ class SoakReport:
              f"staging failures {s.staging_failures}, store failures {s.store_failures}"),
             (f"prompt tokens {s.prompt_tokens}: engine-local {s.tokens_local}, from G2 {s.tokens_from_host}, "
              f"from G3 {s.tokens_from_disk}, computed {s.tokens_computed}"),
-            (f"G2 evictions {ls.get('host_evictions', 0):.0f}, G3 evictions {ls.get('disk_evictions', 0):.0f}, "
-             f"offloaded G2->G3 {ls.get('disk_offloaded_blocks', 0):.0f}, staged G3->G2 "
-             f"{ls.get('disk_onboarded_blocks', 0):.0f}, checksum failures "
-             f"{ls.get('disk_checksum_failures', 0):.0f}, disk I/O errors {ls.get('disk_io_errors', 0):.0f}"),
+            (f"G2 evictions {c.host_evictions}, G3 evictions {c.disk_evictions}, offloaded G2->G3 "
+             f"{dc.offloaded_blocks}, staged G3->G2 {dc.onboarded_blocks}, checksum failures "
+             f"{dc.checksum_failures}, disk I/O errors {dc.io_errors}"),
             "pool accounting: " + ("exact (free + registered = capacity, nothing pinned/writing, no op in flight)"
                                    if not self.accounting_errors else "; ".join(self.accounting_errors)),
         ]
@@ -187,22 +188,20 @@ def _log_tail(path: str | None, lines: int = 30) -> str:
         return f"(log unreadable: {e})"
 
 
-def _accounting(stats: dict[str, float]) -> list[str]:
+def _accounting(stats: LeaderStats) -> list[str]:
     errors = []
-    for tier in ("host", "disk"):
-        cap = stats.get(f"{tier}_capacity")
-        if cap is None:
+    for tier, pool in (("host", stats.host), ("disk", stats.disk)):
+        if pool is None:
             continue
-        free, reg = stats[f"{tier}_free"], stats[f"{tier}_registered"]
-        if free + reg != cap:
-            errors.append(f"{tier}: free {free:.0f} + registered {reg:.0f} != capacity {cap:.0f}")
-        for what in ("pinned", "writing"):
-            v = stats.get(f"{tier}_{what}", 0.0)
-            if v:
-                errors.append(f"{tier}: {v:.0f} blocks still {what}")
-    for key in ("ops_in_flight", "disk_busy"):
-        if stats.get(key, 0.0):
-            errors.append(f"{key} = {stats[key]:.0f}")
+        if pool.free + pool.registered != pool.capacity:
+            errors.append(f"{tier}: free {pool.free} + registered {pool.registered} != capacity {pool.capacity}")
+        for what, n in (("pinned", pool.pinned), ("writing", pool.writing)):
+            if n:
+                errors.append(f"{tier}: {n} blocks still {what}")
+    if stats.ops_in_flight:
+        errors.append(f"ops_in_flight = {stats.ops_in_flight}")
+    if stats.disk_tier is not None and stats.disk_tier.busy:
+        errors.append(f"disk writes in flight = {stats.disk_tier.busy}")
     return errors
 
 
@@ -305,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"options": asdict(opts), "steps": rep.steps, "seconds": rep.seconds, "sim": asdict(rep.sim),
-                       "leader_stats": rep.leader_stats, "accounting_errors": rep.accounting_errors,
+                       "leader_stats": encode_stats(rep.leader_stats)[1], "accounting_errors": rep.accounting_errors,
                        "growth_kib": rep.growth_kib, "memory": [asdict(s) for s in rep.memory], "ok": rep.ok},
                       f, indent=1)
     return 0 if rep.ok else 1

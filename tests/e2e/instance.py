@@ -16,6 +16,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kvbm.ipc.stats import LeaderStats, decode_stats, encode_stats
+
 
 @dataclass
 class InstanceSpec:
@@ -39,8 +41,8 @@ class RunResult:
 @dataclass
 class InstanceReport:
     runs: dict[str, list[RunResult]]
-    stats_at_start: dict[str, float]  # the leader's, once kvbm serves (and the object tier is on)
-    stats_at_end: dict[str, float]  # the leader's, after every store landed (in the object store too, if asked)
+    stats_at_start: LeaderStats | None  # the leader's, once kvbm serves (and the object tier is on)
+    stats_at_end: LeaderStats  # the leader's, after every store landed (in the object store too, if asked)
     leader_pids: list[int] = field(default_factory=list)  # the leader this instance spawned
     leaders_left: list[int] = field(default_factory=list)  # of those, alive after close (must be none)
 
@@ -48,7 +50,24 @@ class InstanceReport:
     def read(cls, path: Path) -> "InstanceReport":
         raw = json.loads(path.read_text())
         raw["runs"] = {name: [RunResult(**r) for r in runs] for name, runs in raw["runs"].items()}
+        for key in ("stats_at_start", "stats_at_end"):  # as the leader's wire codec lays them out
+            raw[key] = None if raw[key] is None else decode_stats(*raw[key])
         return cls(**raw)
+
+    def write(self, path: Path) -> None:
+        raw = asdict(self)
+        for key in ("stats_at_start", "stats_at_end"):
+            stats = getattr(self, key)
+            raw[key] = None if stats is None else encode_stats(stats)
+        path.write_text(json.dumps(raw))
+
+
+def _puts_done(st: LeaderStats, blocks: int) -> bool:
+    """No put in flight and at least ``blocks`` blocks put in the store."""
+    tier = st.object_tier
+    if tier is None:
+        return blocks == 0
+    return tier.busy == 0 and tier.counters.offloaded_blocks >= blocks
 
 
 def run(spec: InstanceSpec) -> InstanceReport:
@@ -59,7 +78,7 @@ def run(spec: InstanceSpec) -> InstanceReport:
     client = LeaderClient(eng.leader_endpoint, timeout_s=5.0)
     try:
         if spec.object_tier:  # on once the store answered the leader's start-up check
-            start = client.wait_stats(lambda st: st.get("object_enabled") == 1.0, "object tier on", 60.0)
+            start = client.wait_stats(lambda st: st.object_tier is not None and st.object_tier.enabled, "object tier on", 60.0)
         else:
             start = client.stats()
         runs: dict[str, list[RunResult]] = {}
@@ -67,8 +86,8 @@ def run(spec: InstanceSpec) -> InstanceReport:
             comps = eng.run(prompts, spec.max_tokens)
             runs[name] = [RunResult(c.tokens, c.logprobs, c.cached_tokens) for c in comps]
             eng.settle_kvbm()
-        end = client.wait_stats(lambda st: st.get("object_offloaded_blocks", 0) >= spec.object_blocks
-                                and st.get("object_busy", 0) == 0, f"{spec.object_blocks} blocks put in the store", 60.0)
+        end = client.wait_stats(lambda st: _puts_done(st, spec.object_blocks),
+                                f"{spec.object_blocks} blocks put in the store", 60.0)
         pids = eng.leader_pids()
     finally:
         client.close()
@@ -83,4 +102,4 @@ if __name__ == "__main__":
     spec_path, report_path = map(Path, sys.argv[1:3])
     raw = json.loads(spec_path.read_text())
     report = run(InstanceSpec(**raw))
-    report_path.write_text(json.dumps(asdict(report)))
+    report.write(report_path)

@@ -76,9 +76,11 @@ def _check_served(report: InstanceReport, baseline: Baseline, tier: str) -> None
         for r, want in zip(runs, baseline.logprobs[name]):
             assert r.logprobs == pytest.approx(want, abs=1e-3)
     end = report.stats_at_end
-    assert end[f"{tier}_onboarded_blocks"] == NEEDED, end  # each block read from the tier once
-    assert end["loads_failed"] == 0 and end[f"blocks_loaded_from_{tier}"] >= NEEDED, end
-    assert end["blocks_stored"] == STORED - NEEDED, end  # only the blocks no hit covers were computed
+    staged, loaded = {"object": (end.object_tier, end.counters.blocks_loaded_from_object),
+                      "disk": (end.disk_tier, end.counters.blocks_loaded_from_disk)}[tier]
+    assert staged is not None and staged.counters.onboarded_blocks == NEEDED, end  # each block read once
+    assert end.counters.loads_failed == 0 and loaded >= NEEDED, end
+    assert end.counters.blocks_stored == STORED - NEEDED, end  # only the blocks no hit covers were computed
 
 
 def test_a_new_instance_loads_what_another_put_in_the_object_store(baseline: Baseline) -> None:
@@ -100,15 +102,15 @@ def test_a_new_instance_loads_what_another_put_in_the_object_store(baseline: Bas
     finally:
         srv.kill()
     _check_cold(first, baseline)
-    assert first.stats_at_end["object_offloaded_blocks"] == STORED, first.stats_at_end
+    assert first.stats_at_end.object_tier.counters.offloaded_blocks == STORED, first.stats_at_end
     st = second.stats_at_start
-    assert st["host_registered"] == 0 and st["object_registered"] == 0, st  # a new instance knows nothing
+    assert st.host.registered == 0 and st.object.registered == 0, st  # a new instance knows nothing
     _check_served(second, baseline, "object")
     end = second.stats_at_end
     # Its lookups found nothing it knew: its leader asked the store (vLLM was told "not yet") and
     # found there every block the hits used.
-    assert end["object_lookups"] > 0 and end["object_lookup_found"] >= NEEDED, end
-    assert end["object_read_failures"] == 0 and end["object_checksum_failures"] == 0, end
+    assert end.object_tier.counters.lookups > 0 and end.object_tier.counters.lookup_found >= NEEDED, end
+    assert end.object_tier.counters.read_failures == 0 and end.object_tier.counters.checksum_failures == 0, end
 
 
 def test_a_new_instance_serves_the_persistent_disk_cache_of_an_exited_one(baseline: Baseline) -> None:
@@ -122,9 +124,9 @@ def test_a_new_instance_serves_the_persistent_disk_cache_of_an_exited_one(baseli
         files = sorted(p.name for p in disk.iterdir())
         second = run_instance(tmp, "b", _spec())
     _check_cold(first, baseline)
-    assert first.stats_at_end["disk_offloaded_blocks"] == STORED, first.stats_at_end
+    assert first.stats_at_end.disk_tier.counters.offloaded_blocks == STORED, first.stats_at_end
     assert len(files) == 1 and files[0].startswith("kvbm-layout-") and files[0].endswith(".kvcache"), files
     st = second.stats_at_start
-    assert st["host_registered"] == 0 and st["disk_registered"] == STORED, st  # re-indexed at start
+    assert st.host.registered == 0 and st.disk.registered == STORED, st  # re-indexed at start
     _check_served(second, baseline, "disk")
-    assert second.stats_at_end["disk_checksum_failures"] == 0, second.stats_at_end
+    assert second.stats_at_end.disk_tier.counters.checksum_failures == 0, second.stats_at_end

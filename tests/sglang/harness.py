@@ -26,6 +26,7 @@ from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
 from sglang.srt.mem_cache.utils import get_storage_hash_str
 
 from kvbm.leader.client import LeaderClient
+from kvbm.ipc.stats import LeaderStats
 from kvbm.leader.process import lock_path
 
 PAGE = 16
@@ -222,7 +223,7 @@ class _RankState:
         finally:
             self.host.free(host_indices)
 
-    def idle(self) -> dict[str, float]:
+    def idle(self) -> LeaderStats:
         """Wait until the leader applied every rank's report (stores commit asynchronously)."""
         client = LeaderClient(self.backend.settings.endpoint)
         try:

@@ -82,7 +82,7 @@ def test_a_page_whose_copy_failed_on_one_rank_never_becomes_matchable(env) -> No
         w.ranks[1].call("break_copies")
         assert w.all("store", keys) == [[True] * 6, [False] * 6]  # rank 0 copied, rank 1 failed
         stats = w.ranks[0].call("idle")
-        assert stats["stores_aborted"] >= 1 and w.all("exists", keys) == [0, 0]
+        assert stats.counters.stores_aborted >= 1 and w.all("exists", keys) == [0, 0]
         assert w.all("load", keys) == [(0, 0), (0, 0)]
 
 
@@ -113,7 +113,7 @@ def test_mla_stores_one_copy_written_by_rank0_and_every_rank_reads_it(env) -> No
         # SGLang backs up MLA pages on rank 0 only (is_storage_writer).
         assert w.ranks[0].call("store", keys[:8]) == [True] * 8
         stats = w.ranks[0].call("idle")
-        assert stats["blocks_stored"] == 8 if "blocks_stored" in stats else True
+        assert stats.counters.blocks_stored == 8
         assert w.all("exists", keys) == [8, 8]
         assert w.all("load", keys) == [(8, 0), (8, 0)]
 
@@ -124,7 +124,7 @@ def test_second_instance_reads_the_first_ones_pages_through_the_persistent_disk(
     keys = page_keys(_tokens(30, seed=6))
     with World(2, env={**env, **disk}, instance=_instance("first")) as first:
         assert first.all("store", keys) == [[True] * 30] * 2
-        assert first.ranks[0].call("idle")["disk_offloaded_blocks"] == 30
+        assert first.ranks[0].call("idle").disk_tier.counters.offloaded_blocks == 30
     with World(2, env={**env, **disk, "DYN_KVBM_RUN_DIR": f"{run_dir}/run2"}, instance=_instance("second")) as second:
         assert second.all("exists", keys) == [30, 30]
         assert second.all("load", keys) == [(30, 0), (30, 0)]  # staged from disk, every byte right

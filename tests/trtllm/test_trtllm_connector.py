@@ -15,6 +15,7 @@ pytest.importorskip("torch")
 from trt_executor import Executor  # noqa: E402
 
 from kvbm.connector.bootstrap import owned_leader  # noqa: E402
+from kvbm.connector.planner import ConnectorCounters  # noqa: E402
 from kvbm.ipc.shm import sweep_stale_segments  # noqa: E402
 
 
@@ -38,9 +39,9 @@ def executor(trt_env):
         ex.close()
 
 
-def counters(ex: Executor) -> dict[str, int]:
+def counters(ex: Executor) -> ConnectorCounters:
     assert ex.scheduler.planner is not None
-    return dict(ex.scheduler.planner.take_counters())
+    return ex.scheduler.planner.take_counters()
 
 
 def test_hit_after_engine_cache_dropped(executor):
@@ -50,14 +51,14 @@ def test_hit_after_engine_cache_dropped(executor):
         ex.submit(p)
     t = ex.run()
     assert t.errors == [] and t.external_tokens == 0
-    assert counters(ex)["offload_blocks"] == 3 * 4
+    assert counters(ex).offload_blocks == 3 * 4
     ex.drop_engine_cache()
     for p in batch:
         ex.submit(p)
     t = ex.run()
     assert t.errors == [], t.errors
     assert t.external_tokens == 3 * 4 * 16  # every full prompt block comes from kvbm
-    assert counters(ex)["hit_host_tokens"] == 3 * 4 * 16
+    assert counters(ex).hit_host_tokens == 3 * 4 * 16
     assert ex.load_failures() == 0
 
 
@@ -65,7 +66,7 @@ def test_blocks_completed_by_decoding_are_stored(executor):
     ex = executor()
     rid = ex.submit(prompts(1, 16 * 2 + 4, seed=10)[0], max_tokens=30)
     ex.run()
-    assert counters(ex)["offload_blocks"] == 4  # 2 prompt blocks, 2 completed while decoding
+    assert counters(ex).offload_blocks == 4  # 2 prompt blocks, 2 completed while decoding
     ex.drop_engine_cache()
     ex.submit(ex.outputs[rid][: 16 * 4 + 1])  # the conversation's next turn
     t = ex.run()
@@ -173,7 +174,7 @@ def test_disk_tier_spill(executor, trt_env):
     t = ex.run()
     assert t.errors == [], t.errors[:5]
     c = counters(ex)
-    assert c.get("hit_disk_tokens", 0) > 0, c
+    assert c.hit_disk_tokens > 0, c
     assert ex.load_failures() == 0
 
 
@@ -210,7 +211,7 @@ def test_a_page_outside_the_window_stops_storing_the_request(executor):
     assert plan.is_empty() and not ex.scheduler.planner.tracked(str(rid))
     t = ex.run()
     assert t.errors == [] and ex.load_failures() == 0
-    assert counters(ex)["offload_blocks"] == 2  # the blocks its decoding completed are not stored
+    assert counters(ex).offload_blocks == 2  # the blocks its decoding completed are not stored
 
 
 def test_a_process_alone_names_each_engine_apart(trt_env, monkeypatch):

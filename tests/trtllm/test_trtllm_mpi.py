@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from kvbm.connector.planner import ConnectorCounters
+
 pytest.importorskip("torch")
 pytest.importorskip("mpi4py")
 
@@ -90,13 +92,13 @@ def test_tp2_under_mpirun_first_request_stored_second_hits(trt_env, tmp_path):
     # The very first request after start is stored (wait_for_initialization was the only wait).
     first = r["first"]
     assert first["errors"] == [] and first["external_tokens"] == 0
-    assert first["counters"].get("offload_blocks", 0) == 3, first
+    assert ConnectorCounters(**first["counters"]).offload_blocks == 3, first
     # The same request again, the engine's own cache dropped: all 3 full blocks from kvbm,
     # every byte checked on both ranks.
     second = r["second"]
     assert second["errors"] == [], second["errors"][:5]
     assert second["external_tokens"] == 3 * BLOCK
-    assert second["counters"].get("hit_host_tokens", 0) == 3 * BLOCK, second
+    assert ConnectorCounters(**second["counters"]).hit_host_tokens == 3 * BLOCK, second
     batch = r["batch"]
     assert batch["errors"] == [], batch["errors"][:5]
     assert batch["external_tokens"] >= 4 * 3 * BLOCK

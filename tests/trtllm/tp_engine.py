@@ -14,6 +14,7 @@ follow rank 0's broadcasts. Scenarios:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -48,12 +49,12 @@ def serve(tp: int) -> dict[str, object]:
         ex.submit(first)
         t = ex.run()
         out["first"] = {"errors": list(t.errors), "external_tokens": t.external_tokens,
-                        "counters": dict(ex.scheduler.planner.take_counters())}
+                        "counters": dataclasses.asdict(ex.scheduler.planner.take_counters())}
         ex.drop_engine_cache()
         ex.submit(first)
         t = ex.run()
         out["second"] = {"errors": list(t.errors), "external_tokens": t.external_tokens,
-                         "counters": dict(ex.scheduler.planner.take_counters())}
+                         "counters": dataclasses.asdict(ex.scheduler.planner.take_counters())}
         batch = prompts(4, BLOCK * 3 + 2, seed=6)
         for p in batch:
             ex.submit(p, max_tokens=18)  # decodes fill and store another block

@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from kvbm.vllm_integration.connector import DynamoConnector, DynamoConnectorMetadata  # noqa: E402
+from kvbm.ipc.stats import LeaderStats  # noqa: E402
 from kvbm.connector.bootstrap import KvbmNotReady, owned_leader  # noqa: E402
 from kvbm.bench.vllm_harness import Engine, ProcWorker, gen_token  # noqa: E402
 
@@ -28,12 +29,12 @@ def prompt(seed: int, n: int) -> list[int]:
     return [rng.randrange(1, 30000) for _ in range(n)]
 
 
-def finish_clean(eng: Engine) -> dict[str, float]:
+def finish_clean(eng: Engine) -> LeaderStats:
     """The scheduler ends empty and the leader holds no pinned, half-written or in-flight slot."""
     eng.run()
     eng.assert_empty()
     st = eng.quiesce()
-    assert st["host_pinned"] == 0 and st["host_writing"] == 0 and st["ops_in_flight"] == 0, st
+    assert st.host.pinned == 0 and st.host.writing == 0 and st.ops_in_flight == 0, st
     assert eng.stats.mismatches == 0
     return st
 
@@ -151,7 +152,7 @@ def test_async_scheduling_with_disk_tier_and_slow_stores(make_engine, kvbm_env) 
     st = finish_clean(eng)
     assert eng.stats.preemptions > 0
     assert eng.stats.sched_kv_stats.get("onboard_disk_blocks", 0) > 0, eng.stats.sched_kv_stats
-    assert st["blocks_loaded_from_disk"] > 0
+    assert st.counters.blocks_loaded_from_disk > 0
 
 
 def slow_down_stores(eng: Engine, seconds: float) -> None:

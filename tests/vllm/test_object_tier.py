@@ -23,6 +23,7 @@ pytest.importorskip("boto3")
 
 from kvbm.bench.s3server import S3Server  # noqa: E402
 from kvbm.bench.vllm_harness import Engine  # noqa: E402
+from kvbm.ipc.stats import LeaderStats  # noqa: E402
 from kvbm.leader.objects import nixl_installed  # noqa: E402
 
 from test_connector import finish_clean, prompt  # noqa: E402  (tests/vllm is on sys.path)
@@ -49,12 +50,12 @@ def _object_env(kvbm_env: Callable[..., str], srv: S3Server, **extra: str) -> st
     return kvbm_env(**env)
 
 
-def _wait(eng: Engine, cond: Callable[[dict[str, float]], bool], what: str, timeout_s: float = 30.0) -> dict[str, float]:
+def _wait(eng: Engine, cond: Callable[[LeaderStats], bool], what: str, timeout_s: float = 30.0) -> LeaderStats:
     return eng.kvbm.client.wait_stats(cond, what, timeout_s)
 
 
 def _tier_on(eng: Engine) -> None:
-    _wait(eng, lambda st: st.get("object_enabled") == 1.0, "object tier on")
+    _wait(eng, lambda st: st.object_tier is not None and st.object_tier.enabled, "object tier on")
 
 
 def _store(eng: Engine, req_id: str, tokens: list[int], blocks: int) -> None:
@@ -62,7 +63,8 @@ def _store(eng: Engine, req_id: str, tokens: list[int], blocks: int) -> None:
     eng.add(req_id, tokens, max_tokens=1)
     eng.run()
     eng.quiesce()
-    _wait(eng, lambda st: st.get("object_offloaded_blocks", 0) >= blocks and st.get("object_busy", 1) == 0,
+    _wait(eng, lambda st: st.object_tier is not None and st.object_tier.counters.offloaded_blocks >= blocks
+          and st.object_tier.busy == 0,
           "object puts")
 
 
@@ -94,8 +96,8 @@ def test_second_instance_loads_what_the_first_stored(make_engine, kvbm_env, s3: 
     st = finish_clean(second)
     assert second.stats.checked_blocks >= 6  # every loaded block checked against the oracle
     assert second.stats.external_hit_tokens == 96
-    assert st["blocks_loaded_from_object"] == 6 and st["object_onboarded_blocks"] == 6
-    assert st["object_lookup_found"] >= 6 and st["object_read_failures"] == 0
+    assert st.counters.blocks_loaded_from_object == 6 and st.object_tier.counters.onboarded_blocks == 6
+    assert st.object_tier.counters.lookup_found >= 6 and st.object_tier.counters.read_failures == 0
     # Now in the second instance's host pool: a third request loads from G2, no store round trip.
     second.sched.reset_prefix_cache()
     second.add("c", p, max_tokens=1)
@@ -124,7 +126,7 @@ def test_corrupt_object_is_a_miss(make_engine, kvbm_env, s3: S3Server) -> None:
     _tier_on(second)
     second.add("b", p, max_tokens=2)
     st = finish_clean(second)  # the oracle finds no wrong byte: the corrupt blocks were recomputed
-    assert st["object_checksum_failures"] >= 1 and st["blocks_loaded_from_object"] == 0, st
+    assert st.object_tier.counters.checksum_failures >= 1 and st.counters.blocks_loaded_from_object == 0, st
     assert second.stats.sched_kv_stats.get("load_error_blocks", 0) > 0
 
 
@@ -144,8 +146,8 @@ def test_server_killed_mid_run_engine_keeps_serving(make_engine, kvbm_env, s3: S
     assert state["steps"] > 40
     st = finish_clean(eng)
     assert time.monotonic() - t0 < 120
-    st = _wait(eng, lambda s: s.get("object_busy", 1) == 0, "puts settled")
-    assert st["object_write_failures"] > 0 or st["object_enabled"] == 0.0, st
+    st = _wait(eng, lambda s: s.object_tier is not None and s.object_tier.busy == 0, "puts settled")
+    assert st.object_tier.counters.write_failures > 0 or st.object_tier.enabled == 0.0, st
     # The rest of kvbm serves on: a repeat of a prompt hits in G2.
     p = prompt(23, 64)
     eng.add("x", p, max_tokens=1)
@@ -176,7 +178,7 @@ def test_store_unusable_at_start_turns_the_tier_off(make_engine, kvbm_env, probl
             srv.kill()
         run_dir = _object_env(kvbm_env, srv, **extra)
         eng = make_engine()
-        _wait(eng, lambda st: "object_enabled" in st and _leader_log(run_dir).count("object tier (G4) off") == 1,
+        _wait(eng, lambda st: st.object_tier is not None and _leader_log(run_dir).count("object tier (G4) off") == 1,
               "the tier turned off")
         expected = {"missing_bucket": "no such bucket", "wrong_credentials": "credentials refused",
                     "unreachable": "unreachable"}[problem]
@@ -190,6 +192,6 @@ def test_store_unusable_at_start_turns_the_tier_off(make_engine, kvbm_env, probl
         eng.sched.reset_prefix_cache()
         eng.add("b", p, max_tokens=1)
         st = finish_clean(eng)
-        assert eng.stats.external_hit_tokens == 48 and st["object_enabled"] == 0.0
+        assert eng.stats.external_hit_tokens == 48 and st.object_tier.enabled == 0.0
     finally:
         srv.kill()

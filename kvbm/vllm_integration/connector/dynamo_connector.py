@@ -62,7 +62,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvbm.vllm")
 
-_HIT_SOURCE = {Tier.HOST: CacheHitSource.HOST, Tier.DISK: CacheHitSource.DISK}
+# What vLLM's cache-hit metrics call each kvbm tier. vLLM has no object-store medium: G4 (blocks
+# another instance may have put in an S3-compatible store) is reported as EXTERNAL_UNSPECIFIED,
+# the source vLLM documents for a remote store. It is the outermost source, as G4 is past G3, so a
+# request served from G3 and G4 reports the farther one; calling G4 DISK would credit the local
+# disk with blocks that came over the network.
+_HIT_SOURCE = {Tier.HOST: CacheHitSource.HOST, Tier.DISK: CacheHitSource.DISK,
+               Tier.OBJECT: CacheHitSource.EXTERNAL_UNSPECIFIED}
 
 
 class DynamoConnector(KVConnectorBase_V1):

@@ -8,6 +8,7 @@ this class turns vLLM's ``Request``, ``KVCacheBlocks``, ``SchedulerOutput`` and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Iterable
 
@@ -108,7 +109,7 @@ class KvbmScheduler:
 
     # -- stats, events, reset ------------------------------------------------------------
     def take_stats(self) -> KvbmConnectorStats | None:
-        counters = self.planner.take_counters()
+        counters = dataclasses.asdict(self.planner.take_counters())
         for key in ("remote_lookups", "index_waits", "pin_shortfall_blocks", "staging_failures"):
             counters.pop(key, None)  # not among the connector's reported stats
         data = {k: n for k, n in counters.items() if n}
