@@ -19,6 +19,8 @@ from harness import PAGE, Rank, RankSpec, World, page_keys  # noqa: E402
 
 from kvbm.ipc.shm import sweep_stale_segments  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here starts rank processes and a leader
+
 
 def _tokens(n_pages: int, seed: int) -> list[int]:
     rng = random.Random(seed)
