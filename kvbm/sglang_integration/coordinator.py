@@ -114,7 +114,8 @@ class _ReadersWait:
 
 
 class Coordinator:
-    """Rank 0's side: batches ranks' joins into one leader op each. Runs on its own thread."""
+    """Rank 0's side: grants the ranks' stores page by page, joins their load batches into one
+    leader op each. Runs on its own thread."""
 
     def __init__(self, endpoint: str, leader_endpoint: str, tp_size: int, kvbm_world: int,
                  pool_location: Callable[[], PoolLocation | None]) -> None:
