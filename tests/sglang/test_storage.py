@@ -74,13 +74,15 @@ def test_tp2_ranks_store_their_slices_and_a_page_needs_both(env) -> None:
         assert w.all("exists", keys) == [40, 40]
         stats = w.ranks[0].call("idle")
         assert stats["stores_aborted"] >= 1 and w.all("exists", keys) == [40, 40]
-        # More pages than kvbm's pool of 64 holds: both ranks get the same answer, and what is
-        # matchable afterwards loads byte exact on both.
+        # More pages than kvbm's pool of 64 holds: each rank reports its own outcome (they may
+        # differ once the pool is full); a page is found only if every rank reported it stored,
+        # and what is matchable afterwards loads byte exact on both.
         stored = w.all("store", keys)
-        assert stored[0] == stored[1] and any(stored[0])
+        assert all(any(r) for r in stored)
         w.ranks[0].call("idle")
         hits = w.all("exists", keys)
-        assert hits[0] == hits[1] and hits[0] <= 64
+        assert hits[0] == hits[1] and 40 <= hits[0] <= 64
+        assert all(all(r[: hits[0]]) for r in stored)
         loaded = w.all("load", keys)
         assert loaded[0][1] == 0 and loaded[1][1] == 0 and loaded[0][0] == loaded[1][0] == hits[0]
 
