@@ -144,8 +144,12 @@ class KvbmHiCacheStorage(HiCacheStorage):
                                    liveness_timeout_s=s.config.liveness_timeout_s, engine_factory=self._make_engine)
             self.agent.start()
         agent = self.agent
-        wait_until_ready(s.instance, self._client, what=f"SGLang TP rank {s.rank} of {s.tp_size}",
-                         then=lambda left: agent is None or agent.wait_ready(left))
+        try:
+            wait_until_ready(s.instance, self._client, what=f"SGLang TP rank {s.rank} of {s.tp_size}",
+                             then=lambda left: agent is None or agent.wait_ready(left))
+        except BaseException:
+            self.close()  # the leader, coordinator and agent go with the failed start-up
+            raise
         log.info("kvbm: SGLang rank %d/%d of instance %s ready (leader %s)%s", s.rank, s.tp_size, s.instance.name,
                  s.endpoint, "; MLA: one copy, written by rank 0" if s.replicated else "")
 
