@@ -23,6 +23,7 @@ def _interpreter() -> Path:
     return Path(os.environ.get(VENV_ENV) or ROOT / ".venv-sglang") / "bin" / "python"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_sglang_suite_in_the_sglang_venv(tmp_path) -> None:
     py = _interpreter()
@@ -54,21 +55,37 @@ class _Config:
 
 
 def test_settings_name_the_instance_and_refuse_what_kvbm_cannot_serve(tmp_path) -> None:
-    from kvbm.sglang_integration.settings import UnsupportedSetup, settings_for
+    from kvbm.sglang_integration.settings import UnsupportedSetup, agree_on_name, rank_config, settings_for
 
     env = {"DYN_KVBM_RUN_DIR": str(tmp_path), "DYN_KVBM_CPU_CACHE_GB": "1"}
-    s = settings_for(_Config(tp_rank=1), env)
-    assert s.instance == f"sglang-org_model-{os.getppid()}" and s.kvbm_world == 2 and s.is_kvbm_rank
-    assert s.endpoint == f"ipc://{tmp_path}/{s.instance}.sock"
-    assert s.coordinator == f"ipc://{tmp_path}/{s.instance}-ranks.sock"
-    assert settings_for(_Config(extra_config={"instance": "a"}, dp_rank=3), env).instance == "a-dp3"
-    mla = settings_for(_Config(tp_rank=1, is_mla_model=True), env)
-    assert mla.kvbm_world == 1 and not mla.is_kvbm_rank  # one copy: rank 0 writes, rank 1 reads
+    rc = rank_config(_Config(tp_rank=1), env)
+    # TP > 1 with nothing naming the instance: the name is what rank 0 broadcast over the TP group.
+    sent: list[str] = []
+    name = agree_on_name(rc, lambda mine: sent.append(mine) or "sglang-org_model-42-abcd")
+    assert name == "sglang-org_model-42-abcd" and sent == [""]  # rank 1 proposes nothing
+    rank0 = agree_on_name(rank_config(_Config(tp_rank=0), env), lambda mine: mine)
+    assert rank0.startswith(f"sglang-org_model-{os.getpid()}-")  # rank 0's own pick, unique per start
+    assert rank0 != agree_on_name(rank_config(_Config(tp_rank=0), env), lambda mine: mine)
+    with pytest.raises(UnsupportedSetup, match="no torch.distributed TP group.*'instance'.*DYN_KVBM_LEADER_ENDPOINT"):
+        agree_on_name(rc, None)
+    # The extra config's name, or one derived from DYN_KVBM_LEADER_ENDPOINT, needs no group.
+    assert agree_on_name(rank_config(_Config(extra_config={"instance": "a"}, dp_rank=3), env), None) == "a-dp3"
+    ep_env = {**env, "DYN_KVBM_LEADER_ENDPOINT": "tcp://127.0.0.1:5999"}
+    by_ep = agree_on_name(rank_config(_Config(tp_rank=1), ep_env), None)
+    assert by_ep == agree_on_name(rank_config(_Config(tp_rank=0), ep_env), None)
+    s = settings_for(rc, name, "fp", 16)
+    assert s.instance.name == name and s.instance.fingerprint == "fp" and s.instance.block_size == 16
+    assert s.kvbm_world == 2 and s.is_kvbm_rank
+    assert s.endpoint == f"ipc://{tmp_path}/{name}.sock"
+    assert s.coordinator == f"ipc://{tmp_path}/{name}-ranks.sock"
+    assert settings_for(rank_config(_Config(tp_rank=1), ep_env), by_ep, "fp", 16).endpoint == "tcp://127.0.0.1:5999"
+    mla = settings_for(rank_config(_Config(tp_rank=1, is_mla_model=True), env), name, "fp", 16)
+    assert mla.kvbm_world == 1 and mla.instance.world_size == 1 and not mla.is_kvbm_rank  # rank 0 writes
     with pytest.raises(UnsupportedSetup, match="supports pp_size=1 only, got pp_size=2"):
-        settings_for(_Config(pp_size=2), env)
+        rank_config(_Config(pp_size=2), env)
     with pytest.raises(UnsupportedSetup, match="extra config 'instance'=''"):
-        settings_for(_Config(extra_config={"instance": ""}), env)
-    long = settings_for(_Config(extra_config={"instance": "x" * 200}), env)
+        rank_config(_Config(extra_config={"instance": ""}), env)
+    long = settings_for(rc, "x" * 200, "fp", 16)
     assert len(long.coordinator) < 110  # a Unix socket path has at most 107 bytes
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from kvbm.hashing import hashes_from_bytes, hashes_to_bytes
 from kvbm.ipc.stats import STAT_KEYS, LeaderState, LeaderStats, decode_stats
 
-PROTOCOL_VERSION = 4  # 4: StatsReply carries the leader state; its names are checked
+PROTOCOL_VERSION = 4  # 4: StatsReply carries the leader state and its names are checked; per-slot store reports (TransferDone.stored, ReleaseOp.absent)
 MAX_FRAME_BYTES = 64 << 20
 MAX_LIST_LEN = 1 << 20
 MAX_STR_LEN = 4096
@@ -165,13 +165,19 @@ class Heartbeat(Message):
 @_register
 @dataclass(frozen=True)
 class TransferDone(Message):
-    """A rank finished its part of a store or load op (``ok`` False: it failed)."""
+    """A rank finished its part of a store or load op (``ok`` False: it failed).
+
+    ``stored`` (stores only, :func:`pack_slots`): when not empty, the op's slots this rank
+    stored; the others it did not (a rank that stores its own batches, e.g. SGLang's, may copy
+    fewer pages of an op than another rank). Empty: all of them if ``ok``.
+    """
 
     TAG: ClassVar[str] = "transfer_done"
     rank: int = _int(RANK)
     op_id: int = _int(OP_ID)
     ok: bool = True
     error: str = ""
+    stored: bytes = b""
 
 
 # --------------------------------------------------------------------------------------
@@ -246,10 +252,15 @@ class AllocateStore(Message):
 @_register
 @dataclass(frozen=True)
 class ReleaseOp(Message):
-    """Give up an op that will never reach the ranks (store: aborted, load: unpinned)."""
+    """Give up an op that will never reach the ranks (store: aborted, load: unpinned).
+
+    ``absent`` (stores only): the ranks this op never reached, while others may have it; they
+    count as having stored none of it, and the op completes when the others reported.
+    """
 
     TAG: ClassVar[str] = "release_op"
     op_id: int = _int(OP_ID)
+    absent: list[int] = field(default_factory=list, metadata=RANK)
 
 
 @_register

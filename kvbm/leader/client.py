@@ -237,9 +237,11 @@ class LeaderClient:
                 out[i] = StoreGrantInfo(reply.op_id, m.unpack_slots(reply.slots).tolist())
         return out
 
-    def release(self, op_id: int) -> None:
+    def release(self, op_id: int, absent: Sequence[int] = ()) -> None:
+        """Give up an op that never reached the ranks; with ``absent``, a store that never reached
+        those ranks (see :class:`kvbm.ipc.messages.ReleaseOp`)."""
         if op_id:
-            self._call(m.ReleaseOp(op_id), m.Ack)
+            self._call(m.ReleaseOp(op_id, list(absent)), m.Ack)
 
     def stats(self) -> LeaderStats | None:
         """The leader's stats; None while it is unavailable."""

@@ -11,11 +11,11 @@ pipelines apply (:meth:`LeaderCore.apply_io`). The transport is :mod:`kvbm.leade
 
 The rule at kvbm's heart lives here and nowhere else: **a block is matchable only after every
 rank acknowledged its copy; a failed or partial transfer never is.** A store's slots stay
-WRITING (never matchable) until every live rank reported; they are committed only if all
-reported success, and aborted if any failed or died (:meth:`LeaderCore._finish`). A load
-waiting for a staging read goes to the ranks only once the read put the block whole in G2
-(:meth:`LeaderCore._staged`); the pipelines commit a lower tier's copy only after its write
-succeeded.
+WRITING (never matchable) until every live rank reported; a slot is committed only if every
+rank reported storing it, and aborted if any rank failed, died or did not store it
+(:meth:`LeaderCore._finish`). A load waiting for a staging read goes to the ranks only once the
+read put the block whole in G2 (:meth:`LeaderCore._staged`); the pipelines commit a lower tier's
+copy only after its write succeeded.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ class LeaderCore:
             m.PrepareLoad: lambda p, r, msg: self.prepare_load(m.unpack_hashes(_as(msg, m.PrepareLoad).hashes)),
             m.PollLoads: lambda p, r, msg: self.poll_loads(_as(msg, m.PollLoads).op_ids),
             m.AllocateStore: self._on_allocate_store,
-            m.ReleaseOp: lambda p, r, msg: self.release_op(_as(msg, m.ReleaseOp).op_id),
+            m.ReleaseOp: self._on_release_op,
             m.GetStats: lambda p, r, msg: m.StatsReply(*encode_stats(self.stats()), self.index.next_seq),
             m.TakeEvents: lambda p, r, msg: self.take_events(),
             m.IndexSince: self._on_index_since,
@@ -419,11 +419,24 @@ class LeaderCore:
         self.ops[op.op_id] = op
         return m.StoreGrant(op.op_id, m.pack_slots(slots))
 
-    def release_op(self, op_id: int) -> m.Ack:
-        """The client gives up an op that never reached the ranks (store: aborted, load: unpinned)."""
+    def _on_release_op(self, peer: bytes, rid: int, msg: m.Message) -> m.Message:
+        msg = _as(msg, m.ReleaseOp)
+        return self.release_op(msg.op_id, msg.absent)
+
+    def release_op(self, op_id: int, absent: list[int] | None = None) -> m.Ack:
+        """The client gives up an op that never reached the ranks (store: aborted, load: unpinned),
+        or, with ``absent``, a store that never reached those ranks: they count as having stored
+        none of it (a rank that has it still reports; its slots stay reserved until then)."""
         op = self.ops.get(op_id)
         if op is None:
             raise RequestRejected("unknown_op", f"op {op_id} is not in flight")
+        if absent:
+            if op.kind is not OpKind.STORE or not set(absent) <= set(self.world.ranks):
+                raise RequestRejected("bad_request", f"release of op {op_id}: absent ranks {absent} of a "
+                                                     f"{op.kind.value} op in a world of {sorted(self.world.ranks)}")
+            for rank in absent:
+                self.transfer_done(rank, op_id, False, "the op never reached this rank")
+            return m.Ack()
         if op.dispatched:
             raise RequestRejected("op_dispatched", f"op {op_id} already reached the ranks; it completes on its own")
         op.released, op.failed, op.error = True, True, "released by the client"
@@ -438,15 +451,17 @@ class LeaderCore:
             self.counters.rejected_messages += 1
             return None  # not this rank's socket: ignore
         info.last_seen = self._now
-        self.transfer_done(msg.rank, msg.op_id, msg.ok, msg.error)
+        stored = set(m.unpack_slots(msg.stored, "stored").tolist()) if msg.stored else None
+        self.transfer_done(msg.rank, msg.op_id, msg.ok, msg.error, stored)
         return None
 
-    def transfer_done(self, rank: int, op_id: int, ok: bool, error: str = "") -> None:
-        """Rank ``rank`` finished its part of op ``op_id``; the op completes once every live rank did."""
+    def transfer_done(self, rank: int, op_id: int, ok: bool, error: str = "", stored: set[int] | None = None) -> None:
+        """Rank ``rank`` finished its part of op ``op_id`` (a store: of its slots, only ``stored``
+        if given); the op completes once every live rank did."""
         op = self.ops.get(op_id)
         if op is None or rank in op.acked:
             return  # late, duplicate, or unknown: nothing to change
-        op.ack(rank, ok, error)
+        op.ack(rank, ok, error, stored if op.kind is OpKind.STORE else None)
         if op.done(self.live_ranks()):
             self._finish(op)
 
@@ -520,12 +535,21 @@ class LeaderCore:
                 self.counters.stores_aborted += 1
                 log.warning("store op %d aborted: %s", op.op_id, op.error)
                 return
-            reg.host.commit(op.slots)
-            self._observe_transfer(TransferDirection.D2H, len(op.slots), self._now - op.created)
+            if op.missing:  # some rank did not store these: they must never be matchable
+                reg.host.abort([s for s in op.slots if s in op.missing])
+                log.info("store op %d: %d of %d blocks not stored by every rank, dropped", op.op_id,
+                         len(op.missing), len(op.slots))
+            kept = [(h, s) for h, s in zip(op.hashes, op.slots) if s not in op.missing]
+            if not kept:
+                self.counters.stores_aborted += 1
+                return
+            hashes, slots = [h for h, _ in kept], [s for _, s in kept]
+            reg.host.commit(slots)
+            self._observe_transfer(TransferDirection.D2H, len(slots), self._now - op.created)
             self.counters.stores_committed += 1
-            self.counters.blocks_stored += len(op.slots)
+            self.counters.blocks_stored += len(slots)
             for tier in self.tiers:
-                tier.offload(op.hashes, op.slots)
+                tier.offload(hashes, slots)
         else:
             reg.host.unpin([s for s in op.slots if s not in op.staging])
             if op.failed:

@@ -2,7 +2,8 @@
 
 An op is created by a client request (AllocateStore / PrepareLoad) and completes when every
 rank has reported its part (TransferDone) or is dead. Only then are its slots released:
-a store commits (matchable) if every rank succeeded and aborts otherwise; a load unpins.
+a store commits (matchable) the slots every rank stored and aborts the rest (all of them if a
+rank failed); a load unpins.
 Releasing earlier would let another op reuse a slot a rank may still be copying.
 """
 
@@ -26,6 +27,7 @@ class Op:
     hashes: list[int]
     created: float
     acked: set[int] = field(default_factory=set)  # ranks that reported
+    missing: set[int] = field(default_factory=set)  # store slots some rank reported it did not store
     failed: bool = False
     error: str = ""
     # Loads only: host slots still being staged from a lower tier, and blocks staged by tier
@@ -40,8 +42,11 @@ class Op:
         """A load can go to the ranks once nothing is staging; stores are always ready."""
         return not self.staging
 
-    def ack(self, rank: int, ok: bool, error: str) -> None:
+    def ack(self, rank: int, ok: bool, error: str, stored: set[int] | None = None) -> None:
+        """Rank ``rank`` reported; ``stored``: the only slots of this store it stored (None: all)."""
         self.acked.add(rank)
+        if stored is not None:
+            self.missing.update(s for s in self.slots if s not in stored)
         self.dispatched = True
         if not ok:
             self.failed = True

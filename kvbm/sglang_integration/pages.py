@@ -127,12 +127,13 @@ def flat_bytes(t: Any) -> np.ndarray:
     return (t.view(torch.uint8) if t.dtype != torch.uint8 else t).reshape(-1).numpy()
 
 
-def describe(pool: Any, pages: HostPages, settings_model: str, tp_size: int, replicated: bool) -> str:
-    """The layout fingerprint: what must match for two instances to share pages."""
-    head = ";".join(f"{name}={getattr(pool, name)}" for name in ("head_num", "head_dim", "v_head_dim", "kv_lora_rank",
-                                                                 "qk_rope_head_dim", "kv_cache_dim")
-                    if getattr(pool, name, None) is not None)
+def layout_parts(pool: Any, pages: HostPages) -> list[str]:
+    """SGLang's parts of the layout fingerprint (with the model, dtype, page size and kvbm world
+    of :func:`kvbm.connector.bootstrap.layout_fingerprint`): pool class, memory layout, layers,
+    head geometry and page regions; what must match for two instances to share pages."""
+    head = [f"{name}={getattr(pool, name)}" for name in ("head_num", "head_dim", "v_head_dim", "kv_lora_rank",
+                                                          "qk_rope_head_dim", "kv_cache_dim")
+            if getattr(pool, name, None) is not None]
     g = pages.regions
-    return (f"sglang;model={settings_model};pool={type(pool).__name__};layout={getattr(pool, 'layout', '?')};"
-            f"dtype={pages.dtype};page={g.page_tokens};layers={getattr(pool, 'layer_num', '?')};{head};"
-            f"tp={1 if replicated else tp_size};regions={len(g.offsets)}x{g.region_bytes}")
+    return [f"pool={type(pool).__name__}", f"layout={getattr(pool, 'layout', '?')}",
+            f"layers={getattr(pool, 'layer_num', '?')}", *head, f"regions={len(g.offsets)}x{g.region_bytes}"]

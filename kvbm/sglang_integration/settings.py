@@ -1,23 +1,26 @@
-"""What every TP rank of one SGLang instance agrees on: instance name, addresses, page identity.
+"""What every TP rank of one SGLang instance agrees on: the bootstrap's :class:`Instance`
+(instance name, leader endpoint, page size, kvbm world, layout fingerprint) and SGLang's fields.
 
 Read from SGLang's ``HiCacheStorageConfig`` (duck-typed here, so this module imports neither
-SGLang nor torch) and ``DYN_KVBM_*``. All ranks of one instance are children of one launcher
-process, so the default instance name is ``sglang-<model>-<parent pid>`` (plus ``-dp<rank>``
-under data-parallel attention, where each DP group is its own kvbm world); the extra config's
-``"instance"`` overrides it.
+SGLang nor torch) and ``DYN_KVBM_*``. The instance name is, in order: the extra config's
+``"instance"``; with ``DYN_KVBM_LEADER_ENDPOINT``, one derived from that address; else a unique
+name that TP rank 0 picks and broadcasts over SGLang's TP group (:func:`agree_on_name`), plus
+``-dp<rank>`` under data-parallel attention, where each DP group is its own kvbm world.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import xxhash
 
-from kvbm.connector.setup import UnsupportedSetup
 from kvbm.config import KvbmConfig, load_config
+from kvbm.connector.bootstrap import Instance, leader_endpoint
+from kvbm.connector.setup import UnsupportedSetup
 from kvbm.ipc.names import safe_name
 from kvbm.ipc.transport import instance_endpoint
 
@@ -26,30 +29,57 @@ IPC_PATH_MAX = 100  # a little under the 107 bytes of a Unix socket path
 EXTRA_INSTANCE = "instance"
 """Extra-config key naming the kvbm instance (one leader and host pool); optional."""
 
+Broadcast = Callable[[str], str]
+"""Rank 0's value, on every rank of the TP group (a collective: every rank calls it)."""
+
 
 @dataclass(frozen=True)
-class SglangSettings:
+class RankConfig:
+    """What SGLang's storage config says about this rank, checked; known at construction."""
+
     config: KvbmConfig
-    instance: str
-    endpoint: str  # the leader
-    coordinator: str  # rank 0's coordinator of the ranks' ops
     rank: int  # TP rank (attention-TP rank under DP attention)
     tp_size: int
+    dp_rank: int
     replicated: bool  # MLA: every rank holds the same KV; one copy is stored (rank 0 writes)
     model: str
+    instance: str | None  # the extra config's "instance"
 
     @property
     def kvbm_world(self) -> int:
         """kvbm ranks: every TP rank, or rank 0 alone when the KV is replicated (MLA)."""
         return 1 if self.replicated else self.tp_size
 
+
+@dataclass(frozen=True)
+class SglangSettings:
+    """One rank's settings: the instance every rank agrees on and this rank's place in it."""
+
+    instance: Instance
+    coordinator: str  # rank 0's coordinator of the ranks' ops
+    rank: int
+    tp_size: int
+    replicated: bool
+
+    @property
+    def config(self) -> KvbmConfig:
+        return self.instance.config
+
+    @property
+    def endpoint(self) -> str:
+        return self.instance.endpoint
+
+    @property
+    def kvbm_world(self) -> int:
+        return self.instance.world_size
+
     @property
     def is_kvbm_rank(self) -> bool:
         return self.rank < self.kvbm_world
 
 
-def settings_for(storage_config: Any, env: Mapping[str, str] | None = None) -> SglangSettings:
-    """Settings of this rank from SGLang's ``HiCacheStorageConfig`` and ``DYN_KVBM_*``."""
+def rank_config(storage_config: Any, env: Mapping[str, str] | None = None) -> RankConfig:
+    """This rank's part of SGLang's ``HiCacheStorageConfig`` and ``DYN_KVBM_*``; refuses what kvbm cannot serve."""
     for name in ("pp_size", "attn_cp_size", "dcp_size"):
         value = int(getattr(storage_config, name, 1) or 1)
         if value != 1:
@@ -60,21 +90,38 @@ def settings_for(storage_config: Any, env: Mapping[str, str] | None = None) -> S
     if not 0 <= rank < tp:
         raise UnsupportedSetup(f"tp_rank={rank} is outside tp_size={tp}")
     extra = dict(storage_config.extra_config or {})
-    model = str(storage_config.model_name or "model")
     instance = extra.get(EXTRA_INSTANCE)
     if instance is not None and (not isinstance(instance, str) or not instance.strip()):
         raise UnsupportedSetup(f"extra config {EXTRA_INSTANCE!r}={instance!r}: expected a non-empty string")
-    if not instance:
-        instance = f"sglang-{safe_name(model)}-{os.getppid()}"
-    dp = int(getattr(storage_config, "dp_rank", 0) or 0)
-    if dp:
-        instance = f"{instance}-dp{dp}"
-    config = load_config(env)
-    endpoint = config.leader_endpoint or instance_endpoint(config.run_dir, instance)
-    coordinator = instance_endpoint(config.run_dir, f"{instance}-ranks")
+    return RankConfig(load_config(env), rank, tp, int(getattr(storage_config, "dp_rank", 0) or 0),
+                      bool(storage_config.is_mla_model), str(storage_config.model_name or "model"), instance)
+
+
+def agree_on_name(rc: RankConfig, broadcast: Broadcast | None) -> str:
+    """The instance name every TP rank of this server uses (see the module doc). ``broadcast``:
+    SGLang's TP group, needed only when neither the extra config nor the endpoint names one."""
+    if rc.instance:
+        name = rc.instance
+    elif rc.config.leader_endpoint:
+        name = f"sglang-{safe_name(rc.model)}-{xxhash.xxh3_64_hexdigest(rc.config.leader_endpoint.encode())[:12]}"
+    elif rc.tp_size == 1:
+        name = f"sglang-{safe_name(rc.model)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    elif broadcast is None:
+        raise UnsupportedSetup(f"TP rank {rc.rank} of {rc.tp_size}: no torch.distributed TP group to agree on the kvbm "
+                               f"instance with; set the extra config {EXTRA_INSTANCE!r} or DYN_KVBM_LEADER_ENDPOINT")
+    else:
+        mine = f"sglang-{safe_name(rc.model)}-{os.getpid()}-{uuid.uuid4().hex[:8]}" if rc.rank == 0 else ""
+        name = broadcast(mine)
+    return f"{name}-dp{rc.dp_rank}" if rc.dp_rank else name
+
+
+def settings_for(rc: RankConfig, name: str, fingerprint: str, page_tokens: int) -> SglangSettings:
+    """The settings of rank ``rc`` in instance ``name`` of layout ``fingerprint``."""
+    inst = Instance(rc.config, name, leader_endpoint(rc.config, name), page_tokens, rc.kvbm_world, fingerprint)
+    coordinator = instance_endpoint(rc.config.run_dir, f"{name}-ranks")
     if len(coordinator) - len("ipc://") > IPC_PATH_MAX:  # a long instance name: a short, still unique, one
-        coordinator = instance_endpoint(config.run_dir, f"sgl-{xxhash.xxh3_64_hexdigest(instance.encode())}-ranks")
-    return SglangSettings(config, instance, endpoint, coordinator, rank, tp, bool(storage_config.is_mla_model), model)
+        coordinator = instance_endpoint(rc.config.run_dir, f"sgl-{xxhash.xxh3_64_hexdigest(name.encode())}-ranks")
+    return SglangSettings(inst, coordinator, rc.rank, rc.tp_size, rc.replicated)
 
 
 def page_hashes(fingerprint: str, keys: Sequence[str]) -> np.ndarray:

@@ -4,18 +4,22 @@ SGLang loads it with ``--hicache-storage-backend dynamic`` and the extra config
 ``{"backend_name": "kvbm", "module_path": "kvbm.sglang_integration.storage",
 "class_name": "KvbmHiCacheStorage"}``, and builds one per TP rank, in that rank's process:
 
-* construction (``cls(storage_config, kwargs)``) reads the settings; on rank 0 it starts the
-  leader (unless one is running or configured) and the coordinator of the ranks' ops
-  (:mod:`.coordinator`); nothing here waits for them;
+* construction (``cls(storage_config, kwargs)``) checks the setup and agrees on the instance
+  name with the other TP ranks (:func:`.settings.agree_on_name`: rank 0 picks it and broadcasts
+  it over SGLang's TP group);
 * ``register_mem_pool_host`` (SGLang's cache controller calls it next) describes SGLang's host
-  pool to kvbm (:mod:`.pages`) and registers this rank with the leader in the background;
+  pool to kvbm (:mod:`.pages`); rank 0 starts the coordinator of the ranks' ops
+  (:mod:`.coordinator`) and the leader (unless one is running or configured); every rank
+  registers with the leader and blocks until the leader and every rank are ready, at most
+  ``DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS``, else raises :class:`KvbmNotReady`, so SGLang's
+  start-up fails instead of serving without its cache;
 * every storage call maps SGLang's page keys to kvbm sequence hashes (:func:`.settings.page_hashes`),
-  agrees on one op with the other ranks, copies this rank's slice of each page straight between
-  SGLang's host pool and kvbm's shared pool, and reports it to the leader, which makes a page
-  matchable only once every rank stored its slice.
+  takes the op(s) of its pages from the coordinator, copies this rank's slice of each page
+  straight between SGLang's host pool and kvbm's shared pool, and reports it to the leader,
+  which makes a page matchable only once every rank stored its slice.
 
-Every call is bounded in time and never raises into SGLang: an unready or dead leader, a page
-that is missing, evicted or fails to copy is a miss (``False`` / ``None`` / 0), never wrong KV.
+After start-up every call is bounded in time and never raises into SGLang: a dead leader, a
+page that is missing, evicted or fails to copy is a miss (``False`` / ``None`` / 0), never wrong KV.
 """
 
 from __future__ import annotations
@@ -29,18 +33,50 @@ import numpy as np
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
 
+from kvbm.connector.bootstrap import ensure_leader, layout_fingerprint, stop_leader, wait_until_ready
+from kvbm.connector.setup import UnsupportedSetup
 from kvbm.ipc.shm import HostPool, PoolGeometry, ShmError
 from kvbm.ipc.transport import ensure_private_dir
 from kvbm.leader.client import LeaderClient
-from kvbm.leader.spawn import LeaderProcess, LeaderStartError, spawn_leader
-from kvbm.sglang_integration.coordinator import LOAD, STORE, Coordinator, Grant, PoolLocation, RankLink
-from kvbm.sglang_integration.pages import HostPages, describe, flat_bytes
-from kvbm.sglang_integration.settings import SglangSettings, page_hashes, settings_for
+from kvbm.sglang_integration.coordinator import HELD, Coordinator, Grant, PoolLocation, RankLink
+from kvbm.sglang_integration.pages import HostPages, flat_bytes, layout_parts
+from kvbm.sglang_integration.settings import (Broadcast, RankConfig, SglangSettings, agree_on_name, page_hashes,
+                                              rank_config, settings_for)
 from kvbm.worker.agent import RankAgent, RankIdentity
 from kvbm.worker.copy import NumpyCopyEngine
 from kvbm.worker.layout import EngineKV, LayoutError, host_slice_view
 
 log = logging.getLogger("kvbm.sglang")
+
+FLUSH_WAIT_S = 2.0  # how long a store waits for the leader to have applied its report
+
+
+def _tp_broadcast(rc: RankConfig) -> Broadcast | None:
+    """A broadcast from TP rank 0 over the CPU (gloo) group of SGLang's TP group of this rank
+    (its attention-TP group under DP attention), or None without torch.distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    from sglang.srt.runtime_context import get_parallel
+
+    parallel = get_parallel()
+    for name in ("attn_tp_group", "tp_group"):
+        try:
+            group = getattr(parallel, name)
+        except (AttributeError, RuntimeError, ValueError):  # not built in this process
+            continue
+        if (group is not None and group.cpu_group is not None and group.world_size == rc.tp_size
+                and group.rank_in_group == rc.rank):
+            cpu_group, src = group.cpu_group, group.ranks[0]
+
+            def broadcast(value: str) -> str:
+                objs: list[Any] = [value]
+                dist.broadcast_object_list(objs, src=src, group=cpu_group)
+                return str(objs[0])
+
+            return broadcast
+    return None
 
 
 class KvbmHiCacheStorage(HiCacheStorage):
@@ -48,65 +84,74 @@ class KvbmHiCacheStorage(HiCacheStorage):
     prefetch and backup threads at once)."""
 
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Optional[dict] = None) -> None:
-        self.settings: SglangSettings = settings_for(storage_config)
-        s = self.settings
+        self._rc = rank_config(storage_config)
+        self.instance_name = agree_on_name(self._rc, _tp_broadcast(self._rc))  # a collective over TP
+        self._settings: SglangSettings | None = None  # once SGLang's host pool is registered
         self.pages: HostPages | None = None
         self.fingerprint = ""
         self.agent: RankAgent | None = None
-        self.leader: LeaderProcess | None = None
+        self.coordinator: Coordinator | None = None
+        self.link: RankLink | None = None
         self._engine: NumpyCopyEngine | None = None  # this rank's copies (kvbm rank: the agent's)
         self._location: PoolLocation | None = None  # where this rank's slice is (kvbm rank 0)
         self._reader_pool: HostPool | None = None  # MLA readers: rank 0's pool, mapped
         self._reader_view: np.ndarray | None = None
         self._reader_lock = threading.Lock()
-        self._client = LeaderClient(s.endpoint)
+        self._client: LeaderClient | None = None
         self._client_lock = threading.Lock()
         self._closed = False
         self._warned: set[str] = set()
-        if s.rank == 0:
-            ensure_private_dir(s.config.run_dir)  # the coordinator's socket lives there
-        self.coordinator = (Coordinator(s.coordinator, s.endpoint, s.tp_size, s.kvbm_world, lambda: self._location)
-                            if s.rank == 0 else None)
-        self.link = RankLink(s.coordinator, s.rank, self._give_up)
-        # Rank 0 starts the leader (in the background: nothing waits for it), so the leader, the
-        # coordinator and the writer of MLA pages share one process's fate.
-        self._spawner: threading.Thread | None = None
-        if s.rank == 0 and not s.config.leader_endpoint:
-            self._spawner = threading.Thread(target=self._spawn_leader, name="kvbm-sglang-spawn", daemon=True)
-            self._spawner.start()
         atexit.register(self.close)
-        log.info("kvbm: SGLang rank %d/%d of instance %s (leader %s)%s", s.rank, s.tp_size, s.instance, s.endpoint,
-                 "; MLA: one copy, written by rank 0" if s.replicated else "")
+
+    @property
+    def settings(self) -> SglangSettings:
+        """This rank's settings (set by ``register_mem_pool_host``)."""
+        if self._settings is None:
+            raise RuntimeError("kvbm: register_mem_pool_host was not called")
+        return self._settings
 
     # -- setup -------------------------------------------------------------------------
-    def _spawn_leader(self) -> None:
-        try:
-            leader = spawn_leader(self.settings.config, self.settings.instance, endpoint=self.settings.endpoint)
-        except (LeaderStartError, OSError) as e:
-            log.error("kvbm: cannot start the leader for %s (%s); serving misses", self.settings.instance, e)
-            return
-        if self._closed:
-            leader.stop()
-        else:
-            self.leader = leader
-
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
-        """Describe SGLang's host pool to kvbm and register this rank with the leader (in the background)."""
+        """Describe SGLang's host pool to kvbm, register this rank with the leader (rank 0:
+        start the leader) and wait until the leader and every rank are ready.
+
+        Raises :class:`kvbm.connector.bootstrap.KvbmNotReady` at the init timeout, and
+        :class:`UnsupportedSetup` for a host pool kvbm cannot use: SGLang's start-up fails then.
+        """
         super().register_mem_pool_host(mem_pool_host)
-        s = self.settings
+        rc = self._rc
         try:
             pages = HostPages.of(mem_pool_host)
         except LayoutError as e:
-            log.error("kvbm: cannot use this host pool (%s); serving misses", e)
-            return
-        self.fingerprint = describe(mem_pool_host, pages, s.model, s.tp_size, s.replicated)
+            raise UnsupportedSetup(f"kvbm cannot use SGLang's host pool: {e}") from e
+        ps = pages.regions.page_tokens
+        self.fingerprint = layout_fingerprint("sglang", rc.model, pages.dtype, ps, rc.kvbm_world,
+                                              *layout_parts(mem_pool_host, pages))
+        s = self._settings = settings_for(rc, self.instance_name, self.fingerprint, ps)
         self.pages = pages
+        self._client = LeaderClient(s.endpoint)
+        if s.rank == 0:
+            # Rank 0 owns the coordinator and the leader, so they and the writer of MLA pages
+            # share one process's fate.
+            ensure_private_dir(s.config.run_dir)  # the coordinator's socket lives there
+            self.coordinator = Coordinator(s.coordinator, s.endpoint, s.tp_size, s.kvbm_world, lambda: self._location)
+            ensure_leader(s.instance)
+        self.link = RankLink(s.coordinator, s.rank, self._give_up)
         if s.is_kvbm_rank:
-            ident = RankIdentity(s.rank, s.kvbm_world, pages.regions.page_tokens, self.fingerprint)
+            ident = RankIdentity(s.rank, s.kvbm_world, ps, self.fingerprint)
             self.agent = RankAgent(s.endpoint, ident, pages.kv, init_timeout_s=s.config.init_timeout_s,
                                    heartbeat_interval_s=s.config.heartbeat_interval_s,
                                    liveness_timeout_s=s.config.liveness_timeout_s, engine_factory=self._make_engine)
             self.agent.start()
+        agent = self.agent
+        try:
+            wait_until_ready(s.instance, self._client, what=f"SGLang TP rank {s.rank} of {s.tp_size}",
+                             then=lambda left: agent is None or agent.wait_ready(left))
+        except BaseException:
+            self.close()  # the leader, coordinator and agent go with the failed start-up
+            raise
+        log.info("kvbm: SGLang rank %d/%d of instance %s ready (leader %s)%s", s.rank, s.tp_size, s.instance.name,
+                 s.endpoint, "; MLA: one copy, written by rank 0" if s.replicated else "")
 
     def _make_engine(self, kv: EngineKV, pool: HostPool, slice_offset: int) -> NumpyCopyEngine:
         """The agent's copy engine, also used by this backend's calls (they copy on SGLang's threads)."""
@@ -157,45 +202,50 @@ class KvbmHiCacheStorage(HiCacheStorage):
         prefix = extra_info.prefix_keys if extra_info is not None else None
         return int(self._hashes(prefix[-1:])[0]) if prefix else 0
 
-    def _give_up(self, op_id: int) -> None:
-        """A grant that came after this rank stopped waiting: fail its part so the leader frees the slots."""
+    def _give_up(self, op_ids: list[int]) -> None:
+        """Grants that came after this rank stopped waiting: fail its part so the leader frees the slots."""
         if self.agent is not None:
-            self.agent.report(op_id, False, "the SGLang rank stopped waiting for this op")
+            for op_id in op_ids:
+                self.agent.report(op_id, False, "the SGLang rank stopped waiting for this op")
 
     def _store(self, keys: List[str], kv: EngineKV | None, blocks: np.ndarray,
                extra_info: Optional[HiCacheStorageExtraInfo]) -> List[bool]:
-        """Store pages ``blocks`` of ``kv`` (None: SGLang's host pool) under ``keys``: per key, stored?"""
+        """Store pages ``blocks`` of ``kv`` (None: SGLang's host pool) under ``keys``: per key,
+        stored by this rank (or held already)? Never waits for the other ranks."""
         n = len(keys)
         if not self.settings.is_kvbm_rank:
             return [False] * n  # MLA: rank 0 alone writes (SGLang does not call the others)
         host = self._host_view()
-        if host is None or self.agent is None:
-            self._warn("store-unready", f"kvbm: rank {self.settings.rank} is not attached to a live leader yet; "
+        if host is None or self.agent is None or self.link is None:
+            self._warn("store-unready", f"kvbm: rank {self.settings.rank} is not attached to a live leader; "
                                         "pages are not stored")
             return [False] * n
-        grant = self.link.join(STORE, self._hashes(keys), self._parent(extra_info))
-        slots = grant.slots
-        done = np.zeros(n, bool)
-        done[: len(slots)] = slots == -1  # already held
-        new = np.flatnonzero(slots >= 0)
-        if grant.op_id and len(new):
+        grant = self.link.store(self._hashes(keys), self._parent(extra_info))
+        done = grant.slots == HELD
+        ops = grant.ops[grant.ops > 0]
+        for op_id in np.unique(ops).tolist():  # usually one: the batch's, or the one another rank allocated
+            idx = np.flatnonzero(grant.ops == op_id)
+            slots = grant.slots[idx]
             ok, error = True, ""
             try:
                 engine = self._engine if kv is None else NumpyCopyEngine(kv, host)
                 assert engine is not None
-                engine.store(blocks[new], slots[new])
-            except Exception as e:  # reported: the leader aborts the op, the pages stay unstored
+                engine.store(blocks[idx], slots)
+            except Exception as e:  # reported: the leader drops these pages, they stay unstored
                 ok, error = False, f"{type(e).__name__}: {e}"
-                log.error("kvbm: store op %d failed on rank %d: %s", grant.op_id, self.settings.rank, error)
-            self.agent.report(grant.op_id, ok, error)
-            done[new] = ok
+                log.error("kvbm: store op %d failed on rank %d: %s", op_id, self.settings.rank, error)
+            self.agent.report(op_id, ok, error, slots.tolist())
+            done[idx] = ok
+        if len(ops) and not self.agent.flush(FLUSH_WAIT_S):
+            self._warn("flush", f"kvbm: rank {self.settings.rank}: the leader did not confirm a store's report "
+                                f"within {FLUSH_WAIT_S:g} s")
         return done.tolist()
 
     def _load(self, keys: List[str], kv: EngineKV | None, blocks: np.ndarray) -> int:
         """Load the longest prefix of ``keys`` kvbm holds into pages ``blocks`` of ``kv``; its length."""
-        if self.pages is None or (self.agent is not None and self._host_view() is None):
+        if self.pages is None or self.link is None or (self.agent is not None and self._host_view() is None):
             return 0
-        grant: Grant = self.link.join(LOAD, self._hashes(keys))
+        grant: Grant = self.link.load(self._hashes(keys))
         k = len(grant.slots)
         if not grant.op_id or not k:
             return 0
@@ -231,7 +281,7 @@ class KvbmHiCacheStorage(HiCacheStorage):
         return self._guard("batch_exists", 0, self._exists, keys)
 
     def _exists(self, keys: List[str]) -> int:
-        if not keys or self.pages is None:
+        if not keys or self.pages is None or self._client is None:
             return 0
         with self._client_lock:
             return self._client.match(self._hashes(keys)).total
@@ -311,6 +361,8 @@ class KvbmHiCacheStorage(HiCacheStorage):
     # -- control ------------------------------------------------------------------------
     def clear(self) -> bool:
         """Drop every page kvbm holds for this instance (SGLang's flush_cache)."""
+        if self._client is None:
+            return False
         with self._client_lock:
             return self._guard("clear", False, self._client.reset_cache)
 
@@ -321,13 +373,14 @@ class KvbmHiCacheStorage(HiCacheStorage):
         self._closed = True
         if self.coordinator is not None:
             self.coordinator.close()
-        self.link.close()
+        if self.link is not None:
+            self.link.close()
         if self.agent is not None:
             self.agent.close()
-        with self._client_lock:
-            self._client.close()
+        if self._client is not None:
+            with self._client_lock:
+                self._client.close()
         if self._reader_pool is not None:
             self._reader_pool.close()
-        if self.leader is not None:
-            self.leader.stop()
-            self.leader = None
+        if self._settings is not None and self._settings.rank == 0:
+            stop_leader(self._settings.endpoint)  # only if this process spawned it

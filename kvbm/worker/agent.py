@@ -46,6 +46,14 @@ class RankIdentity:
 
 
 @dataclass(frozen=True)
+class _Flush:
+    """A marker in the outbox: ``done`` is set once the leader answered what follows the
+    reports queued before it (one socket, handled in order, so it applied them)."""
+
+    done: threading.Event
+
+
+@dataclass(frozen=True)
 class _CopyJob:
     """One op for the copy thread (the lists are copies: the caller may reuse its own)."""
 
@@ -90,7 +98,8 @@ class RankAgent:
         self._ready = threading.Event()
         self._done = threading.Event()  # init finished, successfully or not
         self._stop = threading.Event()
-        self._outbox: queue.SimpleQueue[m.Message] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[m.Message | _Flush] = queue.SimpleQueue()
+        self._flushes: dict[int, threading.Event] = {}  # heartbeat request id -> flush waiting for it
         self._finished: queue.SimpleQueue[Finished] = queue.SimpleQueue()
         self._jobs: queue.SimpleQueue[_CopyJob | None] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
@@ -145,11 +154,21 @@ class RankAgent:
         """Load (G2 -> G1, h2d) host slots into engine blocks, then ack the leader."""
         self._jobs.put(_CopyJob(Direction.LOAD, op_id, list(engine_blocks), list(slots)))
 
-    def report(self, op_id: int, ok: bool, error: str = "") -> None:
+    def report(self, op_id: int, ok: bool, error: str = "", stored: Sequence[int] | None = None) -> None:
         """Report this rank's part of op ``op_id`` as done (or failed) to the leader, for an
-        adapter that copies on its own thread (SGLang's storage calls) instead of submitting here."""
-        self._outbox.put(m.TransferDone(self.ident.rank, op_id, ok, error[:1000]))
+        adapter that copies on its own thread (SGLang's storage calls) instead of submitting here.
+        ``stored`` (a store, ``ok``, not empty): the only slots of the op this rank stored."""
+        packed = m.pack_slots(stored) if stored is not None and ok else b""
+        self._outbox.put(m.TransferDone(self.ident.rank, op_id, ok, error[:1000], packed))
         self._wake()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until the leader applied every report made so far; False
+        if it did not answer in time."""
+        done = threading.Event()
+        self._outbox.put(_Flush(done))
+        self._wake()
+        return done.wait(timeout_s)
 
     def take_finished(self) -> list[Finished]:
         out = []
@@ -340,15 +359,23 @@ class RankAgent:
                     out = self._outbox.get_nowait()
                 except queue.Empty:
                     break
+                rid = 0
+                if isinstance(out, _Flush):  # a heartbeat whose answer marks the reports before it applied
+                    rid = next(self._ids)
+                    self._flushes[rid] = out.done
+                    out = m.Heartbeat(self.ident.rank)
                 try:
-                    sock.send(m.encode(out, 0), zmq.NOBLOCK)
+                    sock.send(m.encode(out, rid), zmq.NOBLOCK)
                 except zmq.Again:
                     pass  # leader gone; it settles the op when it notices
             while sock in ready and sock.poll(0):
                 try:
-                    _rid, msg = m.decode(sock.recv())
+                    rid, msg = m.decode(sock.recv())
                 except m.ProtocolError:
                     continue
+                flushed = self._flushes.pop(rid, None)
+                if flushed is not None:
+                    flushed.set()
                 if isinstance(msg, m.ErrorReply) and msg.code == "not_registered":
                     return True
                 self._last_ack = time.monotonic()

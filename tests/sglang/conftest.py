@@ -28,11 +28,12 @@ if not _has_sglang():
 
 @pytest.fixture(autouse=True)
 def no_kvbm_leaks():
-    """After each test: no segment of this process's instances (``sgl-<pid>-...``) in /dev/shm."""
+    """After each test: no segment of this process's instances (named ``sgl-<pid>-...``, or
+    agreed by the ranks for a model named so) in /dev/shm."""
     yield
     deadline = time.monotonic() + 15  # a leader whose spawner was killed exits on its own, soon
     while True:
-        left = [n for n in os.listdir("/dev/shm") if n.startswith(f"kvbm-sgl-{os.getpid()}-")]
+        left = [n for n in os.listdir("/dev/shm") if n.startswith("kvbm-") and f"sgl-{os.getpid()}-" in n]
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.2)

@@ -60,9 +60,11 @@ class RankSpec:
     layout: str = "page_first"
     mla: bool = False
     v1: bool = True  # the zero-copy calls; False: the legacy flat-page ones
-    instance: str = "sgl-test"
+    instance: str | None = "sgl-test"  # None: the ranks agree on one over their TP group
     env: dict[str, str] = field(default_factory=dict)
-    controller: bool = False  # let SGLang's HiCacheController build and drive the backend (TP=1)
+    controller: bool = False  # let SGLang's HiCacheController build and drive the backend
+    model: str = "test/model"
+    dist_port: int = 0  # TP > 1 with the controller: torch.distributed (gloo) rendezvous port
 
 
 def _pools(spec: RankSpec) -> tuple[Any, Any]:
@@ -88,19 +90,25 @@ class _RankState:
         os.environ.update(spec.env)
         self.spec = spec
         self.dev, self.host = _pools(spec)
-        extra = dict(EXTRA, instance=spec.instance, interface_v1=int(spec.v1))
+        extra: dict[str, Any] = dict(EXTRA, interface_v1=int(spec.v1))
+        if spec.instance is not None:
+            extra["instance"] = spec.instance
         self.controller: Any = None
         if spec.controller:
-            self.controller = _controller(self.dev, self.host, extra)
+            self.controller = _controller(spec, self.dev, self.host, extra)
             self.backend = self.controller.storage_backend
             self.page_bytes = self.host.get_dummy_flat_data_page().numel() * 2
             return
         cfg = HiCacheStorageConfig(tp_rank=spec.rank, tp_size=spec.tp, pp_rank=0, pp_size=1, attn_cp_rank=0,
                                    attn_cp_size=1, is_mla_model=spec.mla, enable_storage_metrics=False,
-                                   is_page_first_layout=spec.layout == "page_first", model_name="test/model",
+                                   is_page_first_layout=spec.layout == "page_first", model_name=spec.model,
                                    extra_config=extra)
         self.backend = StorageBackendFactory.create_backend("dynamic", cfg, self.host)
-        self.backend.register_mem_pool_host(self.host)
+        try:
+            self.backend.register_mem_pool_host(self.host)
+        except BaseException:
+            self.backend.close()  # as SGLang's attach_storage_backend does when start-up fails
+            raise
         self.backend.on_host_pools_registered()
         self.page_bytes = self.host.get_dummy_flat_data_page().numel() * 2
 
@@ -114,13 +122,6 @@ class _RankState:
     def _check(self, idx: int, key: str) -> bool:
         got = self.host.get_data_page(idx, flat=True).contiguous().view(torch.uint8).numpy()
         return bool(np.array_equal(got, oracle(key, self._slice_rank(), self.page_bytes)))
-
-    def ready(self, timeout_s: float) -> bool:
-        spawner = self.backend._spawner
-        if spawner is not None:
-            spawner.join(timeout_s)  # the leader answers (so a test can kill it, not a late start)
-        agent = self.backend.agent
-        return agent.wait_ready(timeout_s) if agent is not None else self.backend.pages is not None
 
     def store(self, keys: list[str]) -> list[bool]:
         """HiCacheController.write_storage -> _page_backup: pages from the host pool, batch by batch."""
@@ -223,6 +224,11 @@ class _RankState:
         finally:
             self.host.free(host_indices)
 
+    def instance(self) -> tuple[str, str]:
+        """The kvbm instance name and leader endpoint this rank uses."""
+        inst = self.backend.settings.instance
+        return inst.name, inst.endpoint
+
     def idle(self) -> LeaderStats:
         """Wait until the leader applied every rank's report (stores commit asynchronously)."""
         client = LeaderClient(self.backend.settings.endpoint)
@@ -242,7 +248,7 @@ class _RankState:
     def kill_leader(self) -> None:
         """SIGKILL the instance's leader (whichever rank started it; its pid is in the lock file)."""
         s = self.backend.settings
-        with open(lock_path(s.config.run_dir, s.instance)) as f:
+        with open(lock_path(s.config.run_dir, s.instance.name)) as f:
             pid = int(f.read().strip())
         os.kill(pid, signal.SIGKILL)
 
@@ -253,19 +259,32 @@ class _RankState:
             self.backend.close()
 
 
-def _controller(dev: Any, host: Any, extra: dict[str, Any]) -> Any:
-    """SGLang's HiCacheController over the CPU pools, one rank: its storage threads are real."""
+def _controller(spec: RankSpec, dev: Any, host: Any, extra: dict[str, Any]) -> Any:
+    """SGLang's HiCacheController over the CPU pools: its storage threads are real. TP > 1: the
+    ranks' torch.distributed world (gloo, on CPU) and SGLang's TP group coordinator over it, as
+    SGLang's model runner builds them; the controller syncs hits and prefetches over it."""
     import threading
 
+    from sglang.srt.distributed.parallel_state import init_distributed_environment, init_model_parallel_group
     from sglang.srt.managers.cache_controller import HiCacheController
     from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
     from sglang.srt.runtime_context import get_parallel
 
-    # What SGLang's launcher publishes for a TP=1 server; there is no process group to sync over.
-    get_parallel().override_permanently(attn_dcp_size=1, attn_dcp_rank=0, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
+    tp_group: Any = None
+    groups: dict[str, Any] = {}
+    if spec.tp > 1:
+        init_distributed_environment(world_size=spec.tp, rank=spec.rank, local_rank=spec.rank, backend="gloo",
+                                     distributed_init_method=f"tcp://127.0.0.1:{spec.dist_port}")
+        coordinator = init_model_parallel_group([list(range(spec.tp))], spec.rank, "gloo", use_pynccl=False,
+                                                use_custom_allreduce=False, use_mscclpp=False,
+                                                use_torch_symm_mem_allreduce=False, group_name="tp")
+        tp_group, groups = coordinator.cpu_group, {"tp_group": coordinator}
+    # What SGLang's launcher publishes for this server.
+    get_parallel().override_permanently(attn_dcp_size=1, attn_dcp_rank=0, tp_rank=spec.rank, tp_size=spec.tp,
+                                        pp_rank=0, pp_size=1, **groups)
     alloc = TokenToKVPoolAllocator(dev.size, torch.bfloat16, "cpu", dev, False)
-    return HiCacheController(alloc, host, PAGE, None, threading.Event(), io_backend="direct",
-                             storage_backend="dynamic", model_name="test/model", storage_backend_extra_config=extra)
+    return HiCacheController(alloc, host, PAGE, tp_group, threading.Event(), io_backend="direct",
+                             storage_backend="dynamic", model_name=spec.model, storage_backend_extra_config=extra)
 
 
 def _serve(spec: RankSpec, conn: Any) -> None:
@@ -290,7 +309,8 @@ def _serve(spec: RankSpec, conn: Any) -> None:
 
 
 class Rank:
-    """One SGLang TP rank in its own (forked) process."""
+    """One SGLang TP rank in its own (forked) process; :meth:`started` is SGLang's start-up
+    (the backend built and its host pool registered) returning."""
 
     def __init__(self, spec: RankSpec) -> None:
         self.spec = spec
@@ -298,7 +318,10 @@ class Rank:
         self.conn = parent
         self.proc = mp.get_context("fork").Process(target=_serve, args=(spec, child), daemon=True)
         self.proc.start()
-        self._take(120)
+
+    def started(self, timeout_s: float = 120) -> None:
+        """Wait for the rank's start-up; its error (e.g. KvbmNotReady) is raised as RuntimeError."""
+        self._take(timeout_s)
 
     def _take(self, timeout_s: float) -> Any:
         if not self.conn.poll(timeout_s):
@@ -333,9 +356,11 @@ class World:
     def __init__(self, tp: int, **kw: Any) -> None:
         self.ranks: list[Rank] = []
         try:
+            # Every rank starts at once, as SGLang's do: each one's start-up waits for the others.
             for r in range(tp):
                 self.ranks.append(Rank(RankSpec(rank=r, tp=tp, **kw)))
-            assert all(self.all("ready", 60.0)), "a rank did not get ready"
+            for rank in self.ranks:
+                rank.started()
         except BaseException:
             self.close()
             raise

@@ -6,16 +6,20 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import socket
 import sys
 import tempfile
+import time
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from harness import PAGE, World, page_keys  # noqa: E402
+from harness import PAGE, Rank, RankSpec, World, page_keys  # noqa: E402
 
 from kvbm.ipc.shm import sweep_stale_segments  # noqa: E402
+
+pytestmark = pytest.mark.slow  # every test here starts rank processes and a leader
 
 
 def _tokens(n_pages: int, seed: int) -> list[int]:
@@ -61,19 +65,58 @@ def test_tp2_ranks_store_their_slices_and_a_page_needs_both(env) -> None:
         w.ranks[0].call("idle")
         assert w.all("exists", keys) == [40, 40]
         assert w.all("load", keys) == [(40, 0), (40, 0)]  # each rank its own slice, byte exact
-        # Only rank 0 stores the next pages (rank 1's backup never comes): nothing is allocated
-        # after the join wait, and the pages never become matchable.
-        assert w.ranks[0].call("store", keys[40:44]) == [False] * 4
+        # Only rank 0 stores the next pages (rank 1's backup never comes): rank 0's own store
+        # succeeds at once, without waiting for rank 1, and the pages never become matchable
+        # (the coordinator releases the op for rank 1 after its join wait).
+        started = time.monotonic()
+        assert w.ranks[0].call("store", keys[40:44]) == [True] * 4
+        assert time.monotonic() - started < 4.0  # well under the 5 s join wait: no stall
         assert w.all("exists", keys) == [40, 40]
-        # More pages than kvbm's pool of 64 holds: both ranks get the same answer, and what is
-        # matchable afterwards loads byte exact on both.
+        stats = w.ranks[0].call("idle")
+        assert stats["stores_aborted"] >= 1 and w.all("exists", keys) == [40, 40]
+        # More pages than kvbm's pool of 64 holds: each rank reports its own outcome (they may
+        # differ once the pool is full); a page is found only if every rank reported it stored,
+        # and what is matchable afterwards loads byte exact on both.
         stored = w.all("store", keys)
-        assert stored[0] == stored[1] and any(stored[0])
+        assert all(any(r) for r in stored)
         w.ranks[0].call("idle")
         hits = w.all("exists", keys)
         assert hits[0] == hits[1] and hits[0] <= 64
+        assert all(all(r[: hits[0]]) for r in stored)
         loaded = w.all("load", keys)
         assert loaded[0][1] == 0 and loaded[1][1] == 0 and loaded[0][0] == loaded[1][0] == hits[0]
+
+
+def test_a_diverging_rank_loses_only_the_pages_it_lacks(env) -> None:
+    keys = page_keys(_tokens(10, seed=9))
+    with World(2, env=env, instance=_instance("diverge")) as w:
+        # Rank 1's backup of this batch stops after 6 pages; rank 0 stores all 10.
+        w.ranks[0].send("store", keys)
+        w.ranks[1].send("store", keys[:6])
+        assert w.ranks[0]._take(60) == [True] * 10 and w.ranks[1]._take(60) == [True] * 6
+        # No harness wait: each rank's store returned once the leader applied its report.
+        assert w.all("exists", keys) == [6, 6]
+        assert w.all("load", keys) == [(6, 0), (6, 0)]  # each rank its own slice, byte exact
+        stats = w.ranks[0].call("idle")
+        assert stats["blocks_stored"] == 6 and stats["host_writing"] == 0
+        # The 4 pages rank 1 lacked are stored again, by both ranks this time.
+        assert w.all("store", keys) == [[True] * 10] * 2
+        assert w.all("exists", keys) == [10, 10]
+
+
+def test_a_rank_that_never_arrives_fails_start_up_with_kvbm_not_ready(env) -> None:
+    rank0 = Rank(RankSpec(rank=0, tp=2, env={**env, "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": "3"},
+                          instance=_instance("alone")))
+    try:
+        started = time.monotonic()
+        with pytest.raises(RuntimeError) as err:
+            rank0.started(60)
+        assert time.monotonic() - started < 30
+        line = str(err.value).strip().splitlines()[-1]
+        assert line.startswith("kvbm.connector.bootstrap.KvbmNotReady: ") and "SGLang TP rank 0 of 2" in line
+        assert "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS=3 s" in line and "rank(s) [1]" in line, line
+    finally:
+        rank0.close()
 
 
 def test_a_page_whose_copy_failed_on_one_rank_never_becomes_matchable(env) -> None:
@@ -128,6 +171,25 @@ def test_second_instance_reads_the_first_ones_pages_through_the_persistent_disk(
     with World(2, env={**env, **disk, "DYN_KVBM_RUN_DIR": f"{run_dir}/run2"}, instance=_instance("second")) as second:
         assert second.all("exists", keys) == [30, 30]
         assert second.all("load", keys) == [(30, 0), (30, 0)]  # staged from disk, every byte right
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_sglang_hicache_controller_tp2_over_gloo_first_request_stored_second_hits(env) -> None:
+    """SGLang's own HiCacheController on two TP ranks with a real torch.distributed gloo world:
+    the ranks agree on the kvbm instance over SGLang's TP group; right after start-up the first
+    request's pages are stored (each rank its slice) and the second request hits and loads them."""
+    tokens = _tokens(20, seed=10)
+    with World(2, controller=True, env=env, instance=None, model=_instance("gloo"), dist_port=_free_port()) as w:
+        assert w.all("ctrl_store", tokens[: 12 * PAGE]) == [12 * PAGE] * 2
+        assert w.all("ctrl_prefetch", tokens) == [(12 * PAGE, 12 * PAGE, 0)] * 2
+        (name0, endpoint0), (name1, endpoint1) = w.all("instance")
+        assert name0 == name1 and endpoint0 == endpoint1
+        assert name0.startswith(f"sglang-{_instance('gloo')}")  # the model's name, then what rank 0 picked
 
 
 def test_sglang_hicache_controller_drives_the_backend(env) -> None:

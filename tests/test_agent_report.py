@@ -1,0 +1,45 @@
+"""A rank agent's own reports (adapters that copy on the engine's threads, like SGLang's) against
+a real leader process: per-slot ``stored`` and ``flush``."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from kvbm.leader.client import LeaderClient
+from kvbm.leader.spawn import spawn_leader
+from kvbm.worker.agent import RankAgent, RankIdentity
+from kvbm.worker.layout import EngineKV, KVLayout
+
+
+@pytest.mark.slow  # a leader process
+def test_reports_name_the_slots_stored_and_flush_means_applied(make_config) -> None:
+    cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8")
+    leader = spawn_leader(cfg, f"agent-{os.getpid()}")
+    agents: list[RankAgent] = []
+    client = LeaderClient(leader.endpoint)
+    try:
+        for rank in range(2):
+            layout = KVLayout("pages", 1, 4, 1, 64, "uint8")
+            kv = EngineKV(layout, [np.zeros((4, 1, 64), np.uint8)])
+            agent = RankAgent(leader.endpoint, RankIdentity(rank, 2, 16, "fp"), kv, init_timeout_s=20)
+            agent.start()
+            agents.append(agent)
+        assert all(a.wait_ready(20) for a in agents)
+        hashes = [101, 102, 103]
+        grant = client.allocate_store(hashes)
+        assert grant.op_id and len(grant.slots) == 3
+        agents[0].report(grant.op_id, True, "", grant.slots)  # rank 0 stored all three
+        agents[1].report(grant.op_id, True, "", grant.slots[:2])  # rank 1 only the first two
+        # Once each rank's flush returned, the leader applied both reports: no other wait.
+        assert agents[0].flush(10) and agents[1].flush(10)
+        assert client.match(hashes) == (2, 0)
+        stats = client.stats()
+        assert stats["blocks_stored"] == 2 and stats["host_writing"] == 0 and stats["ops_in_flight"] == 0
+    finally:
+        client.close()
+        for agent in agents:
+            agent.close()
+        leader.stop()
