@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from kvbm.leader.client import LeaderClient
+from kvbm.leader.client import LeaderClient, TierBlocks
 from kvbm.leader.spawn import spawn_leader
 from kvbm.worker.agent import RankAgent, RankIdentity
 from kvbm.worker.layout import EngineKV, KVLayout
@@ -35,9 +35,10 @@ def test_reports_name_the_slots_stored_and_flush_means_applied(make_config) -> N
         agents[1].report(grant.op_id, True, "", grant.slots[:2])  # rank 1 only the first two
         # Once each rank's flush returned, the leader applied both reports: no other wait.
         assert agents[0].flush(10) and agents[1].flush(10)
-        assert client.match(hashes) == (2, 0)
+        assert client.match(hashes) == TierBlocks(host=2, disk=0, object=0)
         stats = client.stats()
-        assert stats["blocks_stored"] == 2 and stats["host_writing"] == 0 and stats["ops_in_flight"] == 0
+        assert stats is not None and stats.host is not None
+        assert stats.counters.blocks_stored == 2 and stats.host.writing == 0 and stats.ops_in_flight == 0
     finally:
         client.close()
         for agent in agents:

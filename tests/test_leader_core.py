@@ -375,26 +375,26 @@ def test_a_store_commits_only_the_slots_every_rank_stored(host_only) -> None:
     h.send(b"r1", m.TransferDone(1, op_id, True, "", m.pack_slots(slots[:2])))  # rank 1: the first two
     assert h.match([41, 42]) == (2, 0) and h.match([43]) == (0, 0) and h.match([44]) == (0, 0)
     s = h.stats()
-    assert s["blocks_stored"] == 2 and s["stores_committed"] == 1 and s["host_writing"] == 0
-    assert s["host_free"] == s["host_capacity"] - 2 and s["ops_in_flight"] == 0
+    assert s.counters.blocks_stored == 2 and s.counters.stores_committed == 1 and s.host.writing == 0
+    assert s.host.free == s.host.capacity - 2 and s.ops_in_flight == 0
     assert [e[2] for e in _entries(h.since(0))] == [41, 42]  # only those ever became matchable
     # A rank that stored none of the op's slots reported on others': nothing commits.
     op_id, slots = h.allocate([51, 52])
     h.send(b"r0", m.TransferDone(0, op_id, True, "", m.pack_slots([slots[0]])))
     h.send(b"r1", m.TransferDone(1, op_id, True, "", m.pack_slots([slots[1]])))
     assert h.match([51]) == (0, 0) and h.match([52]) == (0, 0)
-    assert h.stats()["stores_aborted"] == 1 and h.stats()["host_writing"] == 0
+    assert h.stats().counters.stores_aborted == 1 and h.stats().host.writing == 0
 
 
 def test_a_store_released_for_a_rank_it_never_reached(host_only) -> None:
     h = host_only()
     op_id, _ = h.allocate([61, 62])
     assert isinstance(h.ask(m.ReleaseOp(op_id, [1])), m.Ack)  # rank 1 never got it
-    assert h.stats()["host_writing"] == 2  # rank 0 may still be copying: reserved until it reports
+    assert h.stats().host.writing == 2  # rank 0 may still be copying: reserved until it reports
     h.ack(0, op_id)
     assert h.match([61]) == (0, 0)
     s = h.stats()
-    assert s["stores_aborted"] == 1 and s["host_writing"] == 0 and s["ops_in_flight"] == 0
+    assert s.counters.stores_aborted == 1 and s.host.writing == 0 and s.ops_in_flight == 0
     # The absent rank's report after all cannot revive it; a load or an unknown rank is refused.
     h.ack(1, op_id)
     assert h.match([61]) == (0, 0)

@@ -73,7 +73,7 @@ def test_tp2_ranks_store_their_slices_and_a_page_needs_both(env) -> None:
         assert time.monotonic() - started < 4.0  # well under the 5 s join wait: no stall
         assert w.all("exists", keys) == [40, 40]
         stats = w.ranks[0].call("idle")
-        assert stats["stores_aborted"] >= 1 and w.all("exists", keys) == [40, 40]
+        assert stats.counters.stores_aborted >= 1 and w.all("exists", keys) == [40, 40]
         # More pages than kvbm's pool of 64 holds: each rank reports its own outcome (they may
         # differ once the pool is full); a page is found only if every rank reported it stored,
         # and what is matchable afterwards loads byte exact on both.
@@ -98,7 +98,7 @@ def test_a_diverging_rank_loses_only_the_pages_it_lacks(env) -> None:
         assert w.all("exists", keys) == [6, 6]
         assert w.all("load", keys) == [(6, 0), (6, 0)]  # each rank its own slice, byte exact
         stats = w.ranks[0].call("idle")
-        assert stats["blocks_stored"] == 6 and stats["host_writing"] == 0
+        assert stats.counters.blocks_stored == 6 and stats.host is not None and stats.host.writing == 0
         # The 4 pages rank 1 lacked are stored again, by both ranks this time.
         assert w.all("store", keys) == [[True] * 10] * 2
         assert w.all("exists", keys) == [10, 10]
