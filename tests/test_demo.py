@@ -1,4 +1,5 @@
-"""`kvbm demo` as a user runs it: flag errors, a killed rank or leader, Ctrl-C (real processes)."""
+"""`kvbm demo` as a user runs it: flag errors, a killed rank or leader, Ctrl-C (real processes:
+those tests are marked slow)."""
 
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ def _finish(proc: subprocess.Popen[str], t0: float) -> tuple[int, str, float]:
     return proc.returncode, err, time.monotonic() - t0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["rank1", "leader"])
 def test_killed_process_ends_the_demo_with_one_line(victim: str, start_demo) -> None:
     proc = start_demo(BIG)
@@ -97,6 +99,7 @@ def test_killed_process_ends_the_demo_with_one_line(victim: str, start_demo) -> 
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"kvbm-sim-{proc.pid}-")]
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_everything_fast_without_tracebacks(start_demo) -> None:
     proc = start_demo(BIG)
     children = _children(proc.pid)
@@ -211,6 +214,7 @@ def _figures(stdout: str) -> dict[str, str]:
     return {k: v.strip() for k, v in pairs if "GB/s" not in v and k != "wall time"}
 
 
+@pytest.mark.slow
 def test_same_seed_same_figures() -> None:
     """Two runs with one seed give the same figures, G3 included (the disk tier is exercised)."""
     argv = [sys.executable, "-m", "kvbm", "demo", "--conversations", "12", "--turns", "4",
@@ -225,6 +229,7 @@ def test_same_seed_same_figures() -> None:
     assert fa == fb
 
 
+@pytest.mark.slow
 def test_object_store_line_and_g4_hits() -> None:
     """--object-store local: a G4 line, blocks put in the store and, with a small host pool and no
     disk, loads staged back from it; every loaded byte checked by the oracle."""

@@ -33,6 +33,8 @@ from kvbm.config import KvbmConfig, load_config  # noqa: E402
 from kvbm.hashing import EMPTY_SALT_HASH  # noqa: E402
 from kvbm.sim.engine import SimEngine  # noqa: E402
 
+pytestmark = pytest.mark.slow  # an S3 server process for the module; leader and rank processes
+
 BLOCK = 64 * 1024
 HAVE_NIXL = any(importlib.util.find_spec(n) is not None for n in ("nixl", "nixl_cu12", "nixl_cu13"))
 BACKENDS = ["s3", pytest.param("nixl", marks=pytest.mark.skipif(not HAVE_NIXL, reason="no NIXL wheel installed"))]
