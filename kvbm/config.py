@@ -7,7 +7,9 @@ environment (in :func:`load_config`). Everything else receives a frozen
 
 All variables are described by one table, :data:`VARIABLES`. Parsing,
 validation, :meth:`KvbmConfig.describe` (``kvbm config``) and the README table
-(:func:`markdown_table`) all read that table.
+(:func:`markdown_table`) all read that table. Dynamo variables kvbm accepts
+without effect are the second table, :data:`NO_EFFECT`: their values are
+checked, then ignored with one warning; they set no field.
 
 Bad input raises :class:`ConfigError` with one line that names the variable,
 the value given and what is accepted, e.g.::
@@ -461,6 +463,7 @@ class NoEffect(_Checked):
         return name == self.name or name in self.aliases or (self.prefix and name.startswith(self.name))
 
     def parse(self, raw: str, name: str | None = None) -> Any:
+        """Free text as given (even empty); otherwise parsed and range-checked as a Variable."""
         return raw if self.kind is _TEXT else super().parse(raw, name)
 
 
@@ -996,14 +999,11 @@ def _read_no_effect(env: Mapping[str, str]) -> dict[str, str]:
     found: dict[str, str] = {}
     for entry in NO_EFFECT:
         if entry.prefix:
-            names = sorted(n for n in env if entry.matches(n))
-            for name in names:
+            for name in sorted(n for n in env if entry.matches(n)):
                 entry.parse(env[name], name)
+                found[name] = env[name]
         elif _read(entry, env) is not None:
-            names = [n for n in entry.names if n in env]
-        else:
-            names = []
-        found.update((n, env[n]) for n in names)
+            found.update((n, env[n]) for n in entry.names if n in env)
     if found:
         log.warning("Dynamo variables that have no effect in kvbm, ignored: %s (docs/defaults.md says why)",
                     ", ".join(sorted(found)))
