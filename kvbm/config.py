@@ -7,7 +7,9 @@ environment (in :func:`load_config`). Everything else receives a frozen
 
 All variables are described by one table, :data:`VARIABLES`. Parsing,
 validation, :meth:`KvbmConfig.describe` (``kvbm config``) and the README table
-(:func:`markdown_table`) all read that table.
+(:func:`markdown_table`) all read that table. Dynamo variables kvbm accepts
+without effect are the second table, :data:`NO_EFFECT`: their values are
+checked, then ignored with one warning; they set no field.
 
 Bad input raises :class:`ConfigError` with one line that names the variable,
 the value given and what is accepted, e.g.::
@@ -31,10 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "NO_EFFECT",
     "VARIABLES",
     "ConfigError",
     "Endpoint",
     "KvbmConfig",
+    "NoEffect",
     "TierSize",
     "Variable",
     "is_loopback_endpoint",
@@ -376,20 +380,16 @@ def _one_of(choices: tuple[str, ...]) -> str:
     return f"one of {', '.join(choices)} (any case)"
 
 
-@dataclass(frozen=True)
-class Variable:
-    """One row of the configuration table."""
+class _Checked:
+    """Parsing and range-checking of a raw value, shared by :class:`Variable` and :class:`NoEffect`."""
 
-    name: str  # the environment variable
-    field: str  # the KvbmConfig field it sets
+    name: str
     kind: _Kind
     accepts: str  # completes "expected ..." in error messages
-    meaning: str  # one line for `kvbm config --markdown` / the README
-    check: Callable[[Any], bool] = _always  # range check on the typed value
-    aliases: tuple[str, ...] = ()
-    default_text: str | None = None  # README default when not the field default
-    empty_hint: str = "unset the variable to use the default"
-    secret: bool = False  # never shown (kvbm config, error messages)
+    check: Callable[[Any], bool]
+    empty_hint: str
+    secret: bool
+    aliases: tuple[str, ...]
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -415,10 +415,56 @@ class Variable:
         msg = str(self.error(raw, name))
         return ConfigError(f"{msg}; an empty value is not accepted ({self.empty_hint})")
 
+
+@dataclass(frozen=True)
+class Variable(_Checked):
+    """One row of the configuration table: a variable that sets a :class:`KvbmConfig` field."""
+
+    name: str  # the environment variable
+    field: str  # the KvbmConfig field it sets
+    kind: _Kind
+    accepts: str
+    meaning: str  # one line for `kvbm config --markdown` / the README
+    check: Callable[[Any], bool] = _always  # range check on the typed value
+    aliases: tuple[str, ...] = ()
+    default_text: str | None = None  # README default when not the field default
+    empty_hint: str = "unset the variable to use the default"
+    secret: bool = False  # never shown (kvbm config, error messages)
+
     def validate(self, value: Any) -> None:
         """Check a typed value (direct construction / replace)."""
         if not self.kind.typed(value) or not self.check(value):
             raise self.error(value if isinstance(value, str) else repr(value))
+
+
+# Dynamo free text (a module path, a namespace, a backend parameter): any value, even empty.
+_TEXT = _Kind(str, lambda v: isinstance(v, str), str)
+
+
+@dataclass(frozen=True)
+class NoEffect(_Checked):
+    """A Dynamo variable kvbm accepts without effect: a Dynamo deployment's environment works
+    unchanged, a set value is checked as Dynamo would read it (a typo still fails at start-up),
+    then ignored; ``why`` says why kvbm has no use for it. Nothing in :class:`KvbmConfig` holds it.
+    """
+
+    name: str  # the variable, or with ``prefix`` the start of a family (DYN_KVBM_NIXL_BACKEND_*)
+    why: str  # why it has no effect in kvbm, one line for the docs and `kvbm config`
+    kind: _Kind = _TEXT
+    accepts: str = "any value"
+    check: Callable[[Any], bool] = _always
+    aliases: tuple[str, ...] = ()
+    prefix: bool = False
+    empty_hint: str = "unset the variable: it has no effect in kvbm"
+    secret: bool = False
+
+    def matches(self, name: str) -> bool:
+        """True for this variable, its aliases and, with ``prefix``, every name it starts."""
+        return name == self.name or name in self.aliases or (self.prefix and name.startswith(self.name))
+
+    def parse(self, raw: str, name: str | None = None) -> Any:
+        """Free text as given (even empty); otherwise parsed and range-checked as a Variable."""
+        return raw if self.kind is _TEXT else super().parse(raw, name)
 
 
 _BOOL_ACCEPTS = "a boolean (true/false, 1/0, yes/no; any case)"
@@ -480,9 +526,6 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("DYN_KVBM_LEADER_ZMQ_PUB_PORT", "leader_zmq_pub_port", _INT,
              "a port number 1-65535", "Dynamo compat: leader port, see DYN_KVBM_LEADER_ZMQ_HOST",
              _port),
-    Variable("DYN_KVBM_LEADER_ZMQ_ACK_PORT", "leader_zmq_ack_port", _INT,
-             "a port number 1-65535",
-             "Dynamo compat: accepted and checked, unused (kvbm uses one socket)", _port),
     Variable("DYN_KVBM_ALLOW_NON_LOOPBACK", "allow_non_loopback", _BOOL, _BOOL_ACCEPTS,
              "Allow a leader tcp address other than 127.0.0.0/8, ::1 or localhost "
              "(the leader socket is unauthenticated)"),
@@ -494,11 +537,6 @@ VARIABLES: tuple[Variable, ...] = (
              "a whole number >= 1 (e.g. 4)",
              "G2<->G3 disk transfers in flight: the leader's disk I/O threads, reads and writes together",
              _count),
-    Variable("DYN_KVBM_TRANSFER_BATCH_SIZE", "transfer_batch_size", _INT,
-             "a whole number of blocks >= 1 (e.g. 16)",
-             "Dynamo compat: accepted and checked, unused (a rank copies each store or load op as one "
-             "batch, coalesced into runs of consecutive blocks)",
-             _count, aliases=("DYN_KVBM_MAX_TRANSFER_BATCH_SIZE",)),
     Variable("DYN_KVBM_KV_EVENTS_ENDPOINT", "kv_events_endpoint", _ENDPOINT,
              _ENDPOINT_ACCEPTS,
              "ZMQ PUB address for KV cache events (e.g. tcp://127.0.0.1:5557); unset: off. "
@@ -549,40 +587,73 @@ VARIABLES: tuple[Variable, ...] = (
              "kvbm[cuda12]; its puts and gets stall while the store is down, see docs/objects.md); boto3 "
              "checks the bucket and answers lookups either way"),
     Variable("DYN_KVBM_OBJECT_WRITE_THROUGH", "object_write_through", _BOOL, _BOOL_ACCEPTS,
-             "Put every block committed in G2 into the object store (default: only blocks seen twice, "
-             "the disk tier's admission filter)"),
-    # Read by Dynamo's kvbm 1.6.1; accepted and checked so a Dynamo deployment's
-    # environment works unchanged, but they select machinery kvbm does not have.
-    Variable("DYN_KVBM_DISK_ALLOCATOR_TYPE", "disk_allocator_type", _word(DISK_ALLOCATORS),
-             _one_of(DISK_ALLOCATORS),
-             "Dynamo compat, no effect: kvbm always fallocates its disk file and opens it "
-             "O_DIRECT (see DYN_KVBM_DISK_DISABLE_O_DIRECT, DYN_KVBM_DISK_ZEROFILL_FALLBACK)"),
-    Variable("DYN_KVBM_DISABLE_WRITE_COMBINED", "disable_write_combined", _BOOL, _BOOL_ACCEPTS,
-             "Dynamo compat, no effect: kvbm's host pool is shared memory pinned with "
-             "cudaHostRegister, never write-combined"),
-    Variable("DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE", "kv_events_consolidator_mode",
-             _word(CONSOLIDATOR_MODES), _one_of(CONSOLIDATOR_MODES),
-             "Dynamo compat, no effect: kvbm publishes its own G2/G3 events on "
-             "DYN_KVBM_KV_EVENTS_ENDPOINT and has no consolidator"),
-    Variable("DYN_KVBM_NCCL_MAX_CTAS", "nccl_max_ctas", _INT,
-             "a whole number >= 1 (e.g. 8)",
-             "Dynamo compat, no effect: kvbm has no NCCL (replicated MLA) transfer path",
-             _count),
+             "Put every block committed in G2 into the object store, as Dynamo does, so another "
+             "instance finds a prefix computed once (false: only blocks seen twice, the disk tier's "
+             "admission filter)"),
 )
 
 _BY_FIELD: dict[str, Variable] = {v.field: v for v in VARIABLES}
 _BY_NAME: dict[str, Variable] = {n: v for v in VARIABLES for n in v.names}
 
-# Dynamo variables (reference/kvbm.md §4) that kvbm does not implement: warned
-# about as "ignored" rather than as a possible typo.
-_DYNAMO_UNSUPPORTED = frozenset({
-    "DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS", "DYN_KVBM_HOST_OFFLOAD_PREFIX_MIN_PRIORITY",
-    "DYN_KVBM_ENABLE_RECORD", "DYN_KVBM_KV_EVENTS_ENABLE_CONSOLIDATOR",
-    "DYN_KVBM_TRTLLM_ZMQ_PORT", "DYN_KVBM_NCCL_MLA_MODE", "DYN_KVBM_ENABLE_NUMA",
-    "DYN_KVBM_HOST_MEMORY_PROVIDER", "DYN_KVBM_MANAGER_NAMESPACE",
-    "DYN_KVBM_G2_CAPACITY_BYTES", "DYN_KVBM_G4_TRANSFER_TIMEOUT_SECS", "DYN_KVBM_G4_DRAIN_QUEUE_CAP",
-})
-_DYNAMO_UNSUPPORTED_PREFIXES = ("DYN_KVBM_NIXL_BACKEND_",)
+# Dynamo variables kvbm accepts without effect (see docs/defaults.md). Where Dynamo parses the
+# value strictly (a number, a port, one of a few words), kvbm checks it the same way; where Dynamo
+# reads free text or treats anything but a truthy word as off, any value is accepted.
+NO_EFFECT: tuple[NoEffect, ...] = (
+    NoEffect("DYN_KVBM_LEADER_ZMQ_ACK_PORT",
+             "kvbm's leader and ranks talk over one ZMQ socket (DYN_KVBM_LEADER_ENDPOINT or "
+             "DYN_KVBM_LEADER_ZMQ_HOST/_PUB_PORT)", _INT, "a port number 1-65535", _port),
+    NoEffect("DYN_KVBM_MAX_TRANSFER_BATCH_SIZE",
+             "a rank copies each store or load op as one batch, coalesced into runs of consecutive blocks",
+             _INT, "a whole number of blocks >= 1 (e.g. 16)", _count, aliases=("DYN_KVBM_TRANSFER_BATCH_SIZE",)),
+    NoEffect("DYN_KVBM_DISK_ALLOCATOR_TYPE",
+             "kvbm always fallocates its disk file and opens it O_DIRECT (see DYN_KVBM_DISK_DISABLE_O_DIRECT, "
+             "DYN_KVBM_DISK_ZEROFILL_FALLBACK)", _word(DISK_ALLOCATORS), _one_of(DISK_ALLOCATORS)),
+    NoEffect("DYN_KVBM_DISABLE_WRITE_COMBINED",
+             "kvbm's host pool is shared memory pinned with cudaHostRegister, never write-combined",
+             _BOOL, _BOOL_ACCEPTS),
+    NoEffect("DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE",
+             "kvbm publishes its own G2/G3/G4 events on DYN_KVBM_KV_EVENTS_ENDPOINT and has no consolidator",
+             _word(CONSOLIDATOR_MODES), _one_of(CONSOLIDATOR_MODES)),
+    NoEffect("DYN_KVBM_KV_EVENTS_ENABLE_CONSOLIDATOR",
+             "kvbm has no consolidator (see DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE)"),
+    NoEffect("DYN_KVBM_TRTLLM_ZMQ_PORT",
+             "the port of the consolidator's TensorRT-LLM input; kvbm has no consolidator",
+             _INT, "a port number 1-65535", _port),
+    NoEffect("DYN_KVBM_NCCL_MAX_CTAS",
+             "kvbm has no NCCL (replicated MLA) transfer path", _INT, "a whole number >= 1 (e.g. 8)", _count),
+    NoEffect("DYN_KVBM_NCCL_MLA_MODE",
+             "kvbm has no NCCL replicated mode: the leader allocates one host pool that every rank maps"),
+    NoEffect("DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS",
+             "kvbm logs no periodic hit-rate line; the hit rates are gauges on /metrics (DYN_KVBM_METRICS)",
+             _NUM, "a number of seconds > 0 (e.g. 5)", _positive),
+    NoEffect("DYN_KVBM_HOST_OFFLOAD_PREFIX_MIN_PRIORITY",
+             "kvbm has no retention-priority offload filter: every committed block is offered to G2",
+             _INT, "a whole number from 0 to 100", lambda v: bool(0 <= v <= 100)),
+    NoEffect("DYN_KVBM_ENABLE_RECORD", "kvbm has no recorder of connector calls"),
+    NoEffect("DYN_KVBM_ENABLE_NUMA",
+             "the leader allocates the host pool once for all ranks; its pages follow the kernel's NUMA policy"),
+    NoEffect("DYN_KVBM_HOST_MEMORY_PROVIDER",
+             "kvbm's SGLang integration is a HiCache storage backend sized by DYN_KVBM_CPU_CACHE_*"),
+    NoEffect("DYN_KVBM_MANAGER_NAMESPACE",
+             "kvbm's SGLang integration is a HiCache storage backend; it has no manager namespace"),
+    NoEffect("DYN_KVBM_G2_CAPACITY_BYTES",
+             "kvbm sizes the host pool with DYN_KVBM_CPU_CACHE_GB or DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS",
+             _INT, "a whole number of bytes >= 0", _blocks),
+    NoEffect("DYN_KVBM_G4_TRANSFER_TIMEOUT_SECS",
+             "kvbm's object store calls time out after 5 s (see docs/objects.md)",
+             _NUM, "a number of seconds > 0 (e.g. 30)", _positive),
+    NoEffect("DYN_KVBM_G4_DRAIN_QUEUE_CAP",
+             "kvbm's put queue holds 512 puts (see docs/objects.md)", _INT, "a whole number >= 1 (e.g. 512)",
+             _count),
+    NoEffect("DYN_KVBM_NIXL_BACKEND_",
+             "kvbm does its own disk I/O and picks the object transport with DYN_KVBM_OBJECT_TRANSPORT",
+             prefix=True),
+)
+
+
+def _no_effect_for(name: str) -> NoEffect | None:
+    return next((e for e in NO_EFFECT if e.matches(name)), None)
+
 
 SOURCE_DEFAULT = "default"
 SOURCE_OVERRIDE = "override"
@@ -624,11 +695,9 @@ class KvbmConfig:
     leader_endpoint: str | None = None
     leader_zmq_host: str | None = None
     leader_zmq_pub_port: int = DEFAULT_PUB_PORT
-    leader_zmq_ack_port: int | None = None
     allow_non_loopback: bool = False
     run_dir: str = ""
     max_concurrent_transfers: int = 4
-    transfer_batch_size: int = 16
     kv_events_endpoint: str | None = None
     disk_bounce_blocks: int = 32
     cache_stats_max_requests: int = 1000
@@ -644,12 +713,10 @@ class KvbmConfig:
     object_secret_key: str | None = None
     object_num_blocks: int = 100_000
     object_transport: str = "s3"
-    object_write_through: bool = False
-    disk_allocator_type: str = "default"
-    disable_write_combined: bool = False
-    kv_events_consolidator_mode: str = "dedup"
-    nccl_max_ctas: int | None = None
+    object_write_through: bool = True
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    # Set variables of NO_EFFECT (name -> value as given), shown by `kvbm config`; never used.
+    no_effect: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         sources = dict(self.sources)
@@ -804,12 +871,15 @@ class KvbmConfig:
         return SOURCE_DEFAULT if value == _default_value(field_name) else SOURCE_CONSTRUCTOR
 
     def describe(self) -> list[tuple[str, str, str]]:
-        """(variable, effective value, source) for every variable, table order."""
+        """(variable, effective value, source) for every variable, table order, then the set
+        Dynamo variables that have no effect (:data:`NO_EFFECT`)."""
         rows = []
         for var in VARIABLES:
             value = getattr(self, var.field)
             shown = "(unset)" if value is None else "<hidden>" if var.secret else var.kind.fmt(value)
             rows.append((var.name, shown, self.source_of(var.field)))
+        rows.extend((name, value, f"{_env_source(name)}, no effect in kvbm")
+                    for name, value in sorted(self.no_effect.items()))
         return rows
 
     def replace(self, **changes: Any) -> KvbmConfig:
@@ -897,23 +967,47 @@ def load_config(env: Mapping[str, str] | None = None, *, require_tier: bool = Tr
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for var in VARIABLES:
-        given = [(name, env[name]) for name in var.names if name in env]
-        parsed = [(name, raw, var.parse(raw, name)) for name, raw in given]
-        if len({value for _, _, value in parsed}) > 1:
-            shown = " and ".join(f"{name}={raw!r}" for name, raw, _ in parsed)
-            raise ConfigError(f"{shown}: expected equal values (they are aliases); set only one")
-        if parsed:
-            name, _, value = parsed[0]
-            values[var.field] = value
-            sources[var.field] = _env_source(name)
+        found = _read(var, env)
+        if found is not None:
+            values[var.field] = found[1]
+            sources[var.field] = _env_source(found[0])
     _resolve_leader_endpoint(env, values, sources)
+    no_effect = _read_no_effect(env)
     _warn_unknown(env)
-    cfg = KvbmConfig(**values, sources=sources)
+    cfg = KvbmConfig(**values, sources=sources, no_effect=no_effect)
     if cfg.has_disk_tier:
         _check_disk_dir(cfg)
     if require_tier:
         cfg.require_tier()
     return cfg
+
+
+def _read(rule: Variable | NoEffect, env: Mapping[str, str]) -> tuple[str, Any] | None:
+    """(name it was given under, checked value) of ``rule`` in ``env``, None if unset.
+
+    Aliases given together must agree: which one wins would otherwise be a guess.
+    """
+    parsed = [(name, env[name], rule.parse(env[name], name)) for name in rule.names if name in env]
+    if len({value for _, _, value in parsed}) > 1:
+        shown = " and ".join(f"{name}={raw!r}" for name, raw, _ in parsed)
+        raise ConfigError(f"{shown}: expected equal values (they are aliases); set only one")
+    return (parsed[0][0], parsed[0][2]) if parsed else None
+
+
+def _read_no_effect(env: Mapping[str, str]) -> dict[str, str]:
+    """Check every set :data:`NO_EFFECT` variable; return them (name -> raw value) for `kvbm config`."""
+    found: dict[str, str] = {}
+    for entry in NO_EFFECT:
+        if entry.prefix:
+            for name in sorted(n for n in env if entry.matches(n)):
+                entry.parse(env[name], name)
+                found[name] = env[name]
+        elif _read(entry, env) is not None:
+            found.update((n, env[n]) for n in entry.names if n in env)
+    if found:
+        log.warning("Dynamo variables that have no effect in kvbm, ignored: %s (docs/defaults.md says why)",
+                    ", ".join(sorted(found)))
+    return found
 
 
 def _resolve_leader_endpoint(
@@ -946,12 +1040,7 @@ def _check_disk_dir(cfg: KvbmConfig) -> None:
 
 
 def _warn_unknown(env: Mapping[str, str]) -> None:
-    names = sorted(n for n in env if n.startswith(PREFIX) and n not in _BY_NAME)
-    ignored = [n for n in names if n in _DYNAMO_UNSUPPORTED
-               or n.startswith(_DYNAMO_UNSUPPORTED_PREFIXES)]
-    unknown = [n for n in names if n not in ignored]
-    if ignored:
-        log.warning("Dynamo variables not implemented by kvbm, ignored: %s", ", ".join(ignored))
+    unknown = sorted(n for n in env if n.startswith(PREFIX) and n not in _BY_NAME and _no_effect_for(n) is None)
     if unknown:
         # Compare without the shared prefix, else everything looks close.
         suffixes = [n[len(PREFIX):] for n in _BY_NAME]
@@ -963,14 +1052,23 @@ def _warn_unknown(env: Mapping[str, str]) -> None:
 
 
 def markdown_table() -> str:
-    """The README configuration table: variable, default, meaning."""
+    """The README configuration tables: variable, default, meaning; then the Dynamo variables
+    accepted without effect: variable, accepted values, why."""
     lines = ["| Variable | Default | Meaning |", "|---|---|---|"]
     for var in VARIABLES:
-        name = f"`{var.name}`" + "".join(f" (alias `{a}`)" for a in var.aliases)
         if var.default_text is not None:
             default = var.default_text
         else:
             value = _FIELD_DEFAULTS[var.field]
             default = "unset" if value is None else var.kind.fmt(value)
-        lines.append(f"| {name} | `{default}` | {var.meaning} |")
+        lines.append(f"| {_md_name(var.name, var.aliases)} | `{default}` | {var.meaning} |")
+    lines += ["", "Dynamo variables kvbm accepts without effect (a set value is checked, then ignored; "
+              "a warning names them):", "", "| Variable | Accepted | Why it has no effect in kvbm |", "|---|---|---|"]
+    for entry in NO_EFFECT:
+        name = entry.name + "*" if entry.prefix else entry.name
+        lines.append(f"| {_md_name(name, entry.aliases)} | {entry.accepts} | {entry.why} |")
     return "\n".join(lines) + "\n"
+
+
+def _md_name(name: str, aliases: tuple[str, ...]) -> str:
+    return f"`{name}`" + "".join(f" (alias `{a}`)" for a in aliases)

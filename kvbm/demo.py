@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import select
 import shutil
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from kvbm.config import ConfigError, KvbmConfig, load_config
@@ -34,6 +37,11 @@ SYSTEM_TOKENS = 256  # shared system prompt that opens each conversation
 TURN_TOKENS = 96  # tokens each turn adds
 MAX_RANKS = 64  # one process each
 LOCAL_BUCKET = "kvbm-demo"  # --object-store local
+RANK_INTERRUPTED = 130  # a rank's exit code when Ctrl-C stopped it (kvbm.sim.rank)
+# After a child's death, how long a Ctrl-C may still arrive here and make it an interruption. The
+# group's SIGINT is pending in this process once a child has exited of it; this only covers its
+# delivery to the main thread.
+INTERRUPT_GRACE_S = 0.5
 
 
 def _int_in_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
@@ -185,6 +193,77 @@ def _object_rows(tier: ObjectTierStats, tokens: int) -> list[tuple[str, str]]:
     ]
 
 
+class Interrupts:
+    """Tells an interrupted demo from a failed one.
+
+    Ctrl-C in a terminal sends SIGINT to the whole process group: the leader (which then exits
+    with code 0) and the ranks (exit code 130) as well as this process. On a busy machine a child
+    may exit, and this process see it die, before its own KeyboardInterrupt is raised. A death
+    seen around a SIGINT is therefore the interruption, not an error: when a SIGINT reached this
+    process (its C-level handler writes to a wakeup pipe at once, whichever thread it lands on and
+    however late Python runs the handler), when the dead rank says it was interrupted, or when a
+    SIGINT arrives within :data:`INTERRUPT_GRACE_S` of seeing the death.
+
+    Use as a context manager around the run, in the main thread: it installs the SIGINT handler
+    (KeyboardInterrupt, as Python's) and the wakeup pipe, and restores what was there.
+    """
+
+    def __init__(self, grace_s: float = INTERRUPT_GRACE_S) -> None:
+        self.grace_s = grace_s
+        self.seen = False
+        self.raising = True  # False while stopping: a second Ctrl-C must not cut the clean-up short
+        self._previous: Callable[[int, FrameType | None], object] | int | None = None
+        self._previous_fd = -1
+        self._wake_r = self._wake_w = -1
+
+    def __enter__(self) -> Interrupts:
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._previous_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+        signal.set_wakeup_fd(self._previous_fd)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        self.seen = True
+        if self.raising:
+            raise KeyboardInterrupt
+
+    def arrived(self, timeout_s: float) -> bool:
+        """Whether a SIGINT reached this process, waiting up to ``timeout_s`` for one."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not self.seen:
+                remaining = deadline - time.monotonic()
+                if select.select([self._wake_r], [], [], max(0.0, remaining))[0]:
+                    self.seen = signal.SIGINT in os.read(self._wake_r, 512)
+                elif remaining <= 0:
+                    break
+        except KeyboardInterrupt:  # the handler ran meanwhile
+            pass
+        return self.seen
+
+    def explain(self, sim: SimEngine) -> bool:
+        """True when the error ``sim`` just raised is the interruption: a SIGINT came, or a child
+        died and a rank says it was interrupted, or a SIGINT comes within the grace."""
+        if self.arrived(0) or any(p.poll() == RANK_INTERRUPTED for p in sim.ranks):
+            return True
+        if sim.dead_rank() is None and sim.dead_leader() is None:
+            return False  # no child died: an error of its own
+        return self.arrived(self.grace_s)
+
+
+def _interrupted() -> int:
+    print("\ninterrupted: leader and ranks stopped, shared memory released", file=sys.stderr)
+    return 130
+
+
 def _local_s3() -> S3Server:
     from kvbm.bench.s3server import S3Server
 
@@ -210,6 +289,12 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     # The demo reports the ranks' errors itself (SimError, each reason once): keep their logs quiet.
     os.environ.setdefault("KVBM_SIM_LOG", "CRITICAL")
+    with Interrupts() as interrupts:
+        return _run_sim(args, interrupts)
+
+
+def _run_sim(args: argparse.Namespace, interrupts: Interrupts) -> int:
+    """The simulated engine's demo; exit code 0, 1 (a process died, or a mismatch), 2 or 130."""
     tmp = tempfile.mkdtemp(prefix="kvbm-demo-")
     s3 = None
     try:
@@ -250,7 +335,9 @@ def run(args: argparse.Namespace) -> int:
                 elif sim.stats.requests % (CHUNK * 8) == 0:
                     print(progress_line(sim.stats, total, started).lstrip("\r"), flush=True)
             leader = sim.quiesce()
-        except SimError:
+        except (SimError, LeaderStartError):
+            if interrupts.explain(sim):
+                raise KeyboardInterrupt from None
             # A dead process is the cause to name, not the wait it broke (e.g. an init sync).
             rank_gone, leader_gone = sim.dead_rank(), sim.dead_leader()
             if rank_gone is not None:
@@ -259,6 +346,7 @@ def run(args: argparse.Namespace) -> int:
                 raise LeaderDied(leader_gone) from None
             raise
         finally:
+            interrupts.raising = False  # stop everything, even on a second Ctrl-C
             leader_died = sim.dead_leader() is not None
             sim.stop()
             if leader_died:
@@ -268,14 +356,15 @@ def run(args: argparse.Namespace) -> int:
         print(summary(sim.stats, leader, time.monotonic() - started, args.ranks))
         return 0 if sim.stats.mismatches == 0 else 1
     except (RankDied, LeaderDied, LeaderStartError) as e:  # a process died
+        if interrupts.arrived(0):  # Ctrl-C while the demo stopped everything after the death
+            return _interrupted()
         print(f"\nkvbm demo: error: {e}; leader and ranks stopped, shared memory released", file=sys.stderr)
         return 1
     except SimError as e:  # start-up: the leader's or the ranks' one-line reason, not a traceback
         print(f"kvbm demo: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: leader and ranks stopped, shared memory released", file=sys.stderr)
-        return 130
+        return _interrupted()
     finally:
         if s3 is not None:
             s3.kill()

@@ -7,7 +7,10 @@ import math
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # kvbm bench processes
 def test_kvbm_bench_quick_prints_a_table_and_json(tmp_path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "kvbm", "bench", "--quick", "--json", str(out),
@@ -31,6 +34,7 @@ def _bench(*argv: str, block_vllm: bool = False) -> subprocess.CompletedProcess[
     return subprocess.run([sys.executable, "-c", code, "bench", *argv], capture_output=True, text=True, timeout=240)
 
 
+@pytest.mark.slow  # kvbm bench processes
 def test_suite_that_cannot_run_is_skipped_with_the_reason_and_fuzz_passes(tmp_path) -> None:
     """Without vLLM (`pip install -e .`) the vllm suite is skipped, not a crash; the fuzz suite's
     huge lookups (past the per-request hash cap too) get the reaction it expects."""
@@ -43,6 +47,7 @@ def test_suite_that_cannot_run_is_skipped_with_the_reason_and_fuzz_passes(tmp_pa
     assert all(r["ok"] for r in data["results"]) and "(5000 cases, ok)" in data["results"][0]["figure"]
 
 
+@pytest.mark.slow  # kvbm bench processes
 def test_unknown_suite_is_one_line_and_exit_2() -> None:
     proc = _bench("bogus")
     assert proc.returncode == 2 and proc.stdout == ""
@@ -65,11 +70,10 @@ def test_a_failed_suite_makes_the_exit_status_1(monkeypatch, capsys) -> None:
     assert len(table) > 2  # header, rule and the hashing suite's figures: the other suite still ran
 
 
+@pytest.mark.slow  # an S3 server process
 def test_objects_suite_moves_every_byte_through_the_tier() -> None:
     """`kvbm bench objects --quick`: G2 -> G4 -> G2 through the leader's object tier against a local
     S3 server, every byte compared; both figures come with the raw transport's rate of the same run."""
-    import pytest
-
     pytest.importorskip("moto")
     from kvbm.bench.objects import run
 

@@ -56,6 +56,7 @@ def test_registry_of_a_huge_tier_costs_no_memory_up_front() -> None:
     assert pool.num_free == 40_000_000 - 3 and pool.lookup(3) == 2 and pool.parent_of(2) == 2
 
 
+@pytest.mark.slow  # leader and rank processes
 @pytest.mark.parametrize(("var", "value", "shown", "asked"), [
     ("DYN_KVBM_DISK_CACHE_GB", "1e30", "1e+30", "1.0e+30 GB of disk cache"),
     ("DYN_KVBM_DISK_CACHE_GB", "100000", "100000.0", "100.0 TB of disk cache"),
@@ -80,6 +81,7 @@ def test_cache_beyond_the_machine_is_refused_at_once_in_one_line(
     assert os.listdir(tmp_path / "disk") == []
 
 
+@pytest.mark.slow  # a kvbm demo process
 def test_demo_with_an_absurd_host_pool_prints_one_line() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_KVBM_", "KVBM_SIM_LOG"))}
     env["DYN_KVBM_CPU_CACHE_GB"] = "1e30"
@@ -95,6 +97,7 @@ def test_demo_with_an_absurd_host_pool_prints_one_line() -> None:
     assert "DYN_KVBM_CPU_CACHE_GB=1e+30 asks for 1.0e+30 GB of host pool; /dev/shm has " in lines[0]
 
 
+@pytest.mark.slow  # leader and rank processes
 def test_longest_init_timeout_works_end_to_end(make_config) -> None:
     """86400 s (the accepted maximum) reaches every poll and deadline in leader and ranks."""
     cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="16", DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS="86400")
@@ -103,6 +106,7 @@ def test_longest_init_timeout_works_end_to_end(make_config) -> None:
         assert sim.stats.mismatches == 0
 
 
+@pytest.mark.slow  # leader and rank processes
 def test_killed_leader_disk_file_is_swept_and_a_clean_stop_removes_its_own(make_config, tmp_path: Path) -> None:
     disk_dir = tmp_path / "disk"
     disk_dir.mkdir()
@@ -130,6 +134,7 @@ def test_killed_leader_disk_file_is_swept_and_a_clean_stop_removes_its_own(make_
     assert left == (["kvbm-someone-else-disk.bin", "notes.bin"] if os.geteuid() == 0 else ["notes.bin"])
 
 
+@pytest.mark.slow  # leader and rank processes
 @pytest.mark.parametrize("block_size", [24, 48])
 def test_block_size_not_a_power_of_two_serves_byte_exact(make_config, block_size: int) -> None:
     """Dynamo compat (item 12): engines use block sizes such as 24; kvbm serves them."""

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from kvbm.leader.client import LeaderClient
 from kvbm.sim.engine import SimEngine
 from kvbm.sim.rank import SimModel
+
+pytestmark = pytest.mark.slow  # a leader process
 
 
 def test_allocate_stores_batches_and_isolates_errors(make_config) -> None:

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from kvbm.ipc.stats import LeaderState
 from kvbm.leader.client import LeaderClient
 from kvbm.sim.engine import SimEngine
 from kvbm.sim.rank import SimModel
+
+pytestmark = pytest.mark.slow  # a leader process
 
 
 def test_wait_ready_follows_the_leader_through_init(make_config) -> None:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from kvbm import __version__
 from kvbm.cli import main
 from kvbm.config import (
+    NO_EFFECT,
     VARIABLES,
     ConfigError,
     KvbmConfig,
@@ -53,21 +54,15 @@ VALID: dict[str, tuple[str, Any]] = {
     "DYN_KVBM_LEADER_ENDPOINT": ("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5555"),
     "DYN_KVBM_LEADER_ZMQ_HOST": ("localhost", "localhost"),
     "DYN_KVBM_LEADER_ZMQ_PUB_PORT": ("6000", 6000),
-    "DYN_KVBM_LEADER_ZMQ_ACK_PORT": ("6001", 6001),
     "DYN_KVBM_ALLOW_NON_LOOPBACK": ("No", False),
     "DYN_KVBM_RUN_DIR": ("/run/user/1000/kvbm", "/run/user/1000/kvbm"),
     "DYN_KVBM_MAX_CONCURRENT_TRANSFERS": ("1", 1),
-    "DYN_KVBM_TRANSFER_BATCH_SIZE": ("64", 64),
     "DYN_KVBM_KV_EVENTS_ENDPOINT": ("tcp://127.0.0.1:5557", "tcp://127.0.0.1:5557"),
     "DYN_KVBM_DISK_BOUNCE_BLOCKS": ("8", 8),
     "DYN_KVBM_CACHE_STATS_MAX_REQUESTS": ("10", 10),
     "DYN_KVBM_HEARTBEAT_INTERVAL_SECS": (".1", 0.1),
     "DYN_KVBM_LIVENESS_TIMEOUT_SECS": ("3", 3.0),
     "DYN_KVBM_LOG_LEVEL": ("debug", "DEBUG"),
-    "DYN_KVBM_DISK_ALLOCATOR_TYPE": ("Open-Direct", "open-direct"),
-    "DYN_KVBM_DISABLE_WRITE_COMBINED": ("1", True),
-    "DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE": ("passthrough", "passthrough"),
-    "DYN_KVBM_NCCL_MAX_CTAS": ("8", 8),
     "DYN_KVBM_OBJECT_ENABLED": ("1", True),
     "DYN_KVBM_OBJECT_BUCKET": ("kv-{worker_id}", "kv-{worker_id}"),
     "DYN_KVBM_OBJECT_ENDPOINT": ("http://127.0.0.1:9000/", "http://127.0.0.1:9000"),
@@ -89,6 +84,44 @@ _ENDPOINT_BAD = [
     "tcp://:5555", "tcp://127.0.0.1:port", "ipc://", "ipc://relative/path", "udp://127.0.0.1:5",
     "tcp://[notipv6]:5", "tcp://bad host:5", "tcp://::1:5555", LONG_IPC,
 ]
+# Dynamo variables accepted without effect (NO_EFFECT): one valid raw value each, the checked
+# ones with their bad forms; the rest take any value.
+NO_EFFECT_VALID: dict[str, str] = {
+    "DYN_KVBM_LEADER_ZMQ_ACK_PORT": "6001",
+    "DYN_KVBM_MAX_TRANSFER_BATCH_SIZE": "64",
+    "DYN_KVBM_DISK_ALLOCATOR_TYPE": "Open-Direct",
+    "DYN_KVBM_DISABLE_WRITE_COMBINED": "1",
+    "DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE": "passthrough",
+    "DYN_KVBM_KV_EVENTS_ENABLE_CONSOLIDATOR": "on",
+    "DYN_KVBM_TRTLLM_ZMQ_PORT": "20081",
+    "DYN_KVBM_NCCL_MAX_CTAS": "8",
+    "DYN_KVBM_NCCL_MLA_MODE": "true",
+    "DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS": "5",
+    "DYN_KVBM_HOST_OFFLOAD_PREFIX_MIN_PRIORITY": "35",
+    "DYN_KVBM_ENABLE_RECORD": "1",
+    "DYN_KVBM_ENABLE_NUMA": "1",
+    "DYN_KVBM_HOST_MEMORY_PROVIDER": "mymod:factory",
+    "DYN_KVBM_MANAGER_NAMESPACE": "ns",
+    "DYN_KVBM_G2_CAPACITY_BYTES": "107374182400",
+    "DYN_KVBM_G4_TRANSFER_TIMEOUT_SECS": "30",
+    "DYN_KVBM_G4_DRAIN_QUEUE_CAP": "512",
+    "DYN_KVBM_NIXL_BACKEND_": "true",
+}
+NO_EFFECT_BAD: dict[str, list[str]] = {
+    "DYN_KVBM_LEADER_ZMQ_ACK_PORT": _PORT_BAD,
+    "DYN_KVBM_MAX_TRANSFER_BATCH_SIZE": _COUNT_BAD,
+    "DYN_KVBM_TRANSFER_BATCH_SIZE": _COUNT_BAD,
+    "DYN_KVBM_DISK_ALLOCATOR_TYPE": ["", "fast", "open_direct"],
+    "DYN_KVBM_DISABLE_WRITE_COMBINED": _BOOL_BAD,
+    "DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE": ["", "dedupe", "none"],
+    "DYN_KVBM_TRTLLM_ZMQ_PORT": _PORT_BAD,
+    "DYN_KVBM_NCCL_MAX_CTAS": _COUNT_BAD,
+    "DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS": _NUM_BAD + ["0", "-5"],
+    "DYN_KVBM_HOST_OFFLOAD_PREFIX_MIN_PRIORITY": _INT_BAD + ["-1", "101"],
+    "DYN_KVBM_G2_CAPACITY_BYTES": _INT_BAD + ["-1"],
+    "DYN_KVBM_G4_TRANSFER_TIMEOUT_SECS": _NUM_BAD + ["0"],
+    "DYN_KVBM_G4_DRAIN_QUEUE_CAP": _COUNT_BAD,
+}
 # Every bad form of every variable. Each must raise one ConfigError naming both.
 BAD: dict[str, list[str]] = {
     "DYN_KVBM_CPU_CACHE_GB": _NUM_BAD + ["-1", "-0.5"],
@@ -109,21 +142,15 @@ BAD: dict[str, list[str]] = {
     "DYN_KVBM_LEADER_ENDPOINT": _ENDPOINT_BAD + ["tcp://10.0.0.1:5555", "tcp://*:5555"],
     "DYN_KVBM_LEADER_ZMQ_HOST": ["", "bad host", "-lead", "a..b", "0.0.0.0", "10.1.2.3"],
     "DYN_KVBM_LEADER_ZMQ_PUB_PORT": _PORT_BAD,
-    "DYN_KVBM_LEADER_ZMQ_ACK_PORT": _PORT_BAD,
     "DYN_KVBM_ALLOW_NON_LOOPBACK": _BOOL_BAD,
     "DYN_KVBM_RUN_DIR": ["", "relative/dir", "/" + "d" * 100],
     "DYN_KVBM_MAX_CONCURRENT_TRANSFERS": _COUNT_BAD,
-    "DYN_KVBM_TRANSFER_BATCH_SIZE": _COUNT_BAD,
     "DYN_KVBM_KV_EVENTS_ENDPOINT": _ENDPOINT_BAD + ["tcp://8.8.8.8:5557", "tcp://*:5557"],
     "DYN_KVBM_DISK_BOUNCE_BLOCKS": _COUNT_BAD,
     "DYN_KVBM_CACHE_STATS_MAX_REQUESTS": _COUNT_BAD,
     "DYN_KVBM_HEARTBEAT_INTERVAL_SECS": _NUM_BAD + ["0", "-0.25"],
     "DYN_KVBM_LIVENESS_TIMEOUT_SECS": _NUM_BAD + ["0", "0.1"],  # 0.1 < heartbeat 0.25
     "DYN_KVBM_LOG_LEVEL": ["", "verbose", "warn", "TRACE", "10"],
-    "DYN_KVBM_DISK_ALLOCATOR_TYPE": ["", "fast", "open_direct"],
-    "DYN_KVBM_DISABLE_WRITE_COMBINED": _BOOL_BAD,
-    "DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE": ["", "dedupe", "none"],
-    "DYN_KVBM_NCCL_MAX_CTAS": _COUNT_BAD,
     "DYN_KVBM_OBJECT_ENABLED": _BOOL_BAD,
     "DYN_KVBM_OBJECT_BUCKET": ["", "ab", "Upper", "under_score", "-start", "end-", "a" * 64, "my bucket"],
     "DYN_KVBM_OBJECT_ENDPOINT": ["", "127.0.0.1:9000", "ftp://host:21", "http://", "http://host:0",
@@ -150,8 +177,12 @@ def test_tables_cover_every_variable() -> None:
     assert sorted(VALID) == sorted(names) == sorted(BAD)
     assert len(set(names)) == len(names)
     assert {v.field for v in VARIABLES} == {
-        f.name for f in dataclasses.fields(KvbmConfig) if f.name != "sources"
+        f.name for f in dataclasses.fields(KvbmConfig) if f.name not in ("sources", "no_effect")
     }
+    no_effect = [n for e in NO_EFFECT for n in e.names]
+    assert sorted(NO_EFFECT_VALID) == sorted(e.name for e in NO_EFFECT)
+    assert set(NO_EFFECT_BAD) <= set(no_effect) and len(set(no_effect)) == len(no_effect)
+    assert not set(no_effect) & {n for v in VARIABLES for n in v.names}  # one mechanism per name
 
 
 # -- valid values ----------------------------------------------------------
@@ -185,7 +216,9 @@ def test_defaults() -> None:
     assert cfg.metrics_port == 6880 and not cfg.metrics_enabled
     assert cfg.leader_endpoint is None and cfg.leader_zmq_pub_port == 56001
     assert cfg.run_dir == f"/tmp/kvbm-{UID}" == KvbmConfig().run_dir
-    assert (cfg.max_concurrent_transfers, cfg.transfer_batch_size) == (4, 16)
+    assert cfg.max_concurrent_transfers == 4
+    assert cfg.object_write_through  # Dynamo's default: a prefix one instance computed is in G4 for all
+    assert cfg.no_effect == {}
     assert cfg.log_level == "INFO"
     assert {src for _, _, src in cfg.describe()} == {"default"}
     assert not cfg.has_cpu_tier and not cfg.has_disk_tier
@@ -207,7 +240,7 @@ def test_surrounding_blanks_and_case() -> None:
 
 # -- bad values ------------------------------------------------------------
 
-BAD_CASES = [(name, raw) for name, raws in BAD.items() for raw in raws]
+BAD_CASES = [(name, raw) for name, raws in {**BAD, **NO_EFFECT_BAD}.items() for raw in raws]
 
 
 @pytest.mark.parametrize(("name", "raw"), BAD_CASES, ids=[f"{n}={r!r}" for n, r in BAD_CASES])
@@ -296,15 +329,14 @@ def test_relative_disk_dir_is_made_absolute(
 
 
 def test_transfer_batch_alias() -> None:
-    cfg = load_config({**CPU, "DYN_KVBM_MAX_TRANSFER_BATCH_SIZE": "8"})
-    assert cfg.transfer_batch_size == 8
-    assert cfg.sources["transfer_batch_size"] == "env DYN_KVBM_MAX_TRANSFER_BATCH_SIZE"
-    assert load_config(cfg.to_env()) == cfg
+    cfg = load_config({**CPU, "DYN_KVBM_TRANSFER_BATCH_SIZE": "8"})
+    assert cfg.no_effect == {"DYN_KVBM_TRANSFER_BATCH_SIZE": "8"}
+    assert load_config(cfg.to_env()) == cfg and "DYN_KVBM_TRANSFER_BATCH_SIZE" not in cfg.to_env()
     both = {**CPU, "DYN_KVBM_TRANSFER_BATCH_SIZE": "8", "DYN_KVBM_MAX_TRANSFER_BATCH_SIZE": "08"}
-    assert load_config(both).transfer_batch_size == 8  # equal values are fine
+    assert len(load_config(both).no_effect) == 2  # equal values are fine
     msg = _error({**both, "DYN_KVBM_MAX_TRANSFER_BATCH_SIZE": "16"})
-    assert msg.startswith("DYN_KVBM_TRANSFER_BATCH_SIZE='8' and "
-                          "DYN_KVBM_MAX_TRANSFER_BATCH_SIZE='16': expected equal values")
+    assert msg.startswith("DYN_KVBM_MAX_TRANSFER_BATCH_SIZE='16' and "
+                          "DYN_KVBM_TRANSFER_BATCH_SIZE='8': expected equal values")
     bad_alias = _error({**CPU, "DYN_KVBM_MAX_TRANSFER_BATCH_SIZE": "0"})
     assert bad_alias.startswith("DYN_KVBM_MAX_TRANSFER_BATCH_SIZE='0': expected")
 
@@ -345,7 +377,7 @@ def test_dynamo_zmq_host_and_port() -> None:
     assert cfg.leader_endpoint == "tcp://[::1]:7000"
     assert load_config(cfg.to_env()) == cfg
     ack = load_config({**CPU, "DYN_KVBM_LEADER_ZMQ_ACK_PORT": "56002"})
-    assert ack.leader_endpoint is None and ack.leader_zmq_ack_port == 56002
+    assert ack.leader_endpoint is None and ack.no_effect == {"DYN_KVBM_LEADER_ZMQ_ACK_PORT": "56002"}
     msg = _error({**CPU, "DYN_KVBM_LEADER_ZMQ_HOST": "10.0.0.2"})
     assert msg.startswith("DYN_KVBM_LEADER_ZMQ_HOST='10.0.0.2': expected a loopback address")
     allowed = load_config({**CPU, "DYN_KVBM_LEADER_ZMQ_HOST": "10.0.0.2",
@@ -404,18 +436,30 @@ def test_init_timeout_range_message() -> None:
 # -- unknown variables -------------------------------------------------------
 
 
+@pytest.mark.parametrize("entry", NO_EFFECT, ids=lambda e: e.name)
+def test_each_no_effect_variable_is_accepted_warned_and_shown(entry: Any, caplog: pytest.LogCaptureFixture) -> None:
+    name = entry.name + "UCX" if entry.prefix else entry.name
+    raw = NO_EFFECT_VALID[entry.name]
+    with caplog.at_level(logging.WARNING, logger="kvbm.config"):
+        cfg = load_config({**CPU, name: raw})
+    assert cfg == load_config(CPU)  # no effect on the configuration
+    assert cfg.no_effect == {name: raw}
+    assert (name, raw, f"env {name}, no effect in kvbm") in cfg.describe()
+    assert f"no effect in kvbm, ignored: {name} (docs/defaults.md says why)" in caplog.text
+    assert "unknown" not in caplog.text
+    row = next(line for line in markdown_table().splitlines() if line.startswith(f"| `{entry.name}"))
+    assert row.endswith(f"| {entry.accepts} | {entry.why} |") and entry.why
+
+
 def test_dynamo_1_6_variables_are_known(caplog: pytest.LogCaptureFixture) -> None:
     env = {**CPU, "DYN_KVBM_DISK_ALLOCATOR_TYPE": "default", "DYN_KVBM_DISABLE_WRITE_COMBINED": "0",
            "DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE": "DEDUP", "DYN_KVBM_NCCL_MAX_CTAS": "16"}
     with caplog.at_level(logging.WARNING, logger="kvbm.config"):
         cfg = load_config(env)
-    assert caplog.text == ""
-    assert (cfg.disk_allocator_type, cfg.kv_events_consolidator_mode, cfg.nccl_max_ctas) == (
-        "default", "dedup", 16)
-    meanings = {v.name: v.meaning for v in VARIABLES}
-    for name in env:
-        if name != "DYN_KVBM_CPU_CACHE_GB":
-            assert meanings[name].startswith("Dynamo compat, no effect")
+    assert caplog.text.count("\n") == 1  # one line, listing them all
+    assert ("no effect in kvbm, ignored: DYN_KVBM_DISABLE_WRITE_COMBINED, DYN_KVBM_DISK_ALLOCATOR_TYPE, "
+            "DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE, DYN_KVBM_NCCL_MAX_CTAS") in caplog.text
+    assert sorted(cfg.no_effect) == sorted(n for n in env if n != "DYN_KVBM_CPU_CACHE_GB")
 
 
 def test_unknown_variables_warn(caplog: pytest.LogCaptureFixture) -> None:
@@ -425,10 +469,10 @@ def test_unknown_variables_warn(caplog: pytest.LogCaptureFixture) -> None:
         cfg = load_config(env)
     assert cfg.cpu_cache_gb == 1.0
     text = caplog.text
-    assert "DYN_KVBM_CPU_CACH_GB (did you mean DYN_KVBM_CPU_CACHE_GB?)" in text
-    assert "DYN_KVBM_ZZZ" in text and "OTHER" not in text
-    assert "not implemented by kvbm, ignored: DYN_KVBM_ENABLE_NUMA, DYN_KVBM_NIXL_BACKEND_UCX" \
-        in text
+    assert "unknown DYN_KVBM_* variables, ignored: DYN_KVBM_CPU_CACH_GB (did you mean DYN_KVBM_CPU_CACHE_GB?), " \
+        "DYN_KVBM_ZZZ" in text
+    assert "OTHER" not in text
+    assert "no effect in kvbm, ignored: DYN_KVBM_ENABLE_NUMA, DYN_KVBM_NIXL_BACKEND_UCX" in text
 
 
 # -- the object itself -------------------------------------------------------
@@ -477,7 +521,7 @@ def test_replace_rederives_zmq_endpoint() -> None:
 @pytest.mark.parametrize(("field", "value"), [
     ("cpu_cache_gb", -1.0), ("cpu_cache_gb", math.nan), ("cpu_cache_gb", "4"),
     ("metrics_enabled", 1), ("metrics_port", True), ("metrics_port", 70000),
-    ("transfer_batch_size", 0), ("log_level", "info"), ("run_dir", "rel"),
+    ("max_concurrent_transfers", 0), ("log_level", "info"), ("run_dir", "rel"),
     ("leader_endpoint", "tcp://nowhere"), ("leader_endpoint", "tcp://10.0.0.1:5"),
     ("init_timeout_s", 0.0), ("disk_cache_dir", ""), ("leader_zmq_host", "a b"),
 ])
@@ -505,9 +549,11 @@ def test_markdown_table() -> None:
     table = markdown_table()
     lines = table.strip().splitlines()
     assert lines[0] == "| Variable | Default | Meaning |"
-    assert len(lines) == 2 + len(VARIABLES)
-    assert "`DYN_KVBM_TRANSFER_BATCH_SIZE` (alias `DYN_KVBM_MAX_TRANSFER_BATCH_SIZE`) | `16`" \
-        in table
+    assert len(lines) == 2 + len(VARIABLES) + 5 + len(NO_EFFECT)
+    assert lines[2 + len(VARIABLES) + 3] == "| Variable | Accepted | Why it has no effect in kvbm |"
+    assert "| `DYN_KVBM_MAX_TRANSFER_BATCH_SIZE` (alias `DYN_KVBM_TRANSFER_BATCH_SIZE`) | a whole number" in table
+    assert "| `DYN_KVBM_NIXL_BACKEND_*` | any value |" in table
+    assert "| `DYN_KVBM_OBJECT_WRITE_THROUGH` | `true` |" in table
     assert "| `DYN_KVBM_RUN_DIR` | `/tmp/kvbm-<uid>` |" in table
     assert "| `DYN_KVBM_CPU_CACHE_GB` | `unset` |" in table
 
@@ -594,14 +640,15 @@ def test_cli_config_table() -> None:
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["VARIABLE", "VALUE", "SOURCE"]
-    assert len(lines) == 1 + len(VARIABLES)  # tier configured: no note
+    assert len(lines) == 1 + len(VARIABLES) + 1  # the variable with no effect; tier configured: no note
     col = lines[0].index("VALUE")
     src = lines[0].index("SOURCE")
     rows = {line.split()[0]: line for line in lines[1:]}
     gb = rows["DYN_KVBM_CPU_CACHE_GB"]
     assert gb[col:].split()[0] == "4.0" and gb[src:] == "env DYN_KVBM_CPU_CACHE_GB"
-    batch = rows["DYN_KVBM_TRANSFER_BATCH_SIZE"]
-    assert batch[src:] == "env DYN_KVBM_MAX_TRANSFER_BATCH_SIZE"
+    batch = rows["DYN_KVBM_MAX_TRANSFER_BATCH_SIZE"]
+    assert batch[col:].split()[0] == "8" and batch[src:] == "env DYN_KVBM_MAX_TRANSFER_BATCH_SIZE, no effect in kvbm"
+    assert lines[-1] == batch  # after every variable kvbm uses
     assert rows["DYN_KVBM_METRICS_PORT"][src:] == "default"
 
 

@@ -1,4 +1,5 @@
-"""`kvbm demo` as a user runs it: flag errors, a killed rank or leader, Ctrl-C (real processes)."""
+"""`kvbm demo` as a user runs it: flag errors, a killed rank or leader, Ctrl-C (real processes:
+those tests are marked slow)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from kvbm.cli import main
+from kvbm.demo import INTERRUPT_GRACE_S, RANK_INTERRUPTED, Interrupts
 
 BIG = ["--conversations", "200", "--turns", "8"]  # runs far longer than any test waits
 
@@ -82,6 +85,7 @@ def _finish(proc: subprocess.Popen[str], t0: float) -> tuple[int, str, float]:
     return proc.returncode, err, time.monotonic() - t0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["rank1", "leader"])
 def test_killed_process_ends_the_demo_with_one_line(victim: str, start_demo) -> None:
     proc = start_demo(BIG)
@@ -95,6 +99,7 @@ def test_killed_process_ends_the_demo_with_one_line(victim: str, start_demo) -> 
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"kvbm-sim-{proc.pid}-")]
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_everything_fast_without_tracebacks(start_demo) -> None:
     proc = start_demo(BIG)
     children = _children(proc.pid)
@@ -110,6 +115,100 @@ def test_ctrl_c_stops_everything_fast_without_tracebacks(start_demo) -> None:
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"kvbm-sim-{proc.pid}-")]
 
 
+def _state(pid: int) -> str:
+    """The process state letter from /proc (Z: exited, not yet reaped by the demo); X if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "X"
+
+
+def _wait_exited(pids: list[int], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(_state(pid) not in "ZX" for pid in pids):
+        assert time.monotonic() < deadline, {pid: _state(pid) for pid in pids}
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first", ["leader", "group"])
+def test_ctrl_c_after_the_children_exited_is_still_an_interruption(first: str, start_demo) -> None:
+    """The race of a busy machine, made certain: the demo is stopped while its children exit of
+    Ctrl-C, and sees them dead when it resumes. "leader": only the leader got the SIGINT so far
+    (exit code 0); the group's comes once the demo has had time to see the leader dead (less than
+    the grace), as when this process is the last one scheduled; "group": the whole group got it,
+    the demo's own SIGINT still pending."""
+    proc = start_demo(BIG)
+    children = _children(proc.pid)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        if first == "leader":
+            os.kill(children["leader"], signal.SIGINT)
+            _wait_exited([children["leader"]])
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+            _wait_exited(list(children.values()))
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    t0 = time.monotonic()
+    if first == "leader":
+        time.sleep(INTERRUPT_GRACE_S / 2)
+        os.killpg(proc.pid, signal.SIGINT)
+    code, err, took = _finish(proc, t0)
+    assert code == 130 and "interrupted: leader and ranks stopped" in err, err
+    assert "kvbm demo: error" not in err and "Traceback" not in err, err
+    assert took < 3.0, f"Ctrl-C took {took:.1f} s"
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"kvbm-sim-{proc.pid}-")]
+
+
+class _Child:
+    def __init__(self, code: int | None) -> None:
+        self.code = code
+
+    def poll(self) -> int | None:
+        return self.code
+
+
+class _Sim:
+    """What Interrupts.explain reads of a SimEngine: the rank processes and who died."""
+
+    def __init__(self, ranks: list[int | None], leader: int | None = None) -> None:
+        self.ranks = [_Child(c) for c in ranks]
+        self.leader = leader
+
+    def dead_rank(self) -> str | None:
+        return next((f"rank {r} died" for r, p in enumerate(self.ranks) if p.poll() is not None), None)
+
+    def dead_leader(self) -> str | None:
+        return None if self.leader is None else f"the leader died (exit code {self.leader})"
+
+
+def test_interrupts_tell_an_interrupted_demo_from_a_failed_one() -> None:
+    before = signal.getsignal(signal.SIGINT)
+    with Interrupts(grace_s=0.2) as interrupts:
+        assert not interrupts.explain(_Sim([None, None]))  # no death: an error of its own, no wait
+        t0 = time.monotonic()
+        assert not interrupts.explain(_Sim([None, None], leader=0))  # a death and no Ctrl-C
+        assert time.monotonic() - t0 >= 0.2
+        assert interrupts.explain(_Sim([RANK_INTERRUPTED, None]))  # a rank says it was interrupted
+        assert not interrupts.seen
+    with Interrupts(grace_s=30) as interrupts:  # the wait ends when the SIGINT comes, however late
+        # The leader exited first; this process's SIGINT comes during the grace.
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+        assert interrupts.explain(_Sim([None, None], leader=0))
+        assert interrupts.seen
+        assert interrupts.explain(_Sim([None, None]))  # once seen, any error is the interruption
+        interrupts.raising = False
+        os.kill(os.getpid(), signal.SIGINT)  # while stopping: recorded, not raised
+        time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) is before
+    with Interrupts() as fresh, pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    assert fresh.seen
+
+
 def _figures(stdout: str) -> dict[str, str]:
     """The summary's rows, without the ones that are times or rates."""
     rows = stdout.split("\nSummary\n")[1].splitlines()
@@ -117,6 +216,7 @@ def _figures(stdout: str) -> dict[str, str]:
     return {k: v.strip() for k, v in pairs if "GB/s" not in v and k != "wall time"}
 
 
+@pytest.mark.slow
 def test_same_seed_same_figures() -> None:
     """Two runs with one seed give the same figures, G3 included (the disk tier is exercised)."""
     argv = [sys.executable, "-m", "kvbm", "demo", "--conversations", "12", "--turns", "4",
@@ -131,6 +231,7 @@ def test_same_seed_same_figures() -> None:
     assert fa == fb
 
 
+@pytest.mark.slow
 def test_object_store_line_and_g4_hits() -> None:
     """--object-store local: a G4 line, blocks put in the store and, with a small host pool and no
     disk, loads staged back from it; every loaded byte checked by the oracle."""

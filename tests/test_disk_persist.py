@@ -24,6 +24,8 @@ from kvbm.sim.engine import SimEngine
 from kvbm.ipc.stats import LeaderStats
 from kvbm.sim.rank import SimModel
 
+pytestmark = pytest.mark.slow  # leader and rank processes
+
 MODEL = SimModel(num_layers=2, kv_heads=2, head_dim=32, num_gpu_blocks=48)
 BLOCKS_PER_PROMPT = 12
 

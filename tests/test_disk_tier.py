@@ -10,6 +10,8 @@ from kvbm.leader.disk import disk_file_path
 from kvbm.sim.engine import SimEngine
 from kvbm.sim.rank import SimModel
 
+pytestmark = pytest.mark.slow  # leader and rank processes
+
 MODEL = SimModel(num_layers=2, kv_heads=2, head_dim=32, num_gpu_blocks=48)
 
 

@@ -212,6 +212,7 @@ def capture(tmp_path_factory) -> Capture:
     return Capture(frames, expected, stats, prompts, cleared)
 
 
+@pytest.mark.slow  # leader and rank processes (the capture fixture)
 def test_sub_client_sees_exactly_the_leaders_events(capture: Capture) -> None:
     seqs = [int.from_bytes(f[1], "big") for f in capture.frames]
     assert seqs == list(range(len(seqs)))  # from 0, no gap: nothing lost
@@ -225,6 +226,7 @@ def test_sub_client_sees_exactly_the_leaders_events(capture: Capture) -> None:
     assert n_stored_maps < sum(1 for g in got if g[0] == "stored")
 
 
+@pytest.mark.slow  # leader and rank processes (the capture fixture)
 def test_events_account_for_every_store_eviction_and_offload(capture: Capture) -> None:
     got = _flatten([decode_batch(f[2])[1] for f in capture.frames])
     s = capture.stats
@@ -260,6 +262,7 @@ def _stored_chains(capture: Capture) -> tuple[dict[int, int | None], list[list[i
     return parent_of, chains
 
 
+@pytest.mark.slow  # leader and rank processes (the capture fixture)
 def test_stored_events_chain_like_the_prompts(capture: Capture) -> None:
     parent_of, chains = _stored_chains(capture)
     for chain in chains:
@@ -270,11 +273,13 @@ def test_stored_events_chain_like_the_prompts(capture: Capture) -> None:
             assert parent_of[h] == parent  # type: ignore[index]
 
 
+@pytest.mark.slow  # leader and rank processes (the capture fixture)
 def test_stored_events_name_the_parent_of_every_non_root_block(capture: Capture) -> None:
     parent_of, chains = _stored_chains(capture)
     assert all(parent_of[chain[1]] == chain[0] for chain in chains)  # type: ignore[index]
 
 
+@pytest.mark.slow  # leader and rank processes (the capture fixture)
 def test_reset_cache_publishes_one_all_blocks_cleared(capture: Capture) -> None:
     assert len(capture.cleared_frames) == 1
     last_seq = int.from_bytes(capture.frames[-1][1], "big")
@@ -282,6 +287,7 @@ def test_reset_cache_publishes_one_all_blocks_cleared(capture: Capture) -> None:
     assert decode_batch(capture.cleared_frames[0][2])[1] == [{"type": "AllBlocksCleared"}]
 
 
+@pytest.mark.slow  # leader and rank processes (the capture fixture)
 @pytest.mark.vllm
 def test_vllm_decodes_the_stream_and_reencodes_identical_bytes(capture: Capture) -> None:
     kv_events = pytest.importorskip("vllm.distributed.kv_events")

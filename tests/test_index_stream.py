@@ -20,6 +20,8 @@ from kvbm.leader.registry import Tier
 from kvbm.sim.engine import SimEngine, chat_workload
 from kvbm.sim.rank import SimModel
 
+pytestmark = pytest.mark.slow  # leader and rank processes
+
 
 def test_index_stream_mirrors_the_leaders_matchable_set(make_config) -> None:
     cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8")

@@ -5,7 +5,11 @@ from __future__ import annotations
 import logging
 import os
 
+import pytest
+
 from kvbm.leader.spawn import LAST_LOG_NAME, spawn_leader
+
+pytestmark = pytest.mark.slow  # leader processes
 
 
 def test_stopped_leader_keeps_its_log_and_a_killed_one_is_reported(make_config, caplog) -> None:

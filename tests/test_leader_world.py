@@ -16,6 +16,8 @@ from kvbm.leader.client import TierBlocks
 from kvbm.sim.engine import SimEngine, SimError, chat_workload
 from kvbm.sim.rank import SimModel
 
+pytestmark = pytest.mark.slow  # leader and rank processes
+
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     return list(chat_workload(n, 3, system_tokens=64, turn_tokens=40, seed=seed))

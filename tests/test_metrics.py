@@ -194,6 +194,7 @@ def _engine_config(make_config, tmp_path, port: int):
 MODEL = SimModel(num_layers=2, kv_heads=1, head_dim=32, num_gpu_blocks=40)
 
 
+@pytest.mark.slow  # leader and rank processes
 def test_scraped_counters_match_the_run(make_config, tmp_path) -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}/metrics"
@@ -288,6 +289,7 @@ def test_scraped_counters_match_the_run(make_config, tmp_path) -> None:
     assert v(samples, "kvbm_failed_loads") == v(samples, "kvbm_aborted_stores") == 0
 
 
+@pytest.mark.slow  # leader and rank processes
 def test_leader_with_its_metrics_port_taken_serves_on(make_config, tmp_path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

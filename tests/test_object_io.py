@@ -88,6 +88,7 @@ def _fill(pool: HostPool, slot: int, seed: int) -> bytes:
     return data
 
 
+@pytest.mark.slow  # an S3 server process
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_put_lookup_get_round_trip(server: S3Server, pool: HostPool, transport: str) -> None:
     t = Tier(server, pool, transport=transport)
@@ -115,6 +116,7 @@ def test_put_lookup_get_round_trip(server: S3Server, pool: HostPool, transport: 
         t.io.close()
 
 
+@pytest.mark.slow  # an S3 server process
 def test_full_put_queue_refuses_and_close_drains_the_queued_puts(server: S3Server, pool: HostPool) -> None:
     t = Tier(server, pool, writers=1, queue_cap=8)
     try:
@@ -131,6 +133,7 @@ def test_full_put_queue_refuses_and_close_drains_the_queued_puts(server: S3Serve
     check.close()
 
 
+@pytest.mark.slow  # an S3 server process
 @pytest.mark.parametrize("problem", ["missing_bucket", "unreachable"])
 def test_unusable_store_is_reported_not_waited_for(server: S3Server, pool: HostPool, problem: str) -> None:
     srv = server

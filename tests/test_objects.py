@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -28,6 +29,11 @@ from kvbm.leader.objects import (  # noqa: E402
     S3Backend,
 )
 from kvbm.bench.s3server import S3Server  # noqa: E402
+from kvbm.config import KvbmConfig, load_config  # noqa: E402
+from kvbm.hashing import EMPTY_SALT_HASH  # noqa: E402
+from kvbm.sim.engine import SimEngine  # noqa: E402
+
+pytestmark = pytest.mark.slow  # an S3 server process for the module; leader and rank processes
 
 BLOCK = 64 * 1024
 HAVE_NIXL = any(importlib.util.find_spec(n) is not None for n in ("nixl", "nixl_cu12", "nixl_cu13"))
@@ -160,3 +166,80 @@ def test_unreachable_endpoint_fails_fast() -> None:
         assert time.monotonic() - t0 < 30
     finally:
         objs.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Across engine processes, with Dynamo's variables only: what one engine computed once, a new
+# engine (new leader, new rank processes, empty host pool) finds in the store and loads.
+
+PROMPT = [(7 * i) % 50_000 + 1 for i in range(6 * 16 + 5)]  # 6 full blocks of the sim's 16 tokens
+
+
+def _sim_config(srv: S3Server, bucket: str, **extra: str) -> KvbmConfig:
+    """Only the variables a user following Dynamo's G4 docs sets (write-through left to the default)."""
+    run_dir = tempfile.mkdtemp(prefix="kvbm-g4-")  # short: it holds the ipc sockets
+    env = {"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "64", "DYN_KVBM_OBJECT_ENABLED": "1",
+           "DYN_KVBM_OBJECT_BUCKET": bucket, "DYN_KVBM_OBJECT_ENDPOINT": srv.endpoint,
+           "DYN_KVBM_OBJECT_ACCESS_KEY": "test", "DYN_KVBM_OBJECT_SECRET_KEY": "test",
+           "DYN_KVBM_RUN_DIR": run_dir, **extra}
+    return load_config(env)
+
+
+def _tier_on(sim: SimEngine) -> None:
+    assert sim.client is not None
+    sim.client.wait_stats(lambda st: st.get("object_enabled") == 1.0, "object tier on", 30)
+
+
+def _compute_once(cfg: KvbmConfig) -> dict[str, float]:
+    """One engine serves PROMPT once (nothing to hit: it computes every block), then exits."""
+    with SimEngine(cfg) as sim:
+        _tier_on(sim)
+        sim.run([PROMPT])
+        assert sim.stats.tokens_computed == len(PROMPT)
+        return sim.quiesce(30)  # every put done
+
+
+def _hit_tokens_after_store_answered(sim: SimEngine) -> int:
+    """Look PROMPT up as vLLM's connector does: while the leader is asking the store ("not yet"),
+    ask again; the answer is what the leader found, in tokens."""
+    planner = sim.planner
+    planner.add("probe", PROMPT, EMPTY_SALT_HASH)
+    deadline = time.monotonic() + 10
+    hit = planner.lookup("probe", 0)
+    while planner.not_yet("probe") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        hit = planner.lookup("probe", 0)
+    planner.finished("probe")
+    return hit
+
+
+def test_a_new_engine_process_loads_what_another_computed_once_with_dynamo_defaults(server: S3Server) -> None:
+    server.create_bucket("kvbm-defaults")
+    cfg = _sim_config(server, "kvbm-defaults")
+    assert cfg.sources.get("object_write_through") is None  # the default, as in Dynamo: on
+    first = _compute_once(cfg)
+    assert first["object_offloaded_blocks"] == 6, first
+    with SimEngine(cfg) as second:  # new leader and rank processes: G2 empty, G4 index empty
+        _tier_on(second)
+        assert _hit_tokens_after_store_answered(second) == 6 * 16
+        second.run([PROMPT])
+        leader = second.quiesce(30)
+        st = second.stats
+    assert st.tokens_computed == len(PROMPT) - 6 * 16 and st.tokens_from_disk == 6 * 16  # G3/G4 staged
+    assert st.mismatches == 0 and st.blocks_loaded == 6  # each rank checked every byte against the oracle
+    assert leader["blocks_loaded_from_object"] == 6 and leader["object_onboarded_blocks"] == 6, leader
+    assert leader["object_read_failures"] == 0 and leader["object_checksum_failures"] == 0, leader
+
+
+def test_without_write_through_a_prefix_computed_once_is_not_shared(server: S3Server) -> None:
+    """DYN_KVBM_OBJECT_WRITE_THROUGH=false (kvbm's old default): only blocks seen twice are put."""
+    server.create_bucket("kvbm-no-write-through")
+    cfg = _sim_config(server, "kvbm-no-write-through", DYN_KVBM_OBJECT_WRITE_THROUGH="false")
+    first = _compute_once(cfg)
+    assert first["object_offloaded_blocks"] == 0, first
+    with SimEngine(cfg) as second:
+        _tier_on(second)
+        assert _hit_tokens_after_store_answered(second) == 0
+        second.run([PROMPT])  # the first sight for this leader too: still not put
+        leader = second.quiesce(30)
+    assert leader["object_offloaded_blocks"] == 0 and leader["blocks_loaded_from_object"] == 0, leader

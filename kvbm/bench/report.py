@@ -82,16 +82,18 @@ def _fmt(x: float | None) -> str:
     return f"{x:.3e}"
 
 
-def print_table(results: Sequence[BenchResult], file=sys.stdout) -> None:
+def print_table(results: Sequence[BenchResult]) -> None:
+    """The results as an aligned text table on stdout (``print``'s: the current ``sys.stdout``; a
+    stream bound when this module was imported may since have been closed, e.g. a test's capture)."""
     rows = [("figure", "value", "limit (same run)", "ratio", "goal")]
     for r in results:
         rows.append((r.figure, f"{_fmt(r.value)} {r.unit}", f"{_fmt(r.limit)} {r.limit_unit}".strip(),
                      _fmt(r.ratio), r.goal))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for i, row in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=file)
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
         if i == 0:
-            print("  ".join("-" * w for w in widths), file=file)
+            print("  ".join("-" * w for w in widths))
 
 
 def run_suites(names: Sequence[str], quick: bool) -> BenchRun:
