@@ -95,8 +95,7 @@ def test_a_new_instance_loads_what_another_put_in_the_object_store(baseline: Bas
         # host pool or the store.
         with kvbm_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS=HOST_BLOCKS, DYN_KVBM_OBJECT_ENABLED="1",
                       DYN_KVBM_OBJECT_BUCKET=BUCKET, DYN_KVBM_OBJECT_ENDPOINT=srv.endpoint,
-                      DYN_KVBM_OBJECT_ACCESS_KEY="test", DYN_KVBM_OBJECT_SECRET_KEY="test",
-                      DYN_KVBM_OBJECT_WRITE_THROUGH="1") as tmp:
+                      DYN_KVBM_OBJECT_ACCESS_KEY="test", DYN_KVBM_OBJECT_SECRET_KEY="test") as tmp:
             first = run_instance(tmp, "a", _spec(object_tier=True, object_blocks=STORED))
             second = run_instance(tmp, "b", _spec(object_tier=True))
     finally:

@@ -45,7 +45,7 @@ def s3() -> Iterator[S3Server]:
 def _object_env(kvbm_env: Callable[..., str], srv: S3Server, **extra: str) -> str:
     env = {"DYN_KVBM_OBJECT_ENABLED": "1", "DYN_KVBM_OBJECT_BUCKET": BUCKET,
            "DYN_KVBM_OBJECT_ENDPOINT": srv.endpoint, "DYN_KVBM_OBJECT_ACCESS_KEY": "test",
-           "DYN_KVBM_OBJECT_SECRET_KEY": "test", "DYN_KVBM_OBJECT_WRITE_THROUGH": "1"}
+           "DYN_KVBM_OBJECT_SECRET_KEY": "test"}  # write-through: Dynamo's default
     env.update(extra)
     return kvbm_env(**env)
 
