@@ -75,7 +75,7 @@ def _children(pid: int) -> dict[str, int]:
             args = f.read().decode().split("\0")
         if "kvbm.leader" in args:
             found["leader"] = cpid
-        elif "kvbm.sim.rank" in args:
+        elif "kvbm.testing.sim.rank" in args:
             found["rank" + args[args.index("--rank") + 1]] = cpid
     return found
 

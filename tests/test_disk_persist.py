@@ -20,9 +20,9 @@ from kvbm.leader.disk import (
     parse_headers,
     sweep_stale_disk_files,
 )
-from kvbm.sim.engine import SimEngine
+from kvbm.testing.sim.engine import SimEngine
 from kvbm.ipc.stats import LeaderStats
-from kvbm.sim.rank import SimModel
+from kvbm.testing.sim.rank import SimModel
 
 pytestmark = pytest.mark.slow  # leader and rank processes
 

@@ -7,8 +7,8 @@ import os
 import pytest
 
 from kvbm.leader.disk import disk_file_path
-from kvbm.sim.engine import SimEngine
-from kvbm.sim.rank import SimModel
+from kvbm.testing.sim.engine import SimEngine
+from kvbm.testing.sim.rank import SimModel
 
 pytestmark = pytest.mark.slow  # leader and rank processes
 

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("moto")
 pytest.importorskip("boto3")
 
-from kvbm.bench.s3server import S3Server  # noqa: E402
+from kvbm.testing.s3server import S3Server  # noqa: E402
 from kvbm.config import KvbmConfig  # noqa: E402
 from kvbm.ipc.shm import HostPool, PoolGeometry  # noqa: E402
 from kvbm.leader.objects import (  # noqa: E402

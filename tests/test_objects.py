@@ -28,10 +28,10 @@ from kvbm.leader.objects import (  # noqa: E402
     ObjectStoreSettings,
     S3Backend,
 )
-from kvbm.bench.s3server import S3Server  # noqa: E402
+from kvbm.testing.s3server import S3Server  # noqa: E402
 from kvbm.config import KvbmConfig, load_config  # noqa: E402
 from kvbm.hashing import EMPTY_SALT_HASH  # noqa: E402
-from kvbm.sim.engine import SimEngine  # noqa: E402
+from kvbm.testing.sim.engine import SimEngine  # noqa: E402
 
 pytestmark = pytest.mark.slow  # an S3 server process for the module; leader and rank processes
 

@@ -22,8 +22,8 @@ from kvbm.connector.planner import ConnectorCounters, Planner, ScheduledRequest
 from kvbm.hashing import EMPTY_SALT_HASH, sequence_hashes
 from kvbm.leader.client import LeaderClient
 from kvbm.leader.registry import Tier
-from kvbm.sim.engine import SimEngine
-from kvbm.sim.rank import SimModel
+from kvbm.testing.sim.engine import SimEngine
+from kvbm.testing.sim.rank import SimModel
 
 pytestmark = pytest.mark.slow  # a leader and rank processes (the sim fixture)
 

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import kvbm.leader.disk as disk_mod
-from kvbm.bench.fuzz import (
+from kvbm.testing.fuzz import (
     ALL_TYPES,
     field_spec,
     fuzz_leader,
@@ -52,8 +52,8 @@ from kvbm.ipc.transport import RpcClient, check_bind_endpoint, ensure_private_di
 from kvbm.leader.client import LeaderClient, TierBlocks
 from kvbm.leader.disk import DiskStore, disk_file_path
 from kvbm.leader.server import LeaderServer
-from kvbm.sim.engine import SimEngine, SimError, chat_workload
-from kvbm.sim.rank import SimModel
+from kvbm.testing.sim.engine import SimEngine, SimError, chat_workload
+from kvbm.testing.sim.rank import SimModel
 
 pytestmark = pytest.mark.slow  # leader and rank processes
 
@@ -430,7 +430,7 @@ def test_cache_that_does_not_fit_is_one_clear_error_at_start(make_config, tmp_pa
 
 
 def test_fuzz_leader_socket(make_config) -> None:
-    """A few thousand malformed frames against a live leader (the CI subset of kvbm.bench.fuzz)."""
+    """A few thousand malformed frames against a live leader (the CI subset of the kvbm.bench.fuzz benchmark)."""
     cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="64")
     with SimEngine(cfg, world_size=1, model=SimModel(num_layers=1, num_gpu_blocks=48)) as sim:
         assert sim.client is not None and sim.leader is not None and sim.leader.popen is not None
@@ -604,8 +604,8 @@ def test_kill_leader_serving_continues_then_next_leader_sweeps_and_serves(make_c
 
 
 def test_soak_short(tmp_path: Path) -> None:
-    """The CI version of ``python -m kvbm.sim.soak``: TP=2, 64 concurrent requests, G2<->G3 churn."""
-    from kvbm.sim.soak import SoakOptions, run_soak
+    """The CI version of ``python -m kvbm.testing.sim.soak``: TP=2, 64 concurrent requests, G2<->G3 churn."""
+    from kvbm.testing.sim.soak import SoakOptions, run_soak
 
     opts = SoakOptions(steps=40, concurrency=64, world_size=2, host_blocks=256, disk_blocks=1024,
                        sample_every=5, warmup_fraction=0.5, take_events=True, run_dir=str(tmp_path / "run"),

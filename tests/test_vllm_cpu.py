@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from kvbm.vllm_integration import cpu_env
+from kvbm.testing import cpu_env
 
 REQUIRE_ENV = "KVBM_REQUIRE_VLLM_CPU"
 
@@ -59,7 +59,7 @@ def test_test_models_are_seeded_and_rebuilt_only_when_changed(tmp_path) -> None:
     pytest.importorskip("safetensors")
     import json
 
-    from kvbm.bench.tiny_model import MODELS, model_path
+    from kvbm.testing.tiny_model import MODELS, model_path
 
     path = model_path("tiny", tmp_path)
     weights = (path / "model.safetensors").stat()
@@ -81,7 +81,7 @@ def test_supported_vllm_releases() -> None:
 
 
 def test_cpu_threads_bind_splits_this_process_cores_between_ranks() -> None:
-    from kvbm.vllm_integration.cpu_engine import cpu_threads_bind
+    from kvbm.testing.cpu_engine import cpu_threads_bind
 
     cores = sorted(os.sched_getaffinity(0))
     assert cpu_threads_bind() == ",".join(map(str, cores))

@@ -1,6 +1,6 @@
 """Time to first token on a real vLLM engine (CPU backend): kvbm hit vs recompute vs engine hit.
 
-One vLLM-CPU engine with kvbm (``kvbm.vllm_integration.cpu_engine``, a seeded random-weight
+One vLLM-CPU engine with kvbm (``kvbm.testing.cpu_engine``, a seeded random-weight
 Llama model, greedy, one request at a time) runs the same prompts as
 
 * **recompute**: the first time (nothing cached anywhere);
@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from kvbm.bench.common import BenchResult
-from kvbm.vllm_integration import cpu_env
+from kvbm.testing import cpu_env
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,8 @@ FAST_SWITCH_S = 0.0002
 
 
 def _measure(w: Workload, tmp: str) -> _Samples:
-    from kvbm.bench.tiny_model import MODELS
-    from kvbm.vllm_integration.cpu_engine import CpuEngine, EngineOptions, random_prompts
+    from kvbm.testing.tiny_model import MODELS
+    from kvbm.testing.cpu_engine import CpuEngine, EngineOptions, random_prompts
 
     spec = MODELS[w.model]
     bs = 32
@@ -138,7 +138,7 @@ def _measure(w: Workload, tmp: str) -> _Samples:
 
 
 def _results(w: Workload, s: _Samples) -> list[BenchResult]:
-    from kvbm.bench.tiny_model import MODELS
+    from kvbm.testing.tiny_model import MODELS
 
     med = statistics.median
     spec = MODELS[w.model]

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Iterator
 
 import pytest
 
-from kvbm.vllm_integration import cpu_env
+from kvbm.testing import cpu_env
 
 if TYPE_CHECKING:
-    from kvbm.vllm_integration.cpu_engine import CpuEngine
+    from kvbm.testing.cpu_engine import CpuEngine
 
 if not cpu_env.runs_here():
     collect_ignore_glob = ["test_*.py"]
@@ -37,7 +37,7 @@ CHAT_REPLY = 16
 
 def prompt_sets() -> dict[str, list[list[int]]]:
     """Several prompt sets, each run as one batch: lengths off and on block boundaries, shared prefixes."""
-    from kvbm.vllm_integration.cpu_engine import random_prompts
+    from kvbm.testing.cpu_engine import random_prompts
 
     distinct = [random_prompts(1, n, vocab=VOCAB, seed=100 + n)[0] for n in (200, 333, 448, 517)]
     prefix = random_prompts(1, 256, vocab=VOCAB, seed=7)[0]
@@ -47,7 +47,7 @@ def prompt_sets() -> dict[str, list[list[int]]]:
 
 def chat_users() -> list[list[list[int]]]:
     """3 chats x 3 turns of 48-token user messages."""
-    from kvbm.vllm_integration.cpu_engine import random_prompts
+    from kvbm.testing.cpu_engine import random_prompts
 
     return [random_prompts(3, 48, vocab=VOCAB, seed=200 + c) for c in range(3)]
 
@@ -92,7 +92,7 @@ def settle(engine: "CpuEngine") -> None:
 @pytest.fixture(scope="session")
 def baseline() -> Baseline:
     """Greedy outputs of an engine without a KV connector."""
-    from kvbm.vllm_integration.cpu_engine import CpuEngine, EngineOptions, run_chats
+    from kvbm.testing.cpu_engine import CpuEngine, EngineOptions, run_chats
 
     eng = CpuEngine(EngineOptions(model=MODEL, kvbm=False, max_model_len=2048))
     try:

@@ -33,10 +33,10 @@ import pytest
 from conftest import BLOCK, MODEL, VOCAB, kvbm_env
 from openai import OpenAI
 
-from kvbm.bench.tiny_model import model_path
+from kvbm.testing.tiny_model import model_path
 from kvbm.leader.client import LeaderClient
-from kvbm.vllm_integration import cpu_env
-from kvbm.vllm_integration.cpu_engine import EngineOptions, engine_env, random_prompts
+from kvbm.testing import cpu_env
+from kvbm.testing.cpu_engine import EngineOptions, engine_env, random_prompts
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

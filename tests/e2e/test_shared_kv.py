@@ -18,7 +18,7 @@ import pytest
 from conftest import BLOCK, MAX_TOKENS, MODEL, Baseline, expected_hit, kvbm_env, prompt_sets
 from instance import InstanceReport, InstanceSpec
 
-from kvbm.vllm_integration import cpu_env
+from kvbm.testing import cpu_env
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -86,7 +86,7 @@ def _check_served(report: InstanceReport, baseline: Baseline, tier: str) -> None
 def test_a_new_instance_loads_what_another_put_in_the_object_store(baseline: Baseline) -> None:
     pytest.importorskip("boto3", reason=f"no boto3 in {sys.executable}: rerun {cpu_env.SETUP_SCRIPT}")
     pytest.importorskip("moto", reason=f"no moto in {sys.executable}: rerun {cpu_env.SETUP_SCRIPT}")
-    from kvbm.bench.s3server import S3Server
+    from kvbm.testing.s3server import S3Server
 
     srv = S3Server()
     try:

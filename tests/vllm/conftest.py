@@ -20,12 +20,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(tempfile.gettempdir(), f"kvbm-vllm-cache-{os.getuid()}"))
 
 if TYPE_CHECKING:
-    from kvbm.bench.vllm_harness import Engine
+    from kvbm.testing.vllm_harness import Engine
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from kvbm.bench.vllm_harness import write_model_dir
+    from kvbm.testing.vllm_harness import write_model_dir
 
     return write_model_dir(str(tmp_path_factory.mktemp("model")))
 
@@ -49,7 +49,7 @@ def kvbm_env(engine_env: Callable[[str, int, bool], Callable[..., str]]) -> Call
 @pytest.fixture
 def make_engine(model_dir: str, kvbm_env: Callable[..., str]) -> Iterator[Callable[..., "Engine"]]:
     """Build engines with unique engine ids; closes them and checks for leaks afterwards."""
-    from kvbm.bench.vllm_harness import Engine, EngineSpec
+    from kvbm.testing.vllm_harness import Engine, EngineSpec
 
     engines: list[Engine] = []
     tags: list[str] = []

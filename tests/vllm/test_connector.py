@@ -19,7 +19,7 @@ pytest.importorskip("vllm")
 from kvbm.vllm_integration.connector import DynamoConnector, DynamoConnectorMetadata  # noqa: E402
 from kvbm.ipc.stats import LeaderStats  # noqa: E402
 from kvbm.connector.bootstrap import KvbmNotReady, owned_leader  # noqa: E402
-from kvbm.bench.vllm_harness import Engine, ProcWorker, gen_token  # noqa: E402
+from kvbm.testing.vllm_harness import Engine, ProcWorker, gen_token  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

@@ -21,8 +21,8 @@ pytest.importorskip("vllm")
 pytest.importorskip("moto")
 pytest.importorskip("boto3")
 
-from kvbm.bench.s3server import S3Server  # noqa: E402
-from kvbm.bench.vllm_harness import Engine  # noqa: E402
+from kvbm.testing.s3server import S3Server  # noqa: E402
+from kvbm.testing.vllm_harness import Engine  # noqa: E402
 from kvbm.ipc.stats import LeaderStats  # noqa: E402
 from kvbm.leader.objects import nixl_installed  # noqa: E402
 

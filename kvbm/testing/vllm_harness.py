@@ -52,7 +52,7 @@ from vllm.v1.structured_output import StructuredOutputManager
 
 from kvbm.hashing import SequenceHasher, salt_hash
 from kvbm.ipc.stats import LeaderStats
-from kvbm.sim.oracle import Oracle, mix64
+from kvbm.testing.sim.oracle import Oracle, mix64
 from kvbm.worker.layout import EngineKV
 
 MODULE_PATH = "kvbm.vllm_integration.connector"
