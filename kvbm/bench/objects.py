@@ -139,8 +139,7 @@ def run(quick: bool = False, *, endpoint: str | None = None, bucket: str = "kvbm
     if endpoint is None:
         from kvbm.testing.s3server import S3Server
 
-        server = S3Server()
-        server.create_bucket(bucket)
+        server = S3Server(bucket)
         endpoint = server.endpoint
     try:
         settings = ObjectStoreSettings(bucket, endpoint, access_key="test", secret_key="test", timeout_s=60.0)

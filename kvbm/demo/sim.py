@@ -153,11 +153,9 @@ def _local_s3() -> S3Server:
     from kvbm.testing.s3server import S3Server
 
     try:
-        srv = S3Server()
+        return S3Server(LOCAL_BUCKET)
     except (OSError, RuntimeError) as e:
         raise ConfigError(f"--object-store local: cannot start moto's S3 server ({e}); pip install 'moto[server]'")
-    srv.create_bucket(LOCAL_BUCKET)
-    return srv
 
 
 def run(args: argparse.Namespace) -> int:

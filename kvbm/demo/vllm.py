@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from kvbm.demo.report import object_tier_line, vllm_summary
 from kvbm.ipc.stats import LeaderState, LeaderStats
 from kvbm.testing import cpu_env
+from kvbm.testing.support import random_prompts
+from kvbm.testing.tiny_model import FIRST_WORD
 
 BLOCK = 32
 
@@ -75,12 +77,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _users(plan: ChatPlan, vocab: int, seed: int) -> list[list[list[int]]]:
     """Each chat: a system prompt (shared by every other chat) then user messages."""
-    from kvbm.testing.cpu_engine import random_prompts
-
-    systems = random_prompts(2, plan.system_tokens, vocab=vocab, seed=seed)
+    systems = random_prompts(2, plan.system_tokens, vocab=vocab, low=FIRST_WORD, seed=seed)
     out = []
     for c in range(plan.conversations):
-        msgs = random_prompts(plan.turns, plan.user_tokens, vocab=vocab, seed=seed + 1 + c)
+        msgs = random_prompts(plan.turns, plan.user_tokens, vocab=vocab, low=FIRST_WORD, seed=seed + 1 + c)
         msgs[0] = systems[c % 2] + msgs[0]
         out.append(msgs)
     return out

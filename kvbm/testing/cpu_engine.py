@@ -257,14 +257,6 @@ def _descendants(root: int) -> list[tuple[int, str]]:
     return out
 
 
-def random_prompts(n: int, length: int, *, vocab: int, seed: int, prefix: Sequence[int] = ()) -> list[list[int]]:
-    """``n`` prompts of ``prefix`` + ``length`` random token ids (3..vocab-1: no BOS/EOS)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    return [list(prefix) + rng.integers(3, vocab, size=length).tolist() for _ in range(n)]
-
-
 def run_chats(engine: CpuEngine, users: Sequence[Sequence[Sequence[int]]], max_tokens: int,
               *, batched: bool = True) -> list[list[Completion]]:
     """Multi-turn chats: ``users[c][t]`` is chat c's user message of turn t; each turn's prompt is

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 MODELS_DIR_ENV = "KVBM_VLLM_CPU_MODELS"
+FIRST_WORD = 3  # the first ordinary token id (0 pad, 1 BOS, 2 EOS): random prompts start here
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def _config(spec: ModelSpec) -> dict[str, object]:
         "tie_word_embeddings": False,
         "torch_dtype": "float32",
         "bos_token_id": 1,
-        "eos_token_id": 2,
+        "eos_token_id": 2,  # ids below FIRST_WORD are special
         "kvbm_test_model": asdict(spec),  # what built it (build() compares it to skip rebuilding)
     }
 

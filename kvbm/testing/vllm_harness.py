@@ -510,15 +510,7 @@ class Engine:
     def quiesce(self, timeout_s: float = 20.0) -> LeaderStats:
         """Wait until the leader applied every rank's ack and finished its disk and object writes;
         returns its stats."""
-        client = self.kvbm.client
-        deadline = time.monotonic() + timeout_s
-        while True:
-            st = client.stats()
-            if st is not None and st.idle:
-                return st
-            if time.monotonic() > deadline:
-                raise AssertionError(f"leader still busy: {st}")
-            time.sleep(0.01)
+        return self.kvbm.client.wait_idle(timeout_s)
 
     def close(self) -> None:
         if self.scheduler is not None and self.scheduler.connector is not None:

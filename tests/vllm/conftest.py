@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import pytest
 
+from kvbm.testing.support import assert_no_segments
+
 # Set before vLLM is imported: no network, and vLLM's model-inspection cache in a stable
 # per-user temporary directory (the first inspection of a model class takes ~25 s).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,10 +30,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     from kvbm.testing.vllm_harness import write_model_dir
 
     return write_model_dir(str(tmp_path_factory.mktemp("model")))
-
-
-def _segments(tag: str) -> list[str]:
-    return [n for n in os.listdir("/dev/shm") if n.startswith("kvbm-") and tag in n]
 
 
 def _leaders(tag: str) -> list[str]:
@@ -70,5 +68,5 @@ def make_engine(model_dir: str, kvbm_env: Callable[..., str]) -> Iterator[Callab
         eng.close()
     sweep_stale_segments()  # segments of a leader a test killed
     for tag in tags:
-        assert _segments(tag) == [], f"leaked shared memory: {_segments(tag)}"
+        assert_no_segments(tag)
         assert _leaders(tag) == [], f"leader process left behind: {_leaders(tag)}"

@@ -8,7 +8,6 @@ no leader process of the test is left.
 from __future__ import annotations
 
 import os
-import random
 import time
 from typing import Any
 
@@ -20,13 +19,11 @@ from kvbm.vllm_integration.connector import DynamoConnector, DynamoConnectorMeta
 from kvbm.ipc.stats import LeaderStats  # noqa: E402
 from kvbm.connector.bootstrap import KvbmNotReady, owned_leader  # noqa: E402
 from kvbm.testing.vllm_harness import Engine, ProcWorker, gen_token  # noqa: E402
+from kvbm.testing.support import random_prompts  # noqa: E402
+
+VOCAB = 30_000  # prompts' token ids, below the test model's vocabulary (32000)
 
 pytestmark = pytest.mark.vllm
-
-
-def prompt(seed: int, n: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(1, 30000) for _ in range(n)]
 
 
 def finish_clean(eng: Engine) -> LeaderStats:
@@ -47,7 +44,7 @@ def test_first_request_after_start_is_stored_and_the_second_loads(make_engine, l
     eng = make_engine(layout=layout)
     status = eng.kvbm.client.status  # the last answer the connector's start-up wait got
     assert status is not None and status.state == "ready" and status.world_size == 1
-    p = prompt(1, 100)  # 6 full blocks + 4 tokens
+    p = random_prompts(1, 100, seed=1, vocab=VOCAB)[0]  # 6 full blocks + 4 tokens
     eng.add("a", p, max_tokens=1)  # finishes in its first step: its stores are planned in it
     eng.run()
     eng.quiesce()
@@ -71,7 +68,7 @@ def test_first_request_after_start_is_stored_and_the_second_loads(make_engine, l
 
 def test_whole_prompt_hit_holds_back_the_last_block(make_engine) -> None:
     eng = make_engine()
-    p = prompt(2, 96)  # exactly 6 blocks
+    p = random_prompts(1, 96, seed=2, vocab=VOCAB)[0]  # exactly 6 blocks
     eng.add("a", p, max_tokens=2)
     eng.run()
     eng.quiesce()
@@ -86,7 +83,7 @@ def test_whole_prompt_hit_holds_back_the_last_block(make_engine) -> None:
 def test_cache_salt_separates_and_outputs_are_stored(make_engine) -> None:
     """Blocks are stored while a request runs (decode blocks too); another salt never hits."""
     eng = make_engine()
-    p = prompt(3, 40)
+    p = random_prompts(1, 40, seed=3, vocab=VOCAB)[0]
     eng.add("a", p, max_tokens=60, cache_salt="tenant-1")  # 100 tokens: 6 blocks, 4 of them decode
     eng.run()
     eng.quiesce()
@@ -172,7 +169,7 @@ def slow_down_stores(eng: Engine, seconds: float) -> None:
 def test_finish_while_store_in_flight_delays_the_free(make_engine) -> None:
     eng = make_engine()
     slow_down_stores(eng, 0.3)
-    eng.add("a", prompt(6, 40), max_tokens=1)  # finishes in its prefill step
+    eng.add("a", random_prompts(1, 40, seed=6, vocab=VOCAB)[0], max_tokens=1)  # finishes in its prefill step
     eng.step()
     req = eng.sched.requests.get("a")
     assert req is not None and req.is_finished()  # finished, blocks still held for the store
@@ -185,7 +182,7 @@ def test_abort_while_waiting_for_the_load(make_engine) -> None:
     from vllm.v1.request import RequestStatus
 
     eng = make_engine()
-    p = prompt(7, 80)
+    p = random_prompts(1, 80, seed=7, vocab=VOCAB)[0]
     eng.add("a", p, max_tokens=1)
     eng.run()
     eng.quiesce()
@@ -203,12 +200,12 @@ def test_load_errors_are_recomputed(make_engine, kvbm_env) -> None:
     kvbm_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8", DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS="256",
              DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="1")
     eng = make_engine()
-    p = prompt(8, 100)
+    p = random_prompts(1, 100, seed=8, vocab=VOCAB)[0]
     eng.add("a", p, max_tokens=1)
     eng.run()
     eng.quiesce()  # a's blocks written to disk (pinned in G2 until then, so not yet evictable)
     for i in range(4):  # push a's blocks out of the 8-block host pool, onto disk only
-        eng.add(f"filler{i}", prompt(100 + i, 96), max_tokens=1)
+        eng.add(f"filler{i}", random_prompts(1, 96, seed=100 + i, vocab=VOCAB)[0], max_tokens=1)
     eng.run()
     eng.quiesce()
     disk_dir = os.environ["DYN_KVBM_DISK_CACHE_DIR"]
@@ -245,7 +242,7 @@ def test_leader_killed_mid_run(make_engine) -> None:
     assert time.monotonic() - t0 < 60
     hits_before = eng.stats.external_hit_tokens
     eng.sched.reset_prefix_cache()
-    eng.add("after", prompt(9, 64), max_tokens=2)
+    eng.add("after", random_prompts(1, 64, seed=9, vocab=VOCAB)[0], max_tokens=2)
     eng.run()
     assert eng.stats.external_hit_tokens == hits_before
 
@@ -256,11 +253,11 @@ def test_kv_events_and_reset_cache(make_engine) -> None:
     eng = make_engine(kv_events=True)
     published: list[Any] = []
     eng.sched.kv_event_publisher.publish = lambda batch: published.extend(batch.events)
-    p = prompt(10, 64)
+    p = random_prompts(1, 64, seed=10, vocab=VOCAB)[0]
     eng.add("a", p, max_tokens=1)
     eng.run()
     eng.quiesce()
-    eng.add("tick", prompt(11, 8), max_tokens=1)  # one more step to collect the events
+    eng.add("tick", random_prompts(1, 8, seed=11, vocab=VOCAB)[0], max_tokens=1)  # one more step to collect the events
     eng.run()
     stored = [e for e in published if isinstance(e, BlockStored) and e.medium == "CPU"]
     assert len(stored) == 4 and all(e.block_size == 16 for e in stored)
