@@ -41,6 +41,7 @@ def counters(ex: Executor) -> ConnectorCounters:
     return ex.scheduler.planner.take_counters()
 
 
+@pytest.mark.slow  # the executor spawns a leader process
 def test_hit_after_engine_cache_dropped(executor):
     ex = executor()
     batch = random_prompts(3, 16 * 4 + 5, seed=1, vocab=VOCAB, low=0)
@@ -59,6 +60,7 @@ def test_hit_after_engine_cache_dropped(executor):
     assert ex.load_failures() == 0
 
 
+@pytest.mark.slow  # the executor spawns a leader process
 def test_blocks_completed_by_decoding_are_stored(executor):
     ex = executor()
     rid = ex.submit(random_prompts(1, 16 * 2 + 4, seed=10, vocab=VOCAB, low=0)[0], max_tokens=30)
@@ -70,6 +72,7 @@ def test_blocks_completed_by_decoding_are_stored(executor):
     assert t.errors == [] and t.external_tokens == 4 * 16
 
 
+@pytest.mark.slow  # the executor spawns a leader process
 def test_whole_prompt_hit_leaves_a_token(executor):
     ex = executor()
     p = random_prompts(1, 16 * 3, seed=2, vocab=VOCAB, low=0)[0]
@@ -81,6 +84,7 @@ def test_whole_prompt_hit_leaves_a_token(executor):
     assert t.errors == [] and t.external_tokens == 2 * 16  # the last block is held back
 
 
+@pytest.mark.slow  # the executor spawns a leader process
 def test_churn_with_eviction_and_reloads(executor, trt_env):
     trt_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="24")
     ex = executor(num_blocks=32)
@@ -98,6 +102,7 @@ def test_churn_with_eviction_and_reloads(executor, trt_env):
     assert ex.load_failures() == 0
 
 
+@pytest.mark.slow  # the executor spawns a leader process
 def test_cache_salt_isolation(executor):
     ex = executor()
     p = random_prompts(1, 16 * 4 + 3, seed=4, vocab=VOCAB, low=0)[0]
@@ -114,6 +119,7 @@ def test_cache_salt_isolation(executor):
     assert t.external_tokens == 4 * 16 and t.errors == []
 
 
+@pytest.mark.slow  # the executor spawns a leader process
 def test_multimodal_and_generation_only_do_no_lookup(executor):
     ex = executor()
     p = random_prompts(1, 16 * 3 + 1, seed=5, vocab=VOCAB, low=0)[0]
@@ -126,6 +132,7 @@ def test_multimodal_and_generation_only_do_no_lookup(executor):
     assert t.external_tokens == 0 and t.errors == []
 
 
+@pytest.mark.slow  # the executor spawns a leader process
 def test_leader_death_mid_run(executor):
     ex = executor()
     batch = random_prompts(4, 16 * 3 + 4, seed=7, vocab=VOCAB, low=0)
@@ -156,6 +163,7 @@ def test_leader_death_mid_run(executor):
     assert mark >= before
 
 
+@pytest.mark.slow  # the executor spawns a leader process
 def test_disk_tier_spill(executor, trt_env):
     trt_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8", DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS="128",
             DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="1")
@@ -198,6 +206,7 @@ def test_partial_reuse_is_refused_and_the_connector_stays_idle(trt_env, caplog):
     assert worker.get_finished([1], []) == ([1], [])
 
 
+@pytest.mark.slow  # the executor spawns a leader process
 def test_a_page_outside_the_window_stops_storing_the_request(executor):
     from tensorrt_llm._torch.pyexecutor.connectors.kv_cache_connector import RequestData, SchedulerOutput
 

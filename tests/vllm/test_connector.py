@@ -36,6 +36,7 @@ def finish_clean(eng: Engine) -> LeaderStats:
     return st
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 @pytest.mark.parametrize("layout", ["kv_first", "block_first"])
 def test_first_request_after_start_is_stored_and_the_second_loads(make_engine, layout: str) -> None:
     """No wait in the harness: the scheduler's connector waited for kvbm when vLLM built it
@@ -66,6 +67,7 @@ def test_first_request_after_start_is_stored_and_the_second_loads(make_engine, l
     assert DynamoConnector.build_kv_connector_stats(eng.stats.sched_kv_stats).reduce()["onboard_host_blocks"] == 6
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_whole_prompt_hit_holds_back_the_last_block(make_engine) -> None:
     eng = make_engine()
     p = random_prompts(1, 96, seed=2, vocab=VOCAB)[0]  # exactly 6 blocks
@@ -80,6 +82,7 @@ def test_whole_prompt_hit_holds_back_the_last_block(make_engine) -> None:
     assert eng.stats.external_hit_tokens == 80
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_cache_salt_separates_and_outputs_are_stored(make_engine) -> None:
     """Blocks are stored while a request runs (decode blocks too); another salt never hits."""
     eng = make_engine()
@@ -99,6 +102,7 @@ def test_cache_salt_separates_and_outputs_are_stored(make_engine) -> None:
     assert eng.stats.external_hit_tokens == 96  # all 6 blocks, 2 of them computed while decoding
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_a_rank_that_never_registers_fails_the_engine_start(make_engine, kvbm_env) -> None:
     """TP = 2 with rank 1's worker never started: building the scheduler raises KvbmNotReady at
     the init timeout, one line naming the variable, its value and the missing rank; the engine's
@@ -114,6 +118,7 @@ def test_a_rank_that_never_registers_fails_the_engine_start(make_engine, kvbm_en
     assert 3 <= waited < 60, waited  # rank 0's process start is in it too
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_workers_first_worker_owns_the_leader(make_engine) -> None:
     eng = make_engine()
     worker = eng.workers[0].connector
@@ -124,6 +129,7 @@ def test_workers_first_worker_owns_the_leader(make_engine) -> None:
     assert not handle.alive()
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_many_chats_with_preemption_and_chunked_prefill(make_engine) -> None:
     """Hundreds of steps, a small engine pool (preemption) and 64-token chunks; every block a
     request starts from is checked against the oracle, and nothing leaks."""
@@ -137,6 +143,7 @@ def test_many_chats_with_preemption_and_chunked_prefill(make_engine) -> None:
     assert s.checked_blocks > s.kv_stats["loaded_blocks"]
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_async_scheduling_with_disk_tier_and_slow_stores(make_engine, kvbm_env) -> None:
     """AsyncScheduler (updates one step late), block_first layout, a tiny host pool in front of
     a disk tier, and stores slowed down so preemptions and finishes overlap in-flight copies."""
@@ -166,6 +173,7 @@ def slow_down_stores(eng: Engine, seconds: float) -> None:
     copy.store = slow_store
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_finish_while_store_in_flight_delays_the_free(make_engine) -> None:
     eng = make_engine()
     slow_down_stores(eng, 0.3)
@@ -178,6 +186,7 @@ def test_finish_while_store_in_flight_delays_the_free(make_engine) -> None:
     assert eng.stats.kv_stats["stored_blocks"] == 2
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_abort_while_waiting_for_the_load(make_engine) -> None:
     from vllm.v1.request import RequestStatus
 
@@ -194,6 +203,7 @@ def test_abort_while_waiting_for_the_load(make_engine) -> None:
     finish_clean(eng)
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_load_errors_are_recomputed(make_engine, kvbm_env) -> None:
     """A disk block that fails its checksum on staging is reported through
     get_block_ids_with_load_errors and vLLM recomputes it: no wrong byte is ever served."""
@@ -219,6 +229,7 @@ def test_load_errors_are_recomputed(make_engine, kvbm_env) -> None:
     assert eng.stats.sched_kv_stats.get("load_error_blocks", 0) > 0, eng.stats.sched_kv_stats
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_leader_killed_mid_run(make_engine) -> None:
     """The leader dies: the connector logs it once, reports no hits, and requests keep
     completing by recomputing, without stalling the scheduler."""
@@ -247,6 +258,7 @@ def test_leader_killed_mid_run(make_engine) -> None:
     assert eng.stats.external_hit_tokens == hits_before
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_kv_events_and_reset_cache(make_engine) -> None:
     from vllm.distributed.kv_events import AllBlocksCleared, BlockStored
 
@@ -278,6 +290,7 @@ def test_metadata_is_plain_data() -> None:
     assert pickle.loads(pickle.dumps(meta)) == meta
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_tp2_two_worker_processes(make_engine) -> None:
     """TP = 2: two worker-role connectors in two processes (kv_connector_extra_config
     kvbm_rank / kvbm_world_size), each copying and checking its own slice of every block."""

@@ -29,7 +29,7 @@ from kvbm.testing.support import random_prompts  # noqa: E402
 
 from test_connector import VOCAB, finish_clean  # noqa: E402  (tests/vllm is on sys.path)
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]  # every test: vLLM's engine, a leader process, an S3 server
 
 S3_BUCKET = "kvbm-g4"  # the bucket of s3_server
 TRANSPORTS = ["s3", pytest.param("nixl", marks=pytest.mark.skipif(not nixl_installed(), reason="no NIXL wheel installed"))]
