@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from kvbm.cli import main
-from kvbm.demo import INTERRUPT_GRACE_S, RANK_INTERRUPTED, Interrupts
+from kvbm.demo.sim import INTERRUPT_GRACE_S, RANK_INTERRUPTED, Interrupts
 from kvbm.testing.support import assert_no_segments
 
 BIG = ["--conversations", "200", "--turns", "8"]  # runs far longer than any test waits
