@@ -30,6 +30,7 @@ from kvbm.leader.objects import (  # noqa: E402
 from kvbm.testing.s3server import S3Server  # noqa: E402
 from kvbm.config import KvbmConfig, load_config  # noqa: E402
 from kvbm.hashing import EMPTY_SALT_HASH  # noqa: E402
+from kvbm.ipc.stats import LeaderStats  # noqa: E402
 from kvbm.testing.sim.engine import SimEngine  # noqa: E402
 
 pytestmark = pytest.mark.slow  # an S3 server process for the module; leader and rank processes
@@ -171,10 +172,10 @@ def _sim_config(srv: S3Server, bucket: str, **extra: str) -> KvbmConfig:
 
 def _tier_on(sim: SimEngine) -> None:
     assert sim.client is not None
-    sim.client.wait_stats(lambda st: st.get("object_enabled") == 1.0, "object tier on", 30)
+    sim.client.wait_stats(lambda st: st.object_tier is not None and bool(st.object_tier.enabled), "object tier on", 30)
 
 
-def _compute_once(cfg: KvbmConfig) -> dict[str, float]:
+def _compute_once(cfg: KvbmConfig) -> LeaderStats:
     """One engine serves PROMPT once (nothing to hit: it computes every block), then exits."""
     with SimEngine(cfg) as sim:
         _tier_on(sim)
@@ -202,17 +203,19 @@ def test_a_new_engine_process_loads_what_another_computed_once_with_dynamo_defau
     cfg = _sim_config(s3_module_server, "kvbm-defaults")
     assert cfg.sources.get("object_write_through") is None  # the default, as in Dynamo: on
     first = _compute_once(cfg)
-    assert first["object_offloaded_blocks"] == 6, first
+    assert first.object_tier is not None and first.object_tier.counters.offloaded_blocks == 6, first
     with SimEngine(cfg) as second:  # new leader and rank processes: G2 empty, G4 index empty
         _tier_on(second)
         assert _hit_tokens_after_store_answered(second) == 6 * 16
         second.run([PROMPT])
         leader = second.quiesce(30)
         st = second.stats
-    assert st.tokens_computed == len(PROMPT) - 6 * 16 and st.tokens_from_disk == 6 * 16  # G3/G4 staged
+    assert st.tokens_computed == len(PROMPT) - 6 * 16 and st.tokens_from_object == 6 * 16  # staged from G4
     assert st.mismatches == 0 and st.blocks_loaded == 6  # each rank checked every byte against the oracle
-    assert leader["blocks_loaded_from_object"] == 6 and leader["object_onboarded_blocks"] == 6, leader
-    assert leader["object_read_failures"] == 0 and leader["object_checksum_failures"] == 0, leader
+    assert leader.object_tier is not None, leader
+    objects = leader.object_tier.counters
+    assert leader.counters.blocks_loaded_from_object == 6 and objects.onboarded_blocks == 6, leader
+    assert objects.read_failures == 0 and objects.checksum_failures == 0, leader
 
 
 def test_without_write_through_a_prefix_computed_once_is_not_shared(s3_module_server: S3Server) -> None:
@@ -220,10 +223,11 @@ def test_without_write_through_a_prefix_computed_once_is_not_shared(s3_module_se
     s3_module_server.create_bucket("kvbm-no-write-through")
     cfg = _sim_config(s3_module_server, "kvbm-no-write-through", DYN_KVBM_OBJECT_WRITE_THROUGH="false")
     first = _compute_once(cfg)
-    assert first["object_offloaded_blocks"] == 0, first
+    assert first.object_tier is not None and first.object_tier.counters.offloaded_blocks == 0, first
     with SimEngine(cfg) as second:
         _tier_on(second)
         assert _hit_tokens_after_store_answered(second) == 0
         second.run([PROMPT])  # the first sight for this leader too: still not put
         leader = second.quiesce(30)
-    assert leader["object_offloaded_blocks"] == 0 and leader["blocks_loaded_from_object"] == 0, leader
+    assert leader.object_tier is not None, leader
+    assert leader.object_tier.counters.offloaded_blocks == 0 and leader.counters.blocks_loaded_from_object == 0, leader

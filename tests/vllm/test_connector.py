@@ -46,10 +46,7 @@ def test_first_request_after_start_is_stored_and_the_second_loads(make_engine, l
     status = eng.kvbm.client.status  # the last answer the connector's start-up wait got
     assert status is not None and status.state == "ready" and status.world_size == 1
     p = random_prompts(1, 100, seed=1, vocab=VOCAB)[0]  # 6 full blocks + 4 tokens
-    eng.add("a", p, max_tokens=1)  # finishes in its first step: its stores are planned in it
-    eng.run()
-    eng.quiesce()
-    assert eng.sched.reset_prefix_cache()
+    eng.store_and_forget("a", p)  # finishes in its first step: its stores are planned in it
     eng.add("b", p, max_tokens=3)
     eng.step()  # admission: 96 tokens found in kvbm, loaded asynchronously
     req = eng.sched.requests["b"]
@@ -71,10 +68,7 @@ def test_first_request_after_start_is_stored_and_the_second_loads(make_engine, l
 def test_whole_prompt_hit_holds_back_the_last_block(make_engine) -> None:
     eng = make_engine()
     p = random_prompts(1, 96, seed=2, vocab=VOCAB)[0]  # exactly 6 blocks
-    eng.add("a", p, max_tokens=2)
-    eng.run()
-    eng.quiesce()
-    eng.sched.reset_prefix_cache()
+    eng.store_and_forget("a", p, max_tokens=2)
     eng.add("b", p, max_tokens=2)
     eng.step()
     assert eng.sched.requests["b"].num_computed_tokens == 80  # 5 blocks: one is recomputed
@@ -192,10 +186,7 @@ def test_abort_while_waiting_for_the_load(make_engine) -> None:
 
     eng = make_engine()
     p = random_prompts(1, 80, seed=7, vocab=VOCAB)[0]
-    eng.add("a", p, max_tokens=1)
-    eng.run()
-    eng.quiesce()
-    eng.sched.reset_prefix_cache()
+    eng.store_and_forget("a", p)
     eng.add("b", p, max_tokens=1)
     eng.step()
     assert eng.sched.requests["b"].status == RequestStatus.WAITING_FOR_REMOTE_KVS

@@ -143,11 +143,8 @@ def test_server_killed_mid_run_engine_keeps_serving(make_engine, kvbm_env, s3_se
     assert st.object_tier.counters.write_failures > 0 or st.object_tier.enabled == 0.0, st
     # The rest of kvbm serves on: a repeat of a prompt hits in G2.
     p = random_prompts(1, 64, seed=23, vocab=VOCAB)[0]
-    eng.add("x", p, max_tokens=1)
-    eng.run()
-    eng.quiesce()
+    eng.store_and_forget("x", p)
     hits = eng.stats.external_hit_tokens
-    eng.sched.reset_prefix_cache()
     eng.add("y", p, max_tokens=1)
     finish_clean(eng)
     assert eng.stats.external_hit_tokens == hits + 48
@@ -171,10 +168,7 @@ def test_store_unusable_at_start_turns_the_tier_off(make_engine, kvbm_env, probl
         assert expected in line and "DYN_KVBM_OBJECT_" in line, line
         # kvbm serves on from G2.
         p = random_prompts(1, 64, seed=24, vocab=VOCAB)[0]
-        eng.add("a", p, max_tokens=1)
-        eng.run()
-        eng.quiesce()
-        eng.sched.reset_prefix_cache()
+        eng.store_and_forget("a", p)
         eng.add("b", p, max_tokens=1)
         st = finish_clean(eng)
         assert eng.stats.external_hit_tokens == 48 and st.object_tier.enabled == 0.0
