@@ -106,7 +106,7 @@ def test_tp2_under_mpirun_first_request_stored_second_hits(trt_env, tmp_path):
     assert r["load_failures"] == 0
     # Nothing left: ranks, the leader rank 0 spawned, the instance's host pool.
     assert all(gone(x["pid"]) for x in ranks) and r["leader_pid"] is not None and gone(r["leader_pid"])
-    assert segment_name(name) not in os.listdir("/dev/shm")
+    assert_no_segments(segment_name(name))
     assert strays(run_dir) == []
 
 
