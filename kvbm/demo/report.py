@@ -34,6 +34,7 @@ def _rate_mb(nbytes: float, seconds: float) -> str:
 
 
 def progress_line(st: SimStats, total: int, started: float) -> str:
+    """The simulated engine's progress: requests served, hit rate, tokens per tier, bytes moved."""
     moved = st.bytes_loaded + st.bytes_stored
     return (f"\r[{st.requests:4d}/{total}] hit rate {st.hit_rate:6.1%}  "
             f"G2 {st.tokens_from_host:7d} tok  G3 {st.tokens_from_disk:6d} tok  "
@@ -48,6 +49,7 @@ def object_tier_line(cfg: KvbmConfig, instance: str = "{worker_id}") -> str:
 
 
 def sim_summary(st: SimStats, leader: LeaderStats, seconds: float, ranks: int) -> str:
+    """The demo's summary table for the simulated engine."""
     c = leader.counters
     disk = leader.disk_tier.counters if leader.disk_tier is not None else DiskCounters()
     rows = [
@@ -91,8 +93,8 @@ def _object_rows(tier: ObjectTierStats, tokens: int) -> list[tuple[str, str]]:
     ]
 
 
-def vllm_summary(base: list[list[Completion]], kv: list[list[Completion]], leader: LeaderStats, identical: bool, seconds: float,
-                 block_tokens: int) -> str:
+def vllm_summary(base: list[list[Completion]], kv: list[list[Completion]], leader: LeaderStats, identical: bool,
+                 seconds: float, block_tokens: int) -> str:
     """The demo's summary table for the real engine (``base`` / ``kv``: completions by turn;
     ``block_tokens``: the engine's block size)."""
     flat_b = [c for turn in base for c in turn]

@@ -22,8 +22,8 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from kvbm.config import ConfigError, KvbmConfig, load_config
-from kvbm.ipc.shm import sweep_stale_segments
 from kvbm.demo.report import object_tier_line, progress_line, sim_summary
+from kvbm.ipc.shm import sweep_stale_segments
 from kvbm.leader.spawn import LeaderStartError
 from kvbm.testing.sim.engine import LeaderDied, RankDied, SimEngine, SimError, chat_workload
 from kvbm.testing.sim.rank import SimModel
