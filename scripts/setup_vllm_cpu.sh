@@ -36,5 +36,5 @@ if ! "$PY" -c 'import boto3, moto.server' 2>/dev/null; then
     "$PY" -m pip install -q 'boto3>=1.34' 'moto[server]>=5'
 fi
 # The seeded random-weight Llama models the e2e tests, 'kvbm bench e2e' and the demo use.
-"$PY" -m kvbm.bench.tiny_model build-all --dir "$VENV/kvbm-models"
+"$PY" -m kvbm.testing.tiny_model build-all --dir "$VENV/kvbm-models"
 log "ready: $VENV"

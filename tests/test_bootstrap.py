@@ -16,8 +16,8 @@ from kvbm.connector.bootstrap import (
     wait_until_ready,
 )
 from kvbm.leader.client import LeaderClient
-from kvbm.sim.engine import SimEngine
-from kvbm.sim.rank import SimModel
+from kvbm.testing.sim.engine import SimEngine
+from kvbm.testing.sim.rank import SimModel
 
 
 def test_model_identity_changes_when_the_model_is_resaved_at_the_same_path(tmp_path) -> None:

@@ -19,8 +19,8 @@ import pytest
 from kvbm.config import TierSize, format_bytes
 from kvbm.leader.disk import disk_file_path
 from kvbm.leader.registry import Tier, TierPool
-from kvbm.sim.engine import SimEngine, SimError
-from kvbm.sim.rank import SimModel
+from kvbm.testing.sim.engine import SimEngine, SimError
+from kvbm.testing.sim.rank import SimModel
 
 MODEL = SimModel(num_layers=1, num_gpu_blocks=16)
 

@@ -7,8 +7,8 @@ import time
 import pytest
 
 from kvbm.leader.client import LeaderClient
-from kvbm.sim.engine import SimEngine
-from kvbm.sim.rank import SimModel
+from kvbm.testing.sim.engine import SimEngine
+from kvbm.testing.sim.rank import SimModel
 
 pytestmark = pytest.mark.slow  # a leader process
 

@@ -9,8 +9,8 @@ import pytest
 
 from kvbm.ipc.stats import LeaderState
 from kvbm.leader.client import LeaderClient
-from kvbm.sim.engine import SimEngine
-from kvbm.sim.rank import SimModel
+from kvbm.testing.sim.engine import SimEngine
+from kvbm.testing.sim.rank import SimModel
 
 pytestmark = pytest.mark.slow  # a leader process
 

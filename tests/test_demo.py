@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from kvbm.cli import main
-from kvbm.demo import INTERRUPT_GRACE_S, RANK_INTERRUPTED, Interrupts
+from kvbm.demo.sim import INTERRUPT_GRACE_S, RANK_INTERRUPTED, Interrupts
+from kvbm.testing.support import assert_no_segments
 
 BIG = ["--conversations", "200", "--turns", "8"]  # runs far longer than any test waits
 
@@ -75,7 +76,7 @@ def _children(pid: int) -> dict[str, int]:
             args = f.read().decode().split("\0")
         if "kvbm.leader" in args:
             found["leader"] = cpid
-        elif "kvbm.sim.rank" in args:
+        elif "kvbm.testing.sim.rank" in args:
             found["rank" + args[args.index("--rank") + 1]] = cpid
     return found
 
@@ -96,7 +97,7 @@ def test_killed_process_ends_the_demo_with_one_line(victim: str, start_demo) -> 
     assert f"kvbm demo: error: {who} (pid {pid}) died (killed by SIGKILL)" in err, err
     assert code == 1 and "Traceback" not in err
     assert took < 6.0, f"the demo took {took:.1f} s to end after {victim} died"
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"kvbm-sim-{proc.pid}-")]
+    assert_no_segments(f"kvbm-sim-{proc.pid}-")
 
 
 @pytest.mark.slow
@@ -112,7 +113,7 @@ def test_ctrl_c_stops_everything_fast_without_tracebacks(start_demo) -> None:
     for pid in children.values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"kvbm-sim-{proc.pid}-")]
+    assert_no_segments(f"kvbm-sim-{proc.pid}-")
 
 
 def _state(pid: int) -> str:
@@ -159,7 +160,7 @@ def test_ctrl_c_after_the_children_exited_is_still_an_interruption(first: str, s
     assert code == 130 and "interrupted: leader and ranks stopped" in err, err
     assert "kvbm demo: error" not in err and "Traceback" not in err, err
     assert took < 3.0, f"Ctrl-C took {took:.1f} s"
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"kvbm-sim-{proc.pid}-")]
+    assert_no_segments(f"kvbm-sim-{proc.pid}-")
 
 
 class _Child:

@@ -8,7 +8,6 @@ misses; a file held by a live leader is neither shared nor overwritten.
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 
@@ -20,19 +19,15 @@ from kvbm.leader.disk import (
     parse_headers,
     sweep_stale_disk_files,
 )
-from kvbm.sim.engine import SimEngine
+from kvbm.testing.sim.engine import SimEngine
 from kvbm.ipc.stats import LeaderStats
-from kvbm.sim.rank import SimModel
+from kvbm.testing.sim.rank import SimModel
+from kvbm.testing.support import random_prompts
 
 pytestmark = pytest.mark.slow  # leader and rank processes
 
 MODEL = SimModel(num_layers=2, kv_heads=2, head_dim=32, num_gpu_blocks=48)
 BLOCKS_PER_PROMPT = 12
-
-
-def _prompts(n: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(1, 50000) for _ in range(16 * BLOCKS_PER_PROMPT)] for _ in range(n)]
 
 
 def _env(tmp_path, **extra: str) -> dict[str, str]:
@@ -59,7 +54,7 @@ def _cache_files(directory) -> list[str]:
 @pytest.mark.parametrize("world", [1, 2])
 def test_a_restarted_leader_serves_the_earlier_blocks_byte_exact(make_config, tmp_path, world: int) -> None:
     cfg = make_config(**_env(tmp_path))
-    prompts = _prompts(3, seed=20 + world)
+    prompts = random_prompts(3, 16 * BLOCKS_PER_PROMPT, seed=20 + world)
     with SimEngine(cfg, world_size=world, model=MODEL) as first:
         stored = _fill(first, prompts).disk_tier.counters.offloaded_blocks
     # All 36 blocks, unless a loaded machine made a store time out (it is then recomputed, not kept).
@@ -84,7 +79,7 @@ def test_a_restarted_leader_serves_the_earlier_blocks_byte_exact(make_config, tm
 def test_another_layout_does_not_see_the_file(make_config, tmp_path) -> None:
     cfg = make_config(**_env(tmp_path))
     with SimEngine(cfg, world_size=1, model=MODEL) as first:
-        _fill(first, _prompts(1, seed=30))
+        _fill(first, random_prompts(1, 16 * BLOCKS_PER_PROMPT, seed=30))
     other = SimModel(num_layers=3, kv_heads=2, head_dim=32, num_gpu_blocks=48)
     with SimEngine(cfg, world_size=1, model=other) as second:
         assert second.quiesce().disk.registered == 0
@@ -93,7 +88,7 @@ def test_another_layout_does_not_see_the_file(make_config, tmp_path) -> None:
 
 def test_corrupted_blocks_of_a_persistent_cache_are_misses(make_config, tmp_path) -> None:
     cfg = make_config(**_env(tmp_path))
-    prompts = _prompts(2, seed=40)
+    prompts = random_prompts(2, 16 * BLOCKS_PER_PROMPT, seed=40)
     with SimEngine(cfg, world_size=2, model=MODEL) as first:
         _fill(first, prompts)
     [name] = _cache_files(tmp_path)
@@ -122,7 +117,7 @@ def test_corrupted_blocks_of_a_persistent_cache_are_misses(make_config, tmp_path
 
 def test_two_live_leaders_do_not_share_the_file(make_config, tmp_path) -> None:
     cfg = make_config(**_env(tmp_path))
-    prompts = _prompts(2, seed=50)
+    prompts = random_prompts(2, 16 * BLOCKS_PER_PROMPT, seed=50)
     with SimEngine(cfg, world_size=1, model=MODEL) as first:
         filled = _fill(first, prompts).disk_tier.counters.offloaded_blocks
         [name] = _cache_files(tmp_path)
@@ -131,7 +126,7 @@ def test_two_live_leaders_do_not_share_the_file(make_config, tmp_path) -> None:
             stats = second.quiesce()
             assert stats.disk.registered == 0  # a private file, not the live leader's
             assert len([n for n in os.listdir(tmp_path) if n.endswith("-disk.bin")]) == 1
-            _fill(second, _prompts(2, seed=51))
+            _fill(second, random_prompts(2, 16 * BLOCKS_PER_PROMPT, seed=51))
             for p in prompts:  # the first leader's blocks are not in the second's cache
                 second.run([p])
             assert second.stats.tokens_from_disk == 0 and second.stats.mismatches == 0

@@ -7,19 +7,13 @@ import os
 import pytest
 
 from kvbm.leader.disk import disk_file_path
-from kvbm.sim.engine import SimEngine
-from kvbm.sim.rank import SimModel
+from kvbm.testing.sim.engine import SimEngine
+from kvbm.testing.sim.rank import SimModel
+from kvbm.testing.support import random_prompts
 
 pytestmark = pytest.mark.slow  # leader and rank processes
 
 MODEL = SimModel(num_layers=2, kv_heads=2, head_dim=32, num_gpu_blocks=48)
-
-
-def _prompts(n: int, seed: int) -> list[list[int]]:
-    import random
-
-    rng = random.Random(seed)
-    return [[rng.randrange(1, 50000) for _ in range(16 * 12)] for _ in range(n)]
 
 
 def _run_each(sim: SimEngine, prompts: list[list[int]]) -> None:
@@ -41,7 +35,7 @@ def _disk_env(tmp_path, **extra: str) -> dict[str, str]:
 def test_store_evict_to_disk_stage_and_load_byte_exact(make_config, tmp_path, world: int, o_direct: str) -> None:
     cfg = make_config(**_disk_env(tmp_path, DYN_KVBM_DISK_DISABLE_O_DIRECT=o_direct))
     with SimEngine(cfg, world_size=world, model=MODEL) as sim:
-        prompts = _prompts(4, seed=world)  # 4 x 12 blocks: far more than the 16-block host pool
+        prompts = random_prompts(4, 16 * 12, seed=world)  # 4 x 12 blocks: far more than the 16-block host pool
         _run_each(sim, prompts)
         sim.quiesce()
         sim.reset_engine_cache()
@@ -61,7 +55,7 @@ def test_filter_writes_blocks_seen_twice_only(make_config, tmp_path) -> None:
     env["DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"] = "64"
     cfg = make_config(**env)
     with SimEngine(cfg, world_size=1, model=MODEL) as sim:
-        once = _prompts(1, seed=10)
+        once = random_prompts(1, 16 * 12, seed=10)
         sim.run(once)
         stats = sim.quiesce()
         assert stats.disk_tier.counters.offloaded_blocks == 0
@@ -77,14 +71,14 @@ def test_filter_writes_blocks_seen_twice_only(make_config, tmp_path) -> None:
 def test_disabled_filter_writes_everything(make_config, tmp_path) -> None:
     cfg = make_config(**_disk_env(tmp_path, DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="64"))
     with SimEngine(cfg, world_size=1, model=MODEL) as sim:
-        sim.run(_prompts(1, seed=11))
+        sim.run(random_prompts(1, 16 * 12, seed=11))
         assert sim.quiesce().disk_tier.counters.offloaded_blocks == 12
 
 
 def test_corrupted_disk_block_is_a_miss_never_loaded(make_config, tmp_path) -> None:
     cfg = make_config(**_disk_env(tmp_path))
     with SimEngine(cfg, world_size=2, model=MODEL) as sim:
-        prompts = _prompts(4, seed=5)
+        prompts = random_prompts(4, 16 * 12, seed=5)
         _run_each(sim, prompts)
         sim.quiesce()
         path = disk_file_path(str(tmp_path), sim.instance)
@@ -106,7 +100,7 @@ def test_corrupted_disk_block_is_a_miss_never_loaded(make_config, tmp_path) -> N
 def test_disk_full_turns_the_tier_off_and_serving_continues(make_config, tmp_path) -> None:
     cfg = make_config(**_disk_env(tmp_path))
     with SimEngine(cfg, world_size=1, model=MODEL) as sim:
-        prompts = _prompts(3, seed=6)
+        prompts = random_prompts(3, 16 * 12, seed=6)
         _run_each(sim, prompts)  # the first prompt now lives on disk only
         os.truncate(disk_file_path(str(tmp_path), sim.instance), 4096)  # reads now come up short
         sim.reset_engine_cache()
@@ -114,9 +108,9 @@ def test_disk_full_turns_the_tier_off_and_serving_continues(make_config, tmp_pat
         stats = sim.quiesce()
         assert stats.disk_tier.enabled == 0, str(stats)
         assert sim.stats.mismatches == 0
-        sim.run(_prompts(3, seed=7))  # G2 keeps serving
+        sim.run(random_prompts(3, 16 * 12, seed=7))  # G2 keeps serving
         sim.reset_engine_cache()
-        sim.run(_prompts(1, seed=7))
+        sim.run(random_prompts(1, 16 * 12, seed=7))
         assert sim.stats.mismatches == 0
         assert sim.quiesce().host.registered > 0
 
@@ -126,7 +120,7 @@ def test_disk_only_mode_uses_a_bounce_pool(make_config, tmp_path) -> None:
     del env["DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"]
     cfg = make_config(**env)
     with SimEngine(cfg, world_size=2, model=MODEL) as sim:
-        prompts = _prompts(4, seed=8)
+        prompts = random_prompts(4, 16 * 12, seed=8)
         _run_each(sim, prompts)
         stats = sim.quiesce()
         assert stats.host.capacity == 24

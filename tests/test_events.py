@@ -18,8 +18,8 @@ from kvbm.hashing import sequence_hashes
 from kvbm.ipc.messages import BlockEventKind, unpack_hashes
 from kvbm.ipc.stats import LeaderStats
 from kvbm.leader.registry import BlockEvent, Tier
-from kvbm.sim.engine import SimEngine, chat_workload
-from kvbm.sim.rank import SimModel
+from kvbm.testing.sim.engine import SimEngine, chat_workload
+from kvbm.testing.sim.rank import SimModel
 
 HOST, DISK = Tier.HOST, Tier.DISK
 BLOCK_SIZE = 16

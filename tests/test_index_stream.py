@@ -17,8 +17,8 @@ from kvbm.connector.index import follow_leader
 from kvbm.ipc.messages import MAX_INDEX_WAIT_MS, BlockEventKind, ErrorReply, IndexSince, decode, encode
 from kvbm.leader.client import IndexDelta, LeaderClient, TierBlocks
 from kvbm.leader.registry import Tier
-from kvbm.sim.engine import SimEngine, chat_workload
-from kvbm.sim.rank import SimModel
+from kvbm.testing.sim.engine import SimEngine, chat_workload
+from kvbm.testing.sim.rank import SimModel
 
 pytestmark = pytest.mark.slow  # leader and rank processes
 

@@ -23,6 +23,7 @@ from kvbm.ipc.stats import (
     encode_stats,
 )
 from kvbm.ipc.shm import HEADER_BYTES, HostPool, PoolGeometry, ShmError, segment_name, sweep_stale_segments
+from kvbm.testing.support import shm_segments
 
 
 def test_round_trip_every_message_type() -> None:
@@ -112,7 +113,7 @@ def test_pool_refuses_unaligned_blocks_and_oversize() -> None:
         HostPool.create(f"sim-{os.getpid()}-bad", PoolGeometry(1, 1000))
     with pytest.raises(ShmError, match="/dev/shm has"):
         HostPool.create(f"sim-{os.getpid()}-huge", PoolGeometry(1 << 20, 1 << 30))
-    assert not [n for n in os.listdir("/dev/shm") if f"sim-{os.getpid()}-huge" in n or f"sim-{os.getpid()}-bad" in n]
+    assert shm_segments(f"sim-{os.getpid()}-huge") == shm_segments(f"sim-{os.getpid()}-bad") == []
 
 
 def test_sweep_removes_segment_of_dead_owner() -> None:

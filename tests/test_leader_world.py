@@ -13,8 +13,8 @@ from kvbm.ipc import messages as m
 from kvbm.ipc.stats import LeaderState
 from kvbm.ipc.transport import RpcClient
 from kvbm.leader.client import TierBlocks
-from kvbm.sim.engine import SimEngine, SimError, chat_workload
-from kvbm.sim.rank import SimModel
+from kvbm.testing.sim.engine import SimEngine, SimError, chat_workload
+from kvbm.testing.sim.rank import SimModel
 
 pytestmark = pytest.mark.slow  # leader and rank processes
 

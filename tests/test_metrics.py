@@ -25,8 +25,8 @@ from kvbm.ipc.stats import (
     PoolStats,
 )
 from kvbm.leader.metrics import KvbmMetrics, metrics_host, start_metrics_server
-from kvbm.sim.engine import SimEngine, chat_workload
-from kvbm.sim.rank import SimModel
+from kvbm.testing.sim.engine import SimEngine, chat_workload
+from kvbm.testing.sim.rank import SimModel
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 _LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("moto")
 pytest.importorskip("boto3")
 
-from kvbm.bench.s3server import S3Server  # noqa: E402
+from kvbm.testing.s3server import S3Server  # noqa: E402
 from kvbm.config import KvbmConfig  # noqa: E402
 from kvbm.ipc.shm import HostPool, PoolGeometry  # noqa: E402
 from kvbm.leader.objects import (  # noqa: E402
@@ -40,15 +40,8 @@ from kvbm.leader.storage import (  # noqa: E402
 )
 
 BLOCK = 64 * 1024
+S3_BUCKET = "kvbm-io"  # the bucket of s3_module_server
 TRANSPORTS = ["s3", pytest.param("nixl", marks=pytest.mark.skipif(not nixl_installed(), reason="no NIXL wheel installed"))]
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[S3Server]:
-    srv = S3Server()
-    srv.create_bucket("kvbm-io")
-    yield srv
-    srv.kill()
 
 
 @pytest.fixture
@@ -61,7 +54,7 @@ def pool() -> Iterator[HostPool]:
 class Tier:
     """A BlockObjectIO and the completions it reported, waited for as the leader's loop does."""
 
-    def __init__(self, srv: S3Server, pool: HostPool, *, bucket: str = "kvbm-io", secret: str = "test",
+    def __init__(self, srv: S3Server, pool: HostPool, *, bucket: str = S3_BUCKET, secret: str = "test",
                  transport: str = "s3", **kw: object) -> None:
         settings = ObjectStoreSettings(bucket, srv.endpoint, access_key="test", secret_key=secret, timeout_s=2.0)
         s3 = S3Backend(settings)
@@ -90,8 +83,8 @@ def _fill(pool: HostPool, slot: int, seed: int) -> bytes:
 
 @pytest.mark.slow  # an S3 server process
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_put_lookup_get_round_trip(server: S3Server, pool: HostPool, transport: str) -> None:
-    t = Tier(server, pool, transport=transport)
+def test_put_lookup_get_round_trip(s3_module_server: S3Server, pool: HostPool, transport: str) -> None:
+    t = Tier(s3_module_server, pool, transport=transport)
     try:
         assert t.wait(ObjectReady, 1) == [ObjectReady(True, "")]
         blocks = {h: _fill(pool, h, h) for h in range(1, 5)}
@@ -117,8 +110,8 @@ def test_put_lookup_get_round_trip(server: S3Server, pool: HostPool, transport: 
 
 
 @pytest.mark.slow  # an S3 server process
-def test_full_put_queue_refuses_and_close_drains_the_queued_puts(server: S3Server, pool: HostPool) -> None:
-    t = Tier(server, pool, writers=1, queue_cap=8)
+def test_full_put_queue_refuses_and_close_drains_the_queued_puts(s3_module_server: S3Server, pool: HostPool) -> None:
+    t = Tier(s3_module_server, pool, writers=1, queue_cap=8)
     try:
         t.wait(ObjectReady, 1)
         for s in range(32):
@@ -127,7 +120,7 @@ def test_full_put_queue_refuses_and_close_drains_the_queued_puts(server: S3Serve
         assert 8 <= len(accepted) < 32  # a full queue refuses at once (the core counts the drop)
     finally:
         t.io.close()  # a clean shutdown: the queued puts are finished, within the bound
-    check = BlockObjects(S3Backend(ObjectStoreSettings("kvbm-io", server.endpoint, access_key="test",
+    check = BlockObjects(S3Backend(ObjectStoreSettings(S3_BUCKET, s3_module_server.endpoint, access_key="test",
                                                        secret_key="test")), t.objects.layout, BLOCK)
     assert all(check.contains([500 + s for s in accepted]))
     check.close()
@@ -135,13 +128,13 @@ def test_full_put_queue_refuses_and_close_drains_the_queued_puts(server: S3Serve
 
 @pytest.mark.slow  # an S3 server process
 @pytest.mark.parametrize("problem", ["missing_bucket", "unreachable"])
-def test_unusable_store_is_reported_not_waited_for(server: S3Server, pool: HostPool, problem: str) -> None:
-    srv = server
+def test_unusable_store_is_reported_not_waited_for(s3_module_server: S3Server, pool: HostPool, problem: str) -> None:
+    srv = s3_module_server
     if problem == "unreachable":
         srv = S3Server()
         srv.kill()
     t0 = time.monotonic()
-    t = Tier(srv, pool, bucket="no-such-bucket" if problem == "missing_bucket" else "kvbm-io")
+    t = Tier(srv, pool, bucket="no-such-bucket" if problem == "missing_bucket" else S3_BUCKET)
     assert time.monotonic() - t0 < 1.0  # the check runs in the background
     try:
         (ready,) = t.wait(ObjectReady, 1)

@@ -11,7 +11,6 @@ import importlib.util
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -28,29 +27,22 @@ from kvbm.leader.objects import (  # noqa: E402
     ObjectStoreSettings,
     S3Backend,
 )
-from kvbm.bench.s3server import S3Server  # noqa: E402
+from kvbm.testing.s3server import S3Server  # noqa: E402
 from kvbm.config import KvbmConfig, load_config  # noqa: E402
 from kvbm.hashing import EMPTY_SALT_HASH  # noqa: E402
-from kvbm.ipc.stats import LeaderStats, ObjectCounters  # noqa: E402
-from kvbm.sim.engine import SimEngine  # noqa: E402
+from kvbm.ipc.stats import LeaderStats  # noqa: E402
+from kvbm.testing.sim.engine import SimEngine  # noqa: E402
 
 pytestmark = pytest.mark.slow  # an S3 server process for the module; leader and rank processes
 
 BLOCK = 64 * 1024
+S3_BUCKET = "kvbm"  # the bucket of s3_module_server
 HAVE_NIXL = any(importlib.util.find_spec(n) is not None for n in ("nixl", "nixl_cu12", "nixl_cu13"))
 BACKENDS = ["s3", pytest.param("nixl", marks=pytest.mark.skipif(not HAVE_NIXL, reason="no NIXL wheel installed"))]
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[S3Server]:
-    srv = S3Server()
-    srv.create_bucket("kvbm")
-    yield srv
-    srv.kill()
-
-
 def _settings(srv: S3Server, **kw: object) -> ObjectStoreSettings:
-    base: dict[str, object] = {"bucket": "kvbm", "endpoint": srv.endpoint, "access_key": "test",
+    base: dict[str, object] = {"bucket": S3_BUCKET, "endpoint": srv.endpoint, "access_key": "test",
                                "secret_key": "test", "timeout_s": 2.0}
     base.update(kw)
     return ObjectStoreSettings(**base)  # type: ignore[arg-type]
@@ -65,8 +57,8 @@ def _block(seed: int) -> memoryview:
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
-def test_blocks_round_trip_byte_exact_and_lookups_batch(server: S3Server, kind: str) -> None:
-    objs = BlockObjects(_backend(kind, _settings(server)), layout=0x1234, block_bytes=BLOCK, prefix=f"{kind}/")
+def test_blocks_round_trip_byte_exact_and_lookups_batch(s3_module_server: S3Server, kind: str) -> None:
+    objs = BlockObjects(_backend(kind, _settings(s3_module_server)), layout=0x1234, block_bytes=BLOCK, prefix=f"{kind}/")
     try:
         blocks = {h: _block(-1) for h in (11, 12, 13)}
         for h, b in blocks.items():
@@ -82,9 +74,9 @@ def test_blocks_round_trip_byte_exact_and_lookups_batch(server: S3Server, kind: 
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
-def test_another_layout_never_sees_a_block(server: S3Server, kind: str) -> None:
-    a = BlockObjects(_backend(kind, _settings(server)), layout=1, block_bytes=BLOCK, prefix=f"{kind}-l/")
-    b = BlockObjects(_backend(kind, _settings(server)), layout=2, block_bytes=BLOCK, prefix=f"{kind}-l/")
+def test_another_layout_never_sees_a_block(s3_module_server: S3Server, kind: str) -> None:
+    a = BlockObjects(_backend(kind, _settings(s3_module_server)), layout=1, block_bytes=BLOCK, prefix=f"{kind}-l/")
+    b = BlockObjects(_backend(kind, _settings(s3_module_server)), layout=2, block_bytes=BLOCK, prefix=f"{kind}-l/")
     try:
         a.put(5, _block(1))
         assert a.key(5) != b.key(5)
@@ -95,21 +87,21 @@ def test_another_layout_never_sees_a_block(server: S3Server, kind: str) -> None:
         b.close()
 
 
-def test_corrupt_short_and_foreign_objects_are_misses(server: S3Server) -> None:
+def test_corrupt_short_and_foreign_objects_are_misses(s3_module_server: S3Server) -> None:
     import boto3
 
-    raw = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1", aws_access_key_id="test",
+    raw = boto3.client("s3", endpoint_url=s3_module_server.endpoint, region_name="us-east-1", aws_access_key_id="test",
                        aws_secret_access_key="test")
-    objs = BlockObjects(S3Backend(_settings(server)), layout=7, block_bytes=BLOCK, prefix="bad/")
+    objs = BlockObjects(S3Backend(_settings(s3_module_server)), layout=7, block_bytes=BLOCK, prefix="bad/")
     try:
         good = _block(3)
         objs.put(1, good)
-        data = bytearray(raw.get_object(Bucket="kvbm", Key=objs.key(1))["Body"].read())
+        data = bytearray(raw.get_object(Bucket=S3_BUCKET, Key=objs.key(1))["Body"].read())
         flipped = bytearray(data)
         flipped[OBJECT_HEADER_BYTES + 100] ^= 0xFF
-        raw.put_object(Bucket="kvbm", Key=objs.key(2), Body=bytes(data))  # block 1's object under 2's key
-        raw.put_object(Bucket="kvbm", Key=objs.key(4), Body=bytes(data[:-1]))
-        raw.put_object(Bucket="kvbm", Key=objs.key(5), Body=b"not a kvbm object" * 4000)
+        raw.put_object(Bucket=S3_BUCKET, Key=objs.key(2), Body=bytes(data))  # block 1's object under 2's key
+        raw.put_object(Bucket=S3_BUCKET, Key=objs.key(4), Body=bytes(data[:-1]))
+        raw.put_object(Bucket=S3_BUCKET, Key=objs.key(5), Body=b"not a kvbm object" * 4000)
         for h in (2, 4, 5):
             out = memoryview(bytearray(BLOCK))
             res = objs.get(h, out)
@@ -117,7 +109,7 @@ def test_corrupt_short_and_foreign_objects_are_misses(server: S3Server) -> None:
             assert not any(out)  # never copied
         # Block 3: a valid header for hash 1 fails as "another block"; rewrite it for hash 3 first.
         hdr = objs.header(3, memoryview(good))
-        raw.put_object(Bucket="kvbm", Key=objs.key(3), Body=hdr + bytes(flipped[OBJECT_HEADER_BYTES:]))
+        raw.put_object(Bucket=S3_BUCKET, Key=objs.key(3), Body=hdr + bytes(flipped[OBJECT_HEADER_BYTES:]))
         res = objs.get(3, memoryview(bytearray(BLOCK)))
         assert res.status is GetStatus.CORRUPT and "checksum" in res.error
         out = memoryview(bytearray(BLOCK))
@@ -126,32 +118,24 @@ def test_corrupt_short_and_foreign_objects_are_misses(server: S3Server) -> None:
         objs.close()
 
 
-def test_missing_bucket_is_one_clear_line(server: S3Server) -> None:
-    backend = S3Backend(_settings(server, bucket="nope"))
+def test_missing_bucket_is_one_clear_line(s3_module_server: S3Server) -> None:
+    backend = S3Backend(_settings(s3_module_server, bucket="nope"))
     with pytest.raises(ObjectError, match=r"DYN_KVBM_OBJECT_BUCKET='nope' .*no such bucket") as e:
         backend.check()
     assert "\n" not in str(e.value)
-    S3Backend(_settings(server)).check()  # the existing bucket passes
+    S3Backend(_settings(s3_module_server)).check()  # the existing bucket passes
 
 
 def test_refused_credentials_are_one_clear_line() -> None:
-    os.environ["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"  # moto then checks credentials
-    try:
-        srv = S3Server()
-    finally:
-        del os.environ["INITIAL_NO_AUTH_ACTION_COUNT"]
-    try:
-        backend = S3Backend(ObjectStoreSettings("kvbm", srv.endpoint, access_key="wrong", secret_key="wrong"))
+    with S3Server(check_credentials=True) as srv:
+        backend = S3Backend(ObjectStoreSettings(S3_BUCKET, srv.endpoint, access_key="wrong", secret_key="wrong"))
         with pytest.raises(ObjectError, match="credentials refused") as e:
             backend.check()
         assert "\n" not in str(e.value)
-    finally:
-        srv.kill()
 
 
 def test_unreachable_endpoint_fails_fast() -> None:
-    srv = S3Server()
-    srv.create_bucket("kvbm")
+    srv = S3Server(S3_BUCKET)
     objs = BlockObjects(S3Backend(_settings(srv, timeout_s=1.0)), layout=9, block_bytes=BLOCK)
     try:
         objs.put(1, _block(4))
@@ -186,14 +170,9 @@ def _sim_config(srv: S3Server, bucket: str, **extra: str) -> KvbmConfig:
     return load_config(env)
 
 
-def _objects(stats: LeaderStats) -> ObjectCounters:
-    assert stats.object_tier is not None, stats
-    return stats.object_tier.counters
-
-
 def _tier_on(sim: SimEngine) -> None:
     assert sim.client is not None
-    sim.client.wait_stats(lambda st: st.object_tier is not None and st.object_tier.enabled, "object tier on", 30)
+    sim.client.wait_stats(lambda st: st.object_tier is not None and bool(st.object_tier.enabled), "object tier on", 30)
 
 
 def _compute_once(cfg: KvbmConfig) -> LeaderStats:
@@ -219,12 +198,12 @@ def _hit_tokens_after_store_answered(sim: SimEngine) -> int:
     return hit
 
 
-def test_a_new_engine_process_loads_what_another_computed_once_with_dynamo_defaults(server: S3Server) -> None:
-    server.create_bucket("kvbm-defaults")
-    cfg = _sim_config(server, "kvbm-defaults")
+def test_a_new_engine_process_loads_what_another_computed_once_with_dynamo_defaults(s3_module_server: S3Server) -> None:
+    s3_module_server.create_bucket("kvbm-defaults")
+    cfg = _sim_config(s3_module_server, "kvbm-defaults")
     assert cfg.sources.get("object_write_through") is None  # the default, as in Dynamo: on
     first = _compute_once(cfg)
-    assert _objects(first).offloaded_blocks == 6, first
+    assert first.object_tier is not None and first.object_tier.counters.offloaded_blocks == 6, first
     with SimEngine(cfg) as second:  # new leader and rank processes: G2 empty, G4 index empty
         _tier_on(second)
         assert _hit_tokens_after_store_answered(second) == 6 * 16
@@ -233,20 +212,22 @@ def test_a_new_engine_process_loads_what_another_computed_once_with_dynamo_defau
         st = second.stats
     assert st.tokens_computed == len(PROMPT) - 6 * 16 and st.tokens_from_object == 6 * 16  # staged from G4
     assert st.mismatches == 0 and st.blocks_loaded == 6  # each rank checked every byte against the oracle
-    objects = _objects(leader)
+    assert leader.object_tier is not None, leader
+    objects = leader.object_tier.counters
     assert leader.counters.blocks_loaded_from_object == 6 and objects.onboarded_blocks == 6, leader
     assert objects.read_failures == 0 and objects.checksum_failures == 0, leader
 
 
-def test_without_write_through_a_prefix_computed_once_is_not_shared(server: S3Server) -> None:
+def test_without_write_through_a_prefix_computed_once_is_not_shared(s3_module_server: S3Server) -> None:
     """DYN_KVBM_OBJECT_WRITE_THROUGH=false (kvbm's old default): only blocks seen twice are put."""
-    server.create_bucket("kvbm-no-write-through")
-    cfg = _sim_config(server, "kvbm-no-write-through", DYN_KVBM_OBJECT_WRITE_THROUGH="false")
+    s3_module_server.create_bucket("kvbm-no-write-through")
+    cfg = _sim_config(s3_module_server, "kvbm-no-write-through", DYN_KVBM_OBJECT_WRITE_THROUGH="false")
     first = _compute_once(cfg)
-    assert _objects(first).offloaded_blocks == 0, first
+    assert first.object_tier is not None and first.object_tier.counters.offloaded_blocks == 0, first
     with SimEngine(cfg) as second:
         _tier_on(second)
         assert _hit_tokens_after_store_answered(second) == 0
         second.run([PROMPT])  # the first sight for this leader too: still not put
         leader = second.quiesce(30)
-    assert _objects(leader).offloaded_blocks == 0 and leader.counters.blocks_loaded_from_object == 0, leader
+    assert leader.object_tier is not None, leader
+    assert leader.object_tier.counters.offloaded_blocks == 0 and leader.counters.blocks_loaded_from_object == 0, leader

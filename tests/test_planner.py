@@ -8,7 +8,6 @@ flight (released, nothing stays pinned).
 
 from __future__ import annotations
 
-import random
 import time
 
 import numpy as np
@@ -22,18 +21,14 @@ from kvbm.connector.planner import ConnectorCounters, Planner, ScheduledRequest
 from kvbm.hashing import EMPTY_SALT_HASH, sequence_hashes
 from kvbm.leader.client import LeaderClient
 from kvbm.leader.registry import Tier
-from kvbm.sim.engine import SimEngine
-from kvbm.sim.rank import SimModel
+from kvbm.testing.sim.engine import SimEngine
+from kvbm.testing.sim.rank import SimModel
+from kvbm.testing.support import random_prompts
 
 pytestmark = pytest.mark.slow  # a leader and rank processes (the sim fixture)
 
 BS = 16
 MODEL = SimModel(num_layers=2, kv_heads=2, head_dim=32, num_gpu_blocks=64)
-
-
-def _prompt(blocks: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(1, 50_000) for _ in range(blocks * BS)]
 
 
 def _snapshot(hashes: list[int]) -> IndexDelta:
@@ -53,7 +48,7 @@ def test_lookups_never_answer_from_an_index_older_than_the_planner_saw(sim: SimE
     """The follower here polls once a minute (no long-poll), so its replica stays as it was unless a lookup
     asks it to catch up: after the stats of an idle leader a lookup sees what was committed,
     after a reset it no longer claims what was dropped."""
-    p = _prompt(6, 3)
+    p = random_prompts(1, 6 * BS, seed=3)[0]
     follower = follow_leader(sim.endpoint, wait_s=0, interval_s=60.0)
     planner = Planner(BS, sim.world_size, LeaderClient(sim.endpoint), replica=follower.replica)
     try:
@@ -75,7 +70,7 @@ def test_lookups_never_answer_from_an_index_older_than_the_planner_saw(sim: SimE
 
 
 def test_stale_replica_claims_are_recomputed_never_wrong_kv(sim: SimEngine) -> None:
-    stored, never = _prompt(6, 1), _prompt(6, 2)
+    stored, never = random_prompts(1, 6 * BS, seed=1)[0], random_prompts(1, 6 * BS, seed=2)[0]
     sim.run([stored])
     sim.quiesce()
     replica = IndexReplica()
@@ -97,7 +92,7 @@ def test_stale_replica_claims_are_recomputed_never_wrong_kv(sim: SimEngine) -> N
 def test_preempted_before_its_store_allocation_came_back(sim: SimEngine) -> None:
     planner = Planner(BS, sim.world_size, LeaderClient(sim.endpoint))
     try:
-        tokens = _prompt(4, 3)
+        tokens = random_prompts(1, 4 * BS, seed=3)[0]
         planner.add("r", tokens, EMPTY_SALT_HASH)
         plan = planner.step([ScheduledRequest("r", 0, len(tokens), [10, 11, 12, 13], True)])
         assert not plan.stores and planner.busy()  # the allocation is posted, not waited for
@@ -112,7 +107,7 @@ def test_preempted_before_its_store_allocation_came_back(sim: SimEngine) -> None
 
 
 def test_aborted_while_its_pin_is_in_flight(sim: SimEngine) -> None:
-    tokens = _prompt(5, 4)
+    tokens = random_prompts(1, 5 * BS, seed=4)[0]
     sim.run([tokens])
     sim.quiesce()
     planner = Planner(BS, sim.world_size, LeaderClient(sim.endpoint))
@@ -133,7 +128,7 @@ def test_aborted_while_its_pin_is_in_flight(sim: SimEngine) -> None:
 def test_a_steps_requests_go_out_in_one_burst_at_the_step(sim: SimEngine) -> None:
     """Lookups and pins queue their messages on the scheduler thread; the step sends them
     together, and the leader counts the lookup once they arrived."""
-    tokens = _prompt(5, 5)
+    tokens = random_prompts(1, 5 * BS, seed=5)[0]
     sim.run([tokens])
     idle = sim.quiesce()
     replica = IndexReplica()
@@ -167,7 +162,7 @@ def test_planner_refuses_bad_sizes(sim: SimEngine) -> None:
 def test_firm_lookup_promises_only_pinned_blocks(sim: SimEngine) -> None:
     """lookup_pinned (engines without a load-error path): a stale replica's claim is never
     promised; a promise becomes a ready load op; an unused pin is released at finish."""
-    stored, never = _prompt(5, 5), _prompt(5, 6)
+    stored, never = random_prompts(1, 5 * BS, seed=5)[0], random_prompts(1, 5 * BS, seed=6)[0]
     sim.run([stored])
     sim.quiesce()
     replica = IndexReplica()
@@ -210,7 +205,7 @@ def test_without_store_acks_finished_keeps_blocks_of_stored_requests(sim: SimEng
     planner = Planner(BS, sim.world_size, LeaderClient(sim.endpoint, timeout_s=10.0), store_acks=False)
     try:
         _wait_ready(planner)
-        a, b = _prompt(3, 7), _prompt(3, 8)
+        a, b = random_prompts(1, 3 * BS, seed=7)[0], random_prompts(1, 3 * BS, seed=8)[0]
         planner.add("a", a, EMPTY_SALT_HASH)
         planner.add("b", b, EMPTY_SALT_HASH)
         planner.step([ScheduledRequest("a", 0, len(a), [1, 2, 3], True)])
@@ -261,7 +256,7 @@ def test_a_match_keeps_host_disk_and_object_apart() -> None:
     hold-back takes the farthest tier's block, hit sources and counters name each tier."""
     planner = Planner(BS, 1, _FixedMatch(m.MatchReply(host=2, disk=1, object=3)))  # type: ignore[arg-type]
     try:
-        planner.add("a", _prompt(6, 9), EMPTY_SALT_HASH)
+        planner.add("a", random_prompts(1, 6 * BS, seed=9)[0], EMPTY_SALT_HASH)
         assert planner.lookup("a", 0) == 5 * BS  # the whole prompt matched: one G4 block held back
         assert planner.hit_sources("a", 5 * BS) == {Tier.HOST: 2 * BS, Tier.DISK: BS, Tier.OBJECT: 2 * BS}
         assert planner.hit_sources("a", 3 * BS + 4) == {Tier.HOST: 2 * BS, Tier.DISK: BS, Tier.OBJECT: 4}

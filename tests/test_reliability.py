@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import functools
 import os
-import random
 import signal
 import stat
 import subprocess
@@ -29,7 +28,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import kvbm.leader.disk as disk_mod
-from kvbm.bench.fuzz import (
+from kvbm.testing.fuzz import (
     ALL_TYPES,
     field_spec,
     fuzz_leader,
@@ -52,8 +51,9 @@ from kvbm.ipc.transport import RpcClient, check_bind_endpoint, ensure_private_di
 from kvbm.leader.client import LeaderClient, TierBlocks
 from kvbm.leader.disk import DiskStore, disk_file_path
 from kvbm.leader.server import LeaderServer
-from kvbm.sim.engine import SimEngine, SimError, chat_workload
-from kvbm.sim.rank import SimModel
+from kvbm.testing.sim.engine import SimEngine, SimError, chat_workload
+from kvbm.testing.sim.rank import SimModel
+from kvbm.testing.support import random_prompts
 
 pytestmark = pytest.mark.slow  # leader and rank processes
 
@@ -62,12 +62,6 @@ BS = 16  # tokens per block (SimModel default)
 
 # ------------------------------------------------------------------------------------------
 # helpers
-
-
-def _prompts(n: int, blocks: int, seed: int) -> list[list[int]]:
-    """``n`` prompts of exactly ``blocks`` full blocks, no shared prefix."""
-    rng = random.Random(seed)
-    return [[rng.randrange(1, 50_000) for _ in range(blocks * BS)] for _ in range(n)]
 
 
 def _chats(n: int, seed: int = 0) -> list[list[int]]:
@@ -83,17 +77,6 @@ def _wait_status(client: LeaderClient, pred: Callable[[m.Status], bool], limit_s
         if st is not None and pred(st):
             return time.monotonic() - t0
         assert time.monotonic() - t0 < limit_s, f"{what} not seen within {limit_s} s: {st}"
-        time.sleep(0.02)
-
-
-def _settled(client: LeaderClient, limit_s: float = 10.0) -> LeaderStats:
-    """Leader stats once no op is in flight and no disk write is pending."""
-    t0 = time.monotonic()
-    while True:
-        stats = client.stats()
-        if stats and stats.ops_in_flight == 0 and (stats.disk_tier is None or stats.disk_tier.busy == 0):
-            return stats
-        assert time.monotonic() - t0 < limit_s, f"ops still in flight after {limit_s} s: {stats}"
         time.sleep(0.02)
 
 
@@ -186,7 +169,7 @@ def test_kill_rank_during_stores(make_config) -> None:
         warm = _chats(3)
         sim.run(warm)
         before = sim.quiesce()
-        batch = _prompts(4, 4, seed=11)
+        batch = random_prompts(4, 4 * BS, seed=11)
         req, ops, hashes = _store_step(sim, batch)
         victim = sim.ranks[1]
         os.kill(victim.pid, signal.SIGSTOP)  # rank 1 never gets to copy this batch
@@ -199,7 +182,7 @@ def test_kill_rank_during_stores(make_config) -> None:
         t_kill = _kill(victim)
         _wait_status(sim.client, lambda s: s.dead_ranks == [1] and s.leader_state is LeaderState.DEGRADED, 3, "rank 1 dead")
         assert time.monotonic() - t_kill < 2.0, "the leader took 2 s or more to report the dead rank"
-        after = _settled(sim.client)
+        after = sim.client.wait_idle()
         assert after.counters.stores_aborted - before.counters.stores_aborted == len(ops)
         assert after.counters.stores_committed == before.counters.stores_committed
         _assert_accounting(after)
@@ -232,7 +215,7 @@ def test_kill_rank_during_loads_and_stores_then_restart_at_once(make_config) -> 
     model = SimModel(num_layers=2, kv_heads=2, head_dim=32, num_gpu_blocks=160)
     with SimEngine(cfg, world_size=2, model=model) as sim:
         assert sim.client is not None
-        stored = _prompts(8, 6, seed=21)
+        stored = random_prompts(8, 6 * BS, seed=21)
         sim.run(stored)
         before = sim.quiesce()
         sim.reset_engine_cache()
@@ -245,7 +228,7 @@ def test_kill_rank_during_loads_and_stores_then_restart_at_once(make_config) -> 
             blocks = sim.g1.allocate(len(hs))
             assert blocks is not None
             loads.append([grant.op_id, grant.slots, blocks, hs])
-        req, store_ops, new_hashes = _store_step(sim, _prompts(4, 6, seed=22))
+        req, store_ops, new_hashes = _store_step(sim, random_prompts(4, 6 * BS, seed=22))
         for op in loads:
             sim.g1.release(op[2], [])
         req["loads"] = loads
@@ -261,7 +244,7 @@ def test_kill_rank_during_loads_and_stores_then_restart_at_once(make_config) -> 
         _restart_rank(sim, 1, victim)
         sim.wait_ready(15)
         _wait_status(sim.client, lambda s: s.leader_state is LeaderState.READY and not s.dead_ranks, 5, "ready again")
-        after = _settled(sim.client, 5)  # nothing of the dead incarnation is left in flight
+        after = sim.client.wait_idle(5)  # nothing of the dead incarnation is left in flight
         _assert_accounting(after)
         assert after.counters.loads_failed - before.counters.loads_failed == len(load_ops)
         assert after.counters.loads_completed == before.counters.loads_completed
@@ -350,7 +333,7 @@ def test_disk_io_error_turns_the_tier_off_never_wrong_kv(make_config, tmp_path: 
         assert sim.client is not None
         sim.start_ranks()
         sim.wait_ready(15)
-        prompts = _prompts(3, 8, seed=31)  # 24 blocks: the first prompt ends up on disk only
+        prompts = random_prompts(3, 8 * BS, seed=31)  # 24 blocks: the first prompt ends up on disk only
         if op == "write":
             fail.set()
         _run_each(sim, prompts)
@@ -359,7 +342,7 @@ def test_disk_io_error_turns_the_tier_off_never_wrong_kv(make_config, tmp_path: 
             fail.set()
         sim.reset_engine_cache()
         _run_each(sim, prompts)  # reads of the first prompt fail: recomputed
-        stats = _settled(sim.client)
+        stats = sim.client.wait_idle()
         assert stats.disk_tier.enabled == 0 and stats.disk_tier.counters.io_errors >= 1, stats
         assert stats.disk.registered == 0 and _raw_match(sim.endpoint, sequence_hashes(prompts[0], BS))[1] == 0
         assert os.strerror(code) in server.core.stats().disk_tier.reason
@@ -430,7 +413,7 @@ def test_cache_that_does_not_fit_is_one_clear_error_at_start(make_config, tmp_pa
 
 
 def test_fuzz_leader_socket(make_config) -> None:
-    """A few thousand malformed frames against a live leader (the CI subset of kvbm.bench.fuzz)."""
+    """A few thousand malformed frames against a live leader (the CI subset of the kvbm.bench.fuzz benchmark)."""
     cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="64")
     with SimEngine(cfg, world_size=1, model=SimModel(num_layers=1, num_gpu_blocks=48)) as sim:
         assert sim.client is not None and sim.leader is not None and sim.leader.popen is not None
@@ -604,8 +587,8 @@ def test_kill_leader_serving_continues_then_next_leader_sweeps_and_serves(make_c
 
 
 def test_soak_short(tmp_path: Path) -> None:
-    """The CI version of ``python -m kvbm.sim.soak``: TP=2, 64 concurrent requests, G2<->G3 churn."""
-    from kvbm.sim.soak import SoakOptions, run_soak
+    """The CI version of ``python -m kvbm.testing.sim.soak``: TP=2, 64 concurrent requests, G2<->G3 churn."""
+    from kvbm.testing.sim.soak import SoakOptions, run_soak
 
     opts = SoakOptions(steps=40, concurrency=64, world_size=2, host_blocks=256, disk_blocks=1024,
                        sample_every=5, warmup_fraction=0.5, take_events=True, run_dir=str(tmp_path / "run"),
@@ -636,7 +619,7 @@ def test_two_instances_at_once_never_collide_and_everything_is_private(make_conf
     (tmp_path / "disk").mkdir()
     cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="16", DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS="128",
                       DYN_KVBM_DISK_CACHE_DIR=str(tmp_path / "disk"), DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="1")
-    prompts = _prompts(3, 8, seed=41)  # the same prompts in both
+    prompts = random_prompts(3, 8 * BS, seed=41)  # the same prompts in both
     files: dict[int, dict[str, str]] = {}
     results: dict[int, Any] = {}
     both_up = threading.Barrier(2, timeout=60)

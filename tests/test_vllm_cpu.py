@@ -14,30 +14,16 @@ import sys
 
 import pytest
 
-from kvbm.vllm_integration import cpu_env
+from kvbm.testing import cpu_env
 
 REQUIRE_ENV = "KVBM_REQUIRE_VLLM_CPU"
 
 
 @pytest.mark.slow  # vLLM engine processes in their own venv
 @pytest.mark.timeout(2400)
-def test_e2e_suite_in_the_vllm_cpu_venv(tmp_path) -> None:
-    py = cpu_env.interpreter()
-    if py is None:
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{REQUIRE_ENV}=1 but {cpu_env.missing_reason()}")
-        pytest.skip(cpu_env.missing_reason())
-    root = cpu_env.repo_root()
-    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS" and not k.startswith("DYN_KVBM_")}
-    env["PYTHONPATH"] = str(root)
-    report = tmp_path / "e2e.xml"
-    proc = subprocess.run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-                           str(root / "tests" / "e2e")], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=2300)
-    summary = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
-    print(f"e2e suite in {py}: {' '.join(summary)}", file=sys.stderr)
-    assert proc.returncode == 0, f"e2e suite failed in {py}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
-    assert "passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-2000:]
+def test_e2e_suite_in_the_vllm_cpu_venv(venv_suite) -> None:
+    venv_suite(cpu_env.interpreter(), "tests/e2e", require_env=REQUIRE_ENV, missing=cpu_env.missing_reason(),
+               timeout_s=2300)
 
 
 @pytest.mark.slow  # kvbm demo and bench processes
@@ -59,7 +45,7 @@ def test_test_models_are_seeded_and_rebuilt_only_when_changed(tmp_path) -> None:
     pytest.importorskip("safetensors")
     import json
 
-    from kvbm.bench.tiny_model import MODELS, model_path
+    from kvbm.testing.tiny_model import MODELS, model_path
 
     path = model_path("tiny", tmp_path)
     weights = (path / "model.safetensors").stat()
@@ -81,7 +67,7 @@ def test_supported_vllm_releases() -> None:
 
 
 def test_cpu_threads_bind_splits_this_process_cores_between_ranks() -> None:
-    from kvbm.vllm_integration.cpu_engine import cpu_threads_bind
+    from kvbm.testing.cpu_engine import cpu_threads_bind
 
     cores = sorted(os.sched_getaffinity(0))
     assert cpu_threads_bind() == ",".join(map(str, cores))

@@ -1,6 +1,6 @@
 """Time to first token on a real vLLM engine (CPU backend): kvbm hit vs recompute vs engine hit.
 
-One vLLM-CPU engine with kvbm (``kvbm.vllm_integration.cpu_engine``, a seeded random-weight
+One vLLM-CPU engine with kvbm (``kvbm.testing.cpu_engine``, a seeded random-weight
 Llama model, greedy, one request at a time) runs the same prompts as
 
 * **recompute**: the first time (nothing cached anywhere);
@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from kvbm.bench.common import BenchResult
-from kvbm.vllm_integration import cpu_env
+from kvbm.testing import cpu_env
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,10 @@ FAST_SWITCH_S = 0.0002
 
 
 def _measure(w: Workload, tmp: str) -> _Samples:
-    from kvbm.bench.tiny_model import MODELS
-    from kvbm.vllm_integration.cpu_engine import CpuEngine, EngineOptions, random_prompts
+    from kvbm.testing.tiny_model import MODELS
+    from kvbm.testing.cpu_engine import CpuEngine, EngineOptions
+    from kvbm.testing.support import random_prompts
+    from kvbm.testing.tiny_model import FIRST_WORD
 
     spec = MODELS[w.model]
     bs = 32
@@ -98,8 +100,8 @@ def _measure(w: Workload, tmp: str) -> _Samples:
     eng = CpuEngine(EngineOptions(model=w.model, kvbm=True, block_size=bs, max_model_len=w.prompt_len + 64,
                                   engine_blocks=blocks, max_num_batched_tokens=w.prompt_len + 64))
     try:
-        prompts = random_prompts(w.prompts, w.prompt_len, vocab=spec.vocab, seed=11)
-        warm = random_prompts(1, w.prompt_len, vocab=spec.vocab, seed=99)
+        prompts = random_prompts(w.prompts, w.prompt_len, vocab=spec.vocab, low=FIRST_WORD, seed=11)
+        warm = random_prompts(1, w.prompt_len, vocab=spec.vocab, low=FIRST_WORD, seed=99)
         # Warm-up: first forward passes and the first kvbm load pay one-time costs.
         eng.run(warm, 1)
         eng.settle_kvbm()
@@ -138,7 +140,7 @@ def _measure(w: Workload, tmp: str) -> _Samples:
 
 
 def _results(w: Workload, s: _Samples) -> list[BenchResult]:
-    from kvbm.bench.tiny_model import MODELS
+    from kvbm.testing.tiny_model import MODELS
 
     med = statistics.median
     spec = MODELS[w.model]

@@ -137,10 +137,9 @@ def run(quick: bool = False, *, endpoint: str | None = None, bucket: str = "kvbm
     size = block_bytes or ((256 << 10) if quick else (2 << 20))
     server = None
     if endpoint is None:
-        from kvbm.bench.s3server import S3Server
+        from kvbm.testing.s3server import S3Server
 
-        server = S3Server()
-        server.create_bucket(bucket)
+        server = S3Server(bucket)
         endpoint = server.endpoint
     try:
         settings = ObjectStoreSettings(bucket, endpoint, access_key="test", secret_key="test", timeout_s=60.0)

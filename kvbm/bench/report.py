@@ -31,7 +31,7 @@ def _needs_module(name: str, install: str) -> Callable[[], str | None]:
 
 
 def _needs_vllm_cpu() -> str | None:
-    from kvbm.vllm_integration import cpu_env
+    from kvbm.testing import cpu_env
 
     return None if cpu_env.interpreter() is not None else cpu_env.missing_reason()
 

@@ -122,8 +122,8 @@ def _percentiles(samples: list[float]) -> tuple[float, float]:
 def lookup_bench(quick: bool) -> list[BenchResult]:
     """Scheduler-side match round trip vs a bare ZMQ round trip of the same payload."""
     from kvbm.hashing import sequence_hashes
-    from kvbm.sim.engine import SimEngine
-    from kvbm.sim.rank import SimModel
+    from kvbm.testing.sim.engine import SimEngine
+    from kvbm.testing.sim.rank import SimModel
 
     tmp = tempfile.mkdtemp(prefix="kvbm-bench-")
     cfg = load_config({"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "2200", "DYN_KVBM_RUN_DIR": f"{tmp}/run"})
@@ -218,8 +218,8 @@ def _local_lookup(hashes: list[int], tokens: int, n: int) -> list[BenchResult]:
 
 def init_bench(quick: bool) -> list[BenchResult]:
     """Leader + 2 ranks ready with a 4 GiB pool vs one process faulting in 4 GiB of shm."""
-    from kvbm.sim.engine import SimEngine
-    from kvbm.sim.rank import SimModel
+    from kvbm.testing.sim.engine import SimEngine
+    from kvbm.testing.sim.rank import SimModel
 
     gib = 1 if quick else 4
     size = gib << 30

@@ -1,6 +1,6 @@
 """Scheduler-side cost of the vLLM connector, and what it finds, on one chat workload.
 
-The real vLLM 0.33 scheduler (CPU only, kvbm.bench.vllm_harness) runs the same
+The real vLLM 0.33 scheduler (CPU only, kvbm.testing.vllm_harness) runs the same
 multi-turn chat workload in each configuration, with a small engine pool so the engine's own
 prefix cache forgets earlier turns:
 
@@ -66,7 +66,7 @@ class _OffloadStandInWorker:
         from vllm.distributed.kv_transfer.kv_connector.v1.offloading.common import OffloadingWorkerMetadata
         from vllm.v1.outputs import KVConnectorOutput
 
-        from kvbm.bench.vllm_harness import StepResult
+        from kvbm.testing.vllm_harness import StepResult
 
         meta = work.meta
         done = {job_id: 1 for job_id in list(meta.load_jobs) + list(meta.store_jobs)}
@@ -125,7 +125,7 @@ def _bare_rtt(tmp: str, n: int) -> list[float]:
 
 def _run_one(model_dir: str, name: str, connector: str | None, extra: dict[str, Any], quick: bool,
              host_blocks: int = HOST_BLOCKS, replica: bool = True) -> Any:
-    from kvbm.bench.vllm_harness import Engine, EngineSpec
+    from kvbm.testing.vllm_harness import Engine, EngineSpec
 
     os.environ["DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"] = str(host_blocks)
     os.environ["DYN_KVBM_INDEX_REPLICA"] = "1" if replica else "0"
@@ -180,7 +180,7 @@ def run(quick: bool = False) -> list[BenchResult]:
         "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": str(HOST_BLOCKS),  # set per run by _run_one
         "DYN_KVBM_LOG_LEVEL": "WARNING",
     }
-    from kvbm.bench.vllm_harness import write_model_dir
+    from kvbm.testing.vllm_harness import write_model_dir
 
     model_dir = write_model_dir(os.path.join(tmp, "model"))
     block_bytes = GEOMETRY["num_layers"] * 2 * BLOCK_SIZE * GEOMETRY["kv_heads"] * GEOMETRY["head_dim"] * 2

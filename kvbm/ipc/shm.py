@@ -189,11 +189,6 @@ class HostPool:
         """A writable view of one block (page-aligned: usable for O_DIRECT I/O)."""
         return memoryview(self.array[slot]).cast("B")
 
-    @property
-    def base_address(self) -> int:
-        """Address of block 0 in this process (for pinning with cudaHostRegister)."""
-        return int(self.array.ctypes.data)
-
     def close(self) -> None:
         """Unmap; the owner also unlinks the segment. Idempotent."""
         self._array = None

@@ -128,9 +128,3 @@ class World:
 
     def dead_ranks(self) -> list[int]:
         return sorted(r for r, info in self.ranks.items() if not info.alive)
-
-    def rank_of(self, identity: bytes) -> int | None:
-        for r, info in self.ranks.items():
-            if info.identity == identity:
-                return r
-        return None

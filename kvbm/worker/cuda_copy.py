@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -757,12 +757,3 @@ class CudaCopyEngine:
 def cuda_engine(kv: EngineKVDevice, pool: "HostPool", slice_offset: int) -> CudaCopyEngine:
     """Rank-agent engine factory (``RankAgent(engine_factory=cuda_engine)``) with the defaults."""
     return CudaCopyEngine(kv, pool.array, slice_offset)
-
-
-def cuda_engine_factory(**options: Any) -> Callable[[EngineKVDevice, "HostPool", int], CudaCopyEngine]:
-    """A rank-agent engine factory with options (``strategy``, ``engine_stream``, ``dma_min_bytes``)."""
-
-    def make(kv: EngineKVDevice, pool: "HostPool", slice_offset: int) -> CudaCopyEngine:
-        return CudaCopyEngine(kv, pool.array, slice_offset, **options)
-
-    return make

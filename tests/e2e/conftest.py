@@ -11,7 +11,6 @@ tokens prove the KV kvbm loaded is the KV the engine would have computed.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -20,10 +19,12 @@ from typing import TYPE_CHECKING, Iterator
 
 import pytest
 
-from kvbm.vllm_integration import cpu_env
+from kvbm.testing import cpu_env
+from kvbm.testing.support import dyn_kvbm_env, random_prompts
+from kvbm.testing.tiny_model import FIRST_WORD
 
 if TYPE_CHECKING:
-    from kvbm.vllm_integration.cpu_engine import CpuEngine
+    from kvbm.testing.cpu_engine import CpuEngine
 
 if not cpu_env.runs_here():
     collect_ignore_glob = ["test_*.py"]
@@ -37,19 +38,15 @@ CHAT_REPLY = 16
 
 def prompt_sets() -> dict[str, list[list[int]]]:
     """Several prompt sets, each run as one batch: lengths off and on block boundaries, shared prefixes."""
-    from kvbm.vllm_integration.cpu_engine import random_prompts
-
-    distinct = [random_prompts(1, n, vocab=VOCAB, seed=100 + n)[0] for n in (200, 333, 448, 517)]
-    prefix = random_prompts(1, 256, vocab=VOCAB, seed=7)[0]
-    shared = random_prompts(4, 96, vocab=VOCAB, seed=8, prefix=prefix)
+    distinct = [random_prompts(1, n, vocab=VOCAB, low=FIRST_WORD, seed=100 + n)[0] for n in (200, 333, 448, 517)]
+    prefix = random_prompts(1, 256, vocab=VOCAB, low=FIRST_WORD, seed=7)[0]
+    shared = random_prompts(4, 96, vocab=VOCAB, low=FIRST_WORD, seed=8, prefix=prefix)
     return {"distinct": distinct, "shared-prefix": shared}
 
 
 def chat_users() -> list[list[list[int]]]:
     """3 chats x 3 turns of 48-token user messages."""
-    from kvbm.vllm_integration.cpu_engine import random_prompts
-
-    return [random_prompts(3, 48, vocab=VOCAB, seed=200 + c) for c in range(3)]
+    return [random_prompts(3, 48, vocab=VOCAB, low=FIRST_WORD, seed=200 + c) for c in range(3)]
 
 
 def expected_hit(prompt_len: int) -> int:
@@ -70,17 +67,10 @@ class Baseline:
 def kvbm_env(**values: str) -> Iterator[str]:
     """A private run dir (and disk dir) plus DYN_KVBM_* ``values`` for an engine's lifetime."""
     tmp = tempfile.mkdtemp(prefix="kvbm-e2e-")
-    env = {"DYN_KVBM_RUN_DIR": f"{tmp}/run", "DYN_KVBM_LOG_LEVEL": "WARNING", **values}
-    old = {k: v for k, v in os.environ.items() if k.startswith("DYN_KVBM_")}
-    for k in old:
-        del os.environ[k]
-    os.environ.update(env)
     try:
-        yield tmp
+        with dyn_kvbm_env(DYN_KVBM_RUN_DIR=f"{tmp}/run", DYN_KVBM_LOG_LEVEL="WARNING", **values):
+            yield tmp
     finally:
-        for k in [k for k in os.environ if k.startswith("DYN_KVBM_")]:
-            del os.environ[k]
-        os.environ.update(old)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -92,7 +82,7 @@ def settle(engine: "CpuEngine") -> None:
 @pytest.fixture(scope="session")
 def baseline() -> Baseline:
     """Greedy outputs of an engine without a KV connector."""
-    from kvbm.vllm_integration.cpu_engine import CpuEngine, EngineOptions, run_chats
+    from kvbm.testing.cpu_engine import CpuEngine, EngineOptions, run_chats
 
     eng = CpuEngine(EngineOptions(model=MODEL, kvbm=False, max_model_len=2048))
     try:

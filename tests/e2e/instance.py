@@ -72,7 +72,7 @@ def _puts_done(st: LeaderStats, blocks: int) -> bool:
 
 def run(spec: InstanceSpec) -> InstanceReport:
     from kvbm.leader.client import LeaderClient
-    from kvbm.vllm_integration.cpu_engine import CpuEngine, EngineOptions
+    from kvbm.testing.cpu_engine import CpuEngine, EngineOptions
 
     eng = CpuEngine(EngineOptions(model=spec.model, kvbm=True, max_model_len=2048))
     client = LeaderClient(eng.leader_endpoint, timeout_s=5.0)

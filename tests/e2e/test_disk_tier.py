@@ -8,7 +8,7 @@ import os
 import pytest
 from conftest import BLOCK, MAX_TOKENS, MODEL, Baseline, expected_hit, kvbm_env, prompt_sets, settle
 
-from kvbm.vllm_integration.cpu_engine import CpuEngine, EngineOptions
+from kvbm.testing.cpu_engine import CpuEngine, EngineOptions
 
 HOST_BLOCKS = 8
 

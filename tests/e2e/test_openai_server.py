@@ -33,10 +33,11 @@ import pytest
 from conftest import BLOCK, MODEL, VOCAB, kvbm_env
 from openai import OpenAI
 
-from kvbm.bench.tiny_model import model_path
 from kvbm.leader.client import LeaderClient
-from kvbm.vllm_integration import cpu_env
-from kvbm.vllm_integration.cpu_engine import EngineOptions, engine_env, random_prompts
+from kvbm.testing import cpu_env
+from kvbm.testing.cpu_engine import EngineOptions, engine_env
+from kvbm.testing.support import random_prompts, shm_segments
+from kvbm.testing.tiny_model import FIRST_WORD, model_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -144,7 +145,7 @@ def kvbm_leftovers(run_dir: Path) -> dict[str, list[str]]:
         if "kvbm.leader" in args and str(run_dir) in args:
             leaders.append(f"{pid} {args}")
     return {"leaders": leaders, "sockets": sorted(p.name for p in run_dir.glob("*.sock")),
-            "segments": sorted(n for n in os.listdir("/dev/shm") if n.startswith("kvbm-") and instance in n)}
+            "segments": shm_segments(instance)}
 
 
 def assert_no_leftovers(run_dir: Path) -> None:
@@ -177,9 +178,9 @@ def test_openai_server_multi_turn_chats_hit_kvbm_and_sigint_cleans_up(tmp_path: 
 
             client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120.0)
             model = client.models.list().data[0].id
-            users = [random_prompts(TURNS, USER_TURN, vocab=VOCAB, seed=300 + c) for c in range(CONVERSATIONS)]
+            users = [random_prompts(TURNS, USER_TURN, vocab=VOCAB, low=FIRST_WORD, seed=300 + c) for c in range(CONVERSATIONS)]
             for c in range(CONVERSATIONS):
-                users[c][0] = random_prompts(1, FIRST_TURN, vocab=VOCAB, seed=400 + c)[0]
+                users[c][0] = random_prompts(1, FIRST_TURN, vocab=VOCAB, low=FIRST_WORD, seed=400 + c)[0]
             history: list[list[int]] = [[] for _ in users]
             turns: list[list[Turn]] = []
             # Turn by turn, every conversation's next message once all have their reply (users

@@ -22,7 +22,7 @@ from conftest import (
     settle,
 )
 
-from kvbm.vllm_integration.cpu_engine import CpuEngine, EngineOptions, run_chats
+from kvbm.testing.cpu_engine import CpuEngine, EngineOptions, run_chats
 
 pytestmark = pytest.mark.timeout(900)
 

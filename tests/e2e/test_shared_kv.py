@@ -18,7 +18,7 @@ import pytest
 from conftest import BLOCK, MAX_TOKENS, MODEL, Baseline, expected_hit, kvbm_env, prompt_sets
 from instance import InstanceReport, InstanceSpec
 
-from kvbm.vllm_integration import cpu_env
+from kvbm.testing import cpu_env
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -86,11 +86,9 @@ def _check_served(report: InstanceReport, baseline: Baseline, tier: str) -> None
 def test_a_new_instance_loads_what_another_put_in_the_object_store(baseline: Baseline) -> None:
     pytest.importorskip("boto3", reason=f"no boto3 in {sys.executable}: rerun {cpu_env.SETUP_SCRIPT}")
     pytest.importorskip("moto", reason=f"no moto in {sys.executable}: rerun {cpu_env.SETUP_SCRIPT}")
-    from kvbm.bench.s3server import S3Server
+    from kvbm.testing.s3server import S3Server
 
-    srv = S3Server()
-    try:
-        srv.create_bucket(BUCKET)
+    with S3Server(BUCKET) as srv:
         # No disk tier: the second instance can get a block only from its engine, its (empty)
         # host pool or the store.
         with kvbm_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS=HOST_BLOCKS, DYN_KVBM_OBJECT_ENABLED="1",
@@ -98,8 +96,6 @@ def test_a_new_instance_loads_what_another_put_in_the_object_store(baseline: Bas
                       DYN_KVBM_OBJECT_ACCESS_KEY="test", DYN_KVBM_OBJECT_SECRET_KEY="test") as tmp:
             first = run_instance(tmp, "a", _spec(object_tier=True, object_blocks=STORED))
             second = run_instance(tmp, "b", _spec(object_tier=True))
-    finally:
-        srv.kill()
     _check_cold(first, baseline)
     assert first.stats_at_end.object_tier.counters.offloaded_blocks == STORED, first.stats_at_end
     st = second.stats_at_start

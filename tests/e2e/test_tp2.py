@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import MAX_TOKENS, MODEL, expected_hit, kvbm_env, prompt_sets, settle
 
-from kvbm.vllm_integration.cpu_engine import CpuEngine, EngineOptions
+from kvbm.testing.cpu_engine import CpuEngine, EngineOptions
 
 
 @pytest.mark.timeout(1200)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import time
 
 import pytest
+
+from kvbm.testing.support import assert_no_segments
+
 
 def _has_sglang() -> bool:
     # Not find_spec("sglang"): pytest puts tests/ on sys.path, where this directory is a
@@ -31,10 +33,4 @@ def no_kvbm_leaks():
     """After each test: no segment of this process's instances (named ``sgl-<pid>-...``, or
     agreed by the ranks for a model named so) in /dev/shm."""
     yield
-    deadline = time.monotonic() + 15  # a leader whose spawner was killed exits on its own, soon
-    while True:
-        left = [n for n in os.listdir("/dev/shm") if n.startswith("kvbm-") and f"sgl-{os.getpid()}-" in n]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert left == [], f"leaked shared-memory segments: {left}"
+    assert_no_segments(f"sgl-{os.getpid()}-", within_s=15)  # a leader whose spawner was killed exits soon

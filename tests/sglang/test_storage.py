@@ -4,7 +4,6 @@ controller's call pattern; every loaded byte checked against the (key, rank) ora
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import socket
 import sys
@@ -18,13 +17,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from harness import PAGE, Rank, RankSpec, World, page_keys  # noqa: E402
 
 from kvbm.ipc.shm import sweep_stale_segments  # noqa: E402
+from kvbm.testing.support import random_prompts  # noqa: E402
 
 pytestmark = pytest.mark.slow  # every test here starts rank processes and a leader
-
-
-def _tokens(n_pages: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(1, 32000) for _ in range(n_pages * PAGE)]
 
 
 @pytest.fixture
@@ -47,7 +42,7 @@ def _instance(tag: str) -> str:
 
 @pytest.mark.parametrize("layout,v1", [("page_first", True), ("layer_first", True), ("page_first", False)])
 def test_one_rank_stores_and_loads_byte_exact(env, layout: str, v1: bool) -> None:
-    keys = page_keys(_tokens(20, seed=1))
+    keys = page_keys(random_prompts(1, 20 * PAGE, seed=1, vocab=32_000)[0])
     with World(1, layout=layout, v1=v1, env=env, instance=_instance(f"one-{layout}-{v1}")) as w:
         assert w.all("exists", keys) == [0]
         assert w.all("load", keys) == [(0, 0)]  # a miss, nothing loaded
@@ -59,7 +54,7 @@ def test_one_rank_stores_and_loads_byte_exact(env, layout: str, v1: bool) -> Non
 
 
 def test_tp2_ranks_store_their_slices_and_a_page_needs_both(env) -> None:
-    keys = page_keys(_tokens(150, seed=2))  # two batches of SGLang's 128 pages
+    keys = page_keys(random_prompts(1, 150 * PAGE, seed=2, vocab=32_000)[0])  # two batches of SGLang's 128 pages
     with World(2, env=env, instance=_instance("tp2")) as w:
         assert w.all("store", keys[:40]) == [[True] * 40] * 2
         w.ranks[0].call("idle")
@@ -88,7 +83,7 @@ def test_tp2_ranks_store_their_slices_and_a_page_needs_both(env) -> None:
 
 
 def test_a_diverging_rank_loses_only_the_pages_it_lacks(env) -> None:
-    keys = page_keys(_tokens(10, seed=9))
+    keys = page_keys(random_prompts(1, 10 * PAGE, seed=9, vocab=32_000)[0])
     with World(2, env=env, instance=_instance("diverge")) as w:
         # Rank 1's backup of this batch stops after 6 pages; rank 0 stores all 10.
         w.ranks[0].send("store", keys)
@@ -120,7 +115,7 @@ def test_a_rank_that_never_arrives_fails_start_up_with_kvbm_not_ready(env) -> No
 
 
 def test_a_page_whose_copy_failed_on_one_rank_never_becomes_matchable(env) -> None:
-    keys = page_keys(_tokens(6, seed=8))
+    keys = page_keys(random_prompts(1, 6 * PAGE, seed=8, vocab=32_000)[0])
     with World(2, env=env, instance=_instance("fail")) as w:
         w.ranks[1].call("break_copies")
         assert w.all("store", keys) == [[True] * 6, [False] * 6]  # rank 0 copied, rank 1 failed
@@ -130,7 +125,7 @@ def test_a_page_whose_copy_failed_on_one_rank_never_becomes_matchable(env) -> No
 
 
 def test_salted_keys_never_hit_unsalted_pages(env) -> None:
-    tokens = _tokens(8, seed=3)
+    tokens = random_prompts(1, 8 * PAGE, seed=3, vocab=32_000)[0]
     with World(1, env=env, instance=_instance("salt")) as w:
         assert w.all("store", page_keys(tokens)) == [[True] * 8]
         w.ranks[0].call("idle")
@@ -139,7 +134,7 @@ def test_salted_keys_never_hit_unsalted_pages(env) -> None:
 
 
 def test_leader_death_is_misses_and_no_crash(env) -> None:
-    keys = page_keys(_tokens(10, seed=4))
+    keys = page_keys(random_prompts(1, 10 * PAGE, seed=4, vocab=32_000)[0])
     with World(2, env=env, instance=_instance("death")) as w:
         assert w.all("store", keys[:6]) == [[True] * 6] * 2
         w.ranks[0].call("idle")
@@ -151,7 +146,7 @@ def test_leader_death_is_misses_and_no_crash(env) -> None:
 
 
 def test_mla_stores_one_copy_written_by_rank0_and_every_rank_reads_it(env) -> None:
-    keys = page_keys(_tokens(12, seed=5))
+    keys = page_keys(random_prompts(1, 12 * PAGE, seed=5, vocab=32_000)[0])
     with World(2, mla=True, env=env, instance=_instance("mla")) as w:
         # SGLang backs up MLA pages on rank 0 only (is_storage_writer).
         assert w.ranks[0].call("store", keys[:8]) == [True] * 8
@@ -164,7 +159,7 @@ def test_mla_stores_one_copy_written_by_rank0_and_every_rank_reads_it(env) -> No
 def test_second_instance_reads_the_first_ones_pages_through_the_persistent_disk(env, tmp_path, run_dir) -> None:
     disk = {"DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": "256", "DYN_KVBM_DISK_CACHE_DIR": str(tmp_path),
             "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "1", "DYN_KVBM_DISK_CACHE_PERSIST": "1"}
-    keys = page_keys(_tokens(30, seed=6))
+    keys = page_keys(random_prompts(1, 30 * PAGE, seed=6, vocab=32_000)[0])
     with World(2, env={**env, **disk}, instance=_instance("first")) as first:
         assert first.all("store", keys) == [[True] * 30] * 2
         assert first.ranks[0].call("idle").disk_tier.counters.offloaded_blocks == 30
@@ -183,7 +178,7 @@ def test_sglang_hicache_controller_tp2_over_gloo_first_request_stored_second_hit
     """SGLang's own HiCacheController on two TP ranks with a real torch.distributed gloo world:
     the ranks agree on the kvbm instance over SGLang's TP group; right after start-up the first
     request's pages are stored (each rank its slice) and the second request hits and loads them."""
-    tokens = _tokens(20, seed=10)
+    tokens = random_prompts(1, 20 * PAGE, seed=10, vocab=32_000)[0]
     with World(2, controller=True, env=env, instance=None, model=_instance("gloo"), dist_port=_free_port()) as w:
         assert w.all("ctrl_store", tokens[: 12 * PAGE]) == [12 * PAGE] * 2
         assert w.all("ctrl_prefetch", tokens) == [(12 * PAGE, 12 * PAGE, 0)] * 2
@@ -195,7 +190,7 @@ def test_sglang_hicache_controller_tp2_over_gloo_first_request_stored_second_hit
 def test_sglang_hicache_controller_drives_the_backend(env) -> None:
     """SGLang's own HiCacheController (TP=1): its backup thread stores through batch_set_v1, its
     prefetch threads query batch_exists and load through batch_get_v1."""
-    tokens = _tokens(20, seed=7)
+    tokens = random_prompts(1, 20 * PAGE, seed=7, vocab=32_000)[0]
     with World(1, controller=True, env=env, instance=_instance("ctrl")) as w:
         assert w.all("ctrl_prefetch", tokens) == [(0, 0, 0)]
         assert w.all("ctrl_store", tokens[: 12 * PAGE]) == [12 * PAGE]

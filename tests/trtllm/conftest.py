@@ -8,14 +8,11 @@ from typing import Callable, Iterator
 
 import pytest
 
+from kvbm.testing.support import assert_no_segments
+
 STAND_IN = os.path.join(os.path.dirname(__file__), "stand_in")
 if STAND_IN not in sys.path:
     sys.path.insert(0, STAND_IN)  # spawned rank processes inherit sys.path
-
-
-def _segments() -> list[str]:
-    # Instances rank 0 of this process named: trtllm-<host>-<pid>-<random>.
-    return [n for n in os.listdir("/dev/shm") if n.startswith("kvbm-trtllm-") and f"-{os.getpid()}-" in n]
 
 
 @pytest.fixture
@@ -23,4 +20,5 @@ def trt_env(engine_env: Callable[[str, int, bool], Callable[..., str]]) -> Itera
     """DYN_KVBM_* for one test (private run dir, small host pool, no O_DIRECT); returns the setter
     of more (see ``engine_env``). After the test: no shared-memory segment of an instance this process named remains."""
     yield engine_env("kvbmt-", 60, False)
-    assert _segments() == [], f"leaked shared-memory segments: {_segments()}"
+    # Instances rank 0 of this process named: trtllm-<host>-<pid>-<random>.
+    assert_no_segments("kvbm-trtllm-", f"-{os.getpid()}-")

@@ -17,12 +17,9 @@ from trt_executor import Executor  # noqa: E402
 from kvbm.connector.bootstrap import owned_leader  # noqa: E402
 from kvbm.connector.planner import ConnectorCounters  # noqa: E402
 from kvbm.ipc.shm import sweep_stale_segments  # noqa: E402
+from kvbm.testing.support import random_prompts
 
-
-def prompts(n: int, length: int, seed: int, shared: int = 0) -> list[list[int]]:
-    rnd = random.Random(seed)
-    head = [rnd.randrange(1000) for _ in range(shared)]
-    return [head + [rnd.randrange(1000) for _ in range(length - shared)] for _ in range(n)]
+VOCAB = 1000  # the stand-in executor's token ids
 
 
 @pytest.fixture
@@ -44,9 +41,10 @@ def counters(ex: Executor) -> ConnectorCounters:
     return ex.scheduler.planner.take_counters()
 
 
+@pytest.mark.slow  # the executor spawns a leader process
 def test_hit_after_engine_cache_dropped(executor):
     ex = executor()
-    batch = prompts(3, 16 * 4 + 5, seed=1)
+    batch = random_prompts(3, 16 * 4 + 5, seed=1, vocab=VOCAB, low=0)
     for p in batch:
         ex.submit(p)
     t = ex.run()
@@ -62,9 +60,10 @@ def test_hit_after_engine_cache_dropped(executor):
     assert ex.load_failures() == 0
 
 
+@pytest.mark.slow  # the executor spawns a leader process
 def test_blocks_completed_by_decoding_are_stored(executor):
     ex = executor()
-    rid = ex.submit(prompts(1, 16 * 2 + 4, seed=10)[0], max_tokens=30)
+    rid = ex.submit(random_prompts(1, 16 * 2 + 4, seed=10, vocab=VOCAB, low=0)[0], max_tokens=30)
     ex.run()
     assert counters(ex).offload_blocks == 4  # 2 prompt blocks, 2 completed while decoding
     ex.drop_engine_cache()
@@ -73,9 +72,10 @@ def test_blocks_completed_by_decoding_are_stored(executor):
     assert t.errors == [] and t.external_tokens == 4 * 16
 
 
+@pytest.mark.slow  # the executor spawns a leader process
 def test_whole_prompt_hit_leaves_a_token(executor):
     ex = executor()
-    p = prompts(1, 16 * 3, seed=2)[0]
+    p = random_prompts(1, 16 * 3, seed=2, vocab=VOCAB, low=0)[0]
     ex.submit(p)
     ex.run()
     ex.drop_engine_cache()
@@ -84,11 +84,13 @@ def test_whole_prompt_hit_leaves_a_token(executor):
     assert t.errors == [] and t.external_tokens == 2 * 16  # the last block is held back
 
 
+@pytest.mark.slow  # the executor spawns a leader process
 def test_churn_with_eviction_and_reloads(executor, trt_env):
     trt_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="24")
     ex = executor(num_blocks=32)
     rnd = random.Random(3)
-    pool = prompts(10, 16 * 3 + 7, seed=3, shared=16)
+    head = random_prompts(1, 16, seed=30, vocab=VOCAB, low=0)[0]  # the 10 prompts share one block
+    pool = random_prompts(10, 16 * 2 + 7, seed=3, vocab=VOCAB, low=0, prefix=head)
     for _ in range(4):
         for p in rnd.sample(pool, 6):
             ex.submit(p, max_tokens=rnd.randrange(1, 20))
@@ -100,9 +102,10 @@ def test_churn_with_eviction_and_reloads(executor, trt_env):
     assert ex.load_failures() == 0
 
 
+@pytest.mark.slow  # the executor spawns a leader process
 def test_cache_salt_isolation(executor):
     ex = executor()
-    p = prompts(1, 16 * 4 + 3, seed=4)[0]
+    p = random_prompts(1, 16 * 4 + 3, seed=4, vocab=VOCAB, low=0)[0]
     ex.submit(p, salt=7)
     ex.run()
     ex.drop_engine_cache()
@@ -116,9 +119,10 @@ def test_cache_salt_isolation(executor):
     assert t.external_tokens == 4 * 16 and t.errors == []
 
 
+@pytest.mark.slow  # the executor spawns a leader process
 def test_multimodal_and_generation_only_do_no_lookup(executor):
     ex = executor()
-    p = prompts(1, 16 * 3 + 1, seed=5)[0]
+    p = random_prompts(1, 16 * 3 + 1, seed=5, vocab=VOCAB, low=0)[0]
     ex.submit(p)
     ex.run()
     ex.drop_engine_cache()
@@ -128,9 +132,10 @@ def test_multimodal_and_generation_only_do_no_lookup(executor):
     assert t.external_tokens == 0 and t.errors == []
 
 
+@pytest.mark.slow  # the executor spawns a leader process
 def test_leader_death_mid_run(executor):
     ex = executor()
-    batch = prompts(4, 16 * 3 + 4, seed=7)
+    batch = random_prompts(4, 16 * 3 + 4, seed=7, vocab=VOCAB, low=0)
     for p in batch:
         ex.submit(p)
     ex.run()
@@ -142,7 +147,7 @@ def test_leader_death_mid_run(executor):
     sweep_stale_segments()  # what the next leader's start does; a killed leader cannot unlink
     ex.drop_engine_cache(quiesce=False)
     before = ex.totals.external_tokens
-    for p in batch + prompts(4, 16 * 3 + 4, seed=8):
+    for p in batch + random_prompts(4, 16 * 3 + 4, seed=8, vocab=VOCAB, low=0):
         ex.submit(p, max_tokens=5)
         ex.step()  # some steps run while the client still thinks the leader is there
     t = ex.run()
@@ -158,11 +163,12 @@ def test_leader_death_mid_run(executor):
     assert mark >= before
 
 
+@pytest.mark.slow  # the executor spawns a leader process
 def test_disk_tier_spill(executor, trt_env):
     trt_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8", DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS="128",
             DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="1")
     ex = executor(num_blocks=40)
-    batch = prompts(8, 16 * 3 + 1, seed=9)
+    batch = random_prompts(8, 16 * 3 + 1, seed=9, vocab=VOCAB, low=0)
     for p in batch:
         ex.submit(p, max_tokens=1)
         ex.run()  # one at a time: the host pool (8 blocks) spills to disk
@@ -200,11 +206,12 @@ def test_partial_reuse_is_refused_and_the_connector_stays_idle(trt_env, caplog):
     assert worker.get_finished([1], []) == ([1], [])
 
 
+@pytest.mark.slow  # the executor spawns a leader process
 def test_a_page_outside_the_window_stops_storing_the_request(executor):
     from tensorrt_llm._torch.pyexecutor.connectors.kv_cache_connector import RequestData, SchedulerOutput
 
     ex = executor()
-    rid = ex.submit(prompts(1, 16 * 2 + 4, seed=11)[0], max_tokens=30)
+    rid = ex.submit(random_prompts(1, 16 * 2 + 4, seed=11, vocab=VOCAB, low=0)[0], max_tokens=30)
     ex.step()  # the context step: its 2 prompt blocks are stored
     # A report whose block ids hold -1 (a page that left the attention window).
     plan = ex.scheduler.build_connector_meta(SchedulerOutput(cached_requests=[RequestData(rid, [], [-1], 36, 1)]))

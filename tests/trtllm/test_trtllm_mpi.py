@@ -20,6 +20,7 @@ pytest.importorskip("torch")
 pytest.importorskip("mpi4py")
 
 from kvbm.ipc.shm import segment_name  # noqa: E402
+from kvbm.testing.support import assert_no_segments
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -105,7 +106,7 @@ def test_tp2_under_mpirun_first_request_stored_second_hits(trt_env, tmp_path):
     assert r["load_failures"] == 0
     # Nothing left: ranks, the leader rank 0 spawned, the instance's host pool.
     assert all(gone(x["pid"]) for x in ranks) and r["leader_pid"] is not None and gone(r["leader_pid"])
-    assert segment_name(name) not in os.listdir("/dev/shm")
+    assert_no_segments(segment_name(name))
     assert strays(run_dir) == []
 
 
@@ -117,8 +118,8 @@ def test_a_rank_that_never_arrives_stops_the_start(trt_env, tmp_path):
     assert "\n" not in error and "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS=3 s" in error, error
     assert "rank(s) [1] did not register" in error, error
     assert r["elapsed_s"] < 3 + 10, r  # the deadline, plus a loaded machine's slack
-    leftovers = [n for n in os.listdir("/dev/shm") if n.startswith("kvbm-trtllm-") and f"-{r['pid']}-" in n]
-    assert leftovers == [] and strays(run_dir) == []
+    assert_no_segments("kvbm-trtllm-", f"-{r['pid']}-")
+    assert strays(run_dir) == []
 
 
 def test_ranks_agree_on_the_name_through_each_group(tmp_path):

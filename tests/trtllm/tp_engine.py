@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import sys
 import time
 
@@ -28,14 +27,11 @@ from tensorrt_llm._utils import global_mpi_size, mpi_broadcast, mpi_rank  # noqa
 from trt_executor import Executor, serve_rank, start_engine  # noqa: E402
 
 from kvbm.connector.bootstrap import KvbmNotReady, owned_leader  # noqa: E402
+from kvbm.testing.support import random_prompts  # noqa: E402
 
 BLOCK = 16
+VOCAB = 1000  # the stand-in executor's token ids
 SLOW_RANK_S = 3.0
-
-
-def prompts(n: int, length: int, seed: int) -> list[list[int]]:
-    rnd = random.Random(seed)
-    return [[rnd.randrange(1000) for _ in range(length)] for _ in range(n)]
 
 
 def serve(tp: int) -> dict[str, object]:
@@ -45,7 +41,7 @@ def serve(tp: int) -> dict[str, object]:
         out: dict[str, object] = {"ranks": ex.ranks.call("identity")}
         leader = owned_leader(ex.scheduler.instance.endpoint)
         out["leader_pid"] = leader.popen.pid if leader is not None and leader.popen is not None else None
-        first = prompts(1, BLOCK * 3 + 2, seed=1)[0]
+        first = random_prompts(1, BLOCK * 3 + 2, seed=1, vocab=VOCAB, low=0)[0]
         ex.submit(first)
         t = ex.run()
         out["first"] = {"errors": list(t.errors), "external_tokens": t.external_tokens,
@@ -55,7 +51,7 @@ def serve(tp: int) -> dict[str, object]:
         t = ex.run()
         out["second"] = {"errors": list(t.errors), "external_tokens": t.external_tokens,
                          "counters": dataclasses.asdict(ex.scheduler.planner.take_counters())}
-        batch = prompts(4, BLOCK * 3 + 2, seed=6)
+        batch = random_prompts(4, BLOCK * 3 + 2, seed=6, vocab=VOCAB, low=0)
         for p in batch:
             ex.submit(p, max_tokens=18)  # decodes fill and store another block
         ex.run()

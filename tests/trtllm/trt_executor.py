@@ -45,8 +45,8 @@ from typing import Any
 from tensorrt_llm._utils import global_mpi_size, mpi_allgather, mpi_broadcast, mpi_rank
 
 from kvbm.hashing import SequenceHasher, salt_hash
-from kvbm.sim.engine import G1Cache
-from kvbm.sim.oracle import Oracle
+from kvbm.testing.sim.engine import G1Cache
+from kvbm.testing.sim.oracle import Oracle
 from kvbm.worker.layout import EngineKV
 
 LAYERS = 2

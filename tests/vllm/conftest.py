@@ -14,24 +14,22 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import pytest
 
+from kvbm.testing.support import assert_no_segments
+
 # Set before vLLM is imported: no network, and vLLM's model-inspection cache in a stable
 # per-user temporary directory (the first inspection of a model class takes ~25 s).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(tempfile.gettempdir(), f"kvbm-vllm-cache-{os.getuid()}"))
 
 if TYPE_CHECKING:
-    from kvbm.bench.vllm_harness import Engine
+    from kvbm.testing.vllm_harness import Engine
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from kvbm.bench.vllm_harness import write_model_dir
+    from kvbm.testing.vllm_harness import write_model_dir
 
     return write_model_dir(str(tmp_path_factory.mktemp("model")))
-
-
-def _segments(tag: str) -> list[str]:
-    return [n for n in os.listdir("/dev/shm") if n.startswith("kvbm-") and tag in n]
 
 
 def _leaders(tag: str) -> list[str]:
@@ -49,7 +47,7 @@ def kvbm_env(engine_env: Callable[[str, int, bool], Callable[..., str]]) -> Call
 @pytest.fixture
 def make_engine(model_dir: str, kvbm_env: Callable[..., str]) -> Iterator[Callable[..., "Engine"]]:
     """Build engines with unique engine ids; closes them and checks for leaks afterwards."""
-    from kvbm.bench.vllm_harness import Engine, EngineSpec
+    from kvbm.testing.vllm_harness import Engine, EngineSpec
 
     engines: list[Engine] = []
     tags: list[str] = []
@@ -70,5 +68,5 @@ def make_engine(model_dir: str, kvbm_env: Callable[..., str]) -> Iterator[Callab
         eng.close()
     sweep_stale_segments()  # segments of a leader a test killed
     for tag in tags:
-        assert _segments(tag) == [], f"leaked shared memory: {_segments(tag)}"
+        assert_no_segments(tag)
         assert _leaders(tag) == [], f"leader process left behind: {_leaders(tag)}"

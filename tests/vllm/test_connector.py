@@ -8,7 +8,6 @@ no leader process of the test is left.
 from __future__ import annotations
 
 import os
-import random
 import time
 from typing import Any
 
@@ -19,14 +18,12 @@ pytest.importorskip("vllm")
 from kvbm.vllm_integration.connector import DynamoConnector, DynamoConnectorMetadata  # noqa: E402
 from kvbm.ipc.stats import LeaderStats  # noqa: E402
 from kvbm.connector.bootstrap import KvbmNotReady, owned_leader  # noqa: E402
-from kvbm.bench.vllm_harness import Engine, ProcWorker, gen_token  # noqa: E402
+from kvbm.testing.vllm_harness import Engine, ProcWorker, gen_token  # noqa: E402
+from kvbm.testing.support import random_prompts  # noqa: E402
+
+VOCAB = 30_000  # prompts' token ids, below the test model's vocabulary (32000)
 
 pytestmark = pytest.mark.vllm
-
-
-def prompt(seed: int, n: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(1, 30000) for _ in range(n)]
 
 
 def finish_clean(eng: Engine) -> LeaderStats:
@@ -39,6 +36,7 @@ def finish_clean(eng: Engine) -> LeaderStats:
     return st
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 @pytest.mark.parametrize("layout", ["kv_first", "block_first"])
 def test_first_request_after_start_is_stored_and_the_second_loads(make_engine, layout: str) -> None:
     """No wait in the harness: the scheduler's connector waited for kvbm when vLLM built it
@@ -47,11 +45,8 @@ def test_first_request_after_start_is_stored_and_the_second_loads(make_engine, l
     eng = make_engine(layout=layout)
     status = eng.kvbm.client.status  # the last answer the connector's start-up wait got
     assert status is not None and status.state == "ready" and status.world_size == 1
-    p = prompt(1, 100)  # 6 full blocks + 4 tokens
-    eng.add("a", p, max_tokens=1)  # finishes in its first step: its stores are planned in it
-    eng.run()
-    eng.quiesce()
-    assert eng.sched.reset_prefix_cache()
+    p = random_prompts(1, 100, seed=1, vocab=VOCAB)[0]  # 6 full blocks + 4 tokens
+    eng.store_and_forget("a", p)  # finishes in its first step: its stores are planned in it
     eng.add("b", p, max_tokens=3)
     eng.step()  # admission: 96 tokens found in kvbm, loaded asynchronously
     req = eng.sched.requests["b"]
@@ -69,13 +64,11 @@ def test_first_request_after_start_is_stored_and_the_second_loads(make_engine, l
     assert DynamoConnector.build_kv_connector_stats(eng.stats.sched_kv_stats).reduce()["onboard_host_blocks"] == 6
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_whole_prompt_hit_holds_back_the_last_block(make_engine) -> None:
     eng = make_engine()
-    p = prompt(2, 96)  # exactly 6 blocks
-    eng.add("a", p, max_tokens=2)
-    eng.run()
-    eng.quiesce()
-    eng.sched.reset_prefix_cache()
+    p = random_prompts(1, 96, seed=2, vocab=VOCAB)[0]  # exactly 6 blocks
+    eng.store_and_forget("a", p, max_tokens=2)
     eng.add("b", p, max_tokens=2)
     eng.step()
     assert eng.sched.requests["b"].num_computed_tokens == 80  # 5 blocks: one is recomputed
@@ -83,10 +76,11 @@ def test_whole_prompt_hit_holds_back_the_last_block(make_engine) -> None:
     assert eng.stats.external_hit_tokens == 80
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_cache_salt_separates_and_outputs_are_stored(make_engine) -> None:
     """Blocks are stored while a request runs (decode blocks too); another salt never hits."""
     eng = make_engine()
-    p = prompt(3, 40)
+    p = random_prompts(1, 40, seed=3, vocab=VOCAB)[0]
     eng.add("a", p, max_tokens=60, cache_salt="tenant-1")  # 100 tokens: 6 blocks, 4 of them decode
     eng.run()
     eng.quiesce()
@@ -102,6 +96,7 @@ def test_cache_salt_separates_and_outputs_are_stored(make_engine) -> None:
     assert eng.stats.external_hit_tokens == 96  # all 6 blocks, 2 of them computed while decoding
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_a_rank_that_never_registers_fails_the_engine_start(make_engine, kvbm_env) -> None:
     """TP = 2 with rank 1's worker never started: building the scheduler raises KvbmNotReady at
     the init timeout, one line naming the variable, its value and the missing rank; the engine's
@@ -117,6 +112,7 @@ def test_a_rank_that_never_registers_fails_the_engine_start(make_engine, kvbm_en
     assert 3 <= waited < 60, waited  # rank 0's process start is in it too
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_workers_first_worker_owns_the_leader(make_engine) -> None:
     eng = make_engine()
     worker = eng.workers[0].connector
@@ -127,6 +123,7 @@ def test_workers_first_worker_owns_the_leader(make_engine) -> None:
     assert not handle.alive()
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_many_chats_with_preemption_and_chunked_prefill(make_engine) -> None:
     """Hundreds of steps, a small engine pool (preemption) and 64-token chunks; every block a
     request starts from is checked against the oracle, and nothing leaks."""
@@ -140,6 +137,7 @@ def test_many_chats_with_preemption_and_chunked_prefill(make_engine) -> None:
     assert s.checked_blocks > s.kv_stats["loaded_blocks"]
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_async_scheduling_with_disk_tier_and_slow_stores(make_engine, kvbm_env) -> None:
     """AsyncScheduler (updates one step late), block_first layout, a tiny host pool in front of
     a disk tier, and stores slowed down so preemptions and finishes overlap in-flight copies."""
@@ -169,10 +167,11 @@ def slow_down_stores(eng: Engine, seconds: float) -> None:
     copy.store = slow_store
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_finish_while_store_in_flight_delays_the_free(make_engine) -> None:
     eng = make_engine()
     slow_down_stores(eng, 0.3)
-    eng.add("a", prompt(6, 40), max_tokens=1)  # finishes in its prefill step
+    eng.add("a", random_prompts(1, 40, seed=6, vocab=VOCAB)[0], max_tokens=1)  # finishes in its prefill step
     eng.step()
     req = eng.sched.requests.get("a")
     assert req is not None and req.is_finished()  # finished, blocks still held for the store
@@ -181,15 +180,13 @@ def test_finish_while_store_in_flight_delays_the_free(make_engine) -> None:
     assert eng.stats.kv_stats["stored_blocks"] == 2
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_abort_while_waiting_for_the_load(make_engine) -> None:
     from vllm.v1.request import RequestStatus
 
     eng = make_engine()
-    p = prompt(7, 80)
-    eng.add("a", p, max_tokens=1)
-    eng.run()
-    eng.quiesce()
-    eng.sched.reset_prefix_cache()
+    p = random_prompts(1, 80, seed=7, vocab=VOCAB)[0]
+    eng.store_and_forget("a", p)
     eng.add("b", p, max_tokens=1)
     eng.step()
     assert eng.sched.requests["b"].status == RequestStatus.WAITING_FOR_REMOTE_KVS
@@ -197,18 +194,19 @@ def test_abort_while_waiting_for_the_load(make_engine) -> None:
     finish_clean(eng)
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_load_errors_are_recomputed(make_engine, kvbm_env) -> None:
     """A disk block that fails its checksum on staging is reported through
     get_block_ids_with_load_errors and vLLM recomputes it: no wrong byte is ever served."""
     kvbm_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8", DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS="256",
              DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="1")
     eng = make_engine()
-    p = prompt(8, 100)
+    p = random_prompts(1, 100, seed=8, vocab=VOCAB)[0]
     eng.add("a", p, max_tokens=1)
     eng.run()
     eng.quiesce()  # a's blocks written to disk (pinned in G2 until then, so not yet evictable)
     for i in range(4):  # push a's blocks out of the 8-block host pool, onto disk only
-        eng.add(f"filler{i}", prompt(100 + i, 96), max_tokens=1)
+        eng.add(f"filler{i}", random_prompts(1, 96, seed=100 + i, vocab=VOCAB)[0], max_tokens=1)
     eng.run()
     eng.quiesce()
     disk_dir = os.environ["DYN_KVBM_DISK_CACHE_DIR"]
@@ -222,6 +220,7 @@ def test_load_errors_are_recomputed(make_engine, kvbm_env) -> None:
     assert eng.stats.sched_kv_stats.get("load_error_blocks", 0) > 0, eng.stats.sched_kv_stats
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_leader_killed_mid_run(make_engine) -> None:
     """The leader dies: the connector logs it once, reports no hits, and requests keep
     completing by recomputing, without stalling the scheduler."""
@@ -245,22 +244,23 @@ def test_leader_killed_mid_run(make_engine) -> None:
     assert time.monotonic() - t0 < 60
     hits_before = eng.stats.external_hit_tokens
     eng.sched.reset_prefix_cache()
-    eng.add("after", prompt(9, 64), max_tokens=2)
+    eng.add("after", random_prompts(1, 64, seed=9, vocab=VOCAB)[0], max_tokens=2)
     eng.run()
     assert eng.stats.external_hit_tokens == hits_before
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_kv_events_and_reset_cache(make_engine) -> None:
     from vllm.distributed.kv_events import AllBlocksCleared, BlockStored
 
     eng = make_engine(kv_events=True)
     published: list[Any] = []
     eng.sched.kv_event_publisher.publish = lambda batch: published.extend(batch.events)
-    p = prompt(10, 64)
+    p = random_prompts(1, 64, seed=10, vocab=VOCAB)[0]
     eng.add("a", p, max_tokens=1)
     eng.run()
     eng.quiesce()
-    eng.add("tick", prompt(11, 8), max_tokens=1)  # one more step to collect the events
+    eng.add("tick", random_prompts(1, 8, seed=11, vocab=VOCAB)[0], max_tokens=1)  # one more step to collect the events
     eng.run()
     stored = [e for e in published if isinstance(e, BlockStored) and e.medium == "CPU"]
     assert len(stored) == 4 and all(e.block_size == 16 for e in stored)
@@ -281,6 +281,7 @@ def test_metadata_is_plain_data() -> None:
     assert pickle.loads(pickle.dumps(meta)) == meta
 
 
+@pytest.mark.slow  # the engine spawns a leader process
 def test_tp2_two_worker_processes(make_engine) -> None:
     """TP = 2: two worker-role connectors in two processes (kv_connector_extra_config
     kvbm_rank / kvbm_world_size), each copying and checking its own slice of every block."""

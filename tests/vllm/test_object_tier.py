@@ -13,7 +13,7 @@ from __future__ import annotations
 import glob
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -21,29 +21,22 @@ pytest.importorskip("vllm")
 pytest.importorskip("moto")
 pytest.importorskip("boto3")
 
-from kvbm.bench.s3server import S3Server  # noqa: E402
-from kvbm.bench.vllm_harness import Engine  # noqa: E402
+from kvbm.testing.s3server import S3Server  # noqa: E402
+from kvbm.testing.vllm_harness import Engine  # noqa: E402
 from kvbm.ipc.stats import LeaderStats  # noqa: E402
 from kvbm.leader.objects import nixl_installed  # noqa: E402
+from kvbm.testing.support import random_prompts  # noqa: E402
 
-from test_connector import finish_clean, prompt  # noqa: E402  (tests/vllm is on sys.path)
+from test_connector import VOCAB, finish_clean  # noqa: E402  (tests/vllm is on sys.path)
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]  # every test: vLLM's engine, a leader process, an S3 server
 
-BUCKET = "kvbm-g4"
+S3_BUCKET = "kvbm-g4"  # the bucket of s3_server
 TRANSPORTS = ["s3", pytest.param("nixl", marks=pytest.mark.skipif(not nixl_installed(), reason="no NIXL wheel installed"))]
 
 
-@pytest.fixture
-def s3() -> Iterator[S3Server]:
-    srv = S3Server()
-    srv.create_bucket(BUCKET)
-    yield srv
-    srv.kill()
-
-
 def _object_env(kvbm_env: Callable[..., str], srv: S3Server, **extra: str) -> str:
-    env = {"DYN_KVBM_OBJECT_ENABLED": "1", "DYN_KVBM_OBJECT_BUCKET": BUCKET,
+    env = {"DYN_KVBM_OBJECT_ENABLED": "1", "DYN_KVBM_OBJECT_BUCKET": S3_BUCKET,
            "DYN_KVBM_OBJECT_ENDPOINT": srv.endpoint, "DYN_KVBM_OBJECT_ACCESS_KEY": "test",
            "DYN_KVBM_OBJECT_SECRET_KEY": "test"}  # write-through: Dynamo's default
     env.update(extra)
@@ -77,11 +70,11 @@ def _leader_log(run_dir: str) -> str:
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_second_instance_loads_what_the_first_stored(make_engine, kvbm_env, s3: S3Server, transport: str) -> None:
-    _object_env(kvbm_env, s3, DYN_KVBM_OBJECT_TRANSPORT=transport)
+def test_second_instance_loads_what_the_first_stored(make_engine, kvbm_env, s3_server: S3Server, transport: str) -> None:
+    _object_env(kvbm_env, s3_server, DYN_KVBM_OBJECT_TRANSPORT=transport)
     first = make_engine()
     _tier_on(first)
-    p = prompt(21, 100)  # 6 full blocks + 4 tokens
+    p = random_prompts(1, 100, seed=21, vocab=VOCAB)[0]  # 6 full blocks + 4 tokens
     _store(first, "a", p, 6)
 
     second = make_engine()  # another instance: its own leader, host pool and (empty) index
@@ -105,22 +98,22 @@ def test_second_instance_loads_what_the_first_stored(make_engine, kvbm_env, s3: 
     assert second.stats.external_hit_tokens == 96 + 96
 
 
-def test_corrupt_object_is_a_miss(make_engine, kvbm_env, s3: S3Server) -> None:
+def test_corrupt_object_is_a_miss(make_engine, kvbm_env, s3_server: S3Server) -> None:
     import boto3
 
-    _object_env(kvbm_env, s3)
+    _object_env(kvbm_env, s3_server)
     first = make_engine()
     _tier_on(first)
-    p = prompt(22, 100)
+    p = random_prompts(1, 100, seed=22, vocab=VOCAB)[0]
     _store(first, "a", p, 6)
-    raw = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1", aws_access_key_id="test",
+    raw = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1", aws_access_key_id="test",
                        aws_secret_access_key="test")
-    keys = sorted(o["Key"] for o in raw.list_objects_v2(Bucket=BUCKET)["Contents"])
+    keys = sorted(o["Key"] for o in raw.list_objects_v2(Bucket=S3_BUCKET)["Contents"])
     assert len(keys) == 6
-    body = bytearray(raw.get_object(Bucket=BUCKET, Key=keys[0])["Body"].read())
+    body = bytearray(raw.get_object(Bucket=S3_BUCKET, Key=keys[0])["Body"].read())
     body[-1] ^= 0xFF  # one flipped payload byte: the checksum fails
     for key in keys:
-        raw.put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
+        raw.put_object(Bucket=S3_BUCKET, Key=key, Body=bytes(body))
 
     second = make_engine()
     _tier_on(second)
@@ -130,8 +123,8 @@ def test_corrupt_object_is_a_miss(make_engine, kvbm_env, s3: S3Server) -> None:
     assert second.stats.sched_kv_stats.get("load_error_blocks", 0) > 0
 
 
-def test_server_killed_mid_run_engine_keeps_serving(make_engine, kvbm_env, s3: S3Server) -> None:
-    _object_env(kvbm_env, s3)
+def test_server_killed_mid_run_engine_keeps_serving(make_engine, kvbm_env, s3_server: S3Server) -> None:
+    _object_env(kvbm_env, s3_server)
     eng = make_engine(num_blocks=40, max_num_seqs=8, max_num_batched_tokens=64)
     _tier_on(eng)
     state = {"steps": 0}
@@ -139,22 +132,19 @@ def test_server_killed_mid_run_engine_keeps_serving(make_engine, kvbm_env, s3: S
     def kill_at_step_40(e: Engine) -> None:
         state["steps"] += 1
         if state["steps"] == 40:
-            s3.kill()
+            s3_server.kill()
 
     t0 = time.monotonic()
     eng.run_chats(conversations=8, turns=3, max_tokens=8, seed=3, on_step=kill_at_step_40)
     assert state["steps"] > 40
     st = finish_clean(eng)
     assert time.monotonic() - t0 < 120
-    st = _wait(eng, lambda s: s.object_tier is not None and s.object_tier.busy == 0, "puts settled")
+    st = eng.quiesce()  # every put settled
     assert st.object_tier.counters.write_failures > 0 or st.object_tier.enabled == 0.0, st
     # The rest of kvbm serves on: a repeat of a prompt hits in G2.
-    p = prompt(23, 64)
-    eng.add("x", p, max_tokens=1)
-    eng.run()
-    eng.quiesce()
+    p = random_prompts(1, 64, seed=23, vocab=VOCAB)[0]
+    eng.store_and_forget("x", p)
     hits = eng.stats.external_hit_tokens
-    eng.sched.reset_prefix_cache()
     eng.add("y", p, max_tokens=1)
     finish_clean(eng)
     assert eng.stats.external_hit_tokens == hits + 48
@@ -162,15 +152,7 @@ def test_server_killed_mid_run_engine_keeps_serving(make_engine, kvbm_env, s3: S
 
 @pytest.mark.parametrize("problem", ["missing_bucket", "wrong_credentials", "unreachable"])
 def test_store_unusable_at_start_turns_the_tier_off(make_engine, kvbm_env, problem: str) -> None:
-    if problem == "wrong_credentials":
-        os.environ["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"  # moto then checks credentials
-        try:
-            srv = S3Server()
-        finally:
-            del os.environ["INITIAL_NO_AUTH_ACTION_COUNT"]
-    else:
-        srv = S3Server()
-    try:
+    with S3Server(check_credentials=problem == "wrong_credentials") as srv:
         extra = {"DYN_KVBM_OBJECT_BUCKET": "no-such-bucket"} if problem == "missing_bucket" else {}
         if problem == "wrong_credentials":
             extra["DYN_KVBM_OBJECT_SECRET_KEY"] = "wrong"
@@ -185,13 +167,8 @@ def test_store_unusable_at_start_turns_the_tier_off(make_engine, kvbm_env, probl
         line = next(x for x in _leader_log(run_dir).splitlines() if "object tier (G4) off" in x)
         assert expected in line and "DYN_KVBM_OBJECT_" in line, line
         # kvbm serves on from G2.
-        p = prompt(24, 64)
-        eng.add("a", p, max_tokens=1)
-        eng.run()
-        eng.quiesce()
-        eng.sched.reset_prefix_cache()
+        p = random_prompts(1, 64, seed=24, vocab=VOCAB)[0]
+        eng.store_and_forget("a", p)
         eng.add("b", p, max_tokens=1)
         st = finish_clean(eng)
         assert eng.stats.external_hit_tokens == 48 and st.object_tier.enabled == 0.0
-    finally:
-        srv.kill()

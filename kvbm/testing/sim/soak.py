@@ -12,7 +12,7 @@ accounting of both tiers (free + registered = capacity, nothing pinned or being 
 in flight); the memory (RSS) of the leader and the ranks, sampled over the run, must be flat
 after warm-up.
 
-``python -m kvbm.sim.soak --steps 2000`` (see ``--help``); exit status 0 when everything held.
+``python -m kvbm.testing.sim.soak --steps 2000`` (see ``--help``); exit status 0 when everything held.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 
 from kvbm.config import load_config
 from kvbm.ipc.stats import DiskCounters, LeaderState, LeaderStats, encode_stats
-from kvbm.sim.engine import SimEngine, SimStats
-from kvbm.sim.rank import SimModel
+from kvbm.testing.sim.engine import SimEngine, SimStats
+from kvbm.testing.sim.rank import SimModel
 
 BLOCK = 16  # tokens per block
 
@@ -268,7 +268,7 @@ def run_soak(opts: SoakOptions, progress: Callable[[int, SoakReport], None] | No
 
 def main(argv: list[str] | None = None) -> int:
     d = SoakOptions()
-    p = argparse.ArgumentParser(prog="python -m kvbm.sim.soak", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kvbm.testing.sim.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--concurrency", type=int, default=d.concurrency, help="requests per engine step")
     p.add_argument("--world", type=int, default=d.world_size, help="TP size (rank processes)")

@@ -22,13 +22,12 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from kvbm.demo.report import object_tier_line, vllm_summary
 from kvbm.ipc.stats import LeaderState, LeaderStats
-from kvbm.vllm_integration import cpu_env
-
-if TYPE_CHECKING:
-    from kvbm.vllm_integration.cpu_engine import Completion
+from kvbm.testing import cpu_env
+from kvbm.testing.support import random_prompts
+from kvbm.testing.tiny_model import FIRST_WORD
 
 BLOCK = 32
 
@@ -78,21 +77,19 @@ def run(args: argparse.Namespace) -> int:
 
 def _users(plan: ChatPlan, vocab: int, seed: int) -> list[list[list[int]]]:
     """Each chat: a system prompt (shared by every other chat) then user messages."""
-    from kvbm.vllm_integration.cpu_engine import random_prompts
-
-    systems = random_prompts(2, plan.system_tokens, vocab=vocab, seed=seed)
+    systems = random_prompts(2, plan.system_tokens, vocab=vocab, low=FIRST_WORD, seed=seed)
     out = []
     for c in range(plan.conversations):
-        msgs = random_prompts(plan.turns, plan.user_tokens, vocab=vocab, seed=seed + 1 + c)
+        msgs = random_prompts(plan.turns, plan.user_tokens, vocab=vocab, low=FIRST_WORD, seed=seed + 1 + c)
         msgs[0] = systems[c % 2] + msgs[0]
         out.append(msgs)
     return out
 
 
 def _demo(args: argparse.Namespace, plan: ChatPlan, cpu_blocks: int, disk_blocks: int, tmp: str) -> int:
-    from kvbm.bench.tiny_model import MODELS
     from kvbm.leader.client import LeaderClient
-    from kvbm.vllm_integration.cpu_engine import CpuEngine, EngineOptions, run_chats
+    from kvbm.testing.cpu_engine import CpuEngine, EngineOptions, run_chats
+    from kvbm.testing.tiny_model import MODELS
 
     spec = MODELS[args.model]
     users = _users(plan, spec.vocab, args.seed)
@@ -112,7 +109,6 @@ def _demo(args: argparse.Namespace, plan: ChatPlan, cpu_blocks: int, disk_blocks
           f"{BLOCK} tokens, host pool {cpu_blocks} blocks, disk {disk_blocks or 'off'} blocks",
           flush=True)
     from kvbm.config import load_config
-    from kvbm.demo import object_tier_line
 
     cfg = load_config()
     if cfg.object_enabled:
@@ -153,40 +149,5 @@ def _demo(args: argparse.Namespace, plan: ChatPlan, cpu_blocks: int, disk_blocks
         print("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
     identical = all(bc.tokens == kc.tokens for bt, kt in zip(base, kv) for bc, kc in zip(bt, kt))
     print("\nSummary")
-    print(summary(base, kv, stats, identical, time.monotonic() - started))
+    print(vllm_summary(base, kv, stats, identical, time.monotonic() - started, BLOCK))
     return 0 if identical else 1
-
-
-def summary(base: list[list[Completion]], kv: list[list[Completion]], leader: LeaderStats, identical: bool, seconds: float) -> str:
-    """The demo's summary table for the real engine (``base`` / ``kv``: completions by turn)."""
-    flat_b = [c for turn in base for c in turn]
-    flat_k = [c for turn in kv for c in turn]
-    prompt = sum(c.prompt_len for c in flat_k)
-    engine_hits = sum(c.cached_tokens for c in flat_b)  # the same engine pool without kvbm
-    cached = sum(c.cached_tokens for c in flat_k)
-    c = leader.counters
-    obj = c.blocks_loaded_from_object * BLOCK
-    disk = c.blocks_loaded_from_disk * BLOCK
-    host = c.blocks_loaded * BLOCK - disk - obj
-    ttft_b = statistics.mean(c.ttft_s for c in flat_b)
-    ttft_k = statistics.mean(c.ttft_s for c in flat_k)
-    rows = [
-        ("requests", f"{len(flat_k)}"),
-        ("prompt tokens", f"{prompt}"),
-        ("tokens from engine prefix cache (G1)", f"{cached - host - disk - obj}"),
-        ("tokens served from host pool (G2)", f"{host}"),
-        ("tokens served from disk (G3)", f"{disk}"),
-        *([("tokens served from the object store (G4)", f"{obj}")] if leader.object_tier is not None else []),
-        ("tokens recomputed", f"{prompt - cached}"),
-        ("external hit rate", f"{(host + disk + obj) / max(1, prompt):.1%}"),
-        ("tokens recomputed without kvbm", f"{prompt - engine_hits}"),
-        ("blocks offloaded G1->G2", f"{c.blocks_stored}"),
-        ("blocks offloaded G2->G3", f"{leader.disk_tier.counters.offloaded_blocks if leader.disk_tier else 0}"),
-        ("blocks onboarded to the engine", f"{c.blocks_loaded}"),
-        ("mean time to first token without kvbm", f"{ttft_b * 1e3:.0f} ms"),
-        ("mean time to first token with kvbm", f"{ttft_k * 1e3:.0f} ms ({ttft_b / ttft_k:.2f}x faster)"),
-        ("greedy tokens identical with and without kvbm", "yes" if identical else "NO"),
-        ("wall time (both engines)", f"{seconds:.1f} s"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)

@@ -2,7 +2,7 @@
 
 The scheduler side (this module) keeps the engine's own prefix cache over a small G1 block
 pool and drives the production scheduler-side planner (kvbm.connector.planner) that the vLLM
-connector uses: lookups past the local hits, hold-back, load and store plans; the rank processes (kvbm.sim.rank) hold the KV tensors,
+connector uses: lookups past the local hits, hold-back, load and store plans; the rank processes (kvbm.testing.sim.rank) hold the KV tensors,
 copy through the shared host pool and check every loaded byte against the oracle.
 """
 
@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import msgpack
@@ -32,7 +32,7 @@ from kvbm.hashing import EMPTY_SALT_HASH
 from kvbm.ipc.transport import ensure_private_dir, instance_endpoint
 from kvbm.leader.client import LeaderClient
 from kvbm.leader.spawn import LeaderProcess, spawn_leader
-from kvbm.sim.rank import SimModel
+from kvbm.testing.sim.rank import SimModel
 
 
 # Longest wait for the leader's replies within one simulated step.
@@ -212,7 +212,7 @@ class SimEngine:
     def start_ranks(self, ranks: list[int] | None = None) -> None:
         model_hex = msgpack.packb(asdict(self.model)).hex()
         for r in ranks if ranks is not None else range(self.world_size):
-            cmd = [sys.executable, "-m", "kvbm.sim.rank", "--control", self._ctl_endpoint,
+            cmd = [sys.executable, "-m", "kvbm.testing.sim.rank", "--control", self._ctl_endpoint,
                    "--leader", self.endpoint, "--rank", str(r), "--world", str(self.world_size),
                    "--model", model_hex, "--init-timeout", str(self.init_timeout_s), "--seed", str(self.seed)]
             self.ranks.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))

