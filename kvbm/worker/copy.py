@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -131,8 +131,7 @@ def plan_batch(engine_blocks: IndexList, slots: IndexList, num_engine_blocks: in
     return block_runs(eb, sl)
 
 
-@dataclass(frozen=True)
-class SourceRun:
+class SourceRun(NamedTuple):
     """Source blocks ``start .. stop-1`` copied to ``dest``: a slice when the destinations are
     consecutive too, else their indices in source order."""
 
@@ -157,17 +156,18 @@ def source_runs(src: np.ndarray, dst: np.ndarray) -> list[SourceRun]:
         order = np.argsort(src, kind="stable")
         src, dst = src[order], dst[order]
     bounds = np.flatnonzero(src[1:] - src[:-1] != 1) + 1
-    starts = np.concatenate(([0], bounds)).tolist()
-    stops = np.concatenate((bounds, [n])).tolist()
+    starts = np.concatenate(([0], bounds))
+    stops = np.concatenate((bounds, [n]))
     # A run whose destinations also advance by one is a slice: a plain strided copy, cheaper
     # per call than an indexed one (and every run of a fully scattered batch is one block).
-    dst_steps = np.diff(dst) == 1
-    runs = []
-    for a, b in zip(starts, stops):
-        d0 = int(dst[a])
-        dest: slice | np.ndarray = slice(d0, d0 + b - a) if dst_steps[a : b - 1].all() else dst[a:b]
-        runs.append(SourceRun(int(src[a]), int(src[a]) + b - a, dest))
-    return runs
+    # gaps[i]: destination steps other than +1 among the first i pairs' steps.
+    gaps = np.concatenate(([0], np.cumsum(dst[1:] - dst[:-1] != 1)))
+    sliced = (gaps[stops - 1] == gaps[starts]).tolist()
+    first_src, first_dst = src[starts].tolist(), dst[starts].tolist()
+    return [
+        SourceRun(s0, s0 + b - a, slice(d0, d0 + b - a) if is_slice else dst[a:b])
+        for a, b, s0, d0, is_slice in zip(starts.tolist(), stops.tolist(), first_src, first_dst, sliced)
+    ]
 
 
 class NumpyCopyEngine:
@@ -190,16 +190,16 @@ class NumpyCopyEngine:
     def store(self, engine_blocks: IndexList, slots: IndexList) -> None:
         """G1 -> G2 (d2h)."""
         eb, sl = self._checked(engine_blocks, slots, Direction.STORE)
-        for run in source_runs(eb, sl):
+        for b0, b1, dest in source_runs(eb, sl):
             for engine, host in self._views:
-                host[run.dest] = engine[run.start : run.stop]
+                host[dest] = engine[b0:b1]
 
     def load(self, slots: IndexList, engine_blocks: IndexList) -> None:
         """G2 -> G1 (h2d)."""
         eb, sl = self._checked(engine_blocks, slots, Direction.LOAD)
-        for run in source_runs(sl, eb):
+        for s0, s1, dest in source_runs(sl, eb):
             for engine, host in self._views:
-                engine[run.dest] = host[run.start : run.stop]
+                engine[dest] = host[s0:s1]
 
     def _checked(self, engine_blocks: IndexList, slots: IndexList,
                  direction: Direction) -> tuple[np.ndarray, np.ndarray]:
