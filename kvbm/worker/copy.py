@@ -13,15 +13,17 @@ Arguments always name the source first: ``store(engine_blocks, slots)``,
 
 The copy plan (:func:`plan_batch`) checks a batch once and splits its (engine block, host slot)
 pairs into runs where both sides advance by one, vectorised with NumPy (no per-block Python
-work). A run of ``n`` blocks is one copy per layer here, one 2D copy per segment on the GPU
-(:mod:`kvbm.worker.cuda_copy`), whatever ``n``.
+work). A run of ``n`` blocks is one 2D copy per segment on the GPU (:mod:`kvbm.worker.cuda_copy`),
+whatever ``n``. The CPU engine needs only its *source* to advance by one
+(:func:`source_runs`): a run of source blocks lands on any destinations in one indexed
+assignment per layer.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -129,37 +131,78 @@ def plan_batch(engine_blocks: IndexList, slots: IndexList, num_engine_blocks: in
     return block_runs(eb, sl)
 
 
+class SourceRun(NamedTuple):
+    """Source blocks ``start .. stop-1`` copied to ``dest``: a slice when the destinations are
+    consecutive too, else their indices in source order."""
+
+    start: int
+    stop: int
+    dest: slice | np.ndarray
+
+
+def source_runs(src: np.ndarray, dst: np.ndarray) -> list[SourceRun]:
+    """Group checked (source, destination) index pairs into runs of consecutive sources.
+
+    A NumPy assignment ``to[dest] = frm[start:stop]`` copies straight from the source view into
+    indexed destinations, without a temporary; an indexed *source* (``frm[idx]``) would first
+    gather into a freshly allocated temporary (measured at ~0.5 of memcpy, its pages faulted
+    in on every call). So only the source must advance by one: a load from a fresh range of
+    slots is one assignment per layer whatever engine blocks it fills.
+    """
+    n = len(src)
+    if n == 0:
+        return []
+    if n > 1 and (src[1:] < src[:-1]).any():
+        order = np.argsort(src, kind="stable")
+        src, dst = src[order], dst[order]
+    bounds = np.flatnonzero(src[1:] - src[:-1] != 1) + 1
+    starts = np.concatenate(([0], bounds))
+    stops = np.concatenate((bounds, [n]))
+    # A run whose destinations also advance by one is a slice: a plain strided copy, cheaper
+    # per call than an indexed one (and every run of a fully scattered batch is one block).
+    # gaps[i]: destination steps other than +1 among the first i pairs' steps.
+    gaps = np.concatenate(([0], np.cumsum(dst[1:] - dst[:-1] != 1)))
+    sliced = (gaps[stops - 1] == gaps[starts]).tolist()
+    first_src, first_dst = src[starts].tolist(), dst[starts].tolist()
+    return [
+        SourceRun(s0, s0 + b - a, slice(d0, d0 + b - a) if is_slice else dst[a:b])
+        for a, b, s0, d0, is_slice in zip(starts.tolist(), stops.tolist(), first_src, first_dst, sliced)
+    ]
+
+
 class NumpyCopyEngine:
     """CPU copies between NumPy/torch-CPU KV tensors and the shared host pool.
 
-    Per run of consecutive pairs, one slice assignment per layer between views (the contiguous
-    layout: one for all layers): an in-place strided copy, never through a temporary.
+    Per run of consecutive source blocks (:func:`source_runs`), one assignment per layer between
+    views (the contiguous layout: one for all layers), the destinations sliced or indexed: an
+    in-place strided copy, never through a temporary.
     """
 
     def __init__(self, kv: EngineKV, host: np.ndarray) -> None:
         self.kv = kv
         self.host = host  # (host_blocks, layers, outer, region)
-        # (engine view, host view) pairs indexed by block first; one copyto each per run.
+        # (engine view, host view) pairs indexed by block first; one assignment each per run.
         if kv.whole is not None:
             self._views = [(kv.whole, host)]
         else:
             self._views = [(view, host[:, layer]) for layer, view in enumerate(kv.layers)]
 
-    # Slice assignment between views copies in place like np.copyto, at about half its call
-    # overhead (the destination view is never built in Python); it adds up at 1,000+ calls a batch.
     def store(self, engine_blocks: IndexList, slots: IndexList) -> None:
         """G1 -> G2 (d2h)."""
-        for b0, s0, n in self._plan(engine_blocks, slots, Direction.STORE):
-            b1, s1 = b0 + n, s0 + n
+        eb, sl = self._checked(engine_blocks, slots, Direction.STORE)
+        for b0, b1, dest in source_runs(eb, sl):
             for engine, host in self._views:
-                host[s0:s1] = engine[b0:b1]
+                host[dest] = engine[b0:b1]
 
     def load(self, slots: IndexList, engine_blocks: IndexList) -> None:
         """G2 -> G1 (h2d)."""
-        for b0, s0, n in self._plan(engine_blocks, slots, Direction.LOAD):
-            b1, s1 = b0 + n, s0 + n
+        eb, sl = self._checked(engine_blocks, slots, Direction.LOAD)
+        for s0, s1, dest in source_runs(sl, eb):
             for engine, host in self._views:
-                engine[b0:b1] = host[s0:s1]
+                engine[dest] = host[s0:s1]
 
-    def _plan(self, engine_blocks: IndexList, slots: IndexList, direction: Direction) -> BlockRuns:
-        return plan_batch(engine_blocks, slots, self.kv.layout.num_blocks, self.host.shape[0], direction)
+    def _checked(self, engine_blocks: IndexList, slots: IndexList,
+                 direction: Direction) -> tuple[np.ndarray, np.ndarray]:
+        eb, sl = index_array(engine_blocks, "engine_blocks"), index_array(slots, "slots")
+        check_batch(eb, sl, self.kv.layout.num_blocks, self.host.shape[0], direction)
+        return eb, sl

@@ -4,8 +4,9 @@ rank's slice of the pinned shared host pool (G2).
 Same interface as :class:`kvbm.worker.copy.NumpyCopyEngine` (``store``/``load`` return once
 the copy finished, which is what the rank agent's copy thread wants), plus ``store_async`` /
 ``load_async`` returning a :class:`Transfer` that any thread can poll without blocking. Both
-engines check a batch and split it into runs with :func:`kvbm.worker.copy.plan_batch`;
-a store is ``d2h``, a load ``h2d`` (:class:`kvbm.worker.copy.Direction`).
+engines check a batch with :func:`kvbm.worker.copy.check_batch`; this one splits it into runs
+on both sides with :func:`kvbm.worker.copy.plan_batch`; a store is ``d2h``, a load ``h2d``
+(:class:`kvbm.worker.copy.Direction`).
 
 * Engine KV tensors arrive as torch CUDA tensors or CuPy arrays and are taken zero-copy:
   only their device addresses are kept (:class:`EngineKVDevice`), never a host round trip.
