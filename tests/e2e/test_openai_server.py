@@ -223,7 +223,7 @@ def test_server_does_not_start_when_a_rank_never_registers(tmp_path: Path) -> No
     config["kv_connector_extra_config"] = {"kvbm_world_size": 2}
     log = tmp_path / "server.log"
     port = free_port()
-    with kvbm_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="256", DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS="5") as tmp:
+    with kvbm_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="256", DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS="10") as tmp:
         proc = start_server(port, log, json.dumps(config))
         try:
             rc = proc.wait(START_TIMEOUT_S)
@@ -235,7 +235,7 @@ def test_server_does_not_start_when_a_rank_never_registers(tmp_path: Path) -> No
         assert rc != 0, text[-3000:]
         errors = [line.split("KvbmNotReady: ", 1)[1] for line in text.splitlines() if "KvbmNotReady: " in line]
         assert errors, text[-6000:]
-        assert all("DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS=5 s" in e and "rank(s) [1] did not register" in e
+        assert all("DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS=10 s" in e and "rank(s) [1] did not register" in e
                    for e in errors), errors
         assert "Application startup complete" not in text  # the server never served
         assert_no_leftovers(Path(tmp) / "run")

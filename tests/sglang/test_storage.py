@@ -100,7 +100,7 @@ def test_a_diverging_rank_loses_only_the_pages_it_lacks(env) -> None:
 
 
 def test_a_rank_that_never_arrives_fails_start_up_with_kvbm_not_ready(env) -> None:
-    rank0 = Rank(RankSpec(rank=0, tp=2, env={**env, "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": "3"},
+    rank0 = Rank(RankSpec(rank=0, tp=2, env={**env, "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": "8"},
                           instance=_instance("alone")))
     try:
         started = time.monotonic()
@@ -109,7 +109,7 @@ def test_a_rank_that_never_arrives_fails_start_up_with_kvbm_not_ready(env) -> No
         assert time.monotonic() - started < 30
         line = str(err.value).strip().splitlines()[-1]
         assert line.startswith("kvbm.connector.bootstrap.KvbmNotReady: ") and "SGLang TP rank 0 of 2" in line
-        assert "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS=3 s" in line and "rank(s) [1]" in line, line
+        assert "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS=8 s" in line and "rank(s) [1]" in line, line
     finally:
         rank0.close()
 

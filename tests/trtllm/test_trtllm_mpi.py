@@ -111,13 +111,13 @@ def test_tp2_under_mpirun_first_request_stored_second_hits(trt_env, tmp_path):
 
 
 def test_a_rank_that_never_arrives_stops_the_start(trt_env, tmp_path):
-    run_dir = trt_env(DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS="3")
+    run_dir = trt_env(DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS="8")
     r = engine("never_arrives", str(tmp_path / "never.json"), timeout_s=120)
     error = r["error"]
     assert error is not None, "wait_for_initialization returned without rank 1"
-    assert "\n" not in error and "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS=3 s" in error, error
+    assert "\n" not in error and "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS=8 s" in error, error
     assert "rank(s) [1] did not register" in error, error
-    assert r["elapsed_s"] < 3 + 10, r  # the deadline, plus a loaded machine's slack
+    assert r["elapsed_s"] < 8 + 10, r  # the deadline, plus a loaded machine's slack
     assert_no_segments("kvbm-trtllm-", f"-{r['pid']}-")
     assert strays(run_dir) == []
 
