@@ -15,6 +15,7 @@ from kvbm.connector.bootstrap import (
     model_identity,
     wait_until_ready,
 )
+from kvbm.ipc.stats import LeaderState
 from kvbm.leader.client import LeaderClient
 from kvbm.testing.sim.engine import SimEngine
 from kvbm.testing.sim.rank import SimModel
@@ -86,7 +87,7 @@ def test_wait_returns_once_every_rank_is_ready(make_config) -> None:
         sim.start()
         wait_until_ready(_instance(sim), client, what="the test engine")  # no sim.wait_ready first
         status = client.status
-        assert status is not None and status.state == "ready" and status.world_size == 2
+        assert status is not None and status.leader_state is LeaderState.READY and status.world_size == 2
     finally:
         client.close()
         sim.stop()

@@ -33,6 +33,7 @@ import pytest
 from conftest import BLOCK, MODEL, VOCAB, kvbm_env
 from openai import OpenAI
 
+from kvbm.ipc.stats import LeaderState
 from kvbm.leader.client import LeaderClient
 from kvbm.testing import cpu_env
 from kvbm.testing.cpu_engine import EngineOptions, engine_env
@@ -172,7 +173,7 @@ def test_openai_server_multi_turn_chats_hit_kvbm_and_sigint_cleans_up(tmp_path: 
                 status = leader.refresh()
             finally:
                 leader.close()
-            assert status is not None and status.state == "ready", status
+            assert status is not None and status.leader_state is LeaderState.READY, status
             before = kvbm_leftovers(run_dir)
             assert len(before["leaders"]) == 1 and len(before["segments"]) == 1, before
 

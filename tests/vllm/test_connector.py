@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from kvbm.vllm_integration.connector import DynamoConnector, DynamoConnectorMetadata  # noqa: E402
-from kvbm.ipc.stats import LeaderStats  # noqa: E402
+from kvbm.ipc.stats import LeaderState, LeaderStats  # noqa: E402
 from kvbm.connector.bootstrap import KvbmNotReady, owned_leader  # noqa: E402
 from kvbm.testing.vllm_harness import Engine, ProcWorker, gen_token  # noqa: E402
 from kvbm.testing.support import random_prompts  # noqa: E402
@@ -44,7 +44,7 @@ def test_first_request_after_start_is_stored_and_the_second_loads(make_engine, l
     after a prefix-cache reset is loaded from kvbm, every loaded block checked by the oracle."""
     eng = make_engine(layout=layout)
     status = eng.kvbm.client.status  # the last answer the connector's start-up wait got
-    assert status is not None and status.state == "ready" and status.world_size == 1
+    assert status is not None and status.leader_state is LeaderState.READY and status.world_size == 1
     p = random_prompts(1, 100, seed=1, vocab=VOCAB)[0]  # 6 full blocks + 4 tokens
     eng.store_and_forget("a", p)  # finishes in its first step: its stores are planned in it
     eng.add("b", p, max_tokens=3)
