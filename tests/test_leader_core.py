@@ -853,7 +853,7 @@ def test_object_put_is_matchable_only_after_it_succeeded_and_loads_stage_back(wi
     assert st.counters.blocks_loaded_from_object == 3 and st.object_tier.counters.onboarded_blocks == 3 and st.host.pinned == 0
     ev = h.core.take_events()
     stored_in_g4 = [hh for k, t, hh in zip(ev.kinds, ev.tiers, m.unpack_hashes(ev.hashes)) if (k, t) == (0, 4)]
-    assert stored_in_g4 == [1, 2, 3, 4, 8, 9, 10, 11] and Tier.OBJECT.medium == "OBJECT"
+    assert stored_in_g4 == [1, 2, 3, 4, 8, 9, 10, 11] and Tier.OBJECT.medium == "EXTERNAL"
     assert all(t != int(Tier.OBJECT) for t in h.since(0).tiers)  # the index stream carries G2/G3 only
 
 
