@@ -11,6 +11,7 @@ import zlib
 from dataclasses import replace
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 
 from kvbm.config import KvbmConfig
@@ -912,3 +913,41 @@ def test_store_refused_at_start_keeps_the_tier_off(with_objects) -> None:
     st = h.stats()
     assert st.object_tier.enabled == 0 and st.object_tier.busy == 0 and h.match([1, 2]) == (2, 0)
     assert "no such bucket" in h.core.stats().object_tier.reason
+
+
+# ------------------------------------------------------------------------------------------
+# token ids for KV events
+
+
+def _toks(*hashes: int) -> bytes:
+    return b"".join(np.full(16, h, "<u4").tobytes() for h in hashes)
+
+
+def test_block_tokens_kept_while_a_tier_holds_the_block_and_only_with_events_on(make_config) -> None:
+    h = Harness(make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="4",
+                            DYN_KVBM_KV_EVENTS_ENDPOINT="tcp://127.0.0.1:5557"))
+    tokens = h.core.block_tokens
+    assert tokens == {}
+    bad = h.ask(m.AllocateStore(m.pack_hashes([1, 2]), 0, 0, _toks(1)[:32] * 2))
+    assert isinstance(bad, m.ErrorReply) and bad.code == "bad_request"  # 16 tokens a block, not 8
+    g = h.ask(m.AllocateStore(m.pack_hashes([1, 2]), 0, 0, _toks(1, 2)))
+    assert isinstance(g, m.StoreGrant) and tokens == {}  # known once every rank stored them
+    h.ack(0, g.op_id)
+    h.ack(1, g.op_id)
+    assert tokens == {1: _toks(1), 2: _toks(2)} and h.core.token_ids(2) == _toks(2)
+    failed = h.ask(m.AllocateStore(m.pack_hashes([7]), 2, 0, _toks(7)))
+    assert isinstance(failed, m.StoreGrant)
+    h.ack(0, failed.op_id, ok=False)
+    h.ack(1, failed.op_id)
+    # Block 2 (held: -1) is not sent again; block 1 is evicted for 3..5, its tokens dropped.
+    g = h.ask(m.AllocateStore(m.pack_hashes([3, 4, 5]), 2, 0, _toks(3, 4, 5)))
+    assert isinstance(g, m.StoreGrant)
+    h.ack(0, g.op_id)
+    h.ack(1, g.op_id)
+    assert h.match([1]) == (0, 0) and sorted(tokens) == [2, 3, 4, 5] and h.core.token_ids(7) == b""
+    assert isinstance(h.ask(m.ResetCache()), m.Ack)
+    assert tokens == {}
+
+    off = Harness(make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="4"))
+    off.store([1])
+    assert off.core.block_tokens is None and off.core.token_ids(1) == b""
