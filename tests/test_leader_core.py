@@ -951,3 +951,18 @@ def test_block_tokens_kept_while_a_tier_holds_the_block_and_only_with_events_on(
     off = Harness(make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="4"))
     off.store([1])
     assert off.core.block_tokens is None and off.core.token_ids(1) == b""
+
+
+def test_a_whole_engine_restarting_gets_every_rank_its_ready(host_only) -> None:
+    """Every rank of a new engine re-registers with the running pool before the liveness check
+    noticed the old ones; the first to attach is answered too once the last is back."""
+    h = host_only()
+    for r in range(2):
+        grant = h.send(f"n{r}".encode(), _layout(r, 2))
+        assert len(grant) == 1 and isinstance(grant[0].message, m.PoolGrant)
+    assert h.core.state is LeaderState.DEGRADED
+    assert h.send(b"n0", m.PoolAttached(0)) == []  # rank 1 is not back yet
+    out = h.send(b"n1", m.PoolAttached(1))
+    assert sorted(o.peer for o in out) == [b"n0", b"n1"] and all(isinstance(o.message, m.LeaderReady) for o in out)
+    assert h.core.state is LeaderState.READY
+    assert h.send(b"n1", m.PoolAttached(1))[0].message == out[0].message  # a repeat is answered at once

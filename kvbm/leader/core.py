@@ -252,7 +252,17 @@ class LeaderCore:
         if self.state is LeaderState.DEGRADED and not self.world.dead_ranks():
             self.state = LeaderState.READY
             log.info("rank %d is back; leader ready again", msg.rank)
-        return ready if self.state is LeaderState.READY else None
+            # Ranks that attached while another was still missing (a whole engine restarted:
+            # every rank re-registers) wait for this answer too.
+            waiting = [other for other in self.world.ranks.values() if other.awaiting_ready and other is not info]
+            for other in waiting:
+                other.awaiting_ready = False
+            return [Outbound(peer, rid, ready), *(Outbound(o.identity, o.attach_request, ready) for o in waiting)]
+        if self.state is LeaderState.READY:
+            return ready
+        # WAITING: the first READY answers every rank; DEGRADED: the one that ends it.
+        info.awaiting_ready = self.state is LeaderState.DEGRADED
+        return None
 
     def _on_heartbeat(self, peer: bytes, rid: int, msg: m.Message) -> m.Message:
         msg = _as(msg, m.Heartbeat)

@@ -1,0 +1,40 @@
+"""An engine process for tests/test_standalone_leader.py: simulated engine ranks attached to a
+leader that runs on its own (``DYN_KVBM_LEADER_ENDPOINT``, same instance and run dir).
+
+``python tests/standalone_engine.py MODE PROMPTS_JSON`` (configuration from DYN_KVBM_*):
+prints ``{"ranks": [pid, ...]}``, waits for a line on stdin, serves the prompts (the engine's own
+cache empty, so every hit is kvbm's), then prints its SimStats as JSON. MODE ``hold`` then waits to
+be killed; ``exit`` stops the engine cleanly (which leaves a leader it did not spawn running).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+
+from kvbm.config import load_config
+from kvbm.sim.engine import SimEngine
+from kvbm.sim.rank import SimModel
+
+INSTANCE = "standalone-pool"
+MODEL = SimModel(num_layers=2, kv_heads=2, head_dim=32, num_gpu_blocks=64)
+
+
+def main() -> int:
+    mode, prompts = sys.argv[1], json.loads(sys.argv[2])
+    with SimEngine(load_config(), world_size=2, model=MODEL, instance=INSTANCE) as sim:
+        assert sim.leader is not None and not sim.leader.spawned, "attached to the running leader, not spawned one"
+        print(json.dumps({"ranks": [sim._rank_pids[r] for r in sorted(sim._rank_pids)]}), flush=True)
+        sys.stdin.readline()
+        sim.run(prompts)
+        sim.quiesce()
+        print(json.dumps(asdict(sim.stats)), flush=True)
+        while mode == "hold":
+            time.sleep(60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
