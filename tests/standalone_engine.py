@@ -1,7 +1,8 @@
 """An engine process for tests/test_standalone_leader.py: simulated engine ranks attached to a
 leader that runs on its own (``DYN_KVBM_LEADER_ENDPOINT``, same instance and run dir).
 
-``python tests/standalone_engine.py MODE PROMPTS_JSON`` (configuration from DYN_KVBM_*):
+``python tests/standalone_engine.py MODE PROMPTS_JSON [HEAD_DIM]`` (configuration from DYN_KVBM_*;
+HEAD_DIM: another layout than the default 32):
 prints ``{"ranks": [pid, ...]}``, waits for a line on stdin, serves the prompts (the engine's own
 cache empty, so every hit is kvbm's), then prints its SimStats as JSON. MODE ``hold`` then waits to
 be killed; ``exit`` stops the engine cleanly (which leaves a leader it did not spawn running).
@@ -19,12 +20,13 @@ from kvbm.sim.engine import SimEngine
 from kvbm.sim.rank import SimModel
 
 INSTANCE = "standalone-pool"
-MODEL = SimModel(num_layers=2, kv_heads=2, head_dim=32, num_gpu_blocks=64)
 
 
 def main() -> int:
     mode, prompts = sys.argv[1], json.loads(sys.argv[2])
-    with SimEngine(load_config(), world_size=2, model=MODEL, instance=INSTANCE) as sim:
+    model = SimModel(num_layers=2, kv_heads=2, head_dim=int(sys.argv[3]) if len(sys.argv) > 3 else 32,
+                     num_gpu_blocks=64)
+    with SimEngine(load_config(), world_size=2, model=model, instance=INSTANCE) as sim:
         assert sim.leader is not None and not sim.leader.spawned, "attached to the running leader, not spawned one"
         print(json.dumps({"ranks": [sim._rank_pids[r] for r in sorted(sim._rank_pids)]}), flush=True)
         sys.stdin.readline()

@@ -1,7 +1,8 @@
 """A pool that outlives its engine: ``kvbm leader`` run on its own (a sidecar), engine processes
 attached with ``DYN_KVBM_LEADER_ENDPOINT``. An engine that stored a prompt is killed with SIGKILL;
 another engine's stores are cut by a rank killed mid-transfer; a new engine process is served the
-first prompt from G2, every block checked against the oracle, and never a block of the cut store."""
+first prompt from G2, every block checked against the oracle, and never a block of the cut store;
+an engine of another layout is refused."""
 
 from __future__ import annotations
 
@@ -143,6 +144,16 @@ def test_standalone_leader_serves_a_new_engine_after_sigkill_and_drops_a_cut_sto
         assert s3["tokens_from_host"] == full, s3
         assert s3["mismatches"] == 0 and s3["load_failures"] == 0 and s3["store_failures"] == 0, s3
         assert leader.poll() is None  # the engines come and go; the pool stays
+
+        # An engine of another layout is refused, with the reason; the pool is untouched.
+        held = client.stats()
+        other = subprocess.run([sys.executable, ENGINE, "exit", "[]", "64"], env=env, stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=120)
+        assert other.returncode != 0 and other.stdout == ""
+        assert "not part of this world" in other.stderr or "different layout" in other.stderr, other.stderr[-2000:]
+        now = client.stats()
+        assert held is not None and now is not None and leader.poll() is None
+        assert now.host == held.host and now.counters.blocks_stored == held.counters.blocks_stored
     finally:
         client.close()
         leader.send_signal(signal.SIGTERM)
