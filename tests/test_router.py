@@ -114,6 +114,43 @@ def test_indexer_places_a_stored_prompt_on_the_instance_and_drops_it_after_evict
             idx.close()
 
 
+def test_indexer_follows_blocks_from_g2_to_the_disk_tier(tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(8)
+    prompt = [rng.randrange(1, 50_000) for _ in range(6 * BLOCK_SIZE)]
+    others = [[rng.randrange(1, 50_000) for _ in range(8 * BLOCK_SIZE)] for _ in range(3)]
+    events_port = _free_port()
+    config = load_config({
+        "DYN_KVBM_RUN_DIR": str(tmp_path / "run"),
+        "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": "20",
+        "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "24",
+        "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": "200",
+        "DYN_KVBM_DISK_CACHE_DIR": str(tmp_path),
+        "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "1",
+        "DYN_KVBM_KV_EVENTS_ENDPOINT": f"tcp://127.0.0.1:{events_port}",
+    })
+    model = SimModel(num_layers=2, kv_heads=1, head_dim=32, num_gpu_blocks=40, block_size=BLOCK_SIZE)
+    with SimEngine(config, world_size=2, model=model) as sim:
+        idx = Indexer(events_port, tmp_path / "indexer.log")
+        try:
+            time.sleep(1.0)
+            sim.run([prompt])
+            sim.quiesce()
+            assert _until(lambda: idx.matched(prompt) == len(prompt)), idx.query(prompt)
+            sim.run(others)  # pushes the prompt out of G2; G3 keeps it
+            sim.quiesce()
+            assert sim.client is not None
+            held = sim.client.match(_hashes(prompt))
+            assert held.host == 0 and held.disk == len(prompt) // BLOCK_SIZE
+            # Medium STORAGE is Dynamo's disk tier: the router still places the prompt here.
+            assert _until(lambda: idx.query(prompt)["instances"].get(INSTANCE, {}).get("cpu") == 0), idx.query(prompt)
+            answer = idx.query(prompt)["instances"][INSTANCE]
+            assert answer["longest_matched"] == answer["disk"] == len(prompt), answer
+        finally:
+            idx.close()
+
+
 def _routes(sim: SimEngine, idx: Indexer, prompt: list[int], full: int, others: list[list[int]]) -> None:
     sim.run([prompt])
     sim.quiesce()
