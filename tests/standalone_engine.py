@@ -1,9 +1,10 @@
-"""An engine process for tests/test_standalone_leader.py: simulated engine ranks attached to a
-leader that runs on its own (``DYN_KVBM_LEADER_ENDPOINT``, same instance and run dir).
+"""An engine process for tests/test_standalone_leader.py: simulated engine ranks and their leader,
+spawned, or found already running for the instance (a standalone one, or one kept by
+``DYN_KVBM_LEADER_GRACE_SECS``).
 
 ``python tests/standalone_engine.py MODE PROMPTS_JSON [HEAD_DIM]`` (configuration from DYN_KVBM_*;
 HEAD_DIM: another layout than the default 32):
-prints ``{"ranks": [pid, ...]}``, waits for a line on stdin, serves the prompts (the engine's own
+prints ``{"ranks": [pid, ...], "spawned": bool}``, waits for a line on stdin, serves the prompts (the engine's own
 cache empty, so every hit is kvbm's), then prints its SimStats as JSON. MODE ``hold`` then waits to
 be killed; ``exit`` stops the engine cleanly (which leaves a leader it did not spawn running).
 """
@@ -27,8 +28,9 @@ def main() -> int:
     model = SimModel(num_layers=2, kv_heads=2, head_dim=int(sys.argv[3]) if len(sys.argv) > 3 else 32,
                      num_gpu_blocks=64)
     with SimEngine(load_config(), world_size=2, model=model, instance=INSTANCE) as sim:
-        assert sim.leader is not None and not sim.leader.spawned, "attached to the running leader, not spawned one"
-        print(json.dumps({"ranks": [sim._rank_pids[r] for r in sorted(sim._rank_pids)]}), flush=True)
+        assert sim.leader is not None
+        print(json.dumps({"ranks": [sim._rank_pids[r] for r in sorted(sim._rank_pids)],
+                          "spawned": sim.leader.spawned}), flush=True)
         sys.stdin.readline()
         sim.run(prompts)
         sim.quiesce()

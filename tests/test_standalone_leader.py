@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,15 +51,20 @@ class Engine:
     """One engine process (tests/standalone_engine.py) and its two rank processes."""
 
     def __init__(self, mode: str, prompts: list[list[int]], env: dict[str, str]) -> None:
+        self._err = tempfile.TemporaryFile()  # its stderr, for the failure message
         self.proc = subprocess.Popen([sys.executable, ENGINE, mode, json.dumps(prompts)], env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.ranks: list[int] = self._line()["ranks"]
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True)
+        hello = self._line()
+        self.ranks: list[int] = hello["ranks"]
+        self.spawned_leader: bool = hello["spawned"]
 
     def _line(self) -> dict[str, Any]:
         out: IO[str] | None = self.proc.stdout
         assert out is not None
         line = out.readline()
-        assert line, f"engine exited with {self.proc.wait()}"
+        if not line:
+            self._err.seek(0)
+            raise AssertionError(f"engine exited with {self.proc.wait()}: {self._err.read().decode()[-3000:]}")
         return dict(json.loads(line))
 
     def serve(self) -> None:
@@ -104,6 +110,7 @@ def test_standalone_leader_serves_a_new_engine_after_sigkill_and_drops_a_cut_sto
 
         # Engine 1 stores the prompt, then dies with SIGKILL.
         first = Engine("hold", [prompt], env)
+        assert not first.spawned_leader  # DYN_KVBM_LEADER_ENDPOINT names a running leader
         first.serve()
         s1 = first.stats()
         assert s1["tokens_from_host"] == 0 and s1["blocks_stored"] == full // BLOCK_SIZE
@@ -159,3 +166,45 @@ def test_standalone_leader_serves_a_new_engine_after_sigkill_and_drops_a_cut_sto
         leader.send_signal(signal.SIGTERM)
         code = leader.wait(15)
     assert code == 0, leader_log.read_text()[-3000:]
+
+
+def _segments(instance: str) -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"kvbm-{instance}")]
+
+
+def test_engine_spawned_leader_keeps_the_pool_for_a_restart_within_the_grace_period(tmp_path: Path) -> None:
+    """DYN_KVBM_LEADER_GRACE_SECS: the engine spawns its leader (the default deployment) and is
+    killed with SIGKILL; an engine restarted within the grace period finds that leader (no second
+    one) and is served the prompt from G2; once no engine is attached for the grace period the
+    leader exits and frees its segment."""
+    grace_s = 4.0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DYN_KVBM_")}
+    env.update({
+        "DYN_KVBM_RUN_DIR": str(tmp_path / "run"),
+        "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "128",
+        "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": "20",
+        "DYN_KVBM_LEADER_GRACE_SECS": str(grace_s),
+    })
+    rng = random.Random(6)
+    prompt = [rng.randrange(1, 50_000) for _ in range(10 * BLOCK_SIZE + 3)]
+    lock = tmp_path / "run" / f"{INSTANCE}.lock"
+
+    first = Engine("hold", [prompt], env)
+    assert first.spawned_leader
+    leader_pid = int(lock.read_text())
+    first.serve()
+    assert first.stats()["blocks_stored"] == 10
+    first.kill()
+    assert not _gone(leader_pid) and _segments(INSTANCE)  # the pool waits
+
+    second = Engine("exit", [prompt], env)
+    assert not second.spawned_leader and int(lock.read_text()) == leader_pid  # never two leaders
+    second.serve()
+    s2 = second.stats()
+    assert second.proc.wait(30) == 0
+    assert s2["tokens_from_host"] == 10 * BLOCK_SIZE and s2["mismatches"] == 0, s2
+
+    # Nobody attached any more: the leader goes after the grace period (plus the ~1.5 s it takes
+    # to see the clean engine's ranks gone, if it did not see them leave), freeing the pool.
+    _until(lambda: _gone(leader_pid), grace_s + 10, "the orphaned leader to exit")
+    assert _segments(INSTANCE) == []
