@@ -27,6 +27,7 @@ Handler = Callable[[argparse.Namespace], int]
 # Registrars of the subcommands, "module:function", in help order.
 COMMANDS: tuple[str, ...] = (
     "kvbm.cli:register_config",
+    "kvbm.leader.process:register",
     "kvbm.demo.dispatch:register",
     "kvbm.bench.report:register",
 )

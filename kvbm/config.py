@@ -65,6 +65,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # One day: longer waits are a typo, and every poll and deadline computed from this value
 # stays far inside the ranges of zmq's int milliseconds and of time stamps.
 MAX_INIT_TIMEOUT_S = 86400
+MAX_LEADER_GRACE_S = 86400
 DISK_ALLOCATORS = ("default", "open-direct")  # Dynamo 1.6.1's DYN_KVBM_DISK_ALLOCATOR_TYPE
 CONSOLIDATOR_MODES = ("dedup", "passthrough", "baseten_dedup")
 WORKER_ID = "{worker_id}"  # in DYN_KVBM_OBJECT_BUCKET: replaced by the instance name
@@ -360,6 +361,10 @@ def _init_timeout(v: Any) -> bool:
     return bool(0 < v <= MAX_INIT_TIMEOUT_S)
 
 
+def _leader_grace(v: Any) -> bool:
+    return bool(0 <= v <= MAX_LEADER_GRACE_S)
+
+
 def _always(v: Any) -> bool:
     return True
 
@@ -516,6 +521,11 @@ VARIABLES: tuple[Variable, ...] = (
              "Serve Prometheus metrics on /metrics"),
     Variable("DYN_KVBM_METRICS_PORT", "metrics_port", _INT, "a port number 1-65535",
              "Port of the /metrics server", _port),
+    Variable("DYN_KVBM_LEADER_GRACE_SECS", "leader_grace_s", _NUM,
+             f"a number of seconds in [0, {MAX_LEADER_GRACE_S}] (e.g. 60)",
+             "How long an engine-spawned leader keeps the pool after its engine is gone, for an "
+             "engine restarted with the same instance name to find G2 warm (0: it exits with the engine)",
+             _leader_grace),
     Variable("DYN_KVBM_LEADER_ENDPOINT", "leader_endpoint", _ENDPOINT, _ENDPOINT_ACCEPTS,
              "ZMQ address of a running leader, or the one to bind; unset: a private "
              "ipc socket under DYN_KVBM_RUN_DIR"),
@@ -690,6 +700,7 @@ class KvbmConfig:
     disk_disable_o_direct: bool = False
     disable_disk_offload_filter: bool = False
     init_timeout_s: float = 120.0
+    leader_grace_s: float = 0.0
     metrics_enabled: bool = False
     metrics_port: int = 6880
     leader_endpoint: str | None = None

@@ -49,6 +49,7 @@ VALID: dict[str, tuple[str, Any]] = {
     "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": ("1", True),
     "DYN_KVBM_INDEX_REPLICA": ("no", False),
     "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": ("1e3", 1000.0),
+    "DYN_KVBM_LEADER_GRACE_SECS": ("60", 60.0),
     "DYN_KVBM_METRICS": (" true ", True),
     "DYN_KVBM_METRICS_PORT": ("65535", 65535),
     "DYN_KVBM_LEADER_ENDPOINT": ("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5555"),
@@ -137,6 +138,7 @@ BAD: dict[str, list[str]] = {
     # Past one day: zmq's int milliseconds overflowed at 2200000, time stamps at 1e10.
     "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": _NUM_BAD + ["0", "-5", "86400.5", "2200000",
                                                             "1e10", "1e30"],
+    "DYN_KVBM_LEADER_GRACE_SECS": _NUM_BAD + ["-1", "86400.5", "1e30"],
     "DYN_KVBM_METRICS": _BOOL_BAD,
     "DYN_KVBM_METRICS_PORT": _PORT_BAD,
     "DYN_KVBM_LEADER_ENDPOINT": _ENDPOINT_BAD + ["tcp://10.0.0.1:5555", "tcp://*:5555"],

@@ -47,6 +47,20 @@ def _cleared(tier: Tier) -> BlockEvent:
 # format
 
 
+def test_stored_events_carry_each_blocks_tokens_and_never_mix_unknown_ones() -> None:
+    import numpy as np
+
+    tokens = {1: list(range(16)), 2: list(range(16, 32)), 4: [2**32 - 1] * 16}  # 3: not told
+    evs = [_stored(HOST, 1, None), _stored(HOST, 2, 1), _stored(HOST, 3, 2), _stored(HOST, 4, 3)]
+    _, events, _ = decode_batch(encode_batch(0.0, wire_events(
+        evs, BLOCK_SIZE, lambda h: np.asarray(tokens.get(h, []), "<u4").tobytes())))
+    assert [(e["block_hashes"], e["parent_block_hash"], e["token_ids"]) for e in events] == [
+        ([1, 2], None, tokens[1] + tokens[2]),
+        ([3], 2, []),  # a router without tokens ignores it; the run splits around it
+        ([4], 3, tokens[4]),
+    ]
+
+
 def test_chained_stores_group_and_tiers_split() -> None:
     evs = [
         _removed(HOST, 7), _removed(HOST, 8),  # evictions made room for the store
@@ -118,7 +132,7 @@ def test_unbindable_endpoint_is_one_error_and_no_publisher(make_config, caplog) 
     busy = zmq.Context.instance().socket(zmq.PUB)
     busy.bind(endpoint)  # someone else publishes there already
     try:
-        server = SimpleNamespace(core=SimpleNamespace(observers=[], block_size=lambda: 16))
+        server = SimpleNamespace(core=SimpleNamespace(observers=[], block_size=lambda: 16, token_ids=lambda h: b""))
         with caplog.at_level(logging.ERROR, logger="kvbm.leader.events"):
             assert start_leader_events(server, cfg) is None  # type: ignore[arg-type]
         assert server.core.observers == []
@@ -250,14 +264,19 @@ def test_events_account_for_every_store_eviction_and_offload(capture: Capture) -
 
 def _stored_chains(capture: Capture) -> tuple[dict[int, int | None], list[list[int | None]]]:
     parent_of: dict[int, int | None] = {}
+    tokens_of: dict[int, list[int]] = {}
     for p in capture.prompts:
         hs = sequence_hashes(p, BLOCK_SIZE)
         parent_of.update(zip(hs, [None, *hs[:-1]]))
+        tokens_of.update((h, list(p[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE])) for i, h in enumerate(hs))
     chains = []
     for f in capture.frames:
         for e in decode_batch(f[2])[1]:
             if e["type"] == "BlockStored":
-                assert e["block_size"] == BLOCK_SIZE and e["token_ids"] == [] and e["lora_id"] is None
+                assert e["block_size"] == BLOCK_SIZE and e["lora_id"] is None
+                # Every block's own tokens, in order: what a router hashes to index it (G2 stores,
+                # G3 offloads and blocks staged back from G3 alike).
+                assert e["token_ids"] == [t for h in e["block_hashes"] for t in tokens_of[h]]
                 chains.append([e["parent_block_hash"], *e["block_hashes"]])
     return parent_of, chains
 

@@ -35,6 +35,7 @@ def test_round_trip_every_message_type() -> None:
         m.StatsReply("degraded", {"ops_in_flight": 2, "host_capacity": 8.0, "host_registered": 1, "host_free": 7,
                                   "host_writing": 0, "host_pinned": 0}),
         m.TransferDone(rank=0, op_id=7, ok=False, error="boom"),
+        m.AllocateStore(m.pack_hashes([5, 6]), 4, 0, np.arange(32, dtype="<u4").tobytes()),
     ]
     for msg in samples:
         rid, back = m.decode(m.encode(msg, 42))
@@ -51,6 +52,8 @@ def test_round_trip_every_message_type() -> None:
     (msgpack.packb([m.PROTOCOL_VERSION, "transfer_done", 1, [0, 1, 1, "", b""]]), "expected a boolean"),
     (msgpack.packb([m.PROTOCOL_VERSION, "register_rank", 1, [5000, 2, 1, 1, "", "", 1, "", 1]]), "out of range"),
     (msgpack.packb({"v": 1}), "frame is not"),
+    (msgpack.packb([m.PROTOCOL_VERSION, "allocate_store", 1, [bytes(16), 0, 0, bytes(12)]]), "not whole u32 blocks"),
+    (msgpack.packb([m.PROTOCOL_VERSION, "allocate_store", 1, [b"", 0, 0, bytes(8)]]), "not whole u32 blocks"),
     (msgpack.packb([m.PROTOCOL_VERSION, "match", -5, [b""]]), "request id"),
     (msgpack.packb([m.PROTOCOL_VERSION, "stats_reply", 1, ["ready", {"host_fre": 1}, 0]]), "unknown stats"),
     (msgpack.packb([m.PROTOCOL_VERSION, "stats_reply", 1, ["fine", {}, 0]]), "not a leader state"),

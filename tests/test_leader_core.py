@@ -11,6 +11,7 @@ import zlib
 from dataclasses import replace
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 
 from kvbm.config import KvbmConfig
@@ -853,7 +854,7 @@ def test_object_put_is_matchable_only_after_it_succeeded_and_loads_stage_back(wi
     assert st.counters.blocks_loaded_from_object == 3 and st.object_tier.counters.onboarded_blocks == 3 and st.host.pinned == 0
     ev = h.core.take_events()
     stored_in_g4 = [hh for k, t, hh in zip(ev.kinds, ev.tiers, m.unpack_hashes(ev.hashes)) if (k, t) == (0, 4)]
-    assert stored_in_g4 == [1, 2, 3, 4, 8, 9, 10, 11] and Tier.OBJECT.medium == "OBJECT"
+    assert stored_in_g4 == [1, 2, 3, 4, 8, 9, 10, 11] and Tier.OBJECT.medium == "EXTERNAL"
     assert all(t != int(Tier.OBJECT) for t in h.since(0).tiers)  # the index stream carries G2/G3 only
 
 
@@ -912,3 +913,56 @@ def test_store_refused_at_start_keeps_the_tier_off(with_objects) -> None:
     st = h.stats()
     assert st.object_tier.enabled == 0 and st.object_tier.busy == 0 and h.match([1, 2]) == (2, 0)
     assert "no such bucket" in h.core.stats().object_tier.reason
+
+
+# ------------------------------------------------------------------------------------------
+# token ids for KV events
+
+
+def _toks(*hashes: int) -> bytes:
+    return b"".join(np.full(16, h, "<u4").tobytes() for h in hashes)
+
+
+def test_block_tokens_kept_while_a_tier_holds_the_block_and_only_with_events_on(make_config) -> None:
+    h = Harness(make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="4",
+                            DYN_KVBM_KV_EVENTS_ENDPOINT="tcp://127.0.0.1:5557"))
+    tokens = h.core.block_tokens
+    assert tokens == {}
+    bad = h.ask(m.AllocateStore(m.pack_hashes([1, 2]), 0, 0, _toks(1)[:32] * 2))
+    assert isinstance(bad, m.ErrorReply) and bad.code == "bad_request"  # 16 tokens a block, not 8
+    g = h.ask(m.AllocateStore(m.pack_hashes([1, 2]), 0, 0, _toks(1, 2)))
+    assert isinstance(g, m.StoreGrant) and tokens == {}  # known once every rank stored them
+    h.ack(0, g.op_id)
+    h.ack(1, g.op_id)
+    assert tokens == {1: _toks(1), 2: _toks(2)} and h.core.token_ids(2) == _toks(2)
+    failed = h.ask(m.AllocateStore(m.pack_hashes([7]), 2, 0, _toks(7)))
+    assert isinstance(failed, m.StoreGrant)
+    h.ack(0, failed.op_id, ok=False)
+    h.ack(1, failed.op_id)
+    # Block 2 (held: -1) is not sent again; block 1 is evicted for 3..5, its tokens dropped.
+    g = h.ask(m.AllocateStore(m.pack_hashes([3, 4, 5]), 2, 0, _toks(3, 4, 5)))
+    assert isinstance(g, m.StoreGrant)
+    h.ack(0, g.op_id)
+    h.ack(1, g.op_id)
+    assert h.match([1]) == (0, 0) and sorted(tokens) == [2, 3, 4, 5] and h.core.token_ids(7) == b""
+    assert isinstance(h.ask(m.ResetCache()), m.Ack)
+    assert tokens == {}
+
+    off = Harness(make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="4"))
+    off.store([1])
+    assert off.core.block_tokens is None and off.core.token_ids(1) == b""
+
+
+def test_a_whole_engine_restarting_gets_every_rank_its_ready(host_only) -> None:
+    """Every rank of a new engine re-registers with the running pool before the liveness check
+    noticed the old ones; the first to attach is answered too once the last is back."""
+    h = host_only()
+    for r in range(2):
+        grant = h.send(f"n{r}".encode(), _layout(r, 2))
+        assert len(grant) == 1 and isinstance(grant[0].message, m.PoolGrant)
+    assert h.core.state is LeaderState.DEGRADED
+    assert h.send(b"n0", m.PoolAttached(0)) == []  # rank 1 is not back yet
+    out = h.send(b"n1", m.PoolAttached(1))
+    assert sorted(o.peer for o in out) == [b"n0", b"n1"] and all(isinstance(o.message, m.LeaderReady) for o in out)
+    assert h.core.state is LeaderState.READY
+    assert h.send(b"n1", m.PoolAttached(1))[0].message == out[0].message  # a repeat is answered at once

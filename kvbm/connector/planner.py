@@ -37,7 +37,7 @@ import numpy as np
 from kvbm.connector.index import IndexReplica
 from kvbm.connector.link import AsyncLink, Reply
 from kvbm.connector.ops import LoadOp, StepPlan, StoreOp
-from kvbm.hashing import SequenceHasher
+from kvbm.hashing import EMPTY_SALT_HASH, SequenceHasher
 from kvbm.ipc import messages as m
 from kvbm.leader.client import LeaderClient, LoadGrantInfo, TierBlocks
 from kvbm.leader.registry import BlockEvent, Tier
@@ -569,7 +569,12 @@ class Planner:
             return None
         st.stored = n_full
         hashes = self._hashes(st, n_full)
-        msg = m.AllocateStore(m.pack_hashes(self._wire(st, first, n_full)), hashes[first - 1] if first else 0)
+        # The blocks' tokens, for the leader's KV events; not for a salted or LoRA request: a
+        # router keys a block by its tokens alone, so it would offer it to requests that cannot use it.
+        tokens = b"" if st.hasher.salt_hash != EMPTY_SALT_HASH else \
+            np.asarray(st.tokens[first * bs : n_full * bs], "<u4").tobytes()
+        msg = m.AllocateStore(m.pack_hashes(self._wire(st, first, n_full)), hashes[first - 1] if first else 0,
+                              tokens=tokens)
         return msg, _StoreAlloc(st, st.gen, st.block_ids[first:n_full])
 
     def _check_staging(self) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 from kvbm.hashing import hashes_from_bytes, hashes_to_bytes
 from kvbm.ipc.stats import STAT_KEYS, LeaderState, LeaderStats, decode_stats
 
-PROTOCOL_VERSION = 4  # 4: StatsReply carries the leader state and its names are checked; per-slot store reports (TransferDone.stored, ReleaseOp.absent)
+PROTOCOL_VERSION = 5  # 5: AllocateStore carries the blocks' token ids (KV events); 4: StatsReply carries the leader state and its names are checked; per-slot store reports (TransferDone.stored, ReleaseOp.absent)
 MAX_FRAME_BYTES = 64 << 20
 MAX_LIST_LEN = 1 << 20
 MAX_STR_LEN = 4096
@@ -241,12 +241,24 @@ class PollLoads(Message):
 @_register
 @dataclass(frozen=True)
 class AllocateStore(Message):
-    """Allocate host slots for new blocks; ``first_parent`` is the hash before ``hashes[0]`` (0: none)."""
+    """Allocate host slots for new blocks; ``first_parent`` is the hash before ``hashes[0]`` (0: none).
+
+    ``tokens``: the blocks' token ids as little-endian u32, block after block (empty: not sent), for
+    the leader's KV events; routers index a block by its tokens. Every block has the same number
+    of tokens; the leader checks it against its block size.
+    """
 
     TAG: ClassVar[str] = "allocate_store"
     hashes: bytes = b""
     first_parent: int = _int(HASH)
     priority: int = _int(_bounds(0, 1 << 31))
+    tokens: bytes = b""
+
+    def __post_init__(self) -> None:
+        n = len(self.hashes) // 8
+        if self.tokens and (not n or len(self.tokens) % (4 * n)):
+            raise ProtocolError(f"allocate_store: {len(self.tokens)} token bytes are not whole u32 blocks of "
+                                f"the {n} hashes")
 
 
 @_register

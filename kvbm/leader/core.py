@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
@@ -109,6 +109,9 @@ class LeaderCore:
         self.counters = LeaderCounters()
         self.events: deque[BlockEvent] = deque(maxlen=MAX_EVENT_BACKLOG)
         self.observers: list[LeaderObserver] = []
+        # Token ids (u32 LE bytes) of the blocks held in some tier, kept only for KV events
+        # (routers index a block by its tokens): the engine's store allocations carry them.
+        self.block_tokens: dict[int, bytes] | None = {} if config.kv_events_endpoint else None
         self.ops: dict[int, Op] = {}
         self.stop_requested = False
         self._op_ids = itertools.count(1)
@@ -249,7 +252,17 @@ class LeaderCore:
         if self.state is LeaderState.DEGRADED and not self.world.dead_ranks():
             self.state = LeaderState.READY
             log.info("rank %d is back; leader ready again", msg.rank)
-        return ready if self.state is LeaderState.READY else None
+            # Ranks that attached while another was still missing (a whole engine restarted:
+            # every rank re-registers) wait for this answer too.
+            waiting = [other for other in self.world.ranks.values() if other.awaiting_ready and other is not info]
+            for other in waiting:
+                other.awaiting_ready = False
+            return [Outbound(peer, rid, ready), *(Outbound(o.identity, o.attach_request, ready) for o in waiting)]
+        if self.state is LeaderState.READY:
+            return ready
+        # WAITING: the first READY answers every rank; DEGRADED: the one that ends it.
+        info.awaiting_ready = self.state is LeaderState.DEGRADED
+        return None
 
     def _on_heartbeat(self, peer: bytes, rid: int, msg: m.Message) -> m.Message:
         msg = _as(msg, m.Heartbeat)
@@ -402,13 +415,21 @@ class LeaderCore:
 
     def _on_allocate_store(self, peer: bytes, rid: int, msg: m.Message) -> m.Message:
         msg = _as(msg, m.AllocateStore)
-        return self.allocate_store(m.unpack_hashes(msg.hashes), msg.first_parent, msg.priority)
+        return self.allocate_store(m.unpack_hashes(msg.hashes), msg.first_parent, msg.priority, msg.tokens)
 
-    def allocate_store(self, hashes: list[int], first_parent: int = 0, priority: int = 0) -> m.StoreGrant:
-        """WRITING host slots for the hashes not held yet (-1: held); a prefix when the pool is full."""
+    def allocate_store(self, hashes: list[int], first_parent: int = 0, priority: int = 0,
+                       tokens: bytes = b"") -> m.StoreGrant:
+        """WRITING host slots for the hashes not held yet (-1: held); a prefix when the pool is full.
+
+        ``tokens``: the blocks' token ids (u32 LE, ``block_size`` a block) for the KV events, or empty.
+        """
         reg = self._serving_registry()
         if len(set(hashes)) != len(hashes):
             raise RequestRejected("bad_request", "allocate_store: duplicate hashes in one request")
+        step = 4 * self.block_size()
+        if tokens and len(tokens) != step * len(hashes):
+            raise RequestRejected("bad_request", f"allocate_store: {len(tokens)} token bytes for {len(hashes)} "
+                                                 f"blocks of {step // 4} tokens")
         parents: list[int | None] = [first_parent or None, *hashes[:-1]][: len(hashes)]  # [] for no hashes
         got = reg.host.allocate(hashes, parents, priority=priority)
         slots = [-1 if s is None else s for s in got]
@@ -416,6 +437,8 @@ class LeaderCore:
         if not new:
             return m.StoreGrant(0, m.pack_slots(slots))
         op = Op(next(self._op_ids), OpKind.STORE, [s for _, s in new], [h for h, _ in new], self._now)
+        if tokens and self.block_tokens is not None:
+            op.tokens = [tokens[i * step : (i + 1) * step] for i, s in enumerate(got) if s is not None]
         self.ops[op.op_id] = op
         return m.StoreGrant(op.op_id, m.pack_slots(slots))
 
@@ -544,6 +567,9 @@ class LeaderCore:
                 self.counters.stores_aborted += 1
                 return
             hashes, slots = [h for h, _ in kept], [s for _, s in kept]
+            if op.tokens and self.block_tokens is not None:
+                self.block_tokens.update((h, t) for h, s, t in zip(op.hashes, op.slots, op.tokens)
+                                         if s not in op.missing)
             reg.host.commit(slots)
             self._observe_transfer(TransferDirection.D2H, len(slots), self._now - op.created)
             self.counters.stores_committed += 1
@@ -632,6 +658,24 @@ class LeaderCore:
             self.index.record(local, lambda tier, h: reg.pool(tier).lookup(h) is not None)
         for obs in self.observers:
             obs.on_events(evs)
+        if self.block_tokens:
+            self._forget_tokens(evs)
+
+    def _forget_tokens(self, evs: list[BlockEvent]) -> None:
+        """Drop the tokens of blocks no tier holds any more (after the observers saw the events)."""
+        tokens, pools = self.block_tokens, self.registry.pools if self.registry else []
+        assert tokens is not None
+        if any(e.kind is m.BlockEventKind.CLEARED for e in evs):
+            gone: Iterable[int] = list(tokens)
+        else:
+            gone = {e.seq_hash for e in evs if e.kind is m.BlockEventKind.REMOVED}
+        for h in gone:
+            if not any(p.holds(h) for p in pools):
+                tokens.pop(h, None)
+
+    def token_ids(self, seq_hash: int) -> bytes:
+        """A held block's token ids (u32 LE bytes), or empty when the leader was not told them."""
+        return self.block_tokens.get(seq_hash, b"") if self.block_tokens is not None else b""
 
     def block_size(self) -> int:
         """Tokens per block (0 before the first rank registered)."""

@@ -2,7 +2,7 @@
 
 KV-aware routers (vLLM's, Dynamo's, llm-d's) track which blocks each worker holds from a stream of
 ``BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared`` events. The leader publishes those of its
-host (G2, medium ``"CPU"``), disk (G3, ``"STORAGE"``) and object (G4, ``"OBJECT"``: the objects
+host (G2, medium ``"CPU"``), disk (G3, ``"STORAGE"``) and object (G4, ``"EXTERNAL"``: the objects
 this leader knows in the store) tiers (:attr:`kvbm.leader.registry.Tier.medium`), so such a router
 consumes them unchanged, the same way as vLLM's ``ZmqEventPublisher`` output:
 
@@ -14,10 +14,16 @@ consumes them unchanged, the same way as vLLM's ``ZmqEventPublisher`` output:
   identical to ``msgspec.msgpack.encode(KVEventBatch(...))`` of vllm 0.33 (tested), produced with
   plain msgpack so that neither vllm nor msgspec is needed here.
 
-What the leader cannot know is sent as vLLM's "unknown": ``token_ids`` is an empty list (the
-leader holds hashes, not tokens), ``lora_id`` / ``lora_name`` are None. ``block_hashes`` are
-kvbm's 64-bit sequence hashes (Dynamo's scheme), as ints. Consecutive stores that chain (each
-block's parent is the previous block) travel as one ``BlockStored``, as vLLM sends them.
+``token_ids`` are the blocks' tokens: the engine's store allocations carry them
+(:class:`kvbm.ipc.messages.AllocateStore`) and the leader keeps them while some tier holds the
+block, because Dynamo's indexer keys a block by the hash of its tokens and drops a store without
+them. A block of a request with a cache salt or a LoRA adapter goes out without tokens (so a
+router that needs them ignores it): kvbm's engine side knows only the combined salt hash, and a
+router keying it by its tokens alone would offer it to requests that cannot use it. The same for
+blocks the leader was never told the tokens of (stored by a client that does not send them).
+``lora_id`` / ``lora_name`` are None. ``block_hashes`` are kvbm's 64-bit sequence hashes
+(Dynamo's scheme), as ints. Consecutive stores that chain (each block's parent is the previous
+block) travel as one ``BlockStored``, as vLLM sends them.
 
 A tier clear (cache reset, or the disk tier switched off after an I/O error) is sent as one
 ``AllBlocksCleared``, which has no medium: a subscriber forgets every block of this publisher,
@@ -35,6 +41,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgpack
+import numpy as np
 import zmq
 
 from kvbm.ipc.messages import BlockEventKind
@@ -53,31 +60,43 @@ DEFAULT_HWM = 100_000  # batches queued per subscriber before PUB drops (vLLM's 
 _WIDE_MAP_EVENTS = frozenset({"BlockStored"})
 
 
-def wire_events(events: Sequence[BlockEvent], block_size: int) -> list[dict[str, Any]]:
+def _no_tokens(seq_hash: int) -> bytes:
+    return b""
+
+
+def wire_events(events: Sequence[BlockEvent], block_size: int,
+                token_ids: Callable[[int], bytes] = _no_tokens) -> list[dict[str, Any]]:
     """Turn registry events into vLLM event maps (``"type"`` first, fields in vLLM's order).
 
-    Runs of chained stores of one tier become one ``BlockStored``, runs of removals of one tier
-    one ``BlockRemoved``, runs of clears one ``AllBlocksCleared``; order is kept.
+    ``token_ids(hash)``: a block's token ids as u32 little-endian bytes, empty when unknown.
+    Runs of chained stores of one tier become one ``BlockStored`` (its ``token_ids`` every block's
+    tokens in order, so a run never mixes blocks with and without them), runs of removals of one
+    tier one ``BlockRemoved``, runs of clears one ``AllBlocksCleared``; order is kept.
     """
     out: list[dict[str, Any]] = []
     prev: BlockEvent | None = None
     prev_kind: BlockEventKind | None = None
+    prev_tokens = b""
     for e in events:
         kind = e.kind
         if kind is BlockEventKind.STORED:
-            if prev is not None and prev_kind is kind and prev.tier is e.tier and e.parent_hash == prev.seq_hash:
+            tokens = token_ids(e.seq_hash)
+            if (prev is not None and prev_kind is kind and prev.tier is e.tier and e.parent_hash == prev.seq_hash
+                    and bool(tokens) == bool(prev_tokens)):
                 out[-1]["block_hashes"].append(e.seq_hash)
+                out[-1]["token_ids"] += np.frombuffer(tokens, "<u4").tolist()
             else:
                 out.append({
                     "type": "BlockStored",
                     "block_hashes": [e.seq_hash],
                     "parent_block_hash": e.parent_hash,
-                    "token_ids": [],  # unknown at the leader
+                    "token_ids": np.frombuffer(tokens, "<u4").tolist(),
                     "block_size": block_size,
                     "lora_id": None,
                     "medium": e.tier.medium,
                     "lora_name": None,
                 })
+            prev_tokens = tokens
         elif kind is BlockEventKind.REMOVED:
             if prev is not None and prev_kind is kind and prev.tier is e.tier:
                 out[-1]["block_hashes"].append(e.seq_hash)
@@ -124,6 +143,7 @@ class KvEventPublisher:
         endpoint: str,
         block_size: Callable[[], int],
         *,
+        token_ids: Callable[[int], bytes] = _no_tokens,
         topic: str = "",
         data_parallel_rank: int = 0,
         hwm: int = DEFAULT_HWM,
@@ -132,6 +152,7 @@ class KvEventPublisher:
     ) -> None:
         """Bind a PUB socket on ``endpoint``; ``block_size()`` gives the engine's tokens per block."""
         self._block_size = block_size
+        self._token_ids = token_ids
         self._topic = topic.encode()
         self._dp_rank = data_parallel_rank
         self._clock = clock
@@ -163,7 +184,8 @@ class KvEventPublisher:
         """Publish one batch holding ``events``."""
         if not events or self._sock.closed:
             return
-        payload = encode_batch(self._clock(), wire_events(events, self._block_size()), self._dp_rank)
+        payload = encode_batch(self._clock(), wire_events(events, self._block_size(), self._token_ids),
+                               self._dp_rank)
         self.publish(payload)
 
     def publish(self, payload: bytes) -> None:
@@ -198,7 +220,7 @@ def start_leader_events(server: LeaderServer, config: KvbmConfig) -> KvEventPubl
     try:
         check_bind_endpoint(endpoint, config.allow_non_loopback)
         # Events flow only once every rank has registered its layout (they all agree).
-        pub = KvEventPublisher(endpoint, server.core.block_size)
+        pub = KvEventPublisher(endpoint, server.core.block_size, token_ids=server.core.token_ids)
     except (PermissionError, zmq.ZMQError) as e:
         log.error("KV events off: cannot publish on DYN_KVBM_KV_EVENTS_ENDPOINT=%s: %s", endpoint, e)
         return None

@@ -35,6 +35,8 @@ class Op:
     staging: set[int] = field(default_factory=set)
     staged_from: Counter[int] = field(default_factory=Counter)
     dispatched: bool = False  # a rank reported at least once
+    # Stores only: each block's token ids (u32 LE bytes) for the KV events, when the client sent them.
+    tokens: list[bytes] = field(default_factory=list)
     released: bool = False  # the client gave it up before dispatching it
 
     @property

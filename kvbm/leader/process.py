@@ -38,19 +38,49 @@ def lock_path(run_dir: str, instance: str) -> str:
     return os.path.join(run_dir, f"{safe_name(instance)}.lock")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvbm leader", description="Run a kvbm leader process.")
+DESCRIPTION = (
+    "Run a kvbm leader: it owns the host pool (G2, POSIX shared memory) and the lower tiers of one "
+    "engine instance. Run on its own (a sidecar next to the engine), its pool outlives the engine: "
+    "engines started with DYN_KVBM_LEADER_ENDPOINT set to its --endpoint attach to it, and a "
+    "restarted engine is served what the previous one stored. Configured by DYN_KVBM_* variables; "
+    "SIGTERM or SIGINT stops it and frees the pool. Exit status: 0 stopped, 2 start-up error, "
+    "3 the instance already has a leader."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The leader's command-line options (``kvbm leader`` and ``python -m kvbm.leader``)."""
     parser.add_argument("--instance", required=True, help="instance name (unique per engine)")
-    parser.add_argument("--endpoint", default=None, help="ZMQ address to bind (default: ipc socket in the run dir)")
+    parser.add_argument("--endpoint", default=None,
+                        help="ZMQ address to bind (default: DYN_KVBM_LEADER_ENDPOINT, else an ipc socket in the run dir)")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kvbm.leader``: parse ``argv`` and :func:`run`."""
+    parser = argparse.ArgumentParser(prog="kvbm leader", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``kvbm leader``: the same process as ``python -m kvbm.leader``."""
+    parser = subparsers.add_parser("leader", help="run a leader on its own (a pool that outlives its engine)",
+                                   description=DESCRIPTION)
+    add_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until stopped; returns the exit status."""
     try:
         cfg = load_config()
     except ConfigError as e:
         print(f"kvbm leader: error: {e}", file=sys.stderr)
         return EXIT_START_ERROR
+    # force: under the ``kvbm`` command the root logger is already set up (warnings only).
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s kvbm-leader %(levelname)s %(message)s",
-                        stream=sys.stderr)
+                        stream=sys.stderr, force=True)
     try:
         ensure_private_dir(cfg.run_dir)
         endpoint = args.endpoint or cfg.leader_endpoint or instance_endpoint(cfg.run_dir, args.instance)

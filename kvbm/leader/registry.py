@@ -51,11 +51,12 @@ class Tier(enum.IntEnum):
     @property
     def medium(self) -> str:
         """KV-event medium string of this tier (vllm.distributed.kv_events MEDIUM_* values; vLLM
-        has none for an object store, kvbm sends ``"OBJECT"``)."""
+        has none for an object store: ``"EXTERNAL"``, which Dynamo's router indexes as its
+        external tier; it drops a store of a medium it does not know)."""
         return _MEDIA[self]
 
 
-_MEDIA = {Tier.HOST: "CPU", Tier.DISK: "STORAGE", Tier.OBJECT: "OBJECT"}
+_MEDIA = {Tier.HOST: "CPU", Tier.DISK: "STORAGE", Tier.OBJECT: "EXTERNAL"}
 
 
 class SlotState(enum.IntEnum):

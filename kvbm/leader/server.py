@@ -46,6 +46,9 @@ class LeaderServer:
         self.endpoint = endpoint
         self.clock = clock
         self.parent_pid = parent_pid
+        self._grace_s = config.leader_grace_s
+        # Since when the parent is gone and no rank is alive (None: not orphaned, or ranks alive).
+        self._idle_since: float | None = None
         self._stop = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -136,8 +139,23 @@ class LeaderServer:
 
     def _periodic(self, now: float) -> None:
         self._send(self.core.tick(now))
-        if self.parent_pid is not None and not _alive(self.parent_pid):
+        if self.parent_pid is None or _alive(self.parent_pid):
+            return
+        if self._grace_s <= 0:
             log.warning("parent process %d is gone; leader shutting down", self.parent_pid)
+            self._stop = True
+            return
+        # DYN_KVBM_LEADER_GRACE_SECS: the pool waits for a restarted engine (its connector finds
+        # this leader holding the instance lock and attaches). Ranks alive keep it, whoever's.
+        if self.core.live_ranks():
+            self._idle_since = None
+        elif self._idle_since is None:
+            self._idle_since = now
+            log.warning("parent process %d is gone and no rank is attached; keeping the pool for %g s "
+                        "(DYN_KVBM_LEADER_GRACE_SECS)", self.parent_pid, self._grace_s)
+        elif now - self._idle_since >= self._grace_s:
+            log.warning("no engine attached within DYN_KVBM_LEADER_GRACE_SECS=%g s of its parent %d exiting; "
+                        "leader shutting down", self._grace_s, self.parent_pid)
             self._stop = True
 
     # ------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ class RankInfo:
     register_request: int
     attached: bool = False
     attach_request: int = 0
+    awaiting_ready: bool = False  # attached to a running pool; answered once every rank is back
     alive: bool = True
     last_seen: float = 0.0
 
