@@ -80,6 +80,18 @@ def layer(module: str) -> int:
     return found
 
 
+def test_every_kvbm_import_names_a_module_that_exists() -> None:
+    """A lazy import of a moved or deleted module fails only when its function runs: catch it here."""
+    missing = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                       [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            missing += [f"{name} imports {t}" for t in targets
+                        if (t == "kvbm" or t.startswith("kvbm.")) and t not in MODULES]
+    assert missing == []
+
+
 def test_every_module_has_a_layer() -> None:
     for module in MODULES:
         layer(module)

@@ -52,8 +52,8 @@ def echo_rate(endpoint: str, frames: list[list[bytes]], batch: int) -> float:
 def run(quick: bool = False, num_cases: int | None = None, seed: int = 0) -> list[BenchResult]:
     """Fuzz a live leader (TP=1 simulated engine) and serve byte-exact afterwards."""
     from kvbm.config import load_config
-    from kvbm.sim.engine import SimEngine, chat_workload
-    from kvbm.sim.rank import SimModel
+    from kvbm.testing.sim.engine import SimEngine, chat_workload
+    from kvbm.testing.sim.rank import SimModel
 
     n = num_cases if num_cases is not None else (5_000 if quick else 100_000)
     tmp = tempfile.mkdtemp(prefix="kvbm-fuzz-")
