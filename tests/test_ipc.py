@@ -48,7 +48,7 @@ def test_round_trip_every_message_type() -> None:
     (msgpack.packb([m.PROTOCOL_VERSION, "match", 1, ["text"]]), "expected bytes"),
     (msgpack.packb([m.PROTOCOL_VERSION, "transfer_done", 1, [0, -1, True, "", b""]]), "out of range"),
     (msgpack.packb([m.PROTOCOL_VERSION, "transfer_done", 1, [0, 1, 1, "", b""]]), "expected a boolean"),
-    (msgpack.packb([m.PROTOCOL_VERSION, "register_rank", 1, [5000, 2, 1, 1, "", "", 1, "", 1]]), "out of range"),
+    (msgpack.packb([m.PROTOCOL_VERSION, "register_rank", 1, [5000, 2, 1, 1, "", "", 1, "", 1, False]]), "out of range"),
     (msgpack.packb({"v": 1}), "frame is not"),
     (msgpack.packb([m.PROTOCOL_VERSION, "match", -5, [b""]]), "request id"),
     (msgpack.packb([m.PROTOCOL_VERSION, "stats_reply", 1, ["ready", {"host_fre": 1}, 0]]), "unknown stats"),
