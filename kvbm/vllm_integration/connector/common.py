@@ -46,8 +46,11 @@ def settings_for(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | No
     dtype = vllm_config.cache_config.cache_dtype
     if dtype == "auto" and mc is not None:
         dtype = str(mc.dtype).removeprefix("torch.")
-    fingerprint = layout_fingerprint("vllm", mc.model if mc is not None else None, dtype, block_size, world)
-    return Instance(config, name, leader_endpoint(config, name), block_size, world, fingerprint)
+    # MLA: every TP rank caches the same latent KV ([blocks, block_size, latent dim] per layer).
+    mla = bool(getattr(mc, "use_mla", False))
+    fingerprint = layout_fingerprint("vllm", mc.model if mc is not None else None, dtype, block_size, world,
+                                     replicated=mla)
+    return Instance(config, name, leader_endpoint(config, name), block_size, world, fingerprint, mla)
 
 
 def check_supported(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None") -> None:

@@ -59,7 +59,7 @@ class KvbmWorker:
         s = self.settings
         self.ops.attach(next(iter(kv_caches.values()), None),
                         lambda cls: cls.from_layers(kv_caches, num_blocks=num_blocks or None),
-                        endpoint=s.endpoint, identity=RankIdentity(self.rank, s.world_size, s.block_size, s.fingerprint),
+                        endpoint=s.endpoint, identity=RankIdentity(self.rank, s.world_size, s.block_size, s.fingerprint, s.replicated),
                         config=s.config, what="these KV caches")
 
     # -- per step ------------------------------------------------------------------------
