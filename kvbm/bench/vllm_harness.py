@@ -141,7 +141,7 @@ def make_kv_cache_config(spec: EngineSpec) -> KVCacheConfig:
 
 def make_tensors(spec: EngineSpec) -> dict[str, torch.Tensor]:
     inner = (spec.block_size, spec.kv_heads, spec.head_dim)
-    shape = (2, spec.num_blocks) + inner if spec.layout == "kv_first" else (spec.num_blocks, 2) + inner
+    shape: tuple[int, ...] = (2, spec.num_blocks) + inner if spec.layout == "kv_first" else (spec.num_blocks, 2) + inner
     if spec.layout == "mla":  # vLLM's MLA backends: [num_blocks, block_size, latent] per layer
         shape = (spec.num_blocks, spec.block_size, MLA_LATENT)
     return {name: torch.zeros(shape, dtype=torch.float16) for name in make_kv_cache_config(spec).kv_cache_groups[0].layer_names}
