@@ -35,6 +35,7 @@ class Finished:
     kind: Direction  # a str enum: compares equal to "store" / "load"
     ok: bool
     error: str = ""
+    copied: bool = True  # False: a replicated world's store that another rank copies
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ class RankAgent:
                     # A replicated world: the writer rank copies these very bytes and the leader
                     # waits for its report alone. Done here, so the engine may free the blocks
                     # once every rank said so (the writer says so only after its copy).
-                    self._finished.put(Finished(job.op_id, job.direction, True))
+                    self._finished.put(Finished(job.op_id, job.direction, True, copied=False))
                     continue
                 if job.direction is Direction.STORE:
                     self.engine.store(job.engine_blocks, job.slots)

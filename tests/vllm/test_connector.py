@@ -327,3 +327,4 @@ def test_tp2_mla_one_copy_every_rank_loads_it(make_engine, mla_model_dir) -> Non
     s = eng.stats
     assert s.external_hit_tokens == 96 and s.checked_blocks == 6 and s.mismatches == 0  # checked on every rank
     assert s.kv_stats["loaded_blocks"] == 2 * 6  # both ranks loaded all 6
+    assert s.kv_stats["stored_blocks"] == 6  # rank 0 alone copied them
