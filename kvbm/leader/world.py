@@ -6,8 +6,8 @@ import enum
 from dataclasses import dataclass, field
 
 from kvbm.ipc.messages import RegisterRank
-from kvbm.leader.ops import OpKind
 from kvbm.ipc.shm import align_up
+from kvbm.leader.ops import OpKind
 
 BLOCK_FORMAT_VERSION = 1
 """Bumped whenever the bytes of a host block (the ranks' slices side by side) change meaning."""

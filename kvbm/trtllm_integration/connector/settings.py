@@ -13,7 +13,6 @@ and no collective runs.
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import os
 import secrets
@@ -122,6 +121,10 @@ def settings_for(llm_args: Any) -> tuple[Instance, int]:
     rank = int(mapping.rank)
     if getattr(mapping, "pp_size", 1) > 1:
         raise UnsupportedSetup(f"kvbm does not support pipeline parallelism (pp_size={mapping.pp_size})")
+    if getattr(mapping, "cp_size", 1) > 1:
+        # Context parallelism splits a block's tokens across ranks: a rank's block is not the
+        # KV of the block's tokens (and MLA's latent is no longer the same on every rank).
+        raise UnsupportedSetup(f"kvbm does not support context parallelism (cp_size={mapping.cp_size})")
     if not 0 <= rank < world:
         raise UnsupportedSetup(f"kvbm rank {rank} is outside the world of {world} ranks")
     kvc = llm_args.kv_cache_config

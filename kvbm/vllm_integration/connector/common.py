@@ -60,6 +60,10 @@ def check_supported(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig |
                                f"{len(kv_cache_config.kv_cache_groups)} (hybrid attention)")
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise UnsupportedSetup("kvbm does not support pipeline parallelism (pipeline_parallel_size > 1)")
+    if getattr(vllm_config.parallel_config, "decode_context_parallel_size", 1) > 1:
+        # DCP splits a block's tokens across ranks: a rank's block is not the KV of the block's
+        # tokens (and MLA's latent is no longer the same on every rank).
+        raise UnsupportedSetup("kvbm does not support decode context parallelism (decode_context_parallel_size > 1)")
 
 
 def worker_rank(vllm_config: "VllmConfig", world_size: int) -> int:
