@@ -305,3 +305,19 @@ def test_a_flat_only_connector_is_rejected_for_several_layer_groups(trt_env):
     with pytest.raises(ValueError, match="update_state_after_alloc_by_layer_group"):
         check_layer_groups(FlatScheduler(args), FlatWorker(args), 2)
     check_layer_groups(FlatScheduler(args), FlatWorker(args), 1)  # one group: the flat forms do
+
+
+def test_context_parallelism_is_refused(trt_env):
+    """cp_size > 1 splits a block's tokens across ranks (MLA's latent is then not the same on
+    every rank): kvbm refuses it rather than store a rank's share as the block."""
+    from types import SimpleNamespace
+
+    from trt_executor import llm_args
+
+    from kvbm.trtllm_integration.connector.settings import UnsupportedSetup, settings_for
+
+    args = llm_args(16, 2, 0)
+    mapping = SimpleNamespace(**vars(args.parallel_config.to_mapping()), cp_size=2)
+    args.parallel_config = SimpleNamespace(to_mapping=lambda: mapping)
+    with pytest.raises(UnsupportedSetup, match="context parallelism"):
+        settings_for(args)
