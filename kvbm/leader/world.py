@@ -57,7 +57,7 @@ class World:
         for other in self.ranks.values():
             ref = other.layout
             if ref.rank == msg.rank:
-                if (ref.slice_bytes, ref.num_layers) != (msg.slice_bytes, msg.num_layers):
+                if (ref.slice_bytes, ref.num_layers, ref.replicated) != (msg.slice_bytes, msg.num_layers, msg.replicated):
                     raise LayoutMismatch(f"rank {msg.rank} re-registered with a different layout")
                 continue
             # A replicated world stores one slice for every rank: the slices must be the same.
