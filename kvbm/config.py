@@ -632,7 +632,8 @@ NO_EFFECT: tuple[NoEffect, ...] = (
     NoEffect("DYN_KVBM_NCCL_MAX_CTAS",
              "kvbm has no NCCL (replicated MLA) transfer path", _INT, "a whole number >= 1 (e.g. 8)", _count),
     NoEffect("DYN_KVBM_NCCL_MLA_MODE",
-             "kvbm has no NCCL replicated mode: the leader allocates one host pool that every rank maps"),
+             "kvbm needs no NCCL for MLA: one copy of each block in the host pool every rank maps, "
+             "written by rank 0 and loaded by every rank"),
     NoEffect("DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS",
              "kvbm logs no periodic hit-rate line; the hit rates are gauges on /metrics (DYN_KVBM_METRICS)",
              _NUM, "a number of seconds > 0 (e.g. 5)", _positive),

@@ -157,3 +157,32 @@ def test_layout_store_headers_round_trip_and_resize(tmp_path) -> None:
     with DiskStore(str(tmp_path), "z", 16, 4096, o_direct=False, layout=7) as store:
         assert store.restored == []  # another size: emptied, not misread
     assert os.path.getsize(layout_file_path(str(tmp_path), 7)) == 4096 + 16 * 4096
+
+
+def test_an_mla_cache_written_at_tp2_serves_tp1_byte_exact(make_config, tmp_path) -> None:
+    """MLA blocks are one replicated slice, the same bytes at every TP size, and the layout
+    fingerprint names no TP size: a TP=1 engine serves a TP=2 engine's persistent cache."""
+    cfg = make_config(**_env(tmp_path))
+    mla = SimModel(num_layers=2, head_dim=64, num_gpu_blocks=48, layout="block_first", mla=True)
+    prompts = _prompts(2, seed=40)
+    with SimEngine(cfg, world_size=2, model=mla) as first:
+        stored = _fill(first, prompts).disk_tier.counters.offloaded_blocks
+    assert 0 < stored <= 2 * BLOCKS_PER_PROMPT and len(_cache_files(tmp_path)) == 1
+    with SimEngine(cfg, world_size=1, model=mla) as second:
+        assert second.quiesce().disk.registered == stored  # the TP=2 file, re-indexed
+        for p in prompts:
+            second.run([p])
+        st = second.stats
+        assert st.mismatches == 0 and st.staging_failures == 0
+        assert 0 < st.tokens_from_disk <= min(stored, 2 * (BLOCKS_PER_PROMPT - 1)) * 16, st
+    assert len(_cache_files(tmp_path)) == 1
+
+
+def test_a_sliced_cache_written_at_tp2_is_a_miss_at_tp1(make_config, tmp_path) -> None:
+    """One slice per rank ties the blocks to the TP size: another TP size never reads them."""
+    cfg = make_config(**_env(tmp_path))
+    with SimEngine(cfg, world_size=2, model=MODEL) as first:
+        _fill(first, _prompts(1, seed=41))
+    with SimEngine(cfg, world_size=1, model=MODEL) as second:
+        assert second.quiesce().disk.registered == 0
+    assert len(_cache_files(tmp_path)) == 2

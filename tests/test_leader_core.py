@@ -179,7 +179,7 @@ class Harness:
     """A core with ``world`` ranks (peers r0, r1, ...) and a client peer; time moves only on request."""
 
     def __init__(self, cfg: KvbmConfig, world: int = 2, *, first_seq: int = 1, ring: int | None = None,
-                 objects: ObjectReady | None = None) -> None:
+                 objects: ObjectReady | None = None, replicated: bool = False) -> None:
         self.storages: list[MemStorage] = []
 
         def create(host_blocks: int, block_bytes: int, disk_blocks: int, layout: str) -> CacheStorage:
@@ -191,7 +191,7 @@ class Harness:
         self.core = LeaderCore(cfg, create, now=self.now, index_first_seq=first_seq, index_ring_entries=ring)
         self.rid = 0
         for r in range(world):
-            self.send(f"r{r}".encode(), _layout(r, world))
+            self.send(f"r{r}".encode(), _layout(r, world, replicated))
         for r in range(world):
             self.send(f"r{r}".encode(), m.PoolAttached(r))
         assert self.core.state is LeaderState.READY
@@ -280,8 +280,10 @@ class Harness:
         return r
 
 
-def _layout(rank: int, world: int) -> m.RegisterRank:
-    return m.RegisterRank(rank, world, 2, BB // world, "float16", "test", 16, "fp", 100 + rank)
+def _layout(rank: int, world: int, replicated: bool = False) -> m.RegisterRank:
+    """Rank ``rank``'s slice: a share of a BB-byte block, or (replicated: MLA) all of it."""
+    return m.RegisterRank(rank, world, 2, BB if replicated else BB // world, "float16", "test", 16, "fp",
+                          100 + rank, replicated)
 
 
 def _entries(u: m.IndexUpdates) -> list[tuple[BlockEventKind, Tier, int]]:
@@ -416,6 +418,67 @@ def test_a_transfer_done_from_another_socket_is_ignored(host_only) -> None:
     assert h.match([31]) == (0, 0) and h.stats().counters.rejected_messages == 1
     h.ack(1, op_id)
     assert h.match([31]) == (1, 0)
+
+
+# ------------------------------------------------------------------------------------------
+# replicated (MLA) worlds: one slice, written by rank 0, loaded by every rank
+
+
+def test_replicated_world_grants_one_slice_and_one_writer(make_config) -> None:
+    cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8")
+    core = LeaderCore(cfg, lambda h, b, d, layout: MemStorage(h, b, d), now=0.0)
+    assert core.handle(b"r1", 1, _layout(1, 2, replicated=True), 0.0) == []
+    out = core.handle(b"r0", 2, _layout(0, 2, replicated=True), 0.1)
+    grants = {o.peer: o.message for o in out}
+    assert grants == {b"r0": m.PoolGrant("mem", 8, BB, 0, stores=True),
+                      b"r1": m.PoolGrant("mem", 8, BB, 0, stores=False)}  # BB, not 2 x BB
+    assert f"slices=once:{BB};" in core.world.layout_fingerprint  # no TP size: any TP serves any
+
+
+def test_replicated_and_sliced_ranks_never_share_a_world(make_config) -> None:
+    cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8")
+    core = LeaderCore(cfg, lambda h, b, d, layout: MemStorage(h, b, d), now=0.0)
+    core.handle(b"r0", 1, _layout(0, 2, replicated=True), 0.0)
+    (out,) = core.handle(b"r1", 2, m.RegisterRank(1, 2, 2, BB, "float16", "test", 16, "fp", 101, False), 0.1)
+    assert isinstance(out.message, m.ErrorReply) and out.message.code == "layout_mismatch"
+    assert "replicated" in out.message.message
+
+
+def test_replicated_store_commits_on_the_writer_alone_loads_need_every_rank(make_config) -> None:
+    h = Harness(make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8"), 2, replicated=True)
+    op_id, _ = h.allocate([1, 2])
+    h.ack(1, op_id, ok=False)  # a rank that takes no part in stores: its report changes nothing
+    assert h.match([1, 2]) == (0, 0) and h.stats().host.writing == 2
+    h.ack(0, op_id)
+    assert h.match([1, 2]) == (2, 0)
+    load = h.load([1, 2])
+    h.ack(0, load.op_id)
+    assert h.stats().host.pinned == 2  # rank 1 has not copied the slice yet
+    h.ack(1, load.op_id)
+    s = h.stats()
+    assert s.host.pinned == 0 and s.counters.loads_completed == 1 and s.ops_in_flight == 0
+
+
+def test_replicated_store_fails_only_if_the_writer_dies(make_config) -> None:
+    h = Harness(make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8"), 2, replicated=True)
+    kept, _ = h.allocate([1, 2])
+    h.advance(1.0)
+    h.heartbeats([0])
+    h.advance(h.core.config.liveness_timeout_s)  # rank 1 (a reader) is dead
+    assert h.core.world.dead_ranks() == [1] and h.stats().host.writing == 2
+    h.ack(0, kept)  # the writer's copy is the whole block: it commits
+    assert h.core.registry is not None and h.core.registry.match([1, 2]).host == 2
+    h.heartbeats([0])
+    assert isinstance(h.ask(_layout(1, 2, True), b"r1"), m.PoolGrant)  # it restarts on the same socket id
+    assert isinstance(h.ask(m.PoolAttached(1), b"r1"), m.LeaderReady)
+    lost, _ = h.allocate([3, 4])
+    h.advance(1.0)
+    h.heartbeats([1])
+    h.advance(h.core.config.liveness_timeout_s)  # now the writer is dead mid-store
+    assert h.core.world.dead_ranks() == [0]
+    s = h.stats()
+    assert s.counters.stores_aborted == 1 and s.host.writing == 0
+    assert h.core.registry.match([1, 2, 3, 4]).host == 2
 
 
 # ------------------------------------------------------------------------------------------

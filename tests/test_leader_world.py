@@ -199,3 +199,29 @@ def test_dead_leader_is_noticed_and_segment_swept(make_config) -> None:
         sim.run(prompts)
         assert sim.stats.tokens_from_host > 0
         assert sim.stats.mismatches == 0
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_mla_world_stores_one_slice_that_every_rank_loads(make_config, world: int) -> None:
+    """MLA: every rank holds the same latent KV; the host block is one slice whatever the TP
+    size (half the bytes of two slices at TP=2), one rank writes it and every rank's load is
+    checked against the oracle byte for byte."""
+    cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="48")
+    model = SimModel(num_layers=4, head_dim=64, num_gpu_blocks=40, layout="block_first", mla=True)
+    assert model.slice_bytes == 8192  # 4 layers x 16 tokens x 64 x 2 B: page-aligned, no rounding
+    with SimEngine(cfg, world_size=world, model=model) as sim:
+        prompts = _prompts(6)
+        sim.run(prompts)
+        stored = sim.quiesce()
+        assert stored.block_bytes == model.slice_bytes  # not world x slice_bytes
+        assert stored.world_size == world
+        sim.reset_engine_cache()
+        sim.run(prompts)
+        st = sim.stats
+        assert st.mismatches == 0  # every rank's loaded blocks, against the one oracle
+        assert st.blocks_loaded > 0 and st.tokens_from_host > 0
+        assert st.load_failures == st.store_failures == 0
+        stats = sim.quiesce()
+        assert stats.counters.host_evictions > 0
+        assert stats.host.free + stats.host.registered == stats.host.capacity
+        assert stats.host.pinned == stats.host.writing == stats.ops_in_flight == 0

@@ -56,6 +56,8 @@ class Instance:
     block_size: int  # tokens per block
     world_size: int  # kvbm ranks (TP ranks; 1 when every rank holds the same KV)
     fingerprint: str  # layout fingerprint: caches that must never mix differ here
+    # Every rank holds the same KV (MLA): the ranks register one slice for all of them.
+    replicated: bool = False
 
 
 def leader_endpoint(config: KvbmConfig, name: str) -> str:
@@ -89,10 +91,12 @@ def model_identity(model: str | None) -> str:
 
 
 def layout_fingerprint(engine: str, model: str | None, dtype: str, block_size: int, world_size: int,
-                       *extra: str) -> str:
+                       *extra: str, replicated: bool = False) -> str:
     """The layout fingerprint: engine, model content identity, dtype, block size, TP size and any
-    engine-specific parts. Every durable block is named by it."""
-    parts = [engine, model_identity(model), dtype, f"bs={block_size}", f"tp={world_size}", *extra]
+    engine-specific parts. Every durable block is named by it. Replicated KV (MLA) names no TP
+    size: its one slice is the same bytes at every TP size."""
+    tp = "tp=replicated" if replicated else f"tp={world_size}"
+    parts = [engine, model_identity(model), dtype, f"bs={block_size}", tp, *extra]
     return ";".join(parts)
 
 

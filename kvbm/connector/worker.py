@@ -31,11 +31,13 @@ class LoadDone:
 
 @dataclass(frozen=True)
 class StoreDone:
-    """``request_idle``: no other store of ``op.req_id`` is in flight on this rank any more."""
+    """``request_idle``: no other store of ``op.req_id`` is in flight on this rank any more;
+    ``copied`` False: done without a copy (another rank writes a replicated world's blocks)."""
 
     op: StoreOp
     ok: bool
     request_idle: bool
+    copied: bool = True
 
 
 class WorkerOps:
@@ -114,7 +116,7 @@ class WorkerOps:
             ops.discard(f.op_id)
             if not ops:
                 del self._req_stores[store.req_id]
-            out.append(StoreDone(store, f.ok, not ops))
+            out.append(StoreDone(store, f.ok, not ops, f.copied))
         return out
 
     def storing(self, req_id: str) -> bool:

@@ -22,7 +22,7 @@ import numpy as np
 from kvbm.hashing import hashes_from_bytes, hashes_to_bytes
 from kvbm.ipc.stats import STAT_KEYS, LeaderState, LeaderStats, decode_stats
 
-PROTOCOL_VERSION = 5  # 5: AllocateStore carries the blocks' token ids (KV events); 4: StatsReply carries the leader state and its names are checked; per-slot store reports (TransferDone.stored, ReleaseOp.absent)
+PROTOCOL_VERSION = 6  # 6: AllocateStore carries the blocks' token ids (KV events); RegisterRank.replicated, PoolGrant.stores (MLA: one copy for all ranks); 4: StatsReply carries the leader state and its names are checked; per-slot store reports (TransferDone.stored, ReleaseOp.absent)
 MAX_FRAME_BYTES = 64 << 20
 MAX_LIST_LEN = 1 << 20
 MAX_STR_LEN = 4096
@@ -144,6 +144,8 @@ class RegisterRank(Message):
     block_size: int = _int(POSITIVE)  # tokens per block
     fingerprint: str = ""  # model / cache identity; must agree across ranks
     pid: int = _int(_bounds(0, 1 << 31))
+    # Every rank holds the same KV (MLA's latent cache): the world stores one slice, not one per rank.
+    replicated: bool = False
 
 
 @_register
@@ -192,6 +194,7 @@ class PoolGrant(Message):
     num_blocks: int = _int(POSITIVE)
     block_bytes: int = _int(POSITIVE)
     slice_offset: int = _int(COUNT)
+    stores: bool = True  # this rank copies the bytes of store ops (False: a replicated world's other ranks)
 
 
 @_register

@@ -13,7 +13,9 @@ The rule at kvbm's heart lives here and nowhere else: **a block is matchable onl
 rank acknowledged its copy; a failed or partial transfer never is.** A store's slots stay
 WRITING (never matchable) until every live rank reported; a slot is committed only if every
 rank reported storing it, and aborted if any rank failed, died or did not store it
-(:meth:`LeaderCore._finish`). A load waiting for a staging read goes to the ranks only once the
+(:meth:`LeaderCore._finish`). In a replicated (MLA) world "every rank" of a store is the one
+writer rank whose slice is the whole block (:meth:`kvbm.leader.world.World.op_ranks`); loads
+still go to every rank. A load waiting for a staging read goes to the ranks only once the
 read put the block whole in G2 (:meth:`LeaderCore._staged`); the pipelines commit a lower tier's
 copy only after its write succeeded.
 """
@@ -218,6 +220,7 @@ class LeaderCore:
             num_blocks=self.registry.host.capacity,
             block_bytes=self.world.block_bytes,
             slice_offset=self.world.slice_offset(rank),
+            stores=self.world.writes_stores(rank),
         )
 
     def _create_cache(self) -> None:
@@ -482,10 +485,10 @@ class LeaderCore:
         """Rank ``rank`` finished its part of op ``op_id`` (a store: of its slots, only ``stored``
         if given); the op completes once every live rank did."""
         op = self.ops.get(op_id)
-        if op is None or rank in op.acked:
-            return  # late, duplicate, or unknown: nothing to change
+        if op is None or rank in op.acked or rank not in self.world.op_ranks(op.kind):
+            return  # late, duplicate, unknown, or from a rank that takes no part: nothing to change
         op.ack(rank, ok, error, stored if op.kind is OpKind.STORE else None)
-        if op.done(self.live_ranks()):
+        if op.done(self.live_ranks() & self.world.op_ranks(op.kind)):
             self._finish(op)
 
     def take_events(self) -> m.EventsReply:
@@ -590,10 +593,12 @@ class LeaderCore:
     def _settle_ops(self) -> None:
         """After a rank died (or re-registered): its missing reports count as failures."""
         live = self.live_ranks()
-        dead = [r for r in self.world.ranks if r not in live]
         for op in list(self.ops.values()):
-            op.rank_died(dead)
-            if (op.kind is OpKind.STORE or op.dispatched) and op.done(live):
+            # A rank that takes no part in an op (a replicated world's reader, for a store)
+            # cannot spoil it by dying.
+            taking_part = self.world.op_ranks(op.kind)
+            op.rank_died([r for r in taking_part if r not in live])
+            if (op.kind is OpKind.STORE or op.dispatched) and op.done(live & taking_part):
                 self._finish(op)
 
     def _expire_ops(self, now: float) -> None:

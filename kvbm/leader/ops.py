@@ -65,7 +65,11 @@ class Op:
         nothing of this op). A load it never finished failed: the engine is told and recomputes.
         A store fails whatever the ranks reported so far: the slice of a rank that died (or
         restarted) may be missing or half-written, so the block must never become matchable.
+        ``dead_ranks`` holds only ranks that take part in this op (a replicated world's readers
+        take no part in its stores); none: nothing changes.
         """
+        if not dead_ranks:
+            return
         missing = [r for r in dead_ranks if r not in self.acked]
         if missing and self.kind is OpKind.LOAD:
             self.failed, self.error = True, self.error or f"rank(s) {missing} died during the load"

@@ -45,7 +45,7 @@ from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, MLAAttentionSpec
 from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
@@ -65,11 +65,23 @@ TINY_LLAMA = {
 }
 
 
-def write_model_dir(path: str) -> str:
+# A DeepSeek-V2 shape (MLA: model_config.use_mla; a 32 + 8 = 40-element latent per token and layer).
+TINY_DEEPSEEK = {
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "hidden_size": 64,
+    "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16, "q_lora_rank": None,
+    "num_attention_heads": 2, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 32000,
+    "intermediate_size": 128, "moe_intermediate_size": 32, "n_routed_experts": 4, "num_experts_per_tok": 2,
+    "n_shared_experts": 1, "first_k_dense_replace": 2, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
+    "torch_dtype": "float16",
+}
+MLA_LATENT = 40
+
+
+def write_model_dir(path: str, mla: bool = False) -> str:
     """A model directory with only a config.json: enough for ModelConfig, no weights."""
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(TINY_LLAMA, f)
+        json.dump(TINY_DEEPSEEK if mla else TINY_LLAMA, f)
     return path
 
 
@@ -85,7 +97,7 @@ class EngineSpec:
     max_num_batched_tokens: int = 128
     max_model_len: int = 4096
     async_scheduling: bool = False
-    layout: str = "kv_first"  # or "block_first"
+    layout: str = "kv_first"  # or "block_first", or "mla" (model_dir must be an MLA model: TINY_DEEPSEEK)
     connector: str | None = "DynamoConnector"
     module_path: str | None = MODULE_PATH
     extra: dict[str, Any] = field(default_factory=dict)
@@ -119,15 +131,19 @@ def make_vllm_config(spec: EngineSpec, extra: dict[str, Any] | None = None) -> V
 
 def make_kv_cache_config(spec: EngineSpec) -> KVCacheConfig:
     layers = [f"model.layers.{i}.self_attn.attn" for i in range(spec.num_layers)]
-    attn = FullAttentionSpec(block_size=spec.block_size, num_kv_heads=spec.kv_heads, head_size=spec.head_dim,
-                             dtype=torch.float16)
+    attn = (MLAAttentionSpec(block_size=spec.block_size, num_kv_heads=1, head_size=MLA_LATENT, dtype=torch.float16)
+            if spec.layout == "mla" else
+            FullAttentionSpec(block_size=spec.block_size, num_kv_heads=spec.kv_heads, head_size=spec.head_dim,
+                              dtype=torch.float16))
     return KVCacheConfig(num_blocks=spec.num_blocks, kv_cache_tensors=[],
                          kv_cache_groups=[KVCacheGroupSpec(layers, attn)])
 
 
 def make_tensors(spec: EngineSpec) -> dict[str, torch.Tensor]:
     inner = (spec.block_size, spec.kv_heads, spec.head_dim)
-    shape = (2, spec.num_blocks) + inner if spec.layout == "kv_first" else (spec.num_blocks, 2) + inner
+    shape: tuple[int, ...] = (2, spec.num_blocks) + inner if spec.layout == "kv_first" else (spec.num_blocks, 2) + inner
+    if spec.layout == "mla":  # vLLM's MLA backends: [num_blocks, block_size, latent] per layer
+        shape = (spec.num_blocks, spec.block_size, MLA_LATENT)
     return {name: torch.zeros(shape, dtype=torch.float16) for name in make_kv_cache_config(spec).kv_cache_groups[0].layer_names}
 
 
@@ -161,7 +177,7 @@ class RankWorker:
                                                              kv_cache_config=make_kv_cache_config(spec))
         self.tensors = make_tensors(spec)
         kv = EngineKV.from_layers(self.tensors, num_blocks=spec.num_blocks)
-        self.oracle = Oracle(kv, rank)
+        self.oracle = Oracle(kv, 0 if spec.layout == "mla" else rank)  # MLA: the same latent KV on every rank
         self.connector.register_kv_caches(self.tensors)
 
     def step(self, work: StepWork) -> StepResult:

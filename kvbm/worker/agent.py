@@ -35,6 +35,7 @@ class Finished:
     kind: Direction  # a str enum: compares equal to "store" / "load"
     ok: bool
     error: str = ""
+    copied: bool = True  # False: a replicated world's store that another rank copies
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class RankIdentity:
     world_size: int
     block_size: int
     fingerprint: str
+    # Every rank holds the same KV (MLA's latent cache): the world keeps one copy of each block,
+    # written by one rank and loaded by all.
+    replicated: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class RankAgent:
         self._engine_factory = engine_factory
         self.pool: HostPool | None = None
         self.engine: CopyEngine | None = None
+        self.writes_stores = True  # the leader's grant says; False: another rank copies the one slice
         self.error: str | None = None
         self._ready = threading.Event()
         self._done = threading.Event()  # init finished, successfully or not
@@ -189,6 +194,12 @@ class RankAgent:
                 if self.engine is None:
                     raise RuntimeError(self.error or "host pool not attached yet")
                 # The whole op is one batch: the engine coalesces it into runs (fewest, largest copies).
+                if job.direction is Direction.STORE and not self.writes_stores:
+                    # A replicated world: the writer rank copies these very bytes and the leader
+                    # waits for its report alone. Done here, so the engine may free the blocks
+                    # once every rank said so (the writer says so only after its copy).
+                    self._finished.put(Finished(job.op_id, job.direction, True, copied=False))
+                    continue
                 if job.direction is Direction.STORE:
                     self.engine.store(job.engine_blocks, job.slots)
                 else:
@@ -243,6 +254,7 @@ class RankAgent:
             rank=self.ident.rank, world_size=self.ident.world_size, num_layers=lay.num_layers,
             slice_bytes=lay.slice_bytes, dtype=lay.dtype, engine_layout=f"{lay.outer}x{lay.region_bytes}",
             block_size=self.ident.block_size, fingerprint=self.ident.fingerprint, pid=os.getpid(),
+            replicated=self.ident.replicated,
         )
         step = "receive the host pool from the leader (other ranks or the leader may be missing)"
         reg_id = next(self._ids)
@@ -275,6 +287,7 @@ class RankAgent:
             geometry = PoolGeometry(grant.num_blocks, grant.block_bytes)
             self.pool = HostPool.attach(grant.segment, geometry)
             self.engine = self._engine_factory(self.kv, self.pool, grant.slice_offset)
+            self.writes_stores = grant.stores
         except (ShmError, ValueError, RuntimeError) as e:
             self._fail_init(f"attach the host pool: {e}")
             return

@@ -236,3 +236,95 @@ def test_a_process_alone_names_each_engine_apart(trt_env, monkeypatch):
     monkeypatch.setenv("DYN_KVBM_LEADER_ENDPOINT", "tcp://127.0.0.1:5999")
     given = load_config()
     assert agree_instance_name(a, given) == agree_instance_name(b, given) != name  # named by the endpoint
+
+
+def test_mla_pool_stores_one_slice(executor):
+    """kv_factor 1 (MLA's K-only cache): the ranks register one replicated slice; the host block
+    is that slice, and every loaded byte still matches the oracle."""
+    from trt_executor import HEAD_ELEMS, LAYERS
+
+    ex = executor(kv_factor=1)
+    batch = prompts(2, 16 * 3 + 5, seed=21)
+    for p in batch:
+        ex.submit(p)
+    assert ex.run().errors == []
+    from kvbm.ipc.shm import align_up
+
+    stats = ex.scheduler.planner.client.stats()
+    assert stats is not None and stats.block_bytes == align_up(LAYERS * 1 * 16 * HEAD_ELEMS * 2)  # fp16, one slice
+    inst = ex.ranks.host.worker.instance
+    assert inst.replicated and "tp=replicated" in inst.fingerprint  # names no TP size
+    ex.drop_engine_cache()
+    for p in batch:
+        ex.submit(p)
+    t = ex.run()
+    assert t.errors == [] and t.external_tokens == 2 * 3 * 16 and ex.load_failures() == 0
+
+
+def test_layer_groups_of_one_window_fold_to_the_flat_forms(executor):
+    """One window size is one layer group: the grouped calls serve it as the flat ones do."""
+    ex = executor(windows=[1024, 1024])
+    batch = prompts(2, 16 * 3 + 5, seed=22)
+    for p in batch:
+        ex.submit(p)
+    assert ex.run().errors == []
+    ex.drop_engine_cache()
+    for p in batch:
+        ex.submit(p)
+    t = ex.run()
+    assert t.errors == [] and t.external_tokens == 2 * 3 * 16 and ex.load_failures() == 0
+
+
+def test_variable_sliding_window_model_starts_and_runs_with_kvbm_declining(executor, caplog):
+    """VSWA: two window sizes, two layer groups with their own pages (-1 outside the window).
+    The connector passes the bring-up check, declines to cache (logged) and the engine serves
+    every request with its own KV (oracle-checked on reuse)."""
+    ex = executor(windows=[32, 1024])
+    assert ex.scheduler.planner is None and "variable sliding window" in caplog.text
+    batch = prompts(3, 16 * 4 + 5, seed=23, shared=16 * 2)
+    ex.submit(batch[0], max_tokens=20)
+    ex.run()
+    for p in batch[1:]:  # reuse the first one's head from the engine's own cache
+        ex.submit(p, max_tokens=20)
+    t = ex.run()
+    assert t.errors == [] and t.finished == 3 and t.external_tokens == 0
+    assert t.local_hit_tokens > 0  # the engine's own reuse of the shared head ran too
+
+
+def test_a_flat_only_connector_is_rejected_for_several_layer_groups(trt_env):
+    from tensorrt_llm._torch.pyexecutor.connectors.kv_cache_connector import (
+        KvCacheConnectorScheduler, KvCacheConnectorWorker, check_layer_groups)
+
+    from kvbm.trtllm_integration.connector import DynamoKVBMConnectorLeader, DynamoKVBMConnectorWorker
+
+    class FlatScheduler(DynamoKVBMConnectorLeader):
+        update_state_after_alloc_by_layer_group = KvCacheConnectorScheduler.update_state_after_alloc_by_layer_group
+        request_finished_by_layer_group = KvCacheConnectorScheduler.request_finished_by_layer_group
+
+    class FlatWorker(DynamoKVBMConnectorWorker):
+        register_kv_cache_layout = KvCacheConnectorWorker.register_kv_cache_layout
+
+    from trt_executor import llm_args
+
+    args = llm_args(16, 1, 0, [32, 1024])
+    sched, worker = DynamoKVBMConnectorLeader(args), DynamoKVBMConnectorWorker(args)
+    check_layer_groups(sched, worker, 2)  # kvbm's connector implements the grouped forms
+    with pytest.raises(ValueError, match="update_state_after_alloc_by_layer_group"):
+        check_layer_groups(FlatScheduler(args), FlatWorker(args), 2)
+    check_layer_groups(FlatScheduler(args), FlatWorker(args), 1)  # one group: the flat forms do
+
+
+def test_context_parallelism_is_refused(trt_env):
+    """cp_size > 1 splits a block's tokens across ranks (MLA's latent is then not the same on
+    every rank): kvbm refuses it rather than store a rank's share as the block."""
+    from types import SimpleNamespace
+
+    from trt_executor import llm_args
+
+    from kvbm.trtllm_integration.connector.settings import UnsupportedSetup, settings_for
+
+    args = llm_args(16, 2, 0)
+    mapping = SimpleNamespace(**vars(args.parallel_config.to_mapping()), cp_size=2)
+    args.parallel_config = SimpleNamespace(to_mapping=lambda: mapping)
+    with pytest.raises(UnsupportedSetup, match="context parallelism"):
+        settings_for(args)

@@ -110,6 +110,21 @@ def test_tp2_under_mpirun_first_request_stored_second_hits(trt_env, tmp_path):
     assert strays(run_dir) == []
 
 
+def test_tp2_mla_under_mpirun_one_slice_loaded_by_both_ranks(trt_env, tmp_path):
+    """kv_factor 1 (MLA) at TP=2: the leader's host block is one rank's slice, rank 0 writes it
+    and both ranks load it, every byte checked against the (rank-independent) oracle."""
+    from trt_executor import HEAD_ELEMS, LAYERS
+
+    from kvbm.ipc.shm import align_up
+
+    trt_env()
+    r = engine("serve_mla", str(tmp_path / "mla.json"), timeout_s=240)
+    assert r["world_size"] == 2 and r["block_bytes"] == align_up(LAYERS * 1 * BLOCK * HEAD_ELEMS * 2)
+    assert r["first_errors"] == [] and r["second_errors"] == [], r
+    assert r["external_tokens"] == 3 * BLOCK and r["load_failures"] == 0
+    assert ConnectorCounters(**r["counters"]).hit_host_tokens == 3 * BLOCK
+
+
 def test_a_rank_that_never_arrives_stops_the_start(trt_env, tmp_path):
     run_dir = trt_env(DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS="8")
     r = engine("never_arrives", str(tmp_path / "never.json"), timeout_s=120)

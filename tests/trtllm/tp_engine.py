@@ -8,6 +8,8 @@ follow rank 0's broadcasts. Scenarios:
 * ``serve``: rank 1 is slow to register its pool; the first request right after start, then
   the same request again after the engine's own cache is dropped, then a batch with decodes,
   twice;
+* ``serve_mla``: an MLA pool (kv_factor 1) on every rank: the first request, then the same
+  request again after the engine's own cache is dropped; the leader's host block size;
 * ``never_arrives``: the last rank joins the instance name's broadcast but never registers its
   pool (a rank stuck at start), so rank 0's start must fail with KvbmNotReady.
 """
@@ -67,6 +69,27 @@ def serve(tp: int) -> dict[str, object]:
         ex.close()
 
 
+def serve_mla(tp: int) -> dict[str, object]:
+    ex = Executor(BLOCK, tp=tp, num_blocks=64, kv_factor=1)
+    try:
+        assert ex.scheduler.planner is not None
+        first = prompts(1, BLOCK * 3 + 2, seed=3)[0]
+        ex.submit(first)
+        t = ex.run()
+        out: dict[str, object] = {"first_errors": list(t.errors)}
+        ex.drop_engine_cache()
+        ex.submit(first)
+        t = ex.run()
+        stats = ex.scheduler.planner.client.stats()
+        assert stats is not None
+        out.update(second_errors=list(t.errors), external_tokens=t.external_tokens, block_bytes=stats.block_bytes,
+                   world_size=stats.world_size, load_failures=ex.load_failures(),
+                   counters=dataclasses.asdict(ex.scheduler.planner.take_counters()))
+        return out
+    finally:
+        ex.close()
+
+
 def never_arrives(tp: int) -> dict[str, object]:
     t0 = time.monotonic()
     try:
@@ -80,7 +103,7 @@ def main() -> None:
     scenario, result_path = sys.argv[1], sys.argv[2]
     tp, rank = global_mpi_size(), mpi_rank()
     if rank == 0:
-        out = serve(tp) if scenario == "serve" else never_arrives(tp)
+        out = {"serve": serve, "serve_mla": serve_mla, "never_arrives": never_arrives}[scenario](tp)
         out["pid"], out["pgid"] = os.getpid(), os.getpgrp()
         with open(result_path, "w") as f:
             json.dump(out, f)
@@ -91,6 +114,10 @@ def main() -> None:
         # A slow rank: rank 0's first request comes right after its start, before this rank
         # registered, unless wait_for_initialization holds the engine back.
         host, _ = start_engine(BLOCK, tp, rank, 64, 0, register_after_s=SLOW_RANK_S)
+        serve_rank(host)
+        return
+    if scenario == "serve_mla":
+        host, _ = start_engine(BLOCK, tp, rank, 64, 0, kv_factor=1)
         serve_rank(host)
         return
     # A rank stuck at start: it built its worker (joining the name's broadcast) and never

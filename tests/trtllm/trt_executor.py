@@ -54,11 +54,32 @@ KV_FACTOR = 2
 HEAD_ELEMS = 8  # kv_heads_per_rank * head_dim
 
 
-def llm_args(block_size: int, tp: int, rank: int) -> Any:
+def llm_args(block_size: int, tp: int, rank: int, windows: list[int] | None = None) -> Any:
     from tensorrt_llm.llmapi.llm_args import KvCacheConfig, TorchLlmArgs, _ParallelConfig
 
-    return TorchLlmArgs(model="stand-in-model", kv_cache_config=KvCacheConfig(block_size, enable_partial_reuse=False),
-                        parallel_config=_ParallelConfig(tp_size=tp, rank=rank))
+    kvc = KvCacheConfig(block_size, enable_partial_reuse=False, max_attention_window=windows)
+    return TorchLlmArgs(model="stand-in-model", kv_cache_config=kvc, parallel_config=_ParallelConfig(tp_size=tp, rank=rank))
+
+
+def layer_groups(windows: list[int] | None) -> list[int]:
+    """The model's layer groups as their window sizes (one group per size, largest first)."""
+    return sorted(set(windows or [0]), reverse=True)
+
+
+def pool_layout(pool: Any, windows: list[int] | None, block_size: int) -> Any:
+    """KVCacheManagerV2's description of the pool: one group per window size, the layers split
+    between them (a stand-in: every group addresses the same pool tensor's pages)."""
+    from tensorrt_llm._torch.pyexecutor.connectors.kv_cache_layout import (
+        KvCacheBufferRef, KvCacheLayerGroupLayout, KvCacheLayout, KvCacheRegion)
+
+    groups = []
+    page = pool[0].numel() * pool.element_size()
+    for gid, window in enumerate(layer_groups(windows)):
+        layers = tuple(i for i, w in enumerate(windows or [0] * LAYERS) if w == window)
+        region = KvCacheRegion(pool.data_ptr(), page, page, pool.shape[0],
+                               tuple(KvCacheBufferRef(i, "key") for i in layers))
+        groups.append(KvCacheLayerGroupLayout(gid, layers, window or None, (region,)))
+    return KvCacheLayout(block_size, tuple(groups))
 
 
 @dataclass
@@ -73,13 +94,18 @@ class Forward:
 class RankHost:
     """One TensorRT-LLM rank: the worker connector, its pool tensor (registered) and its oracle."""
 
-    def __init__(self, worker: Any, block_size: int, rank: int, num_blocks: int, seed: int) -> None:
+    def __init__(self, worker: Any, block_size: int, rank: int, num_blocks: int, seed: int,
+                 kv_factor: int = KV_FACTOR, windows: list[int] | None = None) -> None:
         import torch
 
-        self.pool = torch.zeros((num_blocks, LAYERS, KV_FACTOR, block_size * HEAD_ELEMS), dtype=torch.float16)
+        self.pool = torch.zeros((num_blocks, LAYERS, kv_factor, block_size * HEAD_ELEMS), dtype=torch.float16)
         self.worker = worker
-        self.worker.register_kv_caches(self.pool)
-        self.oracle = Oracle(EngineKV.from_contiguous(self.pool, LAYERS, KV_FACTOR), rank, seed)
+        if len(layer_groups(windows)) > 1:
+            self.worker.register_kv_cache_layout(pool_layout(self.pool, windows, block_size))
+        else:
+            self.worker.register_kv_caches(self.pool)
+        # kv_factor 1 is MLA's K-only cache: every rank computes the same latent KV (rank 0's oracle).
+        self.oracle = Oracle(EngineKV.from_contiguous(self.pool, LAYERS, kv_factor), 0 if kv_factor == 1 else rank, seed)
         self.rank = rank
 
     def step(self, meta: Any, fwd: Forward) -> list[str]:
@@ -118,22 +144,27 @@ class RankHost:
 
 
 def start_engine(block_size: int, tp: int, rank: int, num_blocks: int, seed: int,
-                 register_after_s: float = 0.0) -> tuple[RankHost, Any]:
+                 register_after_s: float = 0.0, kv_factor: int = KV_FACTOR,
+                 windows: list[int] | None = None) -> tuple[RankHost, Any]:
     """One rank's connector bring-up in TensorRT-LLM's order; returns the rank and (rank 0) the
     scheduler. ``wait_for_initialization``'s error stops the start, as it stops the engine.
     ``register_after_s`` makes this rank slow to reach ``register_kv_caches`` (its model loads
     longer): rank 0 must not serve before it did."""
     from kvbm.trtllm_integration.connector import DynamoKVBMConnectorLeader, DynamoKVBMConnectorWorker
 
-    args = llm_args(block_size, tp, rank)
+    from tensorrt_llm._torch.pyexecutor.connectors.kv_cache_connector import check_layer_groups
+
+    args = llm_args(block_size, tp, rank, windows)
     # create_py_executor builds both roles concurrently (they may wait for each other).
     with ThreadPoolExecutor(max_workers=2) as pool:
         worker_task = pool.submit(DynamoKVBMConnectorWorker, args)
         scheduler = pool.submit(DynamoKVBMConnectorLeader, args).result() if rank == 0 else None
         worker = worker_task.result()
     try:
+        if scheduler is not None:
+            check_layer_groups(scheduler, worker, len(layer_groups(windows)))
         time.sleep(register_after_s)
-        host = RankHost(worker, block_size, rank, num_blocks, seed)
+        host = RankHost(worker, block_size, rank, num_blocks, seed, kv_factor, windows)
         if scheduler is not None:
             scheduler.wait_for_initialization()
     except BaseException:
@@ -199,10 +230,12 @@ class Executor:
     """Rank 0's executor loop over ``tp`` ranks (the others are MPI processes in
     :func:`serve_rank`); serves requests as soon as it is built, as TensorRT-LLM does."""
 
-    def __init__(self, block_size: int = 16, tp: int = 1, num_blocks: int = 48, seed: int = 0) -> None:
+    def __init__(self, block_size: int = 16, tp: int = 1, num_blocks: int = 48, seed: int = 0,
+                 kv_factor: int = KV_FACTOR, windows: list[int] | None = None) -> None:
         assert mpi_rank() == 0, "the executor loop with the scheduler runs on rank 0"
         self.bs = block_size
-        host, self.scheduler = start_engine(block_size, tp, 0, num_blocks, seed)
+        self.windows = layer_groups(windows)
+        host, self.scheduler = start_engine(block_size, tp, 0, num_blocks, seed, kv_factor=kv_factor, windows=windows)
         self.ranks = Ranks(host)
         self.g1 = G1Cache(num_blocks)
         self.waiting: deque[Req] = deque()
@@ -263,18 +296,32 @@ class Executor:
         llm.py_num_connector_matched_tokens = n
         req.blocks = local + fresh
         req.external = n
-        self.scheduler.update_state_after_alloc(llm, list(req.blocks))
+        self.scheduler.update_state_after_alloc_by_layer_group(llm, self._by_group(req.blocks, prompt))
         self.totals.local_hit_tokens += num_local
         self.totals.external_tokens += n
         self._fresh += fresh
         return True
 
+    def _by_group(self, blocks: list[int], tokens: int) -> list[list[int]]:
+        """The pages of each layer group, by block ordinal: a sliding-window group has no page
+        (BAD_PAGE_INDEX) for a block wholly before its window; a full-attention group (window 0)
+        has them all."""
+        from tensorrt_llm._torch.pyexecutor.connectors.kv_cache_connector import BAD_PAGE_INDEX
+
+        return [[b if not w or (i + 1) * self.bs > tokens - w else BAD_PAGE_INDEX for i, b in enumerate(blocks)]
+                for w in self.windows]
+
     def _request_data(self, req: Req, computed: int, scheduled: int) -> Any:
         from tensorrt_llm._torch.pyexecutor.connectors.kv_cache_connector import RequestData
 
         toks = req.llm.get_tokens(0)
-        rd = RequestData(req.llm.request_id, list(toks[req.reported_tokens :]), req.blocks[req.reported_blocks :],
-                         computed, scheduled, cache_salt_id=req.llm.cache_salt_id)
+        new = req.blocks[req.reported_blocks :]
+        by_group = self._by_group(req.blocks, computed + scheduled)
+        new_by_group = [g[req.reported_blocks :] for g in by_group]
+        # Several groups: the flat list is empty (TensorRT-LLM's V2 manager).
+        rd = RequestData(req.llm.request_id, list(toks[req.reported_tokens :]), new if len(by_group) == 1 else [],
+                         computed, scheduled, cache_salt_id=req.llm.cache_salt_id,
+                         new_block_ids_by_layer_group=new_by_group)
         req.reported_tokens, req.reported_blocks = len(toks), len(req.blocks)
         return rd
 
@@ -328,7 +375,8 @@ class Executor:
         for req in finished:
             self.totals.finished += 1
             self.outputs[req.llm.request_id] = req.llm.get_tokens(0)
-            if self.scheduler.request_finished(req.llm, list(req.blocks)):
+            by_group = self._by_group(req.blocks, len(req.llm.get_tokens(0)))
+            if self.scheduler.request_finished_by_layer_group(req.llm, by_group):
                 self.saving[req.llm.request_id] = req
                 self._new_saving.append(req.llm.request_id)
             else:

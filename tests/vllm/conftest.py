@@ -32,6 +32,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return write_model_dir(str(tmp_path_factory.mktemp("model")))
 
 
+@pytest.fixture(scope="session")
+def mla_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from kvbm.testing.vllm_harness import write_model_dir
+
+    return write_model_dir(str(tmp_path_factory.mktemp("mla_model")), mla=True)
+
+
 def _leaders(tag: str) -> list[str]:
     out = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     return [line.strip() for line in out.splitlines() if "kvbm.leader" in line and tag in line]
@@ -56,7 +63,8 @@ def make_engine(model_dir: str, kvbm_env: Callable[..., str]) -> Iterator[Callab
              **spec_kw: object) -> "Engine":
         engine_id = f"t{uuid.uuid4().hex[:10]}"
         tags.append(engine_id)  # checked for leaks also when the engine fails to start
-        spec = EngineSpec(model_dir=model_dir, engine_id=engine_id, **spec_kw)  # type: ignore[arg-type]
+        # spec_kw may name another model_dir (an MLA model).
+        spec = EngineSpec(**{"model_dir": model_dir, **spec_kw, "engine_id": engine_id})  # type: ignore[arg-type]
         eng = Engine(spec, tp=tp, ranks=ranks, proc_workers=proc_workers)
         engines.append(eng)
         return eng

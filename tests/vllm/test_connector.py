@@ -305,3 +305,27 @@ def test_tp2_two_worker_processes(make_engine) -> None:
     assert time.monotonic() - t0 < 5.0, f"closing took {time.monotonic() - t0:.1f} s"
     assert not any(w.proc.is_alive() for w in workers)
 
+
+
+def test_tp2_mla_one_copy_every_rank_loads_it(make_engine, mla_model_dir) -> None:
+    """An MLA model (model_config.use_mla, per-layer KV [num_blocks, block_size, latent]) at
+    TP = 2 under the real scheduler: the ranks register one replicated slice, so the host block
+    is one rank's bytes; rank 0 alone stores it and both ranks load it, every loaded block checked
+    against the (rank-independent) oracle."""
+    from kvbm.bench.vllm_harness import MLA_LATENT
+    from kvbm.ipc.shm import align_up
+
+    eng = make_engine(tp=2, model_dir=mla_model_dir, layout="mla", num_blocks=40, max_num_batched_tokens=64)
+    assert eng.kvbm.client.status.world_size == 2
+    p = prompt(3, 100)  # 6 full blocks + 4 tokens
+    eng.add("a", p, max_tokens=1)
+    eng.run()
+    st = eng.quiesce()
+    assert st.block_bytes == align_up(2 * 16 * MLA_LATENT * 2)  # 2 layers x 16 tokens x 40 x fp16: one slice
+    assert eng.sched.reset_prefix_cache()
+    eng.add("b", p, max_tokens=3)
+    finish_clean(eng)
+    s = eng.stats
+    assert s.external_hit_tokens == 96 and s.checked_blocks == 6 and s.mismatches == 0  # checked on every rank
+    assert s.kv_stats["loaded_blocks"] == 2 * 6  # both ranks loaded all 6
+    assert s.kv_stats["stored_blocks"] == 6  # rank 0 alone copied them

@@ -42,8 +42,13 @@ class SimModel:
     num_gpu_blocks: int = 64
     dtype: str = "float16"
     layout: str = "kv_first"  # or "block_first"
+    # MLA: one latent vector of head_dim per token ([num_blocks, block_size, head_dim], kv_heads
+    # unused), the same on every rank; the ranks register it as replicated.
+    mla: bool = False
 
     def tensor_shape(self) -> tuple[int, ...]:
+        if self.mla:
+            return (self.num_gpu_blocks, self.block_size, self.head_dim)
         inner = (self.block_size, self.kv_heads, self.head_dim)
         if self.layout == "kv_first":
             return (2, self.num_gpu_blocks) + inner
@@ -51,7 +56,8 @@ class SimModel:
 
     @property
     def slice_bytes(self) -> int:
-        return self.num_layers * 2 * self.block_size * self.kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
+        per_token = self.head_dim if self.mla else 2 * self.kv_heads * self.head_dim
+        return self.num_layers * self.block_size * per_token * np.dtype(self.dtype).itemsize
 
 
 def make_kv(model: SimModel) -> tuple[list[np.ndarray], EngineKV]:
@@ -77,11 +83,12 @@ def _wait(ops: WorkerOps, in_flight: Callable[[], int], timeout_s: float) -> dic
 def serve(control: str, leader: str, rank: int, world: int, model: SimModel, fingerprint: str,
           init_timeout_s: float, seed: int) -> int:
     _tensors, kv = make_kv(model)
-    oracle = Oracle(kv, rank, seed)
+    # MLA: every rank computes the same latent KV, so every rank's oracle is rank 0's.
+    oracle = Oracle(kv, 0 if model.mla else rank, seed)
     # The engine-neutral worker side, as every engine adapter uses it (the view is made here
     # already: the oracle checks bytes through it).
     ops = WorkerOps(rank)
-    ops.attach(kv, lambda _cls: kv, endpoint=leader, identity=RankIdentity(rank, world, model.block_size, fingerprint),
+    ops.attach(kv, lambda _cls: kv, endpoint=leader, identity=RankIdentity(rank, world, model.block_size, fingerprint, model.mla),
                config=dataclasses.replace(KvbmConfig(), init_timeout_s=init_timeout_s), what="the simulated KV")
     agent = ops.agent
     assert agent is not None

@@ -110,6 +110,15 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
         if self.planner is not None and n:
             self.planner.load_after_alloc(str(request.request_id), block_ids, n)
 
+    def update_state_after_alloc_by_layer_group(self, request: Any, block_ids_by_layer_group: List[List[int]]) -> None:
+        """One layer group: the flat form. Several (VSWA) only reach a scheduler that declined
+        the model (kvbm off, already logged): nothing was offered, nothing to load."""
+        if len(block_ids_by_layer_group) == 1:
+            self.update_state_after_alloc(request, block_ids_by_layer_group[0])
+        elif self.planner is not None:
+            raise RuntimeError(f"kvbm serves one KV layer group; request {request.request_id} has "
+                               f"{len(block_ids_by_layer_group)} (its workers refuse such a pool at start)")
+
     # -- per step ------------------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> StepPlan:
         """This step's plan (plain data, pickled to every rank by TensorRT-LLM)."""
@@ -151,6 +160,13 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
         if request.request_id in self._dropped:
             return self._dropped.pop(request.request_id)
         return self.planner.finished(str(request.request_id)) if self.planner is not None else False
+
+    def request_finished_by_layer_group(self, request: Any, cache_block_ids_by_layer_group: List[List[int]]) -> bool:
+        """One layer group: the flat form. Several: kvbm stored nothing (it declined the model),
+        so the engine may free the pages at once."""
+        if len(cache_block_ids_by_layer_group) == 1:
+            return self.request_finished(request, cache_block_ids_by_layer_group[0])
+        return False
 
     def shutdown(self) -> None:
         """Stop following the leader, release what is pending, stop the leader this spawned."""

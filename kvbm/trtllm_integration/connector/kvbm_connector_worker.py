@@ -20,7 +20,7 @@ from kvbm.connector.bootstrap import Instance
 from kvbm.connector.ops import StepPlan
 from kvbm.connector.worker import LoadDone, StoreDone, WorkerOps
 from kvbm.trtllm_integration.connector.interface import KvCacheConnectorWorker
-from kvbm.trtllm_integration.connector.settings import UnsupportedSetup, settings_for
+from kvbm.trtllm_integration.connector.settings import UnsupportedSetup, replicated_instance, settings_for
 from kvbm.worker.agent import RankAgent, RankIdentity
 from kvbm.worker.layout import LayoutError
 
@@ -63,6 +63,10 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
         if s is None:
             return
         shape = tuple(kv_cache_tensor.shape)
+        if len(shape) == 4 and shape[2] == 1:
+            # kv_factor 1 is TensorRT-LLM's K-only cache, which it uses for MLA: every rank holds
+            # the same latent KV, so the world keeps one copy of each block.
+            s = self.instance = replicated_instance(s, self._llm_args)
 
         def build(cls: Any) -> Any:
             if len(shape) != 4:
@@ -70,8 +74,22 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
             return cls.from_contiguous(kv_cache_tensor, shape[1], shape[2])
 
         self.ops.attach(kv_cache_tensor, build, endpoint=s.endpoint,
-                        identity=RankIdentity(self.ops.rank, s.world_size, s.block_size, s.fingerprint),
+                        identity=RankIdentity(self.ops.rank, s.world_size, s.block_size, s.fingerprint, s.replicated),
                         config=s.config, what="this KV pool")
+
+    def register_kv_cache_layout(self, layout: Any) -> None:
+        """KVCacheManagerV2's pools per layer group. One group is one pool (TensorRT-LLM hands it
+        to ``register_kv_caches``); several (VSWA) are declined by the settings already (kvbm
+        off); a multi-group pool kvbm did not expect is refused, so the start fails saying why
+        instead of serving blocks whose other groups were never stored."""
+        if self.instance is None:
+            return
+        if len(layout.groups) == 1:
+            super().register_kv_cache_layout(layout)
+            return
+        self._error = (f"kvbm serves one KV layer group; this pool has {len(layout.groups)} "
+                       f"(windows {[g.window_size for g in layout.groups]})")
+        log.error("kvbm: %s; this rank does not join the instance", self._error)
 
     def _plan(self) -> StepPlan:
         meta = self.get_connector_meta()

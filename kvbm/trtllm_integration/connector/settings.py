@@ -12,6 +12,7 @@ and no collective runs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -120,6 +121,10 @@ def settings_for(llm_args: Any) -> tuple[Instance, int]:
     rank = int(mapping.rank)
     if getattr(mapping, "pp_size", 1) > 1:
         raise UnsupportedSetup(f"kvbm does not support pipeline parallelism (pp_size={mapping.pp_size})")
+    if getattr(mapping, "cp_size", 1) > 1:
+        # Context parallelism splits a block's tokens across ranks: a rank's block is not the
+        # KV of the block's tokens (and MLA's latent is no longer the same on every rank).
+        raise UnsupportedSetup(f"kvbm does not support context parallelism (cp_size={mapping.cp_size})")
     if not 0 <= rank < world:
         raise UnsupportedSetup(f"kvbm rank {rank} is outside the world of {world} ranks")
     kvc = llm_args.kv_cache_config
@@ -127,8 +132,25 @@ def settings_for(llm_args: Any) -> tuple[Instance, int]:
     if getattr(kvc, "enable_partial_reuse", False):
         raise UnsupportedSetup("kvbm needs kv_cache_config.enable_partial_reuse: false "
                                "(partial block reuse leaves hits that are not block aligned)")
+    windows = set(getattr(kvc, "max_attention_window", None) or ())
+    if len(windows) > 1:
+        # Several window sizes: one layer group (own page index space) per size. A hit needs every
+        # group's pages of the prefix, which kvbm's one-slice-per-rank blocks cannot hold apart.
+        raise UnsupportedSetup(f"kvbm does not cache variable sliding window attention "
+                               f"(max_attention_window has {len(windows)} sizes: several layer groups)")
     name = agree_instance_name(llm_args, config)
+    return Instance(config, name, leader_endpoint(config, name), block_size, world,
+                    _fingerprint(llm_args, block_size, world, replicated=False)), rank
+
+
+def replicated_instance(inst: Instance, llm_args: Any) -> Instance:
+    """``inst`` for a pool whose KV every rank holds alike (MLA: TensorRT-LLM's K-only cache,
+    ``kv_factor`` 1): one slice for all ranks, named without a TP size."""
+    return dataclasses.replace(inst, replicated=True,
+                               fingerprint=_fingerprint(llm_args, inst.block_size, inst.world_size, replicated=True))
+
+
+def _fingerprint(llm_args: Any, block_size: int, world: int, *, replicated: bool) -> str:
     model = getattr(llm_args, "model", None)
-    fingerprint = layout_fingerprint("trtllm", str(model) if model else None, str(getattr(kvc, "dtype", "auto")),
-                                     block_size, world)
-    return Instance(config, name, leader_endpoint(config, name), block_size, world, fingerprint), rank
+    dtype = str(getattr(llm_args.kv_cache_config, "dtype", "auto"))
+    return layout_fingerprint("trtllm", str(model) if model else None, dtype, block_size, world, replicated=replicated)

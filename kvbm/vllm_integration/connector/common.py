@@ -46,8 +46,11 @@ def settings_for(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | No
     dtype = vllm_config.cache_config.cache_dtype
     if dtype == "auto" and mc is not None:
         dtype = str(mc.dtype).removeprefix("torch.")
-    fingerprint = layout_fingerprint("vllm", mc.model if mc is not None else None, dtype, block_size, world)
-    return Instance(config, name, leader_endpoint(config, name), block_size, world, fingerprint)
+    # MLA: every TP rank caches the same latent KV ([blocks, block_size, latent dim] per layer).
+    mla = bool(getattr(mc, "use_mla", False))
+    fingerprint = layout_fingerprint("vllm", mc.model if mc is not None else None, dtype, block_size, world,
+                                     replicated=mla)
+    return Instance(config, name, leader_endpoint(config, name), block_size, world, fingerprint, mla)
 
 
 def check_supported(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None") -> None:
@@ -57,6 +60,10 @@ def check_supported(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig |
                                f"{len(kv_cache_config.kv_cache_groups)} (hybrid attention)")
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise UnsupportedSetup("kvbm does not support pipeline parallelism (pipeline_parallel_size > 1)")
+    if getattr(vllm_config.parallel_config, "decode_context_parallel_size", 1) > 1:
+        # DCP splits a block's tokens across ranks: a rank's block is not the KV of the block's
+        # tokens (and MLA's latent is no longer the same on every rank).
+        raise UnsupportedSetup("kvbm does not support decode context parallelism (decode_context_parallel_size > 1)")
 
 
 def worker_rank(vllm_config: "VllmConfig", world_size: int) -> int:

@@ -59,7 +59,7 @@ class KvbmWorker:
         s = self.settings
         self.ops.attach(next(iter(kv_caches.values()), None),
                         lambda cls: cls.from_layers(kv_caches, num_blocks=num_blocks or None),
-                        endpoint=s.endpoint, identity=RankIdentity(self.rank, s.world_size, s.block_size, s.fingerprint),
+                        endpoint=s.endpoint, identity=RankIdentity(self.rank, s.world_size, s.block_size, s.fingerprint, s.replicated),
                         config=s.config, what="these KV caches")
 
     # -- per step ------------------------------------------------------------------------
@@ -98,7 +98,10 @@ class KvbmWorker:
                 self._load_done(d.op, d.ok)
                 continue
             self._stores_done[d.op.op_id] = 1
-            self.stats.add("stored_blocks" if d.ok else "failed_store_ops", len(d.op.blocks) if d.ok else 1)
+            if not d.ok:
+                self.stats.add("failed_store_ops", 1)
+            elif d.copied:  # a replicated world's other ranks copy nothing
+                self.stats.add("stored_blocks", len(d.op.blocks))
             if d.request_idle and d.op.req_id in self._delayed:
                 self._delayed.discard(d.op.req_id)
                 self._sending.add(d.op.req_id)

@@ -4,7 +4,7 @@ parallel_config.to_mapping()), NVIDIA/TensorRT-LLM @ 5a06f334f04fb515ff79f73b7f0
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 
 @dataclass
@@ -33,6 +33,7 @@ class KvCacheConfig:
     enable_block_reuse: bool = True
     enable_partial_reuse: bool = True
     dtype: str = "auto"
+    max_attention_window: Optional[List[int]] = None  # per layer; several sizes: VSWA
 
 
 @dataclass
