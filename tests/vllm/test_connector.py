@@ -312,7 +312,7 @@ def test_tp2_mla_one_copy_every_rank_loads_it(make_engine, mla_model_dir) -> Non
     TP = 2 under the real scheduler: the ranks register one replicated slice, so the host block
     is one rank's bytes; rank 0 alone stores it and both ranks load it, every loaded block checked
     against the (rank-independent) oracle."""
-    from kvbm.bench.vllm_harness import MLA_LATENT
+    from kvbm.testing.vllm_harness import MLA_LATENT
     from kvbm.ipc.shm import align_up
 
     eng = make_engine(tp=2, model_dir=mla_model_dir, layout="mla", num_blocks=40, max_num_batched_tokens=64)
