@@ -164,7 +164,7 @@ def test_an_mla_cache_written_at_tp2_serves_tp1_byte_exact(make_config, tmp_path
     fingerprint names no TP size: a TP=1 engine serves a TP=2 engine's persistent cache."""
     cfg = make_config(**_env(tmp_path))
     mla = SimModel(num_layers=2, head_dim=64, num_gpu_blocks=48, layout="block_first", mla=True)
-    prompts = _prompts(2, seed=40)
+    prompts = random_prompts(2, 16 * BLOCKS_PER_PROMPT, seed=40)
     with SimEngine(cfg, world_size=2, model=mla) as first:
         stored = _fill(first, prompts).disk_tier.counters.offloaded_blocks
     assert 0 < stored <= 2 * BLOCKS_PER_PROMPT and len(_cache_files(tmp_path)) == 1
@@ -182,7 +182,7 @@ def test_a_sliced_cache_written_at_tp2_is_a_miss_at_tp1(make_config, tmp_path) -
     """One slice per rank ties the blocks to the TP size: another TP size never reads them."""
     cfg = make_config(**_env(tmp_path))
     with SimEngine(cfg, world_size=2, model=MODEL) as first:
-        _fill(first, _prompts(1, seed=41))
+        _fill(first, random_prompts(1, 16 * BLOCKS_PER_PROMPT, seed=41))
     with SimEngine(cfg, world_size=1, model=MODEL) as second:
         assert second.quiesce().disk.registered == 0
     assert len(_cache_files(tmp_path)) == 2

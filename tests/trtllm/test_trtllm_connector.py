@@ -244,7 +244,7 @@ def test_mla_pool_stores_one_slice(executor):
     from trt_executor import HEAD_ELEMS, LAYERS
 
     ex = executor(kv_factor=1)
-    batch = prompts(2, 16 * 3 + 5, seed=21)
+    batch = random_prompts(2, 16 * 3 + 5, seed=21, vocab=VOCAB, low=0)
     for p in batch:
         ex.submit(p)
     assert ex.run().errors == []
@@ -264,7 +264,7 @@ def test_mla_pool_stores_one_slice(executor):
 def test_layer_groups_of_one_window_fold_to_the_flat_forms(executor):
     """One window size is one layer group: the grouped calls serve it as the flat ones do."""
     ex = executor(windows=[1024, 1024])
-    batch = prompts(2, 16 * 3 + 5, seed=22)
+    batch = random_prompts(2, 16 * 3 + 5, seed=22, vocab=VOCAB, low=0)
     for p in batch:
         ex.submit(p)
     assert ex.run().errors == []
@@ -281,7 +281,8 @@ def test_variable_sliding_window_model_starts_and_runs_with_kvbm_declining(execu
     every request with its own KV (oracle-checked on reuse)."""
     ex = executor(windows=[32, 1024])
     assert ex.scheduler.planner is None and "variable sliding window" in caplog.text
-    batch = prompts(3, 16 * 4 + 5, seed=23, shared=16 * 2)
+    head = random_prompts(1, 16 * 2, seed=23, vocab=VOCAB, low=0)[0]
+    batch = random_prompts(3, 16 * 2 + 5, seed=24, vocab=VOCAB, low=0, prefix=head)
     ex.submit(batch[0], max_tokens=20)
     ex.run()
     for p in batch[1:]:  # reuse the first one's head from the engine's own cache

@@ -73,7 +73,7 @@ def serve_mla(tp: int) -> dict[str, object]:
     ex = Executor(BLOCK, tp=tp, num_blocks=64, kv_factor=1)
     try:
         assert ex.scheduler.planner is not None
-        first = prompts(1, BLOCK * 3 + 2, seed=3)[0]
+        first = random_prompts(1, BLOCK * 3 + 2, seed=3, vocab=VOCAB, low=0)[0]
         ex.submit(first)
         t = ex.run()
         out: dict[str, object] = {"first_errors": list(t.errors)}

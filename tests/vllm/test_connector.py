@@ -317,7 +317,7 @@ def test_tp2_mla_one_copy_every_rank_loads_it(make_engine, mla_model_dir) -> Non
 
     eng = make_engine(tp=2, model_dir=mla_model_dir, layout="mla", num_blocks=40, max_num_batched_tokens=64)
     assert eng.kvbm.client.status.world_size == 2
-    p = prompt(3, 100)  # 6 full blocks + 4 tokens
+    p = random_prompts(1, 100, seed=3, vocab=VOCAB)[0]  # 6 full blocks + 4 tokens
     eng.add("a", p, max_tokens=1)
     eng.run()
     st = eng.quiesce()
