@@ -12,6 +12,10 @@ asks for:
   done;
 * ``handle_preemptions`` waits for the stores still reading blocks of preempted requests,
   because this step's forward pass may overwrite them.
+
+Under vLLM's hybrid KV cache manager the layers of different KV cache groups share KV tensors
+(layer ``i`` of every group views tensor ``i``) and block ids are unique across groups: a block
+is copied as every distinct tensor's bytes of that block, whichever group holds it now.
 """
 
 from __future__ import annotations
@@ -32,12 +36,25 @@ from kvbm.worker.agent import RankAgent, RankIdentity
 log = logging.getLogger("kvbm.vllm")
 
 
+def distinct_tensors(kv_caches: Mapping[str, Any]) -> dict[str, Any]:
+    """The first layer of each distinct KV tensor (by its data address), in registration order:
+    the layers of a hybrid model's groups view the same tensors, copied once per block."""
+    seen: set[int] = set()
+    out: dict[str, Any] = {}
+    for name, t in kv_caches.items():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            out[name] = t
+    return out
+
+
 class KvbmWorker:
     """One rank's connector state. vLLM calls it from the model runner's thread only."""
 
-    def __init__(self, settings: Instance, rank: int) -> None:
+    def __init__(self, settings: Instance, rank: int, *, hybrid: bool = False) -> None:
         self.settings = settings
         self.rank = rank
+        self.hybrid = hybrid
         self.ops = WorkerOps(rank)
         self.stats = KvbmConnectorStats()
         self._delayed: set[str] = set()  # finished requests waiting for their stores
@@ -57,6 +74,8 @@ class KvbmWorker:
     def register_kv_caches(self, kv_caches: Mapping[str, Any], num_blocks: int | None) -> None:
         """Describe this rank's KV tensors and start the init sync in the background."""
         s = self.settings
+        if self.hybrid:
+            kv_caches = distinct_tensors(kv_caches)
         self.ops.attach(next(iter(kv_caches.values()), None),
                         lambda cls: cls.from_layers(kv_caches, num_blocks=num_blocks or None),
                         endpoint=s.endpoint, identity=RankIdentity(self.rank, s.world_size, s.block_size, s.fingerprint),
