@@ -1,0 +1,108 @@
+"""DynamoConnector under vLLM's hybrid KV cache manager, driven by the real vLLM 0.33 scheduler.
+
+Two KV cache groups whose layer i share KV tensor i, as vLLM lays out a hybrid model: full
+attention + sliding window (kvbm offloads both, one kvbm block per (group, block)), and full
+attention + SSM state (kvbm cannot restore SSM state: it stays out, the engine runs). The
+oracle checks every block a (re)admitted request reads, in every attention group.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from kvbm.bench.vllm_harness import Engine, EngineSpec, gen_token, make_vllm_config  # noqa: E402
+from kvbm.vllm_integration.connector import DynamoConnector  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+BLOCK_BYTES = 2 * 2 * 16 * 2 * 8 * 2  # layers x K/V x block_size x kv_heads x head_dim x fp16
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(1, 30000) for _ in range(n)]
+
+
+def test_kvbm_keeps_vllms_hybrid_kv_cache_manager_on(model_dir: str) -> None:
+    """vLLM turns its hybrid KV cache manager off for a connector that is not SupportsHMA."""
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    vc = make_vllm_config(EngineSpec(model_dir=model_dir, engine_id="hma-check"))
+    assert vc.kv_transfer_config is not None
+    assert KVConnectorFactory.supports_hma_config(vc.kv_transfer_config)
+    assert not vc.scheduler_config.disable_hybrid_kv_cache_manager
+
+
+@pytest.mark.parametrize("layout", ["kv_first", "block_first"])
+def test_sliding_window_model_hits_after_a_prefix_cache_reset(make_engine, layout: str) -> None:
+    """Both groups are stored; after the engine's cache is reset the same prompt loads the full
+    group's 6 blocks and the sliding-window group's 3 blocks inside the 40-token window of token
+    96 (blocks 3..5), every one checked by the oracle; a longer prompt sharing that prefix hits
+    too, and a decode run past the window keeps every group's KV right."""
+    eng: Engine = make_engine(layout=layout, hybrid="sliding", sliding_window=40)
+    assert eng.kvbm is not None and eng.kvbm.groups.windows == (None, 40)
+    p = prompt(1, 100)  # 6 full blocks + 4 tokens
+    eng.add("a", p, max_tokens=1)
+    eng.run()
+    eng.quiesce()
+    assert eng.sched.reset_prefix_cache()
+    eng.add("b", p, max_tokens=40)  # decodes past the window: sliding-window blocks are freed
+    eng.step()
+    req = eng.sched.requests["b"]
+    assert req.num_computed_tokens == 96
+    eng.step_until(lambda: req.status.name == "RUNNING")
+    assert eng.stats.checked_blocks == 6 + 3
+    eng.run()
+    eng.assert_empty()
+    st = eng.quiesce()
+    assert st.host.pinned == 0 and st.host.writing == 0 and st.ops_in_flight == 0, st
+    assert eng.stats.mismatches == 0
+    assert eng.stats.external_hit_tokens == 96
+    assert eng.stats.kv_stats["loaded_blocks"] == 9
+    # "b" stored the blocks its decode completed (sliding-window ones right after their step):
+    # a follow-up turn (its 139 computed tokens + more) hits all 8 full blocks.
+    assert eng.sched.reset_prefix_cache()
+    follow = p + [gen_token("b", pos) for pos in range(100, 140)] + prompt(3, 30)
+    eng.add("c", follow, max_tokens=2)
+    eng.step()
+    assert eng.sched.requests["c"].num_computed_tokens == 128
+    eng.run()
+    eng.assert_empty()
+    assert eng.stats.mismatches == 0
+
+
+def test_sliding_window_chats_with_preemption(make_engine) -> None:
+    """Many conversations on a small engine (chunked prefill, preemption, async stores): every
+    block any request reads, in both groups, is the oracle's."""
+    eng: Engine = make_engine(hybrid="sliding", sliding_window=40, num_blocks=48, max_num_batched_tokens=64)
+    eng.run_chats(conversations=4, turns=3, system=64, turn_len=40)
+    eng.run()
+    eng.assert_empty()
+    st = eng.quiesce()
+    assert st.host.pinned == 0 and st.host.writing == 0 and st.ops_in_flight == 0, st
+    assert eng.stats.mismatches == 0
+    assert eng.stats.checked_blocks > 0
+
+
+@pytest.mark.parametrize("layout", ["kv_first", "block_first"])
+def test_ssm_hybrid_model_runs_with_kvbm_out_of_the_way(make_engine, layout: str,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """kvbm cannot restore SSM state for tokens it would load: it offers nothing (its connector
+    stays inactive, no leader starts) and the engine, hybrid manager on, runs correctly."""
+    eng: Engine = make_engine(layout=layout, hybrid="mamba")
+    connector: Any = eng.sched.connector
+    assert isinstance(connector, DynamoConnector) and connector.scheduler is None
+    assert "MambaSpec" in caplog.text
+    p = prompt(5, 100)
+    eng.add("a", p, max_tokens=3)
+    eng.run()
+    eng.add("b", p, max_tokens=3)
+    eng.run()
+    eng.assert_empty()
+    assert eng.stats.mismatches == 0
+    assert eng.stats.external_hit_tokens == 0
