@@ -28,10 +28,13 @@ def prompt(seed: int, n: int) -> list[int]:
     return [rng.randrange(1, 30000) for _ in range(n)]
 
 
-def test_kvbm_keeps_vllms_hybrid_kv_cache_manager_on(model_dir: str) -> None:
-    """vLLM turns its hybrid KV cache manager off for a connector that is not SupportsHMA."""
+def test_kvbm_keeps_vllms_hybrid_kv_cache_manager_on(model_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM turns its hybrid KV cache manager off for a connector that is not SupportsHMA (and
+    on a platform without it: this CPU build of vLLM stands in for a GPU one here)."""
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+    from vllm.platforms import current_platform
 
+    monkeypatch.setattr(current_platform, "support_hybrid_kv_cache", lambda: True)
     vc = make_vllm_config(EngineSpec(model_dir=model_dir, engine_id="hma-check"))
     assert vc.kv_transfer_config is not None
     assert KVConnectorFactory.supports_hma_config(vc.kv_transfer_config)

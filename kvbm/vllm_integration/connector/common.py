@@ -79,15 +79,25 @@ NULL_BLOCK_ID = 0
 def kv_groups(kv_cache_config: "KVCacheConfig | None") -> KVGroups:
     """The KV cache groups kvbm offloads; UnsupportedSetup for a group it cannot.
 
-    One group: whatever its attention (the layout before hybrid models). Several (vLLM's hybrid
+    One group: any attention but sliding-window-only (the layout before hybrid models). Several (vLLM's hybrid
     KV cache manager): full-attention and sliding-window attention groups of one block size.
     Any other group (SSM / Mamba state, chunked local attention, ...) holds state kvbm cannot
     restore for loaded tokens, so kvbm stays out of such an engine (the engine runs, kvbm
     offers no hits) instead of offering tokens that group would be left without.
     """
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, MLAAttentionSpec, SlidingWindowSpec
+
     if kv_cache_config is None or len(kv_cache_config.kv_cache_groups) <= 1:
+        if kv_cache_config is not None and kv_cache_config.kv_cache_groups:
+            spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+            # Under the hybrid manager a model whose every layer has a sliding window frees
+            # blocks behind the window while a request runs; with it off (the engine's
+            # --disable-hybrid-kv-cache-manager) the window is kept as full attention.
+            if isinstance(spec, (SlidingWindowSpec, MambaSpec)):
+                raise UnsupportedSetup(f"the model's only KV cache group is {type(spec).__name__}: kvbm needs a "
+                                       f"full-attention group (for sliding-window-only models run vLLM with "
+                                       f"--disable-hybrid-kv-cache-manager)")
         return KVGroups((0,), (None,))
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec, SlidingWindowSpec
 
     full: list[int] = []
     windowed: list[tuple[int, int]] = []
