@@ -30,7 +30,8 @@ def plain() -> dict[str, list[list[int]] | list[list[float]]]:
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[CpuEngine]:
+def engine(plain: dict) -> Iterator[CpuEngine]:
+    # After the plain engine: vLLM keeps one KV connector per process, the last engine's.
     with kvbm_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="1024"):
         eng = CpuEngine(EngineOptions(model=MODEL, kvbm=True, max_model_len=2048, engine_blocks=256))
         try:

@@ -109,3 +109,28 @@ def test_ssm_hybrid_model_runs_with_kvbm_out_of_the_way(make_engine, layout: str
     eng.assert_empty()
     assert eng.stats.mismatches == 0
     assert eng.stats.external_hit_tokens == 0
+
+
+def test_groups_kvbm_offloads_and_those_it_stays_out_of(model_dir: str) -> None:
+    """The planner gets a full-attention group first; a model kvbm cannot cover is refused."""
+    import torch
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec
+
+    from kvbm.bench.vllm_harness import make_kv_cache_config
+    from kvbm.connector.setup import UnsupportedSetup
+    from kvbm.vllm_integration.connector.common import kv_groups
+
+    spec = EngineSpec(model_dir=model_dir, engine_id="groups", hybrid="sliding", sliding_window=40)
+    cfg = make_kv_cache_config(spec)
+    assert kv_groups(cfg).order == (0, 1) and kv_groups(cfg).windows == (None, 40)
+    swapped = KVCacheConfig(num_blocks=cfg.num_blocks, kv_cache_tensors=[], kv_cache_groups=cfg.kv_cache_groups[::-1])
+    groups = kv_groups(swapped)
+    assert groups.order == (1, 0) and groups.windows == (None, 40)
+    assert groups.pick(([0, 0, 7], [3, 4, 5])) == [[3, 4, 5], [-1, -1, 7]]  # the null block is no block
+    assert kv_groups(make_kv_cache_config(EngineSpec(model_dir=model_dir, engine_id="one"))).order == (0,)
+    sw_only = KVCacheConfig(num_blocks=8, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(
+        ["l0"], SlidingWindowSpec(block_size=16, num_kv_heads=2, head_size=8, dtype=torch.float16, sliding_window=40))])
+    with pytest.raises(UnsupportedSetup, match="disable-hybrid-kv-cache-manager"):
+        kv_groups(sw_only)
+    with pytest.raises(UnsupportedSetup, match="MambaSpec"):
+        kv_groups(make_kv_cache_config(EngineSpec(model_dir=model_dir, engine_id="ssm", hybrid="mamba")))
