@@ -45,6 +45,10 @@ def test_kvbm_runs_under_the_hybrid_manager(engine: CpuEngine) -> None:
     assert sorted(type(g.kv_cache_spec).__name__ for g in groups) == ["FullAttentionSpec", "SlidingWindowSpec"]
     kvbm = engine._kvbm().scheduler
     assert kvbm is not None and sorted(kvbm.groups.windows, key=str) == [64, None]
+    # A host block: one engine block of the 2 KV tensors the groups' layers share (K and V,
+    # 32 tokens, 2 KV heads of 64, float32), half that of the 4-layer model without a window.
+    stats = kvbm.client.stats()
+    assert stats is not None and stats.block_bytes == 2 * 2 * 32 * 2 * 64 * 4
 
 
 def test_greedy_tokens_equal_cold_and_from_kvbm(engine: CpuEngine, plain: dict) -> None:
