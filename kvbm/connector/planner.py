@@ -543,8 +543,8 @@ class Planner:
         lists = [engine_blocks, *group_blocks]
         # Every engine block the engine now treats as loaded, in every group (none where the
         # engine left a group's block out of the window: a negative id).
-        promised = [b for g, ids in enumerate(lists)
-                    for b in ids[max(start, first_in_window(end, self.windows[g], bs)) : end] if b >= 0]
+        promised = [b for ids, window in zip(lists, self.windows)
+                    for b in ids[max(start, first_in_window(end, window, bs)) : end] if b >= 0]
         if st is None or mt is None or n > mt.blocks.total or n * bs != num_external_tokens \
                 or len(lists) != len(self.windows):
             log.error("kvbm: the engine allocated %d external tokens for request %s that kvbm cannot load "
@@ -553,8 +553,8 @@ class Planner:
             return
         hashes: list[int] = []
         engine: list[int] = []
-        for g, ids in enumerate(lists):
-            first = max(start, first_in_window(end, self.windows[g], bs))
+        for g, (ids, window) in enumerate(zip(lists, self.windows)):
+            first = max(start, first_in_window(end, window, bs))
             hashes += self._group_hashes(st, g, first, end)
             engine += ids[first:end]
         if len(engine) != len(hashes) or min(engine, default=0) < 0:
