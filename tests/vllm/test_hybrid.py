@@ -138,3 +138,19 @@ def test_groups_kvbm_offloads_and_those_it_stays_out_of(model_dir: str) -> None:
         kv_groups(sw_only)
     with pytest.raises(UnsupportedSetup, match="MambaSpec"):
         kv_groups(make_kv_cache_config(EngineSpec(model_dir=model_dir, engine_id="ssm", hybrid="mamba")))
+
+
+def test_shared_kv_tensors_are_copied_once_and_overlaps_refused() -> None:
+    """A hybrid model's groups view the same KV tensors: each is copied once per block. Views of
+    one memory with another shape would let a block id name different bytes: refused."""
+    import torch
+
+    from kvbm.vllm_integration.connector.worker_side import distinct_tensors
+    from kvbm.worker.layout import LayoutError
+
+    a, b = torch.zeros(2, 8, 16, 2, 8), torch.zeros(2, 8, 16, 2, 8)
+    assert list(distinct_tensors({"full.0": a, "full.1": b, "sw.0": a, "sw.1": b})) == ["full.0", "full.1"]
+    with pytest.raises(LayoutError, match="sw.0"):
+        distinct_tensors({"full.0": a, "sw.0": a.view(8, 2, 16, 2, 8)})
+    with pytest.raises(LayoutError, match="sw.0"):
+        distinct_tensors({"full.0": a, "sw.0": a[1]})  # starts inside the first layer's memory

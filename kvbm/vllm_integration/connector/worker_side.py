@@ -32,19 +32,31 @@ from kvbm.vllm_integration.connector.metadata import (
     LoadOp,
 )
 from kvbm.worker.agent import RankAgent, RankIdentity
+from kvbm.worker.layout import LayoutError
 
 log = logging.getLogger("kvbm.vllm")
 
 
 def distinct_tensors(kv_caches: Mapping[str, Any]) -> dict[str, Any]:
     """The first layer of each distinct KV tensor (by its data address), in registration order:
-    the layers of a hybrid model's groups view the same tensors, copied once per block."""
-    seen: set[int] = set()
+    the layers of a hybrid model's groups view the same tensors, copied once per block.
+
+    Raises LayoutError for layers that overlap another's memory without being the same view
+    (another shape or start): a block id would then name different bytes in each, and copying
+    one group's block could overwrite another block.
+    """
+    seen: dict[int, tuple[Any, int]] = {}  # start -> (first layer's tensor, end)
     out: dict[str, Any] = {}
     for name, t in kv_caches.items():
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            out[name] = t
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        first = seen.get(start)
+        if first is not None and tuple(first[0].shape) == tuple(t.shape) and first[1] == end:
+            continue
+        if first is not None or any(s < end and start < e for s, (_, e) in seen.items()):
+            raise LayoutError(f"layer {name}'s KV tensor overlaps another layer's without being the same view")
+        seen[start] = (t, end)
+        out[name] = t
     return out
 
 
@@ -74,10 +86,10 @@ class KvbmWorker:
     def register_kv_caches(self, kv_caches: Mapping[str, Any], num_blocks: int | None) -> None:
         """Describe this rank's KV tensors and start the init sync in the background."""
         s = self.settings
-        if self.hybrid:
-            kv_caches = distinct_tensors(kv_caches)
+        # (a LayoutError of distinct_tensors is attach's: logged, and this rank serves without kvbm)
+        layers = (lambda: distinct_tensors(kv_caches)) if self.hybrid else (lambda: kv_caches)
         self.ops.attach(next(iter(kv_caches.values()), None),
-                        lambda cls: cls.from_layers(kv_caches, num_blocks=num_blocks or None),
+                        lambda cls: cls.from_layers(layers(), num_blocks=num_blocks or None),
                         endpoint=s.endpoint, identity=RankIdentity(self.rank, s.world_size, s.block_size, s.fingerprint),
                         config=s.config, what="these KV caches")
 
