@@ -205,8 +205,9 @@ class RankWorker:
         for b, h in work.fills:
             self.oracle.fill(b, h)
         c.wait_for_save()
-        sending, recving = c.get_finished(work.finished_req_ids)
-        out = KVConnectorOutput(finished_sending=sending, finished_recving=recving,
+        res = c.get_transfer_results(work.finished_req_ids)  # as vLLM's model runner asks
+        out = KVConnectorOutput(finished_sending=res.finished_sending or None,
+                                finished_recving=res.finished_recving or None, failed_recving=res.failed_recving,
                                 invalid_block_ids=c.get_block_ids_with_load_errors(),
                                 kv_connector_stats=c.get_kv_connector_stats(),
                                 kv_connector_worker_meta=c.build_connector_worker_meta())

@@ -8,6 +8,7 @@ oracle checks every block a (re)admitted request reads, in every attention group
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -81,6 +82,34 @@ def test_sliding_window_model_hits_after_a_prefix_cache_reset(make_engine, layou
     eng.run()
     eng.assert_empty()
     assert eng.stats.mismatches == 0
+
+
+def test_sliding_window_load_errors_recompute_the_request(make_engine, kvbm_env) -> None:
+    """Corrupt disk blocks fail their staging: vLLM takes no block-level load errors from a
+    multi-group model, so the request is reported as a failed receive and recomputed whole."""
+    kvbm_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8", DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS="256",
+             DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="1")
+    eng: Engine = make_engine(hybrid="sliding", sliding_window=40)
+    p = prompt(8, 100)
+    eng.add("a", p, max_tokens=1)
+    eng.run()
+    eng.quiesce()
+    for i in range(4):  # push a's blocks out of the 8-block host pool, onto disk only
+        eng.add(f"filler{i}", prompt(100 + i, 96), max_tokens=1)
+    eng.run()
+    eng.quiesce()
+    disk_dir = os.environ["DYN_KVBM_DISK_CACHE_DIR"]
+    for name in os.listdir(disk_dir):
+        with open(os.path.join(disk_dir, name), "r+b") as f:
+            f.write(b"\xa5" * os.fstat(f.fileno()).st_size)  # corrupt every block on disk
+    eng.sched.reset_prefix_cache()
+    eng.add("b", p, max_tokens=1)
+    eng.run()
+    eng.assert_empty()
+    assert eng.stats.mismatches == 0
+    assert eng.stats.sched_kv_stats.get("load_error_blocks", 0) > 0, eng.stats.sched_kv_stats
+    assert eng.stats.external_hit_tokens > 0  # promised at admission
+    assert eng.stats.checked_blocks == 0  # and b was recomputed whole: it started from no block
 
 
 def test_sliding_window_chats_with_preemption(make_engine) -> None:

@@ -30,6 +30,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
     SupportsHMA,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
@@ -164,6 +165,14 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
         if self.worker is None:
             return None, None
         return self.worker.get_finished()
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        # A hybrid model's failed loads are failed requests (vLLM refuses block-level load
+        # errors when there are several KV cache groups); they are also among finished_recving.
+        sending, recving = self.get_finished(finished_req_ids)
+        failed = self.worker.take_failed_recving() if self.worker is not None else set()
+        return KVConnectorTransferResults(finished_sending=set(sending or ()), finished_recving=set(recving or ()),
+                                          failed_recving=failed)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.take_load_errors() if self.worker is not None else set()

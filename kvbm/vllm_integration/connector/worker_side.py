@@ -5,7 +5,9 @@ scheduler side planned and reports their completions; this class turns them into
 asks for:
 
 * loads are submitted in ``start_load_kv`` and reported per request in ``finished_recving``
-  (also when they failed: their blocks then go to ``get_block_ids_with_load_errors``);
+  (also when they failed: their blocks then go to ``get_block_ids_with_load_errors``; for a
+  hybrid model, whose block ids vLLM cannot map back to requests, the request goes to
+  ``failed_recving`` instead and is recomputed whole);
 * stores are submitted in ``wait_for_save``, after the forward pass wrote every layer, never
   earlier; their completions go back to the scheduler as worker metadata, and requests whose
   block free the scheduler delayed are reported in ``finished_sending`` once their stores are
@@ -73,6 +75,7 @@ class KvbmWorker:
         self._sending: set[str] = set()  # to report as finished_sending
         self._recving: set[str] = set()  # to report as finished_recving
         self._invalid: set[int] = set()  # engine blocks whose load failed
+        self._failed: set[str] = set()  # hybrid models: requests whose load failed
         self._stores_done: dict[int, int] = {}
 
     @property
@@ -116,11 +119,15 @@ class KvbmWorker:
 
     def _load_done(self, op: LoadOp, ok: bool) -> None:
         self._recving.add(op.req_id)
-        self._invalid.update(op.failed_blocks)
+        if self.hybrid and (op.failed_blocks or not ok):
+            self._failed.add(op.req_id)
+        else:
+            self._invalid.update(op.failed_blocks)
         if ok:
             self.stats.add("loaded_blocks", len(op.blocks))
         else:
-            self._invalid.update(op.blocks)
+            if not self.hybrid:
+                self._invalid.update(op.blocks)
             self.stats.add("failed_load_ops", 1)
 
     def _completed(self, done: list[LoadDone | StoreDone]) -> None:
@@ -139,6 +146,11 @@ class KvbmWorker:
         sending, recving = self._sending, self._recving
         self._sending, self._recving = set(), set()
         return sending or None, recving or None
+
+    def take_failed_recving(self) -> set[str]:
+        """Requests reported received (get_finished) whose load failed: recomputed whole."""
+        out, self._failed = self._failed, set()
+        return out
 
     def take_load_errors(self) -> set[int]:
         out, self._invalid = self._invalid, set()
