@@ -267,3 +267,19 @@ def test_a_match_keeps_host_disk_and_object_apart() -> None:
         assert planner.take_counters() == ConnectorCounters()  # taken: counting starts afresh
     finally:
         planner.shutdown()
+
+
+def test_group_identities_and_sliding_windows() -> None:
+    """Group 0 keeps the sequence hash (a single-group engine is unchanged); other groups' blocks
+    get identities of their own; a window's first block is the first one vLLM does not free."""
+    from kvbm.connector.planner import first_in_window, group_hash
+
+    hashes = sequence_hashes(_prompt(4, 9), BS, EMPTY_SALT_HASH)
+    assert [group_hash(h, 0) for h in hashes] == hashes
+    ids = {group_hash(h, g) for h in hashes for g in range(3)}
+    assert len(ids) == 12 and 0 not in ids
+    assert first_in_window(6, None, 16) == 0
+    # Computing token 96 with a 40-token window reads tokens 57..95: blocks 3..5.
+    assert first_in_window(6, 40, 16) == 3
+    assert first_in_window(2, 40, 16) == 0
+    assert first_in_window(9, 64, 32) == 7  # token 288 reads 225..287: blocks 7 and 8

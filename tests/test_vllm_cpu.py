@@ -53,7 +53,7 @@ def test_test_models_are_seeded_and_rebuilt_only_when_changed(tmp_path) -> None:
     spec = MODELS["tiny"]
     assert cfg["hidden_size"] == spec.hidden and cfg["num_hidden_layers"] == spec.layers
     assert model_path("tiny", tmp_path) == path and (path / "model.safetensors").stat().st_mtime_ns == weights.st_mtime_ns
-    with pytest.raises(ValueError, match="model 'huge' is not a kvbm test model; accepted: tiny, small"):
+    with pytest.raises(ValueError, match="model 'huge' is not a kvbm test model; accepted: tiny, small, tiny-sw"):
         model_path("huge", tmp_path)
 
 

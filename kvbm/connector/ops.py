@@ -42,8 +42,9 @@ class StepPlan:
 
     loads: list[LoadOp] = field(default_factory=list)
     stores: list[StoreOp] = field(default_factory=list)
-    # Requests preempted this step: their engine blocks may be overwritten by this step's
-    # forward pass, so stores still reading them must finish first.
+    # Requests preempted this step, or whose sliding-window blocks the engine may have freed
+    # while scheduling it: their engine blocks may be overwritten by this step's forward pass,
+    # so stores still reading them must finish first.
     preempted: list[str] = field(default_factory=list)
     # Finished requests whose engine blocks the engine keeps until the workers report their
     # stores done (the planner's ``finished`` returned True).

@@ -22,6 +22,16 @@ blocks step N computes goes out with step N+1 (or later) while the request still
 preempted before its allocation came back has it released instead of copied.
 
 While the leader is not ready, or gone, the answer is "no external hits" and nothing is stored.
+
+KV cache groups (hybrid models): an engine whose layers keep KV in several groups, each with
+its own engine block ids (vLLM's hybrid allocator), passes one window per group (``None``:
+full attention). kvbm's identity of a block of group ``g > 0`` is its sequence hash folded with
+``g`` (:func:`group_hash`), so every (group, block) is its own kvbm block; group 0 keeps the
+plain sequence hash, so a single-group engine is unchanged. A hit of ``n`` blocks needs every
+full-attention group's blocks ``..n`` and each sliding-window group's blocks inside the window
+that computing token ``n * block_size`` reads; a sliding-window block is stored only while the
+engine still holds it (the engine frees blocks that slid out of the window while the request
+runs), and a load or store that cannot cover every group is dropped whole.
 """
 
 from __future__ import annotations
@@ -46,6 +56,29 @@ log = logging.getLogger("kvbm.connector")
 
 # A load whose disk staging has not finished after this long is given up (recomputed).
 STAGING_TIMEOUT_S = 30.0
+_MASK64 = (1 << 64) - 1
+
+
+def group_hash(seq_hash: int, group: int) -> int:
+    """kvbm's identity of KV cache group ``group``'s block with sequence hash ``seq_hash``
+    (splitmix64 of the two); group 0 is the sequence hash itself. Never 0 (0 means no parent)."""
+    if group == 0:
+        return seq_hash
+    x = ((seq_hash ^ (group * 0xD1B54A32D192ED03)) + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) or 1
+
+
+def first_in_window(n_blocks: int, window: int | None, block_size: int) -> int:
+    """The first block that computing token ``n_blocks * block_size`` reads: 0 for full
+    attention; past the blocks wholly before a ``window``-token sliding window (what vLLM's
+    sliding-window manager frees as skipped)."""
+    if window is None:
+        return 0
+    return max(0, (n_blocks * block_size - window + 1) // block_size)
+
+
 # A request whose lookup left the leader asking the object store (G4) is "not yet" answered
 # (Planner.not_yet) for at most this long; then it goes with what the leader knew.
 OBJECT_LOOKUP_WAIT_S = 2.0
@@ -56,7 +89,8 @@ class ScheduledRequest:
     """One request the engine scheduled this step.
 
     ``new_block_ids``: engine blocks added this step; with ``replace_blocks`` (a new or resumed
-    request) they are the request's whole block list.
+    request) they are the request's whole block list. ``group_block_ids``: the same for KV
+    cache groups 1.. of a multi-group engine (negative ids: no block, the engine's null block).
     """
 
     req_id: str
@@ -64,6 +98,7 @@ class ScheduledRequest:
     num_scheduled_tokens: int
     new_block_ids: Sequence[int] | None
     replace_blocks: bool = False
+    group_block_ids: Sequence[Sequence[int] | None] = ()
 
 
 @dataclass
@@ -115,6 +150,12 @@ class _Req:
     # converted hash by hash again (a 32K-token prompt is 2048 hashes).
     packed: array[int] = field(default_factory=lambda: array("Q"))
     block_ids: list[int] = field(default_factory=list)
+    # Multi-group engines: groups 1..'s engine block ids and kvbm hashes (group_hash).
+    group_ids: list[list[int]] = field(default_factory=list)
+    group_hashes: list[list[int]] = field(default_factory=list)
+    horizon: int = 0  # tokens computed once the last scheduled step ran (sliding-window frees)
+    # In-flight store op -> the horizon at which the engine frees its oldest sliding-window block.
+    window_free_at: dict[int, int] = field(default_factory=dict)
     stored: int = -1  # full blocks already offered for storing; -1 until first scheduled
     match: _Match | None = None
     gen: int = 0  # bumped on preemption: replies planned for older block ids are void
@@ -133,6 +174,7 @@ class _Pin:
     gen: int
     engine: list[int]  # every engine block the engine treats as loaded
     blocks: TierBlocks  # where the lookup found them
+    whole: bool = False  # several KV cache groups: fewer slots than blocks fails the whole load
 
 
 @dataclass
@@ -157,6 +199,17 @@ class _Poll:
     op_ids: list[int]
 
 
+@dataclass
+class _WindowStore:
+    """A run of one sliding-window group's blocks to store in this step's plan."""
+
+    st: _Req
+    blocks: list[int]  # engine blocks
+    hashes: list[int]  # their kvbm hashes (group_hash)
+    parent: int
+    free_at: int  # tokens computed at which the engine frees the run's first block
+
+
 _Posted = _Pin | _StoreAlloc | _Poll | None  # None: fire and forget (ReleaseOp)
 
 
@@ -169,12 +222,14 @@ class Planner:
     ``store_acks``: False for engines whose workers report only per-request completion
     (TensorRT-LLM's ``get_finished``), never per store op: ``finished`` then keeps the blocks
     of every request that had a store op sent, and the workers report it once their own
-    stores of it are done.
+    stores of it are done. ``windows``: one per KV cache group, the sliding window in tokens
+    or ``None`` for full attention (group 0 must be full attention).
     """
 
     def __init__(self, block_size: int, world_size: int, client: LeaderClient, *,
                  replica: IndexReplica | None = None, link: AsyncLink | None = None,
-                 free_blocks: Callable[[], int] | None = None, store_acks: bool = True) -> None:
+                 free_blocks: Callable[[], int] | None = None, store_acks: bool = True,
+                 windows: Sequence[int | None] = (None,)) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be > 0, got {block_size}")
         if world_size <= 0:
@@ -186,6 +241,9 @@ class Planner:
         self.link = link or AsyncLink(client.endpoint, timeout_s=max(5.0, 5 * client.timeout_s))
         self.free_blocks = free_blocks
         self.store_acks = store_acks
+        if not windows or windows[0] is not None:
+            raise ValueError(f"KV cache group 0 must be full attention, got windows {list(windows)}")
+        self.windows = list(windows)
         self.max_model_len = 1 << 62
         self.counters = ConnectorCounters()
         self._reqs: dict[str, _Req] = {}
@@ -231,6 +289,15 @@ class Planner:
             st.packed.extend(new)
         return st.hashes
 
+    def _group_hashes(self, st: _Req, g: int, first: int, end: int) -> list[int]:
+        """Group ``g``'s kvbm hashes of blocks ``first..end`` (known blocks only)."""
+        if g == 0:
+            return self._hashes(st, end)[first:end]
+        have = st.group_hashes[g - 1]
+        base = self._hashes(st, end)
+        have += [group_hash(h, g) for h in base[len(have) : end]]
+        return have[first:end]
+
     @staticmethod
     def _wire(st: _Req, first: int, end: int | None = None) -> np.ndarray:
         """Hashes ``first..end`` of a request as a uint64 array (a copy: the request's buffer grows)."""
@@ -261,7 +328,9 @@ class Planner:
     def add(self, req_id: str, tokens: Sequence[int], salt: int) -> None:
         """Track a request; ``tokens`` is the engine's live token list (prompt, then outputs)."""
         if req_id not in self._reqs:
-            self._reqs[req_id] = _Req(req_id, tokens, SequenceHasher(self.block_size, salt))
+            groups = len(self.windows) - 1
+            self._reqs[req_id] = _Req(req_id, tokens, SequenceHasher(self.block_size, salt),
+                                      group_ids=[[] for _ in range(groups)], group_hashes=[[] for _ in range(groups)])
 
     def tracked(self, req_id: str) -> bool:
         return req_id in self._reqs
@@ -304,10 +373,42 @@ class Planner:
             # The whole sequence matched: hold back one block (the farthest tier's) so the
             # engine computes a token.
             found = found.first(found.total - 1)
+        if found.total and len(self.windows) > 1:
+            found = found.first(self._groups_cover(st, start, start + found.total) - start)
         if found.total == 0:
             return 0
         st.match = _Match(start, found)
         return found.total * bs
+
+    def _groups_cover(self, st: _Req, start: int, end: int) -> int:
+        """The farthest ``n <= end`` (blocks) such that every KV cache group holds what a hit of
+        blocks ``start..n`` needs (group 0's blocks ``start..end`` are known to be held):
+        shrinks ``n`` until each group's run of needed blocks is held whole."""
+        n = end
+        changed = True
+        while changed and n > start:
+            changed = False
+            for g, window in enumerate(self.windows[1:], 1):
+                first = max(start, first_in_window(n, window, self.block_size))
+                if first >= n:
+                    continue
+                held = self._held(self._group_hashes(st, g, first, n))
+                if held < n - first:
+                    # Full attention: the hit ends at the first missing block. Sliding window:
+                    # a shorter hit's window ends before the missing block.
+                    n, changed = first + held, True
+                    if n <= start:
+                        break
+        return max(n, start)
+
+    def _held(self, hashes: list[int]) -> int:
+        """How many of ``hashes`` (a run) kvbm holds from the first on, in any tier."""
+        found = self._local_match(hashes)
+        if found is not None:
+            return found.total
+        reply = self.client.lookup(np.asarray(hashes, np.uint64))
+        self.counters.remote_lookups += 1
+        return reply.host + reply.disk + reply.object
 
     def _local_match(self, hashes: list[int]) -> TierBlocks | None:
         """The replica's answer, once it holds at least the index position a leader reply to
@@ -397,10 +498,15 @@ class Planner:
             left -= out[tier]
         return {t: n for t, n in out.items() if n}
 
-    def load_after_alloc(self, req_id: str, engine_blocks: Sequence[int], num_external_tokens: int) -> None:
-        """The engine allocated ``engine_blocks`` (the request's whole list) and counts
-        ``num_external_tokens`` past the lookup's start as loaded: pin them (posted)."""
+    def load_after_alloc(self, req_id: str, engine_blocks: Sequence[int], num_external_tokens: int,
+                         group_blocks: Sequence[Sequence[int]] = ()) -> None:
+        """The engine allocated ``engine_blocks`` (the request's whole list; ``group_blocks``:
+        groups 1..'s) and counts ``num_external_tokens`` past the lookup's start as loaded:
+        pin them (posted)."""
         if num_external_tokens == 0:
+            return
+        if len(self.windows) > 1:
+            self._load_groups(req_id, engine_blocks, num_external_tokens, group_blocks)
             return
         st = self._reqs.get(req_id)
         bs = self.block_size
@@ -423,6 +529,43 @@ class Planner:
         st.loading = True
         self._post([(m.PrepareLoad(m.pack_hashes(self._wire(st, mt.start, mt.start + n))),
                      _Pin(st, st.gen, engine, mt.blocks))])
+
+    def _load_groups(self, req_id: str, engine_blocks: Sequence[int], num_external_tokens: int,
+                     group_blocks: Sequence[Sequence[int]]) -> None:
+        """:meth:`load_after_alloc` of a multi-group engine: one pin of every group's needed
+        blocks (group 0's first, then each group's window); all of them or none are loaded."""
+        st = self._reqs.get(req_id)
+        bs = self.block_size
+        mt = st.match if st is not None else None
+        start = mt.start if mt is not None else 0
+        n = num_external_tokens // bs
+        end = start + -(-num_external_tokens // bs)
+        lists = [engine_blocks, *group_blocks]
+        # Every engine block the engine now treats as loaded, in every group (none where the
+        # engine left a group's block out of the window: a negative id).
+        promised = [b for ids, window in zip(lists, self.windows)
+                    for b in ids[max(start, first_in_window(end, window, bs)) : end] if b >= 0]
+        if st is None or mt is None or n > mt.blocks.total or n * bs != num_external_tokens \
+                or len(lists) != len(self.windows):
+            log.error("kvbm: the engine allocated %d external tokens for request %s that kvbm cannot load "
+                      "into every KV cache group; they will be recomputed", num_external_tokens, req_id)
+            self._emit_load(LoadOp(req_id, 0, [], [], promised), TierBlocks())
+            return
+        hashes: list[int] = []
+        engine: list[int] = []
+        for g, (ids, window) in enumerate(zip(lists, self.windows)):
+            first = max(start, first_in_window(end, window, bs))
+            hashes += self._group_hashes(st, g, first, end)
+            engine += ids[first:end]
+        if len(engine) != len(hashes) or min(engine, default=0) < 0:
+            log.error("kvbm: request %s lacks engine blocks for its external tokens in some KV cache group; "
+                      "they will be recomputed", req_id)
+            self._emit_load(LoadOp(req_id, 0, [], [], promised), TierBlocks())
+            return
+        self.counters.hits(mt.blocks.first(n), bs)
+        st.loading = True
+        self._post([(m.PrepareLoad(m.pack_hashes(np.asarray(hashes, np.uint64))),
+                     _Pin(st, st.gen, engine, mt.blocks.first(n), whole=True))])
 
     def _emit_load(self, op: LoadOp, blocks: TierBlocks) -> None:
         if op.op_id:
@@ -460,8 +603,12 @@ class Planner:
         k = len(slots)
         # Fewer blocks than the lookup promised (evicted since, or a stale replica entry).
         self.counters.pin_shortfall_blocks += len(pin.engine) - k
+        if pin.whole and k < len(pin.engine):
+            if op_id:
+                self._release(op_id)  # a group's blocks are missing: its KV would be left unwritten
+            slots, op_id, k = [], 0, 0
         op = LoadOp(st.req_id, op_id, slots, pin.engine[:k], pin.engine[k:])
-        blocks = pin.blocks.first(k)
+        blocks = pin.blocks.first(k) if not pin.whole else (pin.blocks if k else TierBlocks())
         if op_id and grant is not None and not grant.ready:
             st.loading = True
             self._staging[op_id] = _Staging(op, st, time.monotonic(), blocks)
@@ -532,6 +679,10 @@ class Planner:
                 # Its blocks went back to the pool; the workers finish the stores still
                 # reading them before this step's forward pass; posted ones are released.
                 st.block_ids, st.stored, st.inflight, st.gen = [], -1, set(), st.gen + 1
+                st.group_ids = [[] for _ in st.group_ids]
+                st.window_free_at.clear()
+        if any(w is not None for w in self.windows):
+            self._advance_windows(scheduled, plan)
         if wait_s > 0:
             self._flush()  # what the engine queued since its last step: its replies may come now
         for reply in self.link.drain(wait_s):
@@ -541,6 +692,7 @@ class Planner:
         plan.delayed_free += self._delayed
         self._ready_loads, self._delayed = [], []
         allocs: list[tuple[m.Message, _Posted]] = []
+        windows: list[_WindowStore] = []
         ready = self.ready() if scheduled else False
         for s in scheduled:
             st = self._reqs.get(s.req_id)
@@ -551,22 +703,33 @@ class Planner:
                 st.stored = s.num_computed_tokens // self.block_size
             elif s.new_block_ids:
                 st.block_ids += s.new_block_ids
-            alloc = self._plan_store(st, s.num_computed_tokens + s.num_scheduled_tokens)
-            if alloc is not None and ready:
-                allocs.append(alloc)
-                st.posted_stores += 1
+            for ids, new in zip(st.group_ids, s.group_block_ids):
+                if s.replace_blocks:
+                    ids[:] = new or ()
+                elif new:
+                    ids += new
+            alloc = self._plan_store(st, s.num_computed_tokens + s.num_scheduled_tokens, windows)
+            for posted in alloc:
+                if ready:
+                    allocs.append(posted)
+                    st.posted_stores += 1
+        if windows and ready:
+            self._store_windows(windows, plan)
         if allocs:
             self._post(allocs)
         self._flush()
         return plan
 
-    def _plan_store(self, st: _Req, computed_after: int) -> tuple[m.Message, _Posted] | None:
-        """An allocation for the full blocks this step completes (only those whose tokens are known)."""
+    def _plan_store(self, st: _Req, computed_after: int,
+                    windows: list[_WindowStore]) -> list[tuple[m.Message, _Posted]]:
+        """Allocations for the full blocks this step completes (only those whose tokens are
+        known), one per full-attention KV cache group; a sliding-window group's blocks go to
+        ``windows`` (allocated before this step's plan goes out, see :meth:`_store_windows`)."""
         bs = self.block_size
         n_full = min(computed_after, len(st.tokens), len(st.block_ids) * bs) // bs
         first = st.stored
         if n_full <= first or first < 0:
-            return None
+            return []
         st.stored = n_full
         hashes = self._hashes(st, n_full)
         # The blocks' tokens, for the leader's KV events; not for a salted or LoRA request: a
@@ -575,7 +738,50 @@ class Planner:
             np.asarray(st.tokens[first * bs : n_full * bs], "<u4").tobytes()
         msg = m.AllocateStore(m.pack_hashes(self._wire(st, first, n_full)), hashes[first - 1] if first else 0,
                               tokens=tokens)
-        return msg, _StoreAlloc(st, st.gen, st.block_ids[first:n_full])
+        out: list[tuple[m.Message, _Posted]] = [(msg, _StoreAlloc(st, st.gen, st.block_ids[first:n_full]))]
+        for g, ids in enumerate(st.group_ids, 1):
+            blocks = ids[first:n_full]
+            if len(blocks) < n_full - first or min(blocks) < 0:
+                continue  # a block the engine does not hold (its null block): this step's run is not stored
+            gh = self._group_hashes(st, g, max(first - 1, 0), n_full)
+            chain, parent = (gh[1:], gh[0]) if first else (gh, 0)
+            window = self.windows[g]
+            if window is None:
+                out.append((m.AllocateStore(m.pack_hashes(np.asarray(chain, np.uint64)), parent),
+                            _StoreAlloc(st, st.gen, blocks)))
+            else:
+                windows.append(_WindowStore(st, blocks, chain, parent, (first + 1) * bs + window - 1))
+        return out
+
+    def _store_windows(self, windows: list[_WindowStore], plan: StepPlan) -> None:
+        """Store sliding-window blocks in this step's plan, copied right after the forward pass
+        that computes them: the engine frees a sliding-window block once the window slid past
+        it, before a posted allocation's reply would come back (one leader round trip per step
+        that completes such blocks). A copy still running when the engine may have freed its
+        block is waited for before the next forward pass (:meth:`_advance_windows`)."""
+        grants = self.client.allocate_stores([(np.asarray(w.hashes, np.uint64), w.parent) for w in windows])
+        for w, grant in zip(windows, grants):
+            if not grant.op_id:
+                continue
+            pairs = [(w.blocks[i], s) for i, s in enumerate(grant.slots) if s >= 0]
+            plan.stores.append(StoreOp(w.st.req_id, grant.op_id, [b for b, _ in pairs], [s for _, s in pairs]))
+            w.st.inflight.add(grant.op_id)
+            w.st.window_free_at[grant.op_id] = w.free_at
+            self._store_owner[grant.op_id] = w.st
+            self.counters.offload_blocks += len(pairs)
+
+    def _advance_windows(self, scheduled: Sequence[ScheduledRequest], plan: StepPlan) -> None:
+        """Record how far each scheduled request is computed once this step ran (the engine
+        frees sliding-window blocks behind it while scheduling the step) and have the workers
+        finish, before this step's forward pass, the stores that read a block it may have freed."""
+        for s in scheduled:
+            st = self._reqs.get(s.req_id)
+            if st is not None:
+                st.horizon = max(st.horizon, s.num_computed_tokens + s.num_scheduled_tokens)
+        # Also requests not scheduled: the engine may have tried to, freeing their blocks.
+        for st in self._reqs.values():
+            if st.window_free_at and min(st.window_free_at.values()) <= st.horizon:
+                plan.preempted.append(st.req_id)
 
     def _check_staging(self) -> None:
         """Poll the loads being staged from disk (one poll in flight at a time)."""
@@ -609,6 +815,7 @@ class Planner:
             st = self._store_owner.pop(op_id, None)
             if st is not None:
                 st.inflight.discard(op_id)
+                st.window_free_at.pop(op_id, None)
 
     def blocks_freed(self, req_ids: Sequence[str]) -> None:
         """The workers reported these delayed frees done."""

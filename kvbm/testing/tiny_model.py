@@ -40,6 +40,9 @@ class ModelSpec:
     max_positions: int = 8192
     seed: int = 0
     gain: float = 2.0  # std of each matrix is gain / sqrt(fan_in): sharp attention, early tokens matter
+    # Tokens of sliding-window attention on every other layer (vLLM's Llama reads ``layer_types``),
+    # a hybrid model with a full-attention and a sliding-window KV cache group; None: none.
+    sliding_window: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -55,6 +58,8 @@ MODELS: dict[str, ModelSpec] = {
     "tiny": ModelSpec("tiny", hidden=256, layers=4, heads=4, kv_heads=2, intermediate=512),
     # Benchmark / demo: recompute dominates time to first token, as with real models.
     "small": ModelSpec("small", hidden=1024, layers=8, heads=16, kv_heads=4, intermediate=2048),
+    # Hybrid (full + sliding-window attention), as Gemma 2/3 lay their layers out.
+    "tiny-sw": ModelSpec("tiny-sw", hidden=256, layers=4, heads=4, kv_heads=2, intermediate=512, sliding_window=64),
 }
 
 
@@ -65,7 +70,11 @@ def default_models_dir() -> Path:
 
 
 def _config(spec: ModelSpec) -> dict[str, object]:
-    return {
+    window: dict[str, object] = {}
+    if spec.sliding_window is not None:
+        window = {"sliding_window": spec.sliding_window,
+                  "layer_types": ["sliding_attention", "full_attention"] * (spec.layers // 2)}
+    return {**window,
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": spec.hidden,

@@ -45,14 +45,23 @@ from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, MLAAttentionSpec
+from vllm.v1.kv_cache_interface import (
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    MLAAttentionSpec,
+    MambaSpec,
+    SlidingWindowSpec,
+)
 from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
+from kvbm.connector.planner import first_in_window, group_hash
 from kvbm.hashing import SequenceHasher, salt_hash
 from kvbm.ipc.stats import LeaderStats
 from kvbm.testing.sim.oracle import Oracle, mix64
+from kvbm.vllm_integration.connector.worker_side import distinct_tensors
 from kvbm.worker.layout import EngineKV
 
 MODULE_PATH = "kvbm.vllm_integration.connector"
@@ -107,6 +116,11 @@ class EngineSpec:
     num_layers: int = 2
     kv_heads: int = 2
     head_dim: int = 8
+    # A hybrid model (vLLM's hybrid KV cache manager): a second KV cache group of ``num_layers``
+    # layers next to the full-attention one, "sliding" (``sliding_window`` tokens) or "mamba"
+    # (SSM state); the groups' layer i share KV tensor i, as vLLM lays them out.
+    hybrid: Literal["sliding", "mamba"] | None = None
+    sliding_window: int = 40
 
 
 def make_vllm_config(spec: EngineSpec, extra: dict[str, Any] | None = None) -> VllmConfig:
@@ -135,16 +149,32 @@ def make_kv_cache_config(spec: EngineSpec) -> KVCacheConfig:
             if spec.layout == "mla" else
             FullAttentionSpec(block_size=spec.block_size, num_kv_heads=spec.kv_heads, head_size=spec.head_dim,
                               dtype=torch.float16))
-    return KVCacheConfig(num_blocks=spec.num_blocks, kv_cache_tensors=[],
-                         kv_cache_groups=[KVCacheGroupSpec(layers, attn)])
+    groups = [KVCacheGroupSpec(layers, attn)]
+    other = [f"model.layers.{spec.num_layers + i}.mixer" for i in range(spec.num_layers)]
+    if spec.hybrid == "sliding":
+        groups.append(KVCacheGroupSpec(other, SlidingWindowSpec(
+            block_size=spec.block_size, num_kv_heads=spec.kv_heads, head_size=spec.head_dim, dtype=torch.float16,
+            sliding_window=spec.sliding_window)))
+    elif spec.hybrid == "mamba":
+        # One state per block (prefix-cacheable "align" mode), padded to an attention page as
+        # vLLM pads every group to one page size.
+        groups.append(KVCacheGroupSpec(other, MambaSpec(
+            block_size=spec.block_size, shapes=((spec.kv_heads, spec.head_dim),), dtypes=(torch.float16,),
+            page_size_padded=attn.page_size_bytes, mamba_cache_mode="align")))
+    return KVCacheConfig(num_blocks=spec.num_blocks, kv_cache_tensors=[], kv_cache_groups=groups)
 
 
 def make_tensors(spec: EngineSpec) -> dict[str, torch.Tensor]:
+    """Every layer's KV tensor; a hybrid model's second group views the first group's tensors."""
     inner = (spec.block_size, spec.kv_heads, spec.head_dim)
     shape: tuple[int, ...] = (2, spec.num_blocks) + inner if spec.layout == "kv_first" else (spec.num_blocks, 2) + inner
     if spec.layout == "mla":  # vLLM's MLA backends: [num_blocks, block_size, latent] per layer
         shape = (spec.num_blocks, spec.block_size, MLA_LATENT)
-    return {name: torch.zeros(shape, dtype=torch.float16) for name in make_kv_cache_config(spec).kv_cache_groups[0].layer_names}
+    groups = make_kv_cache_config(spec).kv_cache_groups
+    out = {name: torch.zeros(shape, dtype=torch.float16) for name in groups[0].layer_names}
+    for g in groups[1:]:
+        out.update({name: t for name, t in zip(g.layer_names, list(out.values()))})
+    return out
 
 
 # -- workers ------------------------------------------------------------------------------
@@ -176,7 +206,7 @@ class RankWorker:
         self.connector = KVConnectorFactory.create_connector(config=vc, role=KVConnectorRole.WORKER,
                                                              kv_cache_config=make_kv_cache_config(spec))
         self.tensors = make_tensors(spec)
-        kv = EngineKV.from_layers(self.tensors, num_blocks=spec.num_blocks)
+        kv = EngineKV.from_layers(distinct_tensors(self.tensors), num_blocks=spec.num_blocks)
         self.oracle = Oracle(kv, 0 if spec.layout == "mla" else rank)  # MLA: the same latent KV on every rank
         self.connector.register_kv_caches(self.tensors)
 
@@ -192,8 +222,9 @@ class RankWorker:
         for b, h in work.fills:
             self.oracle.fill(b, h)
         c.wait_for_save()
-        sending, recving = c.get_finished(work.finished_req_ids)
-        out = KVConnectorOutput(finished_sending=sending, finished_recving=recving,
+        res = c.get_transfer_results(work.finished_req_ids)  # as vLLM's model runner asks
+        out = KVConnectorOutput(finished_sending=res.finished_sending or None,
+                                finished_recving=res.finished_recving or None, failed_recving=res.failed_recving,
                                 invalid_block_ids=c.get_block_ids_with_load_errors(),
                                 kv_connector_stats=c.get_kv_connector_stats(),
                                 kv_connector_worker_meta=c.build_connector_worker_meta())
@@ -390,14 +421,19 @@ class Engine:
         c = so.scheduled_cached_reqs
         rows += [(rid, c.num_computed_tokens[i], rid in c.resumed_req_ids) for i, rid in enumerate(c.req_ids)]
         bs = self.bs
+        # Attention groups: (group, sliding window or None); the SSM group is not simulated.
+        groups = [(0, None)] + ([(1, self.spec.sliding_window)] if self.spec.hybrid == "sliding" else [])
         for rid, a, admitted in rows:
             b = a + so.num_scheduled_tokens[rid]
-            blocks = self.sched.kv_cache_manager.get_block_ids(rid)[0]
-            if admitted:
-                checks += [(blocks[i], self._hash(rid, i)) for i in range(a // bs)]
-            for i in range(a // bs, -(-b // bs)):
-                full = (i + 1) * bs <= b
-                fills.append((blocks[i], self._hash(rid, i) if full else mix64(zlib.crc32(f"{rid}:{i}:{b}".encode()))))
+            for g, window in groups:
+                blocks = self.sched.kv_cache_manager.get_block_ids(rid)[g]
+                if admitted:  # the blocks the forward pass reads: a sliding window's only
+                    checks += [(blocks[i], group_hash(self._hash(rid, i), g))
+                               for i in range(first_in_window(a // bs, window, bs), a // bs)]
+                for i in range(a // bs, -(-b // bs)):
+                    full = (i + 1) * bs <= b
+                    h = group_hash(self._hash(rid, i), g) if full else mix64(zlib.crc32(f"{rid}:{g}:{i}:{b}".encode()))
+                    fills.append((blocks[i], h))
         # A request may hit (in vLLM's prefix cache) blocks another request of the same batch
         # computes in this very forward pass; those are written before they are read.
         written = {blk for blk, _ in fills}

@@ -7,6 +7,7 @@ derives the same instance name (``vllm-<engine_id>``) and leader address from it
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvbm.config import load_config
@@ -53,17 +54,86 @@ def settings_for(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | No
     return Instance(config, name, leader_endpoint(config, name), block_size, world, fingerprint, mla)
 
 
-def check_supported(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None") -> None:
-    """Raise UnsupportedSetup for layouts whose blocks kvbm cannot identify by token ids alone."""
-    if kv_cache_config is not None and len(kv_cache_config.kv_cache_groups) != 1:
-        raise UnsupportedSetup(f"kvbm supports one KV cache group, this model has "
-                               f"{len(kv_cache_config.kv_cache_groups)} (hybrid attention)")
+@dataclass(frozen=True)
+class KVGroups:
+    """vLLM's KV cache groups in the planner's order (a full-attention group first).
+
+    ``order[i]``: the vLLM group id of planner group ``i``; ``windows[i]``: its sliding window
+    in tokens, ``None`` for full attention.
+    """
+
+    order: tuple[int, ...]
+    windows: tuple[int | None, ...]
+
+    def pick(self, per_group: "tuple[list[int], ...] | list[list[int]]") -> list[list[int]]:
+        """vLLM's per-group block id lists in the planner's order, the null block as -1
+        (a sliding-window group's blocks that slid out of the window)."""
+        out = [list(per_group[g]) for g in self.order]
+        if len(out) > 1:
+            out = [[b if b != NULL_BLOCK_ID else -1 for b in ids] for ids in out]
+        return out
+
+
+# vLLM's block pool hands out block 0 as its null block: a placeholder for blocks a group does
+# not hold (sliding-window blocks outside the window), never written.
+NULL_BLOCK_ID = 0
+
+
+def kv_groups(kv_cache_config: "KVCacheConfig | None") -> KVGroups:
+    """The KV cache groups kvbm offloads; UnsupportedSetup for a group it cannot.
+
+    One group: any attention but sliding-window-only (the layout before hybrid models). Several (vLLM's hybrid
+    KV cache manager): full-attention and sliding-window attention groups of one block size.
+    Any other group (SSM / Mamba state, chunked local attention, ...) holds state kvbm cannot
+    restore for loaded tokens, so kvbm stays out of such an engine (the engine runs, kvbm
+    offers no hits) instead of offering tokens that group would be left without.
+    """
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, MLAAttentionSpec, SlidingWindowSpec
+
+    if kv_cache_config is None or len(kv_cache_config.kv_cache_groups) <= 1:
+        if kv_cache_config is not None and kv_cache_config.kv_cache_groups:
+            spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+            # Under the hybrid manager a model whose every layer has a sliding window frees
+            # blocks behind the window while a request runs; with it off (the engine's
+            # --disable-hybrid-kv-cache-manager) the window is kept as full attention.
+            if isinstance(spec, (SlidingWindowSpec, MambaSpec)):
+                raise UnsupportedSetup(f"the model's only KV cache group is {type(spec).__name__}: kvbm needs a "
+                                       f"full-attention group (for sliding-window-only models run vLLM with "
+                                       f"--disable-hybrid-kv-cache-manager)")
+        return KVGroups((0,), (None,))
+
+    full: list[int] = []
+    windowed: list[tuple[int, int]] = []
+    sizes = set()
+    for g, group in enumerate(kv_cache_config.kv_cache_groups):
+        spec = group.kv_cache_spec
+        sizes.add(spec.block_size)
+        if type(spec) in (FullAttentionSpec, MLAAttentionSpec):
+            full.append(g)
+        elif type(spec) is SlidingWindowSpec:
+            windowed.append((g, spec.sliding_window))
+        else:
+            raise UnsupportedSetup(f"KV cache group {g} is {type(spec).__name__}: kvbm offloads full-attention "
+                                   f"and sliding-window groups only (it cannot restore that group's state)")
+    if not full:
+        raise UnsupportedSetup("kvbm needs a full-attention KV cache group; this model has sliding-window "
+                               "attention only")
+    if len(sizes) != 1:
+        raise UnsupportedSetup(f"kvbm needs one block size for every KV cache group, got {sorted(sizes)}")
+    return KVGroups(tuple(full + [g for g, _ in windowed]),
+                    tuple([None] * len(full) + [w for _, w in windowed]))
+
+
+def check_supported(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None") -> KVGroups:
+    """The KV cache groups kvbm offloads; UnsupportedSetup for layouts whose blocks kvbm cannot
+    identify by token ids alone (see :func:`kv_groups`)."""
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise UnsupportedSetup("kvbm does not support pipeline parallelism (pipeline_parallel_size > 1)")
     if getattr(vllm_config.parallel_config, "decode_context_parallel_size", 1) > 1:
         # DCP splits a block's tokens across ranks: a rank's block is not the KV of the block's
         # tokens (and MLA's latent is no longer the same on every rank).
         raise UnsupportedSetup("kvbm does not support decode context parallelism (decode_context_parallel_size > 1)")
+    return kv_groups(kv_cache_config)
 
 
 def worker_rank(vllm_config: "VllmConfig", world_size: int) -> int:

@@ -13,6 +13,10 @@ current), at most ``DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS``: the engine serve
 before kvbm is ready, and at the deadline :class:`~kvbm.connector.bootstrap.KvbmNotReady`
 fails the engine's start with one line naming what was missing. The instance that spawned the
 leader stops it in ``shutdown`` (or at interpreter exit).
+
+The connector supports vLLM's hybrid KV cache manager (``SupportsHMA``), so configuring kvbm
+leaves it on: hybrid models get one kvbm block per (KV cache group, block), see
+:func:`~kvbm.vllm_integration.connector.common.kv_groups` for which groups kvbm offloads.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
+    SupportsHMA,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
@@ -71,7 +77,7 @@ _HIT_SOURCE = {Tier.HOST: CacheHitSource.HOST, Tier.DISK: CacheHitSource.DISK,
                Tier.OBJECT: CacheHitSource.EXTERNAL_UNSPECIFIED}
 
 
-class DynamoConnector(KVConnectorBase_V1):
+class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
     """kvbm's G2 (host) / G3 (disk) KV cache behind vLLM's KV connector API."""
 
     _cache_hit_source = CacheHitSource.HOST
@@ -85,20 +91,21 @@ class DynamoConnector(KVConnectorBase_V1):
         self._owns_leader = False
         self._finalizer: weakref.finalize | None = None
         try:
-            check_supported(vllm_config, kv_cache_config)
+            groups = check_supported(vllm_config, kv_cache_config)
             if role == KVConnectorRole.SCHEDULER:
                 self._take_leader()
                 kvec = vllm_config.kv_events_config
                 events = kvec is not None and bool(kvec.enable_kv_cache_events)
                 self.scheduler = KvbmScheduler(self.settings, LeaderClient(self.settings.endpoint),
-                                               events_enabled=events)
+                                               events_enabled=events, groups=groups)
                 try:
                     self.scheduler.wait_until_ready()
                 except KvbmNotReady:
                     self.shutdown()  # the engine does not start: leave no thread or leader behind
                     raise
             else:
-                self.worker = KvbmWorker(self.settings, worker_rank(vllm_config, self.settings.world_size))
+                self.worker = KvbmWorker(self.settings, worker_rank(vllm_config, self.settings.world_size),
+                                         hybrid=len(groups.order) > 1)
         except UnsupportedSetup as e:
             log.error("kvbm: %s; the engine runs without kvbm", e)
 
@@ -159,6 +166,14 @@ class DynamoConnector(KVConnectorBase_V1):
             return None, None
         return self.worker.get_finished()
 
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        # A hybrid model's failed loads are failed requests (vLLM refuses block-level load
+        # errors when there are several KV cache groups); they are also among finished_recving.
+        sending, recving = self.get_finished(finished_req_ids)
+        failed = self.worker.take_failed_recving() if self.worker is not None else set()
+        return KVConnectorTransferResults(finished_sending=set(sending or ()), finished_recving=set(recving or ()),
+                                          failed_recving=failed)
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.take_load_errors() if self.worker is not None else set()
 
@@ -203,6 +218,11 @@ class DynamoConnector(KVConnectorBase_V1):
         if self.scheduler is None:
             return False, None
         return self.scheduler.request_finished(request), None
+
+    def request_finished_all_groups(self, request: "Request",
+                                    block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
+        # The planner keeps every group's block ids itself: the decision is per request.
+        return self.request_finished(request, block_ids[0] if block_ids else [])
 
     def has_pending_block_frees(self) -> bool:
         # Stores finish within milliseconds: waiting for their blocks beats preempting a request.

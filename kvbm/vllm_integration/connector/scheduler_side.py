@@ -4,6 +4,8 @@ All the planning (hashing, hold-back of the last block, match, load and store pl
 counting, delayed frees, preemption) is the engine-neutral :class:`kvbm.connector.planner.Planner`;
 this class turns vLLM's ``Request``, ``KVCacheBlocks``, ``SchedulerOutput`` and
 ``KVConnectorOutput`` into planner calls, and the leader's block events into vLLM's KV events.
+Under vLLM's hybrid KV cache manager every block list is per KV cache group; the planner gets
+them in :class:`~kvbm.vllm_integration.connector.common.KVGroups` order.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from kvbm.ipc.messages import BlockEventKind
 from kvbm.leader.client import LeaderClient
 from kvbm.leader.registry import Tier
 from kvbm.connector.bootstrap import Instance, wait_until_ready
+from kvbm.vllm_integration.connector.common import KVGroups
 from kvbm.vllm_integration.connector.metadata import (
     DynamoConnectorMetadata,
     DynamoWorkerMetadata,
@@ -43,15 +46,19 @@ def cacheable(request: "Request") -> bool:
 class KvbmScheduler:
     """Scheduler-side state of one engine. Not thread-safe (vLLM calls it from one thread)."""
 
-    def __init__(self, settings: Instance, client: LeaderClient, *, events_enabled: bool) -> None:
+    def __init__(self, settings: Instance, client: LeaderClient, *, events_enabled: bool,
+                 groups: KVGroups = KVGroups((0,), (None,))) -> None:
         self.settings = settings
+        self.groups = groups
+        self.multi = len(groups.order) > 1
         self.block_size = settings.block_size
         self.client = client
         self.events_enabled = events_enabled
         # Lookups answer from a local replica of the leader's index (DYN_KVBM_INDEX_REPLICA).
         self.follower = follower_for(settings.config, settings.endpoint)
         replica = self.follower.replica if self.follower is not None else None
-        self.planner = Planner(settings.block_size, settings.world_size, client, replica=replica)
+        self.planner = Planner(settings.block_size, settings.world_size, client, replica=replica,
+                               windows=groups.windows)
 
     # -- lookups -------------------------------------------------------------------------
     def _track(self, request: "Request") -> bool:
@@ -80,22 +87,46 @@ class KvbmScheduler:
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
         # num_external_tokens == 0 also on the second call, after an async load finished.
-        if num_external_tokens:
+        if not num_external_tokens:
+            return
+        if self.multi:
+            first, *rest = self.groups.pick(blocks.get_block_ids())
+            self.planner.load_after_alloc(request.request_id, first, num_external_tokens, rest)
+        else:
             self.planner.load_after_alloc(request.request_id, blocks.get_block_ids()[0], num_external_tokens)
 
     # -- per step ------------------------------------------------------------------------
     def build_connector_meta(self, so: "SchedulerOutput") -> DynamoConnectorMetadata:
         tokens = so.num_scheduled_tokens
-        scheduled = [ScheduledRequest(nr.req_id, nr.num_computed_tokens, tokens[nr.req_id], nr.block_ids[0], True)
-                     for nr in so.scheduled_new_reqs]
+        if self.multi:
+            scheduled = self._scheduled_groups(so)
+        else:
+            scheduled = [ScheduledRequest(nr.req_id, nr.num_computed_tokens, tokens[nr.req_id], nr.block_ids[0], True)
+                         for nr in so.scheduled_new_reqs]
+            cached = so.scheduled_cached_reqs
+            for i, req_id in enumerate(cached.req_ids):
+                new_ids = cached.new_block_ids[i]
+                scheduled.append(ScheduledRequest(req_id, cached.num_computed_tokens[i], tokens[req_id],
+                                                  new_ids[0] if new_ids is not None else None,
+                                                  req_id in cached.resumed_req_ids))
+        plan = self.planner.step(scheduled, list(so.preempted_req_ids or ()))
+        return DynamoConnectorMetadata(plan.loads, plan.stores, plan.preempted, plan.delayed_free)
+
+    def _scheduled_groups(self, so: "SchedulerOutput") -> list[ScheduledRequest]:
+        """The step's requests with every KV cache group's new blocks (hybrid models)."""
+        tokens = so.num_scheduled_tokens
+        scheduled = []
+        for nr in so.scheduled_new_reqs:
+            first, *rest = self.groups.pick(nr.block_ids)
+            scheduled.append(ScheduledRequest(nr.req_id, nr.num_computed_tokens, tokens[nr.req_id], first, True, rest))
         cached = so.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             new_ids = cached.new_block_ids[i]
-            scheduled.append(ScheduledRequest(req_id, cached.num_computed_tokens[i], tokens[req_id],
-                                              new_ids[0] if new_ids is not None else None,
-                                              req_id in cached.resumed_req_ids))
-        plan = self.planner.step(scheduled, list(so.preempted_req_ids or ()))
-        return DynamoConnectorMetadata(plan.loads, plan.stores, plan.preempted, plan.delayed_free)
+            groups: list[list[int] | None] = list(self.groups.pick(new_ids)) if new_ids is not None else [None]
+            scheduled.append(ScheduledRequest(req_id, cached.num_computed_tokens[i], tokens[req_id], groups[0],
+                                              req_id in cached.resumed_req_ids,
+                                              groups[1:] or [None] * (len(self.groups.order) - 1)))
+        return scheduled
 
     def update_connector_output(self, output: "KVConnectorOutput") -> None:
         self.planner.blocks_freed(list(output.finished_sending or ()))

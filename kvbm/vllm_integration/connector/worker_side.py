@@ -5,13 +5,19 @@ scheduler side planned and reports their completions; this class turns them into
 asks for:
 
 * loads are submitted in ``start_load_kv`` and reported per request in ``finished_recving``
-  (also when they failed: their blocks then go to ``get_block_ids_with_load_errors``);
+  (also when they failed: their blocks then go to ``get_block_ids_with_load_errors``; for a
+  hybrid model, whose block ids vLLM cannot map back to requests, the request goes to
+  ``failed_recving`` instead and is recomputed whole);
 * stores are submitted in ``wait_for_save``, after the forward pass wrote every layer, never
   earlier; their completions go back to the scheduler as worker metadata, and requests whose
   block free the scheduler delayed are reported in ``finished_sending`` once their stores are
   done;
 * ``handle_preemptions`` waits for the stores still reading blocks of preempted requests,
   because this step's forward pass may overwrite them.
+
+Under vLLM's hybrid KV cache manager the layers of different KV cache groups share KV tensors
+(layer ``i`` of every group views tensor ``i``) and block ids are unique across groups: a block
+is copied as every distinct tensor's bytes of that block, whichever group holds it now.
 """
 
 from __future__ import annotations
@@ -28,22 +34,48 @@ from kvbm.vllm_integration.connector.metadata import (
     LoadOp,
 )
 from kvbm.worker.agent import RankAgent, RankIdentity
+from kvbm.worker.layout import LayoutError
 
 log = logging.getLogger("kvbm.vllm")
+
+
+def distinct_tensors(kv_caches: Mapping[str, Any]) -> dict[str, Any]:
+    """The first layer of each distinct KV tensor (by its data address), in registration order:
+    the layers of a hybrid model's groups view the same tensors, copied once per block.
+
+    Raises LayoutError for layers that overlap another's memory without being the same view
+    (another shape or start): a block id would then name different bytes in each, and copying
+    one group's block could overwrite another block.
+    """
+    seen: dict[int, tuple[Any, int]] = {}  # start -> (first layer's tensor, end)
+    out: dict[str, Any] = {}
+    for name, t in kv_caches.items():
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        first = seen.get(start)
+        if first is not None and tuple(first[0].shape) == tuple(t.shape) and first[1] == end:
+            continue
+        if first is not None or any(s < end and start < e for s, (_, e) in seen.items()):
+            raise LayoutError(f"layer {name}'s KV tensor overlaps another layer's without being the same view")
+        seen[start] = (t, end)
+        out[name] = t
+    return out
 
 
 class KvbmWorker:
     """One rank's connector state. vLLM calls it from the model runner's thread only."""
 
-    def __init__(self, settings: Instance, rank: int) -> None:
+    def __init__(self, settings: Instance, rank: int, *, hybrid: bool = False) -> None:
         self.settings = settings
         self.rank = rank
+        self.hybrid = hybrid
         self.ops = WorkerOps(rank)
         self.stats = KvbmConnectorStats()
         self._delayed: set[str] = set()  # finished requests waiting for their stores
         self._sending: set[str] = set()  # to report as finished_sending
         self._recving: set[str] = set()  # to report as finished_recving
         self._invalid: set[int] = set()  # engine blocks whose load failed
+        self._failed: set[str] = set()  # hybrid models: requests whose load failed
         self._stores_done: dict[int, int] = {}
 
     @property
@@ -57,8 +89,10 @@ class KvbmWorker:
     def register_kv_caches(self, kv_caches: Mapping[str, Any], num_blocks: int | None) -> None:
         """Describe this rank's KV tensors and start the init sync in the background."""
         s = self.settings
+        # (a LayoutError of distinct_tensors is attach's: logged, and this rank serves without kvbm)
+        layers = (lambda: distinct_tensors(kv_caches)) if self.hybrid else (lambda: kv_caches)
         self.ops.attach(next(iter(kv_caches.values()), None),
-                        lambda cls: cls.from_layers(kv_caches, num_blocks=num_blocks or None),
+                        lambda cls: cls.from_layers(layers(), num_blocks=num_blocks or None),
                         endpoint=s.endpoint, identity=RankIdentity(self.rank, s.world_size, s.block_size, s.fingerprint, s.replicated),
                         config=s.config, what="these KV caches")
 
@@ -85,11 +119,15 @@ class KvbmWorker:
 
     def _load_done(self, op: LoadOp, ok: bool) -> None:
         self._recving.add(op.req_id)
-        self._invalid.update(op.failed_blocks)
+        if self.hybrid and (op.failed_blocks or not ok):
+            self._failed.add(op.req_id)
+        else:
+            self._invalid.update(op.failed_blocks)
         if ok:
             self.stats.add("loaded_blocks", len(op.blocks))
         else:
-            self._invalid.update(op.blocks)
+            if not self.hybrid:
+                self._invalid.update(op.blocks)
             self.stats.add("failed_load_ops", 1)
 
     def _completed(self, done: list[LoadDone | StoreDone]) -> None:
@@ -111,6 +149,11 @@ class KvbmWorker:
         sending, recving = self._sending, self._recving
         self._sending, self._recving = set(), set()
         return sending or None, recving or None
+
+    def take_failed_recving(self) -> set[str]:
+        """Requests reported received (get_finished) whose load failed: recomputed whole."""
+        out, self._failed = self._failed, set()
+        return out
 
     def take_load_errors(self) -> set[int]:
         out, self._invalid = self._invalid, set()
