@@ -274,7 +274,7 @@ def test_group_identities_and_sliding_windows() -> None:
     get identities of their own; a window's first block is the first one vLLM does not free."""
     from kvbm.connector.planner import first_in_window, group_hash
 
-    hashes = sequence_hashes(_prompt(4, 9), BS, EMPTY_SALT_HASH)
+    hashes = sequence_hashes(random_prompts(1, 4 * BS, seed=9)[0], BS, EMPTY_SALT_HASH)
     assert [group_hash(h, 0) for h in hashes] == hashes
     ids = {group_hash(h, g) for h in hashes for g in range(3)}
     assert len(ids) == 12 and 0 not in ids
