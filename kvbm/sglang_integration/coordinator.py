@@ -4,7 +4,7 @@ SGLang calls every rank's backend on its own, with the same page keys (each rank
 the bytes), and each rank's ``batch_set`` reports its own outcome. kvbm's leader counts an op
 done once every rank reported its part of it, so the ranks must share the op: rank 0 runs a
 :class:`Coordinator` (a ZMQ ROUTER on its own thread, ``<run dir>/<instance>-ranks.sock``) and
-every rank's call :meth:`RankLink.join`\ s its batch.
+every rank's call joins its batch (:meth:`RankLink.join`).
 
 * **Stores** are granted at once: the first rank to join a page allocates it (``AllocateStore``);
   a rank joining later gets the op and slot of that page, so the ranks need not send the same
