@@ -110,7 +110,8 @@ class KvbmScheduler:
                                                   new_ids[0] if new_ids is not None else None,
                                                   req_id in cached.resumed_req_ids))
         plan = self.planner.step(scheduled, list(so.preempted_req_ids or ()))
-        return DynamoConnectorMetadata(plan.loads, plan.stores, plan.preempted, plan.delayed_free)
+        return DynamoConnectorMetadata(plan.loads, plan.stores, plan.preempted, plan.delayed_free,
+                                       idle=so.total_num_scheduled_tokens == 0)
 
     def _scheduled_groups(self, so: "SchedulerOutput") -> list[ScheduledRequest]:
         """The step's requests with every KV cache group's new blocks (hybrid models)."""
