@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
+from kvbm.connector.ops import IDLE_STEP_WAIT_S
 from kvbm.connector.worker import LoadDone, StoreDone, WorkerOps
 from kvbm.connector.bootstrap import Instance
 from kvbm.vllm_integration.connector.metadata import (
@@ -37,10 +38,6 @@ from kvbm.worker.agent import RankAgent, RankIdentity
 from kvbm.worker.layout import LayoutError
 
 log = logging.getLogger("kvbm.vllm")
-
-IDLE_STEP_WAIT_S = 0.005
-"""How long a step that computed nothing waits for a load (a new request waits at most this
-long for the engine to take it in; a loading request gets the copy thread's full speed)."""
 
 
 def distinct_tensors(kv_caches: Mapping[str, Any]) -> dict[str, Any]:
