@@ -1,0 +1,111 @@
+"""The bytes of a host block: where each rank's part of the KV lies.
+
+A host block holds, per layer and K/V (``outer``), one *region* of the block's KV. Two formats:
+
+* **rank slices** (the fallback): rank ``r``'s whole slice ``[layers, outer, region]`` sits at a
+  fixed offset, after the slices of ranks ``0..r-1``. The bytes depend on the TP size, so the
+  layout fingerprint names it (every rank's slice size).
+* **heads** (the TP-independent format, MHA/GQA models whose KV heads are split over the TP
+  ranks): the block is ``[layers, outer, region]`` with each region the model's *whole* region,
+  all KV heads in the model's head order, laid out as the engine lays out one rank's region
+  (token-major ``[tokens, heads, head]`` or head-major ``[heads, tokens, head]``). Rank ``r`` of
+  any TP size reads and writes the bytes of its own heads; a block is the same bytes at TP=1, 2
+  or 4, so a disk or object cache written at one TP size serves every other.
+
+A :class:`Placement` tells a copy engine where a rank's bytes of each region lie: ``rows``
+pieces of ``row_bytes`` (contiguous in the engine's region, one after the other) at ``pitch``
+apart in the host block. Token-major heads are one row per token (the rank's heads of that
+token); head-major heads and rank slices are one row per region.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """A rank's KV as a range of the model's KV heads (one region of one block, per layer and K/V)."""
+
+    total: int  # the model's KV heads
+    first: int  # the first head this rank holds
+    count: int  # heads this rank holds
+    head_bytes: int  # bytes of one head of one token
+    head_major: bool = False  # a region is [heads, tokens, head] (HND), else [tokens, heads, head] (NHD)
+
+    def __post_init__(self) -> None:
+        if min(self.total, self.count, self.head_bytes) < 1 or self.first < 0 or self.first + self.count > self.total:
+            raise ValueError(f"heads [{self.first}, {self.first + self.count}) of {self.total} "
+                             f"({self.head_bytes} B each) is not a range of the model's heads")
+
+    @property
+    def order(self) -> str:
+        """``HND`` or ``NHD``: the order of a region's bytes (it names the block format)."""
+        return "HND" if self.head_major else "NHD"
+
+    def region_bytes(self, tokens: int) -> int:
+        """Bytes of this rank's part of one region."""
+        return tokens * self.count * self.head_bytes
+
+    def model_region_bytes(self, tokens: int) -> int:
+        """Bytes of one whole region (every head): a host block's region in the heads format."""
+        return tokens * self.total * self.head_bytes
+
+
+def kv_head_range(total: int, tp_size: int, rank: int) -> tuple[int, int]:
+    """``(first, count)`` of the KV heads TP rank ``rank`` holds (Megatron's split, as vLLM,
+    TensorRT-LLM and SGLang do it): ``total / tp_size`` consecutive heads each, or, with fewer
+    heads than ranks, one head each, replicated over ``tp_size / total`` consecutive ranks."""
+    if total < 1 or tp_size < 1 or not 0 <= rank < tp_size:
+        raise ValueError(f"rank {rank} of TP {tp_size} with {total} KV heads")
+    if tp_size >= total:
+        if tp_size % total:
+            raise ValueError(f"{total} KV heads do not replicate evenly over TP {tp_size}")
+        return rank // (tp_size // total), 1
+    if total % tp_size:
+        raise ValueError(f"{total} KV heads do not split evenly over TP {tp_size}")
+    count = total // tp_size
+    return rank * count, count
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a rank's bytes of every region lie in a host block.
+
+    Region ``(layer, o)``'s ``i``-th row (``row_bytes``, the engine region's bytes
+    ``[i * row_bytes, (i + 1) * row_bytes)``) starts at
+    ``offset + (layer * outer + o) * region_stride + i * pitch`` from the block's start.
+    """
+
+    offset: int
+    region_stride: int
+    rows: int
+    row_bytes: int
+    pitch: int
+
+    @classmethod
+    def sliced(cls, slice_offset: int, region_bytes: int) -> "Placement":
+        """The rank-slices format: the slice ``[layers, outer, region]`` at ``slice_offset``."""
+        return cls(slice_offset, region_bytes, 1, region_bytes, region_bytes)
+
+    @classmethod
+    def heads(cls, split: HeadSplit, tokens: int) -> "Placement":
+        """The heads format: this rank's heads inside every whole-model region."""
+        if split.head_major:  # [heads, tokens, head]: the rank's heads are one piece
+            row = tokens * split.count * split.head_bytes
+            return cls(split.first * tokens * split.head_bytes, split.model_region_bytes(tokens), 1, row, row)
+        return cls(split.first * split.head_bytes, split.model_region_bytes(tokens), tokens,
+                   split.count * split.head_bytes, split.total * split.head_bytes)
+
+    @property
+    def region_bytes(self) -> int:
+        """Bytes of the rank's part of one region (its engine region)."""
+        return self.rows * self.row_bytes
+
+    def end(self, regions: int) -> int:
+        """One past the last byte of a block this placement touches, with ``regions`` regions."""
+        return self.offset + (regions - 1) * self.region_stride + (self.rows - 1) * self.pitch + self.row_bytes
+
+    def row_offsets(self, regions: int) -> list[int]:
+        """The block offset of every row, region by region (the copy engines' pieces)."""
+        return [self.offset + r * self.region_stride + i * self.pitch for r in range(regions) for i in range(self.rows)]
