@@ -100,23 +100,24 @@ class World:
     def heads(self) -> dict[int, HeadSplit] | None:
         """Each rank's heads when the world uses the heads format, else None (rank slices).
 
-        The heads format needs every rank to name its heads, and their ranges to tile the
-        model's heads (equal ranges are replicas; any other overlap or a gap falls back to
-        rank slices: a block must never hold bytes that no rank wrote).
+        The heads format needs the ranks to name their heads (all do or none: check_compatible)
+        and their ranges to tile the model's heads (equal ranges are replicas; any other overlap
+        or a gap falls back to rank slices: a block must never hold bytes that no rank wrote).
         """
         if self.replicated or not self.ranks:
             return None
-        splits = {r: info.layout.heads for r, info in self.ranks.items()}
-        if any(s is None for s in splits.values()):
-            return None
-        ranges = sorted({(s.first, s.count) for s in splits.values() if s is not None})
-        total = next(iter(splits.values())).total  # type: ignore[union-attr]  # all agree (check_compatible)
+        splits: dict[int, HeadSplit] = {}
+        for r, info in self.ranks.items():
+            split = info.layout.heads
+            if split is None:
+                return None
+            splits[r] = split
         covered = 0
-        for first, count in ranges:
+        for first, count in sorted({(s.first, s.count) for s in splits.values()}):
             if first != covered:
                 return None
             covered = first + count
-        return splits if covered == total else None  # type: ignore[return-value]
+        return splits if covered == splits[min(splits)].total else None
 
     @property
     def slice_sizes(self) -> list[int]:

@@ -443,12 +443,13 @@ class SimEngine:
         stores: list[list[Any]] = [[op.op_id, op.blocks, op.slots] for op in step.stores if op.blocks]
         results = self._broadcast({"cmd": "step", "loads": loads, "compute": compute, "stores": stores}, 120)
         bad_loads: set[int] = set()
-        for r in results:
+        for rank, r in enumerate(results):
             st.mismatches += r["mismatches"]
             bad_loads.update(r["load_failures"])
             st.store_failures += len(r["store_failures"])
-            st.bytes_loaded += r["loaded_blocks"] * self.model.slice_bytes
-            st.bytes_stored += r["stored_blocks"] * self.model.slice_bytes
+            slice_bytes = self.model.for_rank(self.world_size, rank).slice_bytes
+            st.bytes_loaded += r["loaded_blocks"] * slice_bytes
+            st.bytes_stored += r["stored_blocks"] * slice_bytes
         st.load_seconds += max((r["load_seconds"] for r in results), default=0.0)
         st.store_seconds += max((r["store_seconds"] for r in results), default=0.0)
         st.blocks_loaded += sum(len(op[2]) for op in loads if op[0] not in bad_loads)
