@@ -195,6 +195,31 @@ def test_abort_while_waiting_for_the_load(make_engine) -> None:
 
 
 @pytest.mark.slow  # the engine spawns a leader process
+def test_a_disk_cache_written_at_tp2_serves_tp1(make_engine, kvbm_env) -> None:
+    """The model's 2 KV heads at TP = 2 (one per rank process) under the real scheduler: the ranks
+    register their heads, so a block is the heads format, the same bytes as at TP = 1, and a TP = 1
+    engine of the same model serves the TP = 2 engine's persistent disk cache, every loaded byte
+    checked against the per-head oracle."""
+    kvbm_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="24", DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS="256",
+             DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="1", DYN_KVBM_DISK_CACHE_PERSIST="1")
+    p = random_prompts(1, 100, seed=12, vocab=VOCAB)[0]  # 6 full blocks + 4 tokens
+    tp2 = make_engine(tp=2, kv_heads=1, num_blocks=40, max_num_batched_tokens=64)
+    tp2.add("a", p, max_tokens=1)
+    finish_clean(tp2)
+    assert tp2.quiesce().disk_tier.counters.offloaded_blocks == 6
+    tp2.close()
+    [name] = os.listdir(os.environ["DYN_KVBM_DISK_CACHE_DIR"])
+    tp1 = make_engine(kv_heads=2, num_blocks=40, max_num_batched_tokens=64)
+    assert tp1.workers[0].connector.worker.agent.ident.heads.count == 2
+    assert tp1.quiesce().disk.registered == 6  # the TP = 2 engine's file, re-indexed
+    tp1.add("b", p, max_tokens=1)
+    finish_clean(tp1)
+    s = tp1.stats
+    assert s.external_hit_tokens == 96 and s.checked_blocks == 6 and s.mismatches == 0
+    assert os.listdir(os.environ["DYN_KVBM_DISK_CACHE_DIR"]) == [name]
+
+
+@pytest.mark.slow  # the engine spawns a leader process
 def test_load_errors_are_recomputed(make_engine, kvbm_env) -> None:
     """A disk block that fails its checksum on staging is reported through
     get_block_ids_with_load_errors and vLLM recomputes it: no wrong byte is ever served."""
