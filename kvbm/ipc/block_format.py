@@ -91,8 +91,9 @@ class Placement:
     @classmethod
     def heads(cls, split: HeadSplit, tokens: int) -> "Placement":
         """The heads format: this rank's heads inside every whole-model region."""
-        if split.head_major:  # [heads, tokens, head]: the rank's heads are one piece
-            row = tokens * split.count * split.head_bytes
+        if split.head_major or split.count == split.total:
+            # [heads, tokens, head], or every head: the rank's part of a region is one piece.
+            row = split.region_bytes(tokens)
             return cls(split.first * tokens * split.head_bytes, split.model_region_bytes(tokens), 1, row, row)
         return cls(split.first * split.head_bytes, split.model_region_bytes(tokens), tokens,
                    split.count * split.head_bytes, split.total * split.head_bytes)
