@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kvbm.ipc import messages as m
-from kvbm.ipc.block_format import HeadSplit, Placement, kv_head_range
+from kvbm.ipc.block_format import HeadSplit, Placement, choose_heads, kv_head_range
 from kvbm.leader.ops import OpKind
 from kvbm.leader.world import LayoutMismatch, World
 from kvbm.worker.copy import NumpyCopyEngine
@@ -36,6 +36,14 @@ def test_placements_of_both_orders() -> None:
     assert Placement.sliced(100, 40).end(3) == 100 + 3 * 40
     with pytest.raises(ValueError):
         HeadSplit(8, 6, 4, 64)  # past the model's heads
+
+
+def test_the_block_format_setting_chooses_the_heads_a_rank_registers() -> None:
+    split_nhd, split_hnd, whole = HeadSplit(8, 4, 4, 64), HeadSplit(8, 4, 4, 64, head_major=True), HeadSplit(8, 0, 8, 64)
+    assert [choose_heads(s, 16, "heads") for s in (split_nhd, split_hnd, None)] == [split_nhd, split_hnd, None]
+    assert [choose_heads(s, 16, "slices") for s in (split_nhd, split_hnd, whole)] == [None] * 3
+    # auto: the heads format where a rank's heads are one piece of each region (no extra copies)
+    assert [choose_heads(s, 16, "auto") for s in (split_nhd, split_hnd, whole)] == [None, split_hnd, whole]
 
 
 def _register(rank: int, world: int, split: HeadSplit | None, *, slice_bytes: int | None = None,

@@ -110,3 +110,18 @@ class Placement:
     def row_offsets(self, regions: int) -> list[int]:
         """The block offset of every row, region by region (the copy engines' pieces)."""
         return [self.offset + r * self.region_stride + i * self.pitch for r in range(regions) for i in range(self.rows)]
+
+
+def choose_heads(split: HeadSplit | None, tokens: int, block_format: str) -> HeadSplit | None:
+    """The heads a rank registers under ``DYN_KVBM_BLOCK_FORMAT`` (None: its bytes are a slice).
+
+    ``heads``: always (the TP-independent format); ``slices``: never; ``auto``: where the rank's
+    heads are one piece of every region (every head, or head-major regions), so the heads
+    format costs no extra copies; token-major regions split over ranks would take one row per
+    token, measured at about half the CPU copy rate of a slice (docs/benchmarks.md).
+    """
+    if split is None or block_format == "slices":
+        return None
+    if block_format == "heads" or Placement.heads(split, tokens).rows == 1:
+        return split
+    return None

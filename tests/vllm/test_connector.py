@@ -196,12 +196,13 @@ def test_abort_while_waiting_for_the_load(make_engine) -> None:
 
 @pytest.mark.slow  # the engine spawns a leader process
 def test_a_disk_cache_written_at_tp2_serves_tp1(make_engine, kvbm_env) -> None:
-    """The model's 2 KV heads at TP = 2 (one per rank process) under the real scheduler: the ranks
-    register their heads, so a block is the heads format, the same bytes as at TP = 1, and a TP = 1
+    """The model's 2 KV heads at TP = 2 (one per rank process) under the real scheduler, with
+    DYN_KVBM_BLOCK_FORMAT=heads: the ranks register their heads, so a block is the heads format,
+    the same bytes as at TP = 1, and a TP = 1
     engine of the same model serves the TP = 2 engine's persistent disk cache, every loaded byte
     checked against the per-head oracle."""
     kvbm_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="24", DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS="256",
-             DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="1", DYN_KVBM_DISK_CACHE_PERSIST="1")
+             DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="1", DYN_KVBM_DISK_CACHE_PERSIST="1", DYN_KVBM_BLOCK_FORMAT="heads")
     p = random_prompts(1, 100, seed=12, vocab=VOCAB)[0]  # 6 full blocks + 4 tokens
     tp2 = make_engine(tp=2, kv_heads=1, num_blocks=40, max_num_batched_tokens=64)
     tp2.add("a", p, max_tokens=1)

@@ -214,7 +214,8 @@ class SimEngine:
         for r in ranks if ranks is not None else range(self.world_size):
             cmd = [sys.executable, "-m", "kvbm.testing.sim.rank", "--control", self._ctl_endpoint,
                    "--leader", self.endpoint, "--rank", str(r), "--world", str(self.world_size),
-                   "--model", model_hex, "--init-timeout", str(self.init_timeout_s), "--seed", str(self.seed)]
+                   "--model", model_hex, "--init-timeout", str(self.init_timeout_s), "--seed", str(self.seed),
+                   "--block-format", self.config.block_format]
             self.ranks.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
         for _ in ranks if ranks is not None else range(self.world_size):
             self._await_hello()  # all ranks start in parallel

@@ -99,7 +99,7 @@ def _wait(ops: WorkerOps, in_flight: Callable[[], int], timeout_s: float) -> dic
 
 
 def serve(control: str, leader: str, rank: int, world: int, model: SimModel, fingerprint: str,
-          init_timeout_s: float, seed: int) -> int:
+          init_timeout_s: float, seed: int, block_format: str = "auto") -> int:
     heads = model.head_split(world, rank)
     _tensors, kv = make_kv(model.for_rank(world, rank))
     # MLA: every rank computes the same latent KV, so every rank's oracle is rank 0's; heads
@@ -110,7 +110,8 @@ def serve(control: str, leader: str, rank: int, world: int, model: SimModel, fin
     ops = WorkerOps(rank)
     ops.attach(kv, lambda _cls: kv, endpoint=leader,
                identity=RankIdentity(rank, world, model.block_size, fingerprint, model.mla, heads),
-               config=dataclasses.replace(KvbmConfig(), init_timeout_s=init_timeout_s), what="the simulated KV")
+               config=dataclasses.replace(KvbmConfig(), init_timeout_s=init_timeout_s, block_format=block_format),
+               what="the simulated KV")
     agent = ops.agent
     assert agent is not None
     sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
@@ -197,12 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fingerprint", default="sim")
     p.add_argument("--init-timeout", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--block-format", default="auto", help="DYN_KVBM_BLOCK_FORMAT of the engine")
     a = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("KVBM_SIM_LOG", "WARNING"), stream=sys.stderr,
                         format=f"%(asctime)s rank{a.rank} %(levelname)s %(message)s")
     model = SimModel(**msgpack.unpackb(bytes.fromhex(a.model)))
     try:
-        return serve(a.control, a.leader, a.rank, a.world, model, a.fingerprint, a.init_timeout, a.seed)
+        return serve(a.control, a.leader, a.rank, a.world, model, a.fingerprint, a.init_timeout, a.seed,
+                     a.block_format)
     except KeyboardInterrupt:
         # Ctrl-C reaches the whole process group: the scheduler reports it, the rank just exits.
         return 130
