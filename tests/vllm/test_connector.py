@@ -194,6 +194,21 @@ def test_abort_while_waiting_for_the_load(make_engine) -> None:
     finish_clean(eng)
 
 
+def test_head_split_reads_the_heads_and_their_order_from_the_tensor_shape() -> None:
+    from kvbm.ipc.block_format import HeadSplit
+    from kvbm.vllm_integration.connector.common import head_split
+
+    # 8 KV heads at TP=2, rank 1: heads 4..7; fp16 dim 128 (256 B a head and token).
+    assert head_split((2, 100, 16, 4, 128), 2, 16, 8, 2, 1) == HeadSplit(8, 4, 4, 256)  # [2, blocks, tokens, heads, dim]
+    assert head_split((100, 2, 16, 4, 128), 2, 16, 8, 2, 1) == HeadSplit(8, 4, 4, 256)  # [blocks, 2, tokens, heads, dim]
+    assert head_split((100, 4, 16, 256), 2, 16, 8, 2, 1) == HeadSplit(8, 4, 4, 512, head_major=True)  # [B, H, N, 2 x dim]
+    assert head_split((2, 100, 16, 1, 128), 2, 16, 2, 4, 3) == HeadSplit(2, 1, 1, 256)  # a replicated head
+    assert head_split((2, 100, 16, 16, 128), 2, 16, 32, 2, 0) is None  # as many heads as tokens: ambiguous
+    assert head_split((2, 100, 16, 2, 128), 2, 16, 8, 2, 0) is None  # the shape does not show vLLM's split
+    assert head_split((100, 16, 576), 2, 16, 0, 2, 0) is None  # MLA: no heads
+    assert head_split((2, 100, 16, 3, 128), 2, 16, 6, 4, 0) is None  # 6 heads do not split over 4 ranks
+
+
 @pytest.mark.slow  # the engine spawns a leader process
 def test_a_disk_cache_written_at_tp2_serves_tp1(make_engine, kvbm_env) -> None:
     """The model's 2 KV heads at TP = 2 (one per rank process) under the real scheduler, with
