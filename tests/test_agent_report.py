@@ -44,3 +44,34 @@ def test_reports_name_the_slots_stored_and_flush_means_applied(make_config) -> N
         for agent in agents:
             agent.close()
         leader.stop()
+
+
+@pytest.mark.slow  # a leader process
+def test_take_finished_waits_for_a_copy_in_flight(make_config) -> None:
+    """An engine step with nothing to compute waits on the agent for its load (the GIL released
+    to the copy thread) instead of returning empty and spinning: the load comes back whole."""
+    cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="8")
+    leader = spawn_leader(cfg, f"agent-wait-{os.getpid()}")
+    client = LeaderClient(leader.endpoint)
+    layout = KVLayout("pages", 1, 4, 1, 64, "uint8")
+    engine = np.zeros((4, 1, 64), np.uint8)
+    agent = RankAgent(leader.endpoint, RankIdentity(0, 1, 16, "fp"), EngineKV(layout, [engine]), init_timeout_s=20)
+    try:
+        agent.start()
+        assert agent.wait_ready(20)
+        assert agent.take_finished(wait_s=0.01) == []  # nothing in flight: the wait just ends
+        engine[1] = 7
+        grant = client.allocate_store([201])
+        agent.submit_store(grant.op_id, [1], grant.slots)
+        (done,) = agent.take_finished(wait_s=10)
+        assert done.op_id == grant.op_id and done.ok
+        assert agent.flush(10) and client.match([201]).host == 1
+        load = client.prepare_load([201])
+        agent.submit_load(load.op_id, load.slots, [3])
+        (done,) = agent.take_finished(wait_s=10)
+        assert done.op_id == load.op_id and done.kind == "load" and done.ok
+        assert (engine[3] == 7).all()
+    finally:
+        client.close()
+        agent.close()
+        leader.stop()

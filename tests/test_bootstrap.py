@@ -79,15 +79,18 @@ def test_wait_names_the_missing_rank_at_the_init_timeout(make_config) -> None:
         sim.stop()
 
 
-def test_wait_returns_once_every_rank_is_ready(make_config) -> None:
+def test_wait_returns_once_every_rank_is_ready(make_config, caplog) -> None:
     cfg = make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="16", DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS="20")
     sim = SimEngine(cfg, world_size=2, model=SimModel(num_layers=1, num_gpu_blocks=32))
-    client = LeaderClient(sim.endpoint)
+    client = LeaderClient(sim.endpoint)  # before the leader exists, as an engine's scheduler may
     try:
-        sim.start()
-        wait_until_ready(_instance(sim), client, what="the test engine")  # no sim.wait_ready first
+        with caplog.at_level("INFO"):
+            sim.start()
+            wait_until_ready(_instance(sim), client, what="the test engine")  # no sim.wait_ready first
         status = client.status
         assert status is not None and status.leader_state is LeaderState.READY and status.world_size == 2
+        # A leader still starting is what a start-up wait is for: no "unavailable" warning on the way.
+        assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
     finally:
         client.close()
         sim.stop()

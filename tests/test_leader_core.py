@@ -18,7 +18,8 @@ from kvbm.config import KvbmConfig
 from kvbm.ipc import messages as m
 from kvbm.ipc.messages import BlockEventKind
 from kvbm.ipc.stats import LeaderStats
-from kvbm.leader.core import OP_TIMEOUT_S, LeaderCore, LeaderState, Outbound
+from kvbm.leader.core import OP_TIMEOUT_S, LeaderCore, LeaderState
+from kvbm.leader.replies import Outbound
 from kvbm.leader.index import IndexLog
 from kvbm.leader.polls import ParkedPolls
 from kvbm.leader.disk import BlockKey, StoredBlock
@@ -807,7 +808,7 @@ def test_several_long_polls_park_at_once_one_per_peer(host_only) -> None:
     assert sorted((o.peer, o.request_id) for o in out) == sorted(rids.items())
     assert all(_entries(o.message) == [(STORED, Tier.HOST, 7)] for o in out)  # type: ignore[arg-type]
     rid = _park(h, b"f2", seq + 1, 1000)
-    assert h.core.drain_polls() == [Outbound(b"f2", rid, m.IndexUpdates(False, seq + 1, b"", b"", b""))]
+    assert h.core.answer_polls(None) == [Outbound(b"f2", rid, m.IndexUpdates(False, seq + 1, b"", b"", b""))]
     assert len(h.core.polls) == 0
 
 
@@ -915,7 +916,7 @@ def test_object_put_is_matchable_only_after_it_succeeded_and_loads_stage_back(wi
         h.ack(r, g.op_id)
     st = h.stats()
     assert st.counters.blocks_loaded_from_object == 3 and st.object_tier.counters.onboarded_blocks == 3 and st.host.pinned == 0
-    ev = h.core.take_events()
+    ev = h.core.events.take()
     stored_in_g4 = [hh for k, t, hh in zip(ev.kinds, ev.tiers, m.unpack_hashes(ev.hashes)) if (k, t) == (0, 4)]
     assert stored_in_g4 == [1, 2, 3, 4, 8, 9, 10, 11] and Tier.OBJECT.medium == "EXTERNAL"
     assert all(t != int(Tier.OBJECT) for t in h.since(0).tiers)  # the index stream carries G2/G3 only
@@ -989,7 +990,7 @@ def _toks(*hashes: int) -> bytes:
 def test_block_tokens_kept_while_a_tier_holds_the_block_and_only_with_events_on(make_config) -> None:
     h = Harness(make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="4",
                             DYN_KVBM_KV_EVENTS_ENDPOINT="tcp://127.0.0.1:5557"))
-    tokens = h.core.block_tokens
+    tokens = h.core.events.block_tokens
     assert tokens == {}
     bad = h.ask(m.AllocateStore(m.pack_hashes([1, 2]), 0, 0, _toks(1)[:32] * 2))
     assert isinstance(bad, m.ErrorReply) and bad.code == "bad_request"  # 16 tokens a block, not 8
@@ -1013,7 +1014,7 @@ def test_block_tokens_kept_while_a_tier_holds_the_block_and_only_with_events_on(
 
     off = Harness(make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="4"))
     off.store([1])
-    assert off.core.block_tokens is None and off.core.token_ids(1) == b""
+    assert off.core.events.block_tokens is None and off.core.token_ids(1) == b""
 
 
 def test_a_whole_engine_restarting_gets_every_rank_its_ready(host_only) -> None:

@@ -283,3 +283,24 @@ def test_group_identities_and_sliding_windows() -> None:
     assert first_in_window(6, 40, 16) == 3
     assert first_in_window(2, 40, 16) == 0
     assert first_in_window(9, 64, 32) == 7  # token 288 reads 225..287: blocks 7 and 8
+
+
+def test_an_idle_step_waits_for_its_pin_and_emits_the_load_at_once(sim: SimEngine) -> None:
+    """A step that computes nothing (vLLM: no token scheduled) passes ``wait_s``: the pin queued
+    while scheduling it goes out and its grant comes back within the same step, so the load
+    reaches the workers a step earlier than the non-waiting path does."""
+    tokens = random_prompts(1, 5 * BS, seed=6)[0]
+    sim.run([tokens])
+    sim.quiesce()
+    planner = Planner(BS, sim.world_size, LeaderClient(sim.endpoint))
+    try:
+        planner.add("r", tokens, EMPTY_SALT_HASH)
+        hit = planner.lookup("r", 0)
+        assert not planner.loads_pending()
+        planner.load_after_alloc("r", [20, 21, 22, 23, 24], hit)
+        assert planner.loads_pending() and planner.link.outstanding == 0  # queued for the step
+        plan = planner.step([], wait_s=10.0)  # a generous bound: the grant ends the wait
+        assert [(op.req_id, len(op.blocks)) for op in plan.loads] == [("r", 4)] and not planner.loads_pending()
+        planner.client.release(plan.loads[0].op_id)  # no worker runs this load
+    finally:
+        planner.shutdown()

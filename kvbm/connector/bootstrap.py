@@ -159,7 +159,7 @@ def wait_until_ready(inst: Instance, client: LeaderClient, *, what: str,
     deadline = time.monotonic() + timeout
     status = None
     while True:
-        status = client.refresh()
+        status = client.refresh(starting=True)
         if status is not None and status.leader_state in (LeaderState.READY, LeaderState.FAILED):
             break
         if time.monotonic() + poll_s > deadline:

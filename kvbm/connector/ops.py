@@ -8,6 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+IDLE_STEP_WAIT_S = 0.005
+"""How long an engine step that computes nothing (its requests wait for their KV) may wait for
+kvbm: the scheduler side for a load's pin, the workers for a load's copy. Returning at once
+would have the engine spin through idle steps, each holding the GIL the copy thread needs and
+putting the load off by a step; a new request waits at most this long to be taken in."""
+
 
 @dataclass
 class LoadOp:

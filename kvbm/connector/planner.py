@@ -789,6 +789,10 @@ class Planner:
             self._polling = True
             self._post([(m.PollLoads(list(self._staging)), _Poll(list(self._staging)))])
 
+    def loads_pending(self) -> bool:
+        """A pin or a staging poll is queued or out: its reply may complete a load op."""
+        return any(isinstance(w, (_Pin, _Poll)) for w in [*self._posted.values(), *(w for _, w in self._outbox)])
+
     def busy(self) -> bool:
         """Replies or disk staging still outstanding: the engine must keep stepping (a later
         step emits their ops, or releases what an aborted request was granted)."""

@@ -102,12 +102,13 @@ class WorkerOps:
         return True
 
     # -- completions ---------------------------------------------------------------------
-    def drain(self) -> list[LoadDone | StoreDone]:
-        """Ops finished since the last call, in completion order."""
+    def drain(self, wait_s: float = 0.0) -> list[LoadDone | StoreDone]:
+        """Ops finished since the last call, in completion order; ``wait_s``: wait up to that long
+        for a first one when none has finished yet."""
         if self.agent is None:
             return []
         out: list[LoadDone | StoreDone] = []
-        for f in self.agent.take_finished():
+        for f in self.agent.take_finished(wait_s):
             if f.kind == "load":
                 load = self._loads.pop(f.op_id, None)
                 if load is not None:

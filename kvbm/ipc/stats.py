@@ -49,6 +49,14 @@ class LeaderCounters:
     object_evictions: int = 0  # forgotten by the G4 index (the objects stay in the store)
     rejected_messages: int = 0
 
+    def count_match(self, queried: int, host: int, disk: int, obj: int) -> None:
+        """One lookup: blocks asked about and found in G2, then G3, then G4."""
+        self.match_requests += 1
+        self.match_blocks_queried += queried
+        self.match_host_blocks += host
+        self.match_disk_blocks += disk
+        self.match_object_blocks += obj
+
 
 @dataclass
 class TierCounters:

@@ -115,7 +115,7 @@ class LeaderClient:
         own calls never wait for the leader."""
         deadline = time.monotonic() + timeout_s
         while True:
-            status = self.refresh()
+            status = self.refresh(starting=True)
             if status is not None and status.leader_state is LeaderState.READY:
                 return True
             if status is not None and status.leader_state is LeaderState.FAILED:
@@ -124,13 +124,21 @@ class LeaderClient:
                 return False
             time.sleep(poll_s)
 
-    def refresh(self) -> m.Status | None:
+    def refresh(self, *, starting: bool = False) -> m.Status | None:
+        """Ask the leader for its status now (None: no answer). ``starting``: an engine's start-up
+        wait asks, which reports what was missing at its deadline: a leader not up yet, or
+        still waiting for ranks, is expected then and not logged."""
         try:
             self._status = self._rpc.call(m.GetStatus(), min(self.timeout_s, PROBE_TIMEOUT_S), m.Status)
         except (LeaderUnavailable, RemoteError) as e:
-            self._down(str(e))
+            if starting:
+                self._status = None
+            else:
+                self._down(str(e))
             return None
         self._probe_interval = PROBE_INTERVAL_S
+        if starting:
+            return self._status
         if self._status.leader_state is not LeaderState.READY:
             self._note(f"leader at {self.endpoint} is {self._status.state}: {self._status.error or 'waiting for ranks'}")
         elif self._logged is not None:

@@ -1,7 +1,8 @@
 """The leader core: every block-state transition, in one socket-free object.
 
-:class:`LeaderCore` owns the world of ranks (init sync, liveness), the block registry (G2 host,
-G3 disk and G4 object pools), the ops in flight and their rank acks, and the index change log.
+:class:`LeaderCore` owns the ranks' membership (:mod:`kvbm.leader.membership`: init sync,
+liveness), the block registry (G2 host, G3 disk and G4 object pools), the ops in flight and their
+rank acks, and the index change log; block events go to :mod:`kvbm.leader.event_log`.
 The traffic between G2 and each lower tier (offload, staging, admission, checksums, turning a
 failed tier off) is a :class:`kvbm.leader.tiers.TierPipeline` the core dispatches to. Messages
 come in as typed verbs with the time they are handled at (``now``); replies and messages for
@@ -25,21 +26,24 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, TypeVar
 
 import numpy as np
 
 from kvbm.config import KvbmConfig
 from kvbm.ipc import messages as m
-from kvbm.ipc.stats import LeaderCounters, LeaderState, LeaderStats, PoolStats, encode_stats
+from kvbm.ipc.stats import LeaderCounters, LeaderState, LeaderStats, encode_stats
 from kvbm.leader.capacity import pool_blocks
 from kvbm.leader.index import IndexLog
 from kvbm.leader.ops import Op, OpKind
 from kvbm.leader.polls import ParkedPoll, ParkedPolls
-from kvbm.leader.registry import BlockEvent, BlockRegistry, Tier, TierPool
+from kvbm.leader.event_log import BlockEventLog
+from kvbm.leader.membership import Membership
+from kvbm.leader.observers import Observers
+from kvbm.leader.registry import BlockRegistry, Tier
+from kvbm.leader.replies import Outbound, RequestRejected
 from kvbm.leader.storage import CacheStorage, StorageFactory
 from kvbm.leader.tiers import (
     DiskPipeline,
@@ -59,41 +63,6 @@ _M = TypeVar("_M", bound=m.Message)
 _P = TypeVar("_P", bound=TierPipeline[Any])
 
 OP_TIMEOUT_S = 300.0  # an op nobody completes (a client bug) is released after this
-MAX_EVENT_BACKLOG = 100_000
-
-
-class RequestRejected(Exception):
-    """A well-formed request that cannot be served; becomes an ErrorReply."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass(frozen=True)
-class Outbound:
-    """A message for a peer: ``request_id`` is the request it answers."""
-
-    peer: bytes
-    request_id: int
-    message: m.Message
-
-
-def _pool_stats(pool: TierPool) -> PoolStats:
-    return PoolStats(pool.capacity, pool.num_registered, pool.num_free, pool.num_writing, pool.num_pinned)
-
-
-class LeaderObserver(Protocol):
-    """Hooks for metrics and KV-event publishers; called on the leader's loop thread."""
-
-    def on_match(self, queried: int, host: int, disk: int, block_size: int, obj: int = 0) -> None:
-        """One lookup: blocks asked about, found in G2, found in G3 after that, then in G4."""
-
-    def on_transfer(self, direction: str, blocks: int, nbytes: int, seconds: float) -> None:
-        """A finished transfer; ``direction`` is a :class:`TransferDirection` value."""
-
-    def on_events(self, events: list[BlockEvent]) -> None:
-        """Block registrations and removals (both tiers), in order."""
 
 
 class LeaderCore:
@@ -104,23 +73,18 @@ class LeaderCore:
         """``storage`` creates the host pool and disk I/O once the world is known; ``now``: start time."""
         self.config = config
         self._storage_factory = storage
-        self.state = LeaderState.WAITING
-        self.error = ""
-        self.world = World()
+        self.members = Membership(init_timeout_s=config.init_timeout_s,
+                                  liveness_timeout_s=config.liveness_timeout_s, now=now)
         self.registry: BlockRegistry | None = None
         self.storage: CacheStorage | None = None
         self.counters = LeaderCounters()
-        self.events: deque[BlockEvent] = deque(maxlen=MAX_EVENT_BACKLOG)
-        self.observers: list[LeaderObserver] = []
-        # Token ids (u32 LE bytes) of the blocks held in some tier, kept only for KV events
-        # (routers index a block by its tokens): the engine's store allocations carry them.
-        self.block_tokens: dict[int, bytes] | None = {} if config.kv_events_endpoint else None
+        # Token ids are kept only for KV events (routers index a block by its tokens).
+        self.events = BlockEventLog(keep_tokens=bool(config.kv_events_endpoint))
+        self.observers = Observers()
         self.ops: dict[int, Op] = {}
         self.stop_requested = False
         self._op_ids = itertools.count(1)
         self._now = now
-        self._started = now
-        self._deadline = now + config.init_timeout_s
         ring = {} if index_ring_entries is None else {"ring_entries": index_ring_entries}
         self.index = IndexLog(first_seq=index_first_seq, **ring)
         self.polls = ParkedPolls()  # IndexSince long-polls waiting for the index to move
@@ -133,13 +97,13 @@ class LeaderCore:
             m.Heartbeat: self._on_heartbeat,
             m.TransferDone: self._on_transfer_done,
             m.GetStatus: lambda p, r, msg: self.status(),
-            m.Match: self._on_match,
+            m.Match: lambda p, r, msg: self.match(m.hash_array(_as(msg, m.Match).hashes)),
             m.PrepareLoad: lambda p, r, msg: self.prepare_load(m.unpack_hashes(_as(msg, m.PrepareLoad).hashes)),
             m.PollLoads: lambda p, r, msg: self.poll_loads(_as(msg, m.PollLoads).op_ids),
             m.AllocateStore: self._on_allocate_store,
             m.ReleaseOp: self._on_release_op,
             m.GetStats: lambda p, r, msg: m.StatsReply(*encode_stats(self.stats()), self.index.next_seq),
-            m.TakeEvents: lambda p, r, msg: self.take_events(),
+            m.TakeEvents: lambda p, r, msg: self.events.take(),
             m.IndexSince: self._on_index_since,
             m.LookupReport: lambda p, r, msg: self.lookup_report(_as(msg, m.LookupReport)),
             m.ResetCache: lambda p, r, msg: self.reset_cache(),
@@ -176,7 +140,19 @@ class LeaderCore:
         return m.ErrorReply(code, message)
 
     # ------------------------------------------------------------------------------------
-    # init sync and liveness
+    # init sync and liveness (who is in: :class:`Membership`; the cache and the ops: here)
+
+    @property
+    def state(self) -> LeaderState:
+        return self.members.state
+
+    @property
+    def error(self) -> str:
+        return self.members.error
+
+    @property
+    def world(self) -> World:
+        return self.members.world
 
     def _on_register(self, peer: bytes, rid: int, msg: m.Message) -> list[Outbound] | m.Message | None:
         msg = _as(msg, m.RegisterRank)
@@ -184,23 +160,14 @@ class LeaderCore:
             return m.ErrorReply("init_failed", self.error)
         if msg.slice_bytes > 1 << 34 or msg.num_layers > 4096:
             raise RequestRejected("bad_layout", f"rank {msg.rank}: implausible layout {msg}")
+        running = self.storage is not None
         try:
-            if self.storage is not None and msg.rank not in self.world.ranks:
-                raise LayoutMismatch(f"rank {msg.rank} is not part of this world")
-            info = self.world.add(msg, peer, rid, self._now)
-            # A rank joining a running world counts as alive only once it has mapped the pool.
-            info.alive = self.storage is None
+            self.members.register(msg, peer, rid, self._now, running=running)
         except LayoutMismatch as e:
-            if self.storage is None:
-                self._fail(f"init sync failed: {e}")
             raise RequestRejected("layout_mismatch", str(e)) from None
-        log.info("rank %d/%d registered (pid %d, %d B per block)", msg.rank, msg.world_size, msg.pid, msg.slice_bytes)
-        if self.storage is not None:
-            # A restarted rank joining a running world: give it the existing pool. Its previous
-            # incarnation is gone (maybe before the liveness check noticed): settle its ops now
-            # and serve nothing new until it has mapped the pool, or ops would complete without it.
-            if self.state is LeaderState.READY:
-                self.state = LeaderState.DEGRADED
+        if running:
+            # A restarted rank joining a running world gets the existing pool. Its previous
+            # incarnation is gone (maybe before the liveness check noticed): settle its ops now.
             self._settle_ops()
             return self._grant(msg.rank)
         if not self.world.complete:
@@ -208,7 +175,7 @@ class LeaderCore:
         try:
             self._create_cache()
         except (OSError, RuntimeError, ValueError) as e:  # ShmError is a RuntimeError
-            self._fail(f"cannot create the cache: {e}")
+            self.members.fail(f"cannot create the cache: {e}")
             failed = m.ErrorReply("init_failed", self.error)
             return [Outbound(info.identity, info.register_request, failed) for info in self.world.ranks.values()]
         return [Outbound(info.identity, info.register_request, self._grant(rank))
@@ -239,83 +206,38 @@ class LeaderCore:
         ctx = PipelineContext(self.registry.host, self._staging, lambda: self._now, block_bytes,
                               self._observe_transfer)
         self.tiers = pipelines(cfg, storage, self.registry, ctx)
+        log.info("cache created: %d host blocks of %d B, %d disk blocks", host_blocks, block_bytes,
+                 self.disk_capacity())
 
-    def _on_attached(self, peer: bytes, rid: int, msg: m.Message) -> list[Outbound] | m.Message | None:
+    def _on_attached(self, peer: bytes, rid: int, msg: m.Message) -> list[Outbound]:
         msg = _as(msg, m.PoolAttached)
-        info = self.world.ranks.get(msg.rank)
-        if info is None or self.storage is None or info.identity != peer:
-            raise RequestRejected("not_registered", f"rank {msg.rank} attached before registering")
-        info.attached, info.attach_request, info.alive = True, rid, True
-        info.last_seen = self._now
+        to_tell = self.members.attach(msg.rank, peer, rid, self._now, running=self.storage is not None)
         ready = m.LeaderReady(self.registry.host.capacity if self.registry else 0, self.disk_capacity())
-        if self.state is LeaderState.WAITING and self.world.all_attached:
-            self.state = LeaderState.READY
-            log.info("leader ready: %d ranks, %d host blocks of %d B, %d disk blocks (init took %.2f s)",
-                     self.world.world_size, ready.num_host_blocks, self.world.block_bytes,
-                     ready.num_disk_blocks, self._now - self._started)
-            return [Outbound(other.identity, other.attach_request, ready) for other in self.world.ranks.values()]
-        if self.state is LeaderState.DEGRADED and not self.world.dead_ranks():
-            self.state = LeaderState.READY
-            log.info("rank %d is back; leader ready again", msg.rank)
-            # Ranks that attached while another was still missing (a whole engine restarted:
-            # every rank re-registers) wait for this answer too.
-            waiting = [other for other in self.world.ranks.values() if other.awaiting_ready and other is not info]
-            for other in waiting:
-                other.awaiting_ready = False
-            return [Outbound(peer, rid, ready), *(Outbound(o.identity, o.attach_request, ready) for o in waiting)]
-        if self.state is LeaderState.READY:
-            return ready
-        # WAITING: the first READY answers every rank; DEGRADED: the one that ends it.
-        info.awaiting_ready = self.state is LeaderState.DEGRADED
-        return None
+        return [Outbound(identity, request, ready) for identity, request in to_tell]
 
     def _on_heartbeat(self, peer: bytes, rid: int, msg: m.Message) -> m.Message:
         msg = _as(msg, m.Heartbeat)
-        if msg.rank >= 0:
-            info = self.world.ranks.get(msg.rank)
-            if info is None or info.identity != peer or not info.alive:
-                # E.g. this leader restarted, or declared the rank dead (it stalled past the
-                # liveness timeout): the rank must register (and attach) again.
-                return m.ErrorReply("not_registered", f"rank {msg.rank} is not registered with this leader")
-            info.last_seen = self._now
+        if msg.rank >= 0 and not self.members.heartbeat(msg.rank, peer, self._now):
+            # E.g. this leader restarted, or declared the rank dead (it stalled past the
+            # liveness timeout): the rank must register (and attach) again.
+            return m.ErrorReply("not_registered", f"rank {msg.rank} is not registered with this leader")
         return m.Ack()
-
-    def _fail(self, error: str) -> None:
-        self.state = LeaderState.FAILED
-        self.error = error
-        log.error("%s", error)
 
     def tick(self, now: float) -> list[Outbound]:
         """Periodic work at time ``now``: init deadline, rank liveness, op expiry."""
         self._now = now
-        out: list[Outbound] = []
-        if self.state is LeaderState.WAITING and now >= self._deadline:
-            self._fail(
-                f"leader/worker init sync did not complete within DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS="
-                f"{self.config.init_timeout_s:g} s: {self.world.describe_missing()}"
-            )
-            timeout = m.ErrorReply("init_timeout", self.error)
-            for info in self.world.ranks.values():
-                out.append(Outbound(info.identity, info.attach_request if info.attached else info.register_request,
-                                    timeout))
+        expired = self.members.expire_init(now)  # fails the leader at the deadline
+        timeout = m.ErrorReply("init_timeout", self.error)
+        out = [Outbound(identity, request, timeout) for identity, request in expired]
         if self.state in (LeaderState.READY, LeaderState.DEGRADED):
-            self._check_liveness(now)
+            if self.members.check_liveness(now):
+                self._settle_ops()
             self._expire_ops(now)
         self._flush_events()
         return out
 
-    def _check_liveness(self, now: float) -> None:
-        for rank, info in self.world.ranks.items():
-            if info.alive and now - info.last_seen > self.config.liveness_timeout_s:
-                info.alive = False
-                info.attached = False
-                self.state = LeaderState.DEGRADED
-                log.error("rank %d (pid %d) stopped responding (no heartbeat for %.1f s); "
-                          "its in-flight stores are aborted", rank, info.layout.pid, now - info.last_seen)
-                self._settle_ops()
-
     def live_ranks(self) -> set[int]:
-        return {r for r, info in self.world.ranks.items() if info.alive}
+        return self.members.live_ranks()
 
     # ------------------------------------------------------------------------------------
     # client verbs
@@ -330,7 +252,7 @@ class LeaderCore:
         raise RequestRejected("not_ready", f"init sync in progress: {self.world.describe_missing()}")
 
     def status(self) -> m.Status:
-        first = next(iter(self.world.ranks.values()), None)
+        first = self.members.first_layout()
         reg = self.registry
         return m.Status(
             state=self.state.value,
@@ -340,8 +262,8 @@ class LeaderCore:
             num_host_blocks=reg.host.capacity if reg else 0,
             num_disk_blocks=self.disk_capacity(),
             block_bytes=self.world.block_bytes if reg else 0,
-            block_size=first.layout.block_size if first else 0,
-            fingerprint=first.layout.fingerprint if first else "",
+            block_size=first.block_size if first else 0,
+            fingerprint=first.fingerprint if first else "",
             dead_ranks=self.world.dead_ranks(),
         )
 
@@ -353,9 +275,6 @@ class LeaderCore:
     def pipeline(self, kind: type[_P]) -> _P | None:
         """The pipeline of that kind, None when its tier is not configured (or not created yet)."""
         return next((t for t in self.tiers if isinstance(t, kind)), None)
-
-    def _on_match(self, peer: bytes, rid: int, msg: m.Message) -> m.Message:
-        return self.match(m.hash_array(_as(msg, m.Match).hashes))
 
     def match(self, hashes: np.ndarray) -> m.MatchReply:
         res = self._serving_registry().match(hashes)
@@ -372,14 +291,8 @@ class LeaderCore:
         self._count_match(report.queried, report.host, report.disk)
 
     def _count_match(self, queried: int, host: int, disk: int, obj: int = 0) -> None:
-        c = self.counters
-        for obs in self.observers:
-            obs.on_match(queried, host, disk, self.block_size(), obj=obj)
-        c.match_requests += 1
-        c.match_blocks_queried += queried
-        c.match_host_blocks += host
-        c.match_disk_blocks += disk
-        c.match_object_blocks += obj
+        self.observers.on_match(queried, host, disk, self.block_size(), obj=obj)
+        self.counters.count_match(queried, host, disk, obj)
 
     def prepare_load(self, hashes: list[int]) -> m.LoadGrant:
         """Pin the G2 prefix of ``hashes`` and stage its G3 / G4 continuation into fresh G2 slots."""
@@ -389,16 +302,14 @@ class LeaderCore:
             slot = reg.host.lookup(h)
             if slot is not None:
                 reg.host.pin([slot])
-                op.slots.append(slot)
-                op.hashes.append(h)
-                continue
-            slot = self._staging.join(op.op_id, h)
-            if slot is None:
-                slot = next((s for s in (t.stage(op.op_id, h) for t in self.tiers) if s is not None), None)
-            if slot is None:
-                break
-            op.staged_from[self._staging.source(slot)] += 1
-            op.staging.add(slot)
+            else:  # join a staging read of the block already under way, or start one
+                slot = self._staging.join(op.op_id, h)
+                if slot is None:
+                    slot = next((s for s in (t.stage(op.op_id, h) for t in self.tiers) if s is not None), None)
+                if slot is None:
+                    break
+                op.staged_from[self._staging.source(slot)] += 1
+                op.staging.add(slot)
             op.slots.append(slot)
             op.hashes.append(h)
         if op.slots:
@@ -442,7 +353,7 @@ class LeaderCore:
         if not new:
             return m.StoreGrant(0, m.pack_slots(slots))
         op = Op(next(self._op_ids), OpKind.STORE, [s for _, s in new], [h for h, _ in new], self._now)
-        if tokens and self.block_tokens is not None:
+        if tokens and self.events.keeps_tokens:
             op.tokens = [tokens[i * step : (i + 1) * step] for i, s in enumerate(got) if s is not None]
         self.ops[op.op_id] = op
         return m.StoreGrant(op.op_id, m.pack_slots(slots))
@@ -493,16 +404,6 @@ class LeaderCore:
         if op.done(self.live_ranks() & self.world.op_ranks(op.kind)):
             self._finish(op)
 
-    def take_events(self) -> m.EventsReply:
-        evs = list(self.events)
-        self.events.clear()
-        return m.EventsReply(
-            kinds=bytes(e.kind for e in evs),
-            tiers=bytes(int(e.tier) for e in evs),
-            hashes=m.pack_hashes([e.seq_hash for e in evs]),
-            parents=m.pack_hashes([e.parent_hash or 0 for e in evs]),
-        )
-
     def index_since(self, seq: int) -> m.IndexUpdates:
         """Index changes from ``seq`` on (or a reset snapshot); served while ready or degraded."""
         if self.registry is None or self.state not in (LeaderState.READY, LeaderState.DEGRADED):
@@ -518,22 +419,20 @@ class LeaderCore:
             return None  # nothing new yet: answered by answer_polls
         return reply
 
-    def answer_polls(self, now: float) -> list[Outbound]:
+    def answer_polls(self, now: float | None) -> list[Outbound]:
         """Answers to the parked IndexSince long-polls that are due at ``now``: the index moved
-        past their position, or their wait is over (an answer with no changes). Cheap when none
-        is parked: the transport calls it after everything that may change the index."""
-        return [self._answer_poll(p) for p in self.polls.due(self.index.next_seq, now)]
-
-    def drain_polls(self) -> list[Outbound]:
-        """Answers to every parked long-poll now (the leader is shutting down)."""
-        return [self._answer_poll(p) for p in self.polls.take_all()]
-
-    def _answer_poll(self, poll: ParkedPoll) -> Outbound:
-        try:
-            reply: m.Message = self.index_since(poll.seq)
-        except RequestRejected as e:
-            reply = self.reject(e.code, str(e))
-        return Outbound(poll.peer, poll.request_id, reply)
+        past their position, or their wait is over (an answer with no changes); all of them when
+        ``now`` is None (the leader is shutting down). Cheap when none is parked: the transport
+        calls it after everything that may change the index."""
+        due = self.polls.take_all() if now is None else self.polls.due(self.index.next_seq, now)
+        out = []
+        for poll in due:
+            try:
+                reply: m.Message = self.index_since(poll.seq)
+            except RequestRejected as e:
+                reply = self.reject(e.code, str(e))
+            out.append(Outbound(poll.peer, poll.request_id, reply))
+        return out
 
     def reset_cache(self) -> m.Ack:
         """Forget every unpinned block of every tier (objects stay in the store: other instances
@@ -567,14 +466,12 @@ class LeaderCore:
                 reg.host.abort([s for s in op.slots if s in op.missing])
                 log.info("store op %d: %d of %d blocks not stored by every rank, dropped", op.op_id,
                          len(op.missing), len(op.slots))
-            kept = [(h, s) for h, s in zip(op.hashes, op.slots) if s not in op.missing]
+            kept = [i for i, s in enumerate(op.slots) if s not in op.missing]
             if not kept:
                 self.counters.stores_aborted += 1
                 return
-            hashes, slots = [h for h, _ in kept], [s for _, s in kept]
-            if op.tokens and self.block_tokens is not None:
-                self.block_tokens.update((h, t) for h, s, t in zip(op.hashes, op.slots, op.tokens)
-                                         if s not in op.missing)
+            hashes, slots = [op.hashes[i] for i in kept], [op.slots[i] for i in kept]
+            self.events.add_tokens((op.hashes[i], op.tokens[i]) for i in kept if op.tokens)
             reg.host.commit(slots)
             self._observe_transfer(TransferDirection.D2H, len(slots), self._now - op.created)
             self.counters.stores_committed += 1
@@ -644,55 +541,32 @@ class LeaderCore:
     # events and stats
 
     def _flush_events(self) -> None:
-        if self.registry is None:
+        reg = self.registry
+        if reg is None:
             return
-        evs = self.registry.drain_events()
+        evs = reg.drain_events()
         if not evs:
             return
-        for e in evs:
-            if e.kind is m.BlockEventKind.REMOVED:
-                if e.tier is Tier.HOST:
-                    self.counters.host_evictions += 1
-                elif e.tier is Tier.DISK:
-                    self.counters.disk_evictions += 1
-                else:
-                    self.counters.object_evictions += 1
-        self.events.extend(evs)
-        reg = self.registry
+        self.events.record(evs, self.counters)
         # The index stream (client replicas) carries the local tiers; G4 hits need a Match.
         local = evs if reg.object is None else [e for e in evs if e.tier is not Tier.OBJECT]
         if local:
             self.index.record(local, lambda tier, h: reg.pool(tier).lookup(h) is not None)
-        for obs in self.observers:
-            obs.on_events(evs)
-        if self.block_tokens:
-            self._forget_tokens(evs)
-
-    def _forget_tokens(self, evs: list[BlockEvent]) -> None:
-        """Drop the tokens of blocks no tier holds any more (after the observers saw the events)."""
-        tokens, pools = self.block_tokens, self.registry.pools if self.registry else []
-        assert tokens is not None
-        if any(e.kind is m.BlockEventKind.CLEARED for e in evs):
-            gone: Iterable[int] = list(tokens)
-        else:
-            gone = {e.seq_hash for e in evs if e.kind is m.BlockEventKind.REMOVED}
-        for h in gone:
-            if not any(p.holds(h) for p in pools):
-                tokens.pop(h, None)
+        self.observers.on_events(evs)
+        self.events.forget_tokens(evs, reg.pools)
 
     def token_ids(self, seq_hash: int) -> bytes:
         """A held block's token ids (u32 LE bytes), or empty when the leader was not told them."""
-        return self.block_tokens.get(seq_hash, b"") if self.block_tokens is not None else b""
+        return self.events.token_ids(seq_hash)
 
     def block_size(self) -> int:
         """Tokens per block (0 before the first rank registered)."""
-        first = next(iter(self.world.ranks.values()), None)
-        return first.layout.block_size if first else 0
+        first = self.members.first_layout()
+        return first.block_size if first else 0
 
     def _observe_transfer(self, direction: TransferDirection, blocks: int, seconds: float) -> None:
         nbytes = blocks * (self.world.block_bytes if self.registry else 0)
-        for obs in self.observers:
-            obs.on_transfer(direction.value, blocks, nbytes, seconds)
+        self.observers.on_transfer(direction.value, blocks, nbytes, seconds)
 
     def stats(self) -> LeaderStats:
         """A typed snapshot of counters and gauges (the StatsReply and metrics source)."""
@@ -704,11 +578,11 @@ class LeaderCore:
             ranks_alive=len(self.live_ranks()),
             world_size=self.world.world_size or 0,
             ops_in_flight=len(self.ops),
-            host=_pool_stats(reg.host) if reg is not None else None,
-            disk=_pool_stats(disk.pool) if disk is not None else None,
+            host=reg.host.occupancy() if reg is not None else None,
+            disk=disk.pool.occupancy() if disk is not None else None,
             block_bytes=self.world.block_bytes if reg is not None else None,
             disk_tier=disk.stats() if disk is not None else None,
-            object=_pool_stats(objects.pool) if objects is not None else None,
+            object=objects.pool.occupancy() if objects is not None else None,
             object_tier=objects.stats() if objects is not None else None,
             index_polls_parked=len(self.polls),
         )

@@ -132,7 +132,7 @@ def decode_batch(payload: bytes) -> tuple[float, list[dict[str, Any]], int | Non
 
 
 class KvEventPublisher:
-    """Publishes the leader's block events; a :class:`kvbm.leader.core.LeaderObserver`.
+    """Publishes the leader's block events; a :class:`kvbm.leader.observers.LeaderObserver`.
 
     Called on the leader's loop thread. Sending never blocks it: a PUB socket drops batches for a
     subscriber that is ``hwm`` batches behind, and a send error is logged once and counted.

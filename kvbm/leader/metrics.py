@@ -95,7 +95,7 @@ class _Histogram:
 
 
 class KvbmMetrics:
-    """Leader metrics: a :class:`kvbm.leader.core.LeaderObserver` and a Prometheus collector.
+    """Leader metrics: a :class:`kvbm.leader.observers.LeaderObserver` and a Prometheus collector.
 
     The observer hooks run on the leader's loop thread and keep what only they see (lookups,
     bytes, latencies) under a lock; the rest is read from ``stats()`` (the core's typed

@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from kvbm.ipc.messages import BlockEventKind
+from kvbm.ipc.stats import PoolStats
 from kvbm.leader.hash_table import BYTES_PER_HASH, HashSlotTable, leading
 
 __all__ = [
@@ -234,6 +235,10 @@ class TierPool:
     def num_pinned(self) -> int:
         """Registered slots with pin count > 0."""
         return self._num_pinned
+
+    def occupancy(self) -> PoolStats:
+        """The pool's slots by state, as the stats report them."""
+        return PoolStats(self.capacity, self.num_registered, self.num_free, self.num_writing, self.num_pinned)
 
     # ---- queries (no side effects) ------------------------------------------------------------
 

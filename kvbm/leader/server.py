@@ -19,7 +19,8 @@ import zmq
 
 from kvbm.config import KvbmConfig
 from kvbm.ipc import messages as m
-from kvbm.leader.core import LeaderCore, LeaderState, Outbound
+from kvbm.leader.core import LeaderCore, LeaderState
+from kvbm.leader.replies import Outbound
 from kvbm.leader.storage import StorageFactory, shm_storage
 
 __all__ = ["LeaderServer", "LeaderState"]
@@ -91,7 +92,7 @@ class LeaderServer:
             # After everything above that may have moved the index; also expires waits at the
             # loop's poll granularity (50 ms at most).
             self._send(self.core.answer_polls(now))
-        self._send(self.core.drain_polls())  # parked long-polls are answered, not left to time out
+        self._send(self.core.answer_polls(None))  # parked long-polls are answered, not left to time out
 
     def _serve_waiting(self) -> None:
         """Serve the requests waiting, up to a bounded batch (then the loop's periodic work runs).

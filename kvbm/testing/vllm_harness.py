@@ -323,6 +323,7 @@ class _ReqInfo:
 @dataclass
 class RunStats:
     steps: int = 0
+    idle_steps: int = 0  # steps whose connector metadata says no token was scheduled
     external_hit_tokens: int = 0
     local_hit_tokens: int = 0
     checked_blocks: int = 0
@@ -442,6 +443,7 @@ class Engine:
         written = {blk for blk, _ in fills}
         checks = [(blk, h) for blk, h in checks if blk not in written]
         self.stats.checked_blocks += len(checks)
+        self.stats.idle_steps += bool(getattr(so.kv_connector_metadata, "idle", False))
         return StepWork(so.kv_connector_metadata, set(so.finished_req_ids), fills, checks)
 
     def step(self) -> None:

@@ -179,8 +179,15 @@ class RankAgent:
         self._wake()
         return done.wait(timeout_s)
 
-    def take_finished(self) -> list[Finished]:
+    def take_finished(self, wait_s: float = 0.0) -> list[Finished]:
+        """The copies finished since the last call; with ``wait_s``, wait up to that long for the
+        first one when none has (the caller blocks on a queue, the GIL released to the copy thread)."""
         out = []
+        if wait_s > 0:
+            try:
+                out.append(self._finished.get(timeout=wait_s))
+            except queue.Empty:
+                return out
         while True:
             try:
                 out.append(self._finished.get_nowait())

@@ -48,10 +48,13 @@ def test_first_request_after_start_is_stored_and_the_second_loads(make_engine, l
     p = random_prompts(1, 100, seed=1, vocab=VOCAB)[0]  # 6 full blocks + 4 tokens
     eng.store_and_forget("a", p)  # finishes in its first step: its stores are planned in it
     eng.add("b", p, max_tokens=3)
+    idle_before = eng.stats.idle_steps
     eng.step()  # admission: 96 tokens found in kvbm, loaded asynchronously
     req = eng.sched.requests["b"]
     assert req.status.name == "WAITING_FOR_REMOTE_KVS"
     assert req.num_computed_tokens == 96
+    # It computed nothing: the workers were told so (they wait briefly for the load in such a step).
+    assert eng.stats.idle_steps == idle_before + 1
     eng.step_until(lambda: req.status.name == "RUNNING")
     # Only the unmatched tail (4 prompt tokens) was scheduled once the load finished.
     assert eng.stats.checked_blocks == 6  # every loaded block checked against the oracle

@@ -165,7 +165,8 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self.worker is None:
             return None, None
-        return self.worker.get_finished()
+        meta = self._connector_metadata  # bound by the model runner for the step's connector calls
+        return self.worker.get_finished(idle_step=isinstance(meta, DynamoConnectorMetadata) and meta.idle)
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         # A hybrid model's failed loads are failed requests (vLLM refuses block-level load

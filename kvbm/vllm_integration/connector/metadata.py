@@ -22,7 +22,10 @@ __all__ = ["DynamoConnectorMetadata", "DynamoWorkerMetadata", "KvbmConnectorStat
 
 @dataclass
 class DynamoConnectorMetadata(StepPlan, KVConnectorMetadata):
-    """One step's work for every worker (all ranks get the same): the planner's StepPlan."""
+    """One step's work for every worker (all ranks get the same): the planner's StepPlan, and
+    ``idle``: the step schedules no token (its requests wait for their loads)."""
+
+    idle: bool = False
 
 
 @dataclass

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Iterable
 
+from kvbm.connector.ops import IDLE_STEP_WAIT_S
 from kvbm.connector.index import follower_for
 from kvbm.connector.planner import Planner, ScheduledRequest
 from kvbm.hashing import salt_hash
@@ -109,8 +110,12 @@ class KvbmScheduler:
                 scheduled.append(ScheduledRequest(req_id, cached.num_computed_tokens[i], tokens[req_id],
                                                   new_ids[0] if new_ids is not None else None,
                                                   req_id in cached.resumed_req_ids))
-        plan = self.planner.step(scheduled, list(so.preempted_req_ids or ()))
-        return DynamoConnectorMetadata(plan.loads, plan.stores, plan.preempted, plan.delayed_free)
+        # A step that computes nothing waits briefly for the pins of its loads (posted while
+        # scheduling it), so the loads go to the workers in this step, not the next one.
+        idle = so.total_num_scheduled_tokens == 0
+        wait_s = IDLE_STEP_WAIT_S if idle and self.planner.loads_pending() else 0.0
+        plan = self.planner.step(scheduled, list(so.preempted_req_ids or ()), wait_s=wait_s)
+        return DynamoConnectorMetadata(plan.loads, plan.stores, plan.preempted, plan.delayed_free, idle=idle)
 
     def _scheduled_groups(self, so: "SchedulerOutput") -> list[ScheduledRequest]:
         """The step's requests with every KV cache group's new blocks (hybrid models)."""

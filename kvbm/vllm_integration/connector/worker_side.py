@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
+from kvbm.connector.ops import IDLE_STEP_WAIT_S
 from kvbm.connector.worker import LoadDone, StoreDone, WorkerOps
 from kvbm.connector.bootstrap import Instance
 from kvbm.vllm_integration.connector.common import head_split
@@ -151,8 +152,13 @@ class KvbmWorker:
                 self._delayed.discard(d.op.req_id)
                 self._sending.add(d.op.req_id)
 
-    def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
-        self._completed(self.ops.drain())
+    def get_finished(self, *, idle_step: bool = False) -> tuple[set[str] | None, set[str] | None]:
+        """Requests whose stores (sending) or loads (recving) finished. ``idle_step``: the step
+        computed nothing, every scheduled request waits for its KV; then a load in flight is
+        waited for, at most :data:`IDLE_STEP_WAIT_S`, instead of returning at once and letting
+        the engine spin through idle steps that hold the GIL the copy thread needs."""
+        wait_s = IDLE_STEP_WAIT_S if idle_step and self.ops.loads_in_flight else 0.0
+        self._completed(self.ops.drain(wait_s))
         sending, recving = self._sending, self._recving
         self._sending, self._recving = set(), set()
         return sending or None, recving or None
