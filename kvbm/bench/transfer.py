@@ -72,8 +72,9 @@ def copy_bench(quick: bool) -> list[BenchResult]:
         for name, goal in (("runs", ">= 0.8"), ("scattered", ">= 0.7")):
             for op, arrow, limit in (("store", "G1->G2", "memcpy d2h"), ("load", "G2->G1", "memcpy h2d")):
                 value = gbs[f"{op} {name}"]
+                # The goals are the whole block's; a TP=2 rank's figures are there to compare formats.
                 out.append(BenchResult(f"{op} {arrow} {name} ({tag})", value, "GB/s", gbs[limit],
-                                       "GB/s numpy memcpy", value / gbs[limit], goal))
+                                       "GB/s numpy memcpy", value / gbs[limit], goal if split is whole else ""))
     return out
 
 
