@@ -112,7 +112,7 @@ def test_inconsistent_heads_are_a_layout_mismatch() -> None:
     w.add(_register(0, 2, HeadSplit(HEADS, 0, 4, HEAD_BYTES)), b"r0", 0, 0.0)
     with pytest.raises(LayoutMismatch, match="kv_heads"):
         w.check_compatible(_register(1, 2, HeadSplit(16, 4, 4, HEAD_BYTES)))
-    with pytest.raises(LayoutMismatch, match="kv_heads=0"):  # one rank of the world names no heads
+    with pytest.raises(LayoutMismatch, match="names no KV heads but rank 0 does.*DYN_KVBM_BLOCK_FORMAT"):
         w.check_compatible(_register(1, 2, None))
     with pytest.raises(LayoutMismatch, match="is not 3 layers"):
         w.check_compatible(_register(1, 2, HeadSplit(HEADS, 4, 4, HEAD_BYTES), slice_bytes=1000))

@@ -64,6 +64,11 @@ class World:
                         msg.slice_bytes, msg.num_layers, msg.replicated, heads):
                     raise LayoutMismatch(f"rank {msg.rank} re-registered with a different layout")
                 continue
+            if (ref.heads is None) != (heads is None):
+                raise LayoutMismatch(
+                    f"rank {msg.rank} {'names no' if heads is None else 'names its'} KV heads but rank {ref.rank} "
+                    f"{'does' if ref.heads is not None else 'does not'}: every rank must use the same block format "
+                    "(DYN_KVBM_BLOCK_FORMAT and the engine's KV layout)")
             # A replicated world stores one slice for every rank: the slices must be the same.
             # Ranks that name their heads must name the same model heads (their own may differ).
             names = ("num_layers", "dtype", "block_size", "fingerprint", "engine_layout", "replicated",
