@@ -4,7 +4,8 @@ A host block holds, per layer and K/V (``outer``), one *region* of the block's K
 
 * **rank slices** (the fallback): rank ``r``'s whole slice ``[layers, outer, region]`` sits at a
   fixed offset, after the slices of ranks ``0..r-1``. The bytes depend on the TP size, so the
-  layout fingerprint names it (every rank's slice size).
+  layout fingerprint names it (every rank's slice size). MLA's replicated block (every rank
+  holds the same latent KV) is one slice at offset 0 that every rank loads.
 * **heads** (the TP-independent format, MHA/GQA models whose KV heads are split over the TP
   ranks): the block is ``[layers, outer, region]`` with each region the model's *whole* region,
   all KV heads in the model's head order, laid out as the engine lays out one rank's region
@@ -106,10 +107,6 @@ class Placement:
     def end(self, regions: int) -> int:
         """One past the last byte of a block this placement touches, with ``regions`` regions."""
         return self.offset + (regions - 1) * self.region_stride + (self.rows - 1) * self.pitch + self.row_bytes
-
-    def row_offsets(self, regions: int) -> list[int]:
-        """The block offset of every row, region by region (the copy engines' pieces)."""
-        return [self.offset + r * self.region_stride + i * self.pitch for r in range(regions) for i in range(self.rows)]
 
 
 def choose_heads(split: HeadSplit | None, tokens: int, block_format: str) -> HeadSplit | None:
