@@ -71,6 +71,7 @@ CONSOLIDATOR_MODES = ("dedup", "passthrough", "baseten_dedup")
 WORKER_ID = "{worker_id}"  # in DYN_KVBM_OBJECT_BUCKET: replaced by the instance name
 DEFAULT_OBJECT_BUCKET = "dynamo-kv-cache"  # Dynamo's fallback bucket
 OBJECT_TRANSPORTS = ("s3", "nixl")
+BLOCK_FORMATS = ("auto", "heads", "slices")  # kvbm.ipc.block_format.choose_heads
 
 
 class ConfigError(ValueError):
@@ -570,6 +571,13 @@ VARIABLES: tuple[Variable, ...] = (
              "current from the leader's index stream (false, or with the object tier on: every lookup is a "
              "leader round trip; "
              "see docs/architecture.md, scheduler hot path)"),
+    Variable("DYN_KVBM_BLOCK_FORMAT", "block_format", _word(BLOCK_FORMATS), _one_of(BLOCK_FORMATS),
+             "kvbm's: the bytes of a G2/G3/G4 block of a model whose KV heads are split over TP ranks: heads "
+             "(every head in the model's order: the same block at every TP size, so a disk or object cache "
+             "written at one TP size serves another; CPU copies at TP > 1 of token-major engines move one row "
+             "per token), slices (one slice per rank: fastest copies, tied to the TP size) or auto (heads "
+             "where a rank's heads are one piece of each region: TP=1, head-major engines; else slices); "
+             "see docs/architecture.md"),
     Variable("DYN_KVBM_OBJECT_ENABLED", "object_enabled", _BOOL, _BOOL_ACCEPTS,
              "G4 object tier: blocks committed in G2 are also put in an S3-compatible bucket, and lookups "
              "find blocks any instance of the same layout put there (see docs/objects.md)"),
@@ -717,6 +725,7 @@ class KvbmConfig:
     liveness_timeout_s: float = 1.5
     log_level: str = "INFO"
     index_replica: bool = True
+    block_format: str = "auto"
     object_enabled: bool = False
     object_bucket: str = DEFAULT_OBJECT_BUCKET
     object_endpoint: str | None = None

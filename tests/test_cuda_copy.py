@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from kvbm.ipc.block_format import HeadSplit, Placement
 from kvbm.worker.copy import Direction, NumpyCopyEngine, block_runs
 from kvbm.worker.cuda_copy import (
     AUTO,
@@ -38,7 +39,7 @@ from kvbm.worker.cuda_copy import (
     region_copies,
     split_segments,
 )
-from kvbm.worker.layout import EngineKV, LayoutError, host_slice_view, page_aligned_empty
+from kvbm.worker.layout import EngineKV, LayoutError, host_slice_view, host_view, page_aligned_empty
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = ("kv_first", "block_first", "mla", "contiguous")
@@ -95,8 +96,8 @@ def run_regions(plan: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
 
 
 def execute(executor: str, kv: EngineKVDevice, host: HostSlice, eb: list[int], sl: list[int],
-            direction: Direction) -> None:
-    segs = kv.segments()
+            direction: Direction, placement: Placement | int = 0) -> None:
+    segs = kv.segments(placement)
     if executor == MEMCPY2D:
         run_2d(dma_copies(segs, host, block_runs(eb, sl), direction))
     elif executor == BATCH:
@@ -132,6 +133,36 @@ def test_copy_plans_move_the_bytes_the_cpu_engine_moves(layout: str, tp: int, ex
         ref = numpy_kv(refs[r], layout)
         execute(executor, kv, HostSlice.of(pool, r * slice_bytes, kv.layout), LOAD_BLOCKS, SLOTS, Direction.LOAD)
         NumpyCopyEngine(ref, host_slice_view(ref_pool, r * slice_bytes, ref.layout)).load(SLOTS, LOAD_BLOCKS)
+        for a, b in zip(ranks[r], refs[r]):
+            assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+        assert any(a.any() for a in ranks[r])
+
+
+@pytest.mark.parametrize("executor", [MEMCPY2D, BATCH, KERNEL])
+@pytest.mark.parametrize("layout", ["kv_first", "block_first", "contiguous"])
+def test_copy_plans_of_the_heads_format_move_the_bytes_the_cpu_engine_moves(layout: str, executor: str) -> None:
+    """TP=2, each rank HEADS of the model's 2 x HEADS heads: every rank's pieces (one row of its
+    heads per token and region) land where the CPU engine puts them, in one block of the model."""
+    rng = np.random.default_rng(9)
+    ranks = [random_arrays(layout, rng) for _ in range(2)]
+    refs = [[a.copy() for a in arrays] for arrays in ranks]
+    placements = [Placement.heads(HeadSplit(2 * HEADS, r * HEADS, HEADS, DIM * 2), TOKENS) for r in range(2)]
+    block_bytes = 2 * numpy_kv(ranks[0], layout).layout.slice_bytes + 4096
+    pool = np.full((HOST_BLOCKS, block_bytes), 0xAB, np.uint8)
+    ref_pool = pool.copy()
+    for r, placement in enumerate(placements):
+        kv, ref = device_kv_of_numpy(ranks[r], layout), numpy_kv(refs[r], layout)
+        assert all(seg.width == HEADS * DIM * 2 for seg in kv.segments(placement))  # a row per token
+        execute(executor, kv, HostSlice.of(pool, placement, kv.layout), STORE_BLOCKS, SLOTS, Direction.STORE, placement)
+        NumpyCopyEngine(ref, host_view(ref_pool, placement, ref.layout)).store(STORE_BLOCKS, SLOTS)
+    assert np.array_equal(pool, ref_pool)
+    for r, placement in enumerate(placements):
+        for a, b in zip(ranks[r], refs[r]):
+            a.fill(0)
+            b.fill(0)
+        kv, ref = device_kv_of_numpy(ranks[r], layout), numpy_kv(refs[r], layout)
+        execute(executor, kv, HostSlice.of(pool, placement, kv.layout), LOAD_BLOCKS, SLOTS, Direction.LOAD, placement)
+        NumpyCopyEngine(ref, host_view(ref_pool, placement, ref.layout)).load(SLOTS, LOAD_BLOCKS)
         for a, b in zip(ranks[r], refs[r]):
             assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
         assert any(a.any() for a in ranks[r])

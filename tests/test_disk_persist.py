@@ -7,6 +7,7 @@ misses; a file held by a live leader is neither shared nor overwritten.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -184,5 +185,70 @@ def test_a_sliced_cache_written_at_tp2_is_a_miss_at_tp1(make_config, tmp_path) -
     with SimEngine(cfg, world_size=2, model=MODEL) as first:
         _fill(first, random_prompts(1, 16 * BLOCKS_PER_PROMPT, seed=41))
     with SimEngine(cfg, world_size=1, model=MODEL) as second:
+        assert second.quiesce().disk.registered == 0
+    assert len(_cache_files(tmp_path)) == 2
+
+
+HEADS_MODEL = SimModel(num_layers=2, head_dim=32, num_gpu_blocks=48, model_kv_heads=4)
+
+
+def _serve(cfg, world: int, model: SimModel, prompts: list[list[int]], stored: int) -> None:
+    """A new instance at TP=``world`` re-indexes the cache and serves ``prompts`` from it, every
+    loaded byte checked by each rank's oracle."""
+    with SimEngine(cfg, world_size=world, model=model) as sim:
+        assert sim.quiesce().disk.registered == stored  # the file, re-indexed
+        for p in prompts:
+            sim.run([p])
+        st = sim.stats
+        assert st.mismatches == 0 and st.staging_failures == 0, st
+        assert 0 < st.tokens_from_disk <= min(stored, len(prompts) * (BLOCKS_PER_PROMPT - 1)) * 16, st
+
+
+@pytest.mark.parametrize("writer, readers, heads", [(2, (1, 4), 4), (4, (1,), 2)])
+def test_a_heads_cache_written_at_one_tp_serves_every_other_byte_exact(make_config, tmp_path, writer: int,
+                                                                        readers: tuple[int, ...], heads: int) -> None:
+    """MHA/GQA heads split over the ranks, in the heads format: a block is every head of the model
+    in the model's order, the same bytes at every TP size (each head's oracle bytes are the same
+    whichever rank holds it), so a persistent cache written at TP=``writer`` serves TP=1 and TP=4
+    engines of the same model byte-exact. With 2 heads at TP=4 each head is on two ranks, and
+    only the first of them writes it."""
+    cfg = make_config(**_env(tmp_path, DYN_KVBM_BLOCK_FORMAT="heads"))
+    model = dataclasses.replace(HEADS_MODEL, model_kv_heads=heads)
+    prompts = random_prompts(2, 16 * BLOCKS_PER_PROMPT, seed=42)
+    with SimEngine(cfg, world_size=writer, model=model) as first:
+        stored = _fill(first, prompts).disk_tier.counters.offloaded_blocks
+        assert first.stats.mismatches == 0
+    assert 0 < stored <= 2 * BLOCKS_PER_PROMPT
+    [name] = _cache_files(tmp_path)
+    for world in readers:
+        _serve(cfg, world, model, prompts, stored)
+    assert _cache_files(tmp_path) == [name]  # every TP size used the one file
+
+
+def test_another_head_geometry_or_the_slices_format_is_a_miss(make_config, tmp_path) -> None:
+    """Blocks of the same size are never served to another head geometry (4 heads of 64 B vs
+    2 of 128 B) nor to the same model in the slices format (at TP=1 even the same bytes): the
+    fingerprint names the format."""
+    heads = _env(tmp_path, DYN_KVBM_BLOCK_FORMAT="heads")
+    with SimEngine(make_config(**heads), world_size=2, model=HEADS_MODEL) as first:
+        _fill(first, random_prompts(1, 16 * BLOCKS_PER_PROMPT, seed=43))
+    wider = dataclasses.replace(HEADS_MODEL, model_kv_heads=2, head_dim=64)
+    for cfg, model in ((make_config(**heads), wider),
+                       (make_config(**_env(tmp_path, DYN_KVBM_BLOCK_FORMAT="slices")), HEADS_MODEL)):
+        with SimEngine(cfg, world_size=1, model=model) as second:
+            assert second.quiesce().disk.registered == 0
+    assert len(_cache_files(tmp_path)) == 3
+
+
+def test_by_default_token_major_heads_split_over_ranks_keep_rank_slices(make_config, tmp_path) -> None:
+    """DYN_KVBM_BLOCK_FORMAT=auto (the default): at TP=2 a token-major rank's heads would be one
+    row per token, so the blocks are rank slices, and a TP=1 engine (whose heads are one piece:
+    the heads format) does not see them."""
+    cfg = make_config(**_env(tmp_path))
+    assert cfg.block_format == "auto"
+    with SimEngine(cfg, world_size=2, model=HEADS_MODEL) as first:
+        stored = _fill(first, random_prompts(1, 16 * BLOCKS_PER_PROMPT, seed=44)).disk_tier.counters.offloaded_blocks
+    assert stored > 0
+    with SimEngine(cfg, world_size=1, model=HEADS_MODEL) as second:
         assert second.quiesce().disk.registered == 0
     assert len(_cache_files(tmp_path)) == 2

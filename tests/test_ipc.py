@@ -50,7 +50,7 @@ def test_round_trip_every_message_type() -> None:
     (msgpack.packb([m.PROTOCOL_VERSION, "match", 1, ["text"]]), "expected bytes"),
     (msgpack.packb([m.PROTOCOL_VERSION, "transfer_done", 1, [0, -1, True, "", b""]]), "out of range"),
     (msgpack.packb([m.PROTOCOL_VERSION, "transfer_done", 1, [0, 1, 1, "", b""]]), "expected a boolean"),
-    (msgpack.packb([m.PROTOCOL_VERSION, "register_rank", 1, [5000, 2, 1, 1, "", "", 1, "", 1, False]]), "out of range"),
+    (msgpack.packb([m.PROTOCOL_VERSION, "register_rank", 1, [5000, 2, 1, 1, "", "", 1, "", 1, False, 0, 0, 0, 0, False]]), "out of range"),
     (msgpack.packb({"v": 1}), "frame is not"),
     (msgpack.packb([m.PROTOCOL_VERSION, "allocate_store", 1, [bytes(16), 0, 0, bytes(12)]]), "not whole u32 blocks"),
     (msgpack.packb([m.PROTOCOL_VERSION, "allocate_store", 1, [b"", 0, 0, bytes(8)]]), "not whole u32 blocks"),

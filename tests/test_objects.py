@@ -32,6 +32,7 @@ from kvbm.config import KvbmConfig, load_config  # noqa: E402
 from kvbm.hashing import EMPTY_SALT_HASH  # noqa: E402
 from kvbm.ipc.stats import LeaderStats  # noqa: E402
 from kvbm.testing.sim.engine import SimEngine  # noqa: E402
+from kvbm.testing.sim.rank import SimModel  # noqa: E402
 
 pytestmark = pytest.mark.slow  # an S3 server process for the module; leader and rank processes
 
@@ -231,3 +232,25 @@ def test_without_write_through_a_prefix_computed_once_is_not_shared(s3_module_se
         leader = second.quiesce(30)
     assert leader.object_tier is not None, leader
     assert leader.object_tier.counters.offloaded_blocks == 0 and leader.counters.blocks_loaded_from_object == 0, leader
+
+
+def test_an_object_cache_written_at_tp2_serves_tp1_and_tp4_in_the_heads_format(s3_module_server: S3Server) -> None:
+    """DYN_KVBM_BLOCK_FORMAT=heads: an engine at TP=2 (2 of the model's 4 KV heads per rank) puts
+    its blocks; engines at TP=1 and TP=4 of the same model find them under the same keys (the
+    layout fingerprint names no TP size) and load them, every byte checked on every rank."""
+    s3_module_server.create_bucket("kvbm-heads")
+    cfg = _sim_config(s3_module_server, "kvbm-heads", DYN_KVBM_BLOCK_FORMAT="heads")
+    model = SimModel(num_layers=2, head_dim=32, model_kv_heads=4)
+    with SimEngine(cfg, world_size=2, model=model) as first:
+        _tier_on(first)
+        first.run([PROMPT])
+        put = first.quiesce(30).object_tier
+        assert put is not None and put.counters.offloaded_blocks == 6, put
+    for world in (1, 4):
+        with SimEngine(cfg, world_size=world, model=model) as sim:
+            _tier_on(sim)
+            assert _hit_tokens_after_store_answered(sim) == 6 * 16
+            sim.run([PROMPT])
+            sim.quiesce(30)
+            st = sim.stats
+        assert st.tokens_from_object == 6 * 16 and st.blocks_loaded == 6 and st.mismatches == 0, (world, st)

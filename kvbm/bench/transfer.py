@@ -23,16 +23,17 @@ import zmq
 
 from kvbm.bench.common import BenchResult
 from kvbm.config import load_config
+from kvbm.ipc.block_format import HeadSplit, Placement
 from kvbm.ipc.shm import HostPool, PoolGeometry
 from kvbm.worker.copy import NumpyCopyEngine
-from kvbm.worker.layout import EngineKV, host_slice_view, page_aligned_empty
+from kvbm.worker.layout import EngineKV, host_view, page_aligned_empty
 
 
 def copy_bench(quick: bool) -> list[BenchResult]:
     """G1 <-> G2 copies of the CPU copy engine vs a memcpy of the same bytes, timed in the same rounds.
 
-    32 layers x 16 tokens x 8 heads x 128 dim fp16 = 2 MiB per block per rank (vLLM's kv_first
-    per-layer tensors), batches of 64 engine blocks out of 128, in two patterns:
+    32 layers x 16 tokens x 8 heads x 128 dim fp16 = 2 MiB per block (vLLM's kv_first per-layer
+    tensors), batches of 64 engine blocks out of 128, in two patterns:
 
     * **runs**: the blocks scattered but sorted (runs of a few blocks) into host slots 0..63, as
       a fresh range of slots from the pool;
@@ -41,6 +42,11 @@ def copy_bench(quick: bool) -> list[BenchResult]:
 
     K and V of a layer sit apart in the engine and together in a host slot, so the engine's
     pieces are 32 KiB contiguous at best, whatever the pattern.
+
+    Three rank layouts (:mod:`kvbm.ipc.block_format`): the whole model at TP=1 (its block is the
+    same bytes in both formats), and rank 1 of TP=2 (4 of the 8 heads, 1 MiB per block) in the
+    rank-slices format (its slice: 16 KiB pieces) and in the heads format (its heads of each
+    token: 16 rows of 1 KiB per region, 2 KiB apart, in a 2 MiB block of the whole model).
 
     The limit is one flat ``np.copyto`` of the same bytes between the same two memories: a
     private buffer allocated like the engine's tensors and the pool's slots (shared memory), in
@@ -54,16 +60,38 @@ def copy_bench(quick: bool) -> list[BenchResult]:
     at ~0.3 of memcpy, from 4K aliasing, not from the engine).
     """
     layers, batch = (8, 16) if quick else (32, 64)
+    heads, model_bytes = 8, layers * 2 * 16 * 8 * 128 * 2
+    whole, tp2_rank1 = HeadSplit(heads, 0, heads, 256), HeadSplit(heads, 4, 4, 256)
+    cases = (("TP=1", whole, Placement.heads(whole, 16)),
+             ("TP=2 rank slices", tp2_rank1, Placement.sliced(model_bytes // 2, 16 * 4 * 256)),
+             ("TP=2 heads", tp2_rank1, Placement.heads(tp2_rank1, 16)))
+    out = []
+    for label, split, placement in cases:
+        gbs, rank_bytes = _copy_rates(layers, batch, split, placement, model_bytes, quick)
+        tag = f"{label}, {layers} layers, {rank_bytes // 1024} KiB/block, batch {batch}"
+        for name, goal in (("runs", ">= 0.8"), ("scattered", ">= 0.7")):
+            for op, arrow, limit in (("store", "G1->G2", "memcpy d2h"), ("load", "G2->G1", "memcpy h2d")):
+                value = gbs[f"{op} {name}"]
+                # The goals are the whole block's; a TP=2 rank's figures are there to compare formats.
+                out.append(BenchResult(f"{op} {arrow} {name} ({tag})", value, "GB/s", gbs[limit],
+                                       "GB/s numpy memcpy", value / gbs[limit], goal if split is whole else ""))
+    return out
+
+
+def _copy_rates(layers: int, batch: int, split: HeadSplit, placement: Placement, block_bytes: int,
+                quick: bool) -> tuple[dict[str, float], int]:
+    """GB/s of memcpy, stores and loads of one rank holding ``split``'s heads at ``placement``
+    in host blocks of ``block_bytes``; and the rank's bytes per block."""
     nb = batch * 2
-    shape = (2, nb, 16, 8, 128)
+    shape = (2, nb, 16, split.count, 128)
     tensors = []
     for i in range(layers):
         t = page_aligned_empty(shape, np.float16)
         t.fill(i)
         tensors.append(t)
     kv = EngineKV.from_layers(tensors, num_blocks=nb)
-    block_bytes = kv.layout.slice_bytes
-    nbytes = batch * block_bytes
+    rank_bytes = kv.layout.slice_bytes
+    nbytes = batch * rank_bytes
     pool = HostPool.create(f"bench-{os.getpid()}-{uuid.uuid4().hex[:6]}", PoolGeometry(2 * batch, block_bytes))
     rng = np.random.default_rng(0)
     patterns = {
@@ -71,8 +99,8 @@ def copy_bench(quick: bool) -> list[BenchResult]:
         "scattered": _scattered_pairs(rng, batch, nb),
     }
     try:
-        engine = NumpyCopyEngine(kv, host_slice_view(pool.array, 0, kv.layout))
-        slots_flat = pool.array[:batch].reshape(-1)  # as many slots as one contiguous range
+        engine = NumpyCopyEngine(kv, host_view(pool.array, placement, kv.layout))
+        slots_flat = pool.array.reshape(-1)[:nbytes]  # as many bytes in one contiguous range
         private = page_aligned_empty((nbytes,), np.uint8)
         private.fill(1)
         steps: dict[str, Callable[[], None]] = {
@@ -94,15 +122,7 @@ def copy_bench(quick: bool) -> list[BenchResult]:
     finally:
         del engine
         pool.close()
-    gbs = {name: nbytes / t / 1e9 for name, t in best.items()}
-    tag = f"{layers} layers, {block_bytes // 1024} KiB/block, batch {batch}"
-    out = []
-    for name, goal in (("runs", ">= 0.8"), ("scattered", ">= 0.7")):
-        for op, arrow, limit in (("store", "G1->G2", "memcpy d2h"), ("load", "G2->G1", "memcpy h2d")):
-            value = gbs[f"{op} {name}"]
-            out.append(BenchResult(f"{op} {arrow} {name} ({tag})", value, "GB/s", gbs[limit],
-                                   "GB/s numpy memcpy", value / gbs[limit], goal))
-    return out
+    return {name: nbytes / t / 1e9 for name, t in best.items()}, rank_bytes
 
 
 def _scattered_pairs(rng: np.random.Generator, batch: int, nb: int) -> tuple[list[int], list[int]]:

@@ -91,12 +91,15 @@ def model_identity(model: str | None) -> str:
 
 
 def layout_fingerprint(engine: str, model: str | None, dtype: str, block_size: int, world_size: int,
-                       *extra: str, replicated: bool = False) -> str:
+                       *extra: str, replicated: bool = False, by_heads: bool = False) -> str:
     """The layout fingerprint: engine, model content identity, dtype, block size, TP size and any
-    engine-specific parts. Every durable block is named by it. Replicated KV (MLA) names no TP
-    size: its one slice is the same bytes at every TP size."""
-    tp = "tp=replicated" if replicated else f"tp={world_size}"
-    parts = [engine, model_identity(model), dtype, f"bs={block_size}", tp, *extra]
+    engine-specific parts. Every durable block is named by it (with the leader's block format,
+    :attr:`kvbm.leader.world.World.layout_fingerprint`). Replicated KV (MLA) names no TP size:
+    its one slice is the same bytes at every TP size. Neither does ``by_heads`` (ranks that
+    register their KV heads): the leader's block format names the TP size where the blocks
+    depend on it (rank slices), and not where they do not (the heads format)."""
+    tp = ["tp=replicated"] if replicated else [] if by_heads else [f"tp={world_size}"]
+    parts = [engine, model_identity(model), dtype, f"bs={block_size}", *tp, *extra]
     return ";".join(parts)
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Collection
 
 from kvbm.config import KvbmConfig
 from kvbm.connector.ops import LoadOp, StoreOp
+from kvbm.ipc.block_format import choose_heads
 from kvbm.worker.agent import RankAgent, RankIdentity, numpy_engine
 from kvbm.worker.layout import EngineKV, LayoutError
 
@@ -74,6 +75,9 @@ class WorkerOps:
             self.error = f"kvbm cannot use {what}: {type(e).__name__}: {e}"
             log.error("rank %d: %s; serving without kvbm", self.rank, self.error)
             return
+        # DYN_KVBM_BLOCK_FORMAT decides whether the rank's heads shape the block (every rank of
+        # a world decides alike: they hold equal shares of the heads).
+        identity = replace(identity, heads=choose_heads(identity.heads, identity.block_size, config.block_format))
         self.agent = RankAgent(endpoint, identity, kv, init_timeout_s=config.init_timeout_s,
                                heartbeat_interval_s=config.heartbeat_interval_s,
                                liveness_timeout_s=config.liveness_timeout_s, engine_factory=factory)

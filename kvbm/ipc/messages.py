@@ -20,9 +20,10 @@ import msgpack
 import numpy as np
 
 from kvbm.hashing import hashes_from_bytes, hashes_to_bytes
+from kvbm.ipc.block_format import HeadSplit
 from kvbm.ipc.stats import STAT_KEYS, LeaderState, LeaderStats, decode_stats
 
-PROTOCOL_VERSION = 6  # 6: AllocateStore carries the blocks' token ids (KV events); RegisterRank.replicated, PoolGrant.stores (MLA: one copy for all ranks); 4: StatsReply carries the leader state and its names are checked; per-slot store reports (TransferDone.stored, ReleaseOp.absent)
+PROTOCOL_VERSION = 7  # 7: RegisterRank names its KV heads, PoolGrant.heads (the TP-independent heads format); 6: AllocateStore carries the blocks' token ids (KV events); RegisterRank.replicated, PoolGrant.stores (MLA: one copy for all ranks); 4: StatsReply carries the leader state and its names are checked; per-slot store reports (TransferDone.stored, ReleaseOp.absent)
 MAX_FRAME_BYTES = 64 << 20
 MAX_LIST_LEN = 1 << 20
 MAX_STR_LEN = 4096
@@ -146,6 +147,21 @@ class RegisterRank(Message):
     pid: int = _int(_bounds(0, 1 << 31))
     # Every rank holds the same KV (MLA's latent cache): the world stores one slice, not one per rank.
     replicated: bool = False
+    # The rank's KV is heads [first_head, first_head + num_heads) of the model's kv_heads, each
+    # head_bytes per token, head-major or not (kvbm.ipc.block_format.HeadSplit); kv_heads 0:
+    # not known, the world keeps one slice per rank.
+    kv_heads: int = _int(COUNT)
+    first_head: int = _int(COUNT)
+    num_heads: int = _int(COUNT)
+    head_bytes: int = _int(COUNT)
+    head_major: bool = False
+
+    @property
+    def heads(self) -> HeadSplit | None:
+        """The rank's KV heads, None when it did not name them (its bytes are one opaque slice)."""
+        if not self.kv_heads:
+            return None
+        return HeadSplit(self.kv_heads, self.first_head, self.num_heads, self.head_bytes, self.head_major)
 
 
 @_register
@@ -193,8 +209,11 @@ class PoolGrant(Message):
     segment: str = ""
     num_blocks: int = _int(POSITIVE)
     block_bytes: int = _int(POSITIVE)
-    slice_offset: int = _int(COUNT)
-    stores: bool = True  # this rank copies the bytes of store ops (False: a replicated world's other ranks)
+    slice_offset: int = _int(COUNT)  # where the rank's slice starts in a host block (rank-slices format)
+    stores: bool = True  # this rank copies the bytes of store ops (False: another rank writes its bytes)
+    # The heads format (kvbm.ipc.block_format): the rank's bytes lie at Placement.heads of the
+    # heads it registered, not in a slice of its own.
+    heads: bool = False
 
 
 @_register

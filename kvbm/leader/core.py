@@ -15,7 +15,8 @@ rank acknowledged its copy; a failed or partial transfer never is.** A store's s
 WRITING (never matchable) until every live rank reported; a slot is committed only if every
 rank reported storing it, and aborted if any rank failed, died or did not store it
 (:meth:`LeaderCore._finish`). In a replicated (MLA) world "every rank" of a store is the one
-writer rank whose slice is the whole block (:meth:`kvbm.leader.world.World.op_ranks`); loads
+writer rank whose slice is the whole block, in the heads format one rank per distinct range of
+KV heads (:meth:`kvbm.leader.world.World.op_ranks`); loads
 still go to every rank. A load waiting for a staging read goes to the ranks only once the
 read put the block whole in G2 (:meth:`LeaderCore._staged`); the pipelines commit a lower tier's
 copy only after its write succeeded.
@@ -188,6 +189,7 @@ class LeaderCore:
             block_bytes=self.world.block_bytes,
             slice_offset=self.world.slice_offset(rank),
             stores=self.world.writes_stores(rank),
+            heads=self.world.heads is not None,
         )
 
     def _create_cache(self) -> None:

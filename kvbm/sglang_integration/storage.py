@@ -35,6 +35,7 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageC
 
 from kvbm.connector.bootstrap import ensure_leader, layout_fingerprint, stop_leader, wait_until_ready
 from kvbm.connector.setup import UnsupportedSetup
+from kvbm.ipc.block_format import Placement
 from kvbm.ipc.shm import HostPool, PoolGeometry, ShmError
 from kvbm.ipc.transport import ensure_private_dir
 from kvbm.leader.client import LeaderClient
@@ -44,7 +45,7 @@ from kvbm.sglang_integration.settings import (Broadcast, RankConfig, SglangSetti
                                               rank_config, settings_for)
 from kvbm.worker.agent import RankAgent, RankIdentity
 from kvbm.worker.copy import NumpyCopyEngine
-from kvbm.worker.layout import EngineKV, LayoutError, host_slice_view
+from kvbm.worker.layout import EngineKV, LayoutError, host_slice_view, host_view
 
 log = logging.getLogger("kvbm.sglang")
 
@@ -153,12 +154,13 @@ class KvbmHiCacheStorage(HiCacheStorage):
         log.info("kvbm: SGLang rank %d/%d of instance %s ready (leader %s)%s", s.rank, s.tp_size, s.instance.name,
                  s.endpoint, "; MLA: one copy, written by rank 0" if s.replicated else "")
 
-    def _make_engine(self, kv: EngineKV, pool: HostPool, slice_offset: int) -> NumpyCopyEngine:
-        """The agent's copy engine, also used by this backend's calls (they copy on SGLang's threads)."""
-        engine = NumpyCopyEngine(kv, host_slice_view(pool.array, slice_offset, kv.layout))
+    def _make_engine(self, kv: EngineKV, pool: HostPool, placement: Placement) -> NumpyCopyEngine:
+        """The agent's copy engine, also used by this backend's calls (they copy on SGLang's threads).
+        Its bytes are a slice (this backend names no heads), which MLA readers view at the offset."""
+        engine = NumpyCopyEngine(kv, host_view(pool.array, placement, kv.layout))
         self._engine = engine
         g = pool.geometry
-        self._location = PoolLocation(pool.name, g.num_blocks, g.block_bytes, slice_offset)
+        self._location = PoolLocation(pool.name, g.num_blocks, g.block_bytes, placement.offset)
         return engine
 
     def _host_view(self) -> np.ndarray | None:

@@ -207,8 +207,11 @@ class RankWorker:
                                                              kv_cache_config=make_kv_cache_config(spec))
         self.tensors = make_tensors(spec)
         kv = EngineKV.from_layers(distinct_tensors(self.tensors), num_blocks=spec.num_blocks)
-        self.oracle = Oracle(kv, 0 if spec.layout == "mla" else rank)  # MLA: the same latent KV on every rank
         self.connector.register_kv_caches(self.tensors)
+        # MLA: the same latent KV on every rank; KV heads the rank registered: each head's bytes,
+        # whichever rank (at whichever TP size) holds it.
+        agent = self.connector.worker.agent if self.connector.worker is not None else None
+        self.oracle = Oracle(kv, 0 if spec.layout == "mla" else rank, heads=agent.ident.heads if agent else None)
 
     def step(self, work: StepWork) -> StepResult:
         c = self.connector

@@ -20,9 +20,10 @@ from typing import Any, Callable, Sequence
 import zmq
 
 from kvbm.ipc import messages as m
+from kvbm.ipc.block_format import HeadSplit, Placement
 from kvbm.ipc.shm import HostPool, PoolGeometry, ShmError
 from kvbm.worker.copy import CopyEngine, Direction, NumpyCopyEngine
-from kvbm.worker.layout import EngineKV, KVSource, host_slice_view
+from kvbm.worker.layout import EngineKV, KVSource, host_view
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ class RankIdentity:
     # Every rank holds the same KV (MLA's latent cache): the world keeps one copy of each block,
     # written by one rank and loaded by all.
     replicated: bool = False
+    # The rank's KV heads among the model's (MHA/GQA split over TP): with every rank's heads
+    # known, the world keeps its blocks in the TP-independent heads format.
+    heads: HeadSplit | None = None
 
 
 @dataclass(frozen=True)
@@ -67,12 +71,12 @@ class _CopyJob:
     slots: list[int]
 
 
-CopyEngineFactory = Callable[[Any, HostPool, int], CopyEngine]
+CopyEngineFactory = Callable[[Any, HostPool, Placement], CopyEngine]
 
 
-def numpy_engine(kv: EngineKV, pool: HostPool, slice_offset: int) -> CopyEngine:
+def numpy_engine(kv: EngineKV, pool: HostPool, placement: Placement) -> CopyEngine:
     """The CPU copy engine (the default factory)."""
-    return NumpyCopyEngine(kv, host_slice_view(pool.array, slice_offset, kv.layout))
+    return NumpyCopyEngine(kv, host_view(pool.array, placement, kv.layout))
 
 
 class RankAgent:
@@ -257,11 +261,19 @@ class RankAgent:
     def _init_sync(self, sock: zmq.Socket) -> None:
         deadline = time.monotonic() + self.init_timeout_s
         lay = self.kv.layout
+        heads = self.ident.heads
+        if heads is not None and heads.region_bytes(self.ident.block_size) != lay.region_bytes:
+            self.error = (f"rank {self.ident.rank}: KV regions of {lay.region_bytes} B are not {heads.count} heads x "
+                          f"{self.ident.block_size} tokens x {heads.head_bytes} B")
+            log.error("%s", self.error)
+            return
+        named = {} if heads is None else dict(kv_heads=heads.total, first_head=heads.first, num_heads=heads.count,
+                                                head_bytes=heads.head_bytes, head_major=heads.head_major)
         reg = m.RegisterRank(
             rank=self.ident.rank, world_size=self.ident.world_size, num_layers=lay.num_layers,
             slice_bytes=lay.slice_bytes, dtype=lay.dtype, engine_layout=f"{lay.outer}x{lay.region_bytes}",
             block_size=self.ident.block_size, fingerprint=self.ident.fingerprint, pid=os.getpid(),
-            replicated=self.ident.replicated,
+            replicated=self.ident.replicated, **named,
         )
         step = "receive the host pool from the leader (other ranks or the leader may be missing)"
         reg_id = next(self._ids)
@@ -293,7 +305,11 @@ class RankAgent:
         try:
             geometry = PoolGeometry(grant.num_blocks, grant.block_bytes)
             self.pool = HostPool.attach(grant.segment, geometry)
-            self.engine = self._engine_factory(self.kv, self.pool, grant.slice_offset)
+            if grant.heads and heads is not None:
+                placement = Placement.heads(heads, self.ident.block_size)
+            else:
+                placement = Placement.sliced(grant.slice_offset, lay.region_bytes)
+            self.engine = self._engine_factory(self.kv, self.pool, placement)
             self.writes_stores = grant.stores
         except (ShmError, ValueError, RuntimeError) as e:
             self._fail_init(f"attach the host pool: {e}")

@@ -170,6 +170,13 @@ def source_runs(src: np.ndarray, dst: np.ndarray) -> list[SourceRun]:
     ]
 
 
+def _split_regions(view: np.ndarray, rows: tuple[int, ...]) -> np.ndarray:
+    """``view`` with its last (contiguous region) axis cut into ``rows``; never a copy."""
+    out = view.view()
+    out.shape = view.shape[:-1] + rows  # assigning .shape raises where reshape would copy
+    return out
+
+
 class NumpyCopyEngine:
     """CPU copies between NumPy/torch-CPU KV tensors and the shared host pool.
 
@@ -180,12 +187,14 @@ class NumpyCopyEngine:
 
     def __init__(self, kv: EngineKV, host: np.ndarray) -> None:
         self.kv = kv
-        self.host = host  # (host_blocks, layers, outer, region)
+        self.host = host  # (host_blocks, layers, outer, region), or (..., rows, row_bytes): host_view
+        # The engine's regions cut into the host's rows (a reshape of contiguous bytes: a view).
+        rows = host.shape[3:]
         # (engine view, host view) pairs indexed by block first; one assignment each per run.
         if kv.whole is not None:
-            self._views = [(kv.whole, host)]
+            self._views = [(_split_regions(kv.whole, rows), host)]
         else:
-            self._views = [(view, host[:, layer]) for layer, view in enumerate(kv.layers)]
+            self._views = [(_split_regions(view, rows), host[:, layer]) for layer, view in enumerate(kv.layers)]
 
     def store(self, engine_blocks: IndexList, slots: IndexList) -> None:
         """G1 -> G2 (d2h)."""

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
+from kvbm.ipc.block_format import Placement
 from kvbm.worker.copy import BlockRuns, Direction, IndexList, index_array, plan_batch
 from kvbm.worker.layout import CONTIGUOUS, KV_FIRST, KVLayout, LayoutError, detect_layer_layout
 
@@ -205,8 +206,8 @@ class EngineKVDevice:
 
     Region ``(block, layer, outer)`` starts at
     ``layer_ptrs[layer] + block * block_stride + outer * outer_stride`` and is
-    ``layout.region_bytes`` long; in the host slice it sits at
-    ``(layer * outer + o) * region_bytes``, exactly as for the CPU engine.
+    ``layout.region_bytes`` long; in a host block it lies where the rank's
+    :class:`~kvbm.ipc.block_format.Placement` says, exactly as for the CPU engine.
     """
 
     layout: KVLayout
@@ -270,28 +271,40 @@ class EngineKVDevice:
         """Device address of one (block, layer, K/V) region."""
         return self.layer_ptrs[layer] + block * self.block_stride + outer * self.outer_stride
 
-    def segments(self) -> list[Segment]:
-        """The block's regions in host order, merged where they are also adjacent on the device."""
+    def segments(self, placement: Placement | int = 0) -> list[Segment]:
+        """The block's pieces in host order (a region, or a row of one at a placement in the
+        heads format), merged where they are adjacent on the device and in the host block."""
         lay = self.layout
+        p = as_placement(placement, lay)
         segs: list[Segment] = []
         for layer in range(lay.num_layers):
             for o in range(lay.outer):
-                dev = self.region_address(0, layer, o)
-                host = (layer * lay.outer + o) * lay.region_bytes
-                last = segs[-1] if segs else None
-                # Merge only while the merged width fits the block stride (a 2D copy's pitch).
-                if (last is not None and last.dev + last.width == dev
-                        and last.width + lay.region_bytes <= self.block_stride):
-                    segs[-1] = Segment(last.dev, last.dev_stride, last.host_off, last.width + lay.region_bytes)
-                else:
-                    segs.append(Segment(dev, self.block_stride, host, lay.region_bytes))
+                region = self.region_address(0, layer, o)
+                for i in range(p.rows):
+                    dev = region + i * p.row_bytes
+                    host = (layer * lay.outer + o) * p.region_stride + i * p.pitch
+                    last = segs[-1] if segs else None
+                    # Merge only while the merged width fits the block stride (a 2D copy's pitch).
+                    if (last is not None and last.dev + last.width == dev and last.host_off + last.width == host
+                            and last.width + p.row_bytes <= self.block_stride):
+                        segs[-1] = Segment(last.dev, last.dev_stride, last.host_off, last.width + p.row_bytes)
+                    else:
+                        segs.append(Segment(dev, self.block_stride, host, p.row_bytes))
         return segs
 
 
 # -- host side --------------------------------------------------------------------------------
+def as_placement(placement: Placement | int, layout: KVLayout) -> Placement:
+    """``placement``, or a rank slice at that offset (the rank-slices format)."""
+    if isinstance(placement, Placement):
+        return placement
+    return Placement.sliced(placement, layout.region_bytes)
+
+
 @dataclass(frozen=True)
 class HostSlice:
-    """This rank's slice of every block of a host pool, by address."""
+    """This rank's bytes of every block of a host pool, by address (segments' host offsets
+    count from ``slice_offset``, where the rank's first piece lies in a block)."""
 
     base: int  # address of host block 0
     num_blocks: int
@@ -299,15 +312,17 @@ class HostSlice:
     slice_offset: int
 
     @classmethod
-    def of(cls, pool_array: np.ndarray, slice_offset: int, layout: KVLayout) -> "HostSlice":
-        """From the pool as a ``[num_blocks, block_bytes]`` uint8 array (``HostPool.array``)."""
+    def of(cls, pool_array: np.ndarray, placement: Placement | int, layout: KVLayout) -> "HostSlice":
+        """From the pool as a ``[num_blocks, block_bytes]`` uint8 array (``HostPool.array``) and
+        where the rank's bytes lie in a block (a :class:`Placement`, or a slice's offset)."""
         if pool_array.ndim != 2 or pool_array.dtype != np.uint8 or not pool_array.flags.c_contiguous:
             raise ValueError("the host pool must be a C-contiguous [num_blocks, block_bytes] uint8 array")
         nb, bb = pool_array.shape
-        if slice_offset < 0 or slice_offset + layout.slice_bytes > bb:
-            raise ValueError(f"slice [{slice_offset}, {slice_offset + layout.slice_bytes}) does not fit in "
-                             f"host blocks of {bb} bytes")
-        return cls(int(pool_array.ctypes.data), nb, bb, slice_offset)
+        p = as_placement(placement, layout)
+        end = p.end(layout.num_layers * layout.outer)
+        if p.offset < 0 or end > bb or p.region_bytes != layout.region_bytes:
+            raise ValueError(f"slice [{p.offset}, {end}) does not fit in host blocks of {bb} bytes")
+        return cls(int(pool_array.ctypes.data), nb, bb, p.offset)
 
     @property
     def nbytes(self) -> int:
@@ -550,18 +565,18 @@ class CudaCopyEngine:
     ``after_event``/``after_stream``. ``None`` disables the implicit wait.
     """
 
-    def __init__(self, kv: EngineKVDevice, pool_array: np.ndarray, slice_offset: int, *,
+    def __init__(self, kv: EngineKVDevice, pool_array: np.ndarray, placement: Placement | int, *,
                  strategy: str = AUTO, engine_stream: Any = LEGACY_STREAM, dma_min_bytes: int = DMA_MIN_BYTES,
                  pin: bool = True) -> None:
         if strategy not in STRATEGIES + (AUTO,):
             raise ValueError(f"unknown copy strategy {strategy!r}; choose one of {', '.join(STRATEGIES + (AUTO,))}")
         cp = _cupy()
         self.kv = kv
-        self.host = HostSlice.of(pool_array, slice_offset, kv.layout)
+        self.host = HostSlice.of(pool_array, placement, kv.layout)
         self.strategy = strategy
         self.dma_min_bytes = dma_min_bytes
         self.engine_stream = None if engine_stream is None else stream_handle(engine_stream)
-        self._segs = kv.segments()
+        self._segs = kv.segments(placement)
         self._kseg = split_segments(self._segs, KERNEL_CHUNK_BYTES)
         self._min_width = min(seg.width for seg in self._segs)
         self._lock = threading.Lock()
@@ -755,6 +770,6 @@ class CudaCopyEngine:
         return ()
 
 
-def cuda_engine(kv: EngineKVDevice, pool: "HostPool", slice_offset: int) -> CudaCopyEngine:
+def cuda_engine(kv: EngineKVDevice, pool: "HostPool", placement: Placement) -> CudaCopyEngine:
     """Rank-agent engine factory (``RankAgent(engine_factory=cuda_engine)``) with the defaults."""
-    return CudaCopyEngine(kv, pool.array, slice_offset)
+    return CudaCopyEngine(kv, pool.array, placement)

@@ -7,8 +7,9 @@ Supported engine layouts (all detected from the tensor shapes):
   (and MLA's ``[num_blocks, block_size, dim]`` with one region per layer)
 * ``contiguous``  one tensor ``[num_blocks, layers, 2, ...]`` (TensorRT-LLM)
 
-In the host pool, a rank's slice of a block is ``[layers, outer, region_bytes]`` contiguous,
-whatever the engine layout, so every rank of every engine layout stores the same shape.
+In the host pool, a rank's bytes of a block are ``[layers, outer, region_bytes]``, whatever the
+engine layout: one contiguous slice, or in the TP-independent heads format its heads inside every
+region of the whole model (:mod:`kvbm.ipc.block_format`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
+
+from kvbm.ipc.block_format import Placement
 
 KV_FIRST = "kv_first"
 BLOCK_FIRST = "block_first"
@@ -154,9 +157,24 @@ def page_aligned_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
     return raw[start : start + nbytes].view(dt).reshape(tuple(shape))
 
 
+def host_view(pool_array: np.ndarray, placement: Placement, layout: KVLayout) -> np.ndarray:
+    """This rank's bytes of every host block at ``placement``, as
+    ``(host_blocks, layers, outer, region_bytes)``, or ``(host_blocks, layers, outer, rows,
+    row_bytes)`` when the rank's region is several rows in the block (token-major heads)."""
+    p = placement
+    nb, bb = pool_array.shape
+    if p.region_bytes != layout.region_bytes:
+        raise ValueError(f"a placement of {p.rows} x {p.row_bytes} B does not hold regions of {layout.region_bytes} B")
+    if p.end(layout.num_layers * layout.outer) > bb:
+        raise ValueError(f"a placement ending at {p.end(layout.num_layers * layout.outer)} does not fit in "
+                         f"host blocks of {bb} bytes")
+    row = (p.row_bytes,) if p.rows == 1 else (p.rows, p.row_bytes)
+    row_strides = (1,) if p.rows == 1 else (p.pitch, 1)
+    return np.lib.stride_tricks.as_strided(
+        pool_array[:, p.offset:], shape=(nb, layout.num_layers, layout.outer) + row,
+        strides=(pool_array.strides[0], layout.outer * p.region_stride, p.region_stride) + row_strides)
+
+
 def host_slice_view(pool_array: np.ndarray, slice_offset: int, layout: KVLayout) -> np.ndarray:
     """This rank's slice of every host block as ``(host_blocks, layers, outer, region_bytes)``."""
-    view = pool_array[:, slice_offset : slice_offset + layout.slice_bytes].view()
-    # Assigning .shape (unlike reshape) raises instead of silently copying.
-    view.shape = (pool_array.shape[0], layout.num_layers, layout.outer, layout.region_bytes)
-    return view
+    return host_view(pool_array, Placement.sliced(slice_offset, layout.region_bytes), layout)

@@ -197,6 +197,47 @@ def test_abort_while_waiting_for_the_load(make_engine) -> None:
     finish_clean(eng)
 
 
+def test_head_split_reads_the_heads_and_their_order_from_the_tensor_shape() -> None:
+    from kvbm.ipc.block_format import HeadSplit
+    from kvbm.vllm_integration.connector.common import head_split
+
+    # 8 KV heads at TP=2, rank 1: heads 4..7; fp16 dim 128 (256 B a head and token).
+    assert head_split((2, 100, 16, 4, 128), 2, 16, 8, 2, 1) == HeadSplit(8, 4, 4, 256)  # [2, blocks, tokens, heads, dim]
+    assert head_split((100, 2, 16, 4, 128), 2, 16, 8, 2, 1) == HeadSplit(8, 4, 4, 256)  # [blocks, 2, tokens, heads, dim]
+    assert head_split((100, 4, 16, 256), 2, 16, 8, 2, 1) == HeadSplit(8, 4, 4, 512, head_major=True)  # [B, H, N, 2 x dim]
+    assert head_split((2, 100, 16, 1, 128), 2, 16, 2, 4, 3) == HeadSplit(2, 1, 1, 256)  # a replicated head
+    assert head_split((2, 100, 16, 16, 128), 2, 16, 32, 2, 0) is None  # as many heads as tokens: ambiguous
+    assert head_split((2, 100, 16, 2, 128), 2, 16, 8, 2, 0) is None  # the shape does not show vLLM's split
+    assert head_split((100, 16, 576), 2, 16, 0, 2, 0) is None  # MLA: no heads
+    assert head_split((2, 100, 16, 3, 128), 2, 16, 6, 4, 0) is None  # 6 heads do not split over 4 ranks
+
+
+@pytest.mark.slow  # the engine spawns a leader process
+def test_a_disk_cache_written_at_tp2_serves_tp1(make_engine, kvbm_env) -> None:
+    """The model's 2 KV heads at TP = 2 (one per rank process) under the real scheduler, with
+    DYN_KVBM_BLOCK_FORMAT=heads: the ranks register their heads, so a block is the heads format,
+    the same bytes as at TP = 1, and a TP = 1
+    engine of the same model serves the TP = 2 engine's persistent disk cache, every loaded byte
+    checked against the per-head oracle."""
+    kvbm_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="24", DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS="256",
+             DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="1", DYN_KVBM_DISK_CACHE_PERSIST="1", DYN_KVBM_BLOCK_FORMAT="heads")
+    p = random_prompts(1, 100, seed=12, vocab=VOCAB)[0]  # 6 full blocks + 4 tokens
+    tp2 = make_engine(tp=2, kv_heads=1, num_blocks=40, max_num_batched_tokens=64)
+    tp2.add("a", p, max_tokens=1)
+    finish_clean(tp2)
+    assert tp2.quiesce().disk_tier.counters.offloaded_blocks == 6
+    tp2.close()
+    [name] = os.listdir(os.environ["DYN_KVBM_DISK_CACHE_DIR"])
+    tp1 = make_engine(kv_heads=2, num_blocks=40, max_num_batched_tokens=64)
+    assert tp1.workers[0].connector.worker.agent.ident.heads.count == 2
+    assert tp1.quiesce().disk.registered == 6  # the TP = 2 engine's file, re-indexed
+    tp1.add("b", p, max_tokens=1)
+    finish_clean(tp1)
+    s = tp1.stats
+    assert s.external_hit_tokens == 96 and s.checked_blocks == 6 and s.mismatches == 0
+    assert os.listdir(os.environ["DYN_KVBM_DISK_CACHE_DIR"]) == [name]
+
+
 @pytest.mark.slow  # the engine spawns a leader process
 def test_load_errors_are_recomputed(make_engine, kvbm_env) -> None:
     """A disk block that fails its checksum on staging is reported through

@@ -214,7 +214,8 @@ class SimEngine:
         for r in ranks if ranks is not None else range(self.world_size):
             cmd = [sys.executable, "-m", "kvbm.testing.sim.rank", "--control", self._ctl_endpoint,
                    "--leader", self.endpoint, "--rank", str(r), "--world", str(self.world_size),
-                   "--model", model_hex, "--init-timeout", str(self.init_timeout_s), "--seed", str(self.seed)]
+                   "--model", model_hex, "--init-timeout", str(self.init_timeout_s), "--seed", str(self.seed),
+                   "--block-format", self.config.block_format]
             self.ranks.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
         for _ in ranks if ranks is not None else range(self.world_size):
             self._await_hello()  # all ranks start in parallel
@@ -443,12 +444,13 @@ class SimEngine:
         stores: list[list[Any]] = [[op.op_id, op.blocks, op.slots] for op in step.stores if op.blocks]
         results = self._broadcast({"cmd": "step", "loads": loads, "compute": compute, "stores": stores}, 120)
         bad_loads: set[int] = set()
-        for r in results:
+        for rank, r in enumerate(results):
             st.mismatches += r["mismatches"]
             bad_loads.update(r["load_failures"])
             st.store_failures += len(r["store_failures"])
-            st.bytes_loaded += r["loaded_blocks"] * self.model.slice_bytes
-            st.bytes_stored += r["stored_blocks"] * self.model.slice_bytes
+            slice_bytes = self.model.for_rank(self.world_size, rank).slice_bytes
+            st.bytes_loaded += r["loaded_blocks"] * slice_bytes
+            st.bytes_stored += r["stored_blocks"] * slice_bytes
         st.load_seconds += max((r["load_seconds"] for r in results), default=0.0)
         st.store_seconds += max((r["store_seconds"] for r in results), default=0.0)
         st.blocks_loaded += sum(len(op[2]) for op in loads if op[0] not in bad_loads)

@@ -24,6 +24,7 @@ import zmq
 from kvbm.config import KvbmConfig
 from kvbm.connector.ops import LoadOp, StoreOp
 from kvbm.connector.worker import LoadDone, StoreDone, WorkerOps
+from kvbm.ipc.block_format import HeadSplit, kv_head_range
 from kvbm.testing.sim.oracle import Oracle
 from kvbm.worker.agent import RankIdentity
 from kvbm.worker.layout import EngineKV, page_aligned_empty
@@ -45,6 +46,23 @@ class SimModel:
     # MLA: one latent vector of head_dim per token ([num_blocks, block_size, head_dim], kv_heads
     # unused), the same on every rank; the ranks register it as replicated.
     mla: bool = False
+    # The model's KV heads, split over the ranks as the engines split them (kv_head_range; each
+    # rank's kv_heads is then its share) and registered by head: the TP-independent heads
+    # format. 0: every rank holds kv_heads heads of its own, in a slice of its own.
+    model_kv_heads: int = 0
+
+    def for_rank(self, world: int, rank: int) -> "SimModel":
+        """The shape of ``rank``'s KV cache in a world of ``world`` ranks."""
+        if not self.model_kv_heads:
+            return self
+        return dataclasses.replace(self, kv_heads=kv_head_range(self.model_kv_heads, world, rank)[1])
+
+    def head_split(self, world: int, rank: int) -> HeadSplit | None:
+        """The heads ``rank`` registers (None: a slice of its own, or MLA's replicated latent)."""
+        if not self.model_kv_heads or self.mla:
+            return None
+        first, count = kv_head_range(self.model_kv_heads, world, rank)
+        return HeadSplit(self.model_kv_heads, first, count, self.head_dim * np.dtype(self.dtype).itemsize)
 
     def tensor_shape(self) -> tuple[int, ...]:
         if self.mla:
@@ -81,15 +99,19 @@ def _wait(ops: WorkerOps, in_flight: Callable[[], int], timeout_s: float) -> dic
 
 
 def serve(control: str, leader: str, rank: int, world: int, model: SimModel, fingerprint: str,
-          init_timeout_s: float, seed: int) -> int:
-    _tensors, kv = make_kv(model)
-    # MLA: every rank computes the same latent KV, so every rank's oracle is rank 0's.
-    oracle = Oracle(kv, 0 if model.mla else rank, seed)
+          init_timeout_s: float, seed: int, block_format: str = "auto") -> int:
+    heads = model.head_split(world, rank)
+    _tensors, kv = make_kv(model.for_rank(world, rank))
+    # MLA: every rank computes the same latent KV, so every rank's oracle is rank 0's; heads
+    # split over the ranks: each head's bytes are the same whichever rank (and TP size) holds it.
+    oracle = Oracle(kv, 0 if model.mla else rank, seed, heads)
     # The engine-neutral worker side, as every engine adapter uses it (the view is made here
     # already: the oracle checks bytes through it).
     ops = WorkerOps(rank)
-    ops.attach(kv, lambda _cls: kv, endpoint=leader, identity=RankIdentity(rank, world, model.block_size, fingerprint, model.mla),
-               config=dataclasses.replace(KvbmConfig(), init_timeout_s=init_timeout_s), what="the simulated KV")
+    ops.attach(kv, lambda _cls: kv, endpoint=leader,
+               identity=RankIdentity(rank, world, model.block_size, fingerprint, model.mla, heads),
+               config=dataclasses.replace(KvbmConfig(), init_timeout_s=init_timeout_s, block_format=block_format),
+               what="the simulated KV")
     agent = ops.agent
     assert agent is not None
     sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
@@ -176,12 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fingerprint", default="sim")
     p.add_argument("--init-timeout", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--block-format", default="auto", help="DYN_KVBM_BLOCK_FORMAT of the engine")
     a = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("KVBM_SIM_LOG", "WARNING"), stream=sys.stderr,
                         format=f"%(asctime)s rank{a.rank} %(levelname)s %(message)s")
     model = SimModel(**msgpack.unpackb(bytes.fromhex(a.model)))
     try:
-        return serve(a.control, a.leader, a.rank, a.world, model, a.fingerprint, a.init_timeout, a.seed)
+        return serve(a.control, a.leader, a.rank, a.world, model, a.fingerprint, a.init_timeout, a.seed,
+                     a.block_format)
     except KeyboardInterrupt:
         # Ctrl-C reaches the whole process group: the scheduler reports it, the rank just exits.
         return 130

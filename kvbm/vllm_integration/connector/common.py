@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from kvbm.config import load_config
 from kvbm.connector.bootstrap import Instance, layout_fingerprint, leader_endpoint
 from kvbm.connector.setup import UnsupportedSetup
+from kvbm.ipc.block_format import HeadSplit, kv_head_range
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -49,8 +50,10 @@ def settings_for(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | No
         dtype = str(mc.dtype).removeprefix("torch.")
     # MLA: every TP rank caches the same latent KV ([blocks, block_size, latent dim] per layer).
     mla = bool(getattr(mc, "use_mla", False))
+    # Other models' ranks register their KV heads (KvbmWorker): no TP size here, the leader's
+    # block format names it where a block depends on it.
     fingerprint = layout_fingerprint("vllm", mc.model if mc is not None else None, dtype, block_size, world,
-                                     replicated=mla)
+                                     replicated=mla, by_heads=not mla)
     return Instance(config, name, leader_endpoint(config, name), block_size, world, fingerprint, mla)
 
 
@@ -134,6 +137,43 @@ def check_supported(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig |
         # tokens (and MLA's latent is no longer the same on every rank).
         raise UnsupportedSetup("kvbm does not support decode context parallelism (decode_context_parallel_size > 1)")
     return kv_groups(kv_cache_config)
+
+
+def model_kv_heads(vllm_config: "VllmConfig") -> int:
+    """The model's KV heads (all TP ranks together); 0 for MLA (one latent, no heads) or when
+    vLLM's config does not say."""
+    mc = vllm_config.model_config
+    if mc is None or getattr(mc, "use_mla", False):
+        return 0
+    try:
+        return int(mc.get_total_num_kv_heads())
+    except (AttributeError, TypeError, ValueError):
+        return 0
+
+
+def head_split(shape: tuple[int, ...], itemsize: int, block_size: int, kv_heads: int, world_size: int,
+               rank: int) -> HeadSplit | None:
+    """This rank's KV heads as they lie in its per-layer KV tensor of ``shape``, or None where
+    kvbm cannot tell them apart (the rank's bytes are then a slice of its own, tied to the TP size).
+
+    The rank holds vLLM's split of the model's ``kv_heads`` (:func:`kv_head_range`). A block's
+    interior is told by its shape alone: tokens then heads (``[2, blocks, tokens, heads, dim]``,
+    ``[blocks, 2, tokens, heads, dim]``, ``[blocks, tokens, heads, dim]``) or heads then tokens
+    (``[..., heads, tokens, dim]``, e.g. vLLM's CPU backend). With as many heads as tokens per
+    block the order is ambiguous, so heads are named only when exactly one order fits.
+    """
+    if kv_heads < 1:
+        return None
+    try:
+        first, count = kv_head_range(kv_heads, world_size, rank)
+    except ValueError:
+        return None
+    if len(shape) not in (4, 5) or count == block_size:
+        return None
+    inner = tuple(shape[-3:-1])
+    if inner not in ((block_size, count), (count, block_size)):
+        return None
+    return HeadSplit(kv_heads, first, count, shape[-1] * itemsize, head_major=inner[0] == count)
 
 
 def worker_rank(vllm_config: "VllmConfig", world_size: int) -> int:

@@ -42,6 +42,7 @@ from kvbm.leader.registry import Tier
 from kvbm.vllm_integration.connector.common import (
     UnsupportedSetup,
     check_supported,
+    model_kv_heads,
     settings_for,
     worker_rank,
 )
@@ -105,7 +106,7 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
                     raise
             else:
                 self.worker = KvbmWorker(self.settings, worker_rank(vllm_config, self.settings.world_size),
-                                         hybrid=len(groups.order) > 1)
+                                         hybrid=len(groups.order) > 1, kv_heads=model_kv_heads(vllm_config))
         except UnsupportedSetup as e:
             log.error("kvbm: %s; the engine runs without kvbm", e)
 

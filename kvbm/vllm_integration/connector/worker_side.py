@@ -28,6 +28,7 @@ from typing import Any, Mapping
 from kvbm.connector.ops import IDLE_STEP_WAIT_S
 from kvbm.connector.worker import LoadDone, StoreDone, WorkerOps
 from kvbm.connector.bootstrap import Instance
+from kvbm.vllm_integration.connector.common import head_split
 from kvbm.vllm_integration.connector.metadata import (
     DynamoConnectorMetadata,
     DynamoWorkerMetadata,
@@ -66,10 +67,11 @@ def distinct_tensors(kv_caches: Mapping[str, Any]) -> dict[str, Any]:
 class KvbmWorker:
     """One rank's connector state. vLLM calls it from the model runner's thread only."""
 
-    def __init__(self, settings: Instance, rank: int, *, hybrid: bool = False) -> None:
+    def __init__(self, settings: Instance, rank: int, *, hybrid: bool = False, kv_heads: int = 0) -> None:
         self.settings = settings
         self.rank = rank
         self.hybrid = hybrid
+        self.kv_heads = kv_heads  # the model's KV heads (0: unknown, or MLA)
         self.ops = WorkerOps(rank)
         self.stats = KvbmConnectorStats()
         self._delayed: set[str] = set()  # finished requests waiting for their stores
@@ -92,9 +94,14 @@ class KvbmWorker:
         s = self.settings
         # (a LayoutError of distinct_tensors is attach's: logged, and this rank serves without kvbm)
         layers = (lambda: distinct_tensors(kv_caches)) if self.hybrid else (lambda: kv_caches)
-        self.ops.attach(next(iter(kv_caches.values()), None),
-                        lambda cls: cls.from_layers(layers(), num_blocks=num_blocks or None),
-                        endpoint=s.endpoint, identity=RankIdentity(self.rank, s.world_size, s.block_size, s.fingerprint, s.replicated),
+        sample = next(iter(kv_caches.values()), None)
+        heads = None
+        if sample is not None and not s.replicated:
+            heads = head_split(tuple(sample.shape), sample.element_size(), s.block_size, self.kv_heads,
+                               s.world_size, self.rank)
+        self.ops.attach(sample, lambda cls: cls.from_layers(layers(), num_blocks=num_blocks or None),
+                        endpoint=s.endpoint,
+                        identity=RankIdentity(self.rank, s.world_size, s.block_size, s.fingerprint, s.replicated, heads),
                         config=s.config, what="these KV caches")
 
     # -- per step ------------------------------------------------------------------------
