@@ -210,7 +210,8 @@ class RankWorker:
         self.connector.register_kv_caches(self.tensors)
         # MLA: the same latent KV on every rank; KV heads the rank registered: each head's bytes,
         # whichever rank (at whichever TP size) holds it.
-        agent = self.connector.worker.agent if self.connector.worker is not None else None
+        worker = getattr(self.connector, "worker", None)  # a DynamoConnector's worker role
+        agent = worker.agent if worker is not None else None
         self.oracle = Oracle(kv, 0 if spec.layout == "mla" else rank, heads=agent.ident.heads if agent else None)
 
     def step(self, work: StepWork) -> StepResult:

@@ -267,13 +267,15 @@ class RankAgent:
                           f"{self.ident.block_size} tokens x {heads.head_bytes} B")
             log.error("%s", self.error)
             return
-        named = {} if heads is None else dict(kv_heads=heads.total, first_head=heads.first, num_heads=heads.count,
-                                                head_bytes=heads.head_bytes, head_major=heads.head_major)
         reg = m.RegisterRank(
             rank=self.ident.rank, world_size=self.ident.world_size, num_layers=lay.num_layers,
             slice_bytes=lay.slice_bytes, dtype=lay.dtype, engine_layout=f"{lay.outer}x{lay.region_bytes}",
             block_size=self.ident.block_size, fingerprint=self.ident.fingerprint, pid=os.getpid(),
-            replicated=self.ident.replicated, **named,
+            replicated=self.ident.replicated,
+            # No heads named (kv_heads 0): the rank's slice is opaque bytes.
+            kv_heads=heads.total if heads else 0, first_head=heads.first if heads else 0,
+            num_heads=heads.count if heads else 0, head_bytes=heads.head_bytes if heads else 0,
+            head_major=heads.head_major if heads else False,
         )
         step = "receive the host pool from the leader (other ranks or the leader may be missing)"
         reg_id = next(self._ids)
