@@ -36,6 +36,8 @@ def test_round_trip_every_message_type() -> None:
                                   "host_writing": 0, "host_pinned": 0}),
         m.TransferDone(rank=0, op_id=7, ok=False, error="boom"),
         m.AllocateStore(m.pack_hashes([5, 6]), 4, 0, np.arange(32, dtype="<u4").tobytes()),
+        m.EventsReply(bytes([0, 1, 0]), bytes([2, 2, 3]), m.pack_hashes([5, 6, 7]), m.pack_hashes([0, 0, 5]),
+                      bytes([1, 0, 0]), np.arange(16, dtype="<u4").tobytes()),
     ]
     for msg in samples:
         rid, back = m.decode(m.encode(msg, 42))
@@ -54,6 +56,12 @@ def test_round_trip_every_message_type() -> None:
     (msgpack.packb({"v": 1}), "frame is not"),
     (msgpack.packb([m.PROTOCOL_VERSION, "allocate_store", 1, [bytes(16), 0, 0, bytes(12)]]), "not whole u32 blocks"),
     (msgpack.packb([m.PROTOCOL_VERSION, "allocate_store", 1, [b"", 0, 0, bytes(8)]]), "not whole u32 blocks"),
+    (msgpack.packb([m.PROTOCOL_VERSION, "events_reply", 1, [b"\0\0", b"\2\2", bytes(16), bytes(16), b"\1", bytes(64)]]),
+     "1 token flags"),
+    (msgpack.packb([m.PROTOCOL_VERSION, "events_reply", 1, [b"\0", b"\2", bytes(8), bytes(8), b"\2", bytes(64)]]),
+     "token flags"),
+    (msgpack.packb([m.PROTOCOL_VERSION, "events_reply", 1, [b"\0", b"\2", bytes(8), bytes(8), b"\1", b""]]),
+     "not whole u32 blocks"),
     (msgpack.packb([m.PROTOCOL_VERSION, "match", -5, [b""]]), "request id"),
     (msgpack.packb([m.PROTOCOL_VERSION, "stats_reply", 1, ["ready", {"host_fre": 1}, 0]]), "unknown stats"),
     (msgpack.packb([m.PROTOCOL_VERSION, "stats_reply", 1, ["fine", {}, 0]]), "not a leader state"),

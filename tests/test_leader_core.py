@@ -1016,6 +1016,31 @@ def test_block_tokens_kept_while_a_tier_holds_the_block_and_only_with_events_on(
     assert off.core.block_tokens is None and off.core.token_ids(1) == b""
 
 
+def test_take_events_keeps_tokens_from_its_first_call_and_hands_them_out(make_config) -> None:
+    """Without an event endpoint the leader keeps no tokens until an engine takes events; from
+    then on a stored block's event carries its tokens while some tier holds it, and a block
+    evicted before the events were taken goes out without them."""
+    h = Harness(make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="4"))
+
+    def store(hashes: list[int], parent: int) -> None:
+        g = h.ask(m.AllocateStore(m.pack_hashes(hashes), parent, 0, _toks(*hashes)))
+        assert isinstance(g, m.StoreGrant)
+        for r in range(h.world):
+            h.ack(r, g.op_id)
+
+    store([1], 0)
+    assert h.core.block_tokens is None
+    first = h.core.take_events()
+    assert list(first.kinds) == [0] and first.tokened == b"" and first.tokens == b""
+    store([2, 3], 1)
+    store([4, 5, 6], 0)  # evicts 1 and 2 (least recently used)
+    ev = h.core.take_events()
+    hashes = m.unpack_hashes(ev.hashes)
+    stored = [(hh, t) for k, hh, t in zip(ev.kinds, hashes, ev.tokened) if k == 0]
+    assert stored == [(2, 0), (3, 1), (4, 1), (5, 1), (6, 1)] and ev.tokens == _toks(3, 4, 5, 6)
+    assert sorted(hh for k, hh in zip(ev.kinds, hashes) if k == 1) == [1, 2]
+
+
 def test_a_whole_engine_restarting_gets_every_rank_its_ready(host_only) -> None:
     """Every rank of a new engine re-registers with the running pool before the liveness check
     noticed the old ones; the first to attach is answered too once the last is back."""

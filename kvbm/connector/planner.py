@@ -40,7 +40,7 @@ import logging
 import time
 from array import array
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -50,6 +50,7 @@ from kvbm.connector.ops import LoadOp, StepPlan, StoreOp
 from kvbm.hashing import EMPTY_SALT_HASH, SequenceHasher
 from kvbm.ipc import messages as m
 from kvbm.leader.client import LeaderClient, LoadGrantInfo, TierBlocks
+from kvbm.leader.events import wire_events
 from kvbm.leader.registry import BlockEvent, Tier
 
 log = logging.getLogger("kvbm.connector")
@@ -868,15 +869,21 @@ class Planner:
         reaches before it answers again (see :meth:`_local_match`)."""
         return self.client.reset_cache()
 
-    def take_events(self) -> list[BlockEvent]:
-        """The leader's block events since the last call, as typed records (for KV events)."""
+    def take_events(self) -> list[dict[str, Any]]:
+        """The leader's block events since the last call, as vLLM KV-event maps
+        (:func:`kvbm.leader.events.wire_events`: the leader's own event stream, stored blocks
+        with their token ids where the leader has them)."""
         reply = self.client.take_events()
         if reply is None or not reply.kinds:
             return []
         hashes = m.unpack_hashes(reply.hashes)
         parents = m.unpack_hashes(reply.parents)
-        return [BlockEvent(m.BlockEventKind(kind), Tier(tier), h, p or None)
-                for kind, tier, h, p in zip(reply.kinds, reply.tiers, hashes, parents)]
+        events = [BlockEvent(m.BlockEventKind(kind), Tier(tier), h, p or None)
+                  for kind, tier, h, p in zip(reply.kinds, reply.tiers, hashes, parents)]
+        step = 4 * self.block_size
+        tokened = [h for h, flag in zip(hashes, reply.tokened) if flag]
+        tokens = {h: reply.tokens[i * step : (i + 1) * step] for i, h in enumerate(tokened)}
+        return wire_events(events, self.block_size, lambda h: tokens.get(h, b""))
 
     def shutdown(self) -> None:
         """Release every op still pending and close the connections."""

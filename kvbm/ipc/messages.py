@@ -22,7 +22,7 @@ import numpy as np
 from kvbm.hashing import hashes_from_bytes, hashes_to_bytes
 from kvbm.ipc.stats import STAT_KEYS, LeaderState, LeaderStats, decode_stats
 
-PROTOCOL_VERSION = 6  # 6: AllocateStore carries the blocks' token ids (KV events); RegisterRank.replicated, PoolGrant.stores (MLA: one copy for all ranks); 4: StatsReply carries the leader state and its names are checked; per-slot store reports (TransferDone.stored, ReleaseOp.absent)
+PROTOCOL_VERSION = 7  # 7: EventsReply carries the stored blocks' token ids; 6: AllocateStore carries the blocks' token ids (KV events); RegisterRank.replicated, PoolGrant.stores (MLA: one copy for all ranks); 4: StatsReply carries the leader state and its names are checked; per-slot store reports (TransferDone.stored, ReleaseOp.absent)
 MAX_FRAME_BYTES = 64 << 20
 MAX_LIST_LEN = 1 << 20
 MAX_STR_LEN = 4096
@@ -287,6 +287,13 @@ class GetStats(Message):
 @_register
 @dataclass(frozen=True)
 class TakeEvents(Message):
+    """The block events since the last TakeEvents (an engine forwarding them as its own KV events).
+
+    The first one also makes the leader keep the token ids the engine's store allocations carry
+    (which it otherwise keeps only with ``DYN_KVBM_KV_EVENTS_ENDPOINT``), so that later replies
+    carry them: an engine that forwards events asks once before it serves.
+    """
+
     TAG: ClassVar[str] = "take_events"
 
 
@@ -457,13 +464,28 @@ class StatsReply(Message):
 @_register
 @dataclass(frozen=True)
 class EventsReply(Message):
-    """KV events as parallel arrays: kind (0 stored, 1 removed, 2 cleared), tier, hash, parent."""
+    """KV events as parallel arrays: kind (0 stored, 1 removed, 2 cleared), tier, hash, parent.
+
+    ``tokened``: a u8 per event, 1 when ``tokens`` holds that (stored) block's token ids (empty:
+    no event has them); ``tokens``: those blocks' token ids as little-endian u32, block after
+    block in event order, every block the same number of tokens.
+    """
 
     TAG: ClassVar[str] = "events_reply"
     kinds: bytes = b""
     tiers: bytes = b""
     hashes: bytes = b""
     parents: bytes = b""
+    tokened: bytes = b""
+    tokens: bytes = b""
+
+    def __post_init__(self) -> None:
+        n = sum(self.tokened)
+        if self.tokened and (len(self.tokened) != len(self.kinds) or set(self.tokened) - {0, 1}):
+            raise ProtocolError(f"events_reply: {len(self.tokened)} token flags (0 or 1) for {len(self.kinds)} events")
+        if bool(n) != bool(self.tokens) or (n and len(self.tokens) % (4 * n)):
+            raise ProtocolError(f"events_reply: {len(self.tokens)} token bytes are not whole u32 blocks of the "
+                                f"{n} events that have tokens")
 
 
 @_register

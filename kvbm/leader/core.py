@@ -113,6 +113,7 @@ class LeaderCore:
         self.observers: list[LeaderObserver] = []
         # Token ids (u32 LE bytes) of the blocks held in some tier, kept only for KV events
         # (routers index a block by its tokens): the engine's store allocations carry them.
+        # None: nobody consumes events (no endpoint, and no TakeEvents yet).
         self.block_tokens: dict[int, bytes] | None = {} if config.kv_events_endpoint else None
         self.ops: dict[int, Op] = {}
         self.stop_requested = False
@@ -492,13 +493,22 @@ class LeaderCore:
             self._finish(op)
 
     def take_events(self) -> m.EventsReply:
+        """The events since the last call, each stored block with the token ids the leader holds
+        for it now (none once no tier holds it: the router need not learn of a block already gone).
+        The first call makes the leader keep the tokens of the blocks stored from then on."""
+        if self.block_tokens is None:
+            self.block_tokens = {}
         evs = list(self.events)
         self.events.clear()
+        tokens = [self.block_tokens.get(e.seq_hash, b"") if e.kind is m.BlockEventKind.STORED else b""
+                  for e in evs]
         return m.EventsReply(
             kinds=bytes(e.kind for e in evs),
             tiers=bytes(int(e.tier) for e in evs),
             hashes=m.pack_hashes([e.seq_hash for e in evs]),
             parents=m.pack_hashes([e.parent_hash or 0 for e in evs]),
+            tokened=bytes(bool(t) for t in tokens) if any(tokens) else b"",
+            tokens=b"".join(tokens),
         )
 
     def index_since(self, seq: int) -> m.IndexUpdates:
