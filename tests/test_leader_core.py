@@ -1041,6 +1041,28 @@ def test_take_events_keeps_tokens_from_its_first_call_and_hands_them_out(make_co
     assert sorted(hh for k, hh in zip(ev.kinds, hashes) if k == 1) == [1, 2]
 
 
+def test_blocks_found_in_the_store_chain_to_the_prompt_and_are_staged_with_their_tokens(with_objects) -> None:
+    """Blocks another instance put: the Match's first parent chains the first found block to the
+    prompt's prefix, and PrepareLoad's tokens go with the staged blocks' G2 events."""
+    h = with_objects(host=8)
+    _objects(h).store.update({21: b"\x01" * BB, 22: b"\x02" * BB})  # put by another instance
+    h.core.take_events()  # an engine forwarding events: the leader keeps tokens from now on
+    first = h.ask(m.Match(m.pack_hashes([21, 22]), 20))  # past the engine's own hit, which ends at block 20
+    assert isinstance(first, m.MatchReply) and first.pending  # asked of the store
+    h.object_io()
+    assert _lookup(h, [21, 22]).object == 2
+    g = h.ask(m.PrepareLoad(m.pack_hashes([21, 22]), _toks(21, 22)))
+    assert isinstance(g, m.LoadGrant) and g.op_id
+    h.object_io()
+    assert h.poll(g.op_id) == ([g.op_id], [])
+    ev = h.core.take_events()
+    stored = [(t, hh, p) for k, t, hh, p in zip(ev.kinds, ev.tiers, m.unpack_hashes(ev.hashes), m.unpack_hashes(ev.parents))
+              if k == 0]
+    assert stored == [(4, 21, 20), (4, 22, 21), (2, 21, 20), (2, 22, 21)], stored
+    # Taken after the load: the G4 events too carry the tokens the leader holds by then.
+    assert list(ev.tokened) == [1, 1, 1, 1] and ev.tokens == _toks(21, 22, 21, 22)
+
+
 def test_a_whole_engine_restarting_gets_every_rank_its_ready(host_only) -> None:
     """Every rank of a new engine re-registers with the running pool before the liveness check
     noticed the old ones; the first to attach is answered too once the last is back."""

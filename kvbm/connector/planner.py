@@ -304,6 +304,15 @@ class Planner:
         """Hashes ``first..end`` of a request as a uint64 array (a copy: the request's buffer grows)."""
         return np.frombuffer(st.packed, np.uint64)[first:end].copy()
 
+    def _tokens(self, st: _Req, first: int, end: int) -> bytes:
+        """The token ids of blocks ``first..end`` (u32 LE) for the leader's KV events; none for a
+        salted or LoRA request: a router keys a block by its tokens alone, so it would offer it to
+        requests that cannot use it."""
+        if st.hasher.salt_hash != EMPTY_SALT_HASH:
+            return b""
+        bs = self.block_size
+        return np.asarray(st.tokens[first * bs : end * bs], "<u4").tobytes()
+
     def _post(self, msgs: Sequence[tuple[m.Message, _Posted]]) -> None:
         """Queue requests for the leader; :meth:`_flush` sends them, once per step."""
         self._outbox += msgs
@@ -361,7 +370,7 @@ class Planner:
         rest = hashes[start:]
         found = self._local_match(rest)
         if found is None:
-            reply = self.client.lookup(self._wire(st, start))
+            reply = self.client.lookup(self._wire(st, start), hashes[start - 1] if start else 0)
             found = TierBlocks(reply.host, reply.disk, reply.object)
             if reply.pending:
                 st.store_wait = waiting_since or time.monotonic()
@@ -445,7 +454,8 @@ class Planner:
         if n == 0 or st is None or st.match is None:
             return 0
         mt = st.match
-        grant = self.client.prepare_load(self._wire(st, mt.start, mt.start + n // self.block_size))
+        end = mt.start + n // self.block_size
+        grant = self.client.prepare_load(self._wire(st, mt.start, end), self._tokens(st, mt.start, end))
         self.counters.remote_pins += 1
         if grant.op_id and not grant.ready and not self._staged(grant.op_id, timeout_s):
             grant = LoadGrantInfo(0, [], False)
@@ -528,7 +538,8 @@ class Planner:
             self._emit_load(LoadOp(req_id, grant.op_id, grant.slots[:n], engine[:n], engine[n:]), mt.blocks.first(n))
             return
         st.loading = True
-        self._post([(m.PrepareLoad(m.pack_hashes(self._wire(st, mt.start, mt.start + n))),
+        self._post([(m.PrepareLoad(m.pack_hashes(self._wire(st, mt.start, mt.start + n)),
+                                   self._tokens(st, mt.start, mt.start + n)),
                      _Pin(st, st.gen, engine, mt.blocks))])
 
     def _load_groups(self, req_id: str, engine_blocks: Sequence[int], num_external_tokens: int,
@@ -733,12 +744,8 @@ class Planner:
             return []
         st.stored = n_full
         hashes = self._hashes(st, n_full)
-        # The blocks' tokens, for the leader's KV events; not for a salted or LoRA request: a
-        # router keys a block by its tokens alone, so it would offer it to requests that cannot use it.
-        tokens = b"" if st.hasher.salt_hash != EMPTY_SALT_HASH else \
-            np.asarray(st.tokens[first * bs : n_full * bs], "<u4").tobytes()
         msg = m.AllocateStore(m.pack_hashes(self._wire(st, first, n_full)), hashes[first - 1] if first else 0,
-                              tokens=tokens)
+                              tokens=self._tokens(st, first, n_full))
         out: list[tuple[m.Message, _Posted]] = [(msg, _StoreAlloc(st, st.gen, st.block_ids[first:n_full]))]
         for g, ids in enumerate(st.group_ids, 1):
             blocks = ids[first:n_full]

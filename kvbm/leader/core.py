@@ -134,7 +134,7 @@ class LeaderCore:
             m.TransferDone: self._on_transfer_done,
             m.GetStatus: lambda p, r, msg: self.status(),
             m.Match: self._on_match,
-            m.PrepareLoad: lambda p, r, msg: self.prepare_load(m.unpack_hashes(_as(msg, m.PrepareLoad).hashes)),
+            m.PrepareLoad: self._on_prepare_load,
             m.PollLoads: lambda p, r, msg: self.poll_loads(_as(msg, m.PollLoads).op_ids),
             m.AllocateStore: self._on_allocate_store,
             m.ReleaseOp: self._on_release_op,
@@ -354,12 +354,14 @@ class LeaderCore:
         return next((t for t in self.tiers if isinstance(t, kind)), None)
 
     def _on_match(self, peer: bytes, rid: int, msg: m.Message) -> m.Message:
-        return self.match(m.hash_array(_as(msg, m.Match).hashes))
+        msg = _as(msg, m.Match)
+        return self.match(m.hash_array(msg.hashes), msg.first_parent or None)
 
-    def match(self, hashes: np.ndarray) -> m.MatchReply:
+    def match(self, hashes: np.ndarray, first_parent: int | None = None) -> m.MatchReply:
+        """Blocks of ``hashes`` held per tier; ``first_parent``: the hash before ``hashes[0]``."""
         res = self._serving_registry().match(hashes)
         # Every shared tier gets the chance to look past the match (hence no short-circuit).
-        pending = any([t.ask_past(hashes, res.total) for t in self.tiers])
+        pending = any([t.ask_past(hashes, res.total, first_parent) for t in self.tiers])
         self._count_match(len(hashes), res.host, res.disk, res.object)
         return m.MatchReply(res.host, res.disk, self.index.next_seq, res.object, pending)
 
@@ -380,11 +382,20 @@ class LeaderCore:
         c.match_disk_blocks += disk
         c.match_object_blocks += obj
 
-    def prepare_load(self, hashes: list[int]) -> m.LoadGrant:
-        """Pin the G2 prefix of ``hashes`` and stage its G3 / G4 continuation into fresh G2 slots."""
+    def _on_prepare_load(self, peer: bytes, rid: int, msg: m.Message) -> m.Message:
+        msg = _as(msg, m.PrepareLoad)
+        return self.prepare_load(m.unpack_hashes(msg.hashes), msg.tokens)
+
+    def prepare_load(self, hashes: list[int], tokens: bytes = b"") -> m.LoadGrant:
+        """Pin the G2 prefix of ``hashes`` and stage its G3 / G4 continuation into fresh G2 slots.
+
+        ``tokens``: the blocks' token ids (u32 LE, ``block_size`` a block) or empty; kept for the
+        KV events of the staged blocks, whose tokens the leader may never have been told.
+        """
         reg = self._serving_registry()
+        per_block = self._split_tokens("prepare_load", tokens, len(hashes))
         op = Op(next(self._op_ids), OpKind.LOAD, [], [], self._now)
-        for h in hashes:
+        for i, h in enumerate(hashes):
             slot = reg.host.lookup(h)
             if slot is not None:
                 reg.host.pin([slot])
@@ -398,6 +409,9 @@ class LeaderCore:
                 break
             op.staged_from[self._staging.source(slot)] += 1
             op.staging.add(slot)
+            if per_block and self.block_tokens is not None:
+                # Held in G3 or G4 now: dropped with the last tier's copy (_forget_tokens).
+                self.block_tokens.setdefault(h, per_block[i])
             op.slots.append(slot)
             op.hashes.append(h)
         if op.slots:
@@ -430,10 +444,7 @@ class LeaderCore:
         reg = self._serving_registry()
         if len(set(hashes)) != len(hashes):
             raise RequestRejected("bad_request", "allocate_store: duplicate hashes in one request")
-        step = 4 * self.block_size()
-        if tokens and len(tokens) != step * len(hashes):
-            raise RequestRejected("bad_request", f"allocate_store: {len(tokens)} token bytes for {len(hashes)} "
-                                                 f"blocks of {step // 4} tokens")
+        per_block = self._split_tokens("allocate_store", tokens, len(hashes))
         parents: list[int | None] = [first_parent or None, *hashes[:-1]][: len(hashes)]  # [] for no hashes
         got = reg.host.allocate(hashes, parents, priority=priority)
         slots = [-1 if s is None else s for s in got]
@@ -441,10 +452,20 @@ class LeaderCore:
         if not new:
             return m.StoreGrant(0, m.pack_slots(slots))
         op = Op(next(self._op_ids), OpKind.STORE, [s for _, s in new], [h for h, _ in new], self._now)
-        if tokens and self.block_tokens is not None:
-            op.tokens = [tokens[i * step : (i + 1) * step] for i, s in enumerate(got) if s is not None]
+        if per_block and self.block_tokens is not None:
+            op.tokens = [t for t, s in zip(per_block, got) if s is not None]
         self.ops[op.op_id] = op
         return m.StoreGrant(op.op_id, m.pack_slots(slots))
+
+    def _split_tokens(self, what: str, tokens: bytes, n: int) -> list[bytes]:
+        """``tokens`` (u32 LE) as one bytes per block of ``n``; [] for none. A length other than
+        ``n`` blocks of the engine's block size is a bad request."""
+        if not tokens:
+            return []
+        step = 4 * self.block_size()
+        if len(tokens) != step * n:
+            raise RequestRejected("bad_request", f"{what}: {len(tokens)} token bytes for {n} blocks of {step // 4} tokens")
+        return [tokens[i * step : (i + 1) * step] for i in range(n)]
 
     def _on_release_op(self, peer: bytes, rid: int, msg: m.Message) -> m.Message:
         msg = _as(msg, m.ReleaseOp)
