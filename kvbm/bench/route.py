@@ -109,10 +109,12 @@ class PolicyRun:
 
     @property
     def reused(self) -> int:
+        """Prompt tokens not recomputed."""
         return self.prompt_tokens - self.tokens_computed
 
     @property
     def reuse(self) -> float:
+        """:attr:`reused` as a fraction of the prompt tokens."""
         return self.reused / self.prompt_tokens if self.prompt_tokens else 0.0
 
     @property
@@ -122,6 +124,7 @@ class PolicyRun:
 
     @property
     def mean_ms(self) -> float:
+        """Mean time of a request (its lookups, loads, simulated compute and stores), in ms."""
         return 1000 * sum(self.seconds) / len(self.seconds) if self.seconds else 0.0
 
 
@@ -129,6 +132,7 @@ Chooser = Callable[[int, list[int], PolicyRun], int]
 
 
 def round_robin(k: int, prompt: list[int], run: PolicyRun) -> int:
+    """Request ``k`` to instance ``k mod 2``, whatever it holds."""
     return k % len(INSTANCES)
 
 

@@ -458,13 +458,16 @@ class LeaderCore:
         return m.StoreGrant(op.op_id, m.pack_slots(slots))
 
     def _split_tokens(self, what: str, tokens: bytes, n: int) -> list[bytes]:
-        """``tokens`` (u32 LE) as one bytes per block of ``n``; [] for none. A length other than
-        ``n`` blocks of the engine's block size is a bad request."""
+        """``tokens`` (u32 LE) as one bytes per block of ``n``; [] for none, or while nobody
+        consumes events (nothing keeps them). A length other than ``n`` blocks of the engine's
+        block size is a bad request either way."""
         if not tokens:
             return []
         step = 4 * self.block_size()
         if len(tokens) != step * n:
             raise RequestRejected("bad_request", f"{what}: {len(tokens)} token bytes for {n} blocks of {step // 4} tokens")
+        if self.block_tokens is None:
+            return []
         return [tokens[i * step : (i + 1) * step] for i in range(n)]
 
     def _on_release_op(self, peer: bytes, rid: int, msg: m.Message) -> m.Message:
