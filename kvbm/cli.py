@@ -28,6 +28,7 @@ Handler = Callable[[argparse.Namespace], int]
 COMMANDS: tuple[str, ...] = (
     "kvbm.cli:register_config",
     "kvbm.leader.process:register",
+    "kvbm.leader.consolidator:register",
     "kvbm.demo.dispatch:register",
     "kvbm.bench.report:register",
 )

@@ -103,6 +103,17 @@ def sequence_hashes(
     return _chain(data, len(data) // (4 * block_size), block_size, salt_hash, None)
 
 
+def continue_sequence(
+    parent: Optional[SequenceHash], tokens: TokenInput, block_size: int, salt_hash: int = EMPTY_SALT_HASH
+) -> list[SequenceHash]:
+    """The sequence hashes of the full blocks of ``tokens`` chained after ``parent`` (None: the
+    sequence's first block), as :func:`sequence_hashes` of the whole sequence gives them."""
+    _check_block_size(block_size)
+    _check_salt_hash(salt_hash)
+    data = _token_bytes(tokens)
+    return _chain(data, len(data) // (4 * block_size), block_size, salt_hash, parent)
+
+
 class SequenceHasher:
     """Incremental hashes for one request: extend() hashes only new full blocks.
 

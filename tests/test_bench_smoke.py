@@ -52,7 +52,7 @@ def test_unknown_suite_is_one_line_and_exit_2() -> None:
     proc = _bench("bogus")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip() == ("kvbm bench: error: unknown suite 'bogus': "
-                                   "choose from hashing, registry, transfer, disk, objects, fuzz, gpu, vllm, e2e")
+                                   "choose from hashing, registry, transfer, disk, objects, fuzz, gpu, vllm, e2e, route")
 
 
 def test_a_failed_suite_makes_the_exit_status_1(monkeypatch, capsys) -> None:

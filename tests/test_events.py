@@ -132,7 +132,8 @@ def test_unbindable_endpoint_is_one_error_and_no_publisher(make_config, caplog) 
     busy = zmq.Context.instance().socket(zmq.PUB)
     busy.bind(endpoint)  # someone else publishes there already
     try:
-        server = SimpleNamespace(core=SimpleNamespace(observers=[], block_size=lambda: 16, token_ids=lambda h: b""))
+        server = SimpleNamespace(core=SimpleNamespace(observers=[], block_size=lambda: 16,
+                                                   events=SimpleNamespace(token_ids=lambda h: b"")))
         with caplog.at_level(logging.ERROR, logger="kvbm.leader.events"):
             assert start_leader_events(server, cfg) is None  # type: ignore[arg-type]
         assert server.core.observers == []

@@ -998,7 +998,7 @@ def test_block_tokens_kept_while_a_tier_holds_the_block_and_only_with_events_on(
     assert isinstance(g, m.StoreGrant) and tokens == {}  # known once every rank stored them
     h.ack(0, g.op_id)
     h.ack(1, g.op_id)
-    assert tokens == {1: _toks(1), 2: _toks(2)} and h.core.token_ids(2) == _toks(2)
+    assert tokens == {1: _toks(1), 2: _toks(2)} and h.core.events.token_ids(2) == _toks(2)
     failed = h.ask(m.AllocateStore(m.pack_hashes([7]), 2, 0, _toks(7)))
     assert isinstance(failed, m.StoreGrant)
     h.ack(0, failed.op_id, ok=False)
@@ -1008,13 +1008,60 @@ def test_block_tokens_kept_while_a_tier_holds_the_block_and_only_with_events_on(
     assert isinstance(g, m.StoreGrant)
     h.ack(0, g.op_id)
     h.ack(1, g.op_id)
-    assert h.match([1]) == (0, 0) and sorted(tokens) == [2, 3, 4, 5] and h.core.token_ids(7) == b""
+    assert h.match([1]) == (0, 0) and sorted(tokens) == [2, 3, 4, 5] and h.core.events.token_ids(7) == b""
     assert isinstance(h.ask(m.ResetCache()), m.Ack)
     assert tokens == {}
 
     off = Harness(make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="4"))
     off.store([1])
-    assert off.core.events.block_tokens is None and off.core.token_ids(1) == b""
+    assert off.core.events.block_tokens is None and off.core.events.token_ids(1) == b""
+
+
+def test_take_events_keeps_tokens_from_its_first_call_and_hands_them_out(make_config) -> None:
+    """Without an event endpoint the leader keeps no tokens until an engine takes events; from
+    then on a stored block's event carries its tokens while some tier holds it, and a block
+    evicted before the events were taken goes out without them."""
+    h = Harness(make_config(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="4"))
+
+    def store(hashes: list[int], parent: int) -> None:
+        g = h.ask(m.AllocateStore(m.pack_hashes(hashes), parent, 0, _toks(*hashes)))
+        assert isinstance(g, m.StoreGrant)
+        for r in range(h.world):
+            h.ack(r, g.op_id)
+
+    store([1], 0)
+    assert h.core.events.block_tokens is None
+    first = h.core.events.take()
+    assert list(first.kinds) == [0] and first.tokened == b"" and first.tokens == b""
+    store([2, 3], 1)
+    store([4, 5, 6], 0)  # evicts 1 and 2 (least recently used)
+    ev = h.core.events.take()
+    hashes = m.unpack_hashes(ev.hashes)
+    stored = [(hh, t) for k, hh, t in zip(ev.kinds, hashes, ev.tokened) if k == 0]
+    assert stored == [(2, 0), (3, 1), (4, 1), (5, 1), (6, 1)] and ev.tokens == _toks(3, 4, 5, 6)
+    assert sorted(hh for k, hh in zip(ev.kinds, hashes) if k == 1) == [1, 2]
+
+
+def test_blocks_found_in_the_store_chain_to_the_prompt_and_are_staged_with_their_tokens(with_objects) -> None:
+    """Blocks another instance put: the Match's first parent chains the first found block to the
+    prompt's prefix, and PrepareLoad's tokens go with the staged blocks' G2 events."""
+    h = with_objects(host=8)
+    _objects(h).store.update({21: b"\x01" * BB, 22: b"\x02" * BB})  # put by another instance
+    h.core.events.take()  # an engine forwarding events: the leader keeps tokens from now on
+    first = h.ask(m.Match(m.pack_hashes([21, 22]), 20))  # past the engine's own hit, which ends at block 20
+    assert isinstance(first, m.MatchReply) and first.pending  # asked of the store
+    h.object_io()
+    assert _lookup(h, [21, 22]).object == 2
+    g = h.ask(m.PrepareLoad(m.pack_hashes([21, 22]), _toks(21, 22)))
+    assert isinstance(g, m.LoadGrant) and g.op_id
+    h.object_io()
+    assert h.poll(g.op_id) == ([g.op_id], [])
+    ev = h.core.events.take()
+    stored = [(t, hh, p) for k, t, hh, p in zip(ev.kinds, ev.tiers, m.unpack_hashes(ev.hashes), m.unpack_hashes(ev.parents))
+              if k == 0]
+    assert stored == [(4, 21, 20), (4, 22, 21), (2, 21, 20), (2, 22, 21)], stored
+    # Taken after the load: the G4 events too carry the tokens the leader holds by then.
+    assert list(ev.tokened) == [1, 1, 1, 1] and ev.tokens == _toks(21, 22, 21, 22)
 
 
 def test_a_whole_engine_restarting_gets_every_rank_its_ready(host_only) -> None:

@@ -237,7 +237,7 @@ class _FixedMatch:
     def is_ready(self) -> bool:
         return True
 
-    def lookup(self, hashes: object) -> m.MatchReply:
+    def lookup(self, hashes: object, first_parent: int = 0) -> m.MatchReply:
         return self.reply
 
     def close(self) -> None:

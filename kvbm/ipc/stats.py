@@ -49,6 +49,13 @@ class LeaderCounters:
     object_evictions: int = 0  # forgotten by the G4 index (the objects stay in the store)
     rejected_messages: int = 0
 
+    def count_load(self, blocks: int, from_disk: int, from_object: int) -> None:
+        """A load every rank finished: ``blocks`` reached G1, so many of them staged from G3 / G4."""
+        self.loads_completed += 1
+        self.blocks_loaded += blocks
+        self.blocks_loaded_from_disk += from_disk
+        self.blocks_loaded_from_object += from_object
+
     def count_match(self, queried: int, host: int, disk: int, obj: int) -> None:
         """One lookup: blocks asked about and found in G2, then G3, then G4."""
         self.match_requests += 1

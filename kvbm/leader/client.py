@@ -204,19 +204,19 @@ class LeaderClient:
         reply = self.lookup(hashes)
         return TierBlocks(reply.host, reply.disk, reply.object)
 
-    def lookup(self, hashes: Sequence[int] | np.ndarray) -> m.MatchReply:
+    def lookup(self, hashes: Sequence[int] | np.ndarray, first_parent: int = 0) -> m.MatchReply:
         """The leader's MatchReply for ``hashes`` (per tier, and whether a store lookup is pending);
-        an empty one if unavailable."""
+        an empty one if unavailable. ``first_parent``: the hash before ``hashes[0]`` (0: none)."""
         if len(hashes) == 0:
             return m.MatchReply()
-        reply = self._call(m.Match(m.pack_hashes(hashes)), m.MatchReply)
+        reply = self._call(m.Match(m.pack_hashes(hashes), first_parent), m.MatchReply)
         if reply is None:
             return m.MatchReply()
         self._saw_index(reply.index_seq)
         return reply
 
-    def prepare_load(self, hashes: Sequence[int] | np.ndarray) -> LoadGrantInfo:
-        reply = self._call(m.PrepareLoad(m.pack_hashes(hashes)), m.LoadGrant)
+    def prepare_load(self, hashes: Sequence[int] | np.ndarray, tokens: bytes = b"") -> LoadGrantInfo:
+        reply = self._call(m.PrepareLoad(m.pack_hashes(hashes), tokens), m.LoadGrant)
         if reply is None:
             return LoadGrantInfo(0, [], False)
         return LoadGrantInfo(reply.op_id, m.unpack_slots(reply.slots).tolist(), reply.ready)

@@ -97,13 +97,13 @@ class LeaderCore:
             m.Heartbeat: self._on_heartbeat,
             m.TransferDone: self._on_transfer_done,
             m.GetStatus: lambda p, r, msg: self.status(),
-            m.Match: lambda p, r, msg: self.match(m.hash_array(_as(msg, m.Match).hashes)),
-            m.PrepareLoad: lambda p, r, msg: self.prepare_load(m.unpack_hashes(_as(msg, m.PrepareLoad).hashes)),
+            m.Match: self._on_match,
+            m.PrepareLoad: self._on_prepare_load,
             m.PollLoads: lambda p, r, msg: self.poll_loads(_as(msg, m.PollLoads).op_ids),
             m.AllocateStore: self._on_allocate_store,
             m.ReleaseOp: self._on_release_op,
             m.GetStats: lambda p, r, msg: m.StatsReply(*encode_stats(self.stats()), self.index.next_seq),
-            m.TakeEvents: lambda p, r, msg: self.events.take(),
+            m.TakeEvents: lambda p, r, msg: self.events.take(),  # the first makes the leader keep tokens
             m.IndexSince: self._on_index_since,
             m.LookupReport: lambda p, r, msg: self.lookup_report(_as(msg, m.LookupReport)),
             m.ResetCache: lambda p, r, msg: self.reset_cache(),
@@ -117,22 +117,19 @@ class LeaderCore:
         """Serve one decoded request from ``peer`` at time ``now``; never raises for bad input."""
         self._now = now
         handler = self._handlers.get(type(msg))
-        out: list[Outbound] = []
-        if handler is None:  # a reply type (or another message the leader never receives)
-            reply: list[Outbound] | m.Message | None = self.reject("bad_request", f"{msg.TAG} is not a request")
-        else:
-            try:
-                reply = handler(peer, request_id, msg)
-            except RequestRejected as e:
-                reply = self.reject(e.code, str(e))
-            except m.ProtocolError as e:
-                reply = self.reject("bad_request", str(e))
-        if isinstance(reply, list):
-            out = reply
-        elif reply is not None:
-            out = [Outbound(peer, request_id, reply)]
+        reply: list[Outbound] | m.Message | None
+        try:
+            if handler is None:  # a reply type (or another message the leader never receives)
+                raise RequestRejected("bad_request", f"{msg.TAG} is not a request")
+            reply = handler(peer, request_id, msg)
+        except RequestRejected as e:
+            reply = self.reject(e.code, str(e))
+        except m.ProtocolError as e:
+            reply = self.reject("bad_request", str(e))
         self._flush_events()
-        return out
+        if isinstance(reply, list):
+            return reply
+        return [] if reply is None else [Outbound(peer, request_id, reply)]
 
     def reject(self, code: str, message: str) -> m.ErrorReply:
         """Count a refused or malformed request and build its ErrorReply."""
@@ -276,10 +273,15 @@ class LeaderCore:
         """The pipeline of that kind, None when its tier is not configured (or not created yet)."""
         return next((t for t in self.tiers if isinstance(t, kind)), None)
 
-    def match(self, hashes: np.ndarray) -> m.MatchReply:
+    def _on_match(self, peer: bytes, rid: int, msg: m.Message) -> m.Message:
+        msg = _as(msg, m.Match)
+        return self.match(m.hash_array(msg.hashes), msg.first_parent or None)
+
+    def match(self, hashes: np.ndarray, first_parent: int | None = None) -> m.MatchReply:
+        """Blocks of ``hashes`` held per tier; ``first_parent``: the hash before ``hashes[0]``."""
         res = self._serving_registry().match(hashes)
         # Every shared tier gets the chance to look past the match (hence no short-circuit).
-        pending = any([t.ask_past(hashes, res.total) for t in self.tiers])
+        pending = any([t.ask_past(hashes, res.total, first_parent) for t in self.tiers])
         self._count_match(len(hashes), res.host, res.disk, res.object)
         return m.MatchReply(res.host, res.disk, self.index.next_seq, res.object, pending)
 
@@ -294,11 +296,20 @@ class LeaderCore:
         self.observers.on_match(queried, host, disk, self.block_size(), obj=obj)
         self.counters.count_match(queried, host, disk, obj)
 
-    def prepare_load(self, hashes: list[int]) -> m.LoadGrant:
-        """Pin the G2 prefix of ``hashes`` and stage its G3 / G4 continuation into fresh G2 slots."""
+    def _on_prepare_load(self, peer: bytes, rid: int, msg: m.Message) -> m.Message:
+        msg = _as(msg, m.PrepareLoad)
+        return self.prepare_load(m.unpack_hashes(msg.hashes), msg.tokens)
+
+    def prepare_load(self, hashes: list[int], tokens: bytes = b"") -> m.LoadGrant:
+        """Pin the G2 prefix of ``hashes`` and stage its G3 / G4 continuation into fresh G2 slots.
+
+        ``tokens``: the blocks' token ids (u32 LE, ``block_size`` a block) or empty; kept for the
+        KV events of the staged blocks, whose tokens the leader may never have been told.
+        """
         reg = self._serving_registry()
+        per_block = self.events.per_block("prepare_load", tokens, len(hashes), self.block_size())
         op = Op(next(self._op_ids), OpKind.LOAD, [], [], self._now)
-        for h in hashes:
+        for i, h in enumerate(hashes):
             slot = reg.host.lookup(h)
             if slot is not None:
                 reg.host.pin([slot])
@@ -310,6 +321,8 @@ class LeaderCore:
                     break
                 op.staged_from[self._staging.source(slot)] += 1
                 op.staging.add(slot)
+                if per_block:  # held in G3 or G4 now: dropped with the last tier's copy
+                    self.events.keep_tokens(h, per_block[i])
             op.slots.append(slot)
             op.hashes.append(h)
         if op.slots:
@@ -342,10 +355,7 @@ class LeaderCore:
         reg = self._serving_registry()
         if len(set(hashes)) != len(hashes):
             raise RequestRejected("bad_request", "allocate_store: duplicate hashes in one request")
-        step = 4 * self.block_size()
-        if tokens and len(tokens) != step * len(hashes):
-            raise RequestRejected("bad_request", f"allocate_store: {len(tokens)} token bytes for {len(hashes)} "
-                                                 f"blocks of {step // 4} tokens")
+        per_block = self.events.per_block("allocate_store", tokens, len(hashes), self.block_size())
         parents: list[int | None] = [first_parent or None, *hashes[:-1]][: len(hashes)]  # [] for no hashes
         got = reg.host.allocate(hashes, parents, priority=priority)
         slots = [-1 if s is None else s for s in got]
@@ -353,8 +363,8 @@ class LeaderCore:
         if not new:
             return m.StoreGrant(0, m.pack_slots(slots))
         op = Op(next(self._op_ids), OpKind.STORE, [s for _, s in new], [h for h, _ in new], self._now)
-        if tokens and self.events.keeps_tokens:
-            op.tokens = [tokens[i * step : (i + 1) * step] for i, s in enumerate(got) if s is not None]
+        if per_block:
+            op.tokens = [t for t, s in zip(per_block, got) if s is not None]
         self.ops[op.op_id] = op
         return m.StoreGrant(op.op_id, m.pack_slots(slots))
 
@@ -406,7 +416,7 @@ class LeaderCore:
 
     def index_since(self, seq: int) -> m.IndexUpdates:
         """Index changes from ``seq`` on (or a reset snapshot); served while ready or degraded."""
-        if self.registry is None or self.state not in (LeaderState.READY, LeaderState.DEGRADED):
+        if self.state not in (LeaderState.READY, LeaderState.DEGRADED):  # (the registry exists then)
             self._serving_registry()  # raises the reason
         return self.index.since(seq)
 
@@ -483,11 +493,8 @@ class LeaderCore:
             if op.failed:
                 self.counters.loads_failed += 1
             else:
-                self.counters.loads_completed += 1
                 self._observe_transfer(TransferDirection.H2D, len(op.slots), self._now - op.created)
-                self.counters.blocks_loaded += len(op.slots)
-                self.counters.blocks_loaded_from_disk += op.staged_from[Tier.DISK]
-                self.counters.blocks_loaded_from_object += op.staged_from[Tier.OBJECT]
+                self.counters.count_load(len(op.slots), op.staged_from[Tier.DISK], op.staged_from[Tier.OBJECT])
 
     def _settle_ops(self) -> None:
         """After a rank died (or re-registered): its missing reports count as failures."""
@@ -521,19 +528,14 @@ class LeaderCore:
 
     def _staged(self, done: Staged) -> None:
         """A staging read finished: each load waiting for it keeps the slot pinned, or fails."""
-        reg = self.registry
-        assert reg is not None
-        host_slot = done.host_slot
-        for op_id in done.read.op_ids:
-            op = self.ops.get(op_id)
-            if op is None:
-                continue
-            op.staging.discard(host_slot)
+        assert self.registry is not None
+        for op in [o for o in map(self.ops.get, done.read.op_ids) if o is not None]:  # loads still here
+            op.staging.discard(done.host_slot)
             if done.ok:
-                reg.host.pin([host_slot])
+                self.registry.host.pin([done.host_slot])
             else:
                 op.failed, op.error = True, done.error
-                op.slots = [s for s in op.slots if s != host_slot]
+                op.slots = [s for s in op.slots if s != done.host_slot]
             if op.released and not op.staging:
                 self._finish(op)
 
@@ -554,10 +556,6 @@ class LeaderCore:
             self.index.record(local, lambda tier, h: reg.pool(tier).lookup(h) is not None)
         self.observers.on_events(evs)
         self.events.forget_tokens(evs, reg.pools)
-
-    def token_ids(self, seq_hash: int) -> bytes:
-        """A held block's token ids (u32 LE bytes), or empty when the leader was not told them."""
-        return self.events.token_ids(seq_hash)
 
     def block_size(self) -> int:
         """Tokens per block (0 before the first rank registered)."""

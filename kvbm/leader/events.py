@@ -220,7 +220,7 @@ def start_leader_events(server: LeaderServer, config: KvbmConfig) -> KvEventPubl
     try:
         check_bind_endpoint(endpoint, config.allow_non_loopback)
         # Events flow only once every rank has registered its layout (they all agree).
-        pub = KvEventPublisher(endpoint, server.core.block_size, token_ids=server.core.token_ids)
+        pub = KvEventPublisher(endpoint, server.core.block_size, token_ids=server.core.events.token_ids)
     except (PermissionError, zmq.ZMQError) as e:
         log.error("KV events off: cannot publish on DYN_KVBM_KV_EVENTS_ENDPOINT=%s: %s", endpoint, e)
         return None

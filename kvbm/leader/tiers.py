@@ -181,10 +181,11 @@ class TierPipeline(ABC, Generic[CountersT]):
     def stats(self) -> TierStats[CountersT]:
         """A snapshot of the tier's state and counters."""
 
-    def ask_past(self, hashes: np.ndarray, pos: int) -> bool:
+    def ask_past(self, hashes: np.ndarray, pos: int, first_parent: int | None = None) -> bool:
         """After a match of ``hashes[:pos]``: is the tier looking for ``hashes[pos:]`` elsewhere
         (another instance may have put them where this leader's index does not see)? Only a
-        shared tier does; a later match of the same hashes sees what it finds."""
+        shared tier does; a later match of the same hashes sees what it finds. ``first_parent``:
+        the hash before ``hashes[0]`` (None: the sequence's start)."""
         return False
 
     # -- the shared pipeline -----------------------------------------------------------------
@@ -357,7 +358,9 @@ class ObjectPipeline(TierPipeline[ObjectCounters]):
                          reason="waiting for the object store to answer")
         self.io = io
         self._errors_in_row = 0
-        self._asking: set[int] = set()  # hashes being asked of the store
+        # Hashes being asked of the store -> their parent (each found block enters the G4 index
+        # with its real parent: KV events chain it, and routers drop a chain's broken link).
+        self._asking: dict[int, int | None] = {}
         self._misses: OrderedDict[int, float] = OrderedDict()  # hash -> when the store lacked it
 
     def _start_write(self, slot: int, host_slot: int, seq_hash: int, parent: int | None) -> int | None:
@@ -367,7 +370,7 @@ class ObjectPipeline(TierPipeline[ObjectCounters]):
     def _start_read(self, slot: int, host_slot: int, seq_hash: int) -> None:
         self.io.read(host_slot, seq_hash)
 
-    def ask_past(self, hashes: np.ndarray, pos: int) -> bool:
+    def ask_past(self, hashes: np.ndarray, pos: int, first_parent: int | None = None) -> bool:
         """Start a batched lookup of the hashes from ``pos`` unless ``hashes[pos]`` is being asked
         already (True) or the store lacked it recently (False). Blocks the store has enter the G4
         index when the answer comes (:meth:`apply`)."""
@@ -379,13 +382,15 @@ class ObjectPipeline(TierPipeline[ObjectCounters]):
         missed = self._misses.get(first)
         if missed is not None and self.ctx.clock() - missed < OBJECT_MISS_TTL_S:
             return False
-        batch = [h for h in hashes[pos : pos + OBJECT_LOOKUP_BATCH].tolist() if h not in self._asking]
+        asked = hashes[pos : pos + OBJECT_LOOKUP_BATCH].tolist()
+        parents = [int(hashes[pos - 1]) if pos else first_parent, *asked[:-1]]
+        batch = {h: p for h, p in zip(asked, parents) if h not in self._asking}
         if len(self._asking) + len(batch) > OBJECT_LOOKUPS_MAX:
             return False  # the store is slow: answer without it
         self._asking.update(batch)
         self.counters.lookups += 1
         self.counters.lookup_blocks += len(batch)
-        self.io.lookup(batch)
+        self.io.lookup(list(batch))
         return True
 
     def apply(self) -> list[Staged]:
@@ -433,14 +438,14 @@ class ObjectPipeline(TierPipeline[ObjectCounters]):
                       f"staging from the object store failed: {done.status.value} {done.error}")
 
     def _apply_lookup(self, done: ObjectLookupDone) -> None:
-        self._asking.difference_update(done.hashes)
+        parents = {h: self._asking.pop(h, None) for h in done.hashes}
         if not self.enabled:
             return
-        for i, (h, found) in enumerate(zip(done.hashes, done.found)):
+        for h, found in zip(done.hashes, done.found):
             if not found:
                 self._remember_miss(h)
             elif not self.pool.holds(h):
-                got = self.pool.allocate([h], [done.hashes[i - 1] if i else None])
+                got = self.pool.allocate([h], [parents[h]])
                 if got and got[0] is not None:
                     self.pool.commit([got[0]])  # the store has it whole (or a get finds out)
                     self.counters.lookup_found += 1

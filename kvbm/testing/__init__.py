@@ -7,6 +7,7 @@
   it serves;
 * :mod:`kvbm.testing.vllm_harness`: vLLM 0.33's scheduler in-process with simulated workers;
 * :mod:`kvbm.testing.s3server`: an S3 server on 127.0.0.1 (moto) for the object tier;
+* :mod:`kvbm.testing.indexer`: Dynamo's KV router index (``python -m dynamo.indexer``) as a process;
 * :mod:`kvbm.testing.fuzz`: malformed frames with known reactions, against a live leader;
 * :mod:`kvbm.testing.support`: helpers the test suites share (prompts, idle waits, leak checks).
 

@@ -264,7 +264,8 @@ class CaseGenerator:
         return Case("huge length header", [frame], ERROR)
 
     def bad_hashes(self) -> Case:
-        cls = self.rng.choice([m.Match, m.PrepareLoad, m.AllocateStore])
+        classes: list[type[m.Message]] = [m.Match, m.PrepareLoad, m.AllocateStore]
+        cls = self.rng.choice(classes)
         n = self.rng.choice([1, 7, 9, 15, 17, 801, 4095])
         body = self._valid_body(cls)
         body[0] = self.rng.randbytes(n)

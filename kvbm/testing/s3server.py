@@ -8,11 +8,7 @@ import subprocess
 import sys
 import time
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from kvbm.testing.support import free_port
 
 
 class S3Server:
@@ -23,7 +19,7 @@ class S3Server:
     """
 
     def __init__(self, bucket: str | None = None, *, check_credentials: bool = False) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test")
         if check_credentials:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,6 +24,13 @@ def random_prompts(n: int, length: int, *, seed: int, vocab: int = 50_000, low: 
     ``low`` > 0 keeps special ids out (a real model's BOS/EOS: 3 for the test models)."""
     rng = random.Random(seed)
     return [list(prefix) + [rng.randrange(low, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (a server binds it next)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def shm_segments(*parts: str) -> list[str]:

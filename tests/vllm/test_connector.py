@@ -294,25 +294,70 @@ def test_leader_killed_mid_run(make_engine) -> None:
 
 
 @pytest.mark.slow  # the engine spawns a leader process
-def test_kv_events_and_reset_cache(make_engine) -> None:
+def test_kv_events_carry_token_ids_and_reset_cache(make_engine) -> None:
+    """The leader's events through vLLM's publisher: a prompt's stored blocks as one chained
+    BlockStored with kvbm's sequence hashes and the blocks' tokens; a salted request's blocks
+    without tokens (a router keys a block by its tokens alone); a reset is AllBlocksCleared."""
     from vllm.distributed.kv_events import AllBlocksCleared, BlockStored
+
+    from kvbm.hashing import sequence_hashes
 
     eng = make_engine(kv_events=True)
     published: list[Any] = []
     eng.sched.kv_event_publisher.publish = lambda batch: published.extend(batch.events)
-    p = random_prompts(1, 64, seed=10, vocab=VOCAB)[0]
+    p, salted = random_prompts(2, 64, seed=10, vocab=VOCAB)
     eng.add("a", p, max_tokens=1)
+    eng.add("s", salted, max_tokens=1, cache_salt="tenant-1")
     eng.run()
     eng.quiesce()
     eng.add("tick", random_prompts(1, 8, seed=11, vocab=VOCAB)[0], max_tokens=1)  # one more step to collect the events
     eng.run()
     stored = [e for e in published if isinstance(e, BlockStored) and e.medium == "CPU"]
-    assert len(stored) == 4 and all(e.block_size == 16 for e in stored)
+    assert all(e.block_size == 16 for e in stored)
+    by_tokens = {tuple(e.token_ids): e for e in stored}
+    assert set(by_tokens) == {tuple(p), ()}, by_tokens.keys()
+    mine = by_tokens[tuple(p)]
+    assert mine.block_hashes == sequence_hashes(p, 16) and mine.parent_block_hash is None
+    assert len(by_tokens[()].block_hashes) == 4  # the salted prompt's blocks, announced without tokens
     assert eng.sched.reset_prefix_cache(reset_connector=True)
     eng.add("b", p, max_tokens=1)
     finish_clean(eng)
     assert eng.stats.external_hit_tokens == 0  # the kvbm cache was cleared too
     assert any(isinstance(e, AllBlocksCleared) for e in published)
+
+
+@pytest.mark.slow  # the engine spawns a leader process; Dynamo's indexer process
+def test_dynamos_indexer_fed_by_vllms_publisher_places_kvbms_blocks(make_engine, tmp_path) -> None:
+    """vLLM's own ZMQ publisher, carrying the connector's events next to vLLM's G1 events, feeds
+    Dynamo's indexer process: it places the prompt on the instance in the host tier (kvbm's
+    ``CPU`` blocks), which only events with token ids achieve."""
+    pytest.importorskip("dynamo.indexer", reason="Dynamo's indexer: pip install ai-dynamo-runtime==1.6.1")
+    from vllm.distributed.kv_events import ZmqEventPublisher
+
+    from kvbm.testing.indexer import Indexer
+    from kvbm.testing.support import free_port
+
+    eng = make_engine(kv_events=True)
+    port = free_port()
+    publisher = ZmqEventPublisher(0, endpoint=f"tcp://*:{port}")  # vLLM binds only a wildcard address
+    eng.sched.kv_event_publisher = publisher
+    try:
+        with Indexer({"1": f"tcp://127.0.0.1:{port}"}, 16, tmp_path / "indexer.log") as idx:
+            time.sleep(1.0)  # its subscription reaches the PUB socket
+            p = random_prompts(1, 64, seed=12, vocab=VOCAB)[0]
+            eng.add("a", p, max_tokens=1)
+            eng.run()
+            eng.quiesce()
+            eng.add("tick", random_prompts(1, 8, seed=13, vocab=VOCAB)[0], max_tokens=1)
+            eng.run()
+            deadline = time.monotonic() + 15
+            while idx.query(p)["instances"].get("1", {}).get("cpu", 0) < 64 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            answer = idx.query(p)["instances"].get("1", {})
+            assert answer.get("cpu") == 64 and answer.get("longest_matched") == 64, answer
+    finally:
+        publisher.shutdown()
+    finish_clean(eng)
 
 
 def test_metadata_is_plain_data() -> None:

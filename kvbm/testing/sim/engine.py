@@ -52,6 +52,7 @@ class LeaderDied(SimError):
 
 
 LIVENESS_POLL_S = 0.2  # how often a wait on the ranks checks that they are still alive
+OBJECT_LOOKUP_POLL_S = 0.005  # how often a request waiting for the object store asks again (a vLLM step)
 
 
 def exit_reason(returncode: int) -> str:
@@ -171,8 +172,14 @@ class SimEngine:
     """Leader + ``world_size`` rank processes + this scheduler. Use as a context manager."""
 
     def __init__(self, config: KvbmConfig, *, world_size: int = 2, model: SimModel | None = None,
-                 instance: str | None = None, seed: int = 0, init_timeout_s: float | None = None) -> None:
+                 instance: str | None = None, seed: int = 0, init_timeout_s: float | None = None,
+                 await_object_lookups: bool = False) -> None:
+        """``await_object_lookups``: while the leader is asking the object store about a request's
+        blocks (:meth:`Planner.not_yet`), ask again until it answered, as vLLM's scheduler does a
+        step later, and count that wait in the request's time; off, the request goes with what
+        the leader knew at once (what G4 holds is found from the next request on)."""
         self.config = config
+        self.await_object_lookups = await_object_lookups
         self.world_size = world_size
         self.model = model or SimModel()
         self.instance = instance or f"sim-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -402,6 +409,9 @@ class SimEngine:
             return None
         plan = _Plan(req_id, hashes, len(tokens), local + new, len(local))
         external = planner.lookup(req_id, plan.n_local * bs)
+        while self.await_object_lookups and planner.not_yet(req_id):
+            time.sleep(OBJECT_LOOKUP_POLL_S)
+            external = planner.lookup(req_id, plan.n_local * bs)
         planner.load_after_alloc(req_id, plan.blocks, external)
         return plan
 

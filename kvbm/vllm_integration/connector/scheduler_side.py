@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from kvbm.connector.ops import IDLE_STEP_WAIT_S
 from kvbm.connector.index import follower_for
 from kvbm.connector.planner import Planner, ScheduledRequest
 from kvbm.hashing import salt_hash
-from kvbm.ipc.messages import BlockEventKind
 from kvbm.leader.client import LeaderClient
 from kvbm.leader.registry import Tier
 from kvbm.connector.bootstrap import Instance, wait_until_ready
@@ -55,6 +54,7 @@ class KvbmScheduler:
         self.block_size = settings.block_size
         self.client = client
         self.events_enabled = events_enabled
+        self._backlog: list[dict[str, Any]] = []  # events taken at start-up, forwarded with the first step's
         # Lookups answer from a local replica of the leader's index (DYN_KVBM_INDEX_REPLICA).
         self.follower = follower_for(settings.config, settings.endpoint)
         replica = self.follower.replica if self.follower is not None else None
@@ -152,24 +152,18 @@ class KvbmScheduler:
         return KvbmConnectorStats(data=data) if data else None
 
     def take_events(self) -> Iterable["KVCacheEvent"]:
+        """The leader's block events as vLLM KV events, stored blocks with their token ids (none
+        for a salted or LoRA request's: see :mod:`kvbm.leader.events`), chained stores of one
+        tier as one ``BlockStored``, as the leader publishes them on its own endpoint."""
         if not self.events_enabled:
             return ()
-        records = self.planner.take_events()
-        if not records:
+        maps, self._backlog = self._backlog + self.planner.take_events(), []
+        if not maps:
             return ()
         from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
-        events: list[KVCacheEvent] = []
-        for e in records:
-            medium = e.tier.medium
-            if e.kind is BlockEventKind.STORED:
-                events.append(BlockStored(block_hashes=[e.seq_hash], parent_block_hash=e.parent_hash, token_ids=[],
-                                          block_size=self.block_size, lora_id=None, medium=medium, lora_name=None))
-            elif e.kind is BlockEventKind.REMOVED:
-                events.append(BlockRemoved(block_hashes=[e.seq_hash], medium=medium))
-            else:
-                events.append(AllBlocksCleared())
-        return events
+        kinds = {"BlockStored": BlockStored, "BlockRemoved": BlockRemoved, "AllBlocksCleared": AllBlocksCleared}
+        return [kinds[e.pop("type")](**e) for e in maps]
 
     def reset_cache(self) -> bool:
         return self.planner.reset_cache()
@@ -179,6 +173,10 @@ class KvbmScheduler:
         at most DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS; :class:`KvbmNotReady` at the deadline."""
         then = self.follower.sync if self.follower is not None else None
         wait_until_ready(self.settings, self.client, what="vLLM engine", then=then)
+        if self.events_enabled:
+            # Before the first request: from this call on the leader keeps the token ids of
+            # the blocks it stores, which the events then carry.
+            self._backlog = self.planner.take_events()
 
     def has_pending_block_frees(self) -> bool:
         """Finished requests whose blocks come back once their stores finish (soon)."""
