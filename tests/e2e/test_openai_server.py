@@ -240,3 +240,82 @@ def test_server_does_not_start_when_a_rank_never_registers(tmp_path: Path) -> No
                    for e in errors), errors
         assert "Application startup complete" not in text  # the server never served
         assert_no_leftovers(Path(tmp) / "run")
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_engine_killed_like_the_oom_killer_restarts_onto_the_warm_pool(tmp_path: Path) -> None:
+    """The default deployment (the engine spawns its leader) with DYN_KVBM_LEADER_GRACE_SECS and a
+    fixed ``engine_id`` (vLLM draws a new one at every start otherwise, and a new name is a new
+    pool): the engine core process is killed with SIGKILL, as the OOM killer does, and the server
+    is restarted. The leader outlives its engine; the new server attaches to it (no second
+    leader) and its first request, a prompt the dead server answered, is loaded from kvbm's G2
+    and answered with the same greedy tokens. Once nobody attaches for the grace period, the
+    leader keeps the pool for the next restart; SIGTERM stops it and frees its segment (its exit
+    at the end of the grace period is tested with simulated engines, tests/test_standalone_leader.py)."""
+    config = json.loads(readme_kv_transfer_config())
+    config["engine_id"] = "restarted"
+    grace_s = 300.0  # above a restart of this server on a loaded 2-core machine (~20-40 s)
+    prompt = random_prompts(1, FIRST_TURN, vocab=VOCAB, low=FIRST_WORD, seed=77)[0]
+    with kvbm_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="256", DYN_KVBM_LEADER_GRACE_SECS=str(grace_s)) as tmp:
+        run_dir = Path(tmp) / "run"
+        lock = run_dir / "vllm-restarted.lock"
+        replies: list[list[int]] = []
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            for attempt in range(2):
+                port = free_port()
+                base = f"http://127.0.0.1:{port}"
+                log = tmp_path / f"server{attempt}.log"
+                proc = start_server(port, log, json.dumps(config))
+                procs.append(proc)
+                wait_healthy(proc, base, log)
+                client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120.0)
+                replies.append(complete(client, client.models.list().data[0].id, prompt).reply)
+                leader_pid = int(lock.read_text())
+                if attempt == 0:
+                    leader = LeaderClient(f"ipc://{run_dir}/vllm-restarted.sock")
+                    try:  # the prompt's blocks are in G2 (the reply's last one may follow)
+                        leader.wait_stats(lambda s: s.counters.blocks_stored >= FIRST_TURN // BLOCK and s.idle,
+                                          "the prompt stored", 30)
+                    finally:
+                        leader.close()
+                    engine_core = _parent(leader_pid)
+                    assert engine_core != proc.pid  # the engine core process, the server's child
+                    os.kill(engine_core, signal.SIGKILL)
+                    os.kill(proc.pid, signal.SIGKILL)  # the server without its engine (not its group)
+                    proc.wait(30)
+                    time.sleep(2.0)  # past the leader's liveness timeout: it knows its rank is gone
+                    assert _alive(leader_pid) and shm_segments("vllm-restarted"), "the pool did not wait"
+                    first_leader = leader_pid
+                else:
+                    leader_logs = "\n".join(f"{p.name}: {p.read_text()[-3000:]}" for p in run_dir.glob("*.log"))
+                    assert leader_pid == first_leader and _alive(first_leader), leader_logs  # attached, never two
+                    hits = metric(get(f"{base}/metrics"), "vllm:external_prefix_cache_hits_total")
+                    assert hits == (FIRST_TURN // BLOCK - 1) * BLOCK, hits  # all but the held-back block
+            assert replies[1] == replies[0]  # the same greedy tokens from the loaded KV
+            os.killpg(procs[1].pid, signal.SIGINT)
+            procs[1].wait(60)
+            time.sleep(2.0)
+            assert _alive(first_leader) and shm_segments("vllm-restarted")  # waiting for the next restart
+            os.kill(first_leader, signal.SIGTERM)
+            t0 = time.monotonic()
+            while _alive(first_leader) and time.monotonic() - t0 < 15:
+                time.sleep(0.1)
+            assert not _alive(first_leader) and shm_segments("vllm-restarted") == []
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+            if lock.exists() and lock.read_text().strip().isdigit() and _alive(int(lock.read_text())):
+                os.kill(int(lock.read_text()), signal.SIGKILL)
