@@ -196,3 +196,18 @@ def test_follower_polls_every_interval_without_long_polls() -> None:
 def test_follower_refuses_bad_timing(kwargs, error) -> None:
     with pytest.raises(ValueError, match=error):
         IndexFollower(IndexReplica(), _Feed, **kwargs)
+
+
+def test_sync_gives_up_when_told_instead_of_waiting_out_its_timeout(tmp_path) -> None:
+    """A follower of a leader that is gone (here: never there) would wait out ``sync``'s whole
+    timeout; a caller that knows (its spawned leader exited) stops the wait at once."""
+    from kvbm.connector.index import follow_leader
+
+    follower = follow_leader(f"ipc://{tmp_path}/nobody.sock")
+    try:
+        t0 = time.monotonic()
+        asked: list[float] = []
+        assert not follower.sync(30.0, give_up=lambda: bool(asked.append(time.monotonic())) or len(asked) >= 2)
+        assert len(asked) == 2 and time.monotonic() - t0 < 10.0  # two checks, not 30 s
+    finally:
+        follower.stop()

@@ -22,6 +22,7 @@ import logging
 import os
 import select
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
@@ -274,13 +275,22 @@ class IndexFollower:
         """Wait ``seconds`` or until woken (the wake-up stays pending for the next round)."""
         select.select([self._wake_r], [], [], seconds)
 
-    def sync(self, timeout_s: float = 5.0) -> bool:
+    def sync(self, timeout_s: float = 5.0, *, give_up: Callable[[], bool] | None = None,
+             check_every_s: float = 0.2) -> bool:
         """Wait until a round that started after this call has caught up with the leader;
-        False if that took longer than ``timeout_s`` (leader unavailable, say)."""
+        False if that took longer than ``timeout_s`` (leader unavailable, say), or as soon as
+        ``give_up()`` (asked every ``check_every_s``) says there is no point waiting."""
+        deadline = time.monotonic() + timeout_s
         with self._rounds:
             target = self._started + 1
             self._wake()
-            return self._rounds.wait_for(lambda: self._caught_up >= target, timeout_s)
+            while True:
+                remaining = deadline - time.monotonic()
+                slice_s = remaining if give_up is None else min(remaining, check_every_s)
+                if self._rounds.wait_for(lambda: self._caught_up >= target, max(slice_s, 0.0)):
+                    return True
+                if remaining <= slice_s or (give_up is not None and give_up()):
+                    return False
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()

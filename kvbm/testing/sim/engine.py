@@ -28,6 +28,7 @@ from kvbm.config import KvbmConfig
 from kvbm.ipc.stats import LeaderStats
 from kvbm.connector.index import IndexFollower, follower_for
 from kvbm.connector.planner import Planner, ScheduledRequest
+from kvbm.connector.ops import StepPlan
 from kvbm.hashing import EMPTY_SALT_HASH
 from kvbm.ipc.transport import ensure_private_dir, instance_endpoint
 from kvbm.leader.client import LeaderClient
@@ -248,6 +249,9 @@ class SimEngine:
                 return f"rank {r} (pid {p.pid}) died ({exit_reason(p.returncode)})"
         return None
 
+    def _leader_gone(self) -> bool:
+        return self.dead_leader() is not None
+
     def dead_leader(self) -> str | None:
         """'the leader (pid P) died (...)' if the leader this engine spawned has exited, else None."""
         popen = self.leader.popen if self.leader is not None else None
@@ -377,7 +381,7 @@ class SimEngine:
 
         Not with the leader dead: lookups then go to the leader client, which answers "no
         hits", and serving goes on, as in production."""
-        if self._follower is None or self.dead_leader() is not None or self._follower.sync(timeout_s):
+        if self._follower is None or self._follower.sync(timeout_s, give_up=self._leader_gone) or self._leader_gone():
             return
         raise SimError(f"the index replica did not catch up with the leader within {timeout_s:g} s")
 
@@ -424,7 +428,7 @@ class SimEngine:
         planner = self.planner
         st = self.stats
         bs = self.model.block_size
-        load_ops = {op.req_id: op for op in planner.settle(STEP_TIMEOUT_S).loads}
+        load_ops = {op.req_id: op for op in self._settle().loads}
         # Plain lists: they travel to the ranks as msgpack.
         loads: list[list[Any]] = []
         compute: list[list[Any]] = []
@@ -445,7 +449,7 @@ class SimEngine:
             st.tokens_local += p.n_local * bs
             st.tokens_computed += p.num_tokens - first * bs
         step = planner.step(scheduled)
-        step.extend(planner.settle(STEP_TIMEOUT_S))
+        step.extend(self._settle())
         counters = planner.take_counters()
         st.tokens_from_host += counters.onboard_host_blocks * bs
         st.tokens_from_disk += counters.onboard_disk_blocks * bs
@@ -474,6 +478,19 @@ class SimEngine:
         for p in plans:
             planner.finished(p.req_id)
             self.g1.release(p.blocks, p.hashes)
+
+    def _settle(self) -> StepPlan:
+        """The planner's replies, waited for as a synchronous engine does; LeaderDied as soon as
+        the leader this engine spawned has exited (not the replies' timeouts later)."""
+        plan = StepPlan()
+        deadline = time.monotonic() + STEP_TIMEOUT_S
+        while True:
+            plan.extend(self.planner.settle(LIVENESS_POLL_S))
+            if not self.planner.busy() or time.monotonic() > deadline:
+                return plan
+            dead = self.dead_leader()
+            if dead is not None:
+                raise LeaderDied(dead)
 
     def quiesce(self, timeout_s: float = 10.0) -> LeaderStats:
         """Wait until the leader has applied every rank ack (no op in flight); returns its stats.
