@@ -9,6 +9,8 @@ flight (released, nothing stays pinned).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -106,14 +108,23 @@ def test_preempted_before_its_store_allocation_came_back(sim: SimEngine) -> None
         planner.shutdown()
 
 
-def test_aborted_while_its_pin_is_in_flight(sim: SimEngine) -> None:
-    tokens = random_prompts(1, 5 * BS, seed=4)[0]
+@contextmanager
+def _held_prompt(sim: SimEngine, seed: int) -> Iterator[tuple[Planner, int]]:
+    """A fresh planner with request "r", a 5-block prompt the leader holds, looked up: (planner,
+    the tokens it hit); shut down afterwards."""
+    tokens = random_prompts(1, 5 * BS, seed=seed)[0]
     sim.run([tokens])
     sim.quiesce()
     planner = Planner(BS, sim.world_size, LeaderClient(sim.endpoint))
     try:
         planner.add("r", tokens, EMPTY_SALT_HASH)
-        hit = planner.lookup("r", 0)
+        yield planner, planner.lookup("r", 0)
+    finally:
+        planner.shutdown()
+
+
+def test_aborted_while_its_pin_is_in_flight(sim: SimEngine) -> None:
+    with _held_prompt(sim, seed=4) as (planner, hit):
         assert hit == 4 * BS  # 5 blocks held, the last held back
         planner.load_after_alloc("r", [20, 21, 22, 23, 24], hit)
         assert planner.finished("r") is False  # aborted: nothing of its blocks is read
@@ -121,8 +132,6 @@ def test_aborted_while_its_pin_is_in_flight(sim: SimEngine) -> None:
         assert [(op.req_id, op.op_id) for op in plan.loads] == [("r", 0)]  # reported as received only
         stats = sim.quiesce()
         assert stats.host.pinned == 0 and stats.ops_in_flight == 0
-    finally:
-        planner.shutdown()
 
 
 def test_a_steps_requests_go_out_in_one_burst_at_the_step(sim: SimEngine) -> None:
@@ -289,18 +298,10 @@ def test_an_idle_step_waits_for_its_pin_and_emits_the_load_at_once(sim: SimEngin
     """A step that computes nothing (vLLM: no token scheduled) passes ``wait_s``: the pin queued
     while scheduling it goes out and its grant comes back within the same step, so the load
     reaches the workers a step earlier than the non-waiting path does."""
-    tokens = random_prompts(1, 5 * BS, seed=6)[0]
-    sim.run([tokens])
-    sim.quiesce()
-    planner = Planner(BS, sim.world_size, LeaderClient(sim.endpoint))
-    try:
-        planner.add("r", tokens, EMPTY_SALT_HASH)
-        hit = planner.lookup("r", 0)
+    with _held_prompt(sim, seed=6) as (planner, hit):
         assert not planner.loads_pending()
         planner.load_after_alloc("r", [20, 21, 22, 23, 24], hit)
         assert planner.loads_pending() and planner.link.outstanding == 0  # queued for the step
         plan = planner.step([], wait_s=10.0)  # a generous bound: the grant ends the wait
         assert [(op.req_id, len(op.blocks)) for op in plan.loads] == [("r", 4)] and not planner.loads_pending()
         planner.client.release(plan.loads[0].op_id)  # no worker runs this load
-    finally:
-        planner.shutdown()
