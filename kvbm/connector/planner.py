@@ -675,8 +675,8 @@ class Planner:
              wait_s: float = 0.0) -> StepPlan:
         """This step's plan; posts the store allocations for the blocks this step computes.
 
-        ``wait_s`` > 0 waits up to that long for the first outstanding reply (engines that
-        run steps synchronously); the engine's scheduler thread passes 0.
+        ``wait_s`` > 0 waits up to that long for the replies to its pins (engines that run steps
+        synchronously; vLLM's scheduler in a step that computes nothing); 0 waits for nothing.
         """
         plan = StepPlan()
         # Finished requests whose last store op went out in an earlier plan: the workers
@@ -697,8 +697,13 @@ class Planner:
             self._advance_windows(scheduled, plan)
         if wait_s > 0:
             self._flush()  # what the engine queued since its last step: its replies may come now
-        for reply in self.link.drain(wait_s):
-            self._on_reply(reply, plan)
+        deadline = time.monotonic() + wait_s
+        while True:
+            for reply in self.link.drain(max(deadline - time.monotonic(), 0.0)):
+                self._on_reply(reply, plan)
+            # Another reply (a store allocation's) may come first: a pin still out is waited for.
+            if not any(isinstance(w, _Pin) for w in self._posted.values()) or time.monotonic() >= deadline:
+                break
         self._check_staging()
         plan.loads += self._ready_loads
         plan.delayed_free += self._delayed
