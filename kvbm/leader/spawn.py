@@ -91,6 +91,30 @@ class LeaderProcess:
                         f"signal {-code}" if code < 0 else f"code {code}", kept)
 
 
+THREAD_PLACEMENT_VARS = frozenset({"GOMP_CPU_AFFINITY", "KMP_AFFINITY", "OMP_PROC_BIND", "OMP_PLACES"})
+"""OpenMP runtimes bind the process's main thread at start-up by these; vLLM's CPU platform sets
+``GOMP_CPU_AFFINITY`` to its compute cores and preloads libgomp into every child process."""
+
+
+def release_cpu_binding(pid: int) -> None:
+    """Let process ``pid`` run on every CPU the machine (its cpuset) allows.
+
+    A spawned leader inherits its spawner's CPU binding, and the spawner is often an engine
+    process bound to the cores of its compute threads (vLLM's CPU worker, by
+    ``VLLM_CPU_OMP_THREADS_BIND``). Confined there, the leader waits behind those threads'
+    spinning: measured on 2 cores, a restarted engine's first load stalled 5 s in the leader and
+    vLLM failed the request. Called right after the spawn, before the leader starts any thread
+    (threads inherit the mask of the thread that starts them); the spawn also drops
+    :data:`THREAD_PLACEMENT_VARS`, or a preloaded OpenMP runtime binds the leader again.
+    """
+    if not hasattr(os, "sched_setaffinity"):  # not Linux
+        return
+    try:  # the kernel keeps the part of the mask that the cpuset allows
+        os.sched_setaffinity(pid, range(os.cpu_count() or 1))
+    except OSError as e:
+        log.info("kvbm: the leader (pid %d) keeps its spawner's CPU binding: %s", pid, e)
+
+
 def _tail(path: str | None, lines: int = 5) -> str:
     if not path:
         return ""
@@ -128,8 +152,9 @@ def spawn_leader(
     message if it exits at start-up.
     """
     endpoint = endpoint or config.leader_endpoint or instance_endpoint(config.run_dir, instance)
-    # The leader gets exactly this configuration, not whatever DYN_KVBM_* we inherited.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DYN_KVBM_")}
+    # The leader gets exactly this configuration, not whatever DYN_KVBM_* we inherited, nor the
+    # engine's placement of its compute threads (see release_cpu_binding).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DYN_KVBM_") and k not in THREAD_PLACEMENT_VARS}
     env.update(config.to_env())
     # One log per instance in the private run dir (not a new temp file per start): a leader
     # killed with its spawner leaves at most this file behind, and the next start reuses it.
@@ -140,6 +165,7 @@ def spawn_leader(
            "--parent-pid", str(parent_pid if parent_pid is not None else os.getpid())]
     popen = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, close_fds=True)
     os.close(fd)
+    release_cpu_binding(popen.pid)
     handle = LeaderProcess(instance, endpoint, popen, log_path)
     client = RpcClient(endpoint)
     deadline = time.monotonic() + wait_s

@@ -242,6 +242,12 @@ def test_server_does_not_start_when_a_rank_never_registers(tmp_path: Path) -> No
         assert_no_leftovers(Path(tmp) / "run")
 
 
+def server_and_leader_logs(log: Path, run_dir: Path) -> str:
+    """The tails of the server's and the leader's logs, for a failure message."""
+    parts = [f"{p.name}:\n{p.read_text(errors='replace')[-6000:]}" for p in [log, *sorted(run_dir.glob("*.log"))]]
+    return "\n".join(parts)
+
+
 def _parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
@@ -280,7 +286,10 @@ def test_engine_killed_like_the_oom_killer_restarts_onto_the_warm_pool(tmp_path:
                 procs.append(proc)
                 wait_healthy(proc, base, log)
                 client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120.0)
-                replies.append(complete(client, client.models.list().data[0].id, prompt).reply)
+                try:
+                    replies.append(complete(client, client.models.list().data[0].id, prompt).reply)
+                except Exception as e:  # the server's 500 says nothing: its log and the leader's do
+                    pytest.fail(f"request {attempt} failed ({e}); {server_and_leader_logs(log, run_dir)}")
                 leader_pid = int(lock.read_text())
                 if attempt == 0:
                     leader = LeaderClient(f"ipc://{run_dir}/vllm-restarted.sock")
@@ -298,8 +307,7 @@ def test_engine_killed_like_the_oom_killer_restarts_onto_the_warm_pool(tmp_path:
                     assert _alive(leader_pid) and shm_segments("vllm-restarted"), "the pool did not wait"
                     first_leader = leader_pid
                 else:
-                    leader_logs = "\n".join(f"{p.name}: {p.read_text()[-3000:]}" for p in run_dir.glob("*.log"))
-                    assert leader_pid == first_leader and _alive(first_leader), leader_logs  # attached, never two
+                    assert leader_pid == first_leader and _alive(first_leader), server_and_leader_logs(log, run_dir)  # attached, never two
                     hits = metric(get(f"{base}/metrics"), "vllm:external_prefix_cache_hits_total")
                     assert hits == (FIRST_TURN // BLOCK - 1) * BLOCK, hits  # all but the held-back block
             assert replies[1] == replies[0]  # the same greedy tokens from the loaded KV
