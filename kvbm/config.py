@@ -72,6 +72,7 @@ WORKER_ID = "{worker_id}"  # in DYN_KVBM_OBJECT_BUCKET: replaced by the instance
 DEFAULT_OBJECT_BUCKET = "dynamo-kv-cache"  # Dynamo's fallback bucket
 OBJECT_TRANSPORTS = ("s3", "nixl")
 BLOCK_FORMATS = ("auto", "heads", "slices")  # kvbm.ipc.block_format.choose_heads
+LOAD_MODES = ("auto", "sync", "async")  # G2 hits under vLLM: kvbm.vllm_integration.connector.scheduler_side
 
 
 class ConfigError(ValueError):
@@ -578,6 +579,12 @@ VARIABLES: tuple[Variable, ...] = (
              "per token), slices (one slice per rank: fastest copies, tied to the TP size) or auto (heads "
              "where a rank's heads are one piece of each region: TP=1, head-major engines; else slices); "
              "see docs/architecture.md"),
+    Variable("DYN_KVBM_HOST_LOADS", "host_loads", _word(LOAD_MODES), _one_of(LOAD_MODES),
+             "kvbm's: how vLLM loads a hit wholly in G2: sync (pinned at lookup, copied right before the "
+             "forward pass that computes the request: its first token a step earlier), async (the request "
+             "waits a step for its copy; the GPU default, where the copy overlaps other requests' compute) "
+             "or auto (sync where the engine's KV is in host memory, vLLM's CPU backend); G3/G4 hits are "
+             "always asynchronous; see docs/vllm.md"),
     Variable("DYN_KVBM_OBJECT_ENABLED", "object_enabled", _BOOL, _BOOL_ACCEPTS,
              "G4 object tier: blocks committed in G2 are also put in an S3-compatible bucket, and lookups "
              "find blocks any instance of the same layout put there (see docs/objects.md)"),
@@ -726,6 +733,7 @@ class KvbmConfig:
     log_level: str = "INFO"
     index_replica: bool = True
     block_format: str = "auto"
+    host_loads: str = "auto"
     object_enabled: bool = False
     object_bucket: str = DEFAULT_OBJECT_BUCKET
     object_endpoint: str | None = None

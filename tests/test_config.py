@@ -74,6 +74,7 @@ VALID: dict[str, tuple[str, Any]] = {
     "DYN_KVBM_OBJECT_WRITE_THROUGH": ("true", True),
     "DYN_KVBM_OBJECT_TRANSPORT": ("NIXL", "nixl"),
     "DYN_KVBM_BLOCK_FORMAT": ("Heads", "heads"),
+    "DYN_KVBM_HOST_LOADS": ("Sync", "sync"),
 }
 
 _NUM_BAD = ["ten", "nan", "NaN", "inf", "-inf", "1e999", "", "   ", "1_0", "0x10", "4GB", "1,5"]
@@ -165,6 +166,7 @@ BAD: dict[str, list[str]] = {
     "DYN_KVBM_OBJECT_WRITE_THROUGH": _BOOL_BAD,
     "DYN_KVBM_OBJECT_TRANSPORT": ["", "boto3", "obj"],
     "DYN_KVBM_BLOCK_FORMAT": ["", "canonical", "tp"],
+    "DYN_KVBM_HOST_LOADS": ["", "layerwise", "true"],
 }
 
 

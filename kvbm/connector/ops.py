@@ -1,12 +1,16 @@
 """The copy ops the scheduler-side planner hands to an engine's workers (plain data).
 
-Every field is an int, a string or a list of ints, so engines can pickle or msgpack them to
+Every field is an int, a bool, a string or a list of ints, so engines can pickle or msgpack them to
 their worker processes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+LOAD_WAIT_S = 30.0
+"""How long a worker waits for the copies of the loads its step's forward pass reads (loads
+that are not waited for report their completion instead); past it they count as failed."""
 
 IDLE_STEP_WAIT_S = 0.005
 """How long an engine step that computes nothing (its requests wait for their KV) may wait for
@@ -22,7 +26,10 @@ class LoadOp:
     ``op_id`` 0 means nothing to copy: the worker only reports the request as received.
     ``failed_blocks`` are engine blocks the planner promised to the engine but kvbm cannot
     fill (fewer slots granted, failed disk staging, leader gone); the engine recomputes them
-    (vLLM: ``get_block_ids_with_load_errors``).
+    (vLLM: ``get_block_ids_with_load_errors``). ``sync``: a firm lookup's load (pinned before
+    the engine was told of the hit): the engine computes on these blocks in the step that
+    carries it, so the worker copies them before that step's forward pass and reports no
+    completion for the request.
     """
 
     req_id: str
@@ -30,6 +37,7 @@ class LoadOp:
     slots: list[int]
     blocks: list[int]
     failed_blocks: list[int] = field(default_factory=list)
+    sync: bool = False
 
 
 @dataclass

@@ -449,18 +449,27 @@ class Planner:
         (TensorRT-LLM): one leader round trip per hit, plus the disk staging, on the caller's
         thread. The grant is used by :meth:`load_after_alloc` or released by :meth:`finished`.
         """
-        n = self.lookup(req_id, num_computed_tokens)
+        return self.pin_match(req_id, timeout_s) if self.lookup(req_id, num_computed_tokens) else 0
+
+    def match_in_host(self, req_id: str) -> bool:
+        """The request's last match lies wholly in the host pool (G2): loading it is a memcpy."""
         st = self._reqs.get(req_id)
-        if n == 0 or st is None or st.match is None:
+        return st is not None and st.match is not None and st.match.blocks.host == st.match.blocks.total > 0
+
+    def pin_match(self, req_id: str, timeout_s: float) -> int:
+        """Pin (and stage from disk) the request's last match now: the tokens of it kvbm holds
+        for the load, 0 if none (see :meth:`lookup_pinned`)."""
+        st = self._reqs.get(req_id)
+        if st is None or st.match is None:
             return 0
         mt = st.match
-        end = mt.start + n // self.block_size
+        end = mt.start + mt.blocks.total
         grant = self.client.prepare_load(self._wire(st, mt.start, end), self._tokens(st, mt.start, end))
         self.counters.remote_pins += 1
         if grant.op_id and not grant.ready and not self._staged(grant.op_id, timeout_s):
             grant = LoadGrantInfo(0, [], False)
         k = len(grant.slots) if grant.op_id else 0
-        self.counters.pin_shortfall_blocks += n // self.block_size - k
+        self.counters.pin_shortfall_blocks += mt.blocks.total - k
         if k == 0:
             st.match = None
             return 0
@@ -535,7 +544,8 @@ class Planner:
         self.counters.hits(mt.blocks.first(n), bs)
         if mt.grant is not None:  # a firm lookup: the blocks are pinned (and staged) already
             grant, mt.grant = mt.grant, None
-            self._emit_load(LoadOp(req_id, grant.op_id, grant.slots[:n], engine[:n], engine[n:]), mt.blocks.first(n))
+            op = LoadOp(req_id, grant.op_id, grant.slots[:n], engine[:n], engine[n:], sync=True)
+            self._emit_load(op, mt.blocks.first(n))
             return
         st.loading = True
         self._post([(m.PrepareLoad(m.pack_hashes(self._wire(st, mt.start, mt.start + n)),

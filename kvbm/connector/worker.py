@@ -16,12 +16,14 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Collection
 
 from kvbm.config import KvbmConfig
-from kvbm.connector.ops import LoadOp, StoreOp
+from kvbm.connector.ops import LOAD_WAIT_S, LoadOp, StoreOp
 from kvbm.ipc.block_format import choose_heads
 from kvbm.worker.agent import RankAgent, RankIdentity, numpy_engine
 from kvbm.worker.layout import EngineKV, LayoutError
 
 log = logging.getLogger("kvbm.connector")
+
+WAIT_SLICE_S = 0.05  # the longest one blocking take of completions in WorkerOps.wait
 
 
 @dataclass(frozen=True)
@@ -150,28 +152,37 @@ class WorkerOps:
         return out
 
     def wait(self, done: Callable[[], bool], on_drained: Callable[[list[LoadDone | StoreDone]], None], *,
-             timeout_s: float | None, warn_every_s: float, what: str, poll_s: float) -> bool:
+             timeout_s: float | None, warn_every_s: float, what: str) -> bool:
         """Drain completions (handed to ``on_drained``) until ``done()``; False at ``timeout_s``.
-        Logs every ``warn_every_s`` while waiting for ``what``."""
+        Logs every ``warn_every_s`` while waiting for ``what``. Blocks on the agent's queue of
+        completions (woken by the next one, the GIL free for the copy thread), never a sleep."""
         t0 = time.monotonic()
         next_warn = t0 + warn_every_s
         while not done():
-            on_drained(self.drain())
-            if done():
-                return True
             now = time.monotonic()
             if timeout_s is not None and now - t0 > timeout_s:
                 return False
             if now > next_warn:
                 log.warning("rank %d: still waiting for %s after %.0f s", self.rank, what, now - t0)
                 next_warn += warn_every_s
-            time.sleep(poll_s)
+            on_drained(self.drain(WAIT_SLICE_S))
         return True
+
+    def wait_loads(self, on_drained: Callable[[list[LoadDone | StoreDone]], None]) -> list[LoadOp]:
+        """Block until no load is in flight (a forward pass reads their blocks next), at most
+        :data:`~kvbm.connector.ops.LOAD_WAIT_S`; returns the loads given up then (logged)."""
+        if self.wait(lambda: not self.loads_in_flight, on_drained, timeout_s=LOAD_WAIT_S,
+                     warn_every_s=LOAD_WAIT_S, what="loads"):
+            return []
+        given_up = self.forget_loads()
+        log.error("rank %d: %d loads still running after %.0f s; their blocks count as failed",
+                  self.rank, len(given_up), LOAD_WAIT_S)
+        return given_up
 
     def wait_stores_of(self, req_ids: Collection[str], on_drained: Callable[[list[LoadDone | StoreDone]], None]) -> None:
         """Block until no store of ``req_ids`` is in flight (their blocks are about to be reused)."""
         self.wait(lambda: not any(self.storing(r) for r in req_ids), on_drained, timeout_s=None,
-                  warn_every_s=10.0, what="stores of preempted requests", poll_s=0.0002)
+                  warn_every_s=10.0, what="stores of preempted requests")
 
     def shutdown(self) -> None:
         if self.agent is not None:

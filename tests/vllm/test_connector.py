@@ -37,11 +37,16 @@ def finish_clean(eng: Engine) -> LeaderStats:
 
 
 @pytest.mark.slow  # the engine spawns a leader process
+@pytest.mark.parametrize("host_loads", ["auto", "async"])
 @pytest.mark.parametrize("layout", ["kv_first", "block_first"])
-def test_first_request_after_start_is_stored_and_the_second_loads(make_engine, layout: str) -> None:
+def test_first_request_after_start_is_stored_and_the_second_loads(make_engine, kvbm_env, layout: str,
+                                                                   host_loads: str) -> None:
     """No wait in the harness: the scheduler's connector waited for kvbm when vLLM built it
     (after every worker registered), so the very first request is stored, and the same prompt
-    after a prefix-cache reset is loaded from kvbm, every loaded block checked by the oracle."""
+    after a prefix-cache reset is loaded from kvbm, every loaded block checked by the oracle.
+    ``auto`` is the default on this host-memory engine: a G2 hit loads synchronously, in the step
+    that computes the request; ``async`` (the default on GPUs): the request waits a step for it."""
+    kvbm_env(DYN_KVBM_HOST_LOADS=host_loads)
     eng = make_engine(layout=layout)
     status = eng.kvbm.client.status  # the last answer the connector's start-up wait got
     assert status is not None and status.leader_state is LeaderState.READY and status.world_size == 1
@@ -49,13 +54,17 @@ def test_first_request_after_start_is_stored_and_the_second_loads(make_engine, l
     eng.store_and_forget("a", p)  # finishes in its first step: its stores are planned in it
     eng.add("b", p, max_tokens=3)
     idle_before = eng.stats.idle_steps
-    eng.step()  # admission: 96 tokens found in kvbm, loaded asynchronously
+    eng.step()  # admission: 96 tokens found in kvbm
     req = eng.sched.requests["b"]
-    assert req.status.name == "WAITING_FOR_REMOTE_KVS"
-    assert req.num_computed_tokens == 96
-    # It computed nothing: the workers were told so (they wait briefly for the load in such a step).
-    assert eng.stats.idle_steps == idle_before + 1
-    eng.step_until(lambda: req.status.name == "RUNNING")
+    if host_loads == "async":
+        assert req.status.name == "WAITING_FOR_REMOTE_KVS"
+        assert req.num_computed_tokens == 96
+        # It computed nothing: the workers were told so (they wait briefly for the load in such a step).
+        assert eng.stats.idle_steps == idle_before + 1
+        eng.step_until(lambda: req.status.name == "RUNNING")
+    else:  # loaded before this step's forward pass, which computed the 4 tokens past the hit
+        assert req.status.name == "RUNNING" and req.num_computed_tokens == 100
+        assert eng.stats.idle_steps == idle_before
     # Only the unmatched tail (4 prompt tokens) was scheduled once the load finished.
     assert eng.stats.checked_blocks == 6  # every loaded block checked against the oracle
     finish_clean(eng)
@@ -68,13 +77,17 @@ def test_first_request_after_start_is_stored_and_the_second_loads(make_engine, l
 
 
 @pytest.mark.slow  # the engine spawns a leader process
-def test_whole_prompt_hit_holds_back_the_last_block(make_engine) -> None:
+@pytest.mark.parametrize("host_loads", ["auto", "async"])
+def test_whole_prompt_hit_holds_back_the_last_block(make_engine, kvbm_env, host_loads: str) -> None:
+    kvbm_env(DYN_KVBM_HOST_LOADS=host_loads)
     eng = make_engine()
     p = random_prompts(1, 96, seed=2, vocab=VOCAB)[0]  # exactly 6 blocks
     eng.store_and_forget("a", p, max_tokens=2)
     eng.add("b", p, max_tokens=2)
     eng.step()
-    assert eng.sched.requests["b"].num_computed_tokens == 80  # 5 blocks: one is recomputed
+    # 5 blocks from kvbm: one is recomputed (with a synchronous load, in this very step)
+    assert eng.sched.requests["b"].num_computed_tokens == (80 if host_loads == "async" else 96)
+    assert eng.stats.external_hit_tokens == 80
     finish_clean(eng)
     assert eng.stats.external_hit_tokens == 80
 
@@ -184,9 +197,10 @@ def test_finish_while_store_in_flight_delays_the_free(make_engine) -> None:
 
 
 @pytest.mark.slow  # the engine spawns a leader process
-def test_abort_while_waiting_for_the_load(make_engine) -> None:
+def test_abort_while_waiting_for_the_load(make_engine, kvbm_env) -> None:
     from vllm.v1.request import RequestStatus
 
+    kvbm_env(DYN_KVBM_HOST_LOADS="async")  # a synchronous load has no waiting to abort
     eng = make_engine()
     p = random_prompts(1, 80, seed=7, vocab=VOCAB)[0]
     eng.store_and_forget("a", p)

@@ -93,8 +93,7 @@ def _wait(ops: WorkerOps, in_flight: Callable[[], int], timeout_s: float) -> dic
     def collect(finished: list[LoadDone | StoreDone]) -> None:
         done.update((f.op.op_id, f.ok) for f in finished)
 
-    ops.wait(lambda: not in_flight(), collect, timeout_s=timeout_s, warn_every_s=timeout_s, what="copies",
-             poll_s=0.0005)
+    ops.wait(lambda: not in_flight(), collect, timeout_s=timeout_s, warn_every_s=timeout_s, what="copies")
     return done
 
 

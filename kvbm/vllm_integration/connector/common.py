@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kvbm.config import load_config
+from kvbm.config import KvbmConfig, load_config
 from kvbm.connector.bootstrap import Instance, layout_fingerprint, leader_endpoint
 from kvbm.connector.setup import UnsupportedSetup
 from kvbm.ipc.block_format import HeadSplit, kv_head_range
@@ -196,3 +196,11 @@ def worker_rank(vllm_config: "VllmConfig", world_size: int) -> int:
         raise UnsupportedSetup(f"kvbm rank {rank} is outside the world of {world_size} ranks "
                                f"(set {EXTRA_RANK} / {EXTRA_WORLD_SIZE} consistently)")
     return rank
+
+
+def sync_host_loads(config: KvbmConfig, vllm_config: "VllmConfig") -> bool:
+    """DYN_KVBM_HOST_LOADS: auto is sync where the engine's KV is in host memory (a load is a
+    memcpy nothing could overlap), async on accelerators (the copy overlaps other compute)."""
+    if config.host_loads == "auto":
+        return vllm_config.device_config.device_type == "cpu"
+    return config.host_loads == "sync"

@@ -44,6 +44,7 @@ from kvbm.vllm_integration.connector.common import (
     check_supported,
     model_kv_heads,
     settings_for,
+    sync_host_loads,
     worker_rank,
 )
 from kvbm.vllm_integration.connector.metadata import (
@@ -98,7 +99,8 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
                 kvec = vllm_config.kv_events_config
                 events = kvec is not None and bool(kvec.enable_kv_cache_events)
                 self.scheduler = KvbmScheduler(self.settings, LeaderClient(self.settings.endpoint),
-                                               events_enabled=events, groups=groups)
+                                               events_enabled=events, groups=groups,
+                                               sync_host_loads=sync_host_loads(self.settings.config, vllm_config))
                 try:
                     self.scheduler.wait_until_ready()
                 except KvbmNotReady:
@@ -150,7 +152,8 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
             self.worker.start_load_kv(self._meta())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        # Loads are asynchronous: a request's forward pass runs only after its load finished.
+        # Asynchronous loads finish before their request's forward pass; synchronous ones (whole
+        # blocks, every layer) before any layer, in start_load_kv.
         return
 
     def save_kv_layer(self, layer_name: str, kv_layer: "torch.Tensor", attn_metadata: "AttentionMetadata",

@@ -6,6 +6,11 @@ this class turns vLLM's ``Request``, ``KVCacheBlocks``, ``SchedulerOutput`` and
 ``KVConnectorOutput`` into planner calls, and the leader's block events into vLLM's KV events.
 Under vLLM's hybrid KV cache manager every block list is per KV cache group; the planner gets
 them in :class:`~kvbm.vllm_integration.connector.common.KVGroups` order.
+
+Loads: G3/G4 hits are asynchronous (the request waits, its blocks are pinned and staged, the
+worker reports it received). With the KV in host memory (vLLM's CPU backend) a hit wholly in G2
+is synchronous: pinned at lookup, copied by the worker right before the forward pass that
+computes the request, so its first token comes one step earlier.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvbm.vllm")
 
+SYNC_PIN_WAIT_S = 0.05
+"""How long a synchronous load's pin may wait for staging: none for a G2 hit; a block that moved
+to G3 since the lookup is a miss after this, the scheduler thread is not held for a disk read."""
+
 
 def cacheable(request: "Request") -> bool:
     """kvbm identifies blocks by token ids only: multimodal and embedding inputs are skipped."""
@@ -47,10 +56,15 @@ class KvbmScheduler:
     """Scheduler-side state of one engine. Not thread-safe (vLLM calls it from one thread)."""
 
     def __init__(self, settings: Instance, client: LeaderClient, *, events_enabled: bool,
-                 groups: KVGroups = KVGroups((0,), (None,))) -> None:
+                 groups: KVGroups = KVGroups((0,), (None,)), sync_host_loads: bool = False) -> None:
+        """``sync_host_loads``: a hit wholly in G2 is pinned at lookup and loaded in the step that
+        computes the request (vLLM's synchronous load), not a step ahead: for engines whose KV
+        is in host memory, where the load is a memcpy that no computation could overlap."""
         self.settings = settings
         self.groups = groups
         self.multi = len(groups.order) > 1
+        # A hybrid model's failed loads are failed requests, which vLLM takes for async loads only.
+        self.sync_host_loads = sync_host_loads and not self.multi
         self.block_size = settings.block_size
         self.client = client
         self.events_enabled = events_enabled
@@ -78,10 +92,15 @@ class KvbmScheduler:
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         if not self._track(request):
             return 0, False
-        n = self.planner.lookup(request.request_id, num_computed_tokens)
-        if self.planner.not_yet(request.request_id):
+        req_id = request.request_id
+        n = self.planner.lookup(req_id, num_computed_tokens)
+        if self.planner.not_yet(req_id):
             return None, False  # the object store is being asked: vLLM asks again next step
-        return n, n > 0  # loads are always asynchronous
+        if n and self.sync_host_loads and self.planner.match_in_host(req_id):
+            # One leader round trip now instead of a step spent waiting for the load: what
+            # is pinned is what the engine is told, and the copy precedes the forward pass.
+            return self.planner.pin_match(req_id, SYNC_PIN_WAIT_S), False
+        return n, n > 0  # G3/G4 hits (staged from disk or the store first) load asynchronously
 
     def hit_sources(self, request: "Request", num_external_tokens: int) -> dict[Tier, int]:
         return self.planner.hit_sources(request.request_id, num_external_tokens)

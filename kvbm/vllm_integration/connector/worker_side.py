@@ -4,8 +4,10 @@ The engine-neutral worker side (:class:`kvbm.connector.worker.WorkerOps`) submit
 scheduler side planned and reports their completions; this class turns them into what vLLM
 asks for:
 
-* loads are submitted in ``start_load_kv`` and reported per request in ``finished_recving``
-  (also when they failed: their blocks then go to ``get_block_ids_with_load_errors``; for a
+* loads are submitted in ``start_load_kv``; a synchronous one (``LoadOp.sync``, its request is
+  computed in this step) is waited for there, before the forward pass, and its failed blocks
+  go to ``get_block_ids_with_load_errors``; the others are reported per request in
+  ``finished_recving`` (also when they failed: their blocks then go to ``get_block_ids_with_load_errors``; for a
   hybrid model, whose block ids vLLM cannot map back to requests, the request goes to
   ``failed_recving`` instead and is recomputed whole);
 * stores are submitted in ``wait_for_save``, after the forward pass wrote every layer, never
@@ -106,9 +108,15 @@ class KvbmWorker:
 
     # -- per step ------------------------------------------------------------------------
     def start_load_kv(self, meta: DynamoConnectorMetadata) -> None:
+        sync = False
         for op in meta.loads:
-            if not self.ops.submit_load(op):
+            if self.ops.submit_load(op):
+                sync |= op.sync
+            else:
                 self._load_done(op, ok=not op.op_id)
+        if sync:  # this step's forward pass reads them (loads run in order: wait for all)
+            for op in self.ops.wait_loads(self._completed):
+                self._load_done(op, ok=False)
         for req_id in meta.delayed_free:
             if self.ops.storing(req_id):
                 self._delayed.add(req_id)
@@ -126,7 +134,8 @@ class KvbmWorker:
         self.ops.wait_stores_of(meta.preempted, self._completed)
 
     def _load_done(self, op: LoadOp, ok: bool) -> None:
-        self._recving.add(op.req_id)
+        if not op.sync:  # a synchronous load's request is running already: it waits for nothing
+            self._recving.add(op.req_id)
         if self.hybrid and (op.failed_blocks or not ok):
             self._failed.add(op.req_id)
         else:
