@@ -10,6 +10,9 @@ prefix cache forgets earlier turns:
   and once with HOST_BLOCKS blocks, its planner answering lookups from a local index replica
   (kept current from the leader's index stream; the default); and once more without the
   replica ("no index replica": every lookup a leader Match);
+* kvbm once more with G2 hits loaded synchronously (``DYN_KVBM_HOST_LOADS=sync``, the default on
+  vLLM's CPU backend; the runs above use ``async``, kvbm's default on GPUs, where
+  OffloadingConnector runs): its lookups pin on the scheduler thread;
 * vLLM's built-in OffloadingConnector with the same CPU bytes (its CUDA copy worker cannot
   run here, so a stand-in worker completes every transfer within the step: this measures its
   scheduler side only). Run twice: its default (offload prompt blocks only) and with
@@ -37,6 +40,9 @@ from kvbm.bench.common import BenchResult
 BLOCK_SIZE = 16
 HOST_BLOCKS = 512  # kvbm's host pool; OffloadingConnector gets the same bytes
 UNBOUNDED_BLOCKS = 4096  # more than the workload ever computes: the hit-token limit
+# kvbm runs with G2 loads asynchronous, its default where OffloadingConnector runs (GPUs); this
+# run with them synchronous (the default on vLLM's CPU backend: one pin per hit on this thread).
+SYNC_RUN = "kvbm (sync G2 loads)"
 GEOMETRY = {"num_layers": 4, "kv_heads": 2, "head_dim": 64}  # 32 KiB per block: 4 KiB aligned
 
 
@@ -124,11 +130,12 @@ def _bare_rtt(tmp: str, n: int) -> list[float]:
 
 
 def _run_one(model_dir: str, name: str, connector: str | None, extra: dict[str, Any], quick: bool,
-             host_blocks: int = HOST_BLOCKS, replica: bool = True) -> Any:
+             host_blocks: int = HOST_BLOCKS, replica: bool = True, host_loads: str = "async") -> Any:
     from kvbm.testing.vllm_harness import Engine, EngineSpec
 
     os.environ["DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"] = str(host_blocks)
     os.environ["DYN_KVBM_INDEX_REPLICA"] = "1" if replica else "0"
+    os.environ["DYN_KVBM_HOST_LOADS"] = host_loads
 
     spec = EngineSpec(model_dir=model_dir, engine_id=f"bench-{uuid.uuid4().hex[:8]}", block_size=BLOCK_SIZE,
                       num_blocks=160, max_num_seqs=16, max_num_batched_tokens=512, connector=connector,
@@ -154,6 +161,7 @@ def _run_one(model_dir: str, name: str, connector: str | None, extra: dict[str, 
     finally:
         eng.close()
         os.environ.pop("DYN_KVBM_INDEX_REPLICA", None)
+        os.environ.pop("DYN_KVBM_HOST_LOADS", None)
 
 
 def _run_all(model_dir: str, offload_extra: dict[str, Any], quick: bool) -> dict[str, Any]:
@@ -162,6 +170,7 @@ def _run_all(model_dir: str, offload_extra: dict[str, Any], quick: bool) -> dict
         "unbounded": _run_one(model_dir, "unbounded", "DynamoConnector", {}, quick, host_blocks=UNBOUNDED_BLOCKS),
         "kvbm": _run_one(model_dir, "kvbm", "DynamoConnector", {}, quick),
         "kvbm (no index replica)": _run_one(model_dir, "kvbm-match", "DynamoConnector", {}, quick, replica=False),
+        SYNC_RUN: _run_one(model_dir, "kvbm-sync", "DynamoConnector", {}, quick, host_loads="sync"),
         "OffloadingConnector": _run_one(model_dir, "offload", "OffloadingConnector", offload_extra, quick),
         "OffloadingConnector (all blocks)": _run_one(
             model_dir, "offload-all", "OffloadingConnector", {**offload_extra, "offload_prompt_only": False}, quick),
@@ -217,6 +226,8 @@ def run(quick: bool = False) -> list[BenchResult]:
                 BenchResult(f"{name}: leader round trip p99", _pct(rtts, 0.99) * 1e6, "us", _pct(bare, 0.99) * 1e6,
                             "us bare ZMQ ipc echo", _pct(rtts, 0.99) / _pct(bare, 0.99), "< 3x"),
             ]
+        if name == SYNC_RUN:  # another schedule (loads computed a step earlier): its hits are not comparable
+            continue
         out.append(BenchResult(f"{name}: external hit tokens", st.external_hit_tokens, "tokens",
                                unbounded.external_hit_tokens, "tokens (kvbm, unbounded host pool)",
                                st.external_hit_tokens / max(1, unbounded.external_hit_tokens),
